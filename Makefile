@@ -1,0 +1,49 @@
+# One command each, on a fresh machine: `make demo` runs the main job end to end, `make test` the tests.
+# `make install` (called by both) creates .venv/ with hpcckpt and its dependencies; it is idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast test-slurm bench clean system-deps
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+# Debian packages the build and tests need (gcc for the test programs; bc for the demo's timing).
+# Slurm is installed by slurm/local-cluster.sh when a Slurm test first needs it.
+system-deps:
+	@missing=""; \
+	for c in gcc:gcc make:make bc:bc chattr:e2fsprogs setpriv:util-linux; do \
+	  command -v $${c%%:*} >/dev/null 2>&1 || missing="$$missing $${c##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO=sudo; fi; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $$missing || \
+	  { $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+
+demo: install
+	bash examples/demo.sh
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slurm: install
+	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

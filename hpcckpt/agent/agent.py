@@ -1,0 +1,324 @@
+"""The per-node agent: owns the job's processes (it is their parent), talks to the coordinator and runs the
+checkpoint phases locally: suspend (freeze) -> drain -> checkpoint (dump) -> refill -> resume.
+
+All ptrace work happens on the agent's main thread (ptrace is per tracer thread); ZeroMQ's I/O threads and
+the compression pool never trace.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+
+import zmq
+
+from ..coordinator.client import Connection, CoordinatorUnreachable
+from ..engine import dump as engine_dump
+from ..engine.freeze import FrozenProcess, freeze
+from ..image import store
+from ..settings import Settings
+from .sigfd import SignalFd
+
+log = logging.getLogger("hpcckpt.agent")
+
+WALL = 0x40000000
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class AgentError(Exception):
+    """A failure of ours (not the program's): reported in one line, exit with DMTCP_FAIL_RC."""
+
+
+@dataclass
+class JobProcess:
+    pid: int
+    unique_id: str
+    program: str
+    exit_status: int | None = None      # shell-style exit code once reaped
+
+    def public(self) -> dict:
+        return {"pid": self.pid, "unique_id": self.unique_id, "program": self.program}
+
+
+def new_unique_id(pid: int) -> str:
+    host = store.safe_name(socket.gethostname().split(".")[0])[:16]
+    return f"{host}-{pid}-{int(time.time() * 1000) & 0xFFFFFFFFFF:x}"
+
+
+@dataclass
+class CheckpointState:
+    generation: int
+    frozen: list[FrozenProcess] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    frozen_at: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+class Agent:
+    def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
+                 computation: str | None = None, restarted_generation: int | None = None):
+        self.s = settings
+        self.conn = conn
+        self.procs = processes
+        self.root = processes[0]
+        self.computation = computation
+        self.restarted_generation = restarted_generation
+        self.ckptdir = os.path.abspath(settings.ckptdir)
+        self.host = socket.gethostname()
+        self.ckpt: CheckpointState | None = None
+        self.heartbeat_s = 2.0
+        self.last_sent = 0.0
+        self.exit_code: int | None = None
+        self.killed = False
+        self.sigfd: SignalFd | None = None
+
+    # ---------------------------------------------------------------------------------------- joining --
+    def hello(self, timeout: float = 15.0) -> dict:
+        msg = {"type": "hello", "role": "peer", "host": self.host, "agent_pid": os.getpid(),
+               "processes": [p.public() for p in self.procs], "ckptdir": self.ckptdir,
+               "computation": self.computation, "restart": self.restarted_generation is not None,
+               "generation": self.restarted_generation}
+        self.conn.send(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.conn.recv(max(0.0, deadline - time.monotonic()))
+            if reply is None:
+                raise CoordinatorUnreachable(f"coordinator {self.conn.host}:{self.conn.port} did not answer "
+                                             f"within {timeout:.0f} s")
+            if reply["type"] == "reject":
+                raise CoordinatorUnreachable(f"coordinator refused this computation: {reply.get('reason')}")
+            if reply["type"] == "welcome":
+                self.computation = reply["computation"]
+                self.heartbeat_s = float(reply.get("heartbeat", 2.0))
+                log.info("joined coordinator %s:%d as peer %s of computation %s", self.conn.host, self.conn.port,
+                         reply.get("peer_id"), self.computation)
+                return reply
+
+    def send(self, msg: dict) -> None:
+        self.conn.send(msg)
+        self.last_sent = time.monotonic()
+
+    # ------------------------------------------------------------------------------------------ main loop --
+    def run(self) -> int:
+        """Serve until the job's root process ends; returns its shell-style exit code."""
+        self.sigfd = SignalFd(list(FORWARDED_SIGNALS) + [signal.SIGCHLD] +
+                              ([self.s.ckpt_signal] if self.s.ckpt_signal else []))
+        poller = zmq.Poller()
+        poller.register(self.conn.sock, zmq.POLLIN)
+        poller.register(self.sigfd.fd, zmq.POLLIN)
+        clean = False
+        try:
+            self._reap()
+            while self.root.exit_status is None:
+                events = dict(poller.poll(timeout=int(self.heartbeat_s * 500)))
+                if self.sigfd.fd in events:
+                    self._on_signals()
+                if self.conn.sock in events:
+                    while True:
+                        try:
+                            msg = self.conn.recv(0)
+                        except CoordinatorUnreachable as e:
+                            log.error("%s", e)
+                            msg = None
+                        if msg is None:
+                            break
+                        self._on_message(msg)
+                self._reap()
+                if time.monotonic() - self.last_sent >= self.heartbeat_s:
+                    self.send({"type": "heartbeat", "processes": [p.public() for p in self.procs
+                                                                  if p.exit_status is None]})
+            clean = True
+        finally:
+            if self.ckpt is not None:
+                self._resume_frozen()
+            if not clean:
+                # the agent itself failed: never leave the job running without its owner
+                self._kill_job("agent failed; killing the job it owns")
+            self.send({"type": "bye", "reason": self._exit_text()})
+            self.sigfd.close()
+        return self.root.exit_status
+
+    def _exit_text(self) -> str:
+        st = self.root.exit_status
+        if st is None:
+            return "agent stopped"
+        if st > 128:
+            try:
+                return f"{self.root.program} killed by {signal.Signals(st - 128).name}"
+            except ValueError:
+                pass
+        return f"{self.root.program} exited with status {st}"
+
+    def _reap(self) -> None:
+        """Collect exited children (exits only; ptrace stops are never consumed here)."""
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | WALL)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            code = info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
+            for p in self.procs:
+                if p.pid == info.si_pid:
+                    p.exit_status = code
+                    log.info("%s (pid %d) %s", p.program, p.pid,
+                             f"exited with status {code}" if info.si_code == os.CLD_EXITED
+                             else f"was killed by signal {info.si_status}")
+
+    def _on_signals(self) -> None:
+        for signo, code, sender in self.sigfd.read():
+            if signo == signal.SIGCHLD:
+                continue
+            if self.s.ckpt_signal and signo == self.s.ckpt_signal:
+                log.info("signal %d: asking the coordinator for a checkpoint", signo)
+                self.send({"type": "request", "cmd": "checkpoint"})
+                continue
+            if SignalFd.sent_by_process(code):
+                log.info("forwarding signal %s (from pid %d) to the job", signal.Signals(signo).name, sender)
+                for p in self.procs:
+                    if p.exit_status is None:
+                        try:
+                            os.kill(p.pid, signo)
+                        except ProcessLookupError:
+                            pass
+
+    # ------------------------------------------------------------------------------------------ phases --
+    def _on_message(self, msg: dict) -> None:
+        kind = msg["type"]
+        if kind == "phase":
+            self._on_phase(msg)
+        elif kind == "kill":
+            self._kill_job("killed by the coordinator")
+        elif kind == "reject":
+            log.error("coordinator: %s", msg.get("reason"))
+
+    def _ack(self, msg: dict, ok: bool, error: str | None = None, **extra) -> None:
+        self.send({"type": "ack", "phase": msg["phase"], "generation": msg["generation"], "ok": ok,
+                   "error": error, **extra})
+
+    def _on_phase(self, msg: dict) -> None:
+        phase, gen = msg["phase"], msg["generation"]
+        log.debug("phase=%s gen=%d", phase, gen)
+        try:
+            if phase == "suspend":
+                self._suspend(gen)
+                self._ack(msg, True)
+            elif phase == "drain":
+                self._ack(msg, True)
+            elif phase == "checkpoint":
+                images, stats = self._checkpoint(gen)
+                self._ack(msg, True, images=images, stats=stats)
+            elif phase == "refill":
+                self._ack(msg, True)
+            elif phase == "resume":
+                frozen = self._resume_frozen()
+                self._prune(msg.get("prune", []))
+                self._ack(msg, True, stats={"frozen_s": frozen})
+            elif phase == "kill":
+                self._ack(msg, True)
+                self._kill_job("checkpointed and killed (kcheckpoint)")
+            elif phase == "abort":
+                self._abort(gen, msg.get("reason", ""))
+            else:
+                self._ack(msg, False, f"unknown phase {phase}")
+        except Exception as e:   # one line to the coordinator; the job resumes untouched
+            log.error("phase %s of generation %d failed: %s", phase, gen, e)
+            log.debug("details", exc_info=True)
+            if phase in ("suspend", "drain", "checkpoint"):
+                self._abort(gen, str(e), quiet=True)
+            self._ack(msg, False, f"{self.host}: {e}")
+
+    def _suspend(self, gen: int) -> None:
+        live = [p for p in self.procs if p.exit_status is None]
+        for p in live:
+            engine_dump.check_supported(p.pid)      # refuse before touching anything
+        self.ckpt = CheckpointState(gen)
+        t0 = time.monotonic()
+        for p in live:
+            self.ckpt.frozen.append(freeze(p.pid))
+        self.ckpt.frozen_at = t0
+        self.ckpt.stats["freeze_s"] = round(time.monotonic() - t0, 6)
+
+    def _checkpoint(self, gen: int) -> tuple[list[dict], dict]:
+        c = self.ckpt
+        if c is None or c.generation != gen:
+            raise AgentError(f"checkpoint of generation {gen} without a suspend")
+        gdir = store.generation_dir(self.ckptdir, self.computation, gen)
+        try:
+            os.makedirs(gdir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise AgentError(f"cannot create checkpoint directory {gdir}: {e.strerror}") from None
+        if not os.access(gdir, os.W_OK | os.X_OK):
+            raise AgentError(f"checkpoint directory {gdir} is not writable")
+        images = []
+        t0 = time.monotonic()
+        bytes_in = bytes_out = 0
+        for fp in c.frozen:
+            proc = next(p for p in self.procs if p.pid == fp.pid)
+            path = os.path.join(gdir, store.image_name(proc.program, proc.unique_id))
+            c.images.append(path)
+            meta = engine_dump.dump_process(
+                fp, path, computation=self.computation, generation=gen, unique_id=proc.unique_id,
+                compress=self.s.compress, level=self.s.compress_level, progress=self._progress)
+            store.fsync_dir(gdir)
+            size = os.path.getsize(path)
+            bytes_in += meta.stats["bytes_in"]
+            bytes_out += size
+            images.append(asdict(store.ImageEntry(self.host, path, proc.program, proc.unique_id, proc.pid, size)))
+        c.stats.update(dump_s=round(time.monotonic() - t0, 6), bytes_in=bytes_in, bytes_out=bytes_out)
+        return images, c.stats
+
+    def _progress(self, done: int) -> None:
+        if time.monotonic() - self.last_sent >= 1.0:
+            self.send({"type": "heartbeat", "progress": {"bytes": done}})
+
+    def _resume_frozen(self) -> float:
+        """Let the frozen processes run again; returns how long they were stopped."""
+        c = self.ckpt
+        if c is None:
+            return 0.0
+        for fp in c.frozen:
+            fp.resume()
+        frozen = round(time.monotonic() - c.frozen_at, 6) if c.frozen_at else 0.0
+        log.info("checkpoint generation %d: processes were stopped for %.3f s", c.generation, frozen)
+        self.ckpt = None
+        return frozen
+
+    def _abort(self, gen: int, reason: str, quiet: bool = False) -> None:
+        c = self.ckpt
+        paths = c.images if c is not None and c.generation == gen else []
+        self._resume_frozen()
+        if self.computation:
+            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
+        if not quiet:
+            log.warning("checkpoint generation %d aborted (%s); images removed, job resumed", gen, reason)
+
+    def _prune(self, entries: list[dict]) -> None:
+        """Delete this host's images of generations the coordinator retired (retention)."""
+        by_gen: dict[int, list[str]] = {}
+        for e in entries:
+            if e.get("host") == self.host:
+                by_gen.setdefault(int(e["generation"]), []).append(e["path"])
+        for gen, paths in by_gen.items():
+            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
+
+    def _kill_job(self, why: str) -> None:
+        log.info("%s", why)
+        self.killed = True
+        if self.ckpt is not None:
+            self._resume_frozen()
+        for p in self.procs:
+            if p.exit_status is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        # wait (bounded) for the kill to land so we exit with the job's status
+        deadline = time.monotonic() + 10
+        while self.root.exit_status is None and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.01)

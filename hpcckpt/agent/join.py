@@ -1,0 +1,91 @@
+"""Finding the coordinator to join, or starting one in the background (dmtcp_launch's default)."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from ..coordinator import protocol
+from ..coordinator.client import Connection, CoordinatorUnreachable, command, port_is_open
+from ..settings import Settings
+
+log = logging.getLogger("hpcckpt.agent")
+
+JOIN, NEW, ANY = "join", "new", "any"
+
+
+def is_local(host: str) -> bool:
+    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", ""):
+        return True
+    try:
+        return host in (socket.gethostname(), socket.getfqdn()) or \
+            socket.gethostbyname(host) in ("127.0.0.1", socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        return False
+
+
+def read_port_file(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def start_coordinator(s: Settings, port: int) -> int:
+    """Start `hpcckpt coordinator --daemon --exit-on-last` and return the port it listens on."""
+    port_file = s.port_file or os.path.join(protocol.rundir(), f"coord-launch-{os.getpid()}.port")
+    try:
+        os.unlink(port_file)
+    except FileNotFoundError:
+        pass
+    cmd = [sys.executable, "-m", "hpcckpt.cli.main", "coordinator", "--daemon", "--exit-on-last",
+           "--coord-host", s.coord_host, "--coord-port", str(port), "--port-file", port_file,
+           "--ckptdir", os.path.abspath(s.ckptdir), "--interval", str(s.interval),
+           "--keep", str(s.keep_generations)]
+    if s.quiet:
+        cmd.append("-q")
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise CoordinatorUnreachable((r.stderr.strip().splitlines() or ["coordinator failed to start"])[-1])
+    got = read_port_file(port_file)
+    if got is None:
+        raise CoordinatorUnreachable("the coordinator started but did not report its port")
+    if not s.port_file:
+        os.unlink(port_file)
+    log.info("started a coordinator on %s:%d", s.coord_host, got)
+    return got
+
+
+def connect(s: Settings, policy: str = ANY) -> Connection:
+    """A connection to the computation's coordinator, per DMTCP's join/new/any rules."""
+    host = s.coord_host
+    port = s.coord_port
+    if s.port_file and port in (0, None) and policy != NEW:
+        port = read_port_file(s.port_file) or 0
+    answering = port != 0 and port_is_open(host, port)
+    if policy == JOIN and not answering:
+        raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port} (--join-coordinator)")
+    if policy == NEW and answering:
+        raise CoordinatorUnreachable(f"a coordinator is already listening on {host}:{port} (--new-coordinator)")
+    if answering:
+        try:
+            st = command(host, port, "status", timeout=5.0)
+        except CoordinatorUnreachable as e:
+            raise CoordinatorUnreachable(f"{e}; cannot join the coordinator on {host}:{port}") from None
+        log.debug("joining coordinator %s:%d (%d peers)", host, port, st.get("num_peers", 0))
+        if s.interval:
+            command(host, port, "interval", value=s.interval)
+        return Connection(host, port)
+    if not is_local(host):
+        raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}, and one can only be started "
+                                     f"automatically on this host")
+    port = start_coordinator(s, port)
+    for _ in range(50):
+        if port_is_open(host, port):
+            break
+        time.sleep(0.05)
+    return Connection(host, port)

@@ -1,0 +1,91 @@
+"""What every command shares: argument parsing in DMTCP's style, logging, exit codes, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .. import __version__
+from ..settings import DEFAULT_FAIL_RC, Settings, SettingsError, load
+
+log = logging.getLogger("hpcckpt")
+
+
+def env_fail_rc() -> int:
+    try:
+        rc = int(os.environ.get("DMTCP_FAIL_RC", DEFAULT_FAIL_RC))
+        return rc if 0 <= rc <= 255 else DEFAULT_FAIL_RC
+    except ValueError:
+        return DEFAULT_FAIL_RC
+
+
+class Fail(Exception):
+    """A one-line error for the user; exits with the given code (DMTCP_FAIL_RC unless told otherwise)."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with DMTCP's conventions: -h is the coordinator host, --help is help, and bad usage is one
+    line on stderr with the command's failure code."""
+
+    def __init__(self, prog: str, description: str, fail_code: int | None = None, **kw):
+        super().__init__(prog=prog, description=description, add_help=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        self.fail_code = fail_code
+        self.add_argument("--help", action="help", help="show this help and exit")
+        self.add_argument("--version", action="version", version=f"{prog} (hpcckpt) {__version__}")
+
+    def error(self, message: str):
+        code = self.fail_code if self.fail_code is not None else env_fail_rc()
+        self.exit(code, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_coord_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("coordinator")
+    g.add_argument("-h", "--coord-host", "--host", dest="coord_host", metavar="HOST",
+                   help="coordinator host (env DMTCP_COORD_HOST / DMTCP_HOST; default 127.0.0.1)")
+    g.add_argument("-p", "--coord-port", "--port", dest="coord_port", metavar="PORT",
+                   help="coordinator port (env DMTCP_COORD_PORT / DMTCP_PORT; default 7779; 0 = random)")
+    g.add_argument("--port-file", metavar="FILE", help="file the coordinator port is written to / read from")
+    g.add_argument("--config", metavar="YAML", help="settings file (env HPCCKPT_CONFIG)")
+
+
+def setup_logging(name: str, quiet: bool = False, level: str = "INFO") -> None:
+    lvl = logging.WARNING if quiet else getattr(logging, str(level).upper(), logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[{name} %(process)d] %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+
+
+def settings_from(args: argparse.Namespace, **extra) -> Settings:
+    flags = {k: getattr(args, k, None) for k in ("coord_host", "coord_port", "port_file", "status_file",
+                                                  "interval", "ckptdir", "compress", "ckpt_signal", "quiet",
+                                                  "exit_on_last", "timeout", "stale_timeout")}
+    flags.update(extra)
+    try:
+        return load(flags, getattr(args, "config", None))
+    except SettingsError as e:
+        raise Fail(str(e)) from None
+
+
+def run_main(prog: str, fn, argv, fail_code: int | None = None) -> int:
+    """Run a command body, turning our errors into one line + exit code."""
+    try:
+        return fn(argv)
+    except Fail as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.code if e.code is not None else (fail_code if fail_code is not None else env_fail_rc())
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:      # a bug of ours: one line, the traceback only at debug level
+        log.debug("internal error", exc_info=True)
+        print(f"{prog}: internal error: {type(e).__name__}: {e} (HPCCKPT_LOG_LEVEL=DEBUG shows details)",
+              file=sys.stderr)
+        return fail_code if fail_code is not None else env_fail_rc()

@@ -1,0 +1,110 @@
+"""hpcckpt coordinator / dmtcp_coordinator [OPTIONS] [PORT]"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..coordinator import protocol
+from ..coordinator.server import Coordinator
+from .common import Fail, Parser, run_main, settings_from, setup_logging
+
+log = logging.getLogger("hpcckpt")
+
+DESCRIPTION = """Coordinates checkpoints of one computation. Agents started by `hpcckpt launch` / `dmtcp_launch`
+and `hpcckpt restart` join it; `hpcckpt command` / `dmtcp_command` controls it. Binds to loopback unless a host
+is given; every message must carry the per-computation secret (file <rundir>/coord-PORT.secret, mode 0600).
+
+Console commands (stdin): l list, s status, c checkpoint, bc checkpoint and wait, kc checkpoint then kill,
+i N interval, f force restart with missing peers, k kill, q kill and quit, ? help."""
+
+
+def parser(prog: str) -> Parser:
+    p = Parser(prog, DESCRIPTION)
+    p.add_argument("port", nargs="?", help="port to listen on (same as --coord-port)")
+    p.add_argument("-p", "--coord-port", "--port", dest="coord_port", metavar="PORT",
+                   help="port to listen on (env DMTCP_COORD_PORT; default 7779; 0 = random)")
+    p.add_argument("--coord-host", "--host", dest="coord_host", metavar="HOST",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port-file", metavar="FILE", help="write the port to FILE once listening")
+    p.add_argument("--status-file", metavar="FILE", help="keep a JSON status of the computation in FILE")
+    p.add_argument("--ckptdir", metavar="DIR", help="where the restart script and manifests go (env "
+                                                    "DMTCP_CHECKPOINT_DIR; default: current directory)")
+    p.add_argument("--daemon", action="store_true", help="run in the background (logs to <rundir>/coord-PORT.log)")
+    p.add_argument("--exit-on-last", action="store_true", default=None,
+                   help="exit when the last process of the computation has left")
+    p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds without any peer (0 = never)")
+    p.add_argument("--stale-timeout", type=float, metavar="S",
+                   help="exit S seconds after the computation has gone (default 8 h)")
+    p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds (env DMTCP_CHECKPOINT_INTERVAL)")
+    p.add_argument("--keep", dest="keep_generations", metavar="N", help="complete checkpoints to keep (default 2)")
+    p.add_argument("--config", metavar="YAML", help="settings file (env HPCCKPT_CONFIG)")
+    p.add_argument("-q", "--quiet", action="store_true", default=None, help="only warnings and errors")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "hpcckpt coordinator") -> int:
+    def body(argv):
+        args = parser(prog).parse_args(argv)
+        if args.port is not None:
+            if args.coord_port is not None and args.coord_port != args.port:
+                raise Fail(f"port given twice ({args.port} and {args.coord_port})")
+            args.coord_port = args.port
+        s = settings_from(args, keep_generations=args.keep_generations)
+        setup_logging("coordinator", s.quiet, s.log_level)
+        if args.daemon:
+            return _daemonize(s)
+        return _serve(s, console=True)
+    return run_main(prog, body, argv)
+
+
+def _serve(s, console: bool, ready_fd: int = -1) -> int:
+    coord = Coordinator(s, console=console)
+    try:
+        port = coord.bind()
+    except OSError as e:
+        if ready_fd >= 0:
+            os.write(ready_fd, f"error {e}\n".encode())
+        raise Fail(str(e)) from None
+    if ready_fd >= 0:
+        log_path = os.path.join(protocol.rundir(), f"coord-{port}.log")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.write(ready_fd, f"ok {port}\n".encode())
+        os.close(ready_fd)
+    try:
+        coord.serve_forever()
+    finally:
+        coord.close()
+    return 0
+
+
+def _daemonize(s) -> int:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        try:
+            rc = _serve(s, console=False, ready_fd=w)
+        except Fail:
+            rc = 1
+        except BaseException:
+            logging.getLogger("hpcckpt").exception("coordinator crashed")
+            rc = 1
+        os._exit(rc)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        line = f.readline().strip()
+    if line.startswith("ok "):
+        if not s.quiet:
+            print(f"hpcckpt coordinator listening on port {line[3:]} (daemon)", file=sys.stderr)
+        return 0
+    raise Fail(line[6:] if line.startswith("error ") else "coordinator failed to start")

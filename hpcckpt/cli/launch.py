@@ -1,0 +1,121 @@
+"""hpcckpt launch / dmtcp_launch / dmtcp_checkpoint [OPTIONS] COMMAND [ARGS...]"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from ..agent.agent import Agent, JobProcess, new_unique_id
+from ..agent.join import ANY, JOIN, NEW, connect
+from ..coordinator.client import CoordinatorUnreachable
+from ..engine.linux import SYS, syscall
+from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
+
+log = logging.getLogger("hpcckpt")
+CLOSE_RANGE_CLOEXEC = 4
+
+DESCRIPTION = """Runs COMMAND under checkpoint control and stays in the foreground until it ends, exiting with
+its exit code (128+N if it was killed by signal N). Joins the coordinator at --coord-host:--coord-port if one
+answers, else starts one in the background (which exits when the computation ends).
+
+Compression: images are compressed with zstd (level 1, multi-threaded) unless --no-gzip or DMTCP_GZIP=0;
+the option keeps DMTCP's name. Our own failures exit with DMTCP_FAIL_RC (default 99)."""
+
+
+def parser(prog: str) -> Parser:
+    p = Parser(prog, DESCRIPTION)
+    add_coord_options(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-j", "--join-coordinator", "--join", dest="policy", action="store_const", const=JOIN,
+                   help="join an existing coordinator; fail if none answers")
+    g.add_argument("--new-coordinator", "--new", dest="policy", action="store_const", const=NEW,
+                   help="start a new coordinator; fail if one already listens on the port")
+    g.add_argument("--any-coordinator", dest="policy", action="store_const", const=ANY,
+                   help="join one if it answers, else start one (default)")
+    p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds (env DMTCP_CHECKPOINT_INTERVAL)")
+    p.add_argument("--ckptdir", metavar="DIR", help="where images go (env DMTCP_CHECKPOINT_DIR; default: "
+                                                    "current directory)")
+    z = p.add_mutually_exclusive_group()
+    z.add_argument("--gzip", dest="compress", action="store_const", const=True,
+                   help="compress images (zstd; env DMTCP_GZIP=1; default)")
+    z.add_argument("--no-gzip", dest="compress", action="store_const", const=False,
+                   help="write images uncompressed (env DMTCP_GZIP=0)")
+    p.add_argument("--ckpt-signal", metavar="SIG", help="a signal sent to this launcher asks for a checkpoint of the "
+                                                        "whole computation (env DMTCP_SIGCKPT; e.g. USR2)")
+    p.add_argument("-q", "--quiet", action="store_true", default=None, help="only warnings and errors")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
+    return p
+
+
+def start_program(argv: list[str]) -> tuple[int, int, int]:
+    """Fork the program, held before exec until we write to the returned go-fd. Returns (pid, go_fd, err_fd)."""
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(go_w)
+            os.close(err_r)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            if os.read(go_r, 1) != b"g":
+                os._exit(127)
+            os.close(go_r)
+            # Only standard I/O is passed on: descriptors inherited from whoever started us (a test harness,
+            # a batch system) lead outside the computation and could not be checkpointed.
+            syscall(SYS.close_range, 3, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC)
+            os.execvp(argv[0], argv)
+        except OSError as e:
+            os.write(err_w, f"{e.strerror}".encode())
+        except BaseException:
+            pass
+        os._exit(127)
+    os.close(go_r)
+    os.close(err_w)
+    return pid, go_w, err_r
+
+
+def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
+    def body(argv):
+        args = parser(prog).parse_args(argv)
+        if not args.command:
+            raise Fail("no command given; usage: " + prog + " [OPTIONS] COMMAND [ARGS...]")
+        s = settings_from(args)
+        setup_logging("launch", s.quiet, s.log_level)
+        if not os.path.isdir(s.ckptdir):
+            raise Fail(f"checkpoint directory {s.ckptdir} does not exist")
+        if not os.access(s.ckptdir, os.W_OK | os.X_OK):
+            raise Fail(f"checkpoint directory {s.ckptdir} is not writable")
+        try:
+            conn = connect(s, args.policy or ANY)
+        except CoordinatorUnreachable as e:
+            raise Fail(str(e)) from None
+        pid, go, err = start_program(args.command)
+        proc = JobProcess(pid, new_unique_id(pid), os.path.basename(args.command[0]))
+        agent = Agent(s, conn, [proc])
+        try:
+            agent.hello()
+        except CoordinatorUnreachable as e:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise Fail(str(e)) from None
+        os.write(go, b"g")
+        os.close(go)
+        why = os.read(err, 4096).decode()
+        os.close(err)
+        if why:
+            os.waitpid(pid, 0)
+            agent.send({"type": "bye", "reason": "could not start the program"})
+            raise Fail(f"cannot run {args.command[0]}: {why}")
+        try:
+            return agent.run()
+        finally:
+            conn.close()
+    return run_main(prog, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

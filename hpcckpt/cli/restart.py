@@ -1,0 +1,133 @@
+"""hpcckpt restart / dmtcp_restart [OPTIONS] IMAGE..."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+
+from ..agent.agent import Agent, JobProcess
+from ..agent.join import ANY, JOIN, NEW, connect
+from ..coordinator.client import CoordinatorUnreachable
+from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, restore_process
+from ..image import store
+from ..image.format import ImageError, ImageReader
+from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
+
+log = logging.getLogger("hpcckpt")
+
+DESCRIPTION = """Restarts processes from their checkpoint images and stays in the foreground until the
+computation's first process ends, exiting with its exit code. The restarted processes write to this command's
+standard output and error and read its standard input. All images must belong to one computation and one
+checkpoint generation. Instead of images, --from DIR restarts the newest complete checkpoint found in DIR."""
+
+
+def parser(prog: str) -> Parser:
+    p = Parser(prog, DESCRIPTION)
+    add_coord_options(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-j", "--join-coordinator", "--join", dest="policy", action="store_const", const=JOIN)
+    g.add_argument("--new-coordinator", "--new", dest="policy", action="store_const", const=NEW)
+    g.add_argument("--any-coordinator", dest="policy", action="store_const", const=ANY)
+    p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds after the restart")
+    p.add_argument("--ckptdir", metavar="DIR", help="where later checkpoints go (default: current directory)")
+    z = p.add_mutually_exclusive_group()
+    z.add_argument("--gzip", dest="compress", action="store_const", const=True)
+    z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
+    p.add_argument("--from", dest="from_dir", metavar="DIR", help="restart the newest complete checkpoint in DIR")
+    p.add_argument("--no-verify", action="store_true", help="skip checksum verification of page data")
+    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.add_argument("images", nargs="*", help="checkpoint images (ckpt_*.dmtcp)")
+    return p
+
+
+def images_from_dir(d: str) -> list[str]:
+    comps = [c for c in store.computations_in(d) if store.complete_generations(d, c)]
+    if not comps:
+        raise Fail(f"no complete checkpoint in {d}")
+    if len(comps) > 1:
+        raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
+    m = store.latest_manifest(d, comps[0])
+    host = socket.gethostname()
+    return [i.path for i in m.images if i.host == host] or [i.path for i in m.images]
+
+
+def open_images(paths: list[str]) -> list[ImageReader]:
+    readers = []
+    try:
+        for p in paths:
+            readers.append(ImageReader(p))
+        comps = {r.meta.get("computation") for r in readers}
+        if len(comps) > 1:
+            raise Fail(f"the images belong to different computations ({', '.join(sorted(map(str, comps)))}); "
+                       f"restart one computation at a time")
+        gens = {r.meta.get("generation") for r in readers}
+        if len(gens) > 1:
+            raise Fail(f"the images come from different checkpoints (generations {sorted(gens)})")
+        if len(readers) > 1:
+            raise Fail("restarting several processes at once comes with process-tree support; give one image")
+    except ImageError as e:
+        for r in readers:
+            r.close()
+        raise Fail(str(e)) from None
+    except Fail:
+        for r in readers:
+            r.close()
+        raise
+    return readers
+
+
+def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
+    def body(argv):
+        args = parser(prog).parse_args(argv)
+        s = settings_from(args)
+        setup_logging("restart", s.quiet, s.log_level)
+        paths = args.images or (images_from_dir(args.from_dir) if args.from_dir else [])
+        if not paths:
+            raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
+            raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
+        readers = open_images(paths)
+        meta = readers[0].meta
+        restored: list[RestoredProcess] = []
+        conn = None
+        try:
+            # Restore first, stopped: a bad image fails before anything else happens (no coordinator started,
+            # no file touched). The processes run only once the coordinator has accepted them.
+            for r in readers:
+                try:
+                    rp = restore_process(r, RestoreOptions(verify_checksums=not args.no_verify))
+                except (RestoreError, ImageError) as e:
+                    raise Fail(str(e)) from None
+                restored.append(rp)
+            try:
+                conn = connect(s, args.policy or ANY)
+                procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in restored]
+                agent = Agent(s, conn, procs, computation=meta["computation"],
+                              restarted_generation=meta["generation"])
+                agent.hello()
+            except CoordinatorUnreachable as e:
+                raise Fail(str(e)) from None
+            for rp in restored:       # the whole computation runs again at once
+                rp.release()
+                log.info("restored %s (was pid %d) as pid %d in %.3f s", rp.meta.program, rp.meta.process.pid,
+                         rp.pid, rp.stats.get("total_s", 0))
+        except BaseException:
+            for rp in restored:
+                if not rp.released:
+                    rp.kill()
+            if conn is not None:
+                conn.close()
+            raise
+        finally:
+            for r in readers:
+                r.close()
+        try:
+            return agent.run()
+        finally:
+            conn.close()
+    return run_main(prog, body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The checkpoint barrier as one table, modelled on DMTCP's protocol.
+
+From each coordinator state the table names the phase to broadcast to every peer and the state reached when
+every peer has acknowledged it:
+
+    RUNNING      --suspend-->     SUSPENDED      all processes frozen
+    SUSPENDED    --drain-->       DRAINED        in-flight data taken out of channels (sockets, later)
+    DRAINED      --checkpoint-->  CHECKPOINTED   every image durable; the coordinator commits the generation
+    CHECKPOINTED --refill-->      REFILLED       drained data put back
+    REFILLED     --resume-->      RUNNING        processes run again
+
+A failed or timed-out phase before CHECKPOINTED broadcasts `abort`: peers delete that generation's images
+and resume, so nothing half-written survives. A kill-after-checkpoint round broadcasts `kill` instead of
+`refill` once the generation is committed. A log line "phase=drain gen=3 acks=2/8" means the same at the
+coordinator and in every agent.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class State(str, Enum):
+    RUNNING = "RUNNING"
+    SUSPENDED = "SUSPENDED"
+    DRAINED = "DRAINED"
+    CHECKPOINTED = "CHECKPOINTED"
+    REFILLED = "REFILLED"
+
+
+TABLE: dict[State, tuple[str, State]] = {
+    State.RUNNING: ("suspend", State.SUSPENDED),
+    State.SUSPENDED: ("drain", State.DRAINED),
+    State.DRAINED: ("checkpoint", State.CHECKPOINTED),
+    State.CHECKPOINTED: ("refill", State.REFILLED),
+    State.REFILLED: ("resume", State.RUNNING),
+}
+COMMITTED_STATES = (State.CHECKPOINTED, State.REFILLED)
+
+
+@dataclass
+class Round:
+    """One checkpoint in progress."""
+    generation: int
+    kill_after: bool
+    peers: set[bytes]                        # identities taking part
+    state: State = State.RUNNING              # the last state every peer reached
+    phase: str = ""                           # the phase broadcast and awaited now
+    acks: dict[bytes, dict] = field(default_factory=dict)
+    results: dict[bytes, dict] = field(default_factory=dict)   # checkpoint-phase payloads (images, stats)
+    waiters: list[bytes] = field(default_factory=list)         # clients waiting for the outcome
+    started: float = field(default_factory=time.time)
+    phase_started: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    committed: bool = False
+    phase_times: dict[str, float] = field(default_factory=dict)
+
+    def next_phase(self) -> tuple[str, State]:
+        if self.state == State.CHECKPOINTED and self.kill_after:
+            return "kill", State.RUNNING
+        return TABLE[self.state]
+
+    def begin_phase(self) -> str:
+        self.phase, _ = self.next_phase()
+        self.acks.clear()
+        now = time.monotonic()
+        self.phase_started = now
+        self.last_progress = now
+        return self.phase
+
+    def ack(self, ident: bytes, msg: dict) -> None:
+        self.acks[ident] = msg
+        self.last_progress = time.monotonic()
+        if self.phase == "checkpoint":
+            self.results[ident] = msg
+
+    def failed_acks(self) -> list[str]:
+        return [m.get("error") or "failed" for m in self.acks.values() if not m.get("ok", False)]
+
+    def complete(self) -> bool:
+        return self.peers.issubset(self.acks)
+
+    def advance(self) -> State:
+        """All peers acknowledged the current phase: move to the state it leads to."""
+        _, nxt = self.next_phase()
+        self.phase_times[self.phase] = round(time.monotonic() - self.phase_started, 6)
+        self.state = nxt
+        return nxt
+
+    def acks_text(self) -> str:
+        return f"phase={self.phase} gen={self.generation} acks={len(self.acks)}/{len(self.peers)}"

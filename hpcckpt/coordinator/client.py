@@ -1,0 +1,88 @@
+"""Talking to a coordinator: a DEALER connection used by agents (peers) and by dmtcp_command."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import zmq
+
+from . import protocol
+
+
+class CoordinatorUnreachable(Exception):
+    """No coordinator answered (or it refused us); the message says where we looked."""
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class Connection:
+    def __init__(self, host: str, port: int, key: bytes | None = None):
+        self.host = host
+        self.port = port
+        self.key = key if key is not None else protocol.read_secret(port)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 200)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        self.sock.connect(f"tcp://{host}:{port}")
+
+    def send(self, msg: dict) -> None:
+        self.sock.send_multipart(protocol.encode(self.key, msg))
+
+    def recv(self, timeout: float | None) -> dict | None:
+        """One authenticated message, or None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0, deadline - time.monotonic())
+            if not self.sock.poll(None if left is None else int(left * 1000)):
+                return None
+            frames = self.sock.recv_multipart()
+            if len(frames) == 3 and frames[0] == protocol.PROTO_TAG and frames[1] == b"":
+                # an unauthenticated refusal: the coordinator could not verify us
+                try:
+                    reason = json.loads(frames[2]).get("reason", "refused")
+                except ValueError:
+                    reason = "refused"
+                raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: {reason}")
+            try:
+                return protocol.decode(self.key, frames)
+            except protocol.ProtocolError:
+                continue
+
+    def request(self, msg: dict, timeout: float | None) -> dict:
+        self.send(msg)
+        reply = self.recv(timeout)
+        if reply is None:
+            raise CoordinatorUnreachable(f"no answer from coordinator {self.host}:{self.port} within "
+                                         f"{timeout:.0f} s")
+        return reply
+
+    def fileno(self) -> int:
+        return self.sock.getsockopt(zmq.FD)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, **args) -> dict:
+    """Send one command; raises CoordinatorUnreachable if nobody (authorised) answers."""
+    if not port_is_open(host, port):
+        raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}")
+    try:
+        conn = Connection(host, port)
+    except protocol.SecretError as e:
+        raise CoordinatorUnreachable(str(e)) from None
+    try:
+        conn.sock.setsockopt(zmq.LINGER, 0)
+        return conn.request({"type": "command", "cmd": cmd, **args}, timeout)
+    finally:
+        conn.close()

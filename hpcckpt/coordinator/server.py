@@ -1,0 +1,537 @@
+"""The coordinator: one per computation, a ZeroMQ ROUTER that peers (agents) and commands talk to.
+
+It keeps no state on disk besides what a checkpoint produces (manifests and the restart script), so it can
+be killed and started again; a computation restarted from images adopts a new coordinator.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from .. import __version__
+from ..faults import fault
+from ..image import store
+from ..settings import Settings
+from . import protocol
+from .barrier import COMMITTED_STATES, Round, State
+from .script import write_restart_script
+
+log = logging.getLogger("hpcckpt.coordinator")
+
+HEARTBEAT_S = 2.0           # agents send a heartbeat this often (and progress during long phases)
+PEER_LOST_S = float(os.environ.get("HPCCKPT_PEER_TIMEOUT", 30.0))   # a peer silent this long is gone
+
+
+@dataclass
+class Peer:
+    ident: bytes
+    peer_id: int
+    host: str
+    agent_pid: int
+    processes: list[dict]
+    ckptdir: str
+    restarted: bool
+    joined: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    state: str = "RUNNING"
+    progress: dict = field(default_factory=dict)
+
+
+def new_computation_id() -> str:
+    host = socket.gethostname().split(".")[0][:16]
+    return f"{store.safe_name(host)}-{os.getpid()}-{int(time.time()):x}{secrets.token_hex(2)}"
+
+
+class Coordinator:
+    def __init__(self, settings: Settings, console: bool = False):
+        self.s = settings
+        self.console = console
+        self.ckptdir = os.path.abspath(settings.ckptdir)
+        self.peers: dict[bytes, Peer] = {}
+        self.next_peer_id = 1
+        self.computation: str | None = None
+        self.generation = 0
+        self.round: Round | None = None
+        self.pending_hellos: list[tuple[bytes, dict]] = []
+        self.interval = settings.interval
+        self.next_interval_ckpt: float | None = None
+        self.last_checkpoint: dict | None = None
+        self.last_failure: dict | None = None
+        self.ever_had_peers = False
+        self.idle_since = time.monotonic()
+        self.started = time.monotonic()
+        self.quit = False
+        self.port = 0
+        self.key = b""
+        self.ctx = zmq.Context.instance()
+        self.sock: zmq.Socket | None = None
+
+    # ------------------------------------------------------------------------------------------ lifecycle --
+    def bind(self) -> int:
+        host = self.s.coord_host
+        bind_host = "127.0.0.1" if host in ("localhost", "127.0.0.1", "") else host
+        if bind_host not in ("127.0.0.1", "0.0.0.0", "*"):
+            try:
+                bind_host = socket.gethostbyname(bind_host)
+            except OSError as e:
+                raise OSError(f"cannot resolve coordinator host {host}: {e}") from None
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if self.s.coord_port == 0:
+            self.port = self.sock.bind_to_random_port(f"tcp://{bind_host}", min_port=20000, max_port=60000)
+        else:
+            try:
+                self.sock.bind(f"tcp://{bind_host}:{self.s.coord_port}")
+            except zmq.ZMQError as e:
+                raise OSError(f"cannot listen on {bind_host}:{self.s.coord_port}: {e} "
+                              f"(another coordinator running? use -p to choose a port)") from None
+            self.port = self.s.coord_port
+        self.key = protocol.create_secret(self.port)
+        if self.s.port_file:
+            store.atomic_write(self.s.port_file, f"{self.port}\n".encode(), mode=0o644)
+        log.info("coordinator %s listening on %s:%d (ckptdir %s, interval %s)", __version__, bind_host, self.port,
+                 self.ckptdir, self.interval or "off")
+        self._reset_interval()
+        self._write_status()
+        return self.port
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+        if self.port:
+            protocol.remove_secret(self.port)
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        stdin_open = self.console
+        if stdin_open:
+            poller.register(sys.stdin.fileno(), zmq.POLLIN)
+            print("Type '?' for help.", flush=True)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        while not self.quit:
+            events = dict(poller.poll(timeout=250))
+            if self.sock in events:
+                for _ in range(1000):
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_frames(frames)
+            if stdin_open and sys.stdin.fileno() in events:
+                line = sys.stdin.readline()
+                if not line:
+                    poller.unregister(sys.stdin.fileno())
+                    stdin_open = False
+                else:
+                    self._console(line.strip())
+            self._tick()
+        self._shutdown()
+
+    def _on_signal(self, signum, frame) -> None:
+        log.info("coordinator: signal %s, quitting", signal.Signals(signum).name)
+        self.quit = True
+
+    def _shutdown(self) -> None:
+        self.close()
+        log.info("coordinator exits")
+
+    # ---------------------------------------------------------------------------------------- messaging --
+    def send(self, ident: bytes, msg: dict) -> None:
+        try:
+            self.sock.send_multipart([ident] + protocol.encode(self.key, msg), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
+
+    def broadcast(self, msg: dict, idents=None) -> None:
+        for ident in list(idents if idents is not None else self.peers):
+            self.send(ident, msg)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        ident, rest = frames[0], frames[1:]
+        try:
+            msg = protocol.decode(self.key, rest)
+        except protocol.ProtocolError as e:
+            log.warning("rejected a message from connection %s: %s", ident.hex(), e)
+            if rest and rest[0] == protocol.PROTO_TAG:
+                self.sock.send_multipart([ident, protocol.PROTO_TAG, b"", json.dumps(
+                    {"type": "reject", "reason": str(e)}).encode()])
+            return
+        kind = msg["type"]
+        peer = self.peers.get(ident)
+        if peer:
+            peer.last_seen = time.monotonic()
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is None:
+            log.warning("unknown message type %r from %s", kind, ident.hex())
+            return
+        handler(ident, msg)
+
+    # ------------------------------------------------------------------------------------------- peers --
+    def _on_hello(self, ident: bytes, msg: dict) -> None:
+        if self.round is not None:
+            self.pending_hellos.append((ident, msg))   # joins once the checkpoint in progress is over
+            return
+        comp = msg.get("computation")
+        if comp and self.computation and comp != self.computation and self.peers:
+            self.send(ident, {"type": "reject", "reason": f"this coordinator runs computation {self.computation}; "
+                                                          f"the process belongs to computation {comp}"})
+            log.warning("rejected peer from computation %s (running %s)", comp, self.computation)
+            return
+        if not self.peers:
+            self.computation = comp or self.computation or new_computation_id()
+            self.generation = max([self.generation] + store.complete_generations(self.ckptdir, self.computation))
+        restarted_gen = int(msg.get("generation") or 0)
+        self.generation = max(self.generation, restarted_gen)
+        peer = Peer(ident, self.next_peer_id, msg.get("host", "?"), int(msg.get("agent_pid", 0)),
+                    list(msg.get("processes", [])), msg.get("ckptdir", self.ckptdir), bool(msg.get("restart")))
+        self.next_peer_id += 1
+        self.peers[ident] = peer
+        self.ever_had_peers = True
+        self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
+                          "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
+                          "heartbeat": HEARTBEAT_S, "protocol": protocol.PROTOCOL_VERSION})
+        log.info("peer %d joined: host %s agent pid %d, %s (%s)", peer.peer_id, peer.host, peer.agent_pid,
+                 ", ".join(f"{p.get('program')}[{p.get('pid')}]" for p in peer.processes),
+                 "restarted" if peer.restarted else "new")
+        self._write_status()
+
+    def _on_heartbeat(self, ident: bytes, msg: dict) -> None:
+        peer = self.peers.get(ident)
+        if peer is None:
+            self.send(ident, {"type": "reject", "reason": "unknown peer (coordinator restarted?)"})
+            return
+        if "processes" in msg:
+            peer.processes = msg["processes"]
+        if "progress" in msg:
+            peer.progress = msg["progress"]
+            if self.round:
+                self.round.last_progress = time.monotonic()
+
+    def _on_bye(self, ident: bytes, msg: dict) -> None:
+        peer = self.peers.pop(ident, None)
+        if peer is None:
+            return
+        log.info("peer %d (host %s) left: %s", peer.peer_id, peer.host, msg.get("reason", "exited"))
+        self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} left ({msg.get('reason', 'exited')})")
+
+    def _peer_gone(self, ident: bytes, why: str) -> None:
+        if self.round and ident in self.round.peers:
+            self.round.peers.discard(ident)
+            self.round.acks.pop(ident, None)
+            if not self.round.committed:
+                self._fail_round(why)
+            else:
+                self._check_round()
+        if not self.peers:
+            self.idle_since = time.monotonic()
+            if self.s.exit_on_last and self.ever_had_peers:
+                log.info("last peer left; exiting (--exit-on-last)")
+                self.quit = True
+        self._write_status()
+
+    def _on_ack(self, ident: bytes, msg: dict) -> None:
+        r = self.round
+        peer = self.peers.get(ident)
+        if r is None or peer is None or msg.get("generation") != r.generation or msg.get("phase") != r.phase:
+            log.debug("stale ack %s from %r", msg, ident)
+            return
+        r.ack(ident, msg)
+        if r.phase == "resume" and self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
+            frozen = (msg.get("stats") or {}).get("frozen_s", 0.0)
+            self.last_checkpoint["frozen_s"] = max(self.last_checkpoint.get("frozen_s", 0.0), frozen)
+        peer.state = {"suspend": "SUSPENDED", "drain": "DRAINED", "checkpoint": "CHECKPOINTED",
+                      "refill": "REFILLED", "resume": "RUNNING"}.get(r.phase, peer.state)
+        if not msg.get("ok", False):
+            log.error("peer %d failed %s: %s", peer.peer_id, r.acks_text(), msg.get("error"))
+        else:
+            log.debug("%s peer=%d", r.acks_text(), peer.peer_id)
+        self._check_round()
+
+    def _on_request(self, ident: bytes, msg: dict) -> None:
+        """A peer asks for a checkpoint (its agent got the checkpoint signal, or the program asked)."""
+        if msg.get("cmd") == "checkpoint" and self.round is None and self.peers:
+            log.info("checkpoint requested by peer %s", self.peers[ident].peer_id if ident in self.peers else "?")
+            self.start_checkpoint()
+
+    # --------------------------------------------------------------------------------------- checkpoint --
+    def start_checkpoint(self, kill_after: bool = False, waiter: bytes | None = None) -> str | None:
+        """Begin a checkpoint round; returns an error text if one cannot start now."""
+        if self.round is not None:
+            return f"a checkpoint (generation {self.round.generation}) is already in progress"
+        if not self.peers:
+            return "no processes are connected to this coordinator"
+        self.generation += 1
+        self.round = Round(self.generation, kill_after, set(self.peers))
+        if waiter is not None:
+            self.round.waiters.append(waiter)
+        log.info("checkpoint generation %d of computation %s: %d peer(s)", self.generation, self.computation,
+                 len(self.peers))
+        self._broadcast_phase()
+        return None
+
+    def _broadcast_phase(self) -> None:
+        r = self.round
+        phase = r.begin_phase()
+        log.info("%s", r.acks_text())
+        msg = {"type": "phase", "phase": phase, "generation": r.generation, "computation": self.computation}
+        if phase == "resume":
+            msg["prune"] = self._prune_images()
+        self.broadcast(msg, r.peers)
+        self._write_status()
+
+    def _check_round(self) -> None:
+        r = self.round
+        if r is None or not r.complete():
+            return
+        failures = r.failed_acks()
+        if failures and not r.committed:
+            self._fail_round("; ".join(failures))
+            return
+        if failures:
+            log.error("after the commit, %s failed: %s", r.phase, "; ".join(failures))
+        state = r.advance()
+        if state == State.CHECKPOINTED:
+            try:
+                self._commit(r)
+            except OSError as e:
+                self._fail_round(f"could not write the checkpoint manifest/restart script in {self.ckptdir}: {e}")
+                return
+        if r.phase == "kill" or (state == State.RUNNING and r.phase == "resume"):
+            self._finish_round(ok=True)
+            return
+        self._broadcast_phase()
+
+    def _commit(self, r: Round) -> None:
+        images = []
+        stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
+        for ident, res in r.results.items():
+            for img in res.get("images", []):
+                images.append(store.ImageEntry(**img))
+            st = res.get("stats", {})
+            stats["bytes_in"] += st.get("bytes_in", 0)
+            stats["bytes_out"] += st.get("bytes_out", 0)
+            stats["frozen_s"] = max(stats["frozen_s"], st.get("frozen_s", 0.0))
+        stats["duration_s"] = round(time.time() - r.started, 3)
+        manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
+        fault("coordinator.before_commit")
+        store.write_manifest(self.ckptdir, manifest)
+        script = write_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
+        r.committed = True
+        self.last_checkpoint = {"generation": r.generation, "time": manifest.created, "images": len(images),
+                                "restart_script": script, **stats}
+        log.info("checkpoint generation %d complete: %d image(s), %.1f MB in %.2f s; restart script %s",
+                 r.generation, len(images), stats["bytes_out"] / 1e6, stats["duration_s"], script)
+
+    def _prune_images(self) -> list[dict]:
+        """Images of generations beyond the retention limit: [{"generation", "host", "path"}]."""
+        out = []
+        for gen in self._prune_list():
+            try:
+                m = store.read_manifest(self.ckptdir, self.computation, gen)
+            except (OSError, ValueError) as e:
+                log.warning("cannot read manifest of generation %d: %s", gen, e)
+                continue
+            out.extend({"generation": gen, "host": i.host, "path": i.path} for i in m.images)
+        return out
+
+    def _prune_list(self) -> list[int]:
+        complete = store.complete_generations(self.ckptdir, self.computation)
+        return store.generations_to_prune(complete, self.s.keep_generations)
+
+    def _fail_round(self, why: str) -> None:
+        r = self.round
+        log.error("checkpoint generation %d failed in phase %s: %s; the previous checkpoint is kept", r.generation,
+                  r.phase, why)
+        r.error = why
+        self.broadcast({"type": "phase", "phase": "abort", "generation": r.generation,
+                        "computation": self.computation, "reason": why}, r.peers)
+        self.last_failure = {"generation": r.generation, "time": time.time(), "phase": r.phase, "error": why}
+        self._finish_round(ok=False)
+
+    def _finish_round(self, ok: bool) -> None:
+        r = self.round
+        self.round = None
+        if ok:
+            for gen in self._prune_list():
+                store.remove_manifest(self.ckptdir, self.computation, gen)
+        for w in r.waiters:
+            reply = {"type": "reply", "command": "checkpoint", "ok": ok, "generation": r.generation}
+            if ok:
+                reply["checkpoint"] = self.last_checkpoint
+            else:
+                reply["error"] = r.error
+            self.send(w, {**self.status(), **reply})
+        for p in self.peers.values():
+            p.state = "RUNNING"
+            p.progress = {}
+        self._reset_interval()
+        hellos, self.pending_hellos = self.pending_hellos, []
+        for ident, msg in hellos:
+            self._on_hello(ident, msg)
+        self._write_status()
+
+    def _reset_interval(self) -> None:
+        self.next_interval_ckpt = time.monotonic() + self.interval if self.interval > 0 else None
+
+    # -------------------------------------------------------------------------------------------- timers --
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for ident, peer in list(self.peers.items()):
+            if now - peer.last_seen > PEER_LOST_S:
+                log.error("peer %d on %s silent for %.0f s; considering it dead", peer.peer_id, peer.host,
+                          now - peer.last_seen)
+                del self.peers[ident]
+                self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding")
+        r = self.round
+        if r is not None and not r.committed and now - r.last_progress > self.s.phase_timeout:
+            missing = [self.peers[i].peer_id for i in r.peers - set(r.acks) if i in self.peers]
+            self._fail_round(f"timed out after {self.s.phase_timeout:.0f} s without progress in phase {r.phase} "
+                             f"waiting for peer(s) {missing}")
+        if self.round is None and self.next_interval_ckpt is not None and now >= self.next_interval_ckpt:
+            if self.peers:
+                self.start_checkpoint()
+            else:
+                self._reset_interval()
+        if self.s.timeout and not self.peers and now - self.idle_since > self.s.timeout:
+            log.info("no peers for %.0f s; exiting (--timeout)", self.s.timeout)
+            self.quit = True
+        if self.s.stale_timeout and not self.peers and self.ever_had_peers and \
+                now - self.idle_since > self.s.stale_timeout:
+            log.info("computation gone for %.0f s; exiting (--stale-timeout)", self.s.stale_timeout)
+            self.quit = True
+
+    # ------------------------------------------------------------------------------------------ commands --
+    def status(self) -> dict:
+        nprocs = sum(len(p.processes) for p in self.peers.values())
+        r = self.round
+        return {
+            "schema_version": protocol.STATUS_SCHEMA_VERSION,
+            "coordinator_host": self.s.coord_host, "coordinator_port": self.port,
+            "coordinator_version": __version__, "computation": self.computation,
+            "num_peers": nprocs, "num_agents": len(self.peers),
+            "running": bool(self.peers) and r is None,
+            "state": r.state.value if r else State.RUNNING.value,
+            "phase": r.phase if r else None,
+            "checkpoint_interval": self.interval, "ckptdir": self.ckptdir,
+            "generation": self.generation, "last_checkpoint": self.last_checkpoint,
+            "last_failure": self.last_failure,
+        }
+
+    def listing(self) -> list[dict]:
+        out = []
+        for p in sorted(self.peers.values(), key=lambda p: p.peer_id):
+            for proc in p.processes or [{}]:
+                out.append({"peer": p.peer_id, "host": p.host, "agent_pid": p.agent_pid, "pid": proc.get("pid"),
+                            "program": proc.get("program"), "unique_id": proc.get("unique_id"),
+                            "state": p.state, "restarted": p.restarted})
+        return out
+
+    def _on_command(self, ident: bytes, msg: dict) -> None:
+        cmd = msg.get("cmd")
+        reply = {"type": "reply", "command": cmd, "ok": True}
+        if cmd == "status":
+            reply.update(self.status())
+        elif cmd == "list":
+            reply.update(self.status())
+            reply["peers"] = self.listing()
+        elif cmd in ("checkpoint", "bcheckpoint", "kcheckpoint"):
+            blocking = cmd != "checkpoint"
+            err = self.start_checkpoint(kill_after=(cmd == "kcheckpoint"), waiter=ident if blocking else None)
+            if err:
+                reply.update(ok=False, error=err)
+            elif blocking:
+                return          # the reply comes when the round ends
+            else:
+                reply["generation"] = self.generation
+        elif cmd == "interval":
+            try:
+                self.interval = max(0, int(msg.get("value", 0)))
+            except (TypeError, ValueError):
+                reply.update(ok=False, error=f"bad interval {msg.get('value')!r}")
+            else:
+                self._reset_interval()
+                log.info("checkpoint interval set to %s", self.interval or "off")
+                reply["checkpoint_interval"] = self.interval
+        elif cmd == "kill":
+            self.kill_computation()
+        elif cmd == "quit":
+            self.kill_computation()
+            self.quit = True
+        else:
+            reply.update(ok=False, error=f"unknown command {cmd!r}")
+        self.send(ident, {**self.status(), **reply})
+        self._write_status()
+
+    def kill_computation(self) -> None:
+        if self.peers:
+            log.info("killing the computation (%d peer(s))", len(self.peers))
+        self.broadcast({"type": "kill"})
+
+    # --------------------------------------------------------------------------------------------- console --
+    HELP = """Commands:
+  l : list connected processes        s : status
+  c : checkpoint (bc: and wait)       kc: checkpoint, then kill the computation
+  i N: checkpoint every N seconds (0 = off)
+  f : force a restart to go on with missing peers
+  k : kill the computation            q : kill the computation and quit
+  ? : this help"""
+
+    def _console(self, line: str) -> None:
+        if not line:
+            return
+        cmd, _, arg = line.partition(" ")
+        if cmd == "?" or cmd == "h":
+            print(self.HELP, flush=True)
+        elif cmd == "l":
+            for row in self.listing():
+                print(f"{row['peer']}: {row['host']} pid {row['pid']} {row['program']} {row['state']}", flush=True)
+            if not self.peers:
+                print("no processes connected", flush=True)
+        elif cmd == "s":
+            st = self.status()
+            print(f"Coordinator: {self.s.coord_host}:{self.port}  computation {st['computation']}\n"
+                  f"NUM_PEERS={st['num_peers']}\nRUNNING={'yes' if st['running'] else 'no'}\n"
+                  f"CKPT_INTERVAL={st['checkpoint_interval']}\nGENERATION={st['generation']}", flush=True)
+        elif cmd in ("c", "bc", "kc"):
+            err = self.start_checkpoint(kill_after=(cmd == "kc"))
+            print(err or "checkpoint started", flush=True)
+        elif cmd == "i":
+            try:
+                self.interval = max(0, int(arg))
+                self._reset_interval()
+                print(f"interval: {self.interval or 'off'}", flush=True)
+            except ValueError:
+                print("usage: i SECONDS", flush=True)
+        elif cmd == "f":
+            print("no restart is waiting for missing peers", flush=True)
+        elif cmd == "k":
+            self.kill_computation()
+        elif cmd == "q":
+            self.kill_computation()
+            self.quit = True
+        else:
+            print(f"unknown command {cmd!r}; type ? for help", flush=True)
+
+    # ------------------------------------------------------------------------------------------ status file --
+    def _write_status(self) -> None:
+        if not self.s.status_file:
+            return
+        st = self.status()
+        st["peers"] = self.listing()
+        try:
+            store.atomic_write(self.s.status_file, json.dumps(st, indent=1).encode(), mode=0o644)
+        except OSError as e:
+            log.warning("cannot write status file %s: %s", self.s.status_file, e)

@@ -1,0 +1,86 @@
+"""Dumping one frozen process into one image file.
+
+Order matters: everything that needs injected system calls (signal dispositions, per-thread kernel state,
+brk) is gathered first through a scratch page that is unmapped again before /proc/PID/maps is read, so the
+image shows the process exactly as it was.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from .. import __version__
+from ..image.format import ImageWriter
+from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
+from . import files, memory, procattrs, signals, threads
+from .freeze import FrozenProcess
+from .linux import SYS
+from .remote import Scratch
+
+log = logging.getLogger(__name__)
+
+
+def check_supported(pid: int) -> None:
+    """Refuse early, with the process untouched, what this engine cannot save (named precisely)."""
+    files.dump_fds(pid)
+    for m in memory.read_maps(pid, with_flags=False):
+        memory.classify(m)
+
+
+def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
+                 compress: bool = False, level: int = 1, progress=None) -> ImageMeta:
+    """Write the image of a frozen process to path (atomically). The process stays frozen."""
+    t0 = time.monotonic()
+    pid = fp.pid
+    fds = files.dump_fds(pid)            # refuses unsupported fds before we change anything
+    leader = fp.injector()
+    scratch = Scratch(leader)
+    try:
+        sigactions = signals.dump_dispositions(leader, scratch)
+        thread_recs = []
+        for tid, th in fp.threads.items():
+            thread_recs.append(threads.dump_thread(fp.injector(tid), th.regs, scratch, pid))
+        brk = leader.check("brk(0)", SYS.brk, 0)
+        pending = [b64(i) for i in signals.dump_pending(pid, shared=True)]
+        for th in fp.threads.values():
+            if th.injector and th.injector.deferred:
+                th.injector.requeue_signals(scratch.addr, scratch.write_abs)
+    finally:
+        scratch.release()
+        # Put registers back now: if we die during the (long) memory dump, the kernel detaches a process
+        # that is exactly as it was.
+        fp.restore_registers()
+    t_inject = time.monotonic()
+
+    status = procattrs.read_status(pid)
+    proc = ProcessRecord(
+        pid=pid, ppid=procattrs.ppid_of(pid), comm=status.get("Name", ""),
+        exe=os.readlink(f"/proc/{pid}/exe"), cwd=os.readlink(f"/proc/{pid}/cwd"),
+        umask=int(status.get("Umask", "0022"), 8), personality=procattrs.read_personality(pid), brk=brk,
+        mm=procattrs.read_mm(pid), auxv=b64(procattrs.read_auxv(pid)), threads=thread_recs,
+        sigactions=sigactions, regions=[], fds=fds, rlimits=procattrs.read_rlimits(pid), pending=pending,
+        argv=procattrs.read_cmdline(pid))
+
+    writer = ImageWriter(path, compress=compress, level=level)
+    try:
+        dumper = memory.MemoryDumper(pid, writer, progress)
+        proc.regions = dumper.dump()
+        t_mem = time.monotonic()
+        meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
+                         generation=generation, unique_id=unique_id, hostname=socket.gethostname(),
+                         created=time.time(), program=os.path.basename(proc.exe.split(" (deleted)")[0]),
+                         process=proc)
+        writer.drain()
+        memory.finalize_chunks(proc.regions)
+        meta.stats = {"pages_dumped": dumper.pages_dumped, "pages_skipped": dumper.pages_skipped,
+                      "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out,
+                      "inject_s": round(t_inject - t0, 6), "memory_s": round(t_mem - t_inject, 6)}
+        writer.finish(meta.to_dict())
+    except BaseException:
+        writer.abort()
+        raise
+    meta.stats["total_s"] = round(time.monotonic() - t0, 6)
+    log.debug("dumped pid %d to %s: %s", pid, path, meta.stats)
+    return meta

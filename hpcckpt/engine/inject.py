@@ -1,0 +1,140 @@
+"""Running system calls inside a ptrace-stopped thread ("syscall injection").
+
+The thread's rip is pointed at a `syscall` instruction that already exists in its address space (a `0f 05`
+inside its own [vdso] while dumping, our trampoline page while restoring), orig_rax is set to -1 so the kernel
+does not apply its syscall-restart fix-ups to our registers, and PTRACE_SYSCALL steps over the entry and exit
+stops. Signals that arrive meanwhile are taken off the thread and queued again at the end (see finish()).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+from . import ptrace
+from .linux import RESTART_CODES, SYS, ERESTART_RESTARTBLOCK
+from .ptrace import Regs, signed
+
+log = logging.getLogger(__name__)
+
+
+class ProcessGone(RuntimeError):
+    """The traced thread or process exited (or was killed) while we worked on it."""
+
+
+class InjectionError(RuntimeError):
+    pass
+
+
+def normalize_restart(regs: Regs, new_process: bool) -> Regs:
+    """Registers for resuming a thread that may be frozen inside an interrupted system call.
+
+    The kernel only re-issues an interrupted call on its own signal-return path, which our register changes
+    bypass; so do it explicitly: point rip back at the `syscall` instruction with rax = the call. For
+    ERESTART_RESTARTBLOCK the live process resumes through restart_syscall (its restart block is intact); a new
+    process has no restart block, so it re-issues the original call from its saved arguments.
+    """
+    r = regs.copy()
+    rax = signed(r.rax)
+    if signed(r.orig_rax) >= 0 and rax in RESTART_CODES:
+        if rax == -ERESTART_RESTARTBLOCK and not new_process:
+            r.rax = SYS.restart_syscall
+        else:
+            r.rax = r.orig_rax
+        r.rip -= 2
+    r.orig_rax = 0xFFFFFFFFFFFFFFFF
+    return r
+
+
+class Injector:
+    """Injects system calls into one stopped thread; remembers how to put the thread back."""
+
+    def __init__(self, tid: int, tgid: int, syscall_addr: int, regs: Regs | None = None):
+        self.tid = tid
+        self.tgid = tgid
+        self.syscall_addr = syscall_addr
+        self.saved = regs.copy() if regs is not None else ptrace.getregs(tid)
+        self.deferred: list[bytes] = []   # siginfo of signals that arrived while we injected
+        self.touched = False
+        self.clone_events: list[int] = []  # tids created by injected clone calls (PTRACE_EVENT_CLONE)
+
+    def _wait_syscall_stop(self) -> ptrace.WaitStatus:
+        while True:
+            st = ptrace.wait(self.tid)
+            if st.gone:
+                raise ProcessGone(f"thread {self.tid} {st.describe()} during syscall injection")
+            if st.is_syscall_stop:
+                return st
+            if st.event in (ptrace.EVENT_CLONE, ptrace.EVENT_FORK, ptrace.EVENT_VFORK):
+                self.clone_events.append(ptrace.geteventmsg(self.tid))
+                ptrace.trace_syscall(self.tid)
+                continue
+            if st.event == ptrace.EVENT_STOP:   # a group-stop or a stray interrupt trap: not ours to keep
+                ptrace.trace_syscall(self.tid)
+                continue
+            # A signal-delivery stop: keep the signal for later instead of letting it run a handler now.
+            sig = st.stopsig
+            try:
+                self.deferred.append(ptrace.getsiginfo(self.tid))
+            except OSError:
+                self.deferred.append(_siginfo_for(sig))
+            ptrace.trace_syscall(self.tid, 0)
+
+    def call(self, nr: int, *args: int, at: int | None = None) -> int:
+        """Run system call nr with up to six arguments; returns the raw (signed) result."""
+        r = self.saved.copy()
+        r.rip = at if at is not None else self.syscall_addr
+        r.rax = nr
+        r.orig_rax = 0xFFFFFFFFFFFFFFFF
+        names = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+        for name, val in zip(names, args):
+            setattr(r, name, val & 0xFFFFFFFFFFFFFFFF)
+        self.touched = True
+        ptrace.setregs(self.tid, r)
+        ptrace.trace_syscall(self.tid)
+        self._wait_syscall_stop()       # entry
+        ptrace.trace_syscall(self.tid)
+        self._wait_syscall_stop()       # exit
+        out = ptrace.getregs(self.tid)
+        return signed(out.rax)
+
+    def check(self, what: str, nr: int, *args: int) -> int:
+        r = self.call(nr, *args)
+        if -4096 < r < 0:
+            raise InjectionError(f"{what} in pid {self.tgid} (tid {self.tid}) failed: {os.strerror(-r)}")
+        return r
+
+    def finish(self, new_process: bool = False, regs: Regs | None = None) -> None:
+        """Put the thread's registers back (normalized for resuming) and re-queue deferred signals."""
+        if not self.touched and regs is None and not self.deferred:
+            return
+        final = normalize_restart(regs if regs is not None else self.saved, new_process)
+        ptrace.setregs(self.tid, final)
+
+    def requeue_signals(self, scratch_addr: int, write_mem) -> None:
+        """Queue again, in the thread itself, the signals taken off it while we injected (same siginfo)."""
+        for info in self.deferred:
+            sig = int.from_bytes(info[0:4], "little", signed=True)
+            write_mem(scratch_addr, info)
+            r = self.call(SYS.rt_tgsigqueueinfo, self.tgid, self.tid, sig, scratch_addr)
+            if r < 0:
+                log.warning("could not re-queue signal %d for tid %d (errno %d)", sig, self.tid, -r)
+        self.deferred.clear()
+
+
+def _siginfo_for(sig: int) -> bytes:
+    b = bytearray(ptrace.SIGINFO_SIZE)
+    b[0:4] = sig.to_bytes(4, "little")
+    b[8:12] = (0).to_bytes(4, "little")  # SI_USER
+    return bytes(b)
+
+
+def find_syscall_insn(pid: int, start: int, end: int) -> int:
+    """Address of bytes 0f 05 in [start, end) of pid (decoding from there executes `syscall`)."""
+    from .linux import process_vm_readv
+    buf = ctypes.create_string_buffer(end - start)
+    process_vm_readv(pid, ctypes.addressof(buf), [(start, end - start)], end - start)
+    off = buf.raw.find(b"\x0f\x05")
+    if off < 0:
+        raise InjectionError(f"no syscall instruction found in pid {pid}'s vdso")
+    return start + off

@@ -1,0 +1,262 @@
+"""Memory: which pages of each mapping go into the image, and how mappings come back at restore.
+
+Dump rules, per mapping of /proc/PID/maps:
+  - private anonymous ([heap], [stack], anonymous): every page that was ever touched (pagemap present or
+    swapped); never-touched pages cost nothing.
+  - private file-backed whose file is still the one mapped: only pages the process has written (private
+    copies); the rest is mapped from the file again at restore, after checking the file's size and mtime.
+  - private file-backed whose file is gone or replaced: every page, restored as anonymous memory.
+  - shared file-backed: nothing, the data lives in the file. Shared anonymous (incl. deleted /dev/shm and
+    memfd files): touched pages, restored as shared anonymous memory.
+  - [vdso], [vvar], [vvar_vclock]: nothing; the restoring kernel's own are moved to the same addresses.
+"""
+from __future__ import annotations
+
+import logging
+import mmap as _mmap
+import os
+import zlib
+
+from ..faults import fault
+from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
+from ..image.records import RegionRecord
+from .inject import Injector
+from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_READ,
+                    PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev)
+from .maps import Mapping, populated_runs, read_maps
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedMapping(RuntimeError):
+    pass
+
+
+def _file_identity(path: str, inode: int) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the file still at path if it is the mapped inode, else None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_ino != inode:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def classify(m: Mapping) -> tuple[str, str, tuple[int, int] | None]:
+    """(backing, content mode, file identity). content mode: none | touched | written | all."""
+    path = m.path
+    if path == "[vsyscall]":
+        return "skip", "none", None
+    if m.special:
+        return "special", "none", None
+    if path.startswith("/dev/zero") or path.startswith("/SYSV"):
+        return ("shared-anon" if m.shared else "anon"), "touched", None
+    if path.startswith("/dev/") and not path.startswith("/dev/shm/"):
+        raise UnsupportedMapping(f"device mapping {path} at {m.start:#x} cannot be checkpointed")
+    if m.inode and path.startswith("/"):
+        ident = None if m.deleted else _file_identity(path, m.inode)
+        if m.shared:
+            # a live file keeps its own data; a deleted one (memfd, unlinked /dev/shm file) is saved whole
+            return ("file", "none", ident) if ident else ("shared-anon", "all", None)
+        return ("file", "written", ident) if ident else ("anon", "all", None)
+    return ("shared-anon" if m.shared else "anon"), "touched", None
+
+
+class MemoryDumper:
+    """Copies a stopped process's pages into an image writer."""
+
+    def __init__(self, pid: int, writer: ImageWriter, progress=None):
+        self.pid = pid
+        self.writer = writer
+        self.progress = progress        # called with bytes dumped so far, after every chunk
+        self.pages_dumped = 0
+        self.pages_skipped = 0
+        self._buf = bytearray(CHUNK_PAGES * PAGE) if not writer.compress else None
+        self._mem_fd = -1
+
+    def dump(self, maps: list[Mapping] | None = None) -> list[RegionRecord]:
+        maps = maps if maps is not None else read_maps(self.pid)
+        out = []
+        pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for m in maps:
+                backing, mode, ident = classify(m)
+                if backing == "skip":
+                    continue
+                rec = RegionRecord(start=m.start, end=m.end, perms=m.perms, offset=m.offset, path=m.path,
+                                   dev=m.dev, inode=m.inode, vmflags=m.vmflags, backing=backing)
+                if ident:
+                    rec.file_size, rec.file_mtime_ns = ident
+                if mode == "all":
+                    runs = [(0, m.npages)]
+                elif mode in ("touched", "written"):
+                    runs = populated_runs(pagemap, m.start, m.npages, anon_only=(mode == "written"))
+                else:
+                    runs = []
+                for first, n in runs:
+                    self._dump_run(m, rec, first, n, tolerate_holes=(mode == "all"))
+                self.pages_skipped += m.npages - sum(c.npages for c in rec.chunks)
+                out.append(rec)
+        finally:
+            os.close(pagemap)
+            if self._mem_fd >= 0:
+                os.close(self._mem_fd)
+        return out
+
+    def _read(self, m: Mapping, addr: int, length: int, buf) -> None:
+        if m.prot & PROT_READ:
+            got = process_vm_readv(self.pid, buffer_address(buf), [(addr, length)], length)
+        else:   # unreadable pages: /proc/PID/mem reads them like a debugger would
+            if self._mem_fd < 0:
+                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            got = os.preadv(self._mem_fd, [memoryview(buf)[:length]], addr)
+        if got != length:
+            raise OSError(5, f"short read of pid {self.pid} memory at {addr:#x} ({got} of {length} bytes)")
+
+    def _dump_run(self, m: Mapping, rec: RegionRecord, first: int, n: int, tolerate_holes: bool) -> None:
+        page = first
+        end = first + n
+        while page < end:
+            cnt = min(CHUNK_PAGES, end - page)
+            length = cnt * PAGE
+            buf = self._buf if self._buf is not None else bytearray(length)
+            view = memoryview(buf)[:length]
+            try:
+                self._read(m, m.start + page * PAGE, length, view)
+            except OSError:
+                if not tolerate_holes:
+                    raise
+                # e.g. pages of a deleted file beyond its end: take what can be read page by page
+                self._dump_pagewise(m, rec, page, cnt)
+                page += cnt
+                continue
+            rec.chunks.append(self.writer.add_chunk(page, cnt, view))
+            self.pages_dumped += cnt
+            page += cnt
+            if self.progress:
+                self.progress(self.pages_dumped * PAGE)
+            fault("dump.after_chunk")
+
+    def _dump_pagewise(self, m: Mapping, rec: RegionRecord, first: int, n: int) -> None:
+        for p in range(first, first + n):
+            b = bytearray(PAGE)
+            try:
+                self._read(m, m.start + p * PAGE, PAGE, b)
+            except OSError:
+                continue
+            rec.chunks.append(self.writer.add_chunk(p, 1, b))
+            self.pages_dumped += 1
+
+
+def finalize_chunks(regions: list[RegionRecord]) -> None:
+    """Turn the Chunk objects (filled in as the writer commits them) into their JSON rows."""
+    for r in regions:
+        r.chunks = [c.to_json() if isinstance(c, Chunk) else c for c in r.chunks]
+
+
+# ---------------------------------------------------------------------------------------------- restore --
+
+def check_backing_files(regions: list[RegionRecord]) -> None:
+    """Every file a mapping comes back from must be the file that was mapped (same size and mtime)."""
+    for r in regions:
+        if r.backing != "file":
+            continue
+        try:
+            st = os.stat(r.path)
+        except OSError as e:
+            raise ImageError(f"mapped file {r.path} (at {r.start:#x}) is missing: {e.strerror}") from None
+        if (st.st_size, st.st_mtime_ns) != (r.file_size, r.file_mtime_ns):
+            raise ImageError(f"mapped file {r.path} changed since the checkpoint (size/mtime differ); "
+                             f"restore needs the same file")
+
+
+def map_flags(r: RegionRecord) -> int:
+    if r.backing == "file":
+        flags = MAP_SHARED if r.perms[3] == "s" else MAP_PRIVATE
+    elif r.backing == "shared-anon":
+        flags = MAP_SHARED | MAP_ANONYMOUS
+    else:
+        flags = MAP_PRIVATE | MAP_ANONYMOUS
+    if "gd" in r.vmflags:
+        flags |= MAP_GROWSDOWN
+    return flags | MAP_FIXED
+
+
+def prot_of(perms: str) -> int:
+    return (1 if perms[0] == "r" else 0) | (2 if perms[1] == "w" else 0) | (4 if perms[2] == "x" else 0)
+
+
+def map_region(inj: Injector, r: RegionRecord, fd: int) -> None:
+    """Create the mapping, writable for now if pages must be written into it."""
+    prot = prot_of(r.perms)
+    if r.chunks and r.perms[3] != "s":
+        prot |= PROT_READ | PROT_WRITE
+    elif r.chunks:                      # shared anonymous memory: anonymous, so always writable while filling
+        prot |= PROT_READ | PROT_WRITE
+    off = r.offset if r.backing == "file" else 0
+    got = inj.call(SYS.mmap, r.start, r.end - r.start, prot, map_flags(r), fd if r.backing == "file" else -1,
+                   off)
+    if got != r.start:
+        err = os.strerror(-got) if -4096 < got < 0 else f"landed at {got:#x}"
+        raise ImageError(f"cannot recreate mapping {r.start:#x}-{r.end:#x} {r.path or '[anon]'}: {err}")
+
+
+def protect_region(inj: Injector, r: RegionRecord) -> None:
+    if r.chunks:
+        inj.check(f"mprotect({r.start:#x})", SYS.mprotect, r.start, r.end - r.start, prot_of(r.perms))
+
+
+class MemoryFiller:
+    """Writes image pages into a restored process: raw chunks straight from a private mapping of the image
+    file (no copy through Python), compressed ones decompressed in parallel, in order."""
+
+    def __init__(self, pid: int, reader: ImageReader, verify: bool = True, threads: int = 0):
+        self.pid = pid
+        self.reader = reader
+        self.verify = verify
+        self.threads = threads or (os.cpu_count() or 1)
+        self.bytes = 0
+        self._map = None
+
+    def _image_map(self):
+        if self._map is None:
+            self._map = _mmap.mmap(self.reader.fd, 0, flags=_mmap.MAP_PRIVATE,
+                                   prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+            self._base = buffer_address(self._map)
+        return self._map
+
+    def fill(self, regions: list[RegionRecord]) -> None:
+        jobs = [(r, Chunk.from_json(c)) for r in regions for c in r.chunks]
+        raw = [(r, c) for r, c in jobs if c.codec == CODEC_RAW]
+        packed = [(r, c) for r, c in jobs if c.codec != CODEC_RAW]
+        if raw:
+            mm = self._image_map()
+            view = memoryview(mm)
+            for r, c in raw:
+                if c.off + c.length > self.reader.size:
+                    raise ImageError(f"{self.reader.path}: truncated image (chunk at {c.off} beyond the end)")
+                if self.verify and zlib.crc32(view[c.off:c.off + c.length]) != c.crc:
+                    raise ImageError(f"{self.reader.path}: corrupted image (checksum mismatch in chunk at "
+                                     f"offset {c.off})")
+                self._write(self._base + c.off, c.length, r.start + c.page * PAGE)
+            view.release()
+        if packed:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="unzstd") as pool:
+                for (r, c), data in zip(packed, pool.map(lambda rc: self.reader.read_chunk(rc[1]), packed)):
+                    self._write(buffer_address(data), len(data), r.start + c.page * PAGE)
+
+    def _write(self, local: int, length: int, remote: int) -> None:
+        done = 0
+        while done < length:
+            done += process_vm_writev(self.pid, local + done, length - done, remote + done)
+        self.bytes += length
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass
+            self._map = None

@@ -1,0 +1,82 @@
+"""Per-thread state: registers, extended FPU state, signal mask, rseq, robust list, clear_child_tid,
+alternate signal stack and name. Dump reads it from a frozen thread; restore puts it into a new one."""
+from __future__ import annotations
+
+import struct
+
+from . import ptrace
+from .inject import Injector, normalize_restart
+from .linux import PR_GET_TID_ADDRESS, PR_SET_NAME, RESTART_CODES, SYS, get_robust_list
+from .ptrace import Regs, signed
+from .remote import Scratch
+from . import signals
+from ..image.records import ThreadRecord, b64, unb64
+
+_STACK_T = struct.Struct("<QiiQ")   # stack_t: ss_sp, ss_flags, (pad), ss_size
+SS_ONSTACK, SS_DISABLE = 1, 2
+
+
+class XstateMismatch(RuntimeError):
+    pass
+
+
+def dump_thread(inj: Injector, regs: Regs, scratch: Scratch, pid: int) -> ThreadRecord:
+    tid = inj.tid
+    rseq = ptrace.get_rseq(tid)
+    head, hlen = get_robust_list(tid)
+    inj.check("prctl(PR_GET_TID_ADDRESS)", SYS.prctl, PR_GET_TID_ADDRESS, scratch.addr)
+    inj.check("sigaltstack", SYS.sigaltstack, 0, scratch.addr + 64)
+    raw = scratch.read(0, 64 + _STACK_T.size)
+    tid_addr = int.from_bytes(raw[0:8], "little")
+    ss_sp, ss_flags, _, ss_size = _STACK_T.unpack_from(raw, 64)
+    in_syscall = signed(regs.orig_rax) if signed(regs.rax) in RESTART_CODES else -1
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            comm = f.read().rstrip("\n")
+    except OSError:
+        comm = ""
+    return ThreadRecord(
+        tid=tid, regs=regs.to_dict(), xstate=b64(ptrace.get_xstate(tid)), sigmask=ptrace.getsigmask(tid),
+        rseq=[rseq.rseq_abi_pointer, rseq.rseq_abi_size, rseq.signature] if rseq.rseq_abi_pointer else None,
+        robust_list=[head, hlen], clear_child_tid=tid_addr, sigaltstack=[ss_sp, ss_flags & ~SS_ONSTACK, ss_size],
+        in_syscall=in_syscall, pending=[b64(i) for i in signals.dump_pending(tid, shared=False)], comm=comm)
+
+
+def check_xstate(image_xstate: bytes, here_xstate: bytes) -> None:
+    """Refuse an image whose FPU/vector state uses features this CPU/kernel does not enable."""
+    need = ptrace.xstate_bv(image_xstate) | ptrace.xstate_features(image_xstate)
+    have = ptrace.xstate_features(here_xstate)
+    missing = ptrace.xstate_bv(image_xstate) & ~have
+    if missing:
+        raise XstateMismatch(f"the image uses CPU state components {missing:#x} this CPU does not provide "
+                             f"(image XCR0 {need:#x}, here {have:#x}); restart on a CPU like the original")
+    if len(image_xstate) > len(here_xstate):
+        raise XstateMismatch(f"the image's xstate is {len(image_xstate)} bytes, this CPU's only "
+                             f"{len(here_xstate)}; restart on a CPU like the original")
+
+
+def restore_thread_state(inj: Injector, rec: ThreadRecord, scratch: Scratch) -> None:
+    """Kernel-side per-thread state, by injection into the thread itself (before its registers are set)."""
+    head, hlen = rec.robust_list
+    if head:
+        inj.check("set_robust_list", SYS.set_robust_list, head, hlen)
+    inj.check("set_tid_address", SYS.set_tid_address, rec.clear_child_tid)
+    sp, flags, size = rec.sigaltstack
+    if not flags & SS_DISABLE:
+        scratch.write(0, _STACK_T.pack(sp, flags & ~SS_ONSTACK, 0, size))
+        inj.check("sigaltstack", SYS.sigaltstack, scratch.addr, 0)
+    if rec.comm:
+        scratch.write(0, rec.comm.encode()[:15] + b"\0")
+        inj.check("prctl(PR_SET_NAME)", SYS.prctl, PR_SET_NAME, scratch.addr)
+    if rec.rseq:
+        ptr, size, sig = rec.rseq
+        inj.check("rseq(register)", SYS.rseq, ptr, size, 0, sig)
+    if rec.pending:
+        signals.requeue_pending(inj, scratch, [unb64(p) for p in rec.pending], process_wide=False)
+
+
+def set_final_registers(inj: Injector, rec: ThreadRecord) -> None:
+    """Registers, xstate and mask last: from here the thread is the image's thread, ready to run."""
+    ptrace.set_xstate(inj.tid, unb64(rec.xstate))
+    ptrace.setsigmask(inj.tid, rec.sigmask)
+    ptrace.setregs(inj.tid, normalize_restart(Regs.from_dict(rec.regs), new_process=True))

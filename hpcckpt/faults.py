@@ -1,0 +1,42 @@
+"""Named fault-injection points, switched on by the environment, so tests can fail a checkpoint at an exact
+step ("killed mid-write" and "disk full" are tests, not hopes).
+
+    HPCCKPT_FAULT="point:action[,point:action...]"
+    actions: exit           the process dies at once (os._exit(97)), like a crash or SIGKILL
+             error=ERRNO    an OSError with that errno is raised (e.g. error=ENOSPC for a full disk)
+             sleep=SECONDS  the step is slowed down
+
+Points: dump.after_chunk (agent, after each chunk of page data), dump.before_commit (agent, image written
+but not yet renamed), coordinator.before_commit (before the manifest is written).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+_SPEC: dict[str, str] | None = None
+
+
+def _spec() -> dict[str, str]:
+    global _SPEC
+    if _SPEC is None:
+        _SPEC = {}
+        for item in filter(None, os.environ.get("HPCCKPT_FAULT", "").split(",")):
+            point, _, action = item.partition(":")
+            _SPEC[point.strip()] = action.strip()
+    return _SPEC
+
+
+def fault(point: str) -> None:
+    action = _spec().get(point)
+    if not action:
+        return
+    if action == "exit":
+        os._exit(97)
+    if action.startswith("error="):
+        name = action[6:]
+        code = getattr(errno, name, None) if not name.isdigit() else int(name)
+        raise OSError(code or errno.EIO, f"{os.strerror(code or errno.EIO)} (injected fault at {point})")
+    if action.startswith("sleep="):
+        time.sleep(float(action[6:]))

@@ -1,0 +1,228 @@
+"""The checkpoint image file: one per process, versioned and self-describing (docs/image-format.md).
+
+Layout:
+    [0, 4096)        header: magic, format version, where the metadata is, its checksum
+    [4096, ...)      page-data chunks, each starting on a 4096-byte boundary (raw or one zstd frame each)
+    [meta_off, ...)  metadata: UTF-8 JSON describing the process and pointing at every chunk
+
+A chunk holds up to CHUNK_PAGES contiguous pages of one memory region and carries its own CRC-32 (of the
+stored bytes) in the metadata; zstd frames are independent so restore can decompress them in parallel.
+Raw chunks are page-aligned in the file so restore can map the image and write pages without a copy.
+Images are written as NAME.tmp (mode 0600), fsync'ed, then renamed: a file with a final name is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from ..faults import fault
+
+MAGIC = b"HPCCKPT\x00"
+FORMAT_VERSION = 1
+HEADER_SIZE = 4096
+ALIGN = 4096
+CHUNK_PAGES = 1024            # 4 MiB of pages per chunk: large writes, fine-grained parallel (de)compression
+_HEADER = struct.Struct("<8sIIQQIQ")  # magic, version, flags, meta_off, meta_len, meta_crc, data_end
+
+CODEC_RAW = "raw"
+CODEC_ZSTD = "zstd"
+
+
+class ImageError(Exception):
+    """An image is missing, truncated, corrupted or of an unknown format; the message names the file."""
+
+
+@dataclass
+class Chunk:
+    page: int          # first page, relative to the start of its region
+    npages: int
+    off: int           # byte offset in the image file
+    length: int        # stored length in bytes
+    crc: int           # CRC-32 of the stored bytes
+    codec: str = CODEC_RAW
+
+    def to_json(self) -> list:
+        return [self.page, self.npages, self.off, self.length, self.crc, self.codec]
+
+    @classmethod
+    def from_json(cls, v: list) -> "Chunk":
+        return cls(*v)
+
+
+class ImageWriter:
+    """Writes one image file. Page data is added chunk by chunk; finish() writes the metadata and commits."""
+
+    def __init__(self, final_path: str, compress: bool = False, level: int = 1, threads: int = 0):
+        self.final_path = final_path
+        self.tmp_path = final_path + ".tmp"
+        self.compress = compress
+        self.level = level
+        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.fchmod(self.fd, 0o600)
+        self.pos = HEADER_SIZE
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, b"\0" * HEADER_SIZE, 0)
+        os.lseek(self.fd, HEADER_SIZE, os.SEEK_SET)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[Chunk, Future]] = []
+        if compress:
+            import zstandard  # noqa: F401  (fail early if missing)
+            n = threads or max(1, os.cpu_count() or 1)
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="zstd")
+            self._max_pending = 2 * n
+        self._closed = False
+
+    # -- page data -------------------------------------------------------------------------------------------
+    def add_chunk(self, page: int, npages: int, data) -> Chunk:
+        """Queue a chunk of page data (bytes-like, len = npages * PAGE). The Chunk is filled in when written."""
+        self.bytes_in += len(data)
+        chunk = Chunk(page, npages, 0, 0, 0, CODEC_ZSTD if self.compress else CODEC_RAW)
+        if not self.compress:
+            self._write_stored(chunk, data)
+            return chunk
+        fut = self._pool.submit(_zstd_compress, bytes(data) if isinstance(data, memoryview) else data,
+                                self.level)
+        self._pending.append((chunk, fut))
+        if len(self._pending) >= self._max_pending:
+            self.drain(keep=self._max_pending // 2)
+        return chunk
+
+    def drain(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            chunk, fut = self._pending.pop(0)
+            self._write_stored(chunk, fut.result())
+
+    def _write_stored(self, chunk: Chunk, data) -> None:
+        chunk.off = self.pos
+        chunk.length = len(data)
+        chunk.crc = zlib.crc32(data)
+        _write_all(self.fd, data)
+        self.pos += len(data)
+        pad = (-self.pos) % ALIGN
+        if pad:
+            _write_all(self.fd, b"\0" * pad)
+            self.pos += pad
+        self.bytes_out += chunk.length
+
+    # -- commit ----------------------------------------------------------------------------------------------
+    def finish(self, meta: dict) -> str:
+        """Write metadata and header, fsync, and atomically give the file its final name. Chunks get their
+        file offsets when written: call drain() before putting them into the metadata."""
+        self.drain()
+        if self._pool:
+            self._pool.shutdown()
+        meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
+        meta_off = self.pos
+        _write_all(self.fd, meta_bytes)
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, meta_off, len(meta_bytes), zlib.crc32(meta_bytes),
+                              meta_off)
+        os.pwrite(self.fd, header, 0)
+        os.fsync(self.fd)
+        fault("dump.before_commit")
+        os.close(self.fd)
+        self._closed = True
+        os.rename(self.tmp_path, self.final_path)
+        return self.final_path
+
+    def abort(self) -> None:
+        if self._pool:
+            for _, f in self._pending:
+                f.cancel()
+            self._pool.shutdown(wait=True)
+        if not self._closed:
+            os.close(self.fd)
+            self._closed = True
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+
+def _zstd_compress(data, level: int) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def _write_all(fd: int, data) -> None:
+    mv = memoryview(data).cast("B")
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+class ImageReader:
+    """Reads an image's metadata and chunks, checking what it reads."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ImageError(f"{path}: no such checkpoint image") from None
+        except PermissionError:
+            raise ImageError(f"{path}: permission denied") from None
+        except IsADirectoryError:
+            raise ImageError(f"{path}: is a directory, not a checkpoint image") from None
+        self.size = os.fstat(self.fd).st_size
+        head = os.pread(self.fd, _HEADER.size, 0)
+        if len(head) < _HEADER.size or not head.startswith(MAGIC):
+            os.close(self.fd)
+            raise ImageError(f"{path}: not an hpcckpt checkpoint image (bad magic)")
+        _, version, _, meta_off, meta_len, meta_crc, _ = _HEADER.unpack(head)
+        if version != FORMAT_VERSION:
+            os.close(self.fd)
+            raise ImageError(f"{path}: image format version {version}, this hpcckpt reads {FORMAT_VERSION}")
+        if meta_off == 0 or meta_off + meta_len > self.size:
+            os.close(self.fd)
+            raise ImageError(f"{path}: truncated or unfinished image ({self.size} bytes, metadata expected at "
+                             f"{meta_off}+{meta_len})")
+        raw = os.pread(self.fd, meta_len, meta_off)
+        if zlib.crc32(raw) != meta_crc:
+            os.close(self.fd)
+            raise ImageError(f"{path}: corrupted image (metadata checksum mismatch)")
+        self.meta = json.loads(raw)
+
+    def read_chunk(self, chunk: Chunk, out=None):
+        """The chunk's page data (decompressed), verified against its checksum."""
+        if chunk.off + chunk.length > self.size:
+            raise ImageError(f"{self.path}: truncated image (chunk at {chunk.off} beyond end of file)")
+        stored = os.pread(self.fd, chunk.length, chunk.off)
+        if len(stored) != chunk.length or zlib.crc32(stored) != chunk.crc:
+            raise ImageError(f"{self.path}: corrupted image (checksum mismatch in chunk at offset {chunk.off})")
+        if chunk.codec == CODEC_RAW:
+            return stored
+        if chunk.codec == CODEC_ZSTD:
+            import zstandard
+            return zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.npages * 4096)
+        raise ImageError(f"{self.path}: unknown chunk codec {chunk.codec!r}")
+
+    def verify(self) -> int:
+        """Check every chunk's checksum; returns the number of chunks checked."""
+        n = 0
+        for chunk in iter_chunks(self.meta):
+            self.read_chunk(chunk)
+            n += 1
+        return n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def iter_chunks(meta: dict):
+    for region in meta.get("process", {}).get("regions", []):
+        for c in region.get("chunks", []):
+            yield Chunk.from_json(c)

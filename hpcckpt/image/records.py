@@ -1,0 +1,126 @@
+"""Typed records stored in an image's metadata (documented field by field in docs/image-format.md).
+
+Everything the engine dumps about a process ends up in one of these; they serialize to plain JSON so
+`hpcckpt inspect` can print any image and a reader never has to reverse-engineer bytes.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+SCHEMA = "hpcckpt-process-image"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _from_dict(cls, d):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        t = hints[f.name]
+        origin = typing.get_origin(t)
+        args = typing.get_args(t)
+        if dataclasses.is_dataclass(t) and isinstance(v, dict):
+            v = _from_dict(t, v)
+        elif origin is list and args and dataclasses.is_dataclass(args[0]):
+            v = [_from_dict(args[0], x) for x in v]
+        kwargs[f.name] = v
+    return cls(**kwargs)
+
+
+class Record:
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return _from_dict(cls, d)
+
+
+@dataclass
+class ThreadRecord(Record):
+    tid: int
+    regs: dict                      # user_regs_struct by name, exactly as stopped
+    xstate: str                     # NT_X86_XSTATE regset, base64
+    sigmask: int                    # blocked signals
+    rseq: list | None = None        # [abi pointer, abi size, signature] or None
+    robust_list: list = field(default_factory=lambda: [0, 0])   # [head, len]
+    clear_child_tid: int = 0
+    sigaltstack: list = field(default_factory=lambda: [0, 2, 0])  # [ss_sp, ss_flags, ss_size] (2 = SS_DISABLE)
+    in_syscall: int = -1            # syscall number the thread was blocked in, -1 if none
+    pending: list = field(default_factory=list)   # thread-directed pending signals: base64 siginfo
+    comm: str = ""                  # thread name
+
+
+@dataclass
+class RegionRecord(Record):
+    start: int
+    end: int
+    perms: str                      # "rw-p" as in /proc/PID/maps
+    offset: int
+    path: str
+    dev: str = ""
+    inode: int = 0
+    vmflags: list = field(default_factory=list)
+    backing: str = "anon"           # how restore maps it: anon | file | shared-anon | special
+    file_size: int = -1             # identity of the backing file at checkpoint time
+    file_mtime_ns: int = -1
+    chunks: list = field(default_factory=list)   # image.format.Chunk rows
+
+
+@dataclass
+class FdRecord(Record):
+    fd: int
+    kind: str                       # file | dir | dev | stdio
+    path: str = ""
+    flags: int = 0                  # open flags (fdinfo)
+    pos: int = 0
+    cloexec: bool = False
+    size: int = -1                  # file size at checkpoint (writable files are cut back to it on restart)
+
+
+@dataclass
+class ProcessRecord(Record):
+    pid: int
+    ppid: int
+    comm: str
+    exe: str
+    cwd: str
+    umask: int
+    personality: int
+    brk: int
+    mm: dict                        # start_code ... env_end as PR_SET_MM_MAP wants them
+    auxv: str                       # base64
+    threads: list[ThreadRecord]
+    sigactions: list                # 64 rows [handler, flags, restorer, mask], index = signal - 1
+    regions: list[RegionRecord]
+    fds: list[FdRecord]
+    rlimits: dict = field(default_factory=dict)
+    itimers: list = field(default_factory=list)
+    pending: list = field(default_factory=list)   # process-directed pending signals: base64 siginfo
+    argv: list = field(default_factory=list)
+
+
+@dataclass
+class ImageMeta(Record):
+    schema: str
+    hpcckpt_version: str
+    computation: str                # computation id: images of one computation restart together
+    generation: int
+    unique_id: str                  # this process's id within the computation
+    hostname: str
+    created: float
+    program: str
+    process: ProcessRecord
+    stats: dict = field(default_factory=dict)

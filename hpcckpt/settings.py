@@ -1,0 +1,142 @@
+"""The one settings object: defaults < YAML file < environment < command-line flags.
+
+Every command builds a Settings with `load(flags, config_path)`; the YAML file comes from --config or
+HPCCKPT_CONFIG. DMTCP's environment variable names are honoured (DMTCP_COORD_HOST, DMTCP_PORT, ...), so
+scripts written for DMTCP keep working.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_PORT = 7779
+DEFAULT_FAIL_RC = 99
+
+
+class SettingsError(ValueError):
+    """A wrong key, type or value in flags, environment or YAML; the message names where it came from."""
+
+
+def _env(*names: str) -> dict:
+    return {"env": names}
+
+
+@dataclass
+class Settings:
+    # coordinator address
+    coord_host: str = field(default="127.0.0.1", metadata=_env("DMTCP_COORD_HOST", "DMTCP_HOST"))
+    coord_port: int = field(default=DEFAULT_PORT, metadata=_env("DMTCP_COORD_PORT", "DMTCP_PORT"))
+    port_file: str | None = None
+    status_file: str | None = None
+    # checkpointing
+    interval: int = field(default=0, metadata=_env("DMTCP_CHECKPOINT_INTERVAL"))
+    ckptdir: str = field(default=".", metadata=_env("DMTCP_CHECKPOINT_DIR"))
+    compress: bool = field(default=True, metadata=_env("DMTCP_GZIP"))
+    compress_level: int = field(default=1, metadata=_env("HPCCKPT_ZSTD_LEVEL"))
+    keep_generations: int = field(default=2, metadata=_env("HPCCKPT_KEEP"))
+    ckpt_signal: int = field(default=0, metadata=_env("DMTCP_SIGCKPT"))
+    # failure handling
+    fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
+    phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))
+    # coordinator lifetime
+    exit_on_last: bool = False
+    timeout: float = 0.0
+    stale_timeout: float = 8 * 3600.0
+    quiet: bool = field(default=False, metadata=_env("DMTCP_QUIET"))
+    log_level: str = field(default="INFO", metadata=_env("HPCCKPT_LOG_LEVEL"))
+
+    def replace(self, **kw) -> "Settings":
+        return dataclasses.replace(self, **kw)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+_TRUE = {"1", "yes", "true", "on", "y"}
+_FALSE = {"0", "no", "false", "off", "n", ""}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = _FIELDS[name]
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if value is None:
+            if "None" in typ:
+                return None
+            raise ValueError("a value is required")
+        if typ.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError(f"expected yes/no, got {value!r}")
+        if typ.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError(f"expected an integer, got {value!r}")
+            if name == "ckpt_signal" and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                import signal
+                v = value.strip().upper()
+                return int(getattr(signal, v if v.startswith("SIG") else "SIG" + v))
+            return int(value)
+        if typ.startswith("float"):
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return float(value)
+        return str(value)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SettingsError(f"{source}: bad value for {name}: {e}") from None
+
+
+def _validate(s: Settings) -> Settings:
+    if not 0 <= s.coord_port <= 65535:
+        raise SettingsError(f"coordinator port {s.coord_port} is out of range 0..65535")
+    if s.interval < 0:
+        raise SettingsError(f"checkpoint interval must be >= 0 seconds, got {s.interval}")
+    if s.keep_generations < 1:
+        raise SettingsError(f"keep_generations must be >= 1, got {s.keep_generations}")
+    if not 0 <= s.fail_rc <= 255:
+        raise SettingsError(f"DMTCP_FAIL_RC must be 0..255, got {s.fail_rc}")
+    if not 1 <= s.compress_level <= 22:
+        raise SettingsError(f"compress_level must be 1..22, got {s.compress_level}")
+    return s
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise SettingsError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise SettingsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load(flags: dict[str, Any] | None = None, config: str | None = None,
+         environ: dict[str, str] | None = None, yaml_section: dict | None = None) -> Settings:
+    """Build settings. flags: values given on the command line (None = not given)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config = config or environ.get("HPCCKPT_CONFIG")
+    data = yaml_section if yaml_section is not None else (load_yaml(config) if config else {})
+    for key, v in data.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            known = ", ".join(sorted(_FIELDS))
+            raise SettingsError(f"{config}: unknown setting {key!r} (known: {known})")
+        values[name] = _coerce(name, v, f"{config}: {key}")
+    for name, f in _FIELDS.items():
+        for var in f.metadata.get("env", ()):
+            if var in environ and environ[var] != "":
+                values[name] = _coerce(name, environ[var], f"environment {var}")
+                break
+    for name, v in (flags or {}).items():
+        if v is not None:
+            values[name] = _coerce(name, v, f"option --{name.replace('_', '-')}")
+    return _validate(Settings(**values))

@@ -1,0 +1,108 @@
+"""Every command answers --help and --version under both its names; the coordinator refuses strangers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import zmq
+
+from conftest import run, wait_for
+
+COMMANDS = [["hpcckpt"], ["hpcckpt", "coordinator"], ["hpcckpt", "launch"], ["hpcckpt", "restart"],
+            ["hpcckpt", "command"], ["hpcckpt", "inspect"], ["dmtcp_coordinator"], ["dmtcp_launch"],
+            ["dmtcp_checkpoint"], ["dmtcp_restart"], ["dmtcp_command"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_help_and_version(cmd, env, tmp_path):
+    r = run(cmd + ["--help"], env, tmp_path)
+    assert r.returncode == 0 and "usage" in r.stdout.lower()
+    r = run(cmd + ["--version"], env, tmp_path)
+    assert r.returncode == 0 and "0." in r.stdout
+
+
+def test_dmtcp_launch_h_is_the_host_option(env, tmp_path):
+    # DMTCP convention: -h names the coordinator host, --help is help
+    r = run(["dmtcp_command", "-h", "127.0.0.1", "-p", "1", "-s"], env, tmp_path)
+    assert r.returncode == 2 and "127.0.0.1:1" in r.stderr
+
+
+@pytest.fixture
+def coordinator(env, tmp_path):
+    port_file = tmp_path / "coord.port"
+    p = subprocess.Popen(["dmtcp_coordinator", "-p", "0", "--port-file", str(port_file), "--ckptdir", str(tmp_path)],
+                         env=env, cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 20, "coordinator port")
+    yield p, int(port_file.read_text())
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def test_coordinator_rejects_messages_without_the_secret(coordinator, env, tmp_path):
+    proc, port = coordinator
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    body = json.dumps({"type": "command", "cmd": "quit"}).encode()
+    s.send_multipart([b"HPCCKPT/1", b"\0" * 32, body])          # right framing, wrong MAC
+    assert s.poll(5000), "no answer"
+    tag, mac, reply = s.recv_multipart()
+    assert mac == b"" and json.loads(reply)["type"] == "reject"
+    s.send_multipart([body])                                      # no framing at all
+    time.sleep(0.5)
+    s.close()
+    ctx.term()
+    # still alive and obeying its owner
+    r = run(["dmtcp_command", "-p", str(port), "-s", "--json"], env, tmp_path)
+    assert r.returncode == 0 and json.loads(r.stdout)["num_peers"] == 0
+    run(["dmtcp_command", "-p", str(port), "-q"], env, tmp_path, check=True)
+    proc.wait(10)
+    log = proc.stderr.read()
+    assert "bad or missing secret" in log and "not an hpcckpt protocol message" in log
+
+
+def test_secret_file_is_private(coordinator, env, tmp_path):
+    import os
+    import stat
+    _, port = coordinator
+    secret = tmp_path / "run" / f"coord-{port}.secret"
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(secret.parent).st_mode) == 0o700
+    # a wrong secret file gives a clear refusal and exit 2
+    env2 = dict(env, HPCCKPT_SECRET="00" * 32)
+    r = run(["dmtcp_command", "-p", str(port), "-s"], env2, tmp_path)
+    assert r.returncode == 2 and "refused" in r.stderr
+
+
+def test_command_json_status_fields(coordinator, env, tmp_path):
+    _, port = coordinator
+    r = run(["dmtcp_command", "-p", str(port), "-s", "--json"], env, tmp_path)
+    d = json.loads(r.stdout)
+    for key in ("schema_version", "command", "command_status", "coordinator_host", "coordinator_port", "num_peers",
+                "running", "checkpoint_interval"):
+        assert key in d
+    assert d["command"] == "status" and d["running"] is False
+    r = run(["dmtcp_command", "-p", str(port), "-s"], env, tmp_path)
+    assert "NUM_PEERS=0" in r.stdout and "RUNNING=no" in r.stdout and "CKPT_INTERVAL=0" in r.stdout
+    r = run(["dmtcp_command", "-p", str(port), "-i", "5", "--json"], env, tmp_path)
+    assert json.loads(r.stdout)["checkpoint_interval"] == 5
+    r = run(["dmtcp_command", "-p", str(port), "-c"], env, tmp_path)
+    assert r.returncode == 2 and "no processes" in r.stderr      # refused: nothing to checkpoint
+
+
+def test_coordinator_console(coordinator, env, tmp_path):
+    proc, port = coordinator
+    out, _ = proc.communicate("s\ni 7\n?\nq\n", timeout=20)
+    assert "NUM_PEERS=0" in out and "interval: 7" in out and "checkpoint, then kill" in out
+    assert proc.returncode == 0
+
+
+def test_coordinator_port_busy(coordinator, env, tmp_path):
+    _, port = coordinator
+    r = run(["dmtcp_coordinator", "-p", str(port), "--daemon"], env, tmp_path)
+    assert r.returncode == 99 and "cannot listen" in r.stderr

@@ -1,0 +1,73 @@
+"""The image file format and the checkpoint store, without processes."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from hpcckpt.image import store
+from hpcckpt.image.format import ImageError, ImageReader, ImageWriter
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_roundtrip_and_alignment(tmp_path, compress):
+    path = str(tmp_path / "ckpt_x_1.dmtcp")
+    w = ImageWriter(path, compress=compress)
+    data = [bytes([i]) * 4096 * (i + 1) for i in range(5)]
+    chunks = [w.add_chunk(i, i + 1, d) for i, d in enumerate(data)]
+    assert os.path.exists(path + ".tmp") and not os.path.exists(path)   # never a final name while writing
+    w.drain()                                   # chunk offsets are known once written
+    w.finish({"process": {"regions": [{"chunks": [c.to_json() for c in chunks]}]}, "x": 1})
+    assert not os.path.exists(path + ".tmp")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    with ImageReader(path) as r:
+        assert r.meta["x"] == 1
+        for c, d in zip(chunks, data):
+            assert c.off % 4096 == 0
+            assert r.read_chunk(c) == d
+        assert r.verify() == 5
+
+
+def test_abort_leaves_nothing(tmp_path):
+    path = str(tmp_path / "img.dmtcp")
+    w = ImageWriter(path)
+    w.add_chunk(0, 1, b"\1" * 4096)
+    w.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_corruption_detected(tmp_path):
+    path = tmp_path / "img.dmtcp"
+    w = ImageWriter(str(path))
+    c = w.add_chunk(0, 2, b"\7" * 8192)
+    w.finish({"process": {"regions": [{"chunks": [c.to_json()]}]}})
+    raw = bytearray(path.read_bytes())
+    raw[4096 + 100] ^= 1
+    path.write_bytes(bytes(raw))
+    with ImageReader(str(path)) as r:
+        with pytest.raises(ImageError, match="corrupted"):
+            r.verify()
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 1                                # metadata
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageError, match="metadata checksum"):
+        ImageReader(str(path))
+    path.write_bytes(bytes(raw[:5000]))
+    with pytest.raises(ImageError, match="truncated"):
+        ImageReader(str(path))
+
+
+def test_retention_never_touches_the_newest():
+    assert store.generations_to_prune([1, 2, 3, 4], 2) == [1, 2]
+    assert store.generations_to_prune([3], 1) == []
+    assert store.generations_to_prune([1, 2], 5) == []
+
+
+def test_manifest_marks_completeness(tmp_path):
+    assert store.latest_manifest(str(tmp_path), "c1") is None
+    store.write_manifest(str(tmp_path), store.Manifest("c1", 3, 0.0, [store.ImageEntry("h", "/p", "prog", "u", 1)]))
+    store.write_manifest(str(tmp_path), store.Manifest("c1", 1, 0.0, []))
+    assert store.complete_generations(str(tmp_path), "c1") == [1, 3]
+    m = store.latest_manifest(str(tmp_path), "c1")
+    assert m.generation == 3 and m.images[0].program == "prog"
