@@ -139,12 +139,12 @@ def test_unwritable_checkpoint_dir(good_checkpoint, env, tmp_path, immutable_dir
     assert r.returncode == FAIL and "not writable" in _one_line(r.stderr)
 
 
-def _fault_job(launch, counter, tmp_path, env, fault, steps=100000, delay=10000):
+def _fault_job(launch, counter, tmp_path, env, fault, steps=100000, delay=10000, extra=()):
     """A job whose agent has a fault point armed."""
     env["HPCCKPT_FAULT"] = fault
     env["HPCCKPT_PEER_TIMEOUT"] = "3"
     out = tmp_path / "out.txt"
-    job = launch(counter, out, 16, steps, delay, extra=("--no-gzip",))
+    job = launch(counter, out, 16, steps, delay, extra=("--no-gzip",) + tuple(extra))
     wait_for(lambda: line_count(out) >= 5, 30, "progress")
     return job, out
 
@@ -152,8 +152,10 @@ def _fault_job(launch, counter, tmp_path, env, fault, steps=100000, delay=10000)
 @pytest.mark.slow
 def test_agent_killed_mid_write_keeps_previous_checkpoint(launch, counter, env, tmp_path):
     """The agent dies in the middle of writing an image: no final image name, no manifest, the restart script
-    still points at the previous complete checkpoint, and the program itself survives untouched."""
-    job, out = _fault_job(launch, counter, tmp_path, env, "dump.after_chunk:sleep=0.3")
+    still points at the previous complete checkpoint, and the program itself survives untouched (without a PID
+    namespace the launch process is the agent, and the program outlives it)."""
+    job, out = _fault_job(launch, counter, tmp_path, env, "dump.after_chunk:sleep=0.3",
+                          extra=("--no-pid-namespace",))
     assert job.command("-bc").returncode == 0           # generation 1 completes (slowly)
     img = newest_images(tmp_path)[0]
     digest = hashlib.sha256(img.read_bytes()).hexdigest()

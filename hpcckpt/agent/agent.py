@@ -20,6 +20,7 @@ from ..engine import dump as engine_dump
 from ..engine.freeze import FrozenProcess, freeze
 from ..image import store
 from ..settings import Settings
+from .namespaces import install_init_handlers
 from .sigfd import SignalFd
 
 log = logging.getLogger("hpcckpt.agent")
@@ -59,7 +60,8 @@ class CheckpointState:
 
 class Agent:
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
-                 computation: str | None = None, restarted_generation: int | None = None):
+                 computation: str | None = None, restarted_generation: int | None = None,
+                 pid_namespace: bool = False):
         self.s = settings
         self.conn = conn
         self.procs = processes
@@ -74,6 +76,7 @@ class Agent:
         self.exit_code: int | None = None
         self.killed = False
         self.sigfd: SignalFd | None = None
+        self.pid_namespace = pid_namespace     # we are PID 1 of the job's own namespace
 
     # ---------------------------------------------------------------------------------------- joining --
     def hello(self, timeout: float = 15.0) -> dict:
@@ -104,8 +107,10 @@ class Agent:
     # ------------------------------------------------------------------------------------------ main loop --
     def run(self) -> int:
         """Serve until the job's root process ends; returns its shell-style exit code."""
-        self.sigfd = SignalFd(list(FORWARDED_SIGNALS) + [signal.SIGCHLD] +
-                              ([self.s.ckpt_signal] if self.s.ckpt_signal else []))
+        sigs = list(FORWARDED_SIGNALS) + [signal.SIGCHLD] + ([self.s.ckpt_signal] if self.s.ckpt_signal else [])
+        if self.pid_namespace:
+            install_init_handlers(sigs)    # an init only gets signals it handles; the signalfd reads them
+        self.sigfd = SignalFd(sigs)
         poller = zmq.Poller()
         poller.register(self.conn.sock, zmq.POLLIN)
         poller.register(self.sigfd.fd, zmq.POLLIN)
@@ -263,7 +268,8 @@ class Agent:
             c.images.append(path)
             meta = engine_dump.dump_process(
                 fp, path, computation=self.computation, generation=gen, unique_id=proc.unique_id,
-                compress=self.s.compress, level=self.s.compress_level, progress=self._progress)
+                compress=self.s.compress, level=self.s.compress_level, progress=self._progress,
+                pid_namespace=self.pid_namespace)
             store.fsync_dir(gdir)
             size = os.path.getsize(path)
             bytes_in += meta.stats["bytes_in"]

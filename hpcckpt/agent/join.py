@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..coordinator import protocol
-from ..coordinator.client import Connection, CoordinatorUnreachable, command, port_is_open
+from ..coordinator.client import CoordinatorUnreachable, command, port_is_open
 from ..settings import Settings
 
 log = logging.getLogger("hpcckpt.agent")
@@ -45,7 +45,7 @@ def start_coordinator(s: Settings, port: int) -> int:
     cmd = [sys.executable, "-m", "hpcckpt.cli.main", "coordinator", "--daemon", "--exit-on-last",
            "--coord-host", s.coord_host, "--coord-port", str(port), "--port-file", port_file,
            "--ckptdir", os.path.abspath(s.ckptdir), "--interval", str(s.interval),
-           "--keep", str(s.keep_generations)]
+           "--keep", str(s.keep_generations), "--timeout", "120"]   # gone if nobody ever joins
     if s.quiet:
         cmd.append("-q")
     r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -60,8 +60,9 @@ def start_coordinator(s: Settings, port: int) -> int:
     return got
 
 
-def connect(s: Settings, policy: str = ANY) -> Connection:
-    """A connection to the computation's coordinator, per DMTCP's join/new/any rules."""
+def find_or_start(s: Settings, policy: str = ANY) -> tuple[str, int]:
+    """The address of the computation's coordinator, per DMTCP's join/new/any rules; starts one in the
+    background if allowed and none answers. Leaves no ZeroMQ context behind (the caller may fork next)."""
     host = s.coord_host
     port = s.coord_port
     if s.port_file and port in (0, None) and policy != NEW:
@@ -79,7 +80,7 @@ def connect(s: Settings, policy: str = ANY) -> Connection:
         log.debug("joining coordinator %s:%d (%d peers)", host, port, st.get("num_peers", 0))
         if s.interval:
             command(host, port, "interval", value=s.interval)
-        return Connection(host, port)
+        return host, port
     if not is_local(host):
         raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}, and one can only be started "
                                      f"automatically on this host")
@@ -88,4 +89,4 @@ def connect(s: Settings, policy: str = ANY) -> Connection:
         if port_is_open(host, port):
             break
         time.sleep(0.05)
-    return Connection(host, port)
+    return host, port

@@ -8,10 +8,12 @@ import signal
 import sys
 
 from ..agent.agent import Agent, JobProcess, new_unique_id
-from ..agent.join import ANY, JOIN, NEW, connect
-from ..coordinator.client import CoordinatorUnreachable
+from ..agent.join import ANY, JOIN, NEW, find_or_start
+from ..coordinator.client import Connection, CoordinatorUnreachable
+from ..coordinator.protocol import SecretError
 from ..engine.linux import SYS, syscall
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
+from .jobrun import run_job
 
 log = logging.getLogger("hpcckpt")
 CLOSE_RANGE_CLOEXEC = 4
@@ -44,6 +46,9 @@ def parser(prog: str) -> Parser:
                    help="write images uncompressed (env DMTCP_GZIP=0)")
     p.add_argument("--ckpt-signal", metavar="SIG", help="a signal sent to this launcher asks for a checkpoint of the "
                                                         "whole computation (env DMTCP_SIGCKPT; e.g. USR2)")
+    p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
+                   help="run the job without its own PID namespace (restarted processes then get new PIDs; "
+                        "env HPCCKPT_PID_NAMESPACE=0)")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="only warnings and errors")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
@@ -89,32 +94,46 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
             raise Fail(f"checkpoint directory {s.ckptdir} does not exist")
         if not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not writable")
-        try:
-            conn = connect(s, args.policy or ANY)
-        except CoordinatorUnreachable as e:
-            raise Fail(str(e)) from None
-        pid, go, err = start_program(args.command)
-        proc = JobProcess(pid, new_unique_id(pid), os.path.basename(args.command[0]))
-        agent = Agent(s, conn, [proc])
-        try:
-            agent.hello()
-        except CoordinatorUnreachable as e:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise Fail(str(e)) from None
-        os.write(go, b"g")
-        os.close(go)
-        why = os.read(err, 4096).decode()
-        os.close(err)
-        if why:
-            os.waitpid(pid, 0)
-            agent.send({"type": "bye", "reason": "could not start the program"})
-            raise Fail(f"cannot run {args.command[0]}: {why}")
-        try:
-            return agent.run()
-        finally:
-            conn.close()
+        def find():
+            try:
+                return find_or_start(s, args.policy or ANY)
+            except CoordinatorUnreachable as e:
+                raise Fail(str(e)) from None
+        host_port = find()       # before anything else: no coordinator, no job
+        return run_job(s, prog, lambda: host_port, lambda in_ns, get: _agent(s, get, args.command, in_ns))
     return run_main(prog, body, argv)
+
+
+def _agent(s, get_coordinator, command: list[str], in_namespace: bool) -> int:
+    """The agent: start the program held before exec, join the coordinator, let the program go, serve."""
+    host, port = get_coordinator()
+    try:
+        conn = Connection(host, port)
+    except SecretError as e:
+        raise Fail(str(e)) from None
+    pid, go, err = start_program(command)
+    proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
+    agent = Agent(s, conn, [proc], pid_namespace=in_namespace)
+    try:
+        agent.hello()
+    except CoordinatorUnreachable as e:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        conn.close()
+        raise Fail(str(e)) from None
+    os.write(go, b"g")
+    os.close(go)
+    why = os.read(err, 4096).decode()
+    os.close(err)
+    if why:
+        os.waitpid(pid, 0)
+        agent.send({"type": "bye", "reason": "could not start the program"})
+        conn.close()
+        raise Fail(f"cannot run {command[0]}: {why}")
+    try:
+        return agent.run()
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ import socket
 import sys
 
 from ..agent.agent import Agent, JobProcess
-from ..agent.join import ANY, JOIN, NEW, connect
-from ..coordinator.client import CoordinatorUnreachable
+from ..agent.join import ANY, JOIN, NEW, find_or_start
+from ..coordinator.client import Connection, CoordinatorUnreachable
+from ..coordinator.protocol import SecretError
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, restore_process
 from ..image import store
 from ..image.format import ImageError, ImageReader
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
+from .jobrun import run_job
 
 log = logging.getLogger("hpcckpt")
 
@@ -36,6 +38,8 @@ def parser(prog: str) -> Parser:
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
     p.add_argument("--from", dest="from_dir", metavar="DIR", help="restart the newest complete checkpoint in DIR")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification of page data")
+    p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
+                   help="restart without a PID namespace of our own (processes get new PIDs)")
     p.add_argument("-q", "--quiet", action="store_true", default=None)
     p.add_argument("images", nargs="*", help="checkpoint images (ckpt_*.dmtcp)")
     return p
@@ -88,45 +92,56 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
         readers = open_images(paths)
-        meta = readers[0].meta
-        restored: list[RestoredProcess] = []
-        conn = None
-        try:
-            # Restore first, stopped: a bad image fails before anything else happens (no coordinator started,
-            # no file touched). The processes run only once the coordinator has accepted them.
-            for r in readers:
-                try:
-                    rp = restore_process(r, RestoreOptions(verify_checksums=not args.no_verify))
-                except (RestoreError, ImageError) as e:
-                    raise Fail(str(e)) from None
-                restored.append(rp)
+        def find():
             try:
-                conn = connect(s, args.policy or ANY)
-                procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in restored]
-                agent = Agent(s, conn, procs, computation=meta["computation"],
-                              restarted_generation=meta["generation"])
-                agent.hello()
+                return find_or_start(s, args.policy or ANY)
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
-            for rp in restored:       # the whole computation runs again at once
-                rp.release()
-                log.info("restored %s (was pid %d) as pid %d in %.3f s", rp.meta.program, rp.meta.process.pid,
-                         rp.pid, rp.stats.get("total_s", 0))
-        except BaseException:
-            for rp in restored:
-                if not rp.released:
-                    rp.kill()
-            if conn is not None:
-                conn.close()
-            raise
+        try:
+            return run_job(s, prog, find, lambda in_ns, get: _agent(s, get, readers, in_ns, not args.no_verify))
         finally:
             for r in readers:
                 r.close()
-        try:
-            return agent.run()
-        finally:
-            conn.close()
     return run_main(prog, body, argv)
+
+
+def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, verify: bool) -> int:
+    """Restore every process, stopped; join the coordinator (started only now: a bad image fails before
+    anything else happens); then let the whole computation run at once."""
+    meta = readers[0].meta
+    restored: list[RestoredProcess] = []
+    conn = None
+    try:
+        for r in readers:
+            try:
+                rp = restore_process(r, RestoreOptions(verify_checksums=verify, same_pids=in_namespace))
+            except (RestoreError, ImageError) as e:
+                raise Fail(str(e)) from None
+            restored.append(rp)
+        try:
+            host, port = get_coordinator()
+            conn = Connection(host, port)
+            procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in restored]
+            agent = Agent(s, conn, procs, computation=meta["computation"], restarted_generation=meta["generation"],
+                          pid_namespace=in_namespace)
+            agent.hello()
+        except (CoordinatorUnreachable, SecretError) as e:
+            raise Fail(str(e)) from None
+        for rp in restored:
+            rp.release()
+            log.info("restored %s (was pid %d) as pid %d in %.3f s", rp.meta.program, rp.meta.process.pid,
+                     rp.pid, rp.stats.get("total_s", 0))
+    except BaseException:
+        for rp in restored:
+            if not rp.released:
+                rp.kill()
+        if conn is not None:
+            conn.close()
+        raise
+    try:
+        return agent.run()
+    finally:
+        conn.close()
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 class Connection:
-    def __init__(self, host: str, port: int, key: bytes | None = None):
+    def __init__(self, host: str, port: int, key: bytes | None = None, ctx: zmq.Context | None = None):
         self.host = host
         self.port = port
         self.key = key if key is not None else protocol.read_secret(port)
-        self.ctx = zmq.Context.instance()
+        self.own_ctx = ctx is None
+        self.ctx = ctx if ctx is not None else zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 200)
@@ -71,6 +72,8 @@ class Connection:
 
     def close(self) -> None:
         self.sock.close()
+        if self.own_ctx:
+            self.ctx.term()
 
 
 def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, **args) -> dict:

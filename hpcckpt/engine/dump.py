@@ -30,7 +30,7 @@ def check_supported(pid: int) -> None:
 
 
 def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
-                 compress: bool = False, level: int = 1, progress=None) -> ImageMeta:
+                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False) -> ImageMeta:
     """Write the image of a frozen process to path (atomically). The process stays frozen."""
     t0 = time.monotonic()
     pid = fp.pid
@@ -61,7 +61,8 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         umask=int(status.get("Umask", "0022"), 8), personality=procattrs.read_personality(pid), brk=brk,
         mm=procattrs.read_mm(pid), auxv=b64(procattrs.read_auxv(pid)), threads=thread_recs,
         sigactions=sigactions, regions=[], fds=fds, rlimits=procattrs.read_rlimits(pid), pending=pending,
-        argv=procattrs.read_cmdline(pid))
+        argv=procattrs.read_cmdline(pid), creds=procattrs.read_creds(status),
+        pid_namespace=pid_namespace)
 
     writer = ImageWriter(path, compress=compress, level=level)
     try:

@@ -79,3 +79,10 @@ def pack_mm_map(mm: dict[str, int], brk: int, auxv_addr: int, auxv_size: int, ex
     vals = dict(mm, brk=brk)
     return struct.pack("<11QQII", *(vals[k] for k in MM_ORDER), auxv_addr, auxv_size, exe_fd & 0xFFFFFFFF)
 
+
+
+def read_creds(status: dict[str, str]) -> dict[str, int]:
+    """uid/gid and capability sets from /proc/PID/status."""
+    return {"uid": int(status["Uid"].split()[0]), "gid": int(status["Gid"].split()[0]),
+            "cap_inh": int(status["CapInh"], 16), "cap_prm": int(status["CapPrm"], 16),
+            "cap_eff": int(status["CapEff"], 16)}

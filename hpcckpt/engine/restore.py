@@ -16,8 +16,10 @@ Any failure kills the helper: a half-restored process is never left running.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
+import struct
 import os
 import signal
 import time
@@ -52,6 +54,9 @@ class RestoreError(RuntimeError):
 class RestoreOptions:
     verify_checksums: bool = True
     check_layout: bool = True
+    # True inside a PID namespace of our own: every process and thread gets its original PID/TID back.
+    # False: new PIDs; glibc's cached thread IDs are fixed up where they can be found (see _fix_cached_tids).
+    same_pids: bool = False
 
 
 @dataclass
@@ -72,7 +77,7 @@ class RestoredProcess:
         self.released = True
 
     def kill(self) -> None:
-        _kill_helper(self.pid)
+        _kill_helper(self.pid, self.tids)
 
 
 class _Scratch:
@@ -237,19 +242,25 @@ def _expected_path(r: RegionRecord) -> str | None:
     return None   # anonymous: the kernel's label ("" or "/dev/zero (deleted)") is not compared
 
 
+def _observed_path(m) -> str | None:
+    if m.special or m.path in ("[heap]", "[stack]"):
+        return m.path
+    if m.inode == 0 or m.path.startswith(("/dev/zero", "/SYSV", "/memfd:")):
+        return None
+    return m.path
+
+
 def check_layout(pid: int, regions: list[RegionRecord]) -> None:
-    """The restored address space must be the image's: same ranges, permissions and file backing."""
+    """The restored address space must be the image's: same ranges, permissions and file backing (adjacent
+    mappings the kernel merged are compared merged)."""
     want = _merge_rows([(r.start, r.end, r.perms, _expected_path(r)) for r in regions])
-    have_maps = [m for m in read_maps(pid, with_flags=False) if m.path != "[vsyscall]"]
-    by_path = {(r.start, r.end): _expected_path(r) for r in regions}
-    have = []
-    for m in have_maps:
-        exp = by_path.get((m.start, m.end), m.path)
-        have.append((m.start, m.end, m.perms, m.path if exp is not None else None))
-    have = _merge_rows(have)
+    have = _merge_rows([(m.start, m.end, m.perms, _observed_path(m))
+                        for m in read_maps(pid, with_flags=False) if m.path != "[vsyscall]"])
     if want != have:
-        diff = [f"{s:#x}-{e:#x} {p} {path}" for s, e, p, path in set(have) ^ set(want)][:6]
-        raise RestoreError(f"restored address space differs from the image: {'; '.join(diff)}")
+        diff = sorted(set(have) ^ set(want))[:6]
+        text = "; ".join(f"{'restored' if d in have else 'image'} {d[0]:#x}-{d[1]:#x} {d[2]} {d[3] or ''}"
+                         for d in diff)
+        raise RestoreError(f"restored address space differs from the image: {text}")
 
 
 def restore_process(reader: ImageReader, opts: RestoreOptions | None = None) -> RestoredProcess:
@@ -262,15 +273,22 @@ def restore_process(reader: ImageReader, opts: RestoreOptions | None = None) -> 
     _check_specials(proc.regions)
     plan = _prepare(proc, opts)
     try:
+        if opts.same_pids:
+            _claim_pid(proc.pid)
         pid = os.fork()
         if pid == 0:
             _helper(plan)
     finally:
         _close_plan(plan)
+    tids = [pid]
+    if opts.same_pids and pid != proc.pid:
+        _kill_helper(pid, tids)
+        raise RestoreError(f"PID {proc.pid} is already taken in this PID namespace; cannot restore "
+                           f"{meta.program} with its own PID")
     try:
-        stats, tids = _drive(pid, meta, reader, plan, opts)
+        stats = _drive(pid, meta, reader, plan, opts, tids)
     except BaseException as e:
-        _kill_helper(pid)
+        _kill_helper(pid, tids)
         if isinstance(e, (RestoreError, ImageError)):
             raise
         if isinstance(e, (OSError, ProcessGone, RuntimeError)):
@@ -280,18 +298,31 @@ def restore_process(reader: ImageReader, opts: RestoreOptions | None = None) -> 
     return RestoredProcess(pid, meta, stats, tids)
 
 
-def _kill_helper(pid: int) -> None:
+def _claim_pid(pid: int) -> None:
+    from ..agent.namespaces import set_next_pid
+    if os.path.exists(f"/proc/{pid}"):
+        raise RestoreError(f"PID {pid} is already taken in this PID namespace; cannot restore it with its own PID")
+    try:
+        set_next_pid(pid)
+    except OSError as e:
+        raise RestoreError(f"cannot choose PID {pid} (ns_last_pid: {e.strerror})") from None
+
+
+def _kill_helper(pid: int, tids: list[int]) -> None:
+    """Kill a (possibly traced, multi-threaded) helper and reap it: the other threads first, or waiting for
+    the leader can hang."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    while True:
-        try:
-            st = ptrace.wait(pid)
-        except ChildProcessError:
-            return
-        if st.pid == pid and st.gone:
-            return
+    for tid in [t for t in tids if t != pid] + [pid]:
+        while True:
+            try:
+                st = ptrace.wait(tid)
+            except ChildProcessError:
+                break
+            if st.gone:
+                break
 
 
 def _check_specials(regions: list[RegionRecord]) -> None:
@@ -302,8 +333,9 @@ def _check_specials(regions: list[RegionRecord]) -> None:
                            f"{sorted(theirs.items())}; restart on a machine running the same kernel")
 
 
-def _drive(pid: int, meta: ImageMeta, reader: ImageReader, plan: _Plan,
-           opts: RestoreOptions) -> tuple[dict, list[int]]:
+def _drive(pid: int, meta: ImageMeta, reader: ImageReader, plan: _Plan, opts: RestoreOptions,
+           tids: list[int]) -> dict:
+    """Rebuild the process in the stopped helper; tids collects every thread created (for cleanup)."""
     proc = meta.process
     st = ptrace.wait(pid)
     if not st.stopped or st.stopsig != signal.SIGSTOP:
@@ -389,16 +421,30 @@ def _drive(pid: int, meta: ImageMeta, reader: ImageReader, plan: _Plan,
         if rec is main_rec:
             continue
         inj.clone_events.clear()
-        r = inj.call(SYS.clone, CLONE_THREAD_FLAGS, 0, 0, 0, 0)
+        if opts.same_pids:
+            # struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+            # set_tid (pointer to the TID we want), set_tid_size
+            scratch.write(256, struct.pack("<i", rec.tid))
+            scratch.write(0, struct.pack("<11Q", CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, scratch.addr + 256, 1, 0))
+            r = inj.call(SYS.clone3, scratch.addr, 88)
+            if r == -errno.EEXIST:
+                raise RestoreError(f"TID {rec.tid} is already taken; cannot restore the thread with its own TID")
+        else:
+            r = inj.call(SYS.clone, CLONE_THREAD_FLAGS, 0, 0, 0, 0)
         if r < 0 or not inj.clone_events:
             raise RestoreError(f"creating thread for tid {rec.tid} failed: {os.strerror(-r) if r < 0 else r}")
         newtid = inj.clone_events[-1]
+        tids.append(newtid)
         st = ptrace.wait(newtid)
         if not st.stopped:
             raise RestoreError(f"new thread {newtid} did not stop ({st.describe()})")
         injectors[rec.tid] = Injector(newtid, pid, reserve, ptrace.getregs(newtid))
     for rec in proc.threads:
         threads.restore_thread_state(injectors[rec.tid], rec, scratch)
+    if not opts.same_pids:
+        _fix_cached_tids(pid, proc, injectors)
+    for rec in proc.threads:
+        threads.restore_credentials(injectors[rec.tid], proc.creds, scratch)
     if proc.pending:
         signals.requeue_pending(inj, scratch, [unb64(p) for p in proc.pending], process_wide=True)
 
@@ -408,11 +454,31 @@ def _drive(pid: int, meta: ImageMeta, reader: ImageReader, plan: _Plan,
         check_layout(pid, proc.regions)
     for rec in proc.threads:
         threads.set_final_registers(injectors[rec.tid], rec)
-    return timings, [injectors[rec.tid].tid for rec in proc.threads]
+    return timings
+
+
+def _fix_cached_tids(pid: int, proc: ProcessRecord, injectors: dict[int, Injector]) -> None:
+    """Without our own PID namespace threads get new TIDs. The C library keeps each thread's TID in its thread
+    descriptor, at the very address the thread registered with set_tid_address (clear_child_tid): glibc and
+    others hand the kernel &descriptor->tid. Where that word still holds the old TID, write the new one, so
+    pthread_kill(), raise() and mutex owner checks keep working."""
+    from . import remote
+    fixed = 0
+    for rec in proc.threads:
+        new = injectors[rec.tid].tid
+        addr = rec.clear_child_tid
+        if not addr or new == rec.tid:
+            continue
+        try:
+            if struct.unpack("<i", remote.read(pid, addr, 4))[0] == rec.tid:
+                remote.write(pid, addr, struct.pack("<i", new))
+                fixed += 1
+        except OSError:
+            continue
+    log.info("restored pid %d with new PIDs (no PID namespace): fixed %d cached thread id(s)", pid, fixed)
 
 
 def _restore_rlimits(inj: Injector, scratch: _Scratch, proc: ProcessRecord) -> None:
-    import struct
     for name, (cur, mx) in proc.rlimits.items():
         res = RLIMITS.get(name)
         if res is None:

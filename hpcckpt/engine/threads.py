@@ -75,6 +75,24 @@ def restore_thread_state(inj: Injector, rec: ThreadRecord, scratch: Scratch) -> 
         signals.requeue_pending(inj, scratch, [unb64(p) for p in rec.pending], process_wide=False)
 
 
+_CAP_VERSION_3 = 0x20080522
+
+
+def restore_credentials(inj: Injector, creds: dict, scratch: Scratch) -> None:
+    """Give the thread the capabilities the original had (a restore helper may hold more: it is a copy of the
+    agent, which in a user namespace has every capability there). Capabilities can only be dropped here."""
+    if not creds or "cap_eff" not in creds:
+        return
+    eff, prm, inh = creds["cap_eff"], creds["cap_prm"], creds["cap_inh"]
+    data = struct.pack("<II", _CAP_VERSION_3, 0) + struct.pack(
+        "<6I", eff & 0xFFFFFFFF, prm & 0xFFFFFFFF, inh & 0xFFFFFFFF, eff >> 32, prm >> 32, inh >> 32)
+    scratch.write(0, data)
+    r = inj.call(126, scratch.addr, scratch.addr + 8)     # capset(header, data)
+    if r < 0:
+        import logging
+        logging.getLogger(__name__).warning("tid %d: capabilities not restored (%s)", inj.tid, r)
+
+
 def set_final_registers(inj: Injector, rec: ThreadRecord) -> None:
     """Registers, xstate and mask last: from here the thread is the image's thread, ready to run."""
     ptrace.set_xstate(inj.tid, unb64(rec.xstate))

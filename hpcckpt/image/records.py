@@ -110,6 +110,8 @@ class ProcessRecord(Record):
     itimers: list = field(default_factory=list)
     pending: list = field(default_factory=list)   # process-directed pending signals: base64 siginfo
     argv: list = field(default_factory=list)
+    creds: dict = field(default_factory=dict)      # uid, gid, capabilities (CapInh/CapPrm/CapEff as ints)
+    pid_namespace: bool = False                     # taken inside hpcckpt's own PID namespace
 
 
 @dataclass
