@@ -154,3 +154,56 @@ def immutable_dir(tmp_path):
     yield _make
     for d in made:
         subprocess.run(["chattr", "-i", str(d)])
+
+
+def checkpoint_and_kill(job) -> dict:
+    """Blocking checkpoint, then kill the computation; returns the checkpoint reply."""
+    import json
+    r = job.command("-bc", "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    reply = json.loads(r.stdout)
+    job.command("-k", check=True)
+    job.wait(30)
+    return reply
+
+
+def restart_in_background(script_or_images, env, cwd: Path, extra=(), stdin=None) -> Job:
+    """Restart (from the restart script or from image paths) with its own coordinator; returns a Job."""
+    port_file = cwd / f"port.restart.{time.monotonic_ns()}"
+    if isinstance(script_or_images, Path) and script_or_images.suffix == ".sh":
+        cmd = ["bash", str(script_or_images), "--coord-port", "0", "--port-file", str(port_file), *extra]
+    else:
+        cmd = ["dmtcp_restart", "-p", "0", "--port-file", str(port_file), "--ckptdir", str(cwd), *extra,
+               *map(str, script_or_images)]
+    err = open(cwd / f"restart.{port_file.suffix[1:]}.err", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    job = Job(proc, cwd, port_file, env)
+    wait_for(lambda: port_file.exists() and port_file.read_text().strip() or proc.poll() is not None, 60,
+             "the restart's coordinator")
+    assert proc.poll() is None, (cwd / f"restart.{port_file.suffix[1:]}.err").read_text()
+    return job
+
+
+class Feeder:
+    """Writes a numbered line to a process's stdin every `period` seconds (for programs blocked reading)."""
+
+    def __init__(self, proc: subprocess.Popen, period: float = 0.1):
+        import threading
+        self.proc, self.period, self.stop = proc, period, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        i = 0
+        while not self.stop.wait(self.period):
+            i += 1
+            try:
+                self.proc.stdin.write(f"line {i}\n".encode())
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                return
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)

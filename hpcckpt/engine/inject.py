@@ -26,13 +26,49 @@ class InjectionError(RuntimeError):
     pass
 
 
-def normalize_restart(regs: Regs, new_process: bool) -> Regs:
+# (pid, tid) -> the system call a thread was in when we last resumed it through restart_syscall: a thread
+# frozen again inside that restart_syscall still has the original arguments in its registers, but only
+# restart_syscall's number in orig_rax.
+RESTART_ORIGINS: dict[tuple[int, int], int] = {}
+
+# Where a thread sleeps inside restart_syscall tells which call it restarts (fallback when we did not resume it).
+_WCHAN_ORIGINS = (("poll_schedule_timeout", 7), ("do_poll", 7), ("futex", SYS.futex),
+                  ("nanosleep", SYS.clock_nanosleep), ("hrtimer", SYS.clock_nanosleep))
+
+
+def original_syscall(pid: int, tid: int, regs: Regs) -> int:
+    """The system call a frozen thread is blocked in (-1 if none), seeing through restart_syscall."""
+    if signed(regs.rax) not in RESTART_CODES or signed(regs.orig_rax) < 0:
+        RESTART_ORIGINS.pop((pid, tid), None)
+        return -1
+    nr = signed(regs.orig_rax)
+    if nr != SYS.restart_syscall:
+        return nr
+    if (pid, tid) in RESTART_ORIGINS:
+        return RESTART_ORIGINS[(pid, tid)]
+    try:
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            wchan = f.read()
+    except OSError:
+        wchan = ""
+    for key, origin in _WCHAN_ORIGINS:
+        if key in wchan:
+            if origin == SYS.clock_nanosleep and not (regs.rdi < 16 and regs.rsi in (0, 1)):
+                return 35          # nanosleep(req, rem), not clock_nanosleep(clock, flags, req, rem)
+            return origin
+    log.warning("tid %d is inside restart_syscall of an unknown call (wchan %r); after a restart it will see "
+                "EINTR", tid, wchan)
+    return nr
+
+
+def normalize_restart(regs: Regs, new_process: bool, syscall_nr: int = -1) -> Regs:
     """Registers for resuming a thread that may be frozen inside an interrupted system call.
 
     The kernel only re-issues an interrupted call on its own signal-return path, which our register changes
     bypass; so do it explicitly: point rip back at the `syscall` instruction with rax = the call. For
     ERESTART_RESTARTBLOCK the live process resumes through restart_syscall (its restart block is intact); a new
-    process has no restart block, so it re-issues the original call from its saved arguments.
+    process has no restart block, so it re-issues the original call (syscall_nr, see original_syscall) from
+    its saved arguments.
     """
     r = regs.copy()
     rax = signed(r.rax)
@@ -40,7 +76,7 @@ def normalize_restart(regs: Regs, new_process: bool) -> Regs:
         if rax == -ERESTART_RESTARTBLOCK and not new_process:
             r.rax = SYS.restart_syscall
         else:
-            r.rax = r.orig_rax
+            r.rax = syscall_nr if syscall_nr >= 0 else r.orig_rax
         r.rip -= 2
     r.orig_rax = 0xFFFFFFFFFFFFFFFF
     return r
@@ -108,8 +144,11 @@ class Injector:
         """Put the thread's registers back (normalized for resuming) and re-queue deferred signals."""
         if not self.touched and regs is None and not self.deferred:
             return
-        final = normalize_restart(regs if regs is not None else self.saved, new_process)
-        ptrace.setregs(self.tid, final)
+        base = regs if regs is not None else self.saved
+        if not new_process and signed(base.rax) == -ERESTART_RESTARTBLOCK and signed(base.orig_rax) >= 0:
+            # it goes on through restart_syscall: remember what it really is in
+            RESTART_ORIGINS[(self.tgid, self.tid)] = original_syscall(self.tgid, self.tid, base)
+        ptrace.setregs(self.tid, normalize_restart(base, new_process))
 
     def requeue_signals(self, scratch_addr: int, write_mem) -> None:
         """Queue again, in the thread itself, the signals taken off it while we injected (same siginfo)."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import struct
 
 from . import ptrace
-from .inject import Injector, normalize_restart
-from .linux import PR_GET_TID_ADDRESS, PR_SET_NAME, RESTART_CODES, SYS, get_robust_list
-from .ptrace import Regs, signed
+from .inject import Injector, normalize_restart, original_syscall
+from .linux import PR_GET_TID_ADDRESS, PR_SET_NAME, SYS, get_robust_list
+from .ptrace import Regs
 from .remote import Scratch
 from . import signals
 from ..image.records import ThreadRecord, b64, unb64
@@ -29,7 +29,7 @@ def dump_thread(inj: Injector, regs: Regs, scratch: Scratch, pid: int) -> Thread
     raw = scratch.read(0, 64 + _STACK_T.size)
     tid_addr = int.from_bytes(raw[0:8], "little")
     ss_sp, ss_flags, _, ss_size = _STACK_T.unpack_from(raw, 64)
-    in_syscall = signed(regs.orig_rax) if signed(regs.rax) in RESTART_CODES else -1
+    in_syscall = original_syscall(pid, tid, regs)
     try:
         with open(f"/proc/{pid}/task/{tid}/comm") as f:
             comm = f.read().rstrip("\n")
@@ -97,4 +97,4 @@ def set_final_registers(inj: Injector, rec: ThreadRecord) -> None:
     """Registers, xstate and mask last: from here the thread is the image's thread, ready to run."""
     ptrace.set_xstate(inj.tid, unb64(rec.xstate))
     ptrace.setsigmask(inj.tid, rec.sigmask)
-    ptrace.setregs(inj.tid, normalize_restart(Regs.from_dict(rec.regs), new_process=True))
+    ptrace.setregs(inj.tid, normalize_restart(Regs.from_dict(rec.regs), new_process=True, syscall_nr=rec.in_syscall))

@@ -1,0 +1,199 @@
+"""Engine depth (issue 3): multi-threaded C and OpenMP programs, CPython with numpy, system calls interrupted
+by a checkpoint, PIDs/TIDs kept across restarts. Real processes, real restarts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import (Feeder, checkpoint_and_kill, compile_c, line_count, restart_in_background, run,
+                      wait_for)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def threads_prog(build_dir):
+    return compile_c(build_dir, "threads", "-pthread", "-mavx2", "-mfma")
+
+
+def _plain(prog, tmp_path, *args, env=None) -> str:
+    out = tmp_path / "plain.txt"
+    subprocess.run([str(prog), str(out), *map(str, args)], check=True, stdout=subprocess.DEVNULL, env=env)
+    return out.read_text()
+
+
+def _two_rounds(launch, env, tmp_path, out: Path, cmd: list, min_lines: int = 10):
+    """launch -> checkpoint -> kill -> restart -> checkpoint the restored process -> kill -> restart to the end."""
+    job = launch(*cmd)
+    wait_for(lambda: line_count(out) >= min_lines, 60, "progress")
+    checkpoint_and_kill(job)
+    script = tmp_path / "dmtcp_restart_script.sh"
+    job2 = restart_in_background(script, env, tmp_path)
+    n = line_count(out)
+    wait_for(lambda: line_count(out) >= n + min_lines, 60, "progress after the first restart")
+    reply = checkpoint_and_kill(job2)
+    assert reply["generation"] == 2
+    r = run(["bash", str(script), "--coord-port", "0"], env, tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_pthreads_avx_two_rounds(launch, env, tmp_path, threads_prog):
+    """4 pthreads, mutex + condition variables, AVX/FMA state held in ymm registers across the checkpoint,
+    TLS counters (fs_base): two checkpoint/restart rounds give the plain run's output bit for bit."""
+    expected = _plain(threads_prog, tmp_path, 300)
+    out = tmp_path / "out.txt"
+    _two_rounds(launch, env, tmp_path, out, [threads_prog, out, 300])
+    assert out.read_text() == expected
+
+
+def test_threads_born_and_dying_during_checkpoints(launch, env, tmp_path, build_dir):
+    prog = compile_c(build_dir, "churn", "-pthread")
+    expected = _plain(prog, tmp_path, 20000)
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, 20000)
+    wait_for(lambda: line_count(out) >= 100, 30, "progress")
+    for _ in range(5):                      # freeze must catch every thread, however briefly it lives
+        r = job.command("-bc")
+        assert r.returncode == 0, r.stderr
+    checkpoint_and_kill(job)
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == expected
+
+
+def test_openmp(launch, env, tmp_path, build_dir):
+    prog = compile_c(build_dir, "omp", "-fopenmp")
+    env["OMP_NUM_THREADS"] = "4"
+    expected = _plain(prog, tmp_path, 400, 5000, env=env)
+    out = tmp_path / "out.txt"
+    _two_rounds(launch, env, tmp_path, out, [prog, out, 400, 5000])
+    assert out.read_text() == expected
+
+
+def test_cpython_numpy(launch, env, tmp_path):
+    """CPython with numpy (OpenBLAS threads), its own dict/list state, an open file and a signal handler."""
+    import sys
+    py = sys.executable
+    prog = Path(__file__).parent / "programs" / "pywork.py"
+    plain = tmp_path / "plain.txt"
+    subprocess.run([py, str(prog), str(plain), "150", "0"], check=True, env=env)
+    out = tmp_path / "out.txt"
+    job = launch(py, prog, out, 150, 0.02)
+    wait_for(lambda: line_count(out) >= 20, 60, "progress")
+    checkpoint_and_kill(job)
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == plain.read_text()
+
+
+def test_cpython_signal_handler_survives(launch, env, tmp_path):
+    import signal
+    import sys
+    prog = Path(__file__).parent / "programs" / "pywork.py"
+    out = tmp_path / "out.txt"
+    job = launch(sys.executable, prog, out, 100000, 0.05)
+    wait_for(lambda: line_count(out) >= 5, 60, "progress")
+    checkpoint_and_kill(job)
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    try:
+        pid = json.loads(job2.command("-l", "--json").stdout)["peers"][0]["pid"]
+        n = line_count(out)
+        wait_for(lambda: line_count(out) > n + 2, 30, "progress after restart")
+        # the job runs in its own PID namespace: signal it through the restart command, which forwards
+        os.kill(job2.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: "usr1 1" in out.read_text().splitlines()[-1], 30, "the handler to count SIGUSR1")
+        assert pid > 1
+    finally:
+        job2.command("-k")
+        job2.wait(30)
+
+
+@pytest.mark.parametrize("mode", ["nanosleep", "abstime", "read", "poll", "select", "futex", "condwait"])
+def test_blocked_system_calls_are_restarted(mode, env, tmp_path, build_dir):
+    """A checkpoint lands inside a blocking call; after the restart the call goes on as the kernel would have
+    restarted it: no EINTR, no -516 (ERESTART_RESTARTBLOCK) visible to the program."""
+    prog = compile_c(build_dir, "blocked", "-pthread")
+    out = tmp_path / "out.txt"
+    port_file = tmp_path / "port"
+    p = subprocess.Popen(["dmtcp_launch", "-p", "0", "--port-file", str(port_file), "--ckptdir", str(tmp_path),
+                          str(prog), mode, str(out), "25"], env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "launch.err", "w"))
+    feeder = Feeder(p, 0.2)
+    try:
+        wait_for(lambda: line_count(out) >= 3, 30, "progress")
+        for _ in range(3):     # several checkpoints, each very likely inside the blocking call
+            r = run(["dmtcp_command", "--port-file", str(port_file), "-bc"], env, tmp_path)
+            assert r.returncode == 0, r.stderr
+        run(["dmtcp_command", "--port-file", str(port_file), "-k"], env, tmp_path, check=True)
+        p.wait(30)
+    finally:
+        feeder.close()
+        if p.poll() is None:
+            p.kill()
+    assert "FAIL" not in out.read_text()
+    rp = subprocess.Popen(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env=env,
+                          cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=open(tmp_path / "restart.err", "w"))
+    feeder = Feeder(rp, 0.2)
+    try:
+        assert rp.wait(120) == 0, (tmp_path / "restart.err").read_text()
+    finally:
+        feeder.close()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 25 and all(line.endswith(" ok") for line in lines), [x for x in lines if "FAIL" in x]
+
+
+def test_python_input_on_a_pipe(launch, env, tmp_path):
+    """A Python program blocked in input(): after restart its stdin is the restart command's."""
+    import sys
+    code = "import sys\nfor i in range(30):\n    s = input()\n    print(i, s, flush=True)\nprint('end', flush=True)\n"
+    port_file = tmp_path / "port"
+    p = subprocess.Popen(["dmtcp_launch", "-p", "0", "--port-file", str(port_file), "--ckptdir", str(tmp_path),
+                          sys.executable, "-c", code], env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=open(tmp_path / "launch.err", "w"))
+    for i in range(5):
+        p.stdin.write(f"a{i}\n".encode())
+    p.stdin.flush()
+    got = [p.stdout.readline().decode() for _ in range(5)]
+    assert got[-1] == "4 a4\n"
+    run(["dmtcp_command", "--port-file", str(port_file), "-bc"], env, tmp_path, check=True)   # blocked in input()
+    run(["dmtcp_command", "--port-file", str(port_file), "-k"], env, tmp_path, check=True)
+    p.wait(30)
+    feed = "".join(f"b{i}\n" for i in range(25)).encode()
+    r = subprocess.run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env=env,
+                       cwd=tmp_path, input=feed, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "5 b0" and lines[-2] == "29 b24" and lines[-1] == "end"
+
+
+@pytest.mark.parametrize("namespace", [True, False], ids=["pid-namespace", "no-namespace"])
+def test_same_pids_and_tids(namespace, launch, env, tmp_path, build_dir):
+    """In the job's own PID namespace every process and thread keeps its PID/TID (pid file valid, /proc/self
+    is ourselves, pthread_kill reaches the right thread). Without one, TIDs change but glibc's cached TIDs are
+    fixed up, so pthread_kill/raise/error-checking mutexes still work."""
+    prog = compile_c(build_dir, "ids", "-pthread")
+    out = tmp_path / "out.txt"
+    extra = () if namespace else ("--no-pid-namespace",)
+    args = [prog, out, 100000, 20000] + ([] if namespace else ["relaxed"])
+    job = launch(*args, extra=extra)
+    wait_for(lambda: line_count(out) >= 5, 30, "progress")
+    pid_before = json.loads(job.command("-l", "--json").stdout)["peers"][0]["pid"]
+    checkpoint_and_kill(job)
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path, extra=extra)
+    try:
+        n = line_count(out)
+        wait_for(lambda: line_count(out) >= n + 20, 30, "ticks after the restart")
+        pid_after = json.loads(job2.command("-l", "--json").stdout)["peers"][0]["pid"]
+        if namespace:
+            assert pid_after == pid_before and pid_before != 1
+    finally:
+        job2.command("-k")
+        job2.wait(30)
+    bad = [line for line in out.read_text().splitlines() if not line.endswith(" ok")]
+    assert not bad, bad[:5]
