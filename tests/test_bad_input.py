@@ -212,3 +212,62 @@ def test_disk_full_during_checkpoint(launch, counter, env, tmp_path, plain_run):
     r = run(["dmtcp_restart", "-p", "0", str(img)], env, tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_text() == plain_run(16, 1500)
+
+
+def _rewrite_metadata(path, change) -> None:
+    """Edit an image's metadata in place (keeping it valid), to make images no machine here would produce."""
+    import json as _json
+    import zlib
+    from hpcckpt.image import format as fmt
+    raw = bytearray(open(path, "rb").read())
+    magic, version, flags, meta_off, meta_len, _, data_end = fmt._HEADER.unpack_from(raw)
+    meta = _json.loads(raw[meta_off:meta_off + meta_len])
+    change(meta)
+    body = _json.dumps(meta).encode()
+    raw = raw[:meta_off] + body
+    raw[0:fmt._HEADER.size] = fmt._HEADER.pack(magic, version, flags, meta_off, len(body), zlib.crc32(body), data_end)
+    open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["vdso", "xstate", "mapped-file"])
+def test_image_this_machine_cannot_restore(case, good_checkpoint, env, tmp_path):
+    """A different kernel's vdso layout, CPU state this CPU lacks, a mapped file that changed: one line and
+    DMTCP_FAIL_RC, nothing left running."""
+    import base64
+    job, img, _ = good_checkpoint
+    job.command("-k", check=True)
+    job.wait(30)
+    bad = tmp_path / f"ckpt_bad_{case}.dmtcp"
+    bad.write_bytes(img.read_bytes())
+
+    def change(meta):
+        proc = meta["process"]
+        if case == "vdso":
+            r = next(r for r in proc["regions"] if r["path"] == "[vdso]")
+            r["end"] += 4096
+        elif case == "xstate":
+            x = bytearray(base64.b64decode(proc["threads"][0]["xstate"]))
+            x[512:520] = (int.from_bytes(x[512:520], "little") | (1 << 62)).to_bytes(8, "little")  # unknown component
+            proc["threads"][0]["xstate"] = base64.b64encode(bytes(x)).decode()
+        else:
+            r = next(r for r in proc["regions"] if r["backing"] == "file")
+            r["file_mtime_ns"] += 1
+    _rewrite_metadata(bad, change)
+    r = run(["dmtcp_restart", "-p", "0", str(bad)], env, tmp_path)
+    assert r.returncode == FAIL
+    line = _one_line(r.stderr)
+    assert {"vdso": "vdso layout", "xstate": "CPU state", "mapped-file": "changed since the checkpoint"}[case] in line
+    assert subprocess.run(["pgrep", "-f", f"counter {tmp_path}"], capture_output=True).stdout == b""
+
+
+def test_child_processes_refused_cleanly(launch, env, tmp_path):
+    """Until process trees are supported, a job with children is refused at checkpoint time with a message that
+    names them, and keeps running untouched."""
+    out = tmp_path / "out.txt"
+    job = launch("sh", "-c", f"sleep 30 & while :; do echo x >> {out}; sleep 0.05; done")
+    wait_for(lambda: line_count(out) >= 3, 30, "progress")
+    r = job.command("-bc")
+    assert r.returncode == 1 and "child processes" in r.stderr
+    n = line_count(out)
+    wait_for(lambda: line_count(out) > n + 3, 30, "the job to go on")

@@ -197,3 +197,27 @@ def test_same_pids_and_tids(namespace, launch, env, tmp_path, build_dir):
         job2.wait(30)
     bad = [line for line in out.read_text().splitlines() if not line.endswith(" ok")]
     assert not bad, bad[:5]
+
+
+def test_per_process_state_survives(launch, env, tmp_path, build_dir):
+    """Signal mask and a pending signal, sigaltstack, interval and POSIX timers, rlimits, umask, cwd,
+    personality, thread name, ignored signals and a growing heap are the same after a restart."""
+    prog = compile_c(build_dir, "state", "-lrt")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, 120)
+    wait_for(lambda: line_count(out) >= 20, 30, "progress")
+    checkpoint_and_kill(job)
+    before = out.read_text().splitlines()
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 120
+    static = {line.split("|")[1] for line in lines[:-1]}
+    assert len(static) == 1, static                       # identical before and after the restart
+    assert "mask=11 pending=1" in static.pop()
+    counters = [dict(kv.split("=") for kv in line.split("|")[2].split()) for line in lines]
+    for key in ("alarms", "ptimer", "usr1"):
+        vals = [int(c[key]) for c in counters]
+        assert vals == sorted(vals) and vals[-1] > int(counters[len(before) - 1][key]), key
+    assert all(c["brk"] == "1" and c["badval"] == "0" for c in counters)
+    assert counters[-1]["usr2"] == "1"                    # the signal pending since the start was delivered

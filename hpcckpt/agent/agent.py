@@ -18,6 +18,7 @@ import zmq
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
 from ..engine.freeze import FrozenProcess, freeze
+from ..engine.procattrs import children_of
 from ..image import store
 from ..settings import Settings
 from .namespaces import install_init_handlers
@@ -241,6 +242,10 @@ class Agent:
         live = [p for p in self.procs if p.exit_status is None]
         for p in live:
             engine_dump.check_supported(p.pid)      # refuse before touching anything
+            kids = [k for k in children_of(p.pid) if k not in {q.pid for q in live}]
+            if kids:
+                raise AgentError(f"{self.host}: {p.program} (pid {p.pid}) has child processes {kids}; "
+                                 f"checkpointing process trees is not supported yet")
         self.ckpt = CheckpointState(gen)
         t0 = time.monotonic()
         for p in live:

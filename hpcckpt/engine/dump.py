@@ -14,7 +14,7 @@ import time
 from .. import __version__
 from ..image.format import ImageWriter
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import files, memory, procattrs, signals, threads
+from . import files, memory, procattrs, signals, threads, timers
 from .freeze import FrozenProcess
 from .linux import SYS
 from .remote import Scratch
@@ -43,6 +43,8 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         for tid, th in fp.threads.items():
             thread_recs.append(threads.dump_thread(fp.injector(tid), th.regs, scratch, pid))
         brk = leader.check("brk(0)", SYS.brk, 0)
+        itimers = timers.dump_itimers(leader, scratch)
+        posix_timers = timers.dump_posix_timers(leader, scratch, pid)
         pending = [b64(i) for i in signals.dump_pending(pid, shared=True)]
         for th in fp.threads.values():
             if th.injector and th.injector.deferred:
@@ -62,7 +64,7 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         mm=procattrs.read_mm(pid), auxv=b64(procattrs.read_auxv(pid)), threads=thread_recs,
         sigactions=sigactions, regions=[], fds=fds, rlimits=procattrs.read_rlimits(pid), pending=pending,
         argv=procattrs.read_cmdline(pid), creds=procattrs.read_creds(status),
-        pid_namespace=pid_namespace)
+        pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers)
 
     writer = ImageWriter(path, compress=compress, level=level)
     try:

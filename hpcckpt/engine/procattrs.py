@@ -6,6 +6,7 @@ computed from; restore hands them back to the kernel with prctl(PR_SET_MM, PR_SE
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 
 from .linux import SYS, check, syscall
@@ -86,3 +87,19 @@ def read_creds(status: dict[str, str]) -> dict[str, int]:
     return {"uid": int(status["Uid"].split()[0]), "gid": int(status["Gid"].split()[0]),
             "cap_inh": int(status["CapInh"], 16), "cap_prm": int(status["CapPrm"], 16),
             "cap_eff": int(status["CapEff"], 16)}
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of every thread of pid (/proc/PID/task/TID/children)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out

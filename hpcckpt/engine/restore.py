@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta, ProcessRecord, RegionRecord, unb64
-from . import files, memory, ptrace, signals, threads
+from . import files, memory, ptrace, signals, threads, timers
 from .inject import Injector, ProcessGone
 from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, MREMAP_FIXED, MREMAP_MAYMOVE,
                     PAGE, PR_SET_MM, PR_SET_MM_MAP, PROT_EXEC, PROT_READ, PROT_WRITE, RSEQ_FLAG_UNREGISTER, SYS,
@@ -347,6 +347,9 @@ def _drive(pid: int, meta: ImageMeta, reader: ImageReader, plan: _Plan, opts: Re
     reserve = next((a for a in plan.reserve_candidates if any(m.start == a for m in helper_maps)), None)
     if reserve is None:
         raise RestoreError("internal: restore helper's trampoline not found")
+    # Block every signal while we work: signals made pending again (the image's, and any arriving now) must
+    # stay pending until the process runs with its own mask (threads cloned later inherit this).
+    ptrace.setsigmask(pid, 0xFFFFFFFFFFFFFFFF)
     inj = Injector(pid, pid, reserve)
     scratch = _Scratch(pid, reserve + SCRATCH_OFF)
     timings = {}
@@ -445,6 +448,12 @@ def _drive(pid: int, meta: ImageMeta, reader: ImageReader, plan: _Plan, opts: Re
         _fix_cached_tids(pid, proc, injectors)
     for rec in proc.threads:
         threads.restore_credentials(injectors[rec.tid], proc.creds, scratch)
+    tid_map = {rec.tid: injectors[rec.tid].tid for rec in proc.threads}
+    try:
+        timers.restore_posix_timers(inj, scratch, proc.posix_timers, tid_map)
+    except OSError as e:
+        raise RestoreError(f"cannot restore POSIX timers: {e.strerror or e}") from None
+    timers.restore_itimers(inj, scratch, proc.itimers)
     if proc.pending:
         signals.requeue_pending(inj, scratch, [unb64(p) for p in proc.pending], process_wide=True)
 

@@ -107,7 +107,8 @@ class ProcessRecord(Record):
     regions: list[RegionRecord]
     fds: list[FdRecord]
     rlimits: dict = field(default_factory=dict)
-    itimers: list = field(default_factory=list)
+    itimers: list = field(default_factory=list)    # ITIMER_REAL/VIRTUAL/PROF: [int_sec, int_usec, sec, usec]
+    posix_timers: list = field(default_factory=list)  # {id, clock, signo, sigval, notify, target, spec}
     pending: list = field(default_factory=list)   # process-directed pending signals: base64 siginfo
     argv: list = field(default_factory=list)
     creds: dict = field(default_factory=dict)      # uid, gid, capabilities (CapInh/CapPrm/CapEff as ints)
