@@ -113,7 +113,8 @@ def test_cpython_signal_handler_survives(launch, env, tmp_path):
         job2.wait(30)
 
 
-@pytest.mark.parametrize("mode", ["nanosleep", "abstime", "read", "poll", "select", "futex", "condwait"])
+@pytest.mark.parametrize("mode", ["nanosleep", "abstime", "read", "poll", "select", "futex", "condwait",
+                                  "sigsuspend"])
 def test_blocked_system_calls_are_restarted(mode, env, tmp_path, build_dir):
     """A checkpoint lands inside a blocking call; after the restart the call goes on as the kernel would have
     restarted it: no EINTR, no -516 (ERESTART_RESTARTBLOCK) visible to the program."""

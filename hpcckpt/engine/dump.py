@@ -67,8 +67,8 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers)
 
     writer = ImageWriter(path, compress=compress, level=level)
+    dumper = memory.MemoryDumper(pid, writer, progress)
     try:
-        dumper = memory.MemoryDumper(pid, writer, progress)
         proc.regions = dumper.dump()
         t_mem = time.monotonic()
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
@@ -84,6 +84,8 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
     except BaseException:
         writer.abort()
         raise
+    finally:
+        dumper.close()
     meta.stats["total_s"] = round(time.monotonic() - t0, 6)
     log.debug("dumped pid %d to %s: %s", pid, path, meta.stats)
     return meta

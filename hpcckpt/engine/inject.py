@@ -92,6 +92,11 @@ class Injector:
         self.saved = regs.copy() if regs is not None else ptrace.getregs(tid)
         self.deferred: list[bytes] = []   # siginfo of signals that arrived while we injected
         self.touched = False
+        # Block every signal while we inject, so none is delivered onto our borrowed registers; finish() puts
+        # the thread's own mask back. PTRACE_GETSIGMASK returns the real mask even inside sigsuspend/ppoll
+        # (the saved one), and PTRACE_SETSIGMASK of it is exact, so those calls restart correctly.
+        self.orig_mask = ptrace.getsigmask(tid)
+        ptrace.setsigmask(tid, 0xFFFFFFFFFFFFFFFF)
         self.clone_events: list[int] = []  # tids created by injected clone calls (PTRACE_EVENT_CLONE)
 
     def _wait_syscall_stop(self) -> ptrace.WaitStatus:
@@ -143,22 +148,24 @@ class Injector:
     def finish(self, new_process: bool = False, regs: Regs | None = None) -> None:
         """Put the thread's registers back (normalized for resuming) and re-queue deferred signals."""
         if not self.touched and regs is None and not self.deferred:
+            ptrace.setsigmask(self.tid, self.orig_mask)
             return
         base = regs if regs is not None else self.saved
         if not new_process and signed(base.rax) == -ERESTART_RESTARTBLOCK and signed(base.orig_rax) >= 0:
             # it goes on through restart_syscall: remember what it really is in
             RESTART_ORIGINS[(self.tgid, self.tid)] = original_syscall(self.tgid, self.tid, base)
         ptrace.setregs(self.tid, normalize_restart(base, new_process))
+        ptrace.setsigmask(self.tid, self.orig_mask)
 
     def requeue_signals(self, scratch_addr: int, write_mem) -> None:
         """Queue again, in the thread itself, the signals taken off it while we injected (same siginfo)."""
-        for info in self.deferred:
+        pending, self.deferred = self.deferred, []
+        for info in pending:
             sig = int.from_bytes(info[0:4], "little", signed=True)
             write_mem(scratch_addr, info)
             r = self.call(SYS.rt_tgsigqueueinfo, self.tgid, self.tid, sig, scratch_addr)
             if r < 0:
                 log.warning("could not re-queue signal %d for tid %d (errno %d)", sig, self.tid, -r)
-        self.deferred.clear()
 
 
 def _siginfo_for(sig: int) -> bytes:

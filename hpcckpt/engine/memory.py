@@ -72,7 +72,6 @@ class MemoryDumper:
         self.progress = progress        # called with bytes dumped so far, after every chunk
         self.pages_dumped = 0
         self.pages_skipped = 0
-        self._buf = bytearray(CHUNK_PAGES * PAGE) if not writer.compress else None
         self._mem_fd = -1
 
     def dump(self, maps: list[Mapping] | None = None) -> list[RegionRecord]:
@@ -98,40 +97,49 @@ class MemoryDumper:
                     self._dump_run(m, rec, first, n, tolerate_holes=(mode == "all"))
                 self.pages_skipped += m.npages - sum(c.npages for c in rec.chunks)
                 out.append(rec)
+            self.writer.drain()         # every read done before the process may run again
         finally:
             os.close(pagemap)
-            if self._mem_fd >= 0:
-                os.close(self._mem_fd)
         return out
 
+    def close(self) -> None:
+        if self._mem_fd >= 0:
+            os.close(self._mem_fd)
+            self._mem_fd = -1
+
     def _read(self, m: Mapping, addr: int, length: int, buf) -> None:
+        """Copy [addr, addr+length) of the process into buf (thread-safe: called from writer workers)."""
         if m.prot & PROT_READ:
             got = process_vm_readv(self.pid, buffer_address(buf), [(addr, length)], length)
         else:   # unreadable pages: /proc/PID/mem reads them like a debugger would
-            if self._mem_fd < 0:
-                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-            got = os.preadv(self._mem_fd, [memoryview(buf)[:length]], addr)
+            got = os.preadv(self._mem(), [buf[:length]], addr)
         if got != length:
             raise OSError(5, f"short read of pid {self.pid} memory at {addr:#x} ({got} of {length} bytes)")
+
+    def _mem(self) -> int:
+        if self._mem_fd < 0:
+            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return self._mem_fd
 
     def _dump_run(self, m: Mapping, rec: RegionRecord, first: int, n: int, tolerate_holes: bool) -> None:
         page = first
         end = first + n
         while page < end:
             cnt = min(CHUNK_PAGES, end - page)
-            length = cnt * PAGE
-            buf = self._buf if self._buf is not None else bytearray(length)
-            view = memoryview(buf)[:length]
-            try:
-                self._read(m, m.start + page * PAGE, length, view)
-            except OSError:
-                if not tolerate_holes:
-                    raise
-                # e.g. pages of a deleted file beyond its end: take what can be read page by page
-                self._dump_pagewise(m, rec, page, cnt)
-                page += cnt
-                continue
-            rec.chunks.append(self.writer.add_chunk(page, cnt, view))
+            addr = m.start + page * PAGE
+            if tolerate_holes:
+                # whole deleted files may have pages beyond their end: read here, page by page if need be
+                buf = bytearray(cnt * PAGE)
+                try:
+                    self._read(m, addr, cnt * PAGE, memoryview(buf))
+                except OSError:
+                    self._dump_pagewise(m, rec, page, cnt)
+                    page += cnt
+                    continue
+                rec.chunks.append(self.writer.add_chunk(page, cnt, buf))
+            else:
+                rec.chunks.append(self.writer.submit(
+                    page, cnt, lambda buf, m=m, addr=addr, length=cnt * PAGE: self._read(m, addr, length, buf)))
             self.pages_dumped += cnt
             page += cnt
             if self.progress:
@@ -142,7 +150,7 @@ class MemoryDumper:
         for p in range(first, first + n):
             b = bytearray(PAGE)
             try:
-                self._read(m, m.start + p * PAGE, PAGE, b)
+                self._read(m, m.start + p * PAGE, PAGE, memoryview(b))
             except OSError:
                 continue
             rec.chunks.append(self.writer.add_chunk(p, 1, b))

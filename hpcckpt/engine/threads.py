@@ -36,7 +36,7 @@ def dump_thread(inj: Injector, regs: Regs, scratch: Scratch, pid: int) -> Thread
     except OSError:
         comm = ""
     return ThreadRecord(
-        tid=tid, regs=regs.to_dict(), xstate=b64(ptrace.get_xstate(tid)), sigmask=ptrace.getsigmask(tid),
+        tid=tid, regs=regs.to_dict(), xstate=b64(ptrace.get_xstate(tid)), sigmask=inj.orig_mask,
         rseq=[rseq.rseq_abi_pointer, rseq.rseq_abi_size, rseq.signature] if rseq.rseq_abi_pointer else None,
         robust_list=[head, hlen], clear_child_tid=tid_addr, sigaltstack=[ss_sp, ss_flags & ~SS_ONSTACK, ss_size],
         in_syscall=in_syscall, pending=[b64(i) for i in signals.dump_pending(tid, shared=False)], comm=comm)

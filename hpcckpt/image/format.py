@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ MAGIC = b"HPCCKPT\x00"
 FORMAT_VERSION = 1
 HEADER_SIZE = 4096
 ALIGN = 4096
+PAGE_SIZE = 4096
 CHUNK_PAGES = 1024            # 4 MiB of pages per chunk: large writes, fine-grained parallel (de)compression
 _HEADER = struct.Struct("<8sIIQQIQ")  # magic, version, flags, meta_off, meta_len, meta_crc, data_end
 
@@ -54,7 +56,12 @@ class Chunk:
 
 
 class ImageWriter:
-    """Writes one image file. Page data is added chunk by chunk; finish() writes the metadata and commits."""
+    """Writes one image file. Page data is added chunk by chunk; finish() writes the metadata and commits.
+
+    Chunks are produced, checksummed (and compressed) by a small thread pool: reading another process's
+    memory, CRC-32, zstd and write(2) all release the GIL, so they overlap. Raw chunks go to offsets reserved
+    in order and are written with pwrite by the workers; compressed chunks (sizes unknown in advance) are
+    written in order by the caller's thread."""
 
     def __init__(self, final_path: str, compress: bool = False, level: int = 1, threads: int = 0):
         self.final_path = final_path
@@ -64,62 +71,89 @@ class ImageWriter:
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)
         self.pos = HEADER_SIZE
-        os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, b"\0" * HEADER_SIZE, 0)
-        os.lseek(self.fd, HEADER_SIZE, os.SEEK_SET)
         self.bytes_in = 0
         self.bytes_out = 0
-        self._pool: ThreadPoolExecutor | None = None
+        ncpu = max(1, os.cpu_count() or 1)
+        n = threads or (ncpu if compress else min(4, ncpu + 1))
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="imgw")
+        self._max_pending = 2 * n
         self._pending: list[tuple[Chunk, Future]] = []
-        if compress:
-            import zstandard  # noqa: F401  (fail early if missing)
-            n = threads or max(1, os.cpu_count() or 1)
-            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="zstd")
-            self._max_pending = 2 * n
+        self._local = threading.local()
         self._closed = False
 
     # -- page data -------------------------------------------------------------------------------------------
-    def add_chunk(self, page: int, npages: int, data) -> Chunk:
-        """Queue a chunk of page data (bytes-like, len = npages * PAGE). The Chunk is filled in when written."""
-        self.bytes_in += len(data)
+    def submit(self, page: int, npages: int, produce) -> Chunk:
+        """Queue a chunk whose page data produce(buffer) writes into a buffer of npages pages (in a worker
+        thread). The Chunk's offset, length and checksum are filled in once it is written (see drain())."""
+        length = npages * PAGE_SIZE
+        self.bytes_in += length
         chunk = Chunk(page, npages, 0, 0, 0, CODEC_ZSTD if self.compress else CODEC_RAW)
         if not self.compress:
-            self._write_stored(chunk, data)
-            return chunk
-        fut = self._pool.submit(_zstd_compress, bytes(data) if isinstance(data, memoryview) else data,
-                                self.level)
+            chunk.off = self.pos
+            self.pos += length             # raw chunks are whole pages: every offset stays page-aligned
+        fut = self._pool.submit(self._work, chunk, length, produce)
         self._pending.append((chunk, fut))
         if len(self._pending) >= self._max_pending:
             self.drain(keep=self._max_pending // 2)
         return chunk
 
+    def add_chunk(self, page: int, npages: int, data) -> Chunk:
+        """Queue a chunk from bytes already in hand."""
+        def produce(buf, data=bytes(data)):
+            buf[:len(data)] = data
+        return self.submit(page, npages, produce)
+
+    def _buffer(self, length: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < length:
+            buf = self._local.buf = bytearray(max(length, CHUNK_PAGES * PAGE_SIZE))
+        return memoryview(buf)[:length]
+
+    def _work(self, chunk: Chunk, length: int, produce):
+        view = self._buffer(length)
+        produce(view)
+        if self.compress:
+            return _zstd_compress(view, self.level)
+        chunk.length = length
+        chunk.crc = zlib.crc32(view)
+        done = 0
+        while done < length:
+            done += os.pwrite(self.fd, view[done:], chunk.off + done)
+        return None
+
     def drain(self, keep: int = 0) -> None:
+        """Wait for queued chunks (all but `keep` of them), writing compressed ones in order."""
         while len(self._pending) > keep:
             chunk, fut = self._pending.pop(0)
-            self._write_stored(chunk, fut.result())
+            stored = fut.result()
+            if stored is not None:
+                self._append(chunk, stored)
+            self.bytes_out += chunk.length
 
-    def _write_stored(self, chunk: Chunk, data) -> None:
+    def _append(self, chunk: Chunk, data) -> None:
         chunk.off = self.pos
         chunk.length = len(data)
         chunk.crc = zlib.crc32(data)
-        _write_all(self.fd, data)
-        self.pos += len(data)
-        pad = (-self.pos) % ALIGN
+        pad = (-len(data)) % ALIGN
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, memoryview(data)[done:], self.pos + done)
         if pad:
-            _write_all(self.fd, b"\0" * pad)
-            self.pos += pad
-        self.bytes_out += chunk.length
+            os.pwrite(self.fd, b"\0" * pad, self.pos + len(data))
+        self.pos += len(data) + pad
 
     # -- commit ----------------------------------------------------------------------------------------------
     def finish(self, meta: dict) -> str:
         """Write metadata and header, fsync, and atomically give the file its final name. Chunks get their
         file offsets when written: call drain() before putting them into the metadata."""
         self.drain()
-        if self._pool:
-            self._pool.shutdown()
+        self._pool.shutdown()
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         meta_off = self.pos
-        _write_all(self.fd, meta_bytes)
+        done = 0
+        while done < len(meta_bytes):
+            done += os.pwrite(self.fd, meta_bytes[done:], meta_off + done)
         header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, meta_off, len(meta_bytes), zlib.crc32(meta_bytes),
                               meta_off)
         os.pwrite(self.fd, header, 0)
@@ -131,10 +165,9 @@ class ImageWriter:
         return self.final_path
 
     def abort(self) -> None:
-        if self._pool:
-            for _, f in self._pending:
-                f.cancel()
-            self._pool.shutdown(wait=True)
+        for _, f in self._pending:
+            f.cancel()
+        self._pool.shutdown(wait=True)
         if not self._closed:
             os.close(self.fd)
             self._closed = True
@@ -147,13 +180,6 @@ class ImageWriter:
 def _zstd_compress(data, level: int) -> bytes:
     import zstandard
     return zstandard.ZstdCompressor(level=level).compress(data)
-
-
-def _write_all(fd: int, data) -> None:
-    mv = memoryview(data).cast("B")
-    while mv:
-        n = os.write(fd, mv)
-        mv = mv[n:]
 
 
 class ImageReader:

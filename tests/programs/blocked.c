@@ -2,13 +2,16 @@
  * restart the call must be re-issued the way the kernel would have restarted it: the program never sees
  * EINTR or a kernel-internal restart code. No signal handlers are installed, so any EINTR is a bug of ours.
  * Usage: blocked MODE OUT N. Modes: nanosleep, abstime (clock_nanosleep TIMER_ABSTIME), read, poll, select,
- * futex (sem_wait, posted by a thread every 200 ms), condwait (pthread_cond_timedwait), epoll.
+ * futex (sem_wait, posted by a thread every 200 ms), condwait (pthread_cond_timedwait), epoll,
+ * sigsuspend (SIGUSR1 blocked except inside sigsuspend; a thread sends it every 200 ms; after each return the
+ * mask must again block SIGUSR1 - the restart must not leave the temporary mask behind).
  * read/poll/select/epoll wait for a line on stdin. One line per completed call: "MODE i ok" or "MODE i FAIL ..". */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
 #include <semaphore.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +22,8 @@
 
 static sem_t sem;
 static void *poster(void *a) { (void)a; for (;;) { usleep(200000); sem_post(&sem); } return NULL; }
+static void on_usr1(int s) { (void)s; }
+static void *usr1_sender(void *a) { (void)a; for (;;) { usleep(200000); kill(getpid(), SIGUSR1); } return NULL; }
 
 static int read_line(void) {
     char buf[256];
@@ -40,6 +45,13 @@ int main(int argc, char **argv) {
     }
     pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+    if (!strcmp(mode, "sigsuspend")) {
+        signal(SIGUSR1, on_usr1);
+        sigset_t b; sigemptyset(&b); sigaddset(&b, SIGUSR1);
+        pthread_sigmask(SIG_BLOCK, &b, NULL);
+        pthread_t t;
+        pthread_create(&t, NULL, usr1_sender, NULL);
+    }
     if (!strcmp(mode, "futex")) {
         sem_init(&sem, 0, 0);
         pthread_t t;
@@ -84,6 +96,11 @@ int main(int argc, char **argv) {
             r = pthread_cond_timedwait(&cv, &mu, &ts);
             pthread_mutex_unlock(&mu);
             r = (r == ETIMEDOUT) ? 0 : (errno = r, -1);
+        } else if (!strcmp(mode, "sigsuspend")) {
+            sigset_t empty, cur; sigemptyset(&empty);
+            r = sigsuspend(&empty);                     /* returns -1/EINTR after the handler ran: expected */
+            pthread_sigmask(SIG_BLOCK, NULL, &cur);
+            r = (r == -1 && errno == EINTR && sigismember(&cur, SIGUSR1)) ? 0 : (errno = EINVAL, -1);
         } else return 2;
         if (r == 0) fprintf(f, "%s %ld ok\n", mode, i);
         else fprintf(f, "%s %ld FAIL r=%d errno=%d (%s)\n", mode, i, r, errno, strerror(errno));
