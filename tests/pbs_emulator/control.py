@@ -133,10 +133,11 @@ def start(state_dir: str, settings: dict | None = None, python: str | None = Non
     os.chmod(cfg_path, 0o600)
     lib = os.path.join(state_dir, "lib")
     out = open(os.path.join(state_dir, "server.out"), "ab")
-    subprocess.Popen(
-        [sys.executable, "-Es", "-c",
-         f"import sys; sys.path.insert(0, {lib!r}); from pbs_emulator.server import main; main()", state_dir],
-        stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, close_fds=True, cwd="/")
+    launcher = (f"import os, sys\nsys.path.insert(0, {lib!r})\n"
+                "if os.fork():\n    os._exit(0)\n"          # detach: the daemon is nobody's child
+                "from pbs_emulator.server import main\nmain()\n")
+    subprocess.run([sys.executable, "-Es", "-c", launcher, state_dir], stdin=subprocess.DEVNULL, stdout=out,
+                   stderr=out, start_new_session=True, close_fds=True, cwd="/", check=True)
     out.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -170,9 +171,7 @@ def stop(state_dir: str, timeout: float = 20) -> bool:
         return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return True
         time.sleep(0.05)
     try:
@@ -180,6 +179,14 @@ def stop(state_dir: str, timeout: float = 20) -> bool:
     except ProcessLookupError:
         pass
     return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def set_config(state_dir: str, settings: dict) -> dict:
