@@ -259,15 +259,3 @@ def test_image_this_machine_cannot_restore(case, good_checkpoint, env, tmp_path)
     line = _one_line(r.stderr)
     assert {"vdso": "vdso layout", "xstate": "CPU state", "mapped-file": "changed since the checkpoint"}[case] in line
     assert subprocess.run(["pgrep", "-f", f"counter {tmp_path}"], capture_output=True).stdout == b""
-
-
-def test_child_processes_refused_cleanly(launch, env, tmp_path):
-    """Until process trees are supported, a job with children is refused at checkpoint time with a message that
-    names them, and keeps running untouched."""
-    out = tmp_path / "out.txt"
-    job = launch("sh", "-c", f"sleep 30 & while :; do echo x >> {out}; sleep 0.05; done")
-    wait_for(lambda: line_count(out) >= 3, 30, "progress")
-    r = job.command("-bc")
-    assert r.returncode == 1 and "child processes" in r.stderr
-    n = line_count(out)
-    wait_for(lambda: line_count(out) > n + 3, 30, "the job to go on")

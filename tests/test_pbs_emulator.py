@@ -59,8 +59,8 @@ def script(work: Path, name: str, text: str) -> str:
     return name
 
 
-def submit(emu, work, *args, user=NOBODY):
-    return emu.qsub(list(args), user=user, cwd=str(work))
+def submit(emu, work, *args, user=NOBODY, **kw):
+    return emu.qsub(list(args), user=user, cwd=str(work), **kw)
 
 
 def server_name(emu) -> str:
@@ -73,7 +73,8 @@ def test_submit_runs_as_owner_in_home_with_pbs_environment(emu, work, world):
     script(work, "env.sh", "#!/bin/bash\n#PBS -N fromscript\n#PBS -l walltime=00:10:00\n"
            "echo pwd=$(pwd); id -u; env | sort; cat $PBS_NODEFILE; test -d $TMPDIR -a -w $TMPDIR && echo tmpok\n"
            "echo to-stderr >&2\n")
-    jid = submit(emu, work, "-N", "fromcli", "env.sh")
+    jid = submit(emu, work, "-N", "fromcli", "-v", "FOO=bar", "env.sh",
+                 env=dict(emu.env(user=NOBODY), NOTPASSED="1"))
     seq, _, srv = jid.partition(".")
     assert seq.isdigit() and srv == server_name(emu)
     a = emu.wait(jid)
@@ -95,6 +96,7 @@ def test_submit_runs_as_owner_in_home_with_pbs_environment(emu, work, world):
     assert env["TMPDIR"].endswith(f"pbs.{jid}") and "tmpok" in out
     assert not Path(env["TMPDIR"]).exists()                    # removed when the job ended
     assert not [k for k in env if "WALLTIME" in k.upper() or "REMAIN" in k.upper()]
+    assert env["FOO"] == "bar" and "NOTPASSED" not in env     # -v passes FOO; only -V would pass the rest
     assert os.uname().nodename in out.splitlines()             # the node file lists this host
 
 

@@ -1,5 +1,6 @@
-"""The per-node agent: owns the job's processes (it is their parent), talks to the coordinator and runs the
-checkpoint phases locally: suspend (freeze) -> drain -> checkpoint (dump) -> refill -> resume.
+"""The per-node agent: owns the job's processes (it is their ancestor: the init of their PID namespace, or a
+child subreaper), talks to the coordinator and runs the checkpoint phases locally for the whole process tree:
+suspend (freeze every process) -> drain -> checkpoint (dump) -> refill -> resume.
 
 All ptrace work happens on the agent's main thread (ptrace is per tracer thread); ZeroMQ's I/O threads and
 the compression pool never trace.
@@ -17,8 +18,9 @@ import zmq
 
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..engine.freeze import FrozenProcess, freeze
-from ..engine.procattrs import children_of
+from ..engine import tree
+from ..engine.fdtable import FdTable
+from ..engine.freeze import FrozenProcess
 from ..image import store
 from ..settings import Settings
 from .namespaces import install_init_handlers
@@ -50,10 +52,18 @@ def new_unique_id(pid: int) -> str:
     return f"{host}-{pid}-{int(time.time() * 1000) & 0xFFFFFFFFFF:x}"
 
 
+def program_of(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
+    except OSError:
+        return "unknown"
+
+
 @dataclass
 class CheckpointState:
     generation: int
     frozen: list[FrozenProcess] = field(default_factory=list)
+    procs: dict[int, tree.ProcInfo] = field(default_factory=dict)   # every process of the job, zombies too
     images: list[str] = field(default_factory=list)
     frozen_at: float = 0.0
     stats: dict = field(default_factory=dict)
@@ -62,11 +72,14 @@ class CheckpointState:
 class Agent:
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
-                 pid_namespace: bool = False):
+                 pid_namespace: bool = False, not_job: set[int] | None = None):
+        """processes: the job's processes known at start; the first is the root, whose exit ends the job.
+        not_job: children of ours that are not part of the job (e.g. the coordinator service process)."""
+        self.not_job = set(not_job or ())
         self.s = settings
         self.conn = conn
-        self.procs = processes
         self.root = processes[0]
+        self.uids = {p.pid: p.unique_id for p in processes}       # stable ids, kept across restarts
         self.computation = computation
         self.restarted_generation = restarted_generation
         self.ckptdir = os.path.abspath(settings.ckptdir)
@@ -74,6 +87,7 @@ class Agent:
         self.ckpt: CheckpointState | None = None
         self.heartbeat_s = 2.0
         self.last_sent = 0.0
+        self.last_listed: list[dict] = []
         self.exit_code: int | None = None
         self.killed = False
         self.sigfd: SignalFd | None = None
@@ -82,7 +96,7 @@ class Agent:
     # ---------------------------------------------------------------------------------------- joining --
     def hello(self, timeout: float = 15.0) -> dict:
         msg = {"type": "hello", "role": "peer", "host": self.host, "agent_pid": os.getpid(),
-               "processes": [p.public() for p in self.procs], "ckptdir": self.ckptdir,
+               "processes": self.public_processes(), "ckptdir": self.ckptdir,
                "computation": self.computation, "restart": self.restarted_generation is not None,
                "generation": self.restarted_generation}
         self.conn.send(msg)
@@ -105,6 +119,22 @@ class Agent:
         self.conn.send(msg)
         self.last_sent = time.monotonic()
 
+    # ------------------------------------------------------------------------------------------- the job --
+    def job(self) -> list[tree.ProcInfo]:
+        return tree.job_processes(os.getpid(), self.pid_namespace, self.not_job)
+
+    def unique_id(self, pid: int) -> str:
+        if pid not in self.uids:
+            self.uids[pid] = new_unique_id(pid)
+        return self.uids[pid]
+
+    def public_processes(self) -> list[dict]:
+        procs = [p for p in self.job() if not p.zombie] or \
+            ([tree.ProcInfo(self.root.pid, 0, 0, 0, "R", 0, self.root.program)] if self.root.exit_status is None
+             else [])
+        return [{"pid": p.pid, "unique_id": self.unique_id(p.pid),
+                 "program": self.root.program if p.pid == self.root.pid else program_of(p.pid)} for p in procs]
+
     # ------------------------------------------------------------------------------------------ main loop --
     def run(self) -> int:
         """Serve until the job's root process ends; returns its shell-style exit code."""
@@ -119,7 +149,7 @@ class Agent:
         try:
             self._reap()
             while self.root.exit_status is None:
-                events = dict(poller.poll(timeout=int(self.heartbeat_s * 500)))
+                events = dict(poller.poll(timeout=500))
                 if self.sigfd.fd in events:
                     self._on_signals()
                 if self.conn.sock in events:
@@ -133,9 +163,10 @@ class Agent:
                             break
                         self._on_message(msg)
                 self._reap()
-                if time.monotonic() - self.last_sent >= self.heartbeat_s:
-                    self.send({"type": "heartbeat", "processes": [p.public() for p in self.procs
-                                                                  if p.exit_status is None]})
+                procs = self.public_processes()
+                if procs != self.last_listed or time.monotonic() - self.last_sent >= self.heartbeat_s:
+                    self.send({"type": "heartbeat", "processes": procs})   # -l shows changes within ~0.5 s
+                    self.last_listed = procs
             clean = True
         finally:
             if self.ckpt is not None:
@@ -168,12 +199,11 @@ class Agent:
             if info is None or info.si_pid == 0:
                 return
             code = info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
-            for p in self.procs:
-                if p.pid == info.si_pid:
-                    p.exit_status = code
-                    log.info("%s (pid %d) %s", p.program, p.pid,
-                             f"exited with status {code}" if info.si_code == os.CLD_EXITED
-                             else f"was killed by signal {info.si_status}")
+            if info.si_pid == self.root.pid:
+                self.root.exit_status = code
+                log.info("%s (pid %d) %s", self.root.program, self.root.pid,
+                         f"exited with status {code}" if info.si_code == os.CLD_EXITED
+                         else f"was killed by signal {info.si_status}")
 
     def _on_signals(self) -> None:
         for signo, code, sender in self.sigfd.read():
@@ -183,14 +213,12 @@ class Agent:
                 log.info("signal %d: asking the coordinator for a checkpoint", signo)
                 self.send({"type": "request", "cmd": "checkpoint"})
                 continue
-            if SignalFd.sent_by_process(code):
+            if SignalFd.sent_by_process(code) and self.root.exit_status is None:
                 log.info("forwarding signal %s (from pid %d) to the job", signal.Signals(signo).name, sender)
-                for p in self.procs:
-                    if p.exit_status is None:
-                        try:
-                            os.kill(p.pid, signo)
-                        except ProcessLookupError:
-                            pass
+                try:
+                    os.kill(self.root.pid, signo)
+                except ProcessLookupError:
+                    pass
 
     # ------------------------------------------------------------------------------------------ phases --
     def _on_message(self, msg: dict) -> None:
@@ -239,19 +267,16 @@ class Agent:
             self._ack(msg, False, f"{self.host}: {e}")
 
     def _suspend(self, gen: int) -> None:
-        live = [p for p in self.procs if p.exit_status is None]
-        for p in live:
-            engine_dump.check_supported(p.pid)      # refuse before touching anything
-            kids = [k for k in children_of(p.pid) if k not in {q.pid for q in live}]
-            if kids:
-                raise AgentError(f"{self.host}: {p.program} (pid {p.pid}) has child processes {kids}; "
-                                 f"checkpointing process trees is not supported yet")
+        live = [p.pid for p in self.job() if not p.zombie]
+        engine_dump.check_supported(live)        # refuse before touching anything
         self.ckpt = CheckpointState(gen)
         t0 = time.monotonic()
-        for p in live:
-            self.ckpt.frozen.append(freeze(p.pid))
+        frozen = tree.freeze_all(self.job)
+        self.ckpt.frozen = [frozen[p] for p in sorted(frozen)]
+        self.ckpt.procs = {p.pid: p for p in self.job()}
         self.ckpt.frozen_at = t0
         self.ckpt.stats["freeze_s"] = round(time.monotonic() - t0, 6)
+        self.ckpt.stats["processes"] = len(frozen)
 
     def _checkpoint(self, gen: int) -> tuple[list[dict], dict]:
         c = self.ckpt
@@ -264,22 +289,32 @@ class Agent:
             raise AgentError(f"cannot create checkpoint directory {gdir}: {e.strerror}") from None
         if not os.access(gdir, os.W_OK | os.X_OK):
             raise AgentError(f"checkpoint directory {gdir} is not writable")
+        fdt = FdTable([fp.pid for fp in c.frozen], stdio_pid=os.getpid())
+        fdt.scan()
         images = []
         t0 = time.monotonic()
         bytes_in = bytes_out = 0
         for fp in c.frozen:
-            proc = next(p for p in self.procs if p.pid == fp.pid)
-            path = os.path.join(gdir, store.image_name(proc.program, proc.unique_id))
+            info = c.procs.get(fp.pid)
+            zombies = [{"pid": z.pid, "pgid": z.pgid, "sid": z.sid, "status": z.exit_code}
+                       for z in c.procs.values() if z.zombie and z.ppid == fp.pid]
+            place = engine_dump.Placement(
+                fdt.records.get(fp.pid, []), fdt.objects_of(fp.pid), fdt.blobs_of(fp.pid),
+                pgid=info.pgid if info else 0, sid=info.sid if info else 0, root=(fp.pid == self.root.pid),
+                zombies=zombies)
+            program = self.root.program if fp.pid == self.root.pid else program_of(fp.pid)
+            uid = self.unique_id(fp.pid)
+            path = os.path.join(gdir, store.image_name(program, uid))
             c.images.append(path)
             meta = engine_dump.dump_process(
-                fp, path, computation=self.computation, generation=gen, unique_id=proc.unique_id,
+                fp, path, computation=self.computation, generation=gen, unique_id=uid,
                 compress=self.s.compress, level=self.s.compress_level, progress=self._progress,
-                pid_namespace=self.pid_namespace)
-            store.fsync_dir(gdir)
+                pid_namespace=self.pid_namespace, place=place)
             size = os.path.getsize(path)
             bytes_in += meta.stats["bytes_in"]
             bytes_out += size
-            images.append(asdict(store.ImageEntry(self.host, path, proc.program, proc.unique_id, proc.pid, size)))
+            images.append(asdict(store.ImageEntry(self.host, path, program, uid, fp.pid, size)))
+        store.fsync_dir(gdir)
         c.stats.update(dump_s=round(time.monotonic() - t0, 6), bytes_in=bytes_in, bytes_out=bytes_out)
         return images, c.stats
 
@@ -322,12 +357,11 @@ class Agent:
         self.killed = True
         if self.ckpt is not None:
             self._resume_frozen()
-        for p in self.procs:
-            if p.exit_status is None:
-                try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for p in self.job():
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         # wait (bounded) for the kill to land so we exit with the job's status
         deadline = time.monotonic() + 10
         while self.root.exit_status is None and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..agent import namespaces
 from ..agent.agent import FORWARDED_SIGNALS
-from ..engine.linux import PR_SET_PDEATHSIG, prctl
+from ..engine.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 from ..settings import Settings
 from .common import Fail
 
@@ -19,8 +19,9 @@ log = logging.getLogger("hpcckpt")
 
 
 def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, int]],
-            agent_body: Callable[[bool, Callable[[], tuple[str, int]]], int]) -> int:
-    """agent_body(in_namespace, get_coordinator) runs the agent and returns the job's exit status. It calls
+            agent_body: Callable[[bool, Callable[[], tuple[str, int]], set[int]], int]) -> int:
+    """agent_body(in_namespace, get_coordinator, not_job) runs the agent and returns the job's exit status;
+    not_job are PIDs of our own helpers among the agent's children (never part of the job). It calls
     get_coordinator() when it is ready to join; the coordinator is found or started by a small service process
     that stays outside the job's namespaces (a process that created a PID namespace cannot start threads, and a
     coordinator started inside the namespace would die with the job)."""
@@ -35,7 +36,7 @@ def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, in
         get = lambda: _ask_service(svc_agent)   # noqa: E731
         if not mode.pid_namespace:
             (log.debug if not s.pid_namespace else log.warning)("job mode: %s", mode.describe())
-            return agent_body(False, get)
+            return agent_body(False, get, {service})
         child = os.fork()
         if child == 0:
             code = s.fail_rc
@@ -45,7 +46,7 @@ def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, in
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                 namespaces.become_init()
                 log.debug("job mode: %s", mode.describe())
-                code = agent_body(True, get)
+                code = agent_body(True, get, set())
             except Fail as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 code = e.code if e.code is not None else s.fail_rc

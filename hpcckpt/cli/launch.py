@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
         host_port = find()       # before anything else: no coordinator, no job
-        return run_job(s, prog, lambda: host_port, lambda in_ns, get: _agent(s, get, args.command, in_ns))
+        return run_job(s, prog, lambda: host_port, lambda in_ns, get, not_job: _agent(s, get, args.command, in_ns, not_job))
     return run_main(prog, body, argv)
 
 
-def _agent(s, get_coordinator, command: list[str], in_namespace: bool) -> int:
+def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: set[int]) -> int:
     """The agent: start the program held before exec, join the coordinator, let the program go, serve."""
     host, port = get_coordinator()
     try:
@@ -113,7 +113,7 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool) -> int:
         raise Fail(str(e)) from None
     pid, go, err = start_program(command)
     proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
-    agent = Agent(s, conn, [proc], pid_namespace=in_namespace)
+    agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job)
     try:
         agent.hello()
     except CoordinatorUnreachable as e:

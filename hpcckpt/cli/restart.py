@@ -10,7 +10,7 @@ from ..agent.agent import Agent, JobProcess
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.protocol import SecretError
-from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, restore_process
+from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import store
 from ..image.format import ImageError, ImageReader
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
@@ -68,8 +68,6 @@ def open_images(paths: list[str]) -> list[ImageReader]:
         gens = {r.meta.get("generation") for r in readers}
         if len(gens) > 1:
             raise Fail(f"the images come from different checkpoints (generations {sorted(gens)})")
-        if len(readers) > 1:
-            raise Fail("restarting several processes at once comes with process-tree support; give one image")
     except ImageError as e:
         for r in readers:
             r.close()
@@ -98,39 +96,39 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
         try:
-            return run_job(s, prog, find, lambda in_ns, get: _agent(s, get, readers, in_ns, not args.no_verify))
+            return run_job(s, prog, find, lambda in_ns, get, not_job: _agent(s, get, readers, in_ns, not args.no_verify, not_job))
         finally:
             for r in readers:
                 r.close()
     return run_main(prog, body, argv)
 
 
-def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, verify: bool) -> int:
+def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, verify: bool,
+           not_job: set[int]) -> int:
     """Restore every process, stopped; join the coordinator (started only now: a bad image fails before
     anything else happens); then let the whole computation run at once."""
     meta = readers[0].meta
     restored: list[RestoredProcess] = []
     conn = None
     try:
-        for r in readers:
-            try:
-                rp = restore_process(r, RestoreOptions(verify_checksums=verify, same_pids=in_namespace))
-            except (RestoreError, ImageError) as e:
-                raise Fail(str(e)) from None
-            restored.append(rp)
+        try:
+            restored = restore_computation(readers, RestoreOptions(verify_checksums=verify, same_pids=in_namespace))
+        except (RestoreError, ImageError) as e:
+            raise Fail(str(e)) from None
         try:
             host, port = get_coordinator()
             conn = Connection(host, port)
-            procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in restored]
+            # the root (the process the computation was launched as) first: its exit ends the job
+            ordered = sorted(restored, key=lambda rp: (not rp.meta.process.root, rp.meta.process.pid))
+            procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in ordered]
             agent = Agent(s, conn, procs, computation=meta["computation"], restarted_generation=meta["generation"],
-                          pid_namespace=in_namespace)
+                          pid_namespace=in_namespace, not_job=not_job)
             agent.hello()
         except (CoordinatorUnreachable, SecretError) as e:
             raise Fail(str(e)) from None
-        for rp in restored:
-            rp.release()
-            log.info("restored %s (was pid %d) as pid %d in %.3f s", rp.meta.program, rp.meta.process.pid,
-                     rp.pid, rp.stats.get("total_s", 0))
+        release_all(restored)
+        log.info("restored %d process(es) in %.3f s: %s", len(restored), restored[0].stats.get("total_s", 0),
+                 ", ".join(f"{rp.meta.program}[{rp.meta.process.pid}->{rp.pid}]" for rp in restored))
     except BaseException:
         for rp in restored:
             if not rp.released:

@@ -10,11 +10,13 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 from .. import __version__
 from ..image.format import ImageWriter
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import files, memory, procattrs, signals, threads, timers
+from . import memory, procattrs, signals, threads, timers
+from .fdtable import FdTable
 from .freeze import FrozenProcess
 from .linux import SYS
 from .remote import Scratch
@@ -22,19 +24,46 @@ from .remote import Scratch
 log = logging.getLogger(__name__)
 
 
-def check_supported(pid: int) -> None:
-    """Refuse early, with the process untouched, what this engine cannot save (named precisely)."""
-    files.dump_fds(pid)
-    for m in memory.read_maps(pid, with_flags=False):
-        memory.classify(m)
+def check_supported(pids: list[int]) -> None:
+    """Refuse early, with every process untouched, what this engine cannot save (named precisely)."""
+    FdTable(pids).check()
+    for pid in pids:
+        try:
+            maps = memory.read_maps(pid, with_flags=False)
+        except (FileNotFoundError, ProcessLookupError):
+            continue                     # exited meanwhile: no longer part of the computation
+        for m in maps:
+            memory.classify(m)
+
+
+@dataclass
+class Placement:
+    """What the computation-level scan decided for one process: its fds, the objects and bulk data its image
+    stores, and its place in the process tree."""
+    fds: list
+    objects: list
+    blobs: dict
+    pgid: int = 0
+    sid: int = 0
+    root: bool = False
+    zombies: list | None = None
+
+
+def placement_alone(pid: int) -> Placement:
+    """For a process checkpointed on its own (tests, benchmarks): scan just its descriptors."""
+    t = FdTable([pid])
+    t.scan()
+    return Placement(t.records.get(pid, []), t.objects_of(pid), t.blobs_of(pid), root=True)
 
 
 def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
-                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False) -> ImageMeta:
+                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False,
+                 place: Placement | None = None) -> ImageMeta:
     """Write the image of a frozen process to path (atomically). The process stays frozen."""
     t0 = time.monotonic()
     pid = fp.pid
-    fds = files.dump_fds(pid)            # refuses unsupported fds before we change anything
+    place = place or placement_alone(pid)
+    fds = place.fds
     leader = fp.injector()
     scratch = Scratch(leader)
     try:
@@ -64,19 +93,22 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         mm=procattrs.read_mm(pid), auxv=b64(procattrs.read_auxv(pid)), threads=thread_recs,
         sigactions=sigactions, regions=[], fds=fds, rlimits=procattrs.read_rlimits(pid), pending=pending,
         argv=procattrs.read_cmdline(pid), creds=procattrs.read_creds(status),
-        pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers)
+        pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers, objects=place.objects,
+        pgid=place.pgid, sid=place.sid, root=place.root, zombies=place.zombies or [])
 
     writer = ImageWriter(path, compress=compress, level=level)
     dumper = memory.MemoryDumper(pid, writer, progress)
     try:
         proc.regions = dumper.dump()
+        blobs = memory.write_blobs(writer, place.blobs)
         t_mem = time.monotonic()
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
                          generation=generation, unique_id=unique_id, hostname=socket.gethostname(),
                          created=time.time(), program=os.path.basename(proc.exe.split(" (deleted)")[0]),
                          process=proc)
         writer.drain()
-        memory.finalize_chunks(proc.regions)
+        memory.finalize_chunks(proc.regions, blobs)
+        proc.blobs = blobs
         meta.stats = {"pages_dumped": dumper.pages_dumped, "pages_skipped": dumper.pages_skipped,
                       "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out,
                       "inject_s": round(t_inject - t0, 6), "memory_s": round(t_mem - t_inject, 6)}

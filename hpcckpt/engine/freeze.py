@@ -100,11 +100,18 @@ def _tids(pid: int) -> set[int]:
     return out
 
 
-def _wait_stopped(tid: int) -> Regs | None:
+def _wait_stopped(tid: int, deadline: float) -> Regs | None:
     """Wait for the interrupt stop of a seized thread; None if it exited. Signals met on the way are delivered
-    (they were sent before the freeze)."""
+    (they were sent before the freeze). A thread that cannot stop (e.g. a parent waiting in vfork() for its
+    child to exec) makes the freeze fail after the deadline rather than hang."""
     while True:
-        st = ptrace.wait(tid)
+        st = ptrace.wait(tid, nohang=True)
+        if st is None:
+            if time.monotonic() > deadline:
+                raise FreezeError(f"tid {tid} did not stop within the freeze timeout (blocked in vfork() or in "
+                                  f"uninterruptible I/O?); try again")
+            time.sleep(0.0005)
+            continue
         if st.gone:
             return None
         if st.event == ptrace.EVENT_STOP:
@@ -142,7 +149,7 @@ def freeze(pid: int, timeout: float = 10.0) -> FrozenProcess:
                                           f"by someone else, or owned by another user?") from None
                     raise
             for tid in seized:
-                regs = _wait_stopped(tid)
+                regs = _wait_stopped(tid, t0 + timeout)
                 if regs is not None:
                     fp.threads[tid] = FrozenThread(tid, regs)
                 else:

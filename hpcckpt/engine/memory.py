@@ -157,10 +157,30 @@ class MemoryDumper:
             self.pages_dumped += 1
 
 
-def finalize_chunks(regions: list[RegionRecord]) -> None:
+def write_blobs(writer: ImageWriter, blobs: dict[str, bytes]) -> dict[str, dict]:
+    """Store objects' bulk data (e.g. a deleted file's content) as chunks; returns the blob table."""
+    out = {}
+    for oid, data in blobs.items():
+        padded = data + b"\0" * ((-len(data)) % PAGE)
+        chunks = []
+        for off in range(0, len(padded), CHUNK_PAGES * PAGE):
+            piece = padded[off:off + CHUNK_PAGES * PAGE]
+            chunks.append(writer.add_chunk(off // PAGE, len(piece) // PAGE, piece))
+        out[oid] = {"length": len(data), "chunks": chunks}
+    return out
+
+
+def read_blob(reader: ImageReader, spec: dict) -> bytes:
+    parts = [reader.read_chunk(Chunk.from_json(c)) for c in spec["chunks"]]
+    return b"".join(parts)[: spec["length"]]
+
+
+def finalize_chunks(regions: list[RegionRecord], blobs: dict[str, dict] | None = None) -> None:
     """Turn the Chunk objects (filled in as the writer commits them) into their JSON rows."""
     for r in regions:
         r.chunks = [c.to_json() if isinstance(c, Chunk) else c for c in r.chunks]
+    for spec in (blobs or {}).values():
+        spec["chunks"] = [c.to_json() if isinstance(c, Chunk) else c for c in spec["chunks"]]
 
 
 # ---------------------------------------------------------------------------------------------- restore --

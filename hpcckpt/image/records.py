@@ -88,6 +88,7 @@ class FdRecord(Record):
     pos: int = 0
     cloexec: bool = False
     size: int = -1                  # file size at checkpoint (writable files are cut back to it on restart)
+    ofd: str = ""                   # the open file description: an object id, or "stdio:N" (the launcher's fd N)
 
 
 @dataclass
@@ -112,6 +113,12 @@ class ProcessRecord(Record):
     pending: list = field(default_factory=list)   # process-directed pending signals: base64 siginfo
     argv: list = field(default_factory=list)
     creds: dict = field(default_factory=dict)      # uid, gid, capabilities (CapInh/CapPrm/CapEff as ints)
+    objects: list = field(default_factory=list)    # open files, pipes, ... this image stores (see fdtable.py)
+    blobs: dict = field(default_factory=dict)      # object id -> {"length", "chunks"}: bulk data of an object
+    pgid: int = 0
+    sid: int = 0
+    root: bool = False                              # the process the computation was launched as
+    zombies: list = field(default_factory=list)    # children that exited unreaped: {pid, pgid, sid, status}
     pid_namespace: bool = False                     # taken inside hpcckpt's own PID namespace
 
 

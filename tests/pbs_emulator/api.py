@@ -102,6 +102,7 @@ class Emulator(_Backend):
     def __init__(self, state_dir: str | None = None, *, python: str | None = None, **settings):
         self._own_dir = state_dir is None
         self.state_dir = os.path.abspath(state_dir or tempfile.mkdtemp(prefix="pbs-emu-", dir="/tmp"))
+        os.makedirs(self.state_dir, exist_ok=True)
         os.chmod(self.state_dir, 0o755)
         self.bin_dir = os.path.join(self.state_dir, "bin")
         self.python = python
@@ -157,8 +158,6 @@ class RealPBS(_Backend):
             elif k in ("operators", "managers", "acl_roots"):
                 value = ",".join(f"{u}@*" for u in v) if k != "acl_roots" else ",".join(v)
                 self.qmgr(f"set server {k} = {value}" if v else f"unset server {k}")
-                if k == "acl_roots":
-                    continue
             elif k in ("passwd", "mom_poll", "walltime_slack", "job_requeue_timeout"):
                 continue              # emulator-only knobs: a real site has real users and its own MoM config
             else:

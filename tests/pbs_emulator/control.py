@@ -43,9 +43,10 @@ def install(state_dir: str, python: str | None = None) -> None:
     os.makedirs(lib, exist_ok=True)
     for d in (state_dir, os.path.join(state_dir, "lib"), lib):
         os.chmod(d, 0o755)
-    for f in PKG_FILES:
-        shutil.copyfile(os.path.join(HERE, f), os.path.join(lib, f))
-        os.chmod(os.path.join(lib, f), 0o644)
+    if not os.path.samefile(HERE, lib):                  # `pbs-emu` from STATE/bin runs the installed copy
+        for f in PKG_FILES:
+            shutil.copyfile(os.path.join(HERE, f), os.path.join(lib, f))
+            os.chmod(os.path.join(lib, f), 0o644)
     bindir = os.path.join(state_dir, "bin")
     os.makedirs(bindir, exist_ok=True)
     os.chmod(bindir, 0o755)

@@ -5,14 +5,11 @@ each job in <state_dir>/jobs/<seq>.json and starts every job as a real process t
 uid of the user who ran qsub. See README.md for what it reproduces. Standard library only."""
 from __future__ import annotations
 
-import errno
-import grp
 import json
 import os
 import pwd
 import secrets
 import selectors
-import shlex
 import shutil
 import signal
 import socket

@@ -1,0 +1,263 @@
+"""File descriptors of a whole computation: which fds share an open file description, what kind of object each
+one is, and recreating those objects so processes share them again after a restart.
+
+Dump: every fd of every frozen process is looked at once. fds that refer to the same open file description
+(same offset and flags; dup'ed or inherited across fork) are grouped with kcmp(KCMP_FILE) and become one
+*object* with one id, stored in the image of the first process (lowest PID) that holds it; every FdRecord
+names its object. Descriptors that are the agent's own standard input/output/error (the launching command's)
+are `stdio` and reconnect to the restarting command's. Each kind of object has a small handler module (files,
+pipes, ...) with a `dump` and a `create`, listed in KINDS in the order restore needs.
+
+Restore: the agent creates every object once (holding an fd of its own, above every fd number the
+computation uses), and the restore helpers, forked from the agent, duplicate the ones they need into place
+- which is how sharing between processes comes back.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+from ..image.records import FdRecord
+from .linux import SYS, syscall
+
+log = logging.getLogger(__name__)
+
+O_CLOEXEC = 0o2000000
+KCMP_FILE = 0
+
+
+class UnsupportedFd(RuntimeError):
+    """A descriptor this engine cannot checkpoint; the message names process, fd and kind."""
+
+
+@dataclass
+class FdEntry:
+    """One descriptor of one frozen process, as /proc shows it."""
+    pid: int
+    fd: int
+    target: str
+    dev: int
+    ino: int
+    mode: int
+    flags: int               # open flags without O_CLOEXEC
+    pos: int
+    cloexec: bool
+    info: dict
+    info_text: str
+
+    def where(self) -> str:
+        return f"pid {self.pid} fd {self.fd}"
+
+
+def read_fd(pid: int, fd: int) -> FdEntry | None:
+    link = f"/proc/{pid}/fd/{fd}"
+    try:
+        target = os.readlink(link)
+        st = os.stat(link)
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    info = {}
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        info.setdefault(k.strip(), v.strip())
+    flags = int(info.get("flags", "0"), 8)
+    return FdEntry(pid, fd, target, st.st_dev, st.st_ino, st.st_mode, flags & ~O_CLOEXEC,
+                   int(info.get("pos", "0")), bool(flags & O_CLOEXEC), info, text)
+
+
+def list_fds(pid: int) -> list[FdEntry]:
+    """The process's descriptors ([] if it has exited meanwhile)."""
+    out = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for name in sorted(names, key=int):
+        e = read_fd(pid, int(name))
+        if e is not None:
+            out.append(e)
+    return out
+
+
+def kcmp_same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    return syscall(SYS.kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0
+
+
+def describe_kind(e: FdEntry) -> str:
+    t = e.target
+    if t.startswith("pipe:"):
+        return "pipe"
+    if t.startswith("socket:"):
+        return "socket"
+    if t.startswith("anon_inode:"):
+        return t[len("anon_inode:"):].strip("[]")
+    if stat.S_ISCHR(e.mode):
+        return "character device"
+    if stat.S_ISBLK(e.mode):
+        return "block device"
+    if stat.S_ISFIFO(e.mode):
+        return "FIFO"
+    return "file"
+
+
+@dataclass
+class DumpContext:
+    """What handlers may use while dumping: the agent's own stdio, a place for bulk data, all entries."""
+    entries: dict[tuple[int, int], FdEntry]
+    blobs: dict[str, bytes] = field(default_factory=dict)       # object id -> data to store as image chunks
+    objects: dict[str, dict] = field(default_factory=dict)      # object id -> state
+    owners: dict[str, int] = field(default_factory=dict)        # object id -> pid whose image stores it
+    counter: int = 0
+
+    def new_id(self, prefix: str = "o") -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def add(self, oid: str, state: dict, owner: int) -> None:
+        state["id"] = oid
+        self.objects[oid] = state
+        self.owners[oid] = owner
+
+
+class FdTable:
+    """Scans the descriptors of a set of frozen processes (dump side)."""
+
+    def __init__(self, pids: list[int], stdio_pid: int | None = None):
+        from . import kinds
+        self.kinds = kinds.KINDS
+        self.pids = sorted(pids)
+        self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
+        self.stdio = [e for e in (read_fd(self.stdio_pid, n) for n in (0, 1, 2)) if e is not None]
+        self.ctx = DumpContext({})
+        self.records: dict[int, list[FdRecord]] = {}
+
+    def _stdio_of(self, e: FdEntry) -> int | None:
+        for s in self.stdio:
+            if (s.dev, s.ino) == (e.dev, e.ino) and kcmp_same_file(self.stdio_pid, s.fd, e.pid, e.fd):
+                return s.fd
+        # the same terminal or pipe through another open (e.g. /dev/tty reopened): also the launcher's
+        for s in self.stdio:
+            if (s.dev, s.ino) == (e.dev, e.ino) and (stat.S_ISCHR(e.mode) or stat.S_ISFIFO(e.mode)):
+                return s.fd
+        return None
+
+    def check(self) -> None:
+        """Refuse unsupported descriptors before anything is frozen (the job keeps running untouched)."""
+        for pid in self.pids:
+            for e in list_fds(pid):
+                if self._stdio_of(e) is None and self._handler(e) is None:
+                    raise UnsupportedFd(f"{e.where()}: {describe_kind(e)} ({e.target}) cannot be checkpointed")
+
+    def _handler(self, e: FdEntry):
+        for k in self.kinds:
+            if k.matches(e):
+                return k
+        return None
+
+    def scan(self) -> None:
+        entries = {(pid, e.fd): e for pid in self.pids for e in list_fds(pid)}
+        self.ctx.entries = entries
+        # group descriptors into open file descriptions
+        groups: dict[tuple[int, int], list[list[FdEntry]]] = {}
+        for key in sorted(entries):
+            e = entries[key]
+            ofds = groups.setdefault((e.dev, e.ino), [])
+            for ofd in ofds:
+                rep = ofd[0]
+                if kcmp_same_file(rep.pid, rep.fd, e.pid, e.fd):
+                    ofd.append(e)
+                    break
+            else:
+                ofds.append([e])
+        ofd_of: dict[tuple[int, int], str] = {}
+        handled: list[tuple] = []
+        for ofds in groups.values():
+            for ofd in ofds:
+                first = ofd[0]
+                io = self._stdio_of(first)
+                if io is not None:
+                    for e in ofd:
+                        ofd_of[(e.pid, e.fd)] = f"stdio:{io}"
+                    continue
+                h = self._handler(first)
+                if h is None:
+                    raise UnsupportedFd(f"{first.where()}: {describe_kind(first)} ({first.target}) cannot be "
+                                        f"checkpointed")
+                oid = self.ctx.new_id()
+                for e in ofd:
+                    ofd_of[(e.pid, e.fd)] = oid
+                handled.append((h, oid, ofd))
+        # kinds dump in KINDS order: e.g. pipe inodes before the ends that refer to them
+        order = {k: i for i, k in enumerate(self.kinds)}
+        for h, oid, ofd in sorted(handled, key=lambda t: order[t[0]]):
+            h.dump(self.ctx, oid, ofd)
+        for (pid, fd), e in sorted(entries.items()):
+            oid = ofd_of[(pid, fd)]
+            kind = "stdio" if oid.startswith("stdio:") else self.ctx.objects[oid]["kind"]
+            path = e.target
+            self.records.setdefault(pid, []).append(
+                FdRecord(fd=fd, kind=kind, path=path, flags=e.flags, pos=e.pos, cloexec=e.cloexec, ofd=oid,
+                         size=self.ctx.objects.get(oid, {}).get("size", -1)))
+
+    def objects_of(self, pid: int) -> list[dict]:
+        """The objects whose state goes into pid's image."""
+        return [s for oid, s in self.ctx.objects.items() if self.ctx.owners[oid] == pid]
+
+    def blobs_of(self, pid: int) -> dict[str, bytes]:
+        return {oid: b for oid, b in self.ctx.blobs.items() if self.ctx.owners.get(oid) == pid}
+
+
+class ObjectFactory:
+    """Creates the computation's objects in the agent, once each (restore side)."""
+
+    def __init__(self, objects: dict[str, dict], read_blob, base: int = 10):
+        from . import kinds
+        self.by_kind = {k.KIND: k for k in kinds.KINDS}
+        self.objects = objects
+        self.base = base                     # every fd we hand out is at or above this (above the job's fds)
+        self.read_blob = read_blob           # object id -> bytes (from the owner's image)
+        self.fds: dict[str, int] = {}        # object id -> fd in the agent
+        self.extra: dict[str, object] = {}   # handler scratch (e.g. pipe inode -> (r, w))
+        self.after: list = []                # callables run once every process is restored and stopped
+
+    def fd_for(self, oid: str) -> int:
+        """The agent's fd for an object (or for "stdio:N": a copy of our own fd N), created on first use."""
+        if oid not in self.fds:
+            if oid.startswith("stdio:"):
+                n = int(oid.split(":")[1])
+                try:
+                    fd = os.dup(n)
+                except OSError:
+                    fd = os.open(os.devnull, os.O_RDWR)     # we have no such stdio: like DMTCP, /dev/null
+            else:
+                state = self.objects.get(oid)
+                if state is None:
+                    raise UnsupportedFd(f"object {oid} is not in any image given (restart needs every image "
+                                        f"of the checkpoint)")
+                fd = self.by_kind[state["kind"]].create(self, state)
+            self.fds[oid] = self.high(fd)
+        return self.fds[oid]
+
+    def high(self, fd: int) -> int:
+        """Move fd above every fd number of the computation, so helpers can dup2 freely below it."""
+        if fd >= self.base:
+            return fd
+        import fcntl
+        new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, self.base)
+        os.close(fd)
+        return new
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for k in self.by_kind.values():
+            cleanup = getattr(k, "cleanup", None)
+            if cleanup:
+                cleanup(self)

@@ -1,0 +1,323 @@
+"""Restore helpers: the processes that become the computation's processes again.
+
+The agent opens or creates every object the images name (files, pipes, ...) once, then forks one helper per
+root process; each helper forks helpers for its own children in PID order (so parents, process groups and
+sessions come back as they were), a dead child that was not reaped yet becomes a zombie again, and only then
+does each helper put its descriptors in place, enter the image's cwd and umask, map its reserved area, report
+"ok OLD NEW" to the agent and block. Forking one subtree at a time keeps PID choices race-free: inside our own
+PID namespace each fork gets the image's PID (ns_last_pid).
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from ..image.format import ImageReader
+from ..image.records import ImageMeta, RegionRecord
+from .fdtable import ObjectFactory
+from .linux import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ, \
+    PROT_WRITE, TASK_SIZE, mmap
+from .maps import read_maps
+from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE, RestoreError
+
+
+@dataclass
+class ProcPlan:
+    """Everything one helper needs, decided in the agent before any fork."""
+    meta: ImageMeta
+    reader: ImageReader
+    fds: list[tuple[int, int, bool]] = field(default_factory=list)   # (target fd, agent fd, cloexec)
+    close: list[int] = field(default_factory=list)                   # of 0-2, those the image does not have
+    map_fds: dict[str, int] = field(default_factory=dict)            # mapped file path -> agent fd
+    exe_fd: int = -1
+    reserve_candidates: list[int] = field(default_factory=list)
+    children: list[int] = field(default_factory=list)                # live children (image PIDs)
+    new_pid: int = 0
+    sync_fds: tuple[int, ...] = ()                                   # hold/info pipe ends (closed by injection)
+
+    @property
+    def pid(self) -> int:
+        return self.meta.process.pid
+
+    def helper_fds(self) -> list[int]:
+        """Descriptors only the helper used, closed by injection once the process is rebuilt."""
+        return sorted(set(self.map_fds.values()) | ({self.exe_fd} if self.exe_fd >= 0 else set())
+                      | set(self.sync_fds))
+
+
+def _intervals(ranges):
+    out = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return out
+
+
+def choose_reserve(regions: list[RegionRecord], count: int = 4) -> list[int]:
+    """Candidate addresses for the reserved area: gaps in both the image's and our own address space."""
+    size = RESERVE_PAGES * PAGE
+    guard = 16 * PAGE
+    used = [(r.start, r.end) for r in regions] + [(m.start, m.end) for m in read_maps("self", with_flags=False)]
+    used = _intervals([(max(0, s - guard), min(TASK_SIZE, e + guard)) for s, e in used if s < TASK_SIZE])
+    gaps = []
+    prev = 0x10000000
+    for s, e in used + [[TASK_SIZE, TASK_SIZE]]:
+        if s - prev >= size:
+            gaps.append((prev, s))
+        prev = max(prev, e)
+    cands = [g[1] - size for g in reversed(gaps)]
+    if not cands:
+        raise RestoreError("no free address range for the restore trampoline")
+    return [c & ~(PAGE - 1) for c in cands[:count]]
+
+
+def dup_high(fd: int, base: int) -> int:
+    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base)
+    os.close(fd)
+    return new
+
+
+def make_plans(metas: list[tuple[ImageMeta, ImageReader]], factory: ObjectFactory, base: int) -> dict[int, ProcPlan]:
+    """One plan per live process; object fds come from the factory (created once, shared)."""
+    plans: dict[int, ProcPlan] = {}
+    mapped: dict[tuple[str, bool], int] = {}
+    exes: dict[str, int] = {}
+    pids = {m.process.pid for m, _ in metas}
+    for meta, reader in metas:
+        proc = meta.process
+        plan = ProcPlan(meta, reader, reserve_candidates=choose_reserve(proc.regions))
+        have = {r.fd for r in proc.fds}
+        plan.close = [fd for fd in (0, 1, 2) if fd not in have]
+        for rec in proc.fds:
+            plan.fds.append((rec.fd, factory.fd_for(rec.ofd), rec.cloexec))
+        for r in proc.regions:
+            if r.backing != "file":
+                continue
+            rw = any(x.path == r.path and x.perms[3] == "s" and x.perms[1] == "w" for x in proc.regions)
+            if (r.path, rw) not in mapped:
+                try:
+                    fd = os.open(r.path, (os.O_RDWR if rw else os.O_RDONLY) | os.O_CLOEXEC)
+                except OSError as e:
+                    raise RestoreError(f"cannot open mapped file {r.path}: {e.strerror}") from None
+                mapped[(r.path, rw)] = dup_high(fd, base)
+            plan.map_fds[r.path] = mapped[(r.path, rw)]
+        exe = proc.exe.removesuffix(" (deleted)")
+        if exe not in exes:
+            try:
+                exes[exe] = dup_high(os.open(exe, os.O_RDONLY | os.O_CLOEXEC), base)
+            except OSError:
+                exes[exe] = -1
+        plan.exe_fd = exes[exe]
+        plans[proc.pid] = plan
+    for plan in plans.values():
+        parent = plan.meta.process.ppid
+        if parent in plans:
+            plans[parent].children.append(plan.pid)
+    for plan in plans.values():
+        plan.children.sort()
+    del pids
+    return plans
+
+
+def close_plans(plans: dict[int, ProcPlan]) -> None:
+    seen = set()
+    for plan in plans.values():
+        for fd in list(plan.map_fds.values()) + [plan.exe_fd]:
+            if fd >= 0 and fd not in seen:
+                seen.add(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _claim(pid: int) -> None:
+    from ..agent.namespaces import set_next_pid
+    if os.path.exists(f"/proc/{pid}"):
+        raise RestoreError(f"PID {pid} is already taken in this PID namespace")
+    set_next_pid(pid)
+
+
+class Spawner:
+    """Forks the helper tree (in the agent) and collects the helpers' reports."""
+
+    def __init__(self, plans: dict[int, ProcPlan], same_pids: bool, base: int):
+        self.plans = plans
+        self.same_pids = same_pids
+        self.hold_r, self.hold_w = os.pipe2(os.O_CLOEXEC)
+        self.info_r, self.info_w = os.pipe2(os.O_CLOEXEC)
+        self.hold_r, self.info_w = dup_high(self.hold_r, base), dup_high(self.info_w, base)
+        for p in plans.values():
+            p.sync_fds = (self.hold_r, self.info_w)
+        self.forked: list[int] = []          # agent-level children (roots)
+
+    def spawn(self, timeout: float = 60.0) -> dict[int, int]:
+        """Fork every helper; returns {image pid: new pid} once all of them are waiting."""
+        roots = sorted(p for p, plan in self.plans.items() if plan.meta.process.ppid not in self.plans)
+        for root in roots:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            if self.same_pids:
+                _claim(root)
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                _helper_main(self, root, w)
+            os.close(w)
+            self.forked.append(pid)
+            _wait_subtree(r, timeout)
+        os.close(self.info_w)
+        self.info_w = -1
+        return self._collect(timeout)
+
+    def _collect(self, timeout: float) -> dict[int, int]:
+        mapping: dict[int, int] = {}
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while len(mapping) < len(self.plans):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.info_r], [], [], left)[0]:
+                raise RestoreError("restore helpers did not get ready in time")
+            chunk = os.read(self.info_r, 65536)
+            if not chunk:
+                missing = sorted(set(self.plans) - set(mapping))
+                raise RestoreError(f"restore helpers for {missing} died before they were ready")
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                kind, old, rest = line.decode().split(" ", 2)
+                if kind == "err":
+                    raise RestoreError(f"restoring pid {old}: {rest}")
+                mapping[int(old)] = int(rest)
+        for old, new in mapping.items():
+            self.plans[old].new_pid = new
+        return mapping
+
+    def close(self) -> None:
+        for fd in (self.hold_r, self.hold_w, self.info_r, self.info_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _wait_subtree(r: int, timeout: float) -> None:
+    """Wait until a child helper has forked its whole subtree (it closes its end of the pipe)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([r], [], [], left)[0]:
+            os.close(r)
+            raise RestoreError("a restore helper did not finish forking its children in time")
+        if not os.read(r, 4096):
+            os.close(r)
+            return
+
+
+def _report(sp: Spawner, text: str) -> None:
+    os.write(sp.info_w, (text.replace("\n", " ") + "\n").encode())
+
+
+def _helper_main(sp: Spawner, old: int, subtree_w: int) -> None:
+    """Runs in a forked helper whose PID is the image's (or a new one). Never returns."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        plan = sp.plans[old]
+        proc = plan.meta.process
+        _session_and_group(proc, old)
+        for child in sorted(plan.children + [z["pid"] for z in proc.zombies]):
+            zombie = next((z for z in proc.zombies if z["pid"] == child), None)
+            r, w = os.pipe2(os.O_CLOEXEC)
+            if sp.same_pids:
+                _claim(child)
+            pid = os.fork()
+            if pid == 0:
+                os.close(r)
+                if zombie is not None:
+                    _become_zombie(zombie, w)
+                _helper_main(sp, child, w)
+            os.close(w)
+            _wait_subtree(r, 60)
+        os.close(subtree_w)                  # our whole subtree exists: the parent may fork the next one
+        _setup_self(sp, plan)
+        _report(sp, f"ok {old} {os.getpid()}")
+        while True:
+            if not os.read(sp.hold_r, 1):     # blocks until the agent takes over (or goes away)
+                os._exit(1)
+    except BaseException as e:
+        try:
+            _report(sp, f"err {old} {type(e).__name__}: {e}")
+        finally:
+            os._exit(127)
+
+
+def _session_and_group(proc, old: int) -> None:
+    # PIDs are the image's inside our namespace; group/session ids of 0 lie outside it (the launcher's)
+    if proc.sid == old:
+        os.setsid()
+    elif proc.pgid == old:
+        os.setpgid(0, 0)
+    elif proc.pgid and proc.pgid != os.getpgid(0):
+        try:
+            os.setpgid(0, proc.pgid)
+        except OSError:
+            pass                             # the group's leader is gone; stay in the parent's group
+
+
+def _become_zombie(z: dict, w: int) -> None:
+    """A child that had exited but was not reaped: exit again the same way (the parent does not wait)."""
+    try:
+        if z.get("sid") == z["pid"]:
+            os.setsid()
+        elif z.get("pgid") == z["pid"]:
+            os.setpgid(0, 0)
+    except OSError:
+        pass
+    os.close(w)
+    status = z.get("status", 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0)
+
+
+def _setup_self(sp: Spawner, plan: ProcPlan) -> None:
+    proc = plan.meta.process
+    for target, src, cloexec in plan.fds:
+        os.dup2(src, target, inheritable=not cloexec)
+    for fd in plan.close:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    keep = {t for t, _, _ in plan.fds} | set(plan.helper_fds())
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.chdir(proc.cwd)
+    os.umask(proc.umask)
+    size = RESERVE_PAGES * PAGE
+    for addr in plan.reserve_candidates:
+        try:
+            mmap(addr, size, 0, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+            break
+        except OSError:
+            continue
+    else:
+        raise RestoreError("no free address for the restore trampoline")
+    mmap(addr, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)
+    ctypes.memmove(addr, TRAMPOLINE_CODE, len(TRAMPOLINE_CODE))
+    mmap(addr + SCRATCH_OFF, SCRATCH_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED)

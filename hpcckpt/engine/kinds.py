@@ -1,0 +1,8 @@
+"""Every kind of file descriptor object the engine knows, in the order restore creates them (a pipe's inode
+before its ends). Adding a kind: one module with a handler class (KIND, matches, dump, create), one line here."""
+from __future__ import annotations
+
+from .files import Device, Directory, RegularFile
+from .pipes import Index, PipeEnd, PipeInode
+
+KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, Index]

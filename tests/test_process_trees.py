@@ -1,0 +1,108 @@
+"""Whole computations on one node (issue 4): process trees with pipes holding unread data, zombies, sessions,
+shared open file descriptions, shell pipelines and daemons re-parented to the agent."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import checkpoint_and_kill, compile_c, line_count, restart_in_background, run, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _restart_to_end(env, tmp_path, timeout=120):
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=timeout)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _check_tree_output(text: str, n: int) -> None:
+    lines = text.splitlines()
+    results = [line for line in lines if line[0].isdigit()]
+    workers = [line for line in lines if line.startswith("W ")]
+    assert [int(x.split()[0]) for x in results] == list(range(1, n + 1)), "a result was lost or duplicated"
+    assert all(int(x.split()[1]) == int(x.split()[0]) ** 2 for x in results), "a pipe byte went astray"
+    assert [int(x.split()[1]) for x in workers] == list(range(100, n + 1, 100))
+    assert all(x.endswith("session-ok") for x in workers), [x for x in workers if "BAD" in x][:3]
+    assert lines[-2:] == ["zombie 7", "done"]
+    assert len(lines) == n + n // 100 + 2, "a line was overwritten (shared offset lost?)"
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_fork_pipes_zombie_session_shared_offset(rounds, launch, env, tmp_path, build_dir):
+    """Parent, feeder and worker connected by full pipes; a zombie the parent reaps only at the end (its status
+    must survive); the worker leads its own session; parent and worker write through one shared descriptor."""
+    prog = compile_c(build_dir, "tree")
+    n = 20000
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, n)
+    wait_for(lambda: line_count(out) >= 500, 30, "progress")
+    wait_for(lambda: len(json.loads(job.command("-l", "--json").stdout)["peers"]) >= 3, 10,
+             "every process of the tree to be listed")
+    checkpoint_and_kill(job)
+    for _ in range(rounds - 1):
+        job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+        k = line_count(out)
+        wait_for(lambda: line_count(out) > k + 500, 30, "progress after restart")
+        checkpoint_and_kill(job2)
+    _restart_to_end(env, tmp_path)
+    _check_tree_output(out.read_text(), n)
+
+
+def test_shell_pipeline_with_data_in_the_pipe(launch, env, tmp_path):
+    """`producer | consumer` under bash: the producer is far ahead, so the pipe is full at the checkpoint;
+    no byte is lost or duplicated across the restart."""
+    out = tmp_path / "out.txt"
+    script = (f"seq 1 60000 | while read x; do echo $((x * 3)); if ((x % 100 == 0)); then sleep 0.01; fi; done "
+              f"> {out}; echo finished >> {out}")
+    job = launch("bash", "-c", script)
+    wait_for(lambda: line_count(out) >= 2000, 30, "progress")
+    checkpoint_and_kill(job)
+    _restart_to_end(env, tmp_path)
+    lines = out.read_text().split()
+    assert lines[-1] == "finished"
+    assert [int(x) for x in lines[:-1]] == [3 * i for i in range(1, 60001)]
+
+
+def test_daemon_reparented_to_the_agent(launch, env, tmp_path):
+    """A double-forked daemon (re-parented to the namespace's init, the agent) is part of the computation:
+    checkpointed, restored, and still running after the restart."""
+    beat = tmp_path / "beat.txt"
+    out = tmp_path / "out.txt"
+    py = sys.executable
+    daemon = f"import time\nwith open({str(beat)!r}, 'a', buffering=1) as f:\n    for i in range(100000):\n" \
+             f"        f.write(f'{{i}}\\n'); time.sleep(0.02)\n"
+    script = f"( {py} -c \"$D\" & ) ; for i in $(seq 1 100000); do echo $i >> {out}; sleep 0.02; done"
+    env["D"] = daemon
+    job = launch("bash", "-c", script)
+    wait_for(lambda: line_count(beat) >= 10 and line_count(out) >= 10, 30, "the script and its daemon")
+    wait_for(lambda: any(p["program"].startswith("python")
+                         for p in json.loads(job.command("-l", "--json").stdout)["peers"]), 10,
+             "the daemon to be listed as part of the computation")
+    checkpoint_and_kill(job)
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    try:
+        b, o = line_count(beat), line_count(out)
+        wait_for(lambda: line_count(beat) > b + 10 and line_count(out) > o + 10, 30, "both to go on")
+        nums = [int(x) for x in beat.read_text().split()]
+        assert nums == list(range(len(nums))), "the daemon lost or repeated a step"
+    finally:
+        job2.command("-k")
+        job2.wait(30)
+
+
+def test_restart_needs_every_image(launch, env, tmp_path, build_dir):
+    prog = compile_c(build_dir, "tree")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, 20000)
+    wait_for(lambda: line_count(out) >= 500, 30, "progress")
+    checkpoint_and_kill(job)
+    images = sorted(Path(p) for p in tmp_path.glob("ckpt_*/gen000001/*.dmtcp"))
+    assert len(images) >= 2
+    r = run(["dmtcp_restart", "-p", "0", str(images[-1])], env, tmp_path)
+    assert r.returncode == 99 and "not in any image given" in r.stderr
+    assert subprocess.run(["pgrep", "-f", str(prog)], capture_output=True).stdout == b""
