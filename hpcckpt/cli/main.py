@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "restart": ("restart", "restart processes from checkpoint images (dmtcp_restart)"),
     "command": ("command", "control a running coordinator (dmtcp_command)"),
     "inspect": ("inspect", "print what a checkpoint image holds"),
+    "sbatch": ("batch", "submit a batch script to Slurm that checkpoints, requeues and restarts itself"),
+    "batch-run": ("batch", "(inside a job) run a batch script under checkpoint control"),
 }
 
 USAGE = "usage: hpcckpt SUBCOMMAND [OPTIONS] ...\n\n" + "\n".join(
@@ -35,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in SUBCOMMANDS:
         print(f"hpcckpt: error: unknown subcommand {argv[0]!r} (see hpcckpt --help)", file=sys.stderr)
         return 2
-    return _module(argv[0]).main(argv[1:], prog=f"hpcckpt {argv[0]}")
+    mod = _module(argv[0])
+    entry = {"sbatch": "sbatch_main", "batch-run": "batch_run_main"}.get(argv[0], "main")
+    return getattr(mod, entry)(argv[1:], prog=f"hpcckpt {argv[0]}")
 
 
 def dmtcp_coordinator() -> int:

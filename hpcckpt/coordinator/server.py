@@ -118,7 +118,8 @@ class Coordinator:
         stdin_open = self.console
         if stdin_open:
             poller.register(sys.stdin.fileno(), zmq.POLLIN)
-            print("Type '?' for help.", flush=True)
+            if sys.stdin.isatty():
+                print("Type '?' for help.", flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         while not self.quit:

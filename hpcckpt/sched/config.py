@@ -1,0 +1,105 @@
+"""The batch-job configuration (YAML), shared by every scheduler adapter. Every key has a default; a wrong key
+or type is an error at submit time, naming the key and the file (configs/ has documented examples)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+PREEMPT_ACTIONS = ("requeue", "checkpoint", "ignore")
+
+
+@dataclass
+class JobConfig:
+    ckptdir: str | None = None          # default: <submit dir>/hpcckpt-<job id>
+    interval: int = 0                   # periodic checkpoints (seconds, 0 = off)
+    keep: int = 2                       # complete checkpoints kept
+    compress: bool = True               # zstd
+    lead: int | str = "auto"            # seconds before the wall-time limit to checkpoint; "auto": from the
+                                        # last checkpoint's duration (x3, + 30 s), at least min_lead
+    min_lead: int = 60
+    max_restarts: int = 20              # runs after the first; then the job is not requeued again
+    requeue: bool = True                # requeue before the limit (else: checkpoint and let it end)
+    on_preempt: str = "requeue"         # SIGTERM that is not a cancel: requeue | checkpoint | ignore
+    pre_checkpoint: str | None = None   # shell command run before each deadline/preemption checkpoint
+    post_restart: str | None = None     # shell command run after each restart from a checkpoint
+    signal: str = "USR1"                # the early-warning signal requested from the scheduler
+    extra: dict = field(default_factory=dict)
+
+    def lead_seconds(self, last_checkpoint_s: float | None) -> int:
+        if self.lead != "auto":
+            return int(self.lead)
+        if last_checkpoint_s is None:
+            return self.min_lead
+        return max(self.min_lead, int(3 * last_checkpoint_s + 30))
+
+    def to_yaml(self) -> str:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(JobConfig) if f.name != "extra"}
+
+
+def _check(name: str, value, where: str):
+    t = str(_FIELDS[name].type)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"{where}: {name} must not be empty")
+    if name == "lead":
+        if value == "auto":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ConfigError(f"{where}: lead must be 'auto' or a number of seconds, got {value!r}")
+    if t.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: {name} must be true or false, got {value!r}")
+        return value
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{where}: {name} must be a whole number >= 0, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {name} must be a string, got {value!r}")
+    if name == "on_preempt" and value not in PREEMPT_ACTIONS:
+        raise ConfigError(f"{where}: on_preempt must be one of {', '.join(PREEMPT_ACTIONS)}, got {value!r}")
+    if name == "signal":
+        import signal as _s
+        v = value.upper().removeprefix("SIG")
+        if not hasattr(_s, "SIG" + v):
+            raise ConfigError(f"{where}: signal {value!r} is not a signal name")
+        return v
+    return value
+
+
+def load(path: str | None) -> JobConfig:
+    if not path:
+        return JobConfig()
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    values = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"{path}: unknown key {key!r} (known: {', '.join(sorted(_FIELDS))})")
+        values[name] = _check(name, value, path)
+    cfg = JobConfig(**values)
+    if cfg.ckptdir:
+        cfg.ckptdir = os.path.expanduser(cfg.ckptdir)
+    return cfg

@@ -1,0 +1,313 @@
+"""The batch-job driver: the deadline -> checkpoint -> requeue policy, written once for every scheduler.
+
+It runs as the job's batch script (after `exec`), in the allocation:
+
+  1. picks the checkpoint directory (per job, kept across requeues) and decides: restart from the newest
+     complete checkpoint, start fresh (first run, or no checkpoint ever completed), or stop with an error (a
+     rerun whose checkpoints are gone would silently redo work);
+  2. starts a coordinator and the computation (`hpcckpt launch` or `hpcckpt restart`) in sessions of their own,
+     tied to the driver's life (PR_SET_PDEATHSIG), so signals the scheduler sends to the job reach the driver,
+     which decides;
+  3. watches: the deadline (end time from the scheduler, minus the lead), the early-warning signal, SIGTERM
+     (a cancel, or a preemption), and the computation's end;
+  4. at the deadline / on the signal / on preemption: takes a blocking checkpoint; if it completed, kills the
+     computation and requeues the job; if it failed, keeps the last good checkpoint, says so, and does not
+     requeue. No requeue either when the program ended (its exit code is the job's), when the user cancelled,
+     or when max_restarts is reached.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from ..agent.sigfd import SignalFd
+from ..coordinator.client import CoordinatorUnreachable, command
+from ..engine.linux import PR_SET_PDEATHSIG, prctl
+from ..image import store
+from .base import Scheduler, SchedulerError
+from .config import JobConfig
+
+log = logging.getLogger("hpcckpt.batch")
+
+EVER_COMPLETED = ".hpcckpt-checkpointed"    # written once a checkpoint of this job completed
+
+
+class DriverError(RuntimeError):
+    pass
+
+
+def _tie_to_parent() -> None:
+    """In a child: own session (the scheduler's signals to the job's process group miss it) and death with the
+    driver (so nothing outlives the job)."""
+    os.setsid()
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class JobDriver:
+    def __init__(self, sched: Scheduler, cfg: JobConfig, command_line: list[str], fail_rc: int = 99):
+        self.sched = sched
+        self.cfg = cfg
+        self.command = command_line
+        self.fail_rc = fail_rc
+        self.run_no = sched.run_count()
+        self.job = sched.job_id()
+        self.ckptdir = os.path.abspath(cfg.ckptdir or os.path.join(sched.submit_dir(), f"hpcckpt-{self.job}"))
+        self.coord: subprocess.Popen | None = None
+        self.child: subprocess.Popen | None = None
+        self.port = 0
+        self.last_logged_gen = 0
+        self.last_ckpt_s: float | None = None
+        self.end: float | None = None
+        self.end_checked = 0.0
+        self.requeued = False
+        self.cancelled = False
+
+    # ------------------------------------------------------------------------------------------ helpers --
+    def _python(self) -> list[str]:
+        return [sys.executable, "-m", "hpcckpt.cli.main"]
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        env["HPCCKPT_BATCH"] = "1"                       # launch/agent: the driver handles signals
+        env["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")
+        return env
+
+    def _cmd(self, cmd: str, timeout: float | None = 30, **kw) -> dict:
+        return command("127.0.0.1", self.port, cmd, timeout=timeout, **kw)
+
+    def _latest(self) -> store.Manifest | None:
+        comps = store.computations_in(self.ckptdir)
+        best = None
+        for c in comps:
+            m = store.latest_manifest(self.ckptdir, c)
+            if m and (best is None or m.created > best.created):
+                best = m
+        return best
+
+    # -------------------------------------------------------------------------------------------- start --
+    def _start_coordinator(self) -> None:
+        run = os.path.join(self.ckptdir, ".run")
+        os.makedirs(run, mode=0o700, exist_ok=True)
+        port_file = os.path.join(run, "coord.port")
+        if os.path.exists(port_file):
+            os.unlink(port_file)
+        self.coord = subprocess.Popen(
+            self._python() + ["coordinator", "-p", "0", "--port-file", port_file, "--ckptdir", self.ckptdir,
+                              "-i", str(self.cfg.interval), "--keep", str(self.cfg.keep), "-q"],
+            stdin=subprocess.DEVNULL, env=self._env(), preexec_fn=_tie_to_parent)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if os.path.exists(port_file):
+                try:
+                    self.port = int(open(port_file).read().strip())
+                    return
+                except ValueError:
+                    pass
+            if self.coord.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise DriverError("the coordinator did not start")
+
+    def _start_computation(self, restart: bool) -> None:
+        base = self._python()
+        common = ["-j", "-p", str(self.port), "--ckptdir", self.ckptdir] + ([] if self.cfg.compress else
+                                                                            ["--no-gzip"])
+        if restart:
+            argv = base + ["restart", *common, "--from", self.ckptdir]
+        else:
+            script = self.command[0]
+            prog = [script] if os.access(script, os.X_OK) else ["/bin/bash", script]
+            argv = base + ["launch", *common, *prog, *self.command[1:]]
+        self.child = subprocess.Popen(argv, env=self._env(), preexec_fn=_tie_to_parent)
+
+    def _wait_joined(self, timeout: float = 120) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.child.poll() is not None:
+                return False
+            try:
+                if self._cmd("status", timeout=5).get("num_peers", 0) > 0:
+                    return True
+            except CoordinatorUnreachable:
+                pass
+            time.sleep(0.2)
+        return False
+
+    # ---------------------------------------------------------------------------------------------- run --
+    def run(self) -> int:
+        os.makedirs(self.ckptdir, mode=0o700, exist_ok=True)
+        os.environ["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")   # the coordinator's secret lives here
+        latest = self._latest()
+        ever = os.path.exists(os.path.join(self.ckptdir, EVER_COMPLETED))
+        log.info("job %s run %d (%s); checkpoints in %s", self.job, self.run_no,
+                 "first run" if self.run_no == 0 else "rerun", self.ckptdir)
+        if self.run_no > 0 and latest is None and ever:
+            log.error("this rerun finds no complete checkpoint in %s although one completed before; stopping "
+                      "instead of silently redoing the work (restore the checkpoint directory and requeue)",
+                      self.ckptdir)
+            return self.fail_rc
+        restart = latest is not None
+        self._start_coordinator()
+        if restart:
+            log.info("restarting from checkpoint generation %d of %s (%s)", latest.generation,
+                     time.strftime("%H:%M:%S", time.localtime(latest.created)), latest.computation)
+        elif self.run_no > 0:
+            log.info("no checkpoint completed in the earlier run(s): starting afresh")
+        self._start_computation(restart)
+        if restart and self._wait_joined() and self.cfg.post_restart:
+            self._hook("post_restart", self.cfg.post_restart)
+        return self._watch()
+
+    def _watch(self) -> int:
+        warn = getattr(signal, "SIG" + self.cfg.signal)
+        sfd = SignalFd([warn, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD])
+        try:
+            while True:
+                code = self.child.poll()
+                if code is not None:
+                    return self._finished(code)
+                ready = select.select([sfd.fd], [], [], 1.0)[0]
+                if ready:
+                    for signo, _, sender in sfd.read():
+                        if signo == warn:
+                            log.info("got SIG%s from the scheduler (pid %d): time is nearly up", self.cfg.signal,
+                                     sender)
+                            self._deadline_reached("warning signal")
+                        elif signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                            self._on_term(signo)
+                self._log_checkpoints()
+                if not self.requeued and self._deadline_near():
+                    self._deadline_reached("wall-time deadline")
+        finally:
+            sfd.close()
+
+    def _finished(self, code: int) -> int:
+        self._log_checkpoints()
+        if self.requeued:
+            log.info("computation stopped for the requeue")
+            self._stop_coordinator()
+            time.sleep(1)
+            return 0
+        code = code if code >= 0 else 128 - code
+        if self.cancelled:
+            log.info("computation stopped: the job was cancelled (no requeue)")
+        else:
+            log.info("the program ended with exit code %d; not requeueing", code)
+        self._stop_coordinator()
+        return code
+
+    # ------------------------------------------------------------------------------------------- policy --
+    def _deadline_near(self) -> bool:
+        now = time.time()
+        if now - self.end_checked > 30 or self.end is None:
+            try:
+                self.end = self.sched.end_time()
+            except SchedulerError as e:
+                log.warning("cannot read the job's end time: %s", e)
+            self.end_checked = now
+        if self.end is None:
+            return False
+        return now >= self.end - self.cfg.lead_seconds(self.last_ckpt_s)
+
+    def _on_term(self, signo: int) -> None:
+        name = signal.Signals(signo).name
+        if self.requeued:
+            return                   # the scheduler stops this run after our requeue
+        if self.sched.cancelled():
+            log.info("%s: the job was cancelled; stopping the computation without requeue", name)
+            self.cancelled = True
+            self._kill_computation()
+            return
+        action = self.cfg.on_preempt
+        log.info("%s without a cancel: preemption (on_preempt: %s)", name, action)
+        if action == "ignore":
+            return
+        self._deadline_reached("preemption", requeue=(action == "requeue"))
+
+    def _deadline_reached(self, why: str, requeue: bool | None = None) -> None:
+        if self.requeued:
+            return
+        requeue = self.cfg.requeue if requeue is None else requeue
+        if requeue and self.run_no >= self.cfg.max_restarts:
+            log.warning("%s: max_restarts (%d) reached; this run is the last, not requeueing", why,
+                        self.cfg.max_restarts)
+            requeue = False
+        if self.cfg.pre_checkpoint:
+            self._hook("pre_checkpoint", self.cfg.pre_checkpoint)
+        log.info("%s: checkpointing the computation", why)
+        reply = self._checkpoint()
+        if not reply.get("ok"):
+            log.error("checkpoint failed: %s; the last good checkpoint (generation %s) is kept; not requeueing",
+                      reply.get("error"), self._latest().generation if self._latest() else "none")
+            return
+        self._log_checkpoints(final=True)
+        if not requeue:
+            return
+        self._kill_computation()
+        try:
+            self.sched.requeue()
+        except SchedulerError as e:
+            log.error("requeue failed: %s", e)
+            return
+        self.requeued = True
+        log.info("job %s requeued; the next run restarts from generation %s", self.job, reply.get("generation"))
+
+    def _checkpoint(self) -> dict:
+        for _ in range(600):
+            try:
+                reply = self._cmd("bcheckpoint", timeout=None)
+            except CoordinatorUnreachable as e:
+                return {"ok": False, "error": str(e)}
+            if reply.get("ok") or "already in progress" not in str(reply.get("error")):
+                if reply.get("ok"):
+                    open(os.path.join(self.ckptdir, EVER_COMPLETED), "w").close()
+                return reply
+            time.sleep(0.5)          # an interval checkpoint is running: wait for it, then take ours
+        return {"ok": False, "error": "a checkpoint was in progress for too long"}
+
+    def _kill_computation(self) -> None:
+        try:
+            self._cmd("kill", timeout=10)
+        except CoordinatorUnreachable:
+            pass
+        try:
+            self.child.wait(30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+
+    def _stop_coordinator(self) -> None:
+        if self.coord and self.coord.poll() is None:
+            self.coord.terminate()
+            try:
+                self.coord.wait(10)
+            except subprocess.TimeoutExpired:
+                self.coord.kill()
+
+    def _hook(self, name: str, cmd: str) -> None:
+        log.info("running %s hook: %s", name, cmd)
+        r = subprocess.run(cmd, shell=True, env=self._env())
+        if r.returncode != 0:
+            log.warning("%s hook exited with %d", name, r.returncode)
+
+    def _log_checkpoints(self, final: bool = False) -> None:
+        try:
+            st = self._cmd("status", timeout=5)
+        except CoordinatorUnreachable:
+            return
+        last = st.get("last_checkpoint")
+        if not last or last["generation"] <= self.last_logged_gen and not final:
+            return
+        self.last_logged_gen = last["generation"]
+        self.last_ckpt_s = last.get("duration_s")
+        left = ""
+        end = self.end if self.end is not None else None
+        if end:
+            left = f", {max(0, end - time.time()):.0f} s left before the limit"
+        log.info("checkpoint generation %d: %.2f s, %.1f MB, processes stopped %.3f s%s", last["generation"],
+                 last.get("duration_s", 0), last.get("bytes_out", 0) / 1e6, last.get("frozen_s", 0), left)
+

@@ -1,0 +1,212 @@
+"""Slurm (issue 5), against a real Slurm: slurm/local-cluster.sh brings up Debian's slurmctld/slurmd on this
+machine. A job longer than its wall time checkpoints before the limit, requeues itself and finishes with the
+output of a plain run; signals, preemption, cancel, program failure, failed checkpoints and max_restarts."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compile_c, run, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root")
+    r = subprocess.run([str(REPO / "slurm" / "local-cluster.sh"), "up"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    conf = re.search(r"SLURM_CONF=(\S+)", r.stdout).group(1)
+    yield {"SLURM_CONF": conf}
+    subprocess.run(["scancel", "--user", "root"], env={**os.environ, "SLURM_CONF": conf}, capture_output=True)
+
+
+@pytest.fixture
+def job_dir(tmp_path, build_dir):
+    d = Path(tmp_path)
+    shutil.copy(compile_c(build_dir, "counter"), d / "counter")
+    return d
+
+
+def _env(env, slurm):
+    e = dict(env, **slurm)
+    e.pop("HPCCKPT_RUNDIR", None)
+    return e
+
+
+def _job_script(d: Path, steps: int, delay_us: int, exit_code: int = 0) -> Path:
+    js = d / "job.sh"
+    js.write_text(f"""#!/bin/bash
+#SBATCH -J hpcckpt-test
+#SBATCH -o {d}/slurm-%j.out
+echo "run ${{SLURM_RESTART_COUNT:-0}} starts"
+./counter out.txt 8 {steps} {delay_us}
+echo "script done"
+exit {exit_code}
+""")
+    js.chmod(0o755)
+    return js
+
+
+def _submit(d: Path, env: dict, config: str, *sbatch_opts: str) -> str:
+    (d / "job.yaml").write_text(config)
+    r = run(["hpcckpt", "sbatch", "--config", str(d / "job.yaml"), *sbatch_opts, str(d / "job.sh")], env, d)
+    assert r.returncode == 0, r.stderr
+    return re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+
+
+def _show(job: str, env: dict) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\S+?)=(\S*)", out))
+
+
+def _state(job, env):
+    return _show(job, env).get("JobState", "")
+
+
+def _wait_state(job, env, states, timeout):
+    return wait_for(lambda: (lambda s: s if s in states else None)(_state(job, env)), timeout,
+                    f"job {job} to reach {states}", interval=0.5)
+
+
+def _log(d: Path, job: str) -> str:
+    p = d / f"slurm-{job}.out"
+    return p.read_text() if p.exists() else ""
+
+
+def _plain(d: Path, steps: int) -> str:
+    subprocess.run([str(d / "counter"), str(d / "plain.txt"), "8", str(steps), "0"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return (d / "plain.txt").read_text()
+
+
+def _lines(d: Path) -> int:
+    p = d / "out.txt"
+    return p.read_text().count("\n") if p.exists() else 0
+
+
+def test_wall_time_deadline_requeues_until_done(slurm, job_dir, env):
+    """--time=1 (60 s) and 50 s of work: the job checkpoints at its own deadline (lead 45 s, so after ~15 s of
+    each run), requeues itself at least twice, and completes with a plain run's output in one appended log."""
+    e = _env(env, slurm)
+    steps = 500
+    _job_script(job_dir, steps, 100000)
+    job = _submit(job_dir, e, "lead: 45\nmin_lead: 10\n", "--time=1")
+    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
+    info = _show(job, e)
+    log = _log(job_dir, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info["Restarts"]) >= 2, log
+    assert "wall-time deadline" in log
+    assert log.count("starts") >= 1 and "run 0 starts" in log and "script done" in log
+    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
+    assert re.search(r"checkpoint generation \d+: [\d.]+ s, [\d.]+ MB.* s left before the limit", log)
+
+
+def test_warning_signal_requeues(slurm, job_dir, env):
+    e = _env(env, slurm)
+    steps = 150
+    _job_script(job_dir, steps, 50000)
+    job = _submit(job_dir, e, "lead: 30\n", "--time=10")
+    wait_for(lambda: _lines(job_dir) >= 20, 60, "progress")
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
+    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    info, log = _show(job, e), _log(job_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "got SIGUSR1" in log and "requeued" in log
+    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
+
+
+def test_preemption_checkpoints_and_requeues(slurm, job_dir, env):
+    """SIGTERM that is not a cancel (what preemption with a grace time sends) checkpoints at once and
+    requeues. Stand-in: `scancel -s TERM` signals the job without cancelling it."""
+    e = _env(env, slurm)
+    steps = 150
+    _job_script(job_dir, steps, 50000)
+    job = _submit(job_dir, e, "lead: 30\n", "--time=10")
+    wait_for(lambda: _lines(job_dir) >= 20, 60, "progress")
+    subprocess.run(["scancel", "-b", "-s", "TERM", job], env=e, check=True)
+    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED"}, 120)
+    info, log = _show(job, e), _log(job_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "preemption" in log
+    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
+
+
+def test_program_failure_is_not_requeued(slurm, job_dir, env):
+    e = _env(env, slurm)
+    _job_script(job_dir, 20, 10000, exit_code=3)
+    job = _submit(job_dir, e, "lead: 30\n", "--time=10")
+    _wait_state(job, e, {"COMPLETED", "FAILED"}, 60)
+    info, log = _show(job, e), _log(job_dir, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "3:0" and info["Restarts"] == "0", log
+    assert "ended with exit code 3; not requeueing" in log
+
+
+def test_scancel_is_not_requeued(slurm, job_dir, env):
+    e = _env(env, slurm)
+    _job_script(job_dir, 100000, 50000)
+    job = _submit(job_dir, e, "lead: 30\n", "--time=10")
+    wait_for(lambda: _lines(job_dir) >= 10, 60, "progress")
+    subprocess.run(["scancel", job], env=e, check=True)
+    _wait_state(job, e, {"CANCELLED"}, 60)
+    time.sleep(8)                                   # a wrong requeue would show up by now
+    info = _show(job, e)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
+    assert subprocess.run(["pgrep", "-f", f"{job_dir}/counter"], capture_output=True).stdout == b""
+
+
+def test_failed_checkpoint_is_not_requeued(slurm, job_dir, env):
+    """A checkpoint that fails (disk full, injected) keeps the previous one, says so, and does not requeue:
+    the program simply runs on."""
+    e = _env(env, slurm)
+    e["HPCCKPT_FAULT"] = "dump.after_chunk:error=ENOSPC"
+    steps = 120
+    _job_script(job_dir, steps, 50000)
+    job = _submit(job_dir, e, "lead: 30\n", "--time=10", "--export=ALL")
+    wait_for(lambda: _lines(job_dir) >= 20, 60, "progress")
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
+    _wait_state(job, e, {"COMPLETED", "FAILED"}, 120)
+    info, log = _show(job, e), _log(job_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    assert "checkpoint failed" in log and "No space left on device" in log and "not requeueing" in log
+    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
+
+
+def test_max_restarts(slurm, job_dir, env):
+    e = _env(env, slurm)
+    steps = 200
+    _job_script(job_dir, steps, 50000)
+    job = _submit(job_dir, e, "lead: 30\nmax_restarts: 1\n", "--time=10")
+    wait_for(lambda: _lines(job_dir) >= 20, 60, "progress")
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
+    wait_for(lambda: "run 1" in _log(job_dir, job) and "restored" in _log(job_dir, job), 60, "the rerun")
+    n = _lines(job_dir)
+    wait_for(lambda: _lines(job_dir) > n + 10, 60, "progress after the rerun")
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
+    _wait_state(job, e, {"COMPLETED", "FAILED"}, 120)
+    info, log = _show(job, e), _log(job_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "max_restarts (1) reached" in log
+    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
+
+
+def test_config_errors_at_submit_time(slurm, job_dir, env):
+    e = _env(env, slurm)
+    _job_script(job_dir, 10, 0)
+    for text, msg in (("lead: soon\n", "lead must be"), ("intervall: 3\n", "unknown key 'intervall'"),
+                      ("on_preempt: panic\n", "on_preempt must be one of")):
+        (job_dir / "bad.yaml").write_text(text)
+        r = run(["hpcckpt", "sbatch", "--config", str(job_dir / "bad.yaml"), str(job_dir / "job.sh")], e, job_dir)
+        assert r.returncode == 99 and msg in r.stderr
+    r = run(["hpcckpt", "sbatch", "--dry-run", "--time=5", str(job_dir / "job.sh")], e, job_dir)
+    assert r.returncode == 0 and "#SBATCH -J hpcckpt-test" in r.stdout and "--requeue" in r.stdout
+    assert "#SBATCH --open-mode=append" in r.stdout and "--signal=B:USR1@" in r.stdout
