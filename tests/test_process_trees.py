@@ -106,3 +106,39 @@ def test_restart_needs_every_image(launch, env, tmp_path, build_dir):
     r = run(["dmtcp_restart", "-p", "0", str(images[-1])], env, tmp_path)
     assert r.returncode == 99 and "not in any image given" in r.stderr
     assert subprocess.run(["pgrep", "-f", str(prog)], capture_output=True).stdout == b""
+
+
+def test_event_fds_and_unix_sockets(launch, env, tmp_path):
+    """epoll + timerfd + eventfd + UNIX seqpacket socketpair + a connection on a named stream socket + queued
+    datagrams, across two checkpoint/restart rounds: no request or byte lost or duplicated."""
+    prog = Path(__file__).parent / "programs" / "events.py"
+    out = tmp_path / "out.txt"
+    job = launch(sys.executable, prog, out, 200)
+    wait_for(lambda: line_count(out) >= 20, 30, "progress")
+    checkpoint_and_kill(job)
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    n = line_count(out)
+    wait_for(lambda: line_count(out) >= n + 20, 30, "progress after the restart")
+    checkpoint_and_kill(job2)
+    _restart_to_end(env, tmp_path)
+    lines = out.read_text().splitlines()
+    rounds = [line.split() for line in lines if line.startswith("round")]
+    assert [int(r[1]) for r in rounds] == list(range(1, 201))
+    assert all(int(r[5]) == 10 * int(r[3]) for r in rounds), "a stream byte was lost or duplicated"
+    got = [int(r[3]) for r in rounds]
+    assert got == sorted(got)
+    assert lines[-2] == "queued " + ",".join(f"queued {k}" for k in range(5))
+    assert lines[-1].startswith("done") and int(lines[-1].split()[4]) == 10 * int(lines[-1].split()[2])
+
+
+def test_shared_memory_stays_shared(launch, env, tmp_path, build_dir):
+    """MAP_SHARED anonymous memory from before a fork, and a memfd both map and one also writes through its
+    descriptor: still one object after a restart (a write in one process is seen by the other)."""
+    prog = compile_c(build_dir, "shm")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, 300)
+    wait_for(lambda: line_count(out) >= 50, 30, "progress")
+    checkpoint_and_kill(job)
+    _restart_to_end(env, tmp_path, timeout=60)
+    lines = out.read_text().splitlines()
+    assert lines[:-1] == [f"round {r} ok" for r in range(1, 301)] and lines[-1] == "done"

@@ -74,7 +74,8 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         brk = leader.check("brk(0)", SYS.brk, 0)
         itimers = timers.dump_itimers(leader, scratch)
         posix_timers = timers.dump_posix_timers(leader, scratch, pid)
-        pending = [b64(i) for i in signals.dump_pending(pid, shared=True)]
+        pending_raw = signals.dump_pending(pid, shared=True)
+        pending = [b64(i) for i in timers.fire_due_timers(itimers, posix_timers, pending_raw)]
         for th in fp.threads.values():
             if th.injector and th.injector.deferred:
                 th.injector.requeue_signals(scratch.addr, scratch.write_abs)

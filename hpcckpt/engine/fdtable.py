@@ -129,6 +129,9 @@ class FdTable:
     def __init__(self, pids: list[int], stdio_pid: int | None = None):
         from . import kinds
         self.kinds = kinds.KINDS
+        for k in self.kinds:
+            if hasattr(k, "reset"):
+                k.reset()                    # per-scan caches (e.g. the sock_diag table)
         self.pids = sorted(pids)
         self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
         self.stdio = [e for e in (read_fd(self.stdio_pid, n) for n in (0, 1, 2)) if e is not None]
@@ -241,6 +244,19 @@ class ObjectFactory:
                 fd = self.by_kind[state["kind"]].create(self, state)
             self.fds[oid] = self.high(fd)
         return self.fds[oid]
+
+    def shm_fd(self, key: str, size: int) -> int:
+        """The memfd standing for shared memory object `key` (MAP_SHARED anonymous memory, a memfd, a deleted
+        /dev/shm file) across every process that maps or opens it; grown to at least `size` bytes."""
+        shms = self.extra.setdefault("shm", {})
+        if key not in shms:
+            fd = os.memfd_create("hpcckpt-shm", os.MFD_CLOEXEC)
+            shms[key] = self.high(fd)
+            self.fds[f"shm:{key}"] = shms[key]      # closed with the other objects
+        fd = shms[key]
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        return fd
 
     def high(self, fd: int) -> int:
         """Move fd above every fd number of the computation, so helpers can dup2 freely below it."""

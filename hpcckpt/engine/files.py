@@ -49,6 +49,9 @@ class RegularFile:
             # unlinked while open: only the open file keeps the data; save it
             state["deleted"] = True
             state["path"] = e.target[: -len(DELETED)]
+            if state["path"].startswith(("/memfd:", "/dev/shm/")):
+                # shared memory that processes may also map: one object with the mappings (memory.py)
+                state["shm"] = f"{os.major(e.dev):02x}:{os.minor(e.dev):02x}:{e.ino}"
             st = os.stat(f"/proc/{e.pid}/fd/{e.fd}")
             if st.st_size > MAX_DELETED_BYTES:
                 raise UnsupportedFd(f"{e.where()}: deleted file {e.target} is {st.st_size} bytes; only up to "
@@ -60,7 +63,12 @@ class RegularFile:
 
     @staticmethod
     def create(factory, state: dict) -> int:
-        if state.get("deleted"):
+        if state.get("shm"):
+            data = factory.read_blob(state["id"])
+            shm = factory.shm_fd(state["shm"], max(len(data), state.get("size", 0)))
+            os.pwrite(shm, data, 0)
+            fd = _open(f"/proc/self/fd/{shm}", state["flags"], "shared memory file")
+        elif state.get("deleted"):
             d = os.path.dirname(state["path"])
             d = d if os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
             fd, tmp = tempfile.mkstemp(prefix=".hpcckpt-deleted-", dir=d)

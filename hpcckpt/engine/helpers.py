@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, RegionRecord
+from .eventfds import register_epoll_items
 from .fdtable import ObjectFactory
 from .linux import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ, \
     PROT_WRITE, TASK_SIZE, mmap
@@ -38,7 +39,8 @@ class ProcPlan:
     reserve_candidates: list[int] = field(default_factory=list)
     children: list[int] = field(default_factory=list)                # live children (image PIDs)
     new_pid: int = 0
-    sync_fds: tuple[int, ...] = ()                                   # hold/info pipe ends (closed by injection)
+    sync_fds: tuple[int, ...] = ()
+    epoll_regs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (epfd, tfd, events, data)                                   # hold/info pipe ends (closed by injection)
 
     @property
     def pid(self) -> int:
@@ -97,7 +99,16 @@ def make_plans(metas: list[tuple[ImageMeta, ImageReader]], factory: ObjectFactor
         plan.close = [fd for fd in (0, 1, 2) if fd not in have]
         for rec in proc.fds:
             plan.fds.append((rec.fd, factory.fd_for(rec.ofd), rec.cloexec))
+        for oid in {rec.ofd for rec in proc.fds}:
+            obj = factory.objects.get(oid, {})
+            if obj.get("kind") == "epoll":
+                epfd = min(r.fd for r in proc.fds if r.ofd == oid)
+                plan.epoll_regs += [(epfd, i["tfd"], i["events"], i["data"]) for i in obj["items"]
+                                    if i["pid"] == proc.pid]
         for r in proc.regions:
+            if r.backing == "shared-anon":
+                plan.map_fds[f"shm:{r.shm}"] = factory.shm_fd(r.shm, r.offset + (r.end - r.start))
+                continue
             if r.backing != "file":
                 continue
             rw = any(x.path == r.path and x.perms[3] == "s" and x.perms[1] == "w" for x in proc.regions)
@@ -129,8 +140,10 @@ def make_plans(metas: list[tuple[ImageMeta, ImageReader]], factory: ObjectFactor
 def close_plans(plans: dict[int, ProcPlan]) -> None:
     seen = set()
     for plan in plans.values():
-        for fd in list(plan.map_fds.values()) + [plan.exe_fd]:
-            if fd >= 0 and fd not in seen:
+        for key, fd in list(plan.map_fds.items()) + [("exe", plan.exe_fd)]:
+            if key.startswith("shm:"):
+                continue                      # the factory's (closed with it)
+            if fd >= 0 and fd not in seen:  # noqa: SIM102
                 seen.add(fd)
                 try:
                     os.close(fd)
@@ -307,6 +320,7 @@ def _setup_self(sp: Spawner, plan: ProcPlan) -> None:
                 os.close(fd)
             except OSError:
                 pass
+    register_epoll_items(plan.epoll_regs)
     os.chdir(proc.cwd)
     os.umask(proc.umask)
     size = RESERVE_PAGES * PAGE

@@ -2,7 +2,10 @@
 before its ends). Adding a kind: one module with a handler class (KIND, matches, dump, create), one line here."""
 from __future__ import annotations
 
+from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .pipes import Index, PipeEnd, PipeInode
+from .unixsock import UnixSocket
 
-KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, Index]
+KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, EventFd, TimerFd, SignalFd, Epoll,
+         Index]

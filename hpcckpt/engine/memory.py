@@ -87,6 +87,8 @@ class MemoryDumper:
                                    dev=m.dev, inode=m.inode, vmflags=m.vmflags, backing=backing)
                 if ident:
                     rec.file_size, rec.file_mtime_ns = ident
+                if backing == "shared-anon":
+                    rec.shm = f"{m.dev}:{m.inode}"       # same key as an fd to the same object (files.py)
                 if mode == "all":
                     runs = [(0, m.npages)]
                 elif mode in ("touched", "written"):
@@ -203,7 +205,7 @@ def map_flags(r: RegionRecord) -> int:
     if r.backing == "file":
         flags = MAP_SHARED if r.perms[3] == "s" else MAP_PRIVATE
     elif r.backing == "shared-anon":
-        flags = MAP_SHARED | MAP_ANONYMOUS
+        flags = MAP_SHARED                # of the computation's memfd standing for the shared object
     else:
         flags = MAP_PRIVATE | MAP_ANONYMOUS
     if "gd" in r.vmflags:
@@ -222,9 +224,9 @@ def map_region(inj: Injector, r: RegionRecord, fd: int) -> None:
         prot |= PROT_READ | PROT_WRITE
     elif r.chunks:                      # shared anonymous memory: anonymous, so always writable while filling
         prot |= PROT_READ | PROT_WRITE
-    off = r.offset if r.backing == "file" else 0
-    got = inj.call(SYS.mmap, r.start, r.end - r.start, prot, map_flags(r), fd if r.backing == "file" else -1,
-                   off)
+    uses_fd = r.backing in ("file", "shared-anon")
+    got = inj.call(SYS.mmap, r.start, r.end - r.start, prot, map_flags(r), fd if uses_fd else -1,
+                   r.offset if uses_fd else 0)
     if got != r.start:
         err = os.strerror(-got) if -4096 < got < 0 else f"landed at {got:#x}"
         raise ImageError(f"cannot recreate mapping {r.start:#x}-{r.end:#x} {r.path or '[anon]'}: {err}")

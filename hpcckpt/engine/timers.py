@@ -103,3 +103,33 @@ def restore_posix_timers(inj: Injector, scratch, timers: list[dict], tid_map: di
     finally:
         if chosen_ids:
             inj.call(SYS.prctl, PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+
+
+SI_KERNEL, SI_TIMER = 0x80, -2
+SIGALRM = 14
+
+
+def fire_due_timers(itimers: list[list[int]], posix_timers: list[dict], pending: list[bytes]) -> list[bytes]:
+    """A periodic timer whose signal is still pending shows "no time left": the kernel re-arms it only when
+    that very signal is delivered. A copy of the signal queued again after a restart would not re-arm it, so
+    instead such a timer is made due at once (it fires, and re-arms itself, right after the restart) and its
+    pending signal is dropped. Returns the pending signals to keep."""
+    drop_alarm = False
+    real = itimers[0] if itimers else None
+    if real and real[2:] == [0, 0] and real[:2] != [0, 0]:
+        real[3] = 1
+        drop_alarm = True
+    due_timers = set()
+    for t in posix_timers:
+        if t["spec"][2:] == [0, 0] and t["spec"][:2] != [0, 0]:
+            t["spec"][3] = 1
+            due_timers.add(t["id"])
+    keep = []
+    for info in pending:
+        signo, _, code = struct.unpack_from("<iii", info)
+        if drop_alarm and signo == SIGALRM and code == SI_KERNEL:
+            continue
+        if code == SI_TIMER and struct.unpack_from("<i", info, 16)[0] in due_timers:
+            continue
+        keep.append(info)
+    return keep

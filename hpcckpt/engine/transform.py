@@ -176,7 +176,8 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
             inj.check(f"mremap({reg.path} -> {reg.start:#x})", SYS.mremap, src, reg.end - reg.start,
                       reg.end - reg.start, MREMAP_MAYMOVE | MREMAP_FIXED, reg.start)
         else:
-            memory.map_region(inj, reg, plan.map_fds.get(reg.path, -1))
+            key = f"shm:{reg.shm}" if reg.backing == "shared-anon" else reg.path
+            memory.map_region(inj, reg, plan.map_fds.get(key, -1))
     filler = memory.MemoryFiller(pid, reader, verify=opts.verify_checksums)
     try:
         filler.fill(proc.regions)

@@ -77,6 +77,7 @@ class RegionRecord(Record):
     file_size: int = -1             # identity of the backing file at checkpoint time
     file_mtime_ns: int = -1
     chunks: list = field(default_factory=list)   # image.format.Chunk rows
+    shm: str = ""                   # shared memory object ("dev:inode") it maps, shared across processes
 
 
 @dataclass
