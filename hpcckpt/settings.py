@@ -38,6 +38,7 @@ class Settings:
     keep_generations: int = field(default=2, metadata=_env("HPCCKPT_KEEP"))
     ckpt_signal: int = field(default=0, metadata=_env("DMTCP_SIGCKPT"))
     pid_namespace: bool = field(default=True, metadata=_env("HPCCKPT_PID_NAMESPACE"))
+    forked: bool = field(default=True, metadata=_env("DMTCP_FORKED_CHECKPOINT"))
     # failure handling
     fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))

@@ -222,3 +222,29 @@ def test_per_process_state_survives(launch, env, tmp_path, build_dir):
         assert vals == sorted(vals) and vals[-1] > int(counters[len(before) - 1][key]), key
     assert all(c["brk"] == "1" and c["badval"] == "0" for c in counters)
     assert counters[-1]["usr2"] == "1"                    # the signal pending since the start was delivered
+
+
+@pytest.mark.parametrize("forked", [True, False], ids=["forked", "frozen"])
+def test_forked_and_frozen_checkpoints(forked, launch, env, tmp_path, build_dir):
+    """Both ways of writing images give exact restarts: with a copy-on-write fork (the program runs on while
+    its images are written), MADV_DONTFORK/WIPEONFORK memory is still saved as it was, the snapshot forks
+    never show up (the program's waitpid(-1) reaps nothing unexpected), and the generation is complete only
+    once its images are on disk."""
+    prog = compile_c(build_dir, "forkmodes")
+    out = tmp_path / "out.txt"
+    extra = () if forked else ("--no-forked-checkpoint",)
+    job = launch(prog, out, 150, extra=extra)
+    wait_for(lambda: line_count(out) >= 10, 30, "progress")
+    for _ in range(3):
+        r = job.command("-bc", "--json")
+        assert r.returncode == 0, r.stderr
+        last = json.loads(r.stdout)["checkpoint"]
+        assert last["images"] == 2
+        peers = json.loads(job.command("-l", "--json").stdout)["peers"]
+        assert len(peers) == 2, peers                     # no snapshot listed as part of the job
+    checkpoint_and_kill(job)
+    run_ = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=60)
+    assert run_.returncode == 0, run_.stderr
+    lines = out.read_text().splitlines()
+    assert lines[-1] == "done" and len(lines) == 151
+    assert all(line.endswith(" ok") for line in lines[:-1]), [x for x in lines if "BAD" in x][:3]

@@ -15,9 +15,10 @@ def test_roundtrip_and_alignment(tmp_path, compress):
     path = str(tmp_path / "ckpt_x_1.dmtcp")
     w = ImageWriter(path, compress=compress)
     data = [bytes([i]) * 4096 * (i + 1) for i in range(5)]
-    chunks = [w.add_chunk(i, i + 1, d) for i, d in enumerate(data)]
+    groups = [w.add_chunk(i, i + 1, d) for i, d in enumerate(data)]
     assert os.path.exists(path + ".tmp") and not os.path.exists(path)   # never a final name while writing
     w.drain()                                   # chunk offsets are known once written
+    chunks = [g[0] for g in groups]
     w.finish({"process": {"regions": [{"chunks": [c.to_json() for c in chunks]}]}, "x": 1})
     assert not os.path.exists(path + ".tmp")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -40,8 +41,9 @@ def test_abort_leaves_nothing(tmp_path):
 def test_corruption_detected(tmp_path):
     path = tmp_path / "img.dmtcp"
     w = ImageWriter(str(path))
-    c = w.add_chunk(0, 2, b"\7" * 8192)
-    w.finish({"process": {"regions": [{"chunks": [c.to_json()]}]}})
+    g = w.add_chunk(0, 2, b"\7" * 8192)
+    w.drain()
+    w.finish({"process": {"regions": [{"chunks": [g[0].to_json()]}]}})
     raw = bytearray(path.read_bytes())
     raw[4096 + 100] ^= 1
     path.write_bytes(bytes(raw))
@@ -71,3 +73,21 @@ def test_manifest_marks_completeness(tmp_path):
     assert store.complete_generations(str(tmp_path), "c1") == [1, 3]
     m = store.latest_manifest(str(tmp_path), "c1")
     assert m.generation == 3 and m.images[0].program == "prog"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_zero_pages_cost_nothing(tmp_path, compress):
+    """All-zero pages of anonymous memory are left out of the image (they read back as zeros)."""
+    path = str(tmp_path / "z.dmtcp")
+    w = ImageWriter(path, compress=compress)
+    data = bytearray(4096 * 8)
+    data[4096 * 2] = 1                          # pages 2 and 5 hold data, the rest are zero
+    data[4096 * 5 + 7] = 2
+    g = w.submit(10, 8, lambda buf: buf.__setitem__(slice(0, len(data)), data), zero_skip=True)
+    w.drain()
+    assert [(c.page, c.npages) for c in g] == [(12, 1), (15, 1)]
+    assert w.zero_pages == 6
+    w.finish({"process": {"regions": [{"chunks": [c.to_json() for c in g]}]}})
+    with ImageReader(path) as r:
+        assert r.read_chunk(g[0])[0] == 1 and r.read_chunk(g[1])[7] == 2
+    assert os.stat(path).st_blocks * 512 < 4096 * 8     # the file holds no zero pages

@@ -127,10 +127,18 @@ def test_same_pids_as_unprivileged_user(sandbox, build_dir):
     p = subprocess.Popen(_as_nobody(["bash", str(work / "dmtcp_restart_script.sh"), "--coord-port", "0"], sandbox),
                          env=_env(sandbox), cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        pids = wait_for(lambda: subprocess.run(["pgrep", "-u", str(NOBODY), "-x", "ids"], capture_output=True,
-                                               text=True).stdout.split(), 30, "the restored process")
-        status = Path(f"/proc/{pids[0]}/status").read_text()
-        fields = dict(line.split(":", 1) for line in status.splitlines())
+        def released():
+            # the restored process, once it runs on its own (no longer traced by the restoring agent)
+            for pid in subprocess.run(["pgrep", "-u", str(NOBODY), "-x", "ids"], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    f = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+                except FileNotFoundError:
+                    continue
+                if f["TracerPid"].strip() == "0" and not f["State"].strip().startswith("Z"):
+                    return f
+            return None
+        fields = wait_for(released, 30, "the restored process to run")
         # the restored process is as unprivileged as the original: same uid, no capabilities
         assert fields["Uid"].split()[0] == str(NOBODY)
         assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,6 +21,8 @@ from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
 from ..engine import tree
 from ..engine.fdtable import FdTable
+from ..engine import procattrs
+from ..engine.forker import kill_snapshot
 from ..engine.freeze import FrozenProcess
 from ..image import store
 from ..settings import Settings
@@ -60,13 +63,33 @@ def program_of(pid: int) -> str:
 
 
 @dataclass
+class PendingImage:
+    cap: object                  # engine.dump.Capture
+    path: str
+    program: str
+    unique_id: str
+
+
+@dataclass
 class CheckpointState:
     generation: int
     frozen: list[FrozenProcess] = field(default_factory=list)
     procs: dict[int, tree.ProcInfo] = field(default_factory=dict)   # every process of the job, zombies too
     images: list[str] = field(default_factory=list)
+    entries: list[dict] = field(default_factory=list)               # ImageEntry rows of images written
+    pending: list[PendingImage] = field(default_factory=list)       # to write from snapshots after resume
     frozen_at: float = 0.0
     stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class BackgroundWrite:
+    """Images of a forked checkpoint being written from snapshots while the job runs."""
+    state: CheckpointState
+    thread: threading.Thread
+    snapshots: list[int]
+    error: str | None = None
+    done_bytes: int = 0
 
 
 class Agent:
@@ -92,6 +115,9 @@ class Agent:
         self.killed = False
         self.sigfd: SignalFd | None = None
         self.pid_namespace = pid_namespace     # we are PID 1 of the job's own namespace
+        self.writing: BackgroundWrite | None = None
+        self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     # ---------------------------------------------------------------------------------------- joining --
     def hello(self, timeout: float = 15.0) -> dict:
@@ -121,7 +147,8 @@ class Agent:
 
     # ------------------------------------------------------------------------------------------- the job --
     def job(self) -> list[tree.ProcInfo]:
-        return tree.job_processes(os.getpid(), self.pid_namespace, self.not_job)
+        return [p for p in tree.job_processes(os.getpid(), self.pid_namespace, self.not_job)
+                if p.pid not in self.hidden and not (self.writing and p.pid in self.writing.snapshots)]
 
     def unique_id(self, pid: int) -> str:
         if pid not in self.uids:
@@ -145,6 +172,7 @@ class Agent:
         poller = zmq.Poller()
         poller.register(self.conn.sock, zmq.POLLIN)
         poller.register(self.sigfd.fd, zmq.POLLIN)
+        poller.register(self.wake_r, zmq.POLLIN)
         clean = False
         try:
             self._reap()
@@ -152,6 +180,12 @@ class Agent:
                 events = dict(poller.poll(timeout=500))
                 if self.sigfd.fd in events:
                     self._on_signals()
+                if self.wake_r in events:
+                    try:
+                        os.read(self.wake_r, 64)
+                    except BlockingIOError:
+                        pass
+                    self._writes_done()
                 if self.conn.sock in events:
                     while True:
                         try:
@@ -165,12 +199,17 @@ class Agent:
                 self._reap()
                 procs = self.public_processes()
                 if procs != self.last_listed or time.monotonic() - self.last_sent >= self.heartbeat_s:
-                    self.send({"type": "heartbeat", "processes": procs})   # -l shows changes within ~0.5 s
+                    hb = {"type": "heartbeat", "processes": procs}      # -l shows changes within ~0.5 s
+                    if self.writing:
+                        hb["progress"] = {"bytes": self.writing.done_bytes}
+                    self.send(hb)
                     self.last_listed = procs
             clean = True
         finally:
             if self.ckpt is not None:
                 self._resume_frozen()
+            if self.writing is not None:
+                self._cancel_writes("the job ended while its checkpoint was being written")
             if not clean:
                 # the agent itself failed: never leave the job running without its owner
                 self._kill_job("agent failed; killing the job it owns")
@@ -227,6 +266,8 @@ class Agent:
             self._on_phase(msg)
         elif kind == "kill":
             self._kill_job("killed by the coordinator")
+        elif kind == "prune":
+            self._prune(msg.get("images", []))
         elif kind == "reject":
             log.error("coordinator: %s", msg.get("reason"))
 
@@ -244,13 +285,15 @@ class Agent:
             elif phase == "drain":
                 self._ack(msg, True)
             elif phase == "checkpoint":
-                images, stats = self._checkpoint(gen)
-                self._ack(msg, True, images=images, stats=stats)
+                images, stats, pending = self._checkpoint(gen, msg.get("forked_ok", True))
+                self._ack(msg, True, images=images, stats=stats, pending=pending)
             elif phase == "refill":
                 self._ack(msg, True)
             elif phase == "resume":
+                c = self.ckpt
                 frozen = self._resume_frozen()
-                self._prune(msg.get("prune", []))
+                if c is not None and c.pending:
+                    self._start_writes(c)          # images of a forked checkpoint, while the job runs
                 self._ack(msg, True, stats={"frozen_s": frozen})
             elif phase == "kill":
                 self._ack(msg, True)
@@ -278,7 +321,9 @@ class Agent:
         self.ckpt.stats["freeze_s"] = round(time.monotonic() - t0, 6)
         self.ckpt.stats["processes"] = len(frozen)
 
-    def _checkpoint(self, gen: int) -> tuple[list[dict], dict]:
+    def _checkpoint(self, gen: int, forked_ok: bool = True) -> tuple[list[dict], dict, bool]:
+        """Capture every frozen process; with forked checkpoints make snapshots (images written after resume),
+        else write the images now. Returns (images written, stats, images still to come)."""
         c = self.ckpt
         if c is None or c.generation != gen:
             raise AgentError(f"checkpoint of generation {gen} without a suspend")
@@ -291,9 +336,8 @@ class Agent:
             raise AgentError(f"checkpoint directory {gdir} is not writable")
         fdt = FdTable([fp.pid for fp in c.frozen], stdio_pid=os.getpid())
         fdt.scan()
-        images = []
         t0 = time.monotonic()
-        bytes_in = bytes_out = 0
+        todo: list[PendingImage] = []
         for fp in c.frozen:
             info = c.procs.get(fp.pid)
             zombies = [{"pid": z.pid, "pgid": z.pgid, "sid": z.sid, "status": z.exit_code}
@@ -306,19 +350,114 @@ class Agent:
             uid = self.unique_id(fp.pid)
             path = os.path.join(gdir, store.image_name(program, uid))
             c.images.append(path)
-            meta = engine_dump.dump_process(
-                fp, path, computation=self.computation, generation=gen, unique_id=uid,
-                compress=self.s.compress, level=self.s.compress_level, progress=self._progress,
-                pid_namespace=self.pid_namespace, place=place)
-            size = os.path.getsize(path)
-            bytes_in += meta.stats["bytes_in"]
-            bytes_out += size
-            images.append(asdict(store.ImageEntry(self.host, path, program, uid, fp.pid, size)))
-        store.fsync_dir(gdir)
-        c.stats.update(dump_s=round(time.monotonic() - t0, 6), bytes_in=bytes_in, bytes_out=bytes_out)
-        return images, c.stats
+            cap = engine_dump.capture(fp, place, self.pid_namespace)
+            todo.append(PendingImage(cap, path, program, uid))
+        c.stats["capture_s"] = round(time.monotonic() - t0, 6)
+        if forked_ok and self.s.forked and self._memory_allows_fork([p.cap.fp.pid for p in todo]):
+            for p in todo:
+                info = c.procs.get(p.cap.fp.pid)
+                engine_dump.snapshot(p.cap, parent_is_agent=bool(info and info.ppid == os.getpid()))
+        for p in todo:
+            if p.cap.snapshot_pid:
+                c.pending.append(p)        # written from its snapshot once the job runs again
+            else:
+                self._write(c, p)          # written now, while frozen
+        if not c.pending:
+            store.fsync_dir(gdir)
+        c.stats.update(dump_s=round(time.monotonic() - t0, 6))
+        return list(c.entries), c.stats, bool(c.pending)
+
+    def _write(self, c: CheckpointState, p: PendingImage) -> None:
+        meta = engine_dump.write_image(p.cap, p.path, computation=self.computation, generation=c.generation,
+                                       unique_id=p.unique_id, compress=self.s.compress,
+                                       level=self.s.compress_level, progress=self._progress)
+        size = os.path.getsize(p.path)
+        c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
+        c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
+        c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid, size)))
+
+    def _memory_allows_fork(self, pids: list[int]) -> bool:
+        """A snapshot costs memory for every page the job changes while the images are written; fork only when
+        the machine could hold a second copy of the job's anonymous memory."""
+        need = 0
+        for pid in pids:
+            try:
+                need += int(procattrs.read_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
+            except (OSError, ValueError):
+                pass
+        avail = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+        if avail < need:
+            log.info("not forking for this checkpoint: %.1f GB available, the job holds %.1f GB", avail / 1e9,
+                     need / 1e9)
+            return False
+        return True
+
+    # ------------------------------------------------------------------------- forked: background writes --
+    def _start_writes(self, c: CheckpointState) -> None:
+        snaps = [p.cap.snapshot_pid for p in c.pending]
+        bw = BackgroundWrite(c, threading.Thread(target=self._write_all, name="image-writer", daemon=True), snaps)
+        self.writing = bw
+        bw.thread.start()
+
+    def _write_all(self) -> None:
+        """(writer thread) Write every pending image from its snapshot; never touches ptrace or the socket."""
+        bw = self.writing
+        c = bw.state
+        try:
+            for p in c.pending:
+                self._write(c, p)
+            store.fsync_dir(store.generation_dir(self.ckptdir, self.computation, c.generation))
+        except BaseException as e:
+            bw.error = f"{self.host}: {e}"
+        finally:
+            os.write(self.wake_w, b"w")
+
+    def _writes_done(self) -> None:
+        bw = self.writing
+        if bw is None:
+            return
+        bw.thread.join()                  # it has written its wake-up byte as its very last act
+        self.writing = None
+        self._reap_snapshots(bw.snapshots)
+        c = bw.state
+        if bw.error:
+            log.error("writing checkpoint generation %d failed: %s", c.generation, bw.error)
+            store.remove_generation_images(self.ckptdir, self.computation, c.generation, c.images)
+            self.send({"type": "written", "generation": c.generation, "ok": False, "error": bw.error})
+            return
+        log.info("checkpoint generation %d written (%.1f MB)", c.generation, c.stats.get("bytes_out", 0) / 1e6)
+        self.send({"type": "written", "generation": c.generation, "ok": True, "images": c.entries,
+                   "stats": c.stats})
+
+    def _reap_snapshots(self, pids: list[int]) -> None:
+        for pid in pids:
+            kill_snapshot(pid)
+            if tree.read_proc(pid) is not None:      # a zombie under its job process (see engine/forker.py)
+                self.hidden.add(pid)
+
+    def _cancel_writes(self, why: str) -> None:
+        bw = self.writing
+        if bw is None:
+            return
+        for pid in bw.snapshots:
+            try:
+                os.kill(pid, signal.SIGKILL)        # the writer thread fails on its next read
+            except ProcessLookupError:
+                pass
+        bw.thread.join(30)
+        self.writing = None
+        self._reap_snapshots(bw.snapshots)
+        store.remove_generation_images(self.ckptdir, self.computation, bw.state.generation, bw.state.images)
+        log.warning("checkpoint generation %d abandoned: %s", bw.state.generation, why)
 
     def _progress(self, done: int) -> None:
+        if self.writing is not None:
+            self.writing.done_bytes = done           # (writer thread) the main loop reports it
+            return
         if time.monotonic() - self.last_sent >= 1.0:
             self.send({"type": "heartbeat", "progress": {"bytes": done}})
 
@@ -335,8 +474,13 @@ class Agent:
         return frozen
 
     def _abort(self, gen: int, reason: str, quiet: bool = False) -> None:
+        if self.writing is not None and self.writing.state.generation == gen:
+            self._cancel_writes(reason)
+            return
         c = self.ckpt
         paths = c.images if c is not None and c.generation == gen else []
+        if c is not None:
+            self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         self._resume_frozen()
         if self.computation:
             store.remove_generation_images(self.ckptdir, self.computation, gen, paths)

@@ -46,6 +46,12 @@ def parser(prog: str) -> Parser:
                    help="write images uncompressed (env DMTCP_GZIP=0)")
     p.add_argument("--ckpt-signal", metavar="SIG", help="a signal sent to this launcher asks for a checkpoint of the "
                                                         "whole computation (env DMTCP_SIGCKPT; e.g. USR2)")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--forked-checkpoint", dest="forked", action="store_const", const=True,
+                   help="write images from a copy-on-write fork while the program runs on (default; env "
+                        "DMTCP_FORKED_CHECKPOINT)")
+    f.add_argument("--no-forked-checkpoint", dest="forked", action="store_const", const=False,
+                   help="keep the program stopped until its images are written")
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="run the job without its own PID namespace (restarted processes then get new PIDs; "
                         "env HPCCKPT_PID_NAMESPACE=0)")

@@ -38,6 +38,9 @@ def parser(prog: str) -> Parser:
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
     p.add_argument("--from", dest="from_dir", metavar="DIR", help="restart the newest complete checkpoint in DIR")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification of page data")
+    f = p.add_mutually_exclusive_group()
+    f.add_argument("--forked-checkpoint", dest="forked", action="store_const", const=True)
+    f.add_argument("--no-forked-checkpoint", dest="forked", action="store_const", const=False)
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="restart without a PID namespace of our own (processes get new PIDs)")
     p.add_argument("-q", "--quiet", action="store_true", default=None)

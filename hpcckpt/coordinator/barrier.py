@@ -9,8 +9,13 @@ every peer has acknowledged it:
     CHECKPOINTED --refill-->      REFILLED       drained data put back
     REFILLED     --resume-->      RUNNING        processes run again
 
-A failed or timed-out phase before CHECKPOINTED broadcasts `abort`: peers delete that generation's images
-and resume, so nothing half-written survives. A kill-after-checkpoint round broadcasts `kill` instead of
+A failed or timed-out phase before the commit broadcasts `abort`: peers delete that generation's images and
+resume, so nothing half-written survives.
+
+Forked checkpoints: a peer may acknowledge `checkpoint` once every process is captured (state, and a
+copy-on-write snapshot of its memory) with `pending`, and write its images while its processes already run
+again; it reports `written` when they are durable. The generation is committed - manifest, restart script -
+only when every peer's images are durable, whatever phase the round is in by then. A kill-after-checkpoint round broadcasts `kill` instead of
 `refill` once the generation is committed. A log line "phase=drain gen=3 acks=2/8" means the same at the
 coordinator and in every agent.
 """
@@ -55,6 +60,9 @@ class Round:
     last_progress: float = field(default_factory=time.monotonic)
     error: str | None = None
     committed: bool = False
+    resumed: bool = False                     # processes run again (images may still be being written)
+    frozen_s: float = 0.0                     # longest time a peer's processes were stopped
+    durable: dict[bytes, dict] = field(default_factory=dict)   # peer -> {"images", "stats"} once on disk
     phase_times: dict[str, float] = field(default_factory=dict)
 
     def next_phase(self) -> tuple[str, State]:
@@ -75,6 +83,11 @@ class Round:
         self.last_progress = time.monotonic()
         if self.phase == "checkpoint":
             self.results[ident] = msg
+            if msg.get("ok") and not msg.get("pending"):
+                self.durable[ident] = msg         # written before the ack (not a forked checkpoint)
+
+    def all_durable(self) -> bool:
+        return self.peers.issubset(self.durable)
 
     def failed_acks(self) -> list[str]:
         return [m.get("error") or "failed" for m in self.acks.values() if not m.get("ok", False)]

@@ -250,9 +250,10 @@ class Coordinator:
             log.debug("stale ack %s from %r", msg, ident)
             return
         r.ack(ident, msg)
-        if r.phase == "resume" and self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
-            frozen = (msg.get("stats") or {}).get("frozen_s", 0.0)
-            self.last_checkpoint["frozen_s"] = max(self.last_checkpoint.get("frozen_s", 0.0), frozen)
+        if r.phase == "resume":
+            r.frozen_s = max(r.frozen_s, (msg.get("stats") or {}).get("frozen_s", 0.0))
+            if self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
+                self.last_checkpoint["frozen_s"] = r.frozen_s
         peer.state = {"suspend": "SUSPENDED", "drain": "DRAINED", "checkpoint": "CHECKPOINTED",
                       "refill": "REFILLED", "resume": "RUNNING"}.get(r.phase, peer.state)
         if not msg.get("ok", False):
@@ -287,9 +288,8 @@ class Coordinator:
         r = self.round
         phase = r.begin_phase()
         log.info("%s", r.acks_text())
-        msg = {"type": "phase", "phase": phase, "generation": r.generation, "computation": self.computation}
-        if phase == "resume":
-            msg["prune"] = self._prune_images()
+        msg = {"type": "phase", "phase": phase, "generation": r.generation, "computation": self.computation,
+               "forked_ok": not r.kill_after}
         self.broadcast(msg, r.peers)
         self._write_status()
 
@@ -305,26 +305,58 @@ class Coordinator:
             log.error("after the commit, %s failed: %s", r.phase, "; ".join(failures))
         state = r.advance()
         if state == State.CHECKPOINTED:
-            try:
-                self._commit(r)
-            except OSError as e:
-                self._fail_round(f"could not write the checkpoint manifest/restart script in {self.ckptdir}: {e}")
+            self._try_commit()
+            if self.round is None:
                 return
+            if r.kill_after and not r.committed:
+                return                # kill only once every image is durable (see _on_written)
         if r.phase == "kill" or (state == State.RUNNING and r.phase == "resume"):
-            self._finish_round(ok=True)
+            r.resumed = True
+            if r.committed:
+                self._finish_round(ok=True)
+            else:
+                log.info("processes run again; waiting for %d peer(s) to finish writing", len(r.peers) -
+                         len(r.durable))
             return
         self._broadcast_phase()
+
+    def _on_written(self, ident: bytes, msg: dict) -> None:
+        """A peer's images of a forked checkpoint are durable (or failed to be written)."""
+        r = self.round
+        if r is None or msg.get("generation") != r.generation or ident not in r.peers:
+            return
+        r.last_progress = time.monotonic()
+        if not msg.get("ok"):
+            self._fail_round(msg.get("error") or "writing images failed")
+            return
+        r.durable[ident] = msg
+        self._try_commit()
+
+    def _try_commit(self) -> None:
+        r = self.round
+        if r is None or r.committed or r.state not in (State.CHECKPOINTED, State.REFILLED, State.RUNNING) \
+                or not r.all_durable():
+            return
+        try:
+            self._commit(r)
+        except OSError as e:
+            self._fail_round(f"could not write the checkpoint manifest/restart script in {self.ckptdir}: {e}")
+            return
+        if r.kill_after and r.state == State.CHECKPOINTED:
+            self._broadcast_phase()      # now the kill
+        elif r.resumed:
+            self._finish_round(ok=True)
 
     def _commit(self, r: Round) -> None:
         images = []
         stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
-        for ident, res in r.results.items():
+        for ident, res in r.durable.items():
             for img in res.get("images", []):
                 images.append(store.ImageEntry(**img))
             st = res.get("stats", {})
             stats["bytes_in"] += st.get("bytes_in", 0)
             stats["bytes_out"] += st.get("bytes_out", 0)
-            stats["frozen_s"] = max(stats["frozen_s"], st.get("frozen_s", 0.0))
+            stats["frozen_s"] = max(stats["frozen_s"], st.get("frozen_s", 0.0), r.frozen_s)
         stats["duration_s"] = round(time.time() - r.started, 3)
         manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
         fault("coordinator.before_commit")
@@ -366,6 +398,10 @@ class Coordinator:
         r = self.round
         self.round = None
         if ok:
+            # retention, once the new generation is complete: each agent deletes its own images, we the manifests
+            prune = self._prune_images()
+            if prune:
+                self.broadcast({"type": "prune", "images": prune})
             for gen in self._prune_list():
                 store.remove_manifest(self.ckptdir, self.computation, gen)
         for w in r.waiters:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..image.format import ImageWriter
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import memory, procattrs, signals, threads, timers
+from . import forker, memory, procattrs, signals, threads, timers
 from .fdtable import FdTable
 from .freeze import FrozenProcess
 from .linux import SYS
@@ -56,14 +56,25 @@ def placement_alone(pid: int) -> Placement:
     return Placement(t.records.get(pid, []), t.objects_of(pid), t.blobs_of(pid), root=True)
 
 
-def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
-                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False,
-                 place: Placement | None = None) -> ImageMeta:
-    """Write the image of a frozen process to path (atomically). The process stays frozen."""
+@dataclass
+class Capture:
+    """Everything about one process that has to be read while it is frozen; its memory is written later
+    (write_image) from the process itself or from a copy-on-write fork of it."""
+    fp: FrozenProcess
+    proc: ProcessRecord
+    plans: list
+    blobs: dict
+    t0: float
+    inject_s: float
+    snapshot_pid: int = 0
+
+
+def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bool = False) -> Capture:
+    """Read the frozen process's state: injected queries first, through a scratch page that is unmapped again
+    before /proc/PID/maps is read, so the image shows the process exactly as it was."""
     t0 = time.monotonic()
     pid = fp.pid
     place = place or placement_alone(pid)
-    fds = place.fds
     leader = fp.injector()
     scratch = Scratch(leader)
     try:
@@ -81,27 +92,50 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
                 th.injector.requeue_signals(scratch.addr, scratch.write_abs)
     finally:
         scratch.release()
-        # Put registers back now: if we die during the (long) memory dump, the kernel detaches a process
-        # that is exactly as it was.
+        # Put registers back now: if we die later, the kernel detaches a process that is exactly as it was.
         fp.restore_registers()
     t_inject = time.monotonic()
-
     status = procattrs.read_status(pid)
     proc = ProcessRecord(
         pid=pid, ppid=procattrs.ppid_of(pid), comm=status.get("Name", ""),
         exe=os.readlink(f"/proc/{pid}/exe"), cwd=os.readlink(f"/proc/{pid}/cwd"),
         umask=int(status.get("Umask", "0022"), 8), personality=procattrs.read_personality(pid), brk=brk,
         mm=procattrs.read_mm(pid), auxv=b64(procattrs.read_auxv(pid)), threads=thread_recs,
-        sigactions=sigactions, regions=[], fds=fds, rlimits=procattrs.read_rlimits(pid), pending=pending,
+        sigactions=sigactions, regions=[], fds=place.fds, rlimits=procattrs.read_rlimits(pid), pending=pending,
         argv=procattrs.read_cmdline(pid), creds=procattrs.read_creds(status),
         pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers, objects=place.objects,
         pgid=place.pgid, sid=place.sid, root=place.root, zombies=place.zombies or [])
+    plans = memory.plan_memory(pid)
+    return Capture(fp, proc, plans, place.blobs, t0, round(t_inject - t0, 6))
 
-    writer = ImageWriter(path, compress=compress, level=level)
-    dumper = memory.MemoryDumper(pid, writer, progress)
+
+def snapshot(cap: Capture, parent_is_agent: bool, preread_limit: int = 1 << 30) -> int:
+    """Make a copy-on-write fork of the frozen process to dump its memory from while it runs again. Regions a
+    fork does not hold as they are (shared, MADV_DONTFORK, MADV_WIPEONFORK) are read now. Returns the fork's
+    PID (stopped under our ptrace), or 0 if a fork is not suitable (the caller dumps while frozen)."""
     try:
-        proc.regions = dumper.dump()
-        blobs = memory.write_blobs(writer, place.blobs)
+        memory.preread_live(cap.fp.pid, cap.plans, preread_limit)
+    except MemoryError as e:
+        log.info("pid %d: not forking for the checkpoint (%s)", cap.fp.pid, e)
+        for p in cap.plans:
+            p.data.clear()
+        return 0
+    cap.snapshot_pid = forker.fork_snapshot(cap.fp, parent_is_agent)
+    return cap.snapshot_pid
+
+
+def write_image(cap: Capture, path: str, *, computation: str, generation: int, unique_id: str,
+                compress: bool = False, level: int = 1, progress=None) -> ImageMeta:
+    """Write the image of a captured process (atomically), its memory read from the snapshot fork if one was
+    made, else from the (still frozen) process."""
+    proc = cap.proc
+    source = cap.snapshot_pid or cap.fp.pid
+    t_mem0 = time.monotonic()
+    writer = ImageWriter(path, compress=compress, level=level)
+    dumper = memory.MemoryDumper(source, writer, progress)
+    try:
+        proc.regions = dumper.write(cap.plans)
+        blobs = memory.write_blobs(writer, cap.blobs)
         t_mem = time.monotonic()
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
                          generation=generation, unique_id=unique_id, hostname=socket.gethostname(),
@@ -110,15 +144,25 @@ def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: 
         writer.drain()
         memory.finalize_chunks(proc.regions, blobs)
         proc.blobs = blobs
-        meta.stats = {"pages_dumped": dumper.pages_dumped, "pages_skipped": dumper.pages_skipped,
-                      "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out,
-                      "inject_s": round(t_inject - t0, 6), "memory_s": round(t_mem - t_inject, 6)}
+        meta.stats = {"pages_dumped": dumper.pages_dumped - writer.zero_pages,
+                      "pages_skipped": dumper.pages_skipped, "zero_pages": writer.zero_pages,
+                      "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out, "forked": bool(cap.snapshot_pid),
+                      "inject_s": cap.inject_s, "memory_s": round(t_mem - t_mem0, 6)}
         writer.finish(meta.to_dict())
     except BaseException:
         writer.abort()
         raise
     finally:
         dumper.close()
-    meta.stats["total_s"] = round(time.monotonic() - t0, 6)
-    log.debug("dumped pid %d to %s: %s", pid, path, meta.stats)
+    meta.stats["total_s"] = round(time.monotonic() - cap.t0, 6)
+    log.debug("dumped pid %d to %s: %s", cap.fp.pid, path, meta.stats)
     return meta
+
+
+def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
+                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False,
+                 place: Placement | None = None) -> ImageMeta:
+    """Capture and write the image of a frozen process in one go; the process stays frozen throughout."""
+    cap = capture(fp, place, pid_namespace)
+    return write_image(cap, path, computation=computation, generation=generation, unique_id=unique_id,
+                       compress=compress, level=level, progress=progress)

@@ -16,6 +16,7 @@ import logging
 import mmap as _mmap
 import os
 import zlib
+from dataclasses import dataclass, field
 
 from ..faults import fault
 from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
@@ -63,10 +64,79 @@ def classify(m: Mapping) -> tuple[str, str, tuple[int, int] | None]:
     return ("shared-anon" if m.shared else "anon"), "touched", None
 
 
-class MemoryDumper:
-    """Copies a stopped process's pages into an image writer."""
+@dataclass
+class RegionPlan:
+    """What to save of one mapping, decided while the process is frozen."""
+    m: Mapping
+    rec: RegionRecord
+    runs: list[tuple[int, int]]          # (first page, pages) holding data
+    mode: str                            # touched | written | all | none
+    live: bool                           # must be read from the process itself, not from a fork of it
+    zero_skip: bool                      # all-zero pages need not be stored (anonymous memory)
+    data: dict[int, bytes] = field(default_factory=dict)   # pre-read runs (first page -> bytes)
 
-    def __init__(self, pid: int, writer: ImageWriter, progress=None):
+
+def plan_memory(pid: int, maps: list[Mapping] | None = None) -> list[RegionPlan]:
+    """Which pages of which mappings hold data (pagemap), while the process is frozen."""
+    maps = maps if maps is not None else read_maps(pid)
+    out = []
+    pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for m in maps:
+            backing, mode, ident = classify(m)
+            if backing == "skip":
+                continue
+            rec = RegionRecord(start=m.start, end=m.end, perms=m.perms, offset=m.offset, path=m.path,
+                               dev=m.dev, inode=m.inode, vmflags=m.vmflags, backing=backing)
+            if ident:
+                rec.file_size, rec.file_mtime_ns = ident
+            if backing == "shared-anon":
+                rec.shm = f"{m.dev}:{m.inode}"       # same key as an fd to the same object (files.py)
+            if mode == "all":
+                runs = [(0, m.npages)]
+            elif mode in ("touched", "written"):
+                runs = populated_runs(pagemap, m.start, m.npages, anon_only=(mode == "written"))
+            else:
+                runs = []
+            # a fork of the process does not hold these as they were: shared pages keep changing, MADV_DONTFORK
+            # pages are missing and MADV_WIPEONFORK pages are zero in the fork
+            live = m.shared or "dc" in m.vmflags or "wf" in m.vmflags
+            out.append(RegionPlan(m, rec, runs, mode, live, zero_skip=backing in ("anon", "shared-anon")))
+    finally:
+        os.close(pagemap)
+    return out
+
+
+def preread_live(pid: int, plans: list[RegionPlan], limit: int) -> int:
+    """Read the regions a fork cannot provide from the frozen process itself; returns the bytes read. Raises
+    MemoryError past `limit` bytes (the caller then checkpoints without a fork)."""
+    total = 0
+    reader = MemoryDumper(pid, None)
+    try:
+        for p in plans:
+            if not p.live:
+                continue
+            for first, n in p.runs:
+                total += n * PAGE
+                if total > limit:
+                    raise MemoryError(f"{total} bytes of shared memory to read while frozen")
+                buf = bytearray(n * PAGE)
+                try:
+                    reader._read(p.m, p.m.start + first * PAGE, n * PAGE, memoryview(buf))
+                except OSError:
+                    if p.mode != "all":
+                        raise
+                    continue           # deleted-file pages beyond the end: read page by page later (none)
+                p.data[first] = bytes(buf)
+    finally:
+        reader.close()
+    return total
+
+
+class MemoryDumper:
+    """Copies pages into an image writer, from a stopped process or a copy-on-write fork of it (`pid`)."""
+
+    def __init__(self, pid: int, writer: ImageWriter | None, progress=None):
         self.pid = pid
         self.writer = writer
         self.progress = progress        # called with bytes dumped so far, after every chunk
@@ -75,34 +145,29 @@ class MemoryDumper:
         self._mem_fd = -1
 
     def dump(self, maps: list[Mapping] | None = None) -> list[RegionRecord]:
-        maps = maps if maps is not None else read_maps(self.pid)
+        """Plan and write in one go (the process stays frozen throughout)."""
+        return self.write(plan_memory(self.pid, maps))
+
+    def write(self, plans: list[RegionPlan]) -> list[RegionRecord]:
         out = []
-        pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for m in maps:
-                backing, mode, ident = classify(m)
-                if backing == "skip":
-                    continue
-                rec = RegionRecord(start=m.start, end=m.end, perms=m.perms, offset=m.offset, path=m.path,
-                                   dev=m.dev, inode=m.inode, vmflags=m.vmflags, backing=backing)
-                if ident:
-                    rec.file_size, rec.file_mtime_ns = ident
-                if backing == "shared-anon":
-                    rec.shm = f"{m.dev}:{m.inode}"       # same key as an fd to the same object (files.py)
-                if mode == "all":
-                    runs = [(0, m.npages)]
-                elif mode in ("touched", "written"):
-                    runs = populated_runs(pagemap, m.start, m.npages, anon_only=(mode == "written"))
+        for p in plans:
+            for first, n in p.runs:
+                if first in p.data:
+                    self._from_bytes(p, first, n)
                 else:
-                    runs = []
-                for first, n in runs:
-                    self._dump_run(m, rec, first, n, tolerate_holes=(mode == "all"))
-                self.pages_skipped += m.npages - sum(c.npages for c in rec.chunks)
-                out.append(rec)
-            self.writer.drain()         # every read done before the process may run again
-        finally:
-            os.close(pagemap)
+                    self._dump_run(p, first, n)
+            self.pages_skipped += p.m.npages - sum(n for _, n in p.runs)
+            out.append(p.rec)
+        self.writer.drain()
         return out
+
+    def _from_bytes(self, p: RegionPlan, first: int, n: int) -> None:
+        data = p.data.pop(first)
+        for off in range(0, n, CHUNK_PAGES):
+            cnt = min(CHUNK_PAGES, n - off)
+            piece = data[off * PAGE:(off + cnt) * PAGE]
+            p.rec.chunks.append(self.writer.submit(first + off, cnt, _filler(piece), zero_skip=p.zero_skip))
+            self.pages_dumped += cnt
 
     def close(self) -> None:
         if self._mem_fd >= 0:
@@ -123,7 +188,9 @@ class MemoryDumper:
             self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         return self._mem_fd
 
-    def _dump_run(self, m: Mapping, rec: RegionRecord, first: int, n: int, tolerate_holes: bool) -> None:
+    def _dump_run(self, p: RegionPlan, first: int, n: int) -> None:
+        m, rec = p.m, p.rec
+        tolerate_holes = p.mode == "all"
         page = first
         end = first + n
         while page < end:
@@ -138,10 +205,11 @@ class MemoryDumper:
                     self._dump_pagewise(m, rec, page, cnt)
                     page += cnt
                     continue
-                rec.chunks.append(self.writer.add_chunk(page, cnt, buf))
+                rec.chunks.append(self.writer.submit(page, cnt, _filler(bytes(buf)), zero_skip=p.zero_skip))
             else:
                 rec.chunks.append(self.writer.submit(
-                    page, cnt, lambda buf, m=m, addr=addr, length=cnt * PAGE: self._read(m, addr, length, buf)))
+                    page, cnt, lambda buf, m=m, addr=addr, length=cnt * PAGE: self._read(m, addr, length, buf),
+                    zero_skip=p.zero_skip))
             self.pages_dumped += cnt
             page += cnt
             if self.progress:
@@ -177,12 +245,31 @@ def read_blob(reader: ImageReader, spec: dict) -> bytes:
     return b"".join(parts)[: spec["length"]]
 
 
+def _filler(data: bytes):
+    def produce(buf, data=data):
+        buf[:len(data)] = data
+    return produce
+
+
+def _rows(chunks) -> list:
+    """Chunk objects (or groups of them, when all-zero pages were left out) as their JSON rows."""
+    out = []
+    for c in chunks:
+        if isinstance(c, Chunk):
+            out.append(c.to_json())
+        elif isinstance(c, list):
+            out.extend(x.to_json() for x in c)
+        else:
+            out.append(c)
+    return out
+
+
 def finalize_chunks(regions: list[RegionRecord], blobs: dict[str, dict] | None = None) -> None:
     """Turn the Chunk objects (filled in as the writer commits them) into their JSON rows."""
     for r in regions:
-        r.chunks = [c.to_json() if isinstance(c, Chunk) else c for c in r.chunks]
+        r.chunks = _rows(r.chunks)
     for spec in (blobs or {}).values():
-        spec["chunks"] = [c.to_json() if isinstance(c, Chunk) else c for c in spec["chunks"]]
+        spec["chunks"] = _rows(spec["chunks"])
 
 
 # ---------------------------------------------------------------------------------------------- restore --

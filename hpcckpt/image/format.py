@@ -81,55 +81,66 @@ class ImageWriter:
         self._pending: list[tuple[Chunk, Future]] = []
         self._local = threading.local()
         self._closed = False
+        self.zero_pages = 0
 
     # -- page data -------------------------------------------------------------------------------------------
-    def submit(self, page: int, npages: int, produce) -> Chunk:
-        """Queue a chunk whose page data produce(buffer) writes into a buffer of npages pages (in a worker
-        thread). The Chunk's offset, length and checksum are filled in once it is written (see drain())."""
+    def submit(self, page: int, npages: int, produce, zero_skip: bool = False) -> "ChunkGroup":
+        """Queue npages pages of data that produce(buffer) writes into a buffer (in a worker thread). Returns a
+        ChunkGroup, filled in once written (see drain()): one chunk, or several when all-zero pages were left
+        out (zero_skip: for anonymous memory, where a missing page reads back as zeros)."""
         length = npages * PAGE_SIZE
         self.bytes_in += length
-        chunk = Chunk(page, npages, 0, 0, 0, CODEC_ZSTD if self.compress else CODEC_RAW)
+        group = ChunkGroup()
+        off = 0
         if not self.compress:
-            chunk.off = self.pos
+            off = self.pos
             self.pos += length             # raw chunks are whole pages: every offset stays page-aligned
-        fut = self._pool.submit(self._work, chunk, length, produce)
-        self._pending.append((chunk, fut))
+        fut = self._pool.submit(self._work, group, page, npages, off, produce, zero_skip)
+        self._pending.append((group, fut))
         if len(self._pending) >= self._max_pending:
             self.drain(keep=self._max_pending // 2)
-        return chunk
+        return group
 
-    def add_chunk(self, page: int, npages: int, data) -> Chunk:
+    def add_chunk(self, page: int, npages: int, data) -> "ChunkGroup":
         """Queue a chunk from bytes already in hand."""
         def produce(buf, data=bytes(data)):
             buf[:len(data)] = data
         return self.submit(page, npages, produce)
 
-    def _buffer(self, length: int) -> memoryview:
+    def _buffer(self, length: int):
         buf = getattr(self._local, "buf", None)
         if buf is None or len(buf) < length:
             buf = self._local.buf = bytearray(max(length, CHUNK_PAGES * PAGE_SIZE))
-        return memoryview(buf)[:length]
+        return buf
 
-    def _work(self, chunk: Chunk, length: int, produce):
-        view = self._buffer(length)
+    def _work(self, group: "ChunkGroup", page: int, npages: int, off: int, produce, zero_skip: bool):
+        raw = self._buffer(npages * PAGE_SIZE)
+        view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)
-        if self.compress:
-            return _zstd_compress(view, self.level)
-        chunk.length = length
-        chunk.crc = zlib.crc32(view)
-        done = 0
-        while done < length:
-            done += os.pwrite(self.fd, view[done:], chunk.off + done)
-        return None
+        runs = _nonzero_runs(raw, view, npages) if zero_skip else [(0, npages)]
+        self.zero_pages += npages - sum(n for _, n in runs)
+        stored = []
+        for first, n in runs:
+            part = view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
+            if self.compress:
+                stored.append((Chunk(page + first, n, 0, 0, 0, CODEC_ZSTD), _zstd_compress(part, self.level)))
+            else:
+                c = Chunk(page + first, n, off + first * PAGE_SIZE, len(part), zlib.crc32(part), CODEC_RAW)
+                done = 0
+                while done < len(part):
+                    done += os.pwrite(self.fd, part[done:], c.off + done)
+                stored.append((c, None))
+        return stored
 
     def drain(self, keep: int = 0) -> None:
         """Wait for queued chunks (all but `keep` of them), writing compressed ones in order."""
         while len(self._pending) > keep:
-            chunk, fut = self._pending.pop(0)
-            stored = fut.result()
-            if stored is not None:
-                self._append(chunk, stored)
-            self.bytes_out += chunk.length
+            group, fut = self._pending.pop(0)
+            for chunk, data in fut.result():
+                if data is not None:
+                    self._append(chunk, data)
+                self.bytes_out += chunk.length
+                group.append(chunk)
 
     def _append(self, chunk: Chunk, data) -> None:
         chunk.off = self.pos
@@ -175,6 +186,27 @@ class ImageWriter:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
+
+
+class ChunkGroup(list):
+    """The chunks one submitted run of pages became (filled in when written)."""
+
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def _nonzero_runs(raw: bytearray, view: memoryview, npages: int) -> list[tuple[int, int]]:
+    """Runs (first, count) of pages that are not all zero."""
+    if raw.find(ZERO_PAGE, 0, npages * PAGE_SIZE) < 0:
+        return [(0, npages)]              # no 4 KiB of zeros anywhere: the common case, found at C speed
+    runs: list[tuple[int, int]] = []
+    for i in range(npages):
+        if view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != ZERO_PAGE:
+            if runs and runs[-1][0] + runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+    return runs
 
 
 def _zstd_compress(data, level: int) -> bytes:

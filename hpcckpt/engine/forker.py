@@ -1,0 +1,70 @@
+"""Copy-on-write snapshots for forked checkpoints.
+
+While the process is frozen, a clone() without CLONE_VM is injected into its leader thread: the child holds a
+copy-on-write copy of the whole address space, as it was at that instant. The process then runs again at
+once, and its memory is written out from the child, which never runs a single instruction of its own (it is
+auto-attached stopped, PTRACE_O_TRACEFORK) and drops every file descriptor first (so it holds no pipe or
+socket open). It is killed when the image is written.
+
+Who reaps it: a process whose parent is the agent (every top-level process of the job) creates the fork with
+CLONE_PARENT, so it is the agent's child and the agent reaps it. Deeper in the tree it is the process's own
+child with exit signal 0: the process gets no SIGCHLD and plain wait()/waitpid() never return it (only
+__WALL would), but it stays a zombie until the process exits; the agent knows these PIDs and leaves them
+out of the computation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from . import ptrace
+from .freeze import FrozenProcess
+from .inject import Injector
+from .linux import SYS
+
+log = logging.getLogger(__name__)
+
+CLONE_PARENT = 0x8000
+
+
+class SnapshotError(RuntimeError):
+    pass
+
+
+def fork_snapshot(fp: FrozenProcess, parent_is_agent: bool) -> int:
+    leader = fp.pid if fp.pid in fp.threads else next(iter(fp.threads))
+    ptrace.setoptions(leader, ptrace.O_TRACESYSGOOD | ptrace.O_TRACEFORK | ptrace.O_TRACECLONE)
+    try:
+        inj = fp.injector(leader)
+        inj.clone_events.clear()
+        flags = CLONE_PARENT if parent_is_agent else 0          # exit signal 0: nobody is told it exits
+        r = inj.call(SYS.clone, flags, 0, 0, 0, 0)
+        if r <= 0 or not inj.clone_events:
+            raise SnapshotError(f"pid {fp.pid}: clone for the snapshot failed ({os.strerror(-r) if r < 0 else r})")
+        child = inj.clone_events[-1]
+    finally:
+        fp.restore_registers()
+        ptrace.setoptions(leader, ptrace.O_TRACESYSGOOD)
+    st = ptrace.wait(child)
+    if not st.stopped:
+        raise SnapshotError(f"snapshot {child} of pid {fp.pid} did not stop ({st.describe()})")
+    # drop the copied descriptors: the snapshot must not keep pipes or sockets of the job open
+    cinj = Injector(child, child, fp.syscall_addr, ptrace.getregs(child))
+    cinj.call(SYS.close_range, 0, 0xFFFFFFFF, 0)
+    return child
+
+
+def kill_snapshot(pid: int) -> None:
+    """Kill a snapshot and collect it (as its tracer; as its parent too when it is ours)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    while True:
+        try:
+            st = ptrace.wait(pid)
+        except ChildProcessError:
+            return
+        if st.gone:
+            return
