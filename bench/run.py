@@ -32,7 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from hpcckpt.engine.dump import dump_process  # noqa: E402
+from hpcckpt.engine.dump import capture, snapshot, write_image  # noqa: E402
+from hpcckpt.engine.forker import kill_snapshot  # noqa: E402
+from hpcckpt.engine.maps import vmflags_hint  # noqa: E402
 from hpcckpt.engine.freeze import freeze  # noqa: E402
 from hpcckpt.engine.linux import buffer_address, process_vm_readv  # noqa: E402
 from hpcckpt.engine.restore import RestoreOptions, restore_process  # noqa: E402
@@ -109,17 +111,26 @@ def floors(memhog: Path, mb: int, directory: Path) -> dict:
     return {"memcpy": memcpy, "read": read, "write": write, "fsync": fsync, "crc": crc, "zstd1_gbs_core": zstd_gbs}
 
 
-def one_run(memhog: Path, mb: int, threads: int, compress: bool, directory: Path) -> dict:
+def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, directory: Path) -> dict:
     p = start(memhog, mb, threads)
-    img = directory / f"ckpt_bench_{mb}_{threads}_{int(compress)}.dmtcp"
+    img = directory / f"ckpt_bench_{mb}_{threads}_{int(compress)}_{int(forked)}.dmtcp"
     try:
         t0 = time.perf_counter()
+        hint = vmflags_hint(p.pid)                   # as the agent does: smaps read before the freeze
+        t0 = time.perf_counter()
         fp = freeze(p.pid)
-        meta = dump_process(fp, str(img), computation="bench", generation=1, unique_id="b", compress=compress)
-        dumped = time.perf_counter()
-        fp.resume()
+        cap = capture(fp, vmflags_hint=hint, forked=forked)
+        if forked:
+            snapshot(cap, parent_is_agent=True)      # we are memhog's parent: the fork becomes our child
+            fp.resume()
         stopped = time.perf_counter() - t0
-        dump = dumped - t0
+        meta = write_image(cap, str(img), computation="bench", generation=1, unique_id="b", compress=compress)
+        if not forked:
+            fp.resume()
+            stopped = time.perf_counter() - t0
+        if cap.snapshot_pid:
+            kill_snapshot(cap.snapshot_pid)
+        dump = time.perf_counter() - t0
     finally:
         p.kill()
         p.wait()
@@ -160,11 +171,12 @@ def main() -> int:
         f = {k: min(x[k] for x in fl) if k != "zstd1_gbs_core" else max(x[k] for x in fl) for k in fl[0]}
         print(f"{mb} MiB floors: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()), flush=True)
         for threads in thread_counts:
-            for compress in (False, True):
-                runs = [one_run(memhog, mb, threads, compress, work) for _ in range(args.runs)]
+            for compress, forked in ((False, True), (False, False), (True, True)):
+                runs = [one_run(memhog, mb, threads, compress, forked, work) for _ in range(args.runs)]
                 r = {k: [x[k] for x in runs] for k in runs[0]}
                 floor_ckpt = f["read"] + f["write"]
-                row = (f"| {mb} MiB | {threads} | {'zstd-1' if compress else 'raw'} | {fmt(r['stopped'])} | "
+                mode = f"{'zstd-1' if compress else 'raw'}, {'forked' if forked else 'frozen'}"
+                row = (f"| {mb} MiB | {threads} | {mode} | {fmt(r['stopped'])} | "
                        f"{fmt(r['dump'])} | {min(r['dump']) / floor_ckpt:.2f}× | {fmt(r['restore'])} | "
                        f"{statistics.median(r['size']) / MiB:.0f} MiB | {f['memcpy']:.3f} | {f['read']:.3f} | "
                        f"{f['write']:.3f} + fsync {f['fsync']:.3f} |")
@@ -174,11 +186,13 @@ def main() -> int:
     header = (f"# Benchmark results\n\nCommand: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
               f"{os.cpu_count()} cores, kernel {platform.release()}, images in {work}).\n\n"
               "Times in seconds, min / median of "
-              f"{args.runs} runs. *stopped*: from freeze to resume (the program does not run). *dump*: "
+              f"{args.runs} runs. *stopped*: from freeze to resume (the program does not run); *forked*: the "
+              "images are written from a copy-on-write fork while the program runs on, *frozen*: the program "
+              "stays stopped until its images are written. *dump*: "
               "freeze to image durable (fsync'ed). *vs floor*: min dump / (read floor + page-cache write floor). "
               "*restore*: image to running program. Floors measured in the same run for the same size: "
               "memcpy, process_vm_readv of the program's memory, write to the page cache (+ fsync).\n\n"
-              "| memory | threads | codec | stopped | dump | vs floor | restore | image | memcpy | read | write |\n"
+              "| memory | threads | mode | stopped | dump | vs floor | restore | image | memcpy | read | write |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|\n")
     Path(args.out).write_text(header + "\n".join(rows) + "\n")
     print(f"written to {args.out}")

@@ -39,6 +39,8 @@ class Settings:
     ckpt_signal: int = field(default=0, metadata=_env("DMTCP_SIGCKPT"))
     pid_namespace: bool = field(default=True, metadata=_env("HPCCKPT_PID_NAMESPACE"))
     forked: bool = field(default=True, metadata=_env("DMTCP_FORKED_CHECKPOINT"))
+    incremental: bool = field(default=False, metadata=_env("HPCCKPT_INCREMENTAL"))
+    full_every: int = field(default=8, metadata=_env("HPCCKPT_FULL_EVERY"))
     # failure handling
     fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))

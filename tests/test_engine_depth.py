@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,26 @@ def test_forked_and_frozen_checkpoints(forked, launch, env, tmp_path, build_dir)
     lines = out.read_text().splitlines()
     assert lines[-1] == "done" and len(lines) == 151
     assert all(line.endswith(" ok") for line in lines[:-1]), [x for x in lines if "BAD" in x][:3]
+
+
+def test_incremental_checkpoints(launch, env, tmp_path, build_dir):
+    """With --incremental a generation stores only the pages changed since the previous one; a restart reads
+    through the chain of images, and retention keeps every generation the newest ones need."""
+    prog = compile_c(build_dir, "sparse")
+    out = tmp_path / "out.txt"
+    plain = tmp_path / "plain.txt"
+    subprocess.run([str(prog), str(plain), "64", "600", "0"], check=True)
+    job = launch(prog, out, 64, 600, 10000, extra=("--incremental",))
+    wait_for(lambda: line_count(out) >= 4, 30, "progress")
+    sizes = []
+    for _ in range(4):
+        reply = json.loads(job.command("-bc", "--json").stdout)
+        sizes.append(reply["checkpoint"]["bytes_out"])
+        time.sleep(0.1)
+    assert sizes[1] < sizes[0] * 0.1 and sizes[3] < sizes[0] * 0.1, sizes     # a few pages, not 64 MiB
+    checkpoint_and_kill(job)
+    gens = sorted(p.name for p in tmp_path.glob("ckpt_*/gen*.json"))
+    assert gens[0] == "gen000001.json"                  # still needed: the chain starts there
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == plain.read_text()

@@ -23,6 +23,7 @@ from ..engine import tree
 from ..engine.fdtable import FdTable
 from ..engine import procattrs
 from ..engine.forker import kill_snapshot
+from ..engine.maps import vmflags_hint
 from ..engine.freeze import FrozenProcess
 from ..image import store
 from ..settings import Settings
@@ -78,6 +79,7 @@ class CheckpointState:
     images: list[str] = field(default_factory=list)
     entries: list[dict] = field(default_factory=list)               # ImageEntry rows of images written
     pending: list[PendingImage] = field(default_factory=list)       # to write from snapshots after resume
+    hints: dict[int, dict] = field(default_factory=dict)            # VmFlags read before the freeze
     frozen_at: float = 0.0
     stats: dict = field(default_factory=dict)
 
@@ -116,6 +118,8 @@ class Agent:
         self.sigfd: SignalFd | None = None
         self.pid_namespace = pid_namespace     # we are PID 1 of the job's own namespace
         self.writing: BackgroundWrite | None = None
+        self.prev_images: dict[str, tuple[str, list]] = {}    # unique id -> (last committed image, its needs)
+        self.pending_prev: dict[int, dict] = {}                # generation -> images written, not yet committed
         self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
@@ -266,8 +270,10 @@ class Agent:
             self._on_phase(msg)
         elif kind == "kill":
             self._kill_job("killed by the coordinator")
-        elif kind == "prune":
-            self._prune(msg.get("images", []))
+        elif kind == "committed":
+            # the generation is complete everywhere: its images are the bases of the next incremental ones
+            self.prev_images.update(self.pending_prev.pop(msg.get("generation"), {}))
+            self._prune(msg.get("prune", []))
         elif kind == "reject":
             log.error("coordinator: %s", msg.get("reason"))
 
@@ -313,6 +319,11 @@ class Agent:
         live = [p.pid for p in self.job() if not p.zombie]
         engine_dump.check_supported(live)        # refuse before touching anything
         self.ckpt = CheckpointState(gen)
+        for pid in live:                         # smaps is slow: read it before the processes stop
+            try:
+                self.ckpt.hints[pid] = vmflags_hint(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
         t0 = time.monotonic()
         frozen = tree.freeze_all(self.job)
         self.ckpt.frozen = [frozen[p] for p in sorted(frozen)]
@@ -350,7 +361,8 @@ class Agent:
             uid = self.unique_id(fp.pid)
             path = os.path.join(gdir, store.image_name(program, uid))
             c.images.append(path)
-            cap = engine_dump.capture(fp, place, self.pid_namespace)
+            cap = engine_dump.capture(fp, place, self.pid_namespace, vmflags_hint=c.hints.get(fp.pid),
+                                      forked=forked_ok and self.s.forked)
             todo.append(PendingImage(cap, path, program, uid))
         c.stats["capture_s"] = round(time.monotonic() - t0, 6)
         if forked_ok and self.s.forked and self._memory_allows_fork([p.cap.fp.pid for p in todo]):
@@ -368,13 +380,21 @@ class Agent:
         return list(c.entries), c.stats, bool(c.pending)
 
     def _write(self, c: CheckpointState, p: PendingImage) -> None:
+        base = None
+        if self.s.incremental and p.unique_id in self.prev_images:
+            path, needs = self.prev_images[p.unique_id]
+            if len(needs) < self.s.full_every and os.path.exists(path):
+                base = path
         meta = engine_dump.write_image(p.cap, p.path, computation=self.computation, generation=c.generation,
                                        unique_id=p.unique_id, compress=self.s.compress,
-                                       level=self.s.compress_level, progress=self._progress)
+                                       level=self.s.compress_level, progress=self._progress,
+                                       incremental=self.s.incremental, base=base)
+        self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
         size = os.path.getsize(p.path)
         c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
         c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
-        c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid, size)))
+        c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid, size,
+                                                 list(meta.needs))))
 
     def _memory_allows_fork(self, pids: list[int]) -> bool:
         """A snapshot costs memory for every page the job changes while the images are written; fork only when

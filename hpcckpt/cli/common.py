@@ -66,7 +66,8 @@ def setup_logging(name: str, quiet: bool = False, level: str = "INFO") -> None:
 def settings_from(args: argparse.Namespace, **extra) -> Settings:
     flags = {k: getattr(args, k, None) for k in ("coord_host", "coord_port", "port_file", "status_file",
                                                   "interval", "ckptdir", "compress", "ckpt_signal", "quiet",
-                                                  "exit_on_last", "timeout", "stale_timeout", "pid_namespace", "forked")}
+                                                  "exit_on_last", "timeout", "stale_timeout", "pid_namespace", "forked",
+                                                  "incremental")}
     flags.update(extra)
     try:
         return load(flags, getattr(args, "config", None))

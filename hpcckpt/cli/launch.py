@@ -52,6 +52,8 @@ def parser(prog: str) -> Parser:
                         "DMTCP_FORKED_CHECKPOINT)")
     f.add_argument("--no-forked-checkpoint", dest="forked", action="store_const", const=False,
                    help="keep the program stopped until its images are written")
+    p.add_argument("--incremental", action="store_const", const=True, default=None,
+                   help="store only pages changed since the previous checkpoint (env HPCCKPT_INCREMENTAL=1)")
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="run the job without its own PID namespace (restarted processes then get new PIDs; "
                         "env HPCCKPT_PID_NAMESPACE=0)")

@@ -41,6 +41,8 @@ def parser(prog: str) -> Parser:
     f = p.add_mutually_exclusive_group()
     f.add_argument("--forked-checkpoint", dest="forked", action="store_const", const=True)
     f.add_argument("--no-forked-checkpoint", dest="forked", action="store_const", const=False)
+    p.add_argument("--incremental", action="store_const", const=True, default=None,
+                   help="store only pages changed since the previous checkpoint (env HPCCKPT_INCREMENTAL=1)")
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="restart without a PID namespace of our own (processes get new PIDs)")
     p.add_argument("-q", "--quiet", action="store_true", default=None)
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
         s = settings_from(args)
+        incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
         paths = args.images or (images_from_dir(args.from_dir) if args.from_dir else [])
         if not paths:
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
         readers = open_images(paths)
+        if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
+            s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
         def find():
             try:
                 return find_or_start(s, args.policy or ANY)
@@ -126,6 +131,11 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in ordered]
             agent = Agent(s, conn, procs, computation=meta["computation"], restarted_generation=meta["generation"],
                           pid_namespace=in_namespace, not_job=not_job)
+            # the images we restarted from are the bases of the next incremental checkpoint
+            paths = {r.meta["unique_id"]: r.path for r in readers}
+            agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id],
+                                                     list(rp.meta.needs) or [rp.meta.generation])
+                                 for rp in restored}
             agent.hello()
         except (CoordinatorUnreachable, SecretError) as e:
             raise Fail(str(e)) from None

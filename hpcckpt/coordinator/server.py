@@ -382,7 +382,14 @@ class Coordinator:
 
     def _prune_list(self) -> list[int]:
         complete = store.complete_generations(self.ckptdir, self.computation)
-        return store.generations_to_prune(complete, self.s.keep_generations)
+        needs = {}
+        for g in complete[-self.s.keep_generations:]:
+            try:
+                m = store.read_manifest(self.ckptdir, self.computation, g)
+            except (OSError, ValueError):
+                continue
+            needs[g] = {n for i in m.images for n in (i.needs or [g])}
+        return store.generations_to_prune(complete, self.s.keep_generations, needs)
 
     def _fail_round(self, why: str) -> None:
         r = self.round
@@ -400,8 +407,7 @@ class Coordinator:
         if ok:
             # retention, once the new generation is complete: each agent deletes its own images, we the manifests
             prune = self._prune_images()
-            if prune:
-                self.broadcast({"type": "prune", "images": prune})
+            self.broadcast({"type": "committed", "generation": r.generation, "prune": prune})
             for gen in self._prune_list():
                 store.remove_manifest(self.ckptdir, self.computation, gen)
         for w in r.waiters:

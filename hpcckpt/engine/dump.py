@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 
 from .. import __version__
-from ..image.format import ImageWriter
+from ..image.format import ImageError, ImageReader, ImageWriter
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
 from . import forker, memory, procattrs, signals, threads, timers
+from . import incremental as incremental_mod
 from .fdtable import FdTable
 from .freeze import FrozenProcess
+from .maps import read_maps_fast
 from .linux import SYS
 from .remote import Scratch
 
@@ -69,7 +71,8 @@ class Capture:
     snapshot_pid: int = 0
 
 
-def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bool = False) -> Capture:
+def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bool = False,
+            vmflags_hint: dict | None = None, forked: bool = False) -> Capture:
     """Read the frozen process's state: injected queries first, through a scratch page that is unmapped again
     before /proc/PID/maps is read, so the image shows the process exactly as it was."""
     t0 = time.monotonic()
@@ -105,7 +108,7 @@ def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bo
         argv=procattrs.read_cmdline(pid), creds=procattrs.read_creds(status),
         pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers, objects=place.objects,
         pgid=place.pgid, sid=place.sid, root=place.root, zombies=place.zombies or [])
-    plans = memory.plan_memory(pid)
+    plans = memory.plan_memory(pid, read_maps_fast(pid, vmflags_hint), defer=forked)
     return Capture(fp, proc, plans, place.blobs, t0, round(t_inject - t0, 6))
 
 
@@ -117,36 +120,75 @@ def snapshot(cap: Capture, parent_is_agent: bool, preread_limit: int = 1 << 30) 
         memory.preread_live(cap.fp.pid, cap.plans, preread_limit)
     except MemoryError as e:
         log.info("pid %d: not forking for the checkpoint (%s)", cap.fp.pid, e)
-        for p in cap.plans:
-            p.data.clear()
+        _undefer(cap)
         return 0
-    cap.snapshot_pid = forker.fork_snapshot(cap.fp, parent_is_agent)
+    try:
+        cap.snapshot_pid = forker.fork_snapshot(cap.fp, parent_is_agent)
+    except (forker.SnapshotError, OSError) as e:
+        log.warning("pid %d: no copy-on-write snapshot (%s); writing its image while it is stopped", cap.fp.pid, e)
+        _undefer(cap)
+        return 0
     return cap.snapshot_pid
 
 
+def _undefer(cap: Capture) -> None:
+    """Back to a dump while frozen: plan every region from the process itself."""
+    for p in cap.plans:
+        p.data.clear()
+    pagemap = os.open(f"/proc/{cap.fp.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for p in cap.plans:
+            if p.runs is None:
+                p.runs = memory._runs(pagemap, p.m, p.mode)
+    finally:
+        os.close(pagemap)
+
+
 def write_image(cap: Capture, path: str, *, computation: str, generation: int, unique_id: str,
-                compress: bool = False, level: int = 1, progress=None) -> ImageMeta:
+                compress: bool = False, level: int = 1, progress=None, incremental: bool = False,
+                base: str | None = None) -> ImageMeta:
     """Write the image of a captured process (atomically), its memory read from the snapshot fork if one was
-    made, else from the (still frozen) process."""
+    made, else from the (still frozen) process. incremental: keep page hashes; with base (the previous
+    generation's image of this process), store only the pages that changed since."""
     proc = cap.proc
+    previous, base_meta = {}, None
+    if incremental and base:
+        try:
+            previous = incremental_mod.previous_hashes(base)
+            with ImageReader(base) as br:
+                base_meta = br.meta
+        except (ImageError, OSError) as e:
+            log.warning("pid %d: previous image %s unusable (%s); writing a full image", cap.fp.pid, base, e)
+            previous, base_meta = {}, None
     source = cap.snapshot_pid or cap.fp.pid
     t_mem0 = time.monotonic()
     writer = ImageWriter(path, compress=compress, level=level)
-    dumper = memory.MemoryDumper(source, writer, progress)
+    dumper = memory.MemoryDumper(source, writer, progress, snapshot=bool(cap.snapshot_pid))
     try:
-        proc.regions = dumper.write(cap.plans)
+        proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous)
         blobs = memory.write_blobs(writer, cap.blobs)
+        hash_blobs = memory.write_blobs(writer, {f"hashes:{i}": bytes(p.hashes) for i, p in enumerate(cap.plans)
+                                                 if p.hashes is not None})
         t_mem = time.monotonic()
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
                          generation=generation, unique_id=unique_id, hostname=socket.gethostname(),
                          created=time.time(), program=os.path.basename(proc.exe.split(" (deleted)")[0]),
                          process=proc)
         writer.drain()
-        memory.finalize_chunks(proc.regions, blobs)
+        memory.finalize_chunks(proc.regions, {**blobs, **hash_blobs})
         proc.blobs = blobs
+        for i, p in enumerate(cap.plans):
+            if p.hashes is not None:
+                p.rec.hashes = hash_blobs[f"hashes:{i}"]
+        if base_meta is not None and previous:
+            meta.base = os.path.relpath(base, os.path.dirname(os.path.abspath(path)))
+            meta.needs = sorted(set(base_meta.get("needs") or [base_meta["generation"]]) | {generation})
+        else:
+            meta.needs = [generation]
         meta.stats = {"pages_dumped": dumper.pages_dumped - writer.zero_pages,
                       "pages_skipped": dumper.pages_skipped, "zero_pages": writer.zero_pages,
                       "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out, "forked": bool(cap.snapshot_pid),
+                      "incremental": incremental, "base": bool(meta.base),
                       "inject_s": cap.inject_s, "memory_s": round(t_mem - t_mem0, 6)}
         writer.finish(meta.to_dict())
     except BaseException:

@@ -69,6 +69,24 @@ def read_maps(pid: int | str, with_flags: bool = True) -> list[Mapping]:
     return out
 
 
+def read_maps_fast(pid: int | str, vmflags_hint: dict | None) -> list[Mapping]:
+    """/proc/PID/maps (cheap) with VmFlags from a hint read earlier ({(start, end, perms, inode): flags});
+    smaps (which walks the page tables: ~12 ms per GiB) only if a mapping is new since the hint."""
+    maps = read_maps(pid, with_flags=False)
+    if vmflags_hint is None:
+        return read_maps(pid, with_flags=True)
+    for m in maps:
+        flags = vmflags_hint.get((m.start, m.end, m.perms, m.inode))
+        if flags is None:
+            return read_maps(pid, with_flags=True)
+        m.vmflags = flags
+    return maps
+
+
+def vmflags_hint(pid: int | str) -> dict:
+    return {(m.start, m.end, m.perms, m.inode): m.vmflags for m in read_maps(pid, with_flags=True)}
+
+
 # pagemap high-byte bits: 63 present, 62 swapped, 61 file-page or shared-anon
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
 

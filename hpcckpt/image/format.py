@@ -84,7 +84,7 @@ class ImageWriter:
         self.zero_pages = 0
 
     # -- page data -------------------------------------------------------------------------------------------
-    def submit(self, page: int, npages: int, produce, zero_skip: bool = False) -> "ChunkGroup":
+    def submit(self, page: int, npages: int, produce, zero_skip: bool = False, hashing=None) -> "ChunkGroup":
         """Queue npages pages of data that produce(buffer) writes into a buffer (in a worker thread). Returns a
         ChunkGroup, filled in once written (see drain()): one chunk, or several when all-zero pages were left
         out (zero_skip: for anonymous memory, where a missing page reads back as zeros)."""
@@ -95,7 +95,7 @@ class ImageWriter:
         if not self.compress:
             off = self.pos
             self.pos += length             # raw chunks are whole pages: every offset stays page-aligned
-        fut = self._pool.submit(self._work, group, page, npages, off, produce, zero_skip)
+        fut = self._pool.submit(self._work, group, page, npages, off, produce, zero_skip, hashing)
         self._pending.append((group, fut))
         if len(self._pending) >= self._max_pending:
             self.drain(keep=self._max_pending // 2)
@@ -113,12 +113,16 @@ class ImageWriter:
             buf = self._local.buf = bytearray(max(length, CHUNK_PAGES * PAGE_SIZE))
         return buf
 
-    def _work(self, group: "ChunkGroup", page: int, npages: int, off: int, produce, zero_skip: bool):
+    def _work(self, group: "ChunkGroup", page: int, npages: int, off: int, produce, zero_skip: bool, hashing):
         raw = self._buffer(npages * PAGE_SIZE)
         view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)
-        runs = _nonzero_runs(raw, view, npages) if zero_skip else [(0, npages)]
-        self.zero_pages += npages - sum(n for _, n in runs)
+        if hashing is not None:          # incremental images: hash pages, store the changed ones
+            from ..engine.incremental import changed_runs
+            runs = changed_runs(view, npages, hashing, zero_skip)
+        else:
+            runs = _nonzero_runs(raw, view, npages) if zero_skip else [(0, npages)]
+        self.zero_pages += npages - sum(n for _, n in runs)      # left out: all zero, or unchanged
         stored = []
         for first, n in runs:
             part = view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]

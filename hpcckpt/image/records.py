@@ -78,6 +78,7 @@ class RegionRecord(Record):
     file_mtime_ns: int = -1
     chunks: list = field(default_factory=list)   # image.format.Chunk rows
     shm: str = ""                   # shared memory object ("dev:inode") it maps, shared across processes
+    hashes: dict | None = None      # incremental images: page hashes, 8 bytes per page ({"length", "chunks"})
 
 
 @dataclass
@@ -135,3 +136,5 @@ class ImageMeta(Record):
     program: str
     process: ProcessRecord
     stats: dict = field(default_factory=dict)
+    base: str = ""                  # incremental: the image this one builds on (path relative to this one's dir)
+    needs: list = field(default_factory=list)     # generations whose images a restore from this one reads

@@ -69,6 +69,7 @@ class ImageEntry:
     unique_id: str
     pid: int
     size: int = 0
+    needs: list = field(default_factory=list)     # generations a restore of this image reads (incremental)
 
 
 @dataclass
@@ -126,9 +127,16 @@ def computations_in(ckptdir: str) -> list[str]:
                   if n.startswith("ckpt_") and os.path.isdir(os.path.join(ckptdir, n)))
 
 
-def generations_to_prune(complete: list[int], keep: int) -> list[int]:
-    """Complete generations beyond the newest `keep` (incomplete ones are removed by their writers)."""
-    return sorted(complete)[:-keep] if keep > 0 and len(complete) > keep else []
+def generations_to_prune(complete: list[int], keep: int, needs: dict[int, set[int]] | None = None) -> list[int]:
+    """Complete generations beyond the newest `keep`, except those a kept generation still needs (incremental
+    images build on earlier ones). Incomplete generations are removed by their writers."""
+    if keep <= 0 or len(complete) <= keep:
+        return []
+    kept = sorted(complete)[-keep:]
+    required = set(kept)
+    for g in kept:
+        required |= (needs or {}).get(g, set())
+    return [g for g in sorted(complete) if g not in required]
 
 
 def remove_manifest(ckptdir: str, computation: str, gen: int) -> None:
