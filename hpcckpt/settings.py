@@ -33,7 +33,11 @@ class Settings:
     # checkpointing
     interval: int = field(default=0, metadata=_env("DMTCP_CHECKPOINT_INTERVAL"))
     ckptdir: str = field(default=".", metadata=_env("DMTCP_CHECKPOINT_DIR"))
-    compress: bool = field(default=True, metadata=_env("DMTCP_GZIP"))
+    # Off by default, by measurement (bench/RESULTS.md): on numeric data zstd-1 saves ~5 % of the bytes but
+    # costs ~0.5 GB/s of CPU per core, while the program itself runs on (forked checkpoints) - slower than
+    # writing raw pages to the page cache. DMTCP_GZIP=1 / --gzip turn it on (worth it on slow filesystems and
+    # compressible memory).
+    compress: bool = field(default=False, metadata=_env("DMTCP_GZIP"))
     compress_level: int = field(default=1, metadata=_env("HPCCKPT_ZSTD_LEVEL"))
     keep_generations: int = field(default=2, metadata=_env("HPCCKPT_KEEP"))
     ckpt_signal: int = field(default=0, metadata=_env("DMTCP_SIGCKPT"))

@@ -151,12 +151,146 @@ def sbatch_main(argv: list[str] | None = None, prog: str = "hpcckpt sbatch") -> 
     return run_main(prog, body, argv)
 
 
+QSUB_DESCRIPTION = """Submits JOB_SCRIPT to PBS (OpenPBS/PBS Pro/Torque-style qsub) or Grid Engine so that the
+computation it runs is checkpointed before the wall-time limit and carries on from the checkpoint until the
+program finishes. Its #PBS (or #$) lines keep working; the job starts where the scheduler starts it.
+
+  hpcckpt qsub --config job.yaml [--scheduler pbs|sge] [qsub options] job.pbs [args]
+  hpcckpt qsub --dry-run ...          print the generated batch script instead of submitting it
+
+PBS: the job checkpoints at its own deadline (qstat -f: walltime and start time) and submits its continuation
+(qsub -W depend=afterany:<this job>), as an ordinary user may; Grid Engine: the deadline comes from h_rt (the
+warning signal from s_rt), and the job exits 99 to be rescheduled. The scheduler is detected (PBS_EXEC or a PBS
+qstat on PATH -> pbs; SGE_ROOT -> sge) unless --scheduler says."""
+
+# qsub options without a value (PBS and Grid Engine); everything else takes one (-pe takes two)
+QSUB_FLAGS = {"-V", "-h", "-I", "-z", "-f", "-X", "-cwd", "-notify", "-now"}
+
+
+def split_qsub_args(args: list[str]) -> tuple[list[str], list[str]]:
+    opts = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            return opts, args[i + 1:]
+        if not a.startswith("-") or a == "-":
+            return opts, args[i:]
+        opts.append(a)
+        take = 0 if a in QSUB_FLAGS else (2 if a == "-pe" else 1)
+        opts.extend(args[i + 1:i + 1 + take])
+        i += 1 + take
+    return opts, []
+
+
+def _detect_batch_system() -> str:
+    if os.environ.get("PBS_EXEC"):
+        return "pbs"
+    if os.environ.get("SGE_ROOT"):
+        return "sge"
+    return "pbs"
+
+
+def qsub_main(argv: list[str] | None = None, prog: str = "hpcckpt qsub") -> int:
+    def body(argv):
+        import json
+        import shutil
+        import time as _time
+        p = Parser(prog, QSUB_DESCRIPTION)
+        p.add_argument("--config", metavar="YAML")
+        p.add_argument("--dry-run", action="store_true")
+        p.add_argument("--scheduler", choices=("pbs", "sge"))
+        p.add_argument("qsub_args", nargs="*", metavar="[qsub options] JOB_SCRIPT [ARGS]")
+        ns = _take_options(argv, p, {"--config": "config", "--scheduler": "scheduler"}, {"--dry-run": "dry_run"},
+                           split_qsub_args)
+        opts, job = split_qsub_args(ns.rest)
+        if not job:
+            raise Fail("no job script given; usage: " + prog + " --config job.yaml [qsub options] job.pbs [args]")
+        script = os.path.abspath(job[0])
+        if not os.path.isfile(script):
+            raise Fail(f"job script {job[0]} not found")
+        try:
+            cfg = jobconfig.load(ns.config)
+        except jobconfig.ConfigError as e:
+            raise Fail(str(e)) from None
+        sched_name = ns.scheduler or _detect_batch_system()
+        if sched_name == "pbs":
+            from ..sched.pbs import PBS as Sched
+            prefix, extra = "#PBS", ["#PBS -r n"]      # we continue with our own follow-up job, not a rerun
+            cmds = ("qsub", "qstat")
+        else:
+            from ..sched.sge import SGE as Sched
+            prefix, extra = "#$", ["#$ -r y"]         # exit 99 reschedules
+            cmds = ("qsub", "qstat")
+        sched = Sched()
+        exports = []
+        for c in cmds:                                  # the job finds the scheduler's commands where we did
+            path = sched._cmd(c)
+            path = path if os.path.isabs(path) else shutil.which(path)
+            if path:
+                exports.append(f"export HPCCKPT_{c.upper()}={shlex.quote(path)}")
+        config_path = os.path.abspath(ns.config) if ns.config else None
+        text = render_wrapper(sched_name, prefix, script, job[1:], config_path, cfg, extra)
+        lines = text.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("exec "))
+        text = "\n".join(lines[:at] + exports + lines[at:]) + "\n"
+        if ns.dry_run:
+            sys.stdout.write(text)
+            return 0
+        keep = os.path.join(os.getcwd(), ".hpcckpt")
+        os.makedirs(keep, mode=0o700, exist_ok=True)
+        wrapper = os.path.join(keep, f"{os.path.basename(script)}.{int(_time.time() * 1000)}.{sched_name}.sh")
+        with open(wrapper, "w") as f:
+            f.write(text)
+        os.chmod(wrapper, 0o700)
+        with open(wrapper + ".opts", "w") as f:
+            json.dump(opts, f)                          # a PBS continuation is submitted with the same options
+        submit_opts = list(opts)
+        if sched_name == "pbs":
+            submit_opts += ["-v", f"HPCCKPT_WRAPPER={wrapper}"]
+        try:
+            job_id = sched.submit(wrapper, submit_opts, os.getcwd())
+        except SchedulerError as e:
+            raise Fail(str(e)) from None
+        print(f"Submitted batch job {job_id}")
+        return 0
+    return run_main(prog, body, argv)
+
+
+def _take_options(argv, parser, valued: dict, flags: dict, splitter):
+    """Our own options anywhere before the job script; the rest, in order, for the scheduler and the script."""
+    import argparse
+    ns = argparse.Namespace(rest=[], **{v: None for v in valued.values()}, **{v: False for v in flags.values()})
+    seen_script = False
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, val = a.partition("=")
+        if not seen_script and a in ("--help", "--version"):
+            parser.parse_args([a])
+        elif not seen_script and a in flags:
+            setattr(ns, flags[a], True)
+        elif not seen_script and name in valued:
+            if not eq:
+                if i + 1 >= len(argv):
+                    parser.error(f"{a} needs a value")
+                val = argv[i + 1]
+                i += 1
+            setattr(ns, valued[name], val)
+        else:
+            ns.rest.append(a)
+            if not seen_script:
+                seen_script = bool(splitter(ns.rest)[1])
+        i += 1
+    return ns
+
+
 def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run") -> int:
     """Inside the allocation (the generated wrapper execs this)."""
     def body(argv):
         p = Parser(prog, "Runs a batch script under checkpoint control inside a job (used by the generated "
                          "wrapper of hpcckpt sbatch/qsub).")
-        p.add_argument("--scheduler", default="auto", help="slurm (default: detected from the environment)")
+        p.add_argument("--scheduler", default="auto", help="slurm, pbs or sge (default: detected from the environment)")
         p.add_argument("--config", metavar="YAML")
         p.add_argument("command", nargs="+")
         args = p.parse_args(argv)
@@ -166,8 +300,10 @@ def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run
         except jobconfig.ConfigError as e:
             raise Fail(str(e)) from None
         from ..sched.base import detect
+        from ..sched.pbs import PBS
+        from ..sched.sge import SGE
         from ..sched.slurm import Slurm
-        sched = Slurm() if args.scheduler == "slurm" else detect()
+        sched = {"slurm": Slurm, "pbs": PBS, "sge": SGE}.get(args.scheduler, lambda: detect())()
         if sched is None:
             raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset)")
         from ..sched.driver import JobDriver

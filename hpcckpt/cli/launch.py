@@ -22,8 +22,9 @@ DESCRIPTION = """Runs COMMAND under checkpoint control and stays in the foregrou
 its exit code (128+N if it was killed by signal N). Joins the coordinator at --coord-host:--coord-port if one
 answers, else starts one in the background (which exits when the computation ends).
 
-Compression: images are compressed with zstd (level 1, multi-threaded) unless --no-gzip or DMTCP_GZIP=0;
-the option keeps DMTCP's name. Our own failures exit with DMTCP_FAIL_RC (default 99)."""
+Compression: --gzip / DMTCP_GZIP=1 compress images with zstd (level 1, one independent frame per 4 MiB,
+all cores); off by default because on numeric data it saves little and costs CPU while the program runs (see
+bench/RESULTS.md). The option keeps DMTCP's name. Our own failures exit with DMTCP_FAIL_RC (default 99)."""
 
 
 def parser(prog: str) -> Parser:
@@ -41,9 +42,9 @@ def parser(prog: str) -> Parser:
                                                     "current directory)")
     z = p.add_mutually_exclusive_group()
     z.add_argument("--gzip", dest="compress", action="store_const", const=True,
-                   help="compress images (zstd; env DMTCP_GZIP=1; default)")
+                   help="compress images (zstd; env DMTCP_GZIP=1)")
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False,
-                   help="write images uncompressed (env DMTCP_GZIP=0)")
+                   help="write images uncompressed (env DMTCP_GZIP=0; default)")
     p.add_argument("--ckpt-signal", metavar="SIG", help="a signal sent to this launcher asks for a checkpoint of the "
                                                         "whole computation (env DMTCP_SIGCKPT; e.g. USR2)")
     f = p.add_mutually_exclusive_group()

@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "command": ("command", "control a running coordinator (dmtcp_command)"),
     "inspect": ("inspect", "print what a checkpoint image holds"),
     "sbatch": ("batch", "submit a batch script to Slurm that checkpoints, requeues and restarts itself"),
+    "qsub": ("batch", "submit a batch script to PBS or Grid Engine that checkpoints and carries on itself"),
     "batch-run": ("batch", "(inside a job) run a batch script under checkpoint control"),
 }
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcckpt: error: unknown subcommand {argv[0]!r} (see hpcckpt --help)", file=sys.stderr)
         return 2
     mod = _module(argv[0])
-    entry = {"sbatch": "sbatch_main", "batch-run": "batch_run_main"}.get(argv[0], "main")
+    entry = {"sbatch": "sbatch_main", "qsub": "qsub_main", "batch-run": "batch_run_main"}.get(argv[0], "main")
     return getattr(mod, entry)(argv[1:], prog=f"hpcckpt {argv[0]}")
 
 

@@ -80,6 +80,7 @@ class ImageWriter:
         self._max_pending = 2 * n
         self._pending: list[tuple[Chunk, Future]] = []
         self._local = threading.local()
+        self._lock = threading.Lock()
         self._closed = False
         self.zero_pages = 0
 
@@ -91,11 +92,7 @@ class ImageWriter:
         length = npages * PAGE_SIZE
         self.bytes_in += length
         group = ChunkGroup()
-        off = 0
-        if not self.compress:
-            off = self.pos
-            self.pos += length             # raw chunks are whole pages: every offset stays page-aligned
-        fut = self._pool.submit(self._work, group, page, npages, off, produce, zero_skip, hashing)
+        fut = self._pool.submit(self._work, group, page, npages, produce, zero_skip, hashing)
         self._pending.append((group, fut))
         if len(self._pending) >= self._max_pending:
             self.drain(keep=self._max_pending // 2)
@@ -113,7 +110,15 @@ class ImageWriter:
             buf = self._local.buf = bytearray(max(length, CHUNK_PAGES * PAGE_SIZE))
         return buf
 
-    def _work(self, group: "ChunkGroup", page: int, npages: int, off: int, produce, zero_skip: bool, hashing):
+    def _reserve(self, length: int) -> int:
+        """File space for raw page data, taken when a worker knows what it keeps (offsets stay page-aligned:
+        raw data is whole pages)."""
+        with self._lock:
+            off = self.pos
+            self.pos += length
+            return off
+
+    def _work(self, group: "ChunkGroup", page: int, npages: int, produce, zero_skip: bool, hashing):
         raw = self._buffer(npages * PAGE_SIZE)
         view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)
@@ -129,7 +134,7 @@ class ImageWriter:
             if self.compress:
                 stored.append((Chunk(page + first, n, 0, 0, 0, CODEC_ZSTD), _zstd_compress(part, self.level)))
             else:
-                c = Chunk(page + first, n, off + first * PAGE_SIZE, len(part), zlib.crc32(part), CODEC_RAW)
+                c = Chunk(page + first, n, self._reserve(len(part)), len(part), zlib.crc32(part), CODEC_RAW)
                 done = 0
                 while done < len(part):
                     done += os.pwrite(self.fd, part[done:], c.off + done)
@@ -147,6 +152,10 @@ class ImageWriter:
                 group.append(chunk)
 
     def _append(self, chunk: Chunk, data) -> None:
+        with self._lock:
+            return self._append_locked(chunk, data)
+
+    def _append_locked(self, chunk: Chunk, data) -> None:
         chunk.off = self.pos
         chunk.length = len(data)
         chunk.crc = zlib.crc32(data)

@@ -37,8 +37,9 @@ class Scheduler(ABC):
         """Epoch seconds at which the scheduler will end this run (None: no limit)."""
 
     @abstractmethod
-    def requeue(self) -> None:
-        """Make the job run again later (it will be killed now, or shortly)."""
+    def requeue(self) -> int | None:
+        """Make the job run again later. Returns the exit code this run should end with now, or None when the
+        scheduler itself stops this run (Slurm's requeue kills it)."""
 
     def cancelled(self) -> bool:
         """Was the job cancelled by its user (as opposed to preempted)?"""
@@ -69,8 +70,10 @@ class Scheduler(ABC):
 
 def detect(env: dict | None = None) -> Scheduler | None:
     env = dict(os.environ if env is None else env)
+    from .pbs import PBS
+    from .sge import SGE
     from .slurm import Slurm
-    for cls in (Slurm,):
+    for cls in (Slurm, PBS, SGE):
         if cls.detect(env):
             return cls(env)
     return None

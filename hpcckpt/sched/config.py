@@ -21,7 +21,7 @@ class JobConfig:
     ckptdir: str | None = None          # default: <submit dir>/hpcckpt-<job id>
     interval: int = 0                   # periodic checkpoints (seconds, 0 = off)
     keep: int = 2                       # complete checkpoints kept
-    compress: bool = True               # zstd
+    compress: bool = False              # zstd (see hpcckpt/settings.py for why it is off by default)
     lead: int | str = "auto"            # seconds before the wall-time limit to checkpoint; "auto": from the
                                         # last checkpoint's duration (x3, + 30 s), at least min_lead
     min_lead: int = 60

@@ -54,9 +54,14 @@ class JobDriver:
         self.cfg = cfg
         self.command = command_line
         self.fail_rc = fail_rc
-        self.run_no = sched.run_count()
         self.job = sched.job_id()
-        self.ckptdir = os.path.abspath(cfg.ckptdir or os.path.join(sched.submit_dir(), f"hpcckpt-{self.job}"))
+        # the checkpoint directory stays the same across reruns, and across continuation jobs (PBS), which
+        # carry it in HPCCKPT_CKPTDIR
+        self.ckptdir = os.path.abspath(cfg.ckptdir or sched.env.get("HPCCKPT_CKPTDIR") or
+                                       os.path.join(sched.submit_dir(), f"hpcckpt-{self.job}"))
+        sched.env["HPCCKPT_CKPTDIR"] = self.ckptdir
+        self.run_no = sched.run_count()
+        self.exit_now: int | None = None
         self.coord: subprocess.Popen | None = None
         self.child: subprocess.Popen | None = None
         self.port = 0
@@ -139,8 +144,26 @@ class JobDriver:
         return False
 
     # ---------------------------------------------------------------------------------------------- run --
+    def _count_run(self) -> None:
+        """Our own count of runs in the checkpoint directory: exact whatever the scheduler tells (Grid Engine
+        only says 'restarted')."""
+        path = os.path.join(self.ckptdir, ".hpcckpt-runs")
+        try:
+            with open(path) as f:
+                before = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            before = 0
+        self.run_no = max(self.run_no, before)
+        store.atomic_write(path, f"{self.run_no + 1}\n".encode(), mode=0o600)
+
     def run(self) -> int:
         os.makedirs(self.ckptdir, mode=0o700, exist_ok=True)
+        # every run's decisions also go to one log in the checkpoint directory: with PBS continuation jobs each
+        # run has its own .o file, and this is where the whole story stays
+        handler = logging.FileHandler(os.path.join(self.ckptdir, "hpcckpt-job.log"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [{self.job}] %(levelname)s %(message)s"))
+        logging.getLogger("hpcckpt").addHandler(handler)
+        self._count_run()
         os.environ["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")   # the coordinator's secret lives here
         latest = self._latest()
         ever = os.path.exists(os.path.join(self.ckptdir, EVER_COMPLETED))
@@ -165,7 +188,9 @@ class JobDriver:
 
     def _watch(self) -> int:
         warn = getattr(signal, "SIG" + self.cfg.signal)
-        sfd = SignalFd([warn, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD])
+        notify = signal.SIGUSR2 if warn != signal.SIGUSR2 else None      # Grid Engine's -notify before a kill
+        sfd = SignalFd([warn, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD] +
+                       ([notify] if notify else []))
         try:
             while True:
                 code = self.child.poll()
@@ -180,6 +205,12 @@ class JobDriver:
                             self._deadline_reached("warning signal")
                         elif signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                             self._on_term(signo)
+                        elif signo == notify:
+                            log.info("SIGUSR2: the scheduler is about to stop this job (qdel); no requeue")
+                if self.exit_now is not None:
+                    self._kill_computation()
+                    self._stop_coordinator()
+                    return self.exit_now
                 self._log_checkpoints()
                 if not self.requeued and self._deadline_near():
                     self._deadline_reached("wall-time deadline")
@@ -191,6 +222,8 @@ class JobDriver:
         if self.requeued:
             log.info("computation stopped for the requeue")
             self._stop_coordinator()
+            if self.exit_now is not None:
+                return self.exit_now          # e.g. 99: Grid Engine reschedules; 0: a PBS continuation follows
             time.sleep(1)
             return 0
         code = code if code >= 0 else 128 - code
@@ -250,12 +283,16 @@ class JobDriver:
             return
         self._kill_computation()
         try:
-            self.sched.requeue()
+            code = self.sched.requeue()
         except SchedulerError as e:
             log.error("requeue failed: %s", e)
             return
         self.requeued = True
-        log.info("job %s requeued; the next run restarts from generation %s", self.job, reply.get("generation"))
+        how = getattr(self.sched, "continuation", None)
+        log.info("job %s %s; the next run restarts from generation %s", self.job,
+                 f"continues as job {how}" if how else "requeued", reply.get("generation"))
+        if code is not None:
+            self.exit_now = code
 
     def _checkpoint(self) -> dict:
         for _ in range(600):

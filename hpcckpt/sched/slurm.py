@@ -75,8 +75,9 @@ class Slurm(Scheduler):
             return None
         return time.time() + left
 
-    def requeue(self) -> None:
+    def requeue(self) -> int | None:
         self.run(["scontrol", "requeue", self.job_id()])
+        return None              # Slurm stops this run itself
 
     def cancelled(self) -> bool:
         """scancel shows as COMPLETING (then CANCELLED) by the time the job gets its SIGTERM; a preemption
