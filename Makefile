@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-slurm bench clean system-deps
+.PHONY: install demo test test-fast test-slurm test-pbs bench clean system-deps
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test-fast: install
 
 test-slurm: install
 	$(PY) -m pytest -q -m slurm $(PYTEST_ARGS)
+
+# PBS is tested against tests/pbs_emulator; with PBS_EXEC pointing at a real OpenPBS/PBS Pro installation the
+# same scenario runs there instead (as a user allowed to submit; see tests/pbs_emulator/README.md).
+test-pbs: install
+	$(PY) -m pytest -q tests/test_pbs_sge.py -k pbs $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/run.py

@@ -146,6 +146,41 @@ def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, d
             "mem_s": meta.stats["memory_s"], "bytes": meta.stats["bytes_in"]}
 
 
+def incremental_run(memhog: Path, mb: int, directory: Path) -> dict:
+    """A full checkpoint, then one after the program changed ~5 % of its pages (memhog 5: 5 % per second)."""
+    p = start_args(memhog, [str(mb), "1", "5"])
+    full = directory / "inc_full.dmtcp"
+    inc = directory / "inc_next.dmtcp"
+    try:
+        sizes, times = [], []
+        for path, base in ((full, None), (inc, str(full))):
+            hint = vmflags_hint(p.pid)
+            t0 = time.perf_counter()
+            fp = freeze(p.pid)
+            cap = capture(fp, vmflags_hint=hint, forked=True)
+            snapshot(cap, parent_is_agent=True)
+            fp.resume()
+            write_image(cap, str(path), computation="bench", generation=1 if base is None else 2, unique_id="b",
+                        incremental=True, base=base)
+            kill_snapshot(cap.snapshot_pid)
+            times.append(time.perf_counter() - t0)
+            sizes.append(path.stat().st_size)
+            time.sleep(1.0)
+        return {"full": sizes[0], "inc": sizes[1], "full_s": times[0], "inc_s": times[1]}
+    finally:
+        p.kill()
+        p.wait()
+        for f in (full, inc):
+            if f.exists():
+                f.unlink()
+
+
+def start_args(memhog: Path, args: list[str]) -> subprocess.Popen:
+    p = subprocess.Popen([str(memhog), *args], stdout=subprocess.PIPE)
+    assert p.stdout.readline().strip() == b"ready"
+    return p
+
+
 def fmt(vals: list[float]) -> str:
     return f"{min(vals):.3f} / {statistics.median(vals):.3f}"
 
@@ -163,18 +198,19 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="hpcckpt-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     memhog = build_memhog(work)
-    print(f"warming {2 * max(sizes)} MiB of memory ...", flush=True)
-    warm_memory(work, 2 * max(sizes))
+    warm_mb = max(4 * max(sizes), int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.7) // MiB)
+    print(f"warming {warm_mb} MiB of memory ...", flush=True)
+    warm_memory(work, warm_mb)
     rows = []
     for mb in sizes:
         fl = [floors(memhog, mb, work) for _ in range(args.runs)]
         f = {k: min(x[k] for x in fl) if k != "zstd1_gbs_core" else max(x[k] for x in fl) for k in fl[0]}
         print(f"{mb} MiB floors: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()), flush=True)
         for threads in thread_counts:
-            for compress, forked in ((False, True), (False, False), (True, True)):
+            for compress, forked in ((False, True), (False, False), (True, True), (True, False)):
                 runs = [one_run(memhog, mb, threads, compress, forked, work) for _ in range(args.runs)]
                 r = {k: [x[k] for x in runs] for k in runs[0]}
-                floor_ckpt = f["read"] + f["write"]
+                floor_ckpt = f["read"] + f["write"] + f["fsync"]      # an image is durable: fsync is part of it
                 mode = f"{'zstd-1' if compress else 'raw'}, {'forked' if forked else 'frozen'}"
                 row = (f"| {mb} MiB | {threads} | {mode} | {fmt(r['stopped'])} | "
                        f"{fmt(r['dump'])} | {min(r['dump']) / floor_ckpt:.2f}× | {fmt(r['restore'])} | "
@@ -182,6 +218,13 @@ def main() -> int:
                        f"{f['write']:.3f} + fsync {f['fsync']:.3f} |")
                 rows.append(row)
                 print(row, flush=True)
+    inc_rows = []
+    for mb in sizes:
+        r = incremental_run(memhog, mb, work)
+        row = (f"| {mb} MiB | {r['full'] / MiB:.0f} MiB in {r['full_s']:.2f} s | {r['inc'] / MiB:.1f} MiB in "
+               f"{r['inc_s']:.2f} s | {100 * r['inc'] / r['full']:.1f} % |")
+        inc_rows.append(row)
+        print(row, flush=True)
     cmd = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     header = (f"# Benchmark results\n\nCommand: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
               f"{os.cpu_count()} cores, kernel {platform.release()}, images in {work}).\n\n"
@@ -189,12 +232,15 @@ def main() -> int:
               f"{args.runs} runs. *stopped*: from freeze to resume (the program does not run); *forked*: the "
               "images are written from a copy-on-write fork while the program runs on, *frozen*: the program "
               "stays stopped until its images are written. *dump*: "
-              "freeze to image durable (fsync'ed). *vs floor*: min dump / (read floor + page-cache write floor). "
+              "freeze to image durable (fsync'ed). *vs floor*: min dump / (read + page-cache write + fsync floors). "
               "*restore*: image to running program. Floors measured in the same run for the same size: "
               "memcpy, process_vm_readv of the program's memory, write to the page cache (+ fsync).\n\n"
               "| memory | threads | mode | stopped | dump | vs floor | restore | image | memcpy | read | write |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    Path(args.out).write_text(header + "\n".join(rows) + "\n")
+    inc_header = ("\n## Incremental images\n\nA full checkpoint (with page hashes), then one a second later, after the "
+                  "program changed about 5 % of its pages (bench/memhog MB 1 5), forked, raw.\n\n"
+                  "| memory | full image | incremental image | of the full |\n|---|---|---|---|\n")
+    Path(args.out).write_text(header + "\n".join(rows) + "\n" + inc_header + "\n".join(inc_rows) + "\n")
     print(f"written to {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
