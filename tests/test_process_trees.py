@@ -124,7 +124,8 @@ def test_event_fds_and_unix_sockets(launch, env, tmp_path):
     lines = out.read_text().splitlines()
     rounds = [line.split() for line in lines if line.startswith("round")]
     assert [int(r[1]) for r in rounds] == list(range(1, 201))
-    assert all(int(r[5]) == 10 * int(r[3]) for r in rounds), "a stream byte was lost or duplicated"
+    # (the answer and its 10 stream bytes travel on two sockets: a round line may fall between them)
+    assert all(abs(int(r[5]) - 10 * int(r[3])) <= 10 for r in rounds), "a stream byte was lost or duplicated"
     got = [int(r[3]) for r in rounds]
     assert got == sorted(got)
     assert lines[-2] == "queued " + ",".join(f"queued {k}" for k in range(5))
@@ -142,3 +143,70 @@ def test_shared_memory_stays_shared(launch, env, tmp_path, build_dir):
     _restart_to_end(env, tmp_path, timeout=60)
     lines = out.read_text().splitlines()
     assert lines[:-1] == [f"round {r} ok" for r in range(1, 301)] and lines[-1] == "done"
+
+
+def test_tcp_loopback_server_and_clients(launch, env, tmp_path):
+    """A TCP server and its clients in one job with megabytes in flight both ways and a half-closed
+    connection: checkpoints the job survives (drain + refill), a restart, a checkpoint of the restarted job
+    and a second restart - no byte lost, duplicated or reordered, and the listener still accepts."""
+    prog = Path(__file__).parent / "programs" / "tcpjob.py"
+    out = tmp_path / "out.txt"
+    total = 120_000_000
+    job = launch(sys.executable, prog, out, total)
+    wait_for(lambda: line_count(out) >= 50, 30, "progress")
+    for _ in range(2):                          # the job goes on after each: drained bytes were put back
+        n = line_count(out)
+        r = job.command("-bc", "--json")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: line_count(out) >= n + 30, 30, "progress after a checkpoint")
+    reply = checkpoint_and_kill(job)
+    assert reply["checkpoint"]["images"] == 3
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    n = line_count(out)
+    wait_for(lambda: line_count(out) >= n + 30, 30, "progress after the restart")
+    checkpoint_and_kill(job2)
+    _restart_to_end(env, tmp_path)
+    lines = out.read_text().splitlines()
+    assert all(" bad 0" in line for line in lines[:-1]), [x for x in lines if " bad 0" not in x][:3]
+    assert lines[-1] == f"done got {total} bad 0 half 100000 clients [0, 0] late late"
+
+
+def test_tcp_peer_outside_the_job(launch, env, tmp_path):
+    """A connection to a server outside the job cannot be reconnected: after the restart it reads the bytes
+    that were queued, then end of file (logged), and the program carries on."""
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    held = []
+
+    def serve():
+        c, _ = srv.accept()
+        held.append(c)
+        c.sendall(b"x" * 1000)                  # queued at the client, which does not read until told
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    out = tmp_path / "out.txt"
+    go = tmp_path / "go"
+    code = ("import socket, sys, time, os\n"
+            f"c = socket.create_connection(('127.0.0.1', {srv.getsockname()[1]}))\n"
+            "out = open(sys.argv[1], 'w', buffering=1); out.write('connected\\n')\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.05)\n"
+            "got = b''\n"
+            "while True:\n"
+            "    d = c.recv(4096)\n"
+            "    if not d: break\n"
+            "    got += d\n"
+            "out.write(f'got {len(got)} then eof\\n')\n")
+    job = launch(sys.executable, "-c", code, out)
+    wait_for(lambda: line_count(out) >= 1, 30, "the connection")
+    t.join(10)
+    reply = checkpoint_and_kill(job)
+    assert reply["checkpoint"]["images"] == 1
+    go.touch()
+    r = _restart_to_end(env, tmp_path)
+    assert "outside the computation; restored as closed by that peer" in r.stderr
+    assert out.read_text().splitlines()[-1] == "got 1000 then eof"
+    srv.close()

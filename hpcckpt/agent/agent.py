@@ -19,7 +19,7 @@ import zmq
 
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..engine import tree
+from ..engine import tcp, tree
 from ..engine.fdtable import FdTable
 from ..engine import procattrs
 from ..engine.forker import kill_snapshot
@@ -82,6 +82,8 @@ class CheckpointState:
     hints: dict[int, dict] = field(default_factory=dict)            # VmFlags read before the freeze
     frozen_at: float = 0.0
     stats: dict = field(default_factory=dict)
+    drainer: tcp.Drainer | None = None                              # TCP data taken out until the refill
+    drained: dict = field(default_factory=dict)                     # socket inode -> tcp.Drained
 
 
 @dataclass
@@ -289,11 +291,13 @@ class Agent:
                 self._suspend(gen)
                 self._ack(msg, True)
             elif phase == "drain":
+                self._drain(gen)
                 self._ack(msg, True)
             elif phase == "checkpoint":
                 images, stats, pending = self._checkpoint(gen, msg.get("forked_ok", True))
                 self._ack(msg, True, images=images, stats=stats, pending=pending)
             elif phase == "refill":
+                self._refill()
                 self._ack(msg, True)
             elif phase == "resume":
                 c = self.ckpt
@@ -332,6 +336,27 @@ class Agent:
         self.ckpt.stats["freeze_s"] = round(time.monotonic() - t0, 6)
         self.ckpt.stats["processes"] = len(frozen)
 
+    def _drain(self, gen: int) -> None:
+        """Take the bytes in flight out of the job's TCP connections (every process of the computation, on
+        every host, is frozen now)."""
+        c = self.ckpt
+        if c is None or c.generation != gen:
+            raise AgentError(f"drain of generation {gen} without a suspend")
+        t0 = time.monotonic()
+        c.drainer = tcp.Drainer([fp.pid for fp in c.frozen])
+        c.drained = c.drainer.drain()
+        c.stats["drain_s"] = round(time.monotonic() - t0, 6)
+        c.stats["drained_bytes"] = sum(len(d.data) for d in c.drained.values() if d.consumed)
+
+    def _refill(self) -> None:
+        c = self.ckpt
+        if c is not None and c.drainer is not None:
+            try:
+                c.drainer.refill()
+            finally:
+                c.drainer.close()
+                c.drainer = None
+
     def _checkpoint(self, gen: int, forked_ok: bool = True) -> tuple[list[dict], dict, bool]:
         """Capture every frozen process; with forked checkpoints make snapshots (images written after resume),
         else write the images now. Returns (images written, stats, images still to come)."""
@@ -345,7 +370,7 @@ class Agent:
             raise AgentError(f"cannot create checkpoint directory {gdir}: {e.strerror}") from None
         if not os.access(gdir, os.W_OK | os.X_OK):
             raise AgentError(f"checkpoint directory {gdir} is not writable")
-        fdt = FdTable([fp.pid for fp in c.frozen], stdio_pid=os.getpid())
+        fdt = FdTable([fp.pid for fp in c.frozen], stdio_pid=os.getpid(), drained=c.drained)
         fdt.scan()
         t0 = time.monotonic()
         todo: list[PendingImage] = []
@@ -486,6 +511,11 @@ class Agent:
         c = self.ckpt
         if c is None:
             return 0.0
+        if c.drainer is not None:        # an aborted checkpoint: the drained bytes go back first
+            try:
+                self._refill()
+            except Exception as e:
+                log.error("putting drained TCP data back failed: %s", e)
         for fp in c.frozen:
             fp.resume()
         frozen = round(time.monotonic() - c.frozen_at, 6) if c.frozen_at else 0.0

@@ -92,7 +92,8 @@ def describe_kind(e: FdEntry) -> str:
     if t.startswith("pipe:"):
         return "pipe"
     if t.startswith("socket:"):
-        return "socket"
+        from .tcp import describe_inet
+        return describe_inet(e) or "socket"
     if t.startswith("anon_inode:"):
         return t[len("anon_inode:"):].strip("[]")
     if stat.S_ISCHR(e.mode):
@@ -111,6 +112,7 @@ class DumpContext:
     blobs: dict[str, bytes] = field(default_factory=dict)       # object id -> data to store as image chunks
     objects: dict[str, dict] = field(default_factory=dict)      # object id -> state
     owners: dict[str, int] = field(default_factory=dict)        # object id -> pid whose image stores it
+    drained: dict = field(default_factory=dict)                 # socket inode -> bytes drained (tcp.Drained)
     counter: int = 0
 
     def new_id(self, prefix: str = "o") -> str:
@@ -126,7 +128,7 @@ class DumpContext:
 class FdTable:
     """Scans the descriptors of a set of frozen processes (dump side)."""
 
-    def __init__(self, pids: list[int], stdio_pid: int | None = None):
+    def __init__(self, pids: list[int], stdio_pid: int | None = None, drained: dict | None = None):
         from . import kinds
         self.kinds = kinds.KINDS
         for k in self.kinds:
@@ -135,7 +137,7 @@ class FdTable:
         self.pids = sorted(pids)
         self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
         self.stdio = [e for e in (read_fd(self.stdio_pid, n) for n in (0, 1, 2)) if e is not None]
-        self.ctx = DumpContext({})
+        self.ctx = DumpContext({}, drained=drained or {})
         self.records: dict[int, list[FdRecord]] = {}
 
     def _stdio_of(self, e: FdEntry) -> int | None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .pipes import Index, PipeEnd, PipeInode
+from .tcp import TcpSocket
 from .unixsock import UnixSocket
 
-KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, EventFd, TimerFd, SignalFd, Epoll,
+KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, TcpSocket, EventFd, TimerFd, SignalFd, Epoll,
          Index]
