@@ -64,6 +64,7 @@ class Round:
     frozen_s: float = 0.0                     # longest time a peer's processes were stopped
     durable: dict[bytes, dict] = field(default_factory=dict)   # peer -> {"images", "stats"} once on disk
     phase_times: dict[str, float] = field(default_factory=dict)
+    endpoints: list = field(default_factory=list)             # [agent id, TCP end...] from the suspend acks
 
     def next_phase(self) -> tuple[str, State]:
         if self.state == State.CHECKPOINTED and self.kill_after:

@@ -23,6 +23,8 @@ from ..image import store
 from ..settings import Settings
 from . import protocol
 from .barrier import COMMITTED_STATES, Round, State
+from .commands import Commands
+from .gather import RestartGate, Restarts
 from .script import write_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
@@ -44,6 +46,7 @@ class Peer:
     last_seen: float = field(default_factory=time.monotonic)
     state: str = "RUNNING"
     progress: dict = field(default_factory=dict)
+    agent_id: str = ""
 
 
 def new_computation_id() -> str:
@@ -51,7 +54,7 @@ def new_computation_id() -> str:
     return f"{store.safe_name(host)}-{os.getpid()}-{int(time.time()):x}{secrets.token_hex(2)}"
 
 
-class Coordinator:
+class Coordinator(Restarts, Commands):
     def __init__(self, settings: Settings, console: bool = False):
         self.s = settings
         self.console = console
@@ -62,6 +65,9 @@ class Coordinator:
         self.generation = 0
         self.round: Round | None = None
         self.pending_hellos: list[tuple[bytes, dict]] = []
+        self.gate: RestartGate | None = None                  # a restart gathering its hosts
+        self.kv: dict[str, object] = {}                       # rendezvous data (restored TCP listeners, ...)
+        self.kv_waiters: dict[str, list[bytes]] = {}
         self.interval = settings.interval
         self.next_interval_ckpt: float | None = None
         self.last_checkpoint: dict | None = None
@@ -195,9 +201,18 @@ class Coordinator:
             self.computation = comp or self.computation or new_computation_id()
             self.generation = max([self.generation] + store.complete_generations(self.ckptdir, self.computation))
         restarted_gen = int(msg.get("generation") or 0)
+        if msg.get("restart") and msg.get("agent_id"):
+            why = self._gate_join(ident, msg, restarted_gen)
+            if why:
+                self.send(ident, {"type": "reject", "reason": why})
+                log.warning("rejected restarted peer on %s: %s", msg.get("host"), why)
+                return
         self.generation = max(self.generation, restarted_gen)
         peer = Peer(ident, self.next_peer_id, msg.get("host", "?"), int(msg.get("agent_pid", 0)),
-                    list(msg.get("processes", [])), msg.get("ckptdir", self.ckptdir), bool(msg.get("restart")))
+                    list(msg.get("processes", [])), msg.get("ckptdir", self.ckptdir), bool(msg.get("restart")),
+                    agent_id=str(msg.get("agent_id", "")))
+        if self.gate is not None and ident in self.gate.joined:
+            peer.state = "RESTORING"
         self.next_peer_id += 1
         self.peers[ident] = peer
         self.ever_had_peers = True
@@ -229,6 +244,8 @@ class Coordinator:
         self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} left ({msg.get('reason', 'exited')})")
 
     def _peer_gone(self, ident: bytes, why: str) -> None:
+        if self.gate is not None and self.gate.leave(ident):
+            self._check_gate()
         if self.round and ident in self.round.peers:
             self.round.peers.discard(ident)
             self.round.acks.pop(ident, None)
@@ -250,6 +267,8 @@ class Coordinator:
             log.debug("stale ack %s from %r", msg, ident)
             return
         r.ack(ident, msg)
+        if r.phase == "suspend" and msg.get("tcp_ends"):
+            r.endpoints.extend([peer.agent_id] + list(e) for e in msg["tcp_ends"])
         if r.phase == "resume":
             r.frozen_s = max(r.frozen_s, (msg.get("stats") or {}).get("frozen_s", 0.0))
             if self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
@@ -273,6 +292,8 @@ class Coordinator:
         """Begin a checkpoint round; returns an error text if one cannot start now."""
         if self.round is not None:
             return f"a checkpoint (generation {self.round.generation}) is already in progress"
+        if self.gate is not None:
+            return "a restart is in progress (waiting for its hosts)"
         if not self.peers:
             return "no processes are connected to this coordinator"
         self.generation += 1
@@ -290,6 +311,11 @@ class Coordinator:
         log.info("%s", r.acks_text())
         msg = {"type": "phase", "phase": phase, "generation": r.generation, "computation": self.computation,
                "forked_ok": not r.kill_after}
+        if phase == "drain":          # every agent's TCP ends: which connections stay inside the computation
+            msg["tcp_ends"] = r.endpoints
+        if phase == "checkpoint":     # recorded in every image: a restart knows which hosts must come back
+            msg["agents"] = {self.peers[i].agent_id: self.peers[i].host for i in r.peers
+                             if i in self.peers and self.peers[i].agent_id}
         self.broadcast(msg, r.peers)
         self._write_status()
 
@@ -438,6 +464,7 @@ class Coordinator:
                           now - peer.last_seen)
                 del self.peers[ident]
                 self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding")
+        self._check_gate()
         r = self.round
         if r is not None and not r.committed and now - r.last_progress > self.s.phase_timeout:
             missing = [self.peers[i].peer_id for i in r.peers - set(r.acks) if i in self.peers]
@@ -455,126 +482,3 @@ class Coordinator:
                 now - self.idle_since > self.s.stale_timeout:
             log.info("computation gone for %.0f s; exiting (--stale-timeout)", self.s.stale_timeout)
             self.quit = True
-
-    # ------------------------------------------------------------------------------------------ commands --
-    def status(self) -> dict:
-        nprocs = sum(len(p.processes) for p in self.peers.values())
-        r = self.round
-        return {
-            "schema_version": protocol.STATUS_SCHEMA_VERSION,
-            "coordinator_host": self.s.coord_host, "coordinator_port": self.port,
-            "coordinator_version": __version__, "computation": self.computation,
-            "num_peers": nprocs, "num_agents": len(self.peers),
-            "running": bool(self.peers) and r is None,
-            "state": r.state.value if r else State.RUNNING.value,
-            "phase": r.phase if r else None,
-            "checkpoint_interval": self.interval, "ckptdir": self.ckptdir,
-            "generation": self.generation, "last_checkpoint": self.last_checkpoint,
-            "last_failure": self.last_failure,
-        }
-
-    def listing(self) -> list[dict]:
-        out = []
-        for p in sorted(self.peers.values(), key=lambda p: p.peer_id):
-            for proc in p.processes or [{}]:
-                out.append({"peer": p.peer_id, "host": p.host, "agent_pid": p.agent_pid, "pid": proc.get("pid"),
-                            "program": proc.get("program"), "unique_id": proc.get("unique_id"),
-                            "state": p.state, "restarted": p.restarted})
-        return out
-
-    def _on_command(self, ident: bytes, msg: dict) -> None:
-        cmd = msg.get("cmd")
-        reply = {"type": "reply", "command": cmd, "ok": True}
-        if cmd == "status":
-            reply.update(self.status())
-        elif cmd == "list":
-            reply.update(self.status())
-            reply["peers"] = self.listing()
-        elif cmd in ("checkpoint", "bcheckpoint", "kcheckpoint"):
-            blocking = cmd != "checkpoint"
-            err = self.start_checkpoint(kill_after=(cmd == "kcheckpoint"), waiter=ident if blocking else None)
-            if err:
-                reply.update(ok=False, error=err)
-            elif blocking:
-                return          # the reply comes when the round ends
-            else:
-                reply["generation"] = self.generation
-        elif cmd == "interval":
-            try:
-                self.interval = max(0, int(msg.get("value", 0)))
-            except (TypeError, ValueError):
-                reply.update(ok=False, error=f"bad interval {msg.get('value')!r}")
-            else:
-                self._reset_interval()
-                log.info("checkpoint interval set to %s", self.interval or "off")
-                reply["checkpoint_interval"] = self.interval
-        elif cmd == "kill":
-            self.kill_computation()
-        elif cmd == "quit":
-            self.kill_computation()
-            self.quit = True
-        else:
-            reply.update(ok=False, error=f"unknown command {cmd!r}")
-        self.send(ident, {**self.status(), **reply})
-        self._write_status()
-
-    def kill_computation(self) -> None:
-        if self.peers:
-            log.info("killing the computation (%d peer(s))", len(self.peers))
-        self.broadcast({"type": "kill"})
-
-    # --------------------------------------------------------------------------------------------- console --
-    HELP = """Commands:
-  l : list connected processes        s : status
-  c : checkpoint (bc: and wait)       kc: checkpoint, then kill the computation
-  i N: checkpoint every N seconds (0 = off)
-  f : force a restart to go on with missing peers
-  k : kill the computation            q : kill the computation and quit
-  ? : this help"""
-
-    def _console(self, line: str) -> None:
-        if not line:
-            return
-        cmd, _, arg = line.partition(" ")
-        if cmd == "?" or cmd == "h":
-            print(self.HELP, flush=True)
-        elif cmd == "l":
-            for row in self.listing():
-                print(f"{row['peer']}: {row['host']} pid {row['pid']} {row['program']} {row['state']}", flush=True)
-            if not self.peers:
-                print("no processes connected", flush=True)
-        elif cmd == "s":
-            st = self.status()
-            print(f"Coordinator: {self.s.coord_host}:{self.port}  computation {st['computation']}\n"
-                  f"NUM_PEERS={st['num_peers']}\nRUNNING={'yes' if st['running'] else 'no'}\n"
-                  f"CKPT_INTERVAL={st['checkpoint_interval']}\nGENERATION={st['generation']}", flush=True)
-        elif cmd in ("c", "bc", "kc"):
-            err = self.start_checkpoint(kill_after=(cmd == "kc"))
-            print(err or "checkpoint started", flush=True)
-        elif cmd == "i":
-            try:
-                self.interval = max(0, int(arg))
-                self._reset_interval()
-                print(f"interval: {self.interval or 'off'}", flush=True)
-            except ValueError:
-                print("usage: i SECONDS", flush=True)
-        elif cmd == "f":
-            print("no restart is waiting for missing peers", flush=True)
-        elif cmd == "k":
-            self.kill_computation()
-        elif cmd == "q":
-            self.kill_computation()
-            self.quit = True
-        else:
-            print(f"unknown command {cmd!r}; type ? for help", flush=True)
-
-    # ------------------------------------------------------------------------------------------ status file --
-    def _write_status(self) -> None:
-        if not self.s.status_file:
-            return
-        st = self.status()
-        st["peers"] = self.listing()
-        try:
-            store.atomic_write(self.s.status_file, json.dumps(st, indent=1).encode(), mode=0o644)
-        except OSError as e:
-            log.warning("cannot write status file %s: %s", self.s.status_file, e)

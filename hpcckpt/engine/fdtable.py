@@ -228,6 +228,13 @@ class ObjectFactory:
         self.fds: dict[str, int] = {}        # object id -> fd in the agent
         self.extra: dict[str, object] = {}   # handler scratch (e.g. pipe inode -> (r, w))
         self.after: list = []                # callables run once every process is restored and stopped
+        self.rendezvous = None               # the coordinator's key-value store, for objects spanning hosts
+
+    def prepare(self) -> None:
+        """Kinds whose objects must be made all at once, before any is handed out (`prepare(factory)`)."""
+        for k in self.by_kind.values():
+            if hasattr(k, "prepare"):
+                k.prepare(self)
 
     def fd_for(self, oid: str) -> int:
         """The agent's fd for an object (or for "stdio:N": a copy of our own fd N), created on first use."""

@@ -35,6 +35,9 @@ class RestoreOptions:
     # True inside a PID namespace of our own: every process and thread gets its original PID/TID back.
     # False: new PIDs; glibc's cached thread IDs are fixed up where they can be found.
     same_pids: bool = False
+    # The coordinator's key-value store (agent.rendezvous.Rendezvous) when the computation spans hosts: restored
+    # TCP connections between hosts find their other end through it.
+    rendezvous: object = None
 
 
 @dataclass
@@ -125,6 +128,8 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     restored: list[RestoredProcess] = []
     try:
         try:
+            factory.rendezvous = opts.rendezvous
+            factory.prepare()             # objects made together (e.g. TCP connections between hosts)
             plans = make_plans(metas, factory, base)
         except (UnsupportedFd, OSError) as e:
             raise RestoreError(str(e)) from None
