@@ -19,7 +19,7 @@ import zmq
 
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..engine import tcp, tree
+from ..engine import tcpdrain, tree
 from ..engine.fdtable import FdTable
 from ..engine import procattrs
 from ..engine.forker import kill_snapshot
@@ -56,6 +56,10 @@ def new_unique_id(pid: int) -> str:
     return f"{host}-{pid}-{int(time.time() * 1000) & 0xFFFFFFFFFF:x}"
 
 
+def new_agent_id() -> str:
+    return os.urandom(6).hex()
+
+
 def program_of(pid: int) -> str:
     try:
         return os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
@@ -82,8 +86,9 @@ class CheckpointState:
     hints: dict[int, dict] = field(default_factory=dict)            # VmFlags read before the freeze
     frozen_at: float = 0.0
     stats: dict = field(default_factory=dict)
-    drainer: tcp.Drainer | None = None                              # TCP data taken out until the refill
-    drained: dict = field(default_factory=dict)                     # socket inode -> tcp.Drained
+    drainer: tcpdrain.Drainer | None = None                         # TCP data taken out until the refill
+    drained: dict = field(default_factory=dict)                     # socket inode -> tcpdrain.Drained
+    agents: dict = field(default_factory=dict)                      # agent id -> host, of every agent taking part
 
 
 @dataclass
@@ -99,9 +104,12 @@ class BackgroundWrite:
 class Agent:
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
-                 pid_namespace: bool = False, not_job: set[int] | None = None):
+                 pid_namespace: bool = False, not_job: set[int] | None = None, agent_id: str | None = None,
+                 agents: dict | None = None):
         """processes: the job's processes known at start; the first is the root, whose exit ends the job.
-        not_job: children of ours that are not part of the job (e.g. the coordinator service process)."""
+        not_job: children of ours that are not part of the job (e.g. the coordinator service process).
+        agent_id: ours, kept across restarts (images record it); agents: for a restart, every agent (id -> host)
+        of the checkpoint, which the coordinator waits for before any process runs."""
         self.not_job = set(not_job or ())
         self.s = settings
         self.conn = conn
@@ -124,13 +132,18 @@ class Agent:
         self.pending_prev: dict[int, dict] = {}                # generation -> images written, not yet committed
         self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.agent_id = agent_id or new_agent_id()
+        self.expected_agents = dict(agents or {})
+        self.stash: list[dict] = []            # messages that came while we waited for something else
+        self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
 
     # ---------------------------------------------------------------------------------------- joining --
     def hello(self, timeout: float = 15.0) -> dict:
         msg = {"type": "hello", "role": "peer", "host": self.host, "agent_pid": os.getpid(),
                "processes": self.public_processes(), "ckptdir": self.ckptdir,
                "computation": self.computation, "restart": self.restarted_generation is not None,
-               "generation": self.restarted_generation}
+               "generation": self.restarted_generation, "agent_id": self.agent_id,
+               "agents": self.expected_agents, "agent_ids": self.restart_ids or [self.agent_id]}
         self.conn.send(msg)
         deadline = time.monotonic() + timeout
         while True:
@@ -150,6 +163,25 @@ class Agent:
     def send(self, msg: dict) -> None:
         self.conn.send(msg)
         self.last_sent = time.monotonic()
+
+    def adopt(self, processes: list[JobProcess]) -> None:
+        """After a restore: the processes as they now are (new PIDs without a PID namespace of our own)."""
+        self.root = processes[0]
+        self.uids = {p.pid: p.unique_id for p in processes}
+
+    def restore_done(self, error: str | None, timeout: float) -> tuple[bool, str]:
+        """Tell the coordinator our processes are restored (or why not) and wait for its word: (go, reason).
+        Every host of the checkpoint must have restored its processes before any of them runs."""
+        self.send({"type": "restored", "error": error})
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.stash.pop(0) if self.stash else self.conn.recv(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return False, f"no word from the coordinator within {timeout:.0f} s"
+            if msg.get("type") == "restart":
+                return bool(msg.get("go")), msg.get("reason", "")
+            if msg.get("type") == "kill":
+                return False, "the computation was killed"
 
     # ------------------------------------------------------------------------------------------- the job --
     def job(self) -> list[tree.ProcInfo]:
@@ -289,11 +321,15 @@ class Agent:
         try:
             if phase == "suspend":
                 self._suspend(gen)
-                self._ack(msg, True)
+                c = self.ckpt
+                self._ack(msg, True, tcp_ends=tcpdrain.connected_ends([fp.pid for fp in c.frozen]))
             elif phase == "drain":
-                self._drain(gen)
+                others = [e for e in msg.get("tcp_ends", []) if e and e[0] != self.agent_id]
+                self._drain(gen, others)
                 self._ack(msg, True)
             elif phase == "checkpoint":
+                if self.ckpt is not None:
+                    self.ckpt.agents = msg.get("agents") or {self.agent_id: self.host}
                 images, stats, pending = self._checkpoint(gen, msg.get("forked_ok", True))
                 self._ack(msg, True, images=images, stats=stats, pending=pending)
             elif phase == "refill":
@@ -336,14 +372,14 @@ class Agent:
         self.ckpt.stats["freeze_s"] = round(time.monotonic() - t0, 6)
         self.ckpt.stats["processes"] = len(frozen)
 
-    def _drain(self, gen: int) -> None:
+    def _drain(self, gen: int, remote_ends: list | None = None) -> None:
         """Take the bytes in flight out of the job's TCP connections (every process of the computation, on
         every host, is frozen now)."""
         c = self.ckpt
         if c is None or c.generation != gen:
             raise AgentError(f"drain of generation {gen} without a suspend")
         t0 = time.monotonic()
-        c.drainer = tcp.Drainer([fp.pid for fp in c.frozen])
+        c.drainer = tcpdrain.Drainer([fp.pid for fp in c.frozen], remote_ends)
         c.drained = c.drainer.drain()
         c.stats["drain_s"] = round(time.monotonic() - t0, 6)
         c.stats["drained_bytes"] = sum(len(d.data) for d in c.drained.values() if d.consumed)
@@ -413,7 +449,8 @@ class Agent:
         meta = engine_dump.write_image(p.cap, p.path, computation=self.computation, generation=c.generation,
                                        unique_id=p.unique_id, compress=self.s.compress,
                                        level=self.s.compress_level, progress=self._progress,
-                                       incremental=self.s.incremental, base=base)
+                                       incremental=self.s.incremental, base=base,
+                                       agent={"agent_id": self.agent_id, "agents": c.agents})
         self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
         size = os.path.getsize(p.path)
         c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]

@@ -8,7 +8,9 @@ import sys
 
 from ..agent.agent import Agent, JobProcess
 from ..agent.join import ANY, JOIN, NEW, find_or_start
+from ..agent.rendezvous import Rendezvous
 from ..coordinator.client import Connection, CoordinatorUnreachable
+from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import store
@@ -113,32 +115,60 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
 
 def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, verify: bool,
            not_job: set[int]) -> int:
-    """Restore every process, stopped; join the coordinator (started only now: a bad image fails before
-    anything else happens); then let the whole computation run at once."""
+    """Join the coordinator's restart gate, restore every process (stopped; connections to other hosts made
+    again through the coordinator), report, and let the processes run only when every host of the
+    checkpoint has restored its own: a restart never leaves part of a computation running."""
     meta = readers[0].meta
+    metas = sorted((r.meta for r in readers), key=lambda m: (not m["process"]["root"], m["process"]["pid"]))
+    agents: dict = {}
+    for r in readers:
+        agents.update(r.meta.get("agents") or {})
+    ids = sorted({r.meta.get("agent_id") for r in readers if r.meta.get("agent_id")})
+    # connections to other hosts are made during the restore, through the coordinator: join it first then;
+    # else restore first, so that a bad image fails before any coordinator is started
+    spans_hosts = any(o.get("remote_end") for r in readers for o in r.meta["process"].get("objects", []))
     restored: list[RestoredProcess] = []
-    conn = None
-    try:
-        try:
-            restored = restore_computation(readers, RestoreOptions(verify_checksums=verify, same_pids=in_namespace))
-        except (RestoreError, ImageError) as e:
-            raise Fail(str(e)) from None
+    conn = agent = None
+
+    def join():
+        nonlocal conn, agent
         try:
             host, port = get_coordinator()
             conn = Connection(host, port)
             # the root (the process the computation was launched as) first: its exit ends the job
-            ordered = sorted(restored, key=lambda rp: (not rp.meta.process.root, rp.meta.process.pid))
-            procs = [JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in ordered]
+            procs = [JobProcess(m["process"]["pid"], m["unique_id"], m["program"]) for m in metas]
             agent = Agent(s, conn, procs, computation=meta["computation"], restarted_generation=meta["generation"],
-                          pid_namespace=in_namespace, not_job=not_job)
-            # the images we restarted from are the bases of the next incremental checkpoint
-            paths = {r.meta["unique_id"]: r.path for r in readers}
-            agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id],
-                                                     list(rp.meta.needs) or [rp.meta.generation])
-                                 for rp in restored}
+                          pid_namespace=in_namespace, not_job=not_job, agent_id=ids[0] if ids else None,
+                          agents=agents)
+            agent.restart_ids = ids
             agent.hello()
         except (CoordinatorUnreachable, SecretError) as e:
             raise Fail(str(e)) from None
+
+    try:
+        if spans_hosts:
+            join()
+        rv = Rendezvous(conn, meta["computation"], meta["generation"]) if spans_hosts else None
+        try:
+            restored = restore_computation(readers, RestoreOptions(verify_checksums=verify, same_pids=in_namespace,
+                                                                   rendezvous=rv))
+        except (RestoreError, ImageError) as e:
+            if agent is not None:
+                agent.send({"type": "restored", "error": str(e)})
+            raise Fail(str(e)) from None
+        if agent is None:
+            join()
+        else:
+            agent.stash.extend(rv.stash)
+        go, why = agent.restore_done(None, RESTART_TIMEOUT_S + 30)
+        if not go:
+            raise Fail(f"restart abandoned: {why}")
+        ordered = sorted(restored, key=lambda rp: (not rp.meta.process.root, rp.meta.process.pid))
+        agent.adopt([JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in ordered])
+        # the images we restarted from are the bases of the next incremental checkpoint
+        paths = {r.meta["unique_id"]: r.path for r in readers}
+        agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id], list(rp.meta.needs) or [rp.meta.generation])
+                             for rp in restored}
         release_all(restored)
         log.info("restored %d process(es) in %.3f s: %s", len(restored), restored[0].stats.get("total_s", 0),
                  ", ".join(f"{rp.meta.program}[{rp.meta.process.pid}->{rp.pid}]" for rp in restored))
@@ -147,6 +177,8 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             if not rp.released:
                 rp.kill()
         if conn is not None:
+            if agent is not None:
+                agent.send({"type": "bye", "reason": "restart failed"})
             conn.close()
         raise
     try:

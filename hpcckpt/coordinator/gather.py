@@ -24,7 +24,7 @@ class RestartGate:
     generation: int
     expected: dict[str, str]                  # agent id -> host it ran on at the checkpoint
     deadline: float
-    joined: dict[bytes, str] = field(default_factory=dict)      # connection -> agent id
+    joined: dict[bytes, list[str]] = field(default_factory=dict)   # connection -> ids of the agents it restores
     restored: dict[str, str | None] = field(default_factory=dict)  # agent id -> None (ok) or error text
     forced: bool = False
 
@@ -32,30 +32,34 @@ class RestartGate:
     def open(cls, computation: str, generation: int, agents: dict[str, str], timeout: float) -> "RestartGate":
         return cls(computation, generation, dict(agents), time.monotonic() + timeout)
 
-    def join(self, ident: bytes, agent_id: str, host: str) -> str | None:
-        """Register an agent; returns why it cannot join this restart, or None."""
-        if agent_id in self.joined.values():
-            return f"agent {agent_id} (images of {self.expected.get(agent_id, host)}) was already restarted"
-        if agent_id not in self.expected:
-            self.expected[agent_id] = host       # images without the list of agents (older images)
-        self.joined[ident] = agent_id
+    def present(self) -> set[str]:
+        return {a for ids in self.joined.values() for a in ids}
+
+    def join(self, ident: bytes, agent_ids: list[str], host: str) -> str | None:
+        """Register a restarting agent, which restores the images of agent_ids (one host of the checkpoint, or
+        several when a restart gathers them on fewer hosts); returns why it cannot join, or None."""
+        again = [a for a in agent_ids if a in self.present()]
+        if again:
+            return f"the images of {', '.join(self.expected.get(a, a) for a in again)} are already being restarted"
+        for a in agent_ids:
+            self.expected.setdefault(a, host)    # images without the list of agents (older images)
+        self.joined[ident] = list(agent_ids)
         return None
 
     def report(self, ident: bytes, error: str | None) -> None:
-        aid = self.joined.get(ident)
-        if aid is not None:
-            self.restored[aid] = error
+        for a in self.joined.get(ident, []):
+            self.restored[a] = error
 
-    def leave(self, ident: bytes) -> str | None:
-        """An agent went away; returns its id if it had not finished restoring."""
-        aid = self.joined.pop(ident, None)
-        if aid is not None and aid not in self.restored:
-            self.restored[aid] = "its agent went away during the restore"
-            return aid
-        return None
+    def leave(self, ident: bytes) -> bool:
+        """An agent went away; True if it had not finished restoring."""
+        ids = self.joined.pop(ident, [])
+        gone = [a for a in ids if a not in self.restored]
+        for a in gone:
+            self.restored[a] = "its agent went away during the restore"
+        return bool(gone)
 
     def missing(self) -> dict[str, str]:
-        return {a: h for a, h in self.expected.items() if a not in self.joined.values()}
+        return {a: h for a, h in self.expected.items() if a not in self.present()}
 
     def failure(self) -> str | None:
         errors = [f"{self.expected.get(a, '?')}: {e}" for a, e in sorted(self.restored.items()) if e]
@@ -72,7 +76,7 @@ class RestartGate:
 
     def ready(self) -> bool:
         """Every agent expected (or, forced, every agent present) has restored its processes."""
-        waiting_for = set(self.joined.values()) if self.forced else set(self.expected)
+        waiting_for = self.present() if self.forced else set(self.expected)
         return bool(self.joined) and all(self.restored.get(a, "x") is None for a in waiting_for)
 
 
@@ -91,7 +95,7 @@ class Restarts:
         elif generation != self.gate.generation:
             return f"its images are of generation {generation}, the restart in progress is of generation " \
                    f"{self.gate.generation}"
-        return self.gate.join(ident, str(msg["agent_id"]), msg.get("host", "?"))
+        return self.gate.join(ident, [str(a) for a in msg.get("agent_ids") or [msg["agent_id"]]], msg.get("host", "?"))
 
     def _on_restored(self, ident: bytes, msg: dict) -> None:
         if self.gate is None or ident not in self.gate.joined:

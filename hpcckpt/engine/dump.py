@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..image.format import ImageError, ImageReader, ImageWriter
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import forker, memory, procattrs, signals, threads, timers
+from . import forker, memory, procattrs, ptrace, signals, sysvshm, threads, timers
 from . import incremental as incremental_mod
 from .fdtable import FdTable
 from .freeze import FrozenProcess
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 def check_supported(pids: list[int]) -> None:
     """Refuse early, with every process untouched, what this engine cannot save (named precisely)."""
     FdTable(pids).check()
+    sysvshm.check(pids)
     for pid in pids:
         try:
             maps = memory.read_maps(pid, with_flags=False)
@@ -128,7 +129,20 @@ def snapshot(cap: Capture, parent_is_agent: bool, preread_limit: int = 1 << 30) 
         log.warning("pid %d: no copy-on-write snapshot (%s); writing its image while it is stopped", cap.fp.pid, e)
         _undefer(cap)
         return 0
+    _detach_sysv(cap)
     return cap.snapshot_pid
+
+
+def _detach_sysv(cap: Capture) -> None:
+    """The snapshot's copies of SysV attachments would show in the segments' nattch while the images are
+    written (the job may look at it); their contents are saved from the segments themselves (sysvshm.py)."""
+    from .inject import Injector
+    regions = [p.m for p in cap.plans if p.rec.backing == "sysv"]
+    if not regions:
+        return
+    inj = Injector(cap.snapshot_pid, cap.snapshot_pid, cap.fp.syscall_addr, ptrace.getregs(cap.snapshot_pid))
+    for m in regions:
+        inj.call(SYS.munmap, m.start, m.size)
 
 
 def _undefer(cap: Capture) -> None:
@@ -146,7 +160,7 @@ def _undefer(cap: Capture) -> None:
 
 def write_image(cap: Capture, path: str, *, computation: str, generation: int, unique_id: str,
                 compress: bool = False, level: int = 1, progress=None, incremental: bool = False,
-                base: str | None = None) -> ImageMeta:
+                base: str | None = None, agent: dict | None = None) -> ImageMeta:
     """Write the image of a captured process (atomically), its memory read from the snapshot fork if one was
     made, else from the (still frozen) process. incremental: keep page hashes; with base (the previous
     generation's image of this process), store only the pages that changed since."""
@@ -173,7 +187,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
                          generation=generation, unique_id=unique_id, hostname=socket.gethostname(),
                          created=time.time(), program=os.path.basename(proc.exe.split(" (deleted)")[0]),
-                         process=proc)
+                         process=proc, **(agent or {}))
         writer.drain()
         memory.finalize_chunks(proc.regions, {**blobs, **hash_blobs})
         proc.blobs = blobs

@@ -73,7 +73,8 @@ class RegionRecord(Record):
     dev: str = ""
     inode: int = 0
     vmflags: list = field(default_factory=list)
-    backing: str = "anon"           # how restore maps it: anon | file | shared-anon | special
+    backing: str = "anon"           # how restore maps it: anon | file | shared-anon | special | sysv (a SysV shm
+                                    # attachment: inode is the segment's shmid, contents in its sysvshm object)
     file_size: int = -1             # identity of the backing file at checkpoint time
     file_mtime_ns: int = -1
     chunks: list = field(default_factory=list)   # image.format.Chunk rows
@@ -138,3 +139,5 @@ class ImageMeta(Record):
     stats: dict = field(default_factory=dict)
     base: str = ""                  # incremental: the image this one builds on (path relative to this one's dir)
     needs: list = field(default_factory=list)     # generations whose images a restore from this one reads
+    agent_id: str = ""              # the agent that made it (one per host of the computation)
+    agents: dict = field(default_factory=dict)    # agent id -> host, every agent of this checkpoint

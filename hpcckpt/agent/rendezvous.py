@@ -1,0 +1,33 @@
+"""The coordinator's key-value store, as a restoring agent uses it: restored TCP listeners publish where they
+are, the other ends look them up (engine/tcpwire.py). Keys are scoped to the computation and generation."""
+from __future__ import annotations
+
+import time
+
+from ..coordinator.client import Connection
+
+
+class Rendezvous:
+    def __init__(self, conn: Connection, computation: str, generation: int):
+        self.conn = conn
+        self.prefix = f"{computation}/{generation}/"
+        self.stash: list[dict] = []          # other messages that arrived while we waited (handled later)
+
+    def put(self, key: str, value) -> None:
+        self.conn.send({"type": "kv_put", "key": self.prefix + key, "value": value})
+
+    def get(self, key: str, timeout: float):
+        """The value published under key, waiting for it up to timeout seconds (None if it never came)."""
+        full = self.prefix + key
+        self.conn.send({"type": "kv_get", "key": full, "wait": True})
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            msg = self.conn.recv(left)
+            if msg is None:
+                return None
+            if msg.get("type") == "kv" and msg.get("key") == full:
+                return msg.get("value")
+            self.stash.append(msg)

@@ -1,0 +1,158 @@
+"""Restored TCP connections between hosts: each end is restored by the agent of its own host - maybe a
+different host, with different addresses, than at the checkpoint - and the two agents find each other through
+the coordinator's key-value store (like DMTCP's rewiring through its coordinator).
+
+Of the two ends, the one with the lower port (the one that accepted the connection, as a rule) is the server:
+its agent listens on that port again (the job's own listening socket if it still has one there, else a
+stand-in; another port if that one is taken) and publishes its addresses under the connection's key; the other
+agent looks them up, binds its end to its old port when it is free, connects, and sends a 16-byte token naming
+the connection, which the server side reads off before the process ever sees the socket. Every agent first
+publishes all it serves and only then connects, so no two agents wait for each other. Then the bytes each end
+had not read go back through tcpinfo.Exchange, half-closed ends are shut again, and the sockets are handed to
+the restore like any other object.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import select
+import socket
+import time
+
+from .fdtable import UnsupportedFd
+from .tcpinfo import (DRAIN_TIMEOUT, LISTEN, WE_WRITE, Exchange, local_ipv4s, norm, run_exchanges, set_lock,
+                      set_rcvbuf)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+
+
+def conn_key(local, remote) -> str:
+    """The same name for a connection at both of its ends."""
+    a, b = sorted(f"{ip}:{port}" for ip, port in (norm(tuple(local)), norm(tuple(remote))))
+    return f"{a}={b}"
+
+
+def is_server(local, remote) -> bool:
+    lo, re = norm(tuple(local)), norm(tuple(remote))
+    return (lo[1], lo[0]) < (re[1], re[0])
+
+
+def _token(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()[:16]
+
+
+def wire(factory, objects: list[dict], timeout: float = DRAIN_TIMEOUT) -> None:
+    """Make every connection of `objects` (this host's ends of connections to other hosts); the sockets go to
+    factory.extra["tcp-wired"][inode]."""
+    from .tcp import _buf_after, _data, _finish, _new    # (tcp.py imports this module)
+    rv = factory.rendezvous
+    ips = local_ipv4s()
+    listeners: dict[int, socket.socket] = {}
+    expect: dict[bytes, dict] = {}
+    socks: dict[int, socket.socket] = {}
+    try:
+        for o in (o for o in objects if o["server"]):
+            port = o["local"][1]
+            if port not in listeners:
+                listeners[port] = _listener(factory, o, _new)
+            mine = [ip for ip in ips if ip == o["local"][0]] + [ip for ip in ips if ip != o["local"][0]]
+            rv.put(f"tcp/{o['conn']}", {"ips": mine, "port": listeners[port].getsockname()[1]})
+            expect[_token(o["conn"])] = o
+        for o in (o for o in objects if not o["server"]):
+            addr = rv.get(f"tcp/{o['conn']}", timeout)
+            if addr is None:
+                raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} was not restored on any "
+                                    f"host within {timeout:.0f} s")
+            socks[o["ino"]] = _connect(o, addr, ips, _new)
+        deadline = time.monotonic() + timeout
+        while expect:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UnsupportedFd(f"{next(iter(expect.values()))['where']}: the other host did not connect "
+                                    f"again within {timeout:.0f} s")
+            r, _, _ = select.select(list(listeners.values()), [], [], min(left, 1.0))
+            for lsk in r:
+                try:
+                    sk, _ = lsk.accept()
+                except BlockingIOError:
+                    continue
+                sk.settimeout(CONNECT_TIMEOUT)
+                tok = _read_exactly(sk, 16)
+                sk.settimeout(None)
+                o = expect.pop(tok, None)
+                if o is None:
+                    sk.close()
+                    log.warning("a connection to a restored listener did not name a connection we expected")
+                    continue
+                socks[o["ino"]] = sk
+        run_exchanges([Exchange(socks[o["ino"]], _data(factory, o), o["where"],
+                                shut_after=o["state"] not in WE_WRITE) for o in objects], timeout)
+        wired = factory.extra.setdefault("tcp-wired", {})
+        for o in objects:
+            sk = socks.pop(o["ino"])
+            size, lock = _buf_after(o)
+            if lock > 0:
+                set_rcvbuf(sk, size, grow_only=False)
+                set_lock(sk, lock)
+            wired[o["ino"]] = factory.high(_finish(sk, o))
+        log.info("reconnected %d TCP connection(s) to other hosts", len(objects))
+    finally:
+        for sk in list(socks.values()) + list(listeners.values()):
+            sk.close()
+
+
+def _listener(factory, o: dict, new) -> socket.socket:
+    """Where the other host connects to: the job's own listening socket on that port, else a stand-in on the
+    same port (or another, if it is taken)."""
+    port = o["local"][1]
+    job = next((x for x in factory.objects.values() if x.get("kind") == "tcp" and x["state"] == LISTEN
+                and x["local"][1] == port), None)
+    if job is not None:     # (left blocking: its flags are the job's; select says when accept() is ready)
+        return socket.socket(fileno=os.dup(factory.fd_for(job["id"])))
+    lsk = new(o)
+    lsk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        lsk.bind(("0.0.0.0", port))
+    except OSError:
+        log.info("%s: port %d is taken on this host; the connection comes back on another", o["where"], port)
+        lsk.bind(("0.0.0.0", 0))
+    lsk.listen(128)
+    lsk.setblocking(False)
+    return lsk
+
+
+def _connect(o: dict, addr: dict, ips: list[str], new) -> socket.socket:
+    errors = []
+    for ip in addr["ips"]:
+        sk = new(o)
+        sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sk.bind((o["local"][0] if o["local"][0] in ips else "0.0.0.0", o["local"][1]))
+        except OSError:
+            pass                          # the old port is taken: any port will do
+        sk.settimeout(CONNECT_TIMEOUT)
+        try:
+            sk.connect((ip, addr["port"]))
+            sk.sendall(_token(o["conn"]))
+            sk.settimeout(None)
+            return sk
+        except OSError as e:
+            errors.append(f"{ip}:{addr['port']}: {e.strerror or e}")
+            sk.close()
+    raise UnsupportedFd(f"{o['where']}: cannot connect again to the other end ({'; '.join(errors)})")
+
+
+def _read_exactly(sk: socket.socket, n: int) -> bytes:
+    buf = b""
+    try:
+        while len(buf) < n:
+            data = sk.recv(n - len(buf))
+            if not data:
+                break
+            buf += data
+    except OSError:
+        pass
+    return buf
