@@ -29,6 +29,8 @@ system-deps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $$missing || \
 	  { $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends $$missing; }; \
 	fi
+	@# sshd, ip, unshare/nsenter for the multi-host tests (simulated hosts in network namespaces)
+	@if [ "$$(id -u)" = 0 ]; then sh tests/hosts-deps.sh >/dev/null; fi
 
 demo: install
 	bash examples/demo.sh
