@@ -114,6 +114,7 @@ class DumpContext:
     owners: dict[str, int] = field(default_factory=dict)        # object id -> pid whose image stores it
     drained: dict = field(default_factory=dict)                 # socket inode -> bytes drained (tcp.Drained)
     counter: int = 0
+    stdio_pid: int = 0                                          # whose stdio is the launching command's
 
     def new_id(self, prefix: str = "o") -> str:
         self.counter += 1
@@ -137,7 +138,7 @@ class FdTable:
         self.pids = sorted(pids)
         self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
         self.stdio = [e for e in (read_fd(self.stdio_pid, n) for n in (0, 1, 2)) if e is not None]
-        self.ctx = DumpContext({}, drained=drained or {})
+        self.ctx = DumpContext({}, drained=drained or {}, stdio_pid=self.stdio_pid)
         self.records: dict[int, list[FdRecord]] = {}
 
     def _stdio_of(self, e: FdEntry) -> int | None:
@@ -200,6 +201,8 @@ class FdTable:
         order = {k: i for i, k in enumerate(self.kinds)}
         for h, oid, ofd in sorted(handled, key=lambda t: order[t[0]]):
             h.dump(self.ctx, oid, ofd)
+        from . import sysvshm        # shared by processes without a descriptor; stored like the objects above
+        sysvshm.scan(self.ctx, self.pids)
         for (pid, fd), e in sorted(entries.items()):
             oid = ofd_of[(pid, fd)]
             kind = "stdio" if oid.startswith("stdio:") else self.ctx.objects[oid]["kind"]
@@ -207,6 +210,9 @@ class FdTable:
             self.records.setdefault(pid, []).append(
                 FdRecord(fd=fd, kind=kind, path=path, flags=e.flags, pos=e.pos, cloexec=e.cloexec, ofd=oid,
                          size=self.ctx.objects.get(oid, {}).get("size", -1)))
+        for k in self.kinds:
+            if hasattr(k, "dump_computation"):      # state not behind any one descriptor (the launching terminal)
+                k.dump_computation(self.ctx, self.pids, self.stdio, self.records)
 
     def objects_of(self, pid: int) -> list[dict]:
         """The objects whose state goes into pid's image."""

@@ -5,6 +5,7 @@ A file deleted while open has its content saved in the image and comes back as a
 A writable file that grew after the checkpoint is cut back to its checkpoint size when the restarted
 computation is released (cut_back), so a restarted program writing the same lines again leaves no
 duplicates (e.g. logs opened with O_APPEND).
+flock() and OFD locks held through a description are taken again on the new one (locks.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import stat
 import tempfile
 
 from ..image.records import FdRecord
+from . import locks
 from .fdtable import FdEntry, UnsupportedFd
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class RegularFile:
             with open(f"/proc/{e.pid}/fd/{e.fd}", "rb") as f:
                 ctx.blobs[oid] = f.read()
             state["mode"] = stat.S_IMODE(st.st_mode)
+        locks.dump_into(state, ofd)
         ctx.add(oid, state, min(x.pid for x in ofd))
 
     @staticmethod
@@ -85,7 +88,7 @@ class RegularFile:
         else:
             fd = _open(state["path"], state["flags"], "file")
         os.lseek(fd, state["pos"], os.SEEK_SET)
-        return fd
+        return _locked(fd, state)
 
 
 class Directory:
@@ -98,11 +101,23 @@ class Directory:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        ctx.add(oid, {"kind": "dir", "path": e.target, "flags": e.flags, "pos": e.pos}, min(x.pid for x in ofd))
+        state = {"kind": "dir", "path": e.target, "flags": e.flags, "pos": e.pos}
+        locks.dump_into(state, ofd)
+        ctx.add(oid, state, min(x.pid for x in ofd))
 
     @staticmethod
     def create(factory, state: dict) -> int:
-        return _open(state["path"], state["flags"] | os.O_DIRECTORY, "directory")
+        return _locked(_open(state["path"], state["flags"] | os.O_DIRECTORY, "directory"), state)
+
+
+def _locked(fd: int, state: dict) -> int:
+    """The description's own locks (flock, OFD) taken again on the new description."""
+    try:
+        locks.take_on_description(fd, state)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class Device:

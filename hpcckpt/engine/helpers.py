@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, RegionRecord
 from .eventfds import register_epoll_items
+from .locks import posix_for
 from .fdtable import ObjectFactory
 from .linux import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ, \
     PROT_WRITE, TASK_SIZE, mmap
 from .maps import read_maps
+from .ttys import plan_session, session_terminal
 from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE, RestoreError
 
 
@@ -41,6 +43,9 @@ class ProcPlan:
     new_pid: int = 0
     sync_fds: tuple[int, ...] = ()
     epoll_regs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (epfd, tfd, events, data)                                   # hold/info pipe ends (closed by injection)
+    posix_locks: list = field(default_factory=list)                  # (fd, lock, path): taken by the process
+    sysv: dict[int, tuple[int, int]] = field(default_factory=dict)   # image shmid -> (shmid now, size)
+    tty: tuple[int, int, bool] = (-1, -1, False)                     # ttys.plan_session
 
     @property
     def pid(self) -> int:
@@ -119,6 +124,8 @@ def make_plans(metas: list[tuple[ImageMeta, ImageReader]], factory: ObjectFactor
                     raise RestoreError(f"cannot open mapped file {r.path}: {e.strerror}") from None
                 mapped[(r.path, rw)] = dup_high(fd, base)
             plan.map_fds[r.path] = mapped[(r.path, rw)]
+        plan.posix_locks = posix_for(proc, factory.objects)
+        plan.tty = plan_session(factory, proc)
         exe = proc.exe.removesuffix(" (deleted)")
         if exe not in exes:
             try:
@@ -244,7 +251,7 @@ def _helper_main(sp: Spawner, old: int, subtree_w: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         plan = sp.plans[old]
         proc = plan.meta.process
-        _session_and_group(proc, old)
+        _session_and_group(proc, old, plan.tty)
         for child in sorted(plan.children + [z["pid"] for z in proc.zombies]):
             zombie = next((z for z in proc.zombies if z["pid"] == child), None)
             r, w = os.pipe2(os.O_CLOEXEC)
@@ -271,7 +278,7 @@ def _helper_main(sp: Spawner, old: int, subtree_w: int) -> None:
             os._exit(127)
 
 
-def _session_and_group(proc, old: int) -> None:
+def _session_and_group(proc, old: int, tty: tuple[int, int, bool] = (-1, -1, False)) -> None:
     # PIDs are the image's inside our namespace; group/session ids of 0 lie outside it (the launcher's)
     if proc.sid == old:
         os.setsid()
@@ -282,6 +289,8 @@ def _session_and_group(proc, old: int) -> None:
             os.setpgid(0, proc.pgid)
         except OSError:
             pass                             # the group's leader is gone; stay in the parent's group
+    # before any child is forked: they inherit the session's controlling terminal
+    session_terminal(*tty)
 
 
 def _become_zombie(z: dict, w: int) -> None:

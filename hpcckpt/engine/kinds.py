@@ -7,6 +7,9 @@ from .files import Device, Directory, RegularFile
 from .pipes import Index, PipeEnd, PipeInode
 from .tcp import TcpSocket
 from .unixsock import UnixSocket
+from .inotify import Inotify
+from .ptys import PtyMaster, PtyPair, PtySlave
+from .ttys import DevTty, Terminal
 
 KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, TcpSocket, EventFd, TimerFd, SignalFd, Epoll,
-         Index]
+         Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]

@@ -8,6 +8,8 @@ Dump rules, per mapping of /proc/PID/maps:
   - private file-backed whose file is gone or replaced: every page, restored as anonymous memory.
   - shared file-backed: nothing, the data lives in the file. Shared anonymous (incl. deleted /dev/shm and
     memfd files): touched pages, restored as shared anonymous memory.
+  - SysV shm attachments (`/SYSV<key> (deleted)`, inode = shmid): nothing here; each segment's contents are
+    saved once for the computation and it is attached again at restore (sysvshm.py).
   - [vdso], [vvar], [vvar_vclock]: nothing; the restoring kernel's own are moved to the same addresses.
 """
 from __future__ import annotations
@@ -51,7 +53,9 @@ def classify(m: Mapping) -> tuple[str, str, tuple[int, int] | None]:
         return "skip", "none", None
     if m.special:
         return "special", "none", None
-    if path.startswith("/dev/zero") or path.startswith("/SYSV"):
+    if path.startswith("/SYSV"):
+        return "sysv", "none", None
+    if path.startswith("/dev/zero"):
         return ("shared-anon" if m.shared else "anon"), "touched", None
     if path.startswith("/dev/") and not path.startswith("/dev/shm/"):
         raise UnsupportedMapping(f"device mapping {path} at {m.start:#x} cannot be checkpointed")

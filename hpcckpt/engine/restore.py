@@ -1,10 +1,12 @@
 """Restoring a computation (one or many processes) from its images.
 
-    objects (files, pipes, ...) created once in the agent  -> helpers forked as the process tree (helpers.py)
+    SysV shm segments recreated in the agent (sysvshm.py; in an IPC namespace of their own with same_pids)
+    -> objects (files, pipes, ...) created once in the agent  -> helpers forked as the process tree (helpers.py)
     -> each helper turned into its image's process by injected system calls (transform.py), left stopped
     -> RestoredComputation.release() lets every process run at once.
 
-Any failure kills every helper: a half-restored computation is never left running.
+Any failure kills every helper and removes the segments created: a half-restored computation is never left
+running. Fault point `restore.before_release` (HPCCKPT_FAULT) fails a restore once everything is in place.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from ..faults import fault
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, memory, ptrace
+from . import files, memory, ptrace, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
 from .helpers import Spawner, close_plans, make_plans
 from .inject import ProcessGone
@@ -35,6 +38,8 @@ class RestoreOptions:
     # True inside a PID namespace of our own: every process and thread gets its original PID/TID back.
     # False: new PIDs; glibc's cached thread IDs are fixed up where they can be found.
     same_pids: bool = False
+    # SysV segments in an IPC namespace of their own (their original shmids guaranteed); None: with same_pids
+    ipc_namespace: bool | None = None
     # The coordinator's key-value store (agent.rendezvous.Rendezvous) when the computation spans hosts: restored
     # TCP connections between hosts find their other end through it.
     rendezvous: object = None
@@ -48,6 +53,7 @@ class RestoredProcess:
     stats: dict = field(default_factory=dict)
     tids: list[int] = field(default_factory=list)
     released: bool = False
+    segments: sysvshm.Segments | None = None      # removed if the computation is killed before it runs
 
     def release(self, cut_back_files: bool = True) -> None:
         if cut_back_files:
@@ -58,6 +64,8 @@ class RestoredProcess:
 
     def kill(self) -> None:
         kill_helper(self.pid, self.tids)
+        if self.segments is not None:
+            self.segments.abort()
 
 
 def release_all(restored: list["RestoredProcess"]) -> None:
@@ -123,16 +131,22 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     base = max([r.fd for meta, _ in metas for r in meta.process.fds] + [2]) + 1
     base = max(base, 10)
     factory = ObjectFactory(objects, _blob_reader(metas), base)
+    own_ipc = opts.same_pids if opts.ipc_namespace is None else opts.ipc_namespace
+    segments = sysvshm.Segments([o for o in objects.values() if o.get("kind") == "sysvshm"], factory.read_blob,
+                                own_ipc)
     plans = {}
     spawner = None
     restored: list[RestoredProcess] = []
     try:
         try:
+            segments.create()           # before any helper exists: they are forked into its IPC namespace
             factory.rendezvous = opts.rendezvous
             factory.prepare()             # objects made together (e.g. TCP connections between hosts)
             plans = make_plans(metas, factory, base)
-        except (UnsupportedFd, OSError) as e:
+        except (UnsupportedFd, sysvshm.SysvError, OSError) as e:
             raise RestoreError(str(e)) from None
+        for plan in plans.values():
+            plan.sysv = segments.ids
         spawner = Spawner(plans, opts.same_pids, base)
         try:
             mapping = spawner.spawn()
@@ -150,7 +164,13 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
                 if isinstance(e, (RestoreError, ImageError)):
                     raise
                 raise RestoreError(f"restoring pid {old} from {plan.reader.path} failed: {e}") from e
+        segments.finish()
+        try:
+            fault("restore.before_release")
+        except OSError as e:
+            raise RestoreError(str(e)) from None
     except BaseException:
+        segments.abort()
         for rp in restored:
             rp.kill()
         for plan in plans.values():
@@ -167,6 +187,7 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     total = round(time.monotonic() - t0, 6)
     for rp in restored:
         rp.stats["total_s"] = total
+        rp.segments = segments if segments.ids else None
     return restored
 
 

@@ -5,11 +5,12 @@ where the image has a gap: a one-page `syscall; int3` trampoline plus scratch pa
 everything happens by injection through the trampoline:
 
   unregister the helper's rseq -> park [vvar]/[vvar_vclock]/[vdso] in the reserved area -> unmap everything
-  else -> prctl(PR_SET_MM_MAP) with the image's mm fields, auxv and exe -> recreate every mapping and write its
-  pages -> move the vdso pages to the image's addresses -> protections, signal dispositions, personality,
-  rlimits -> the other threads (clone3 with set_tid for their own TIDs) -> per-thread state, timers, pending
-  signals -> check the address space against the image -> unmap the reserved area -> registers, xstate and
-  mask of every thread. The process is left stopped; restore.py releases the whole computation at once.
+  else -> prctl(PR_SET_MM_MAP) with the image's mm fields, auxv and exe -> shmat SysV segments, recreate every
+  other mapping and write its pages -> move the vdso pages to the image's addresses -> protections -> close the
+  helper's own fds, take POSIX record locks -> signal dispositions, personality, rlimits -> the other threads
+  (clone3 with set_tid for their own TIDs) -> per-thread state, timers, pending signals -> check the address
+  space against the image -> unmap the reserved area -> registers, xstate and mask of every thread. The
+  process is left stopped; restore.py releases the whole computation at once.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import time
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, ProcessRecord, RegionRecord, unb64
-from . import memory, ptrace, signals, threads, timers
+from . import locks, memory, ptrace, signals, sysvshm, threads, timers
 from .inject import Injector
 from .linux import (MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS,
                     TASK_SIZE)
@@ -168,9 +169,16 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
         raise RestoreError(f"prctl(PR_SET_MM_MAP) failed: {os.strerror(-r)}")
     timings["setup_s"] = round(time.monotonic() - t, 6)
 
-    # Mappings and their pages
+    # Mappings and their pages; SysV attachments first, as nothing else may be mapped where a partly unmapped one
+    # is attached whole
     t = time.monotonic()
+    try:
+        sysvshm.attach_all(inj, proc.regions, plan.sysv)
+    except sysvshm.SysvError as e:
+        raise RestoreError(str(e)) from None
     for reg in proc.regions:
+        if reg.backing == "sysv":
+            continue
         if reg.backing == "special":
             src = parked.get(reg.path)
             inj.check(f"mremap({reg.path} -> {reg.start:#x})", SYS.mremap, src, reg.end - reg.start,
@@ -192,6 +200,7 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
     # Helper-only fds, process-wide state
     for fd in plan.helper_fds():
         inj.call(SYS.close, fd)
+    locks.restore_posix(inj, scratch, proc.pid, plan.posix_locks)    # after the closes, which would drop them
     signals.restore_dispositions(inj, scratch, proc.sigactions)
     inj.call(SYS.personality, proc.personality)
     _restore_rlimits(inj, scratch, proc)
