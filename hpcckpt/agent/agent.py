@@ -27,6 +27,7 @@ from ..engine.maps import vmflags_hint
 from ..engine.freeze import FrozenProcess
 from ..image import store
 from ..settings import Settings
+from . import remoteio
 from .namespaces import install_init_handlers
 from .sigfd import SignalFd
 
@@ -136,6 +137,7 @@ class Agent:
         self.expected_agents = dict(agents or {})
         self.stash: list[dict] = []            # messages that came while we waited for something else
         self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
+        self.job_file: str | None = None       # where the job's ssh/srun shims find the coordinator
 
     # ---------------------------------------------------------------------------------------- joining --
     def hello(self, timeout: float = 15.0) -> dict:
@@ -158,11 +160,21 @@ class Agent:
                 self.heartbeat_s = float(reply.get("heartbeat", 2.0))
                 log.info("joined coordinator %s:%d as peer %s of computation %s", self.conn.host, self.conn.port,
                          reply.get("peer_id"), self.computation)
+                self.publish_job_file()
                 return reply
 
     def send(self, msg: dict) -> None:
         self.conn.send(msg)
         self.last_sent = time.monotonic()
+
+    def publish_job_file(self) -> None:
+        if self.job_file:
+            try:
+                remoteio.write_job_file(self.job_file, self.conn.host, self.conn.port, self.computation or "",
+                                        self.ckptdir)
+            except OSError as e:
+                log.warning("cannot write %s (ssh/srun inside the job will not find the coordinator): %s",
+                            self.job_file, e)
 
     def adopt(self, processes: list[JobProcess]) -> None:
         """After a restore: the processes as they now are (new PIDs without a PID namespace of our own)."""
@@ -379,7 +391,7 @@ class Agent:
         if c is None or c.generation != gen:
             raise AgentError(f"drain of generation {gen} without a suspend")
         t0 = time.monotonic()
-        c.drainer = tcpdrain.Drainer([fp.pid for fp in c.frozen], remote_ends)
+        c.drainer = tcpdrain.Drainer([fp.pid for fp in c.frozen], remote_ends, f"{self.computation}/{gen}")
         c.drained = c.drainer.drain()
         c.stats["drain_s"] = round(time.monotonic() - t0, 6)
         c.stats["drained_bytes"] = sum(len(d.data) for d in c.drained.values() if d.consumed)

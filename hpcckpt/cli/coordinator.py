@@ -25,7 +25,8 @@ def parser(prog: str) -> Parser:
     p.add_argument("-p", "--coord-port", "--port", dest="coord_port", metavar="PORT",
                    help="port to listen on (env DMTCP_COORD_PORT; default 7779; 0 = random)")
     p.add_argument("--coord-host", "--host", dest="coord_host", metavar="HOST",
-                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+                   help="the address agents and commands use for this coordinator (default 127.0.0.1); it listens on "
+                        "every interface (HPCCKPT_COORD_BIND=ADDR: only ADDR)")
     p.add_argument("--port-file", metavar="FILE", help="write the port to FILE once listening")
     p.add_argument("--status-file", metavar="FILE", help="keep a JSON status of the computation in FILE")
     p.add_argument("--ckptdir", metavar="DIR", help="where the restart script and manifests go (env "

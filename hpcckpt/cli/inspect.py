@@ -31,7 +31,7 @@ def summary(path: str, meta: dict) -> str:
         n = sum(c[1] for c in r["chunks"])
         lines.append(f"    {r['start']:012x}-{r['end']:012x} {r['perms']} {r['backing']:<11} {n:>8} pages  "
                      f"{r['path']}")
-    lines.append(f"  fds: " + ", ".join(f"{f['fd']}={f['kind']}:{f['path']}" for f in proc["fds"]))
+    lines.append("  fds: " + ", ".join(f"{f['fd']}={f['kind']}:{f['path']}" for f in proc["fds"]))
     if meta.get("stats"):
         lines.append(f"  stats: {meta['stats']}")
     return "\n".join(lines)

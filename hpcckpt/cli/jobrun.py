@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..agent import namespaces
 from ..agent.agent import FORWARDED_SIGNALS
-from ..engine.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
+from ..engine.linux import PR_SET_PDEATHSIG, prctl
 from ..settings import Settings
 from .common import Fail
 

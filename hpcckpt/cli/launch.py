@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
@@ -10,7 +11,10 @@ import sys
 from ..agent.agent import Agent, JobProcess, new_unique_id
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
+from ..agent import remoteio
+from ..coordinator import protocol
 from ..coordinator.protocol import SecretError
+from ..image import store
 from ..engine.linux import SYS, syscall
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
@@ -59,12 +63,16 @@ def parser(prog: str) -> Parser:
                    help="run the job without its own PID namespace (restarted processes then get new PIDs; "
                         "env HPCCKPT_PID_NAMESPACE=0)")
     p.add_argument("-q", "--quiet", action="store_true", default=None, help="only warnings and errors")
+    # used by our ssh/srun inside a job (cli/shim.py) to start the remote part of a computation
+    p.add_argument("--remote-io", metavar="HOST:PORT:TOKEN", help=argparse.SUPPRESS)
+    p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
 
-def start_program(argv: list[str]) -> tuple[int, int, int]:
-    """Fork the program, held before exec until we write to the returned go-fd. Returns (pid, go_fd, err_fd)."""
+def start_program(argv: list[str], env: dict | None = None, stdio: list[int] | None = None) -> tuple[int, int, int]:
+    """Fork the program, held before exec until we write to the returned go-fd. Returns (pid, go_fd, err_fd).
+    stdio: fds to become the program's 0, 1, 2 (and 3: a remote command's control connection)."""
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -78,10 +86,19 @@ def start_program(argv: list[str]) -> tuple[int, int, int]:
             if os.read(go_r, 1) != b"g":
                 os._exit(127)
             os.close(go_r)
+            keep = 3
+            if stdio:
+                # above every fd we may still hold, then into place
+                high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in stdio]
+                for n, fd in enumerate(high):
+                    os.dup2(fd, n)
+                keep = len(stdio)
             # Only standard I/O is passed on: descriptors inherited from whoever started us (a test harness,
             # a batch system) lead outside the computation and could not be checkpointed.
-            syscall(SYS.close_range, 3, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC)
-            os.execvp(argv[0], argv)
+            syscall(SYS.close_range, keep, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC)
+            if env is None:
+                os.execvp(argv[0], argv)
+            os.execvpe(argv[0], argv, env)
         except OSError as e:
             os.write(err_w, f"{e.strerror}".encode())
         except BaseException:
@@ -95,6 +112,8 @@ def start_program(argv: list[str]) -> tuple[int, int, int]:
 def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
+        if args.command[:1] == ["--"]:
+            args.command = args.command[1:]
         if not args.command:
             raise Fail("no command given; usage: " + prog + " [OPTIONS] COMMAND [ARGS...]")
         s = settings_from(args)
@@ -103,26 +122,58 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
             raise Fail(f"checkpoint directory {s.ckptdir} does not exist")
         if not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not writable")
+        if args.secret_stdin:
+            store_secret(s.coord_port, sys.stdin.readline().strip())
         def find():
             try:
                 return find_or_start(s, args.policy or ANY)
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
         host_port = find()       # before anything else: no coordinator, no job
-        return run_job(s, prog, lambda: host_port, lambda in_ns, get, not_job: _agent(s, get, args.command, in_ns, not_job))
+        return run_job(s, prog, lambda: host_port,
+                       lambda in_ns, get, not_job: _agent(s, get, args.command, in_ns, not_job, args.remote_io))
     return run_main(prog, body, argv)
 
 
-def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: set[int]) -> int:
+def store_secret(port: int, text: str) -> None:
+    """The coordinator's secret, handed to us by the shim that started us on this host (its rundir is not
+    ours), kept where our own job's shims will look for it."""
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise Fail("--secret-stdin: no valid secret on standard input") from None
+    path = protocol.secret_path(port)
+    try:
+        if protocol.read_secret(port) == key:
+            return                     # the same file system as the coordinator's host
+    except SecretError:
+        pass
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    store.atomic_write(path, key.hex().encode() + b"\n", mode=0o600)
+
+
+def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: set[int],
+           remote_io: str | None = None) -> int:
     """The agent: start the program held before exec, join the coordinator, let the program go, serve."""
     host, port = get_coordinator()
     try:
         conn = Connection(host, port)
     except SecretError as e:
         raise Fail(str(e)) from None
-    pid, go, err = start_program(command)
+    stdio = None
+    if remote_io:
+        try:
+            stdio = remoteio.connect_back(remote_io)
+        except OSError as e:
+            raise Fail(f"cannot connect back to {remote_io.rsplit(':', 1)[0]} for standard I/O: {e}") from None
+    job_file = os.path.join(protocol.rundir(), f"job-{os.urandom(8).hex()}.json")
+    pid, go, err = start_program(command, remoteio.job_environment(job_file),
+                                 [sk.fileno() for sk in stdio] if stdio else None)
+    for sk in stdio or []:
+        sk.close()                       # the program's now
     proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
     agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job)
+    agent.job_file = job_file
     try:
         agent.hello()
     except CoordinatorUnreachable as e:

@@ -1,6 +1,7 @@
 """hpcckpt restart / dmtcp_restart [OPTIONS] IMAGE..."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
@@ -8,6 +9,8 @@ import sys
 
 from ..agent.agent import Agent, JobProcess
 from ..agent.join import ANY, JOIN, NEW, find_or_start
+from ..agent import remoteio
+from ..coordinator import protocol
 from ..agent.rendezvous import Rendezvous
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.gather import RESTART_TIMEOUT_S
@@ -16,7 +19,9 @@ from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, rele
 from ..image import store
 from ..image.format import ImageError, ImageReader
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
+from . import multihost
 from .jobrun import run_job
+from .launch import store_secret
 
 log = logging.getLogger("hpcckpt")
 
@@ -48,6 +53,13 @@ def parser(prog: str) -> Parser:
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="restart without a PID namespace of our own (processes get new PIDs)")
     p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
+                                                  "script passes itself): each host restarts its own")
+    p.add_argument("--hostfile", metavar="FILE", help="with --table: move the computation to these hosts (one per line, "
+                                                     "in the order of the table's hosts; or 'OLD NEW' lines)")
+    p.add_argument("--launcher", choices=("ssh", "srun"), help="how other hosts are reached (default: srun inside a "
+                                                              "Slurm allocation, else ssh)")
+    p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("images", nargs="*", help="checkpoint images (ckpt_*.dmtcp)")
     return p
 
@@ -92,21 +104,57 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         s = settings_from(args)
         incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
-        paths = args.images or (images_from_dir(args.from_dir) if args.from_dir else [])
-        if not paths:
-            raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        if args.secret_stdin:
+            store_secret(s.coord_port, sys.stdin.readline().strip())
+        remote: dict[str, list[str]] = {}
+        if args.table:
+            rows = multihost.read_table(args.table)
+            if args.hostfile:
+                rows = multihost.apply_hostfile(rows, args.hostfile)
+            paths, remote = multihost.group(rows)
+        elif args.hostfile:
+            raise Fail("--hostfile needs the restart script's table (--table)")
+        else:
+            paths = args.images or (images_from_dir(args.from_dir) if args.from_dir else [])
+            if not paths:
+                raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
-        readers = open_images(paths)
+        readers = open_images(paths) if paths else []
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
+
         def find():
             try:
                 return find_or_start(s, args.policy or ANY)
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
+        others: dict = {}
         try:
-            return run_job(s, prog, find, lambda in_ns, get, not_job: _agent(s, get, readers, in_ns, not args.no_verify, not_job))
+            if remote:        # the coordinator first: every host joins it
+                host_port = find()
+                find = lambda: host_port       # noqa: E731
+                launcher = args.launcher or ("srun" if os.environ.get("SLURM_JOB_ID") else "ssh")
+                secret = protocol.read_secret(host_port[1])
+                for host, imgs in remote.items():
+                    others[host] = multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir, launcher,
+                                                          ["-q"] if s.quiet else [])
+            if not readers:
+                return multihost.wait_remote(others)
+            watcher = multihost.Watcher(others, host_port) if others else None
+            try:
+                code = run_job(s, prog, find, lambda in_ns, get, not_job: _agent(s, get, readers, in_ns,
+                                                                                 not args.no_verify, not_job))
+            finally:
+                if watcher:
+                    watcher.stop()
+            if others:
+                rc = multihost.wait_remote(others, timeout=120)
+                code = code or rc
+            return code
+        except BaseException:
+            multihost.stop_remote(others)
+            raise
         finally:
             for r in readers:
                 r.close()
@@ -165,6 +213,8 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             raise Fail(f"restart abandoned: {why}")
         ordered = sorted(restored, key=lambda rp: (not rp.meta.process.root, rp.meta.process.pid))
         agent.adopt([JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in ordered])
+        agent.job_file = remoteio.job_file_of(ordered[0].pid)    # the restored job's ssh/srun look there
+        agent.publish_job_file()
         # the images we restarted from are the bases of the next incremental checkpoint
         paths = {r.meta["unique_id"]: r.path for r in readers}
         agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id], list(rp.meta.needs) or [rp.meta.generation])

@@ -68,6 +68,14 @@ class Commands:
                 self._reset_interval()
                 log.info("checkpoint interval set to %s", self.interval or "off")
                 reply["checkpoint_interval"] = self.interval
+        elif cmd == "abandon":       # a restart's launcher saw one of its hosts fail before it could join
+            if self.gate is None and self.peers:
+                reply["note"] = "the restart had already gone through"
+            elif self.gate is None:
+                reply.update(ok=False, error="no restart is in progress yet")
+            else:
+                self.gate.abandoned = str(msg.get("reason") or "abandoned")
+                self._check_gate()
         elif cmd == "kill":
             self.kill_computation()
         elif cmd == "quit":

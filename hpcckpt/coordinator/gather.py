@@ -27,6 +27,7 @@ class RestartGate:
     joined: dict[bytes, list[str]] = field(default_factory=dict)   # connection -> ids of the agents it restores
     restored: dict[str, str | None] = field(default_factory=dict)  # agent id -> None (ok) or error text
     forced: bool = False
+    abandoned: str = ""                       # why the restart's launcher gave up (a host's restart failed)
 
     @classmethod
     def open(cls, computation: str, generation: int, agents: dict[str, str], timeout: float) -> "RestartGate":
@@ -62,6 +63,8 @@ class RestartGate:
         return {a: h for a, h in self.expected.items() if a not in self.present()}
 
     def failure(self) -> str | None:
+        if self.abandoned:
+            return self.abandoned
         errors = [f"{self.expected.get(a, '?')}: {e}" for a, e in sorted(self.restored.items()) if e]
         if errors:
             return "restore failed on " + "; ".join(errors)

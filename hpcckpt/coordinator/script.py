@@ -32,7 +32,9 @@ def render(manifest: Manifest, coord_host: str, coord_port: int, ckptdir: str, i
 # Restart script written by hpcckpt (dmtcp_restart_script.sh).
 # Computation {manifest.computation}, checkpoint generation {manifest.generation}, taken {when}.
 # Usage: bash {SCRIPT_NAME} [--coord-host H|-h H] [--coord-port P|-p P] [--interval S|-i S] [--ckptdir D]
-# To migrate, edit the host names in the table below: each host restarts its own images.
+#        [--hostfile F] [--launcher ssh|srun] [other hpcckpt restart options]
+# Each host of the table below restarts its own images (this one directly, the others over ssh, or srun
+# inside a Slurm allocation). To migrate, edit the host names, or pass --hostfile (one new host per line).
 set -euo pipefail
 
 coord_host=${{DMTCP_COORD_HOST:-${{DMTCP_HOST:-{shlex.quote(coord_host)}}}}}
@@ -49,28 +51,18 @@ while [ $# -gt 0 ]; do
     -p|--coord-port|--port) coord_port=$2; shift 2 ;;
     -i|--interval) interval=$2; shift 2 ;;
     --ckptdir) ckptdir=$2; shift 2 ;;
-    --help) sed -n '2,6p' "$0"; exit 0 ;;
+    --help) sed -n '2,8p' "$0"; exit 0 ;;
     *) extra+=("$1"); shift ;;
   esac
 done
 
-# host image (one line per process image)
-images=()
-hosts=()
-while read -r host image; do
-  [ -n "$host" ] || continue
-  hosts+=("$host")
-  images+=("$image")
-done <<'HPCCKPT_IMAGES'
+# host image (one line per process image); hpcckpt restart reads this table from the script itself
+: <<'HPCCKPT_IMAGES'
 {table}
 HPCCKPT_IMAGES
 
-if [ "$(printf '%s\\n' "${{hosts[@]}}" | sort -u | wc -l)" -gt 1 ]; then
-  echo "restart script: images on several hosts; multi-host restart is not supported by this version" >&2
-  exit 99
-fi
 exec "$hpcckpt" restart --coord-host "$coord_host" --coord-port "$coord_port" --interval "$interval" \\
-  --ckptdir "$ckptdir" "${{extra[@]}}" "${{images[@]}}"
+  --ckptdir "$ckptdir" --table "$0" "${{extra[@]}}"
 """
 
 

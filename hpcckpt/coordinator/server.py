@@ -22,7 +22,7 @@ from ..faults import fault
 from ..image import store
 from ..settings import Settings
 from . import protocol
-from .barrier import COMMITTED_STATES, Round, State
+from .barrier import Round, State
 from .commands import Commands
 from .gather import RestartGate, Restarts
 from .script import write_restart_script
@@ -83,13 +83,15 @@ class Coordinator(Restarts, Commands):
 
     # ------------------------------------------------------------------------------------------ lifecycle --
     def bind(self) -> int:
-        host = self.s.coord_host
-        bind_host = "127.0.0.1" if host in ("localhost", "127.0.0.1", "") else host
+        # Every interface, like DMTCP's: agents on other hosts (started through our ssh/srun, or a restart
+        # script) reach us by whatever address they have for this host; every message is authenticated.
+        # HPCCKPT_COORD_BIND names one address instead.
+        bind_host = os.environ.get("HPCCKPT_COORD_BIND", "0.0.0.0")
         if bind_host not in ("127.0.0.1", "0.0.0.0", "*"):
             try:
                 bind_host = socket.gethostbyname(bind_host)
             except OSError as e:
-                raise OSError(f"cannot resolve coordinator host {host}: {e}") from None
+                raise OSError(f"cannot resolve coordinator address {bind_host}: {e}") from None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)

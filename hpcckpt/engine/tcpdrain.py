@@ -18,6 +18,7 @@ sent has reached our receive queue), and our queue is peeked when the images are
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import select
@@ -89,8 +90,11 @@ def _remote_state(info: TcpInfo, remote_ends: list[list]) -> int | None:
 class Drainer:
     """Drains every TCP connection of a frozen computation, and refills them (resume path)."""
 
-    def __init__(self, pids: list[int], remote_ends: list[list] | None = None):
+    def __init__(self, pids: list[int], remote_ends: list[list] | None = None, name: str = ""):
+        """name: the same for every agent of one checkpoint (computation/generation): the marker derives from
+        it, so the agent at the other end of a connection knows what to look for."""
         self.pids = pids
+        self.marker = MARKER_PREFIX + (hashlib.sha256(name.encode()).digest()[:8] if name else os.urandom(8))
         self.remote_ends = remote_ends or []      # [agent id, lip, lport, rip, rport, state] of other agents
         self.ends: dict[int, _End] = {}
         self.refilled = False
@@ -111,7 +115,7 @@ class Drainer:
             if peer is None:
                 end.remote_state = _remote_state(info, self.remote_ends)
             self.ends[ino] = end
-        marker = MARKER_PREFIX + os.urandom(8)
+        marker = self.marker
         for end in self.ends.values():
             self._plan(end, marker, timeout)
         self._pump(marker, timeout)

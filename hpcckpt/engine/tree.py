@@ -74,8 +74,38 @@ def job_processes(agent_pid: int, in_namespace: bool, not_job: set[int] = frozen
                     continue
                 pids.append(c)
                 todo.append(c)
-    infos = [read_proc(p) for p in sorted(set(pids))]
-    return [i for i in infos if i is not None]
+    infos = [i for i in (read_proc(p) for p in sorted(set(pids))) if i is not None]
+    outside = launched_by_shims(infos)
+    return [i for i in infos if i.pid not in outside] if outside else infos
+
+
+SHIM_MARK = b"hpcckpt.cli.shim"
+
+
+def launched_by_shims(infos: list[ProcInfo]) -> set[int]:
+    """The real ssh/srun our shims start (and what those start): they reach outside the computation and are
+    not part of it (agent/remoteio.py)."""
+    shims = set()
+    for i in infos:
+        if i.comm.startswith("python"):
+            try:
+                with open(f"/proc/{i.pid}/cmdline", "rb") as f:
+                    if SHIM_MARK in f.read(512):
+                        shims.add(i.pid)
+            except OSError:
+                pass
+    if not shims:
+        return set()
+    parent = {i.pid: i.ppid for i in infos}
+    out = set()
+    for i in infos:
+        p, hops = i.ppid, 0
+        while p in parent and hops < 64:
+            if p in shims:
+                out.add(i.pid)
+                break
+            p, hops = parent[p], hops + 1
+    return out
 
 
 def freeze_all(list_processes, timeout: float = 10.0) -> dict[int, FrozenProcess]:

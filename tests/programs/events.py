@@ -4,7 +4,7 @@ holds messages that stay queued across checkpoints. Writes one line per round to
 Invariants a restart must keep: every request gets exactly one answer (got), the child streams exactly 10
 bytes per answer (streamed == 10 * got), the queued datagrams come out in order, and the listening socket
 still accepts a new connection at the end."""
-import ctypes, os, select, signal, socket, sys, time
+import ctypes, os, select, socket, sys, time
 out = open(sys.argv[1], "w", buffering=1)
 n = int(sys.argv[2])
 libc = ctypes.CDLL(None, use_errno=True)

@@ -1,0 +1,171 @@
+"""Restarting a computation whose images are on several hosts: the restart script's table (host, image),
+optionally mapped to other hosts by --hostfile (migration), is split by host; this host restarts its own
+images, every other host is asked to restart its own - over ssh, or srun inside a Slurm allocation - joining
+the same coordinator (which then waits for all of them before any process runs: coordinator/gather.py).
+
+--hostfile: one host per line maps the checkpoint's hosts, in the order they first appear in the table, to
+these; a line "OLD NEW" maps OLD to NEW. Lines starting with # are ignored.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+
+from .common import Fail
+
+log = logging.getLogger("hpcckpt")
+
+
+def read_table(path: str) -> list[tuple[str, str]]:
+    """(host, image) rows of a restart script's image table (or of a plain "host image" file)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise Fail(f"cannot read {path}: {e.strerror}") from None
+    if "<<'HPCCKPT_IMAGES'" in text:
+        text = text.split("<<'HPCCKPT_IMAGES'\n", 1)[1].split("\nHPCCKPT_IMAGES", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.lstrip().startswith("#"):
+            rows.append((parts[0], parts[1]))
+    if not rows:
+        raise Fail(f"no images listed in {path}")
+    return rows
+
+
+def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, str]]:
+    try:
+        with open(path) as f:
+            lines = [ln.split() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        raise Fail(f"cannot read host file {path}: {e.strerror}") from None
+    old_hosts = list(dict.fromkeys(h for h, _ in rows))
+    mapping: dict[str, str] = {}
+    if lines and all(len(ln) == 2 for ln in lines):
+        mapping = {a: b for a, b in lines}
+    elif lines and all(len(ln) == 1 for ln in lines):
+        if len(lines) < len(old_hosts):
+            raise Fail(f"host file {path} names {len(lines)} host(s); the checkpoint ran on {len(old_hosts)} "
+                       f"({', '.join(old_hosts)})")
+        mapping = {old: ln[0] for old, ln in zip(old_hosts, lines)}
+    else:
+        raise Fail(f"host file {path}: give one host per line, or 'OLD NEW' per line")
+    return [(mapping.get(h, h), img) for h, img in rows]
+
+
+def is_local(host: str) -> bool:
+    names = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
+    try:
+        names.add(socket.getfqdn())
+    except OSError:
+        pass
+    if host in names or host.split(".")[0] in names:
+        return True
+    try:
+        from ..engine.tcpinfo import local_ipv4s
+        return socket.gethostbyname(host) in local_ipv4s() and not socket.gethostbyname(host).startswith("127.")
+    except OSError:
+        return False
+
+
+def address_towards(host: str) -> str:
+    from .shim import address_towards as towards
+    return towards(host)
+
+
+def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, ckptdir: str, launcher: str,
+                 extra: list[str]) -> subprocess.Popen:
+    """`hpcckpt restart --join` of host's images, run on host; the coordinator's secret goes on its stdin."""
+    cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", address_towards(host),
+           "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
+    if launcher == "srun":
+        full = ["srun", "--overlap", "-N", "1", "-n", "1", "-w", host, "--input", "0", *cmd]
+    else:
+        full = ["ssh", host, shlex.join(cmd)]
+    log.info("restarting %d image(s) on %s", len(images), host)
+    p = subprocess.Popen(full, stdin=subprocess.PIPE)
+    try:
+        p.stdin.write(secret.hex().encode() + b"\n")
+        p.stdin.close()
+    except BrokenPipeError:
+        pass
+    return p
+
+
+def group(rows: list[tuple[str, str]]) -> tuple[list[str], dict[str, list[str]]]:
+    """(images this host restarts, {other host: its images})."""
+    local: list[str] = []
+    remote: dict[str, list[str]] = {}
+    for host, img in rows:
+        if is_local(host):
+            local.append(img)
+        else:
+            remote.setdefault(host, []).append(img)
+    return local, remote
+
+
+def wait_remote(procs: dict[str, subprocess.Popen], timeout: float | None = None) -> int:
+    """Wait for every remote restart; the first non-zero exit status (named in the log), else 0."""
+    code = 0
+    for host, p in procs.items():
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            rc = p.wait()
+        if rc != 0 and code == 0:
+            log.info("the part of the computation on %s exited with status %d", host, rc)
+            code = rc
+    return code
+
+
+def stop_remote(procs: dict[str, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.terminate()
+    for p in procs.values():
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+
+class Watcher:
+    """Watches the other hosts' restarts while this host restores: one that fails (ssh cannot reach its host,
+    its images are unreadable there, ...) abandons the whole restart at once, rather than leave the others
+    waiting at the coordinator's gate until its timeout."""
+
+    def __init__(self, procs: dict[str, subprocess.Popen], coord: tuple[str, int]):
+        self.procs = procs
+        self.coord = coord
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="remote-restarts", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from ..coordinator.client import CoordinatorUnreachable, command
+        reason = ""
+        while not self.done.wait(0.3):
+            if not reason:
+                for host, p in self.procs.items():
+                    rc = p.poll()
+                    if rc not in (None, 0):
+                        reason = f"the restart on {host} failed (exit status {rc}; its messages are above)"
+                        break
+            if reason:
+                try:
+                    if command(*self.coord, "abandon", timeout=5, reason=reason).get("ok"):
+                        return
+                except CoordinatorUnreachable:
+                    return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(2)

@@ -1,0 +1,134 @@
+"""Computations spanning hosts (simulated hosts in network namespaces with sshd: tests/hosts.py).
+
+The job runs on this host and starts its other half with plain `ssh HOST ...`, as an MPI launcher or a user's
+script would; the two halves talk TCP to each other. Checkpoint, kill, restart with the restart script: each
+host restores its own images (the remote ones over ssh), the connection between hosts comes back with no byte
+lost, and the job ends as it would have. The checkpoint directory is shared by all hosts (as a cluster's
+parallel filesystem is): migration to another host with --hostfile needs nothing copied.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import checkpoint_and_kill, run, wait_for
+from hosts import Hosts
+
+pytestmark = [pytest.mark.slow, pytest.mark.multihost,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the multi-host harness needs root")]
+
+PINGPONG = Path(__file__).resolve().parent / "programs" / "pingpong.py"
+N = 120          # lines of the client: ~6 s of work
+
+hosts2 = Hosts.fixture(n=2, scope="module", subnet=None)
+
+
+def job_cmd(hs: Hosts, host: str, d: Path) -> list[str]:
+    pf = d / "server.port"
+    client = f"{sys.executable} {PINGPONG} client {hs.root_ip} {pf} {N}"
+    return ["bash", "-c", f"{sys.executable} {PINGPONG} server {pf} & ssh {host} '{client}'; rc=$?; wait; exit $rc"]
+
+
+def ok_lines(text: str) -> list[tuple[int, str]]:
+    return [(int(m[1]), m[2]) for m in re.finditer(r"^ok (\d+) (\S+)$", text, re.M)]
+
+
+def start(launch, hs, env, tmp_path, host):
+    job = launch(*job_cmd(hs, host, tmp_path))
+    out = tmp_path / "launch.0.out"
+    wait_for(lambda: len(ok_lines(out.read_text())) >= 20, 30, "the client's first answers")
+    return job, out
+
+
+def pingpong_processes() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if str(PINGPONG) in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+@pytest.fixture
+def env(env, hosts2):
+    """Every command of these tests (the launch fixture's too) uses the harness' ssh keys and names."""
+    return hosts2.ssh_env(env)
+
+
+@pytest.fixture
+def menv(env):
+    return env
+
+
+def test_ssh_job_checkpoint_resume_and_restart_across_hosts(hosts2, menv, tmp_path, launch):
+    h1 = hosts2[0]
+    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    # Both hosts are part of the computation: the remote half joined through the ssh shim.
+    listing = job.command("-l", check=True).stdout
+    assert h1.name in listing, listing
+    # A checkpoint the computation resumes from: it goes on across hosts.
+    r = job.command("-bc", check=True)
+    before = len(ok_lines(out.read_text()))
+    wait_for(lambda: len(ok_lines(out.read_text())) >= before + 10, 20, "answers after the resumed checkpoint")
+    reply = checkpoint_and_kill(job)
+    assert reply.get("ok", True), reply
+    seen = ok_lines(out.read_text())
+    assert all(h == h1.name for _, h in seen)
+    script = tmp_path / "dmtcp_restart_script.sh"
+    table = script.read_text().split("<<'HPCCKPT_IMAGES'\n")[1].split("\nHPCCKPT_IMAGES")[0]
+    assert {ln.split()[0] for ln in table.splitlines()} >= {h1.name}, table
+
+    t = time.monotonic()
+    r = run(["bash", str(script), "--coord-port", "0"], menv, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = ok_lines(r.stdout)
+    assert after, r.stderr[-3000:]
+    # The restarted client goes on from its checkpoint: no number skipped or answered wrong, on the same host.
+    nums = [i for i, _ in after]
+    assert nums == list(range(nums[0], N + 1)), nums
+    assert nums[0] <= seen[-1][0] + 1
+    assert {h for _, h in after} == {h1.name}
+    assert r.stdout.rstrip().endswith("done")
+    print(f"restart across 2 hosts ran to the end in {time.monotonic() - t:.1f} s")
+
+
+def test_restart_migrates_to_another_host_with_a_hostfile(hosts2, menv, tmp_path, launch):
+    h1, h2 = hosts2
+    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    checkpoint_and_kill(job)
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"{h1.name} {h2.name}\n")
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", "--hostfile", str(hostfile)],
+            menv, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = ok_lines(r.stdout)
+    assert after and {h for _, h in after} == {h2.name}, r.stdout[-2000:]
+    nums = [i for i, _ in after]
+    assert nums == list(range(nums[0], N + 1))
+    assert r.stdout.rstrip().endswith("done")
+
+
+def test_restart_with_an_unreachable_host_fails_fast_and_leaves_nothing(hosts2, menv, tmp_path, launch):
+    h1 = hosts2[0]
+    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    checkpoint_and_kill(job)
+    wait_for(lambda: not pingpong_processes(), 20, "the killed job's processes to go")
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"{h1.name} nosuchhost.invalid\n")
+    t = time.monotonic()
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", "--hostfile", str(hostfile)],
+            menv, tmp_path, timeout=120)
+    took = time.monotonic() - t
+    assert r.returncode != 0
+    assert "nosuchhost.invalid" in r.stderr, r.stderr[-2000:]
+    assert took < 60, f"the failure took {took:.0f} s (the gate's timeout rather than the ssh failure)"
+    assert not ok_lines(r.stdout)
+    # Nothing of the computation was left running on any host.
+    wait_for(lambda: not pingpong_processes(), 20, "no restored process left")
+    # ... and the checkpoint is still there for a later try.
+    assert (tmp_path / "dmtcp_restart_script.sh").exists()
