@@ -166,7 +166,7 @@ def main() -> int:
             rows.append((mb, runs, fl))
     when = time.strftime("%Y-%m-%d %H:%M")
     command = "python bench/tree.py " + shlex.join(sys.argv[1:])
-    lines = [f"# Process-tree benchmark\n",
+    lines = ["# Process-tree benchmark\n",
              f"Command: `{command}` ({when}, {platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, "
              f"checkpoints under {args.dir}).\n",
              "A pipeline of processes joined by pipes (bench/tree.c), checkpointed and restarted with the user "

@@ -132,3 +132,22 @@ def test_restart_with_an_unreachable_host_fails_fast_and_leaves_nothing(hosts2, 
     wait_for(lambda: not pingpong_processes(), 20, "no restored process left")
     # ... and the checkpoint is still there for a later try.
     assert (tmp_path / "dmtcp_restart_script.sh").exists()
+
+
+def test_restart_gathers_a_two_host_computation_on_one_host(hosts2, menv, tmp_path, launch):
+    """Checkpointed on two hosts, restarted on one (the other's part maps to this host): each part comes back
+    in an agent of its own, and the connection between them is rewired on the one host."""
+    import socket
+    h1 = hosts2[0]
+    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    checkpoint_and_kill(job)
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"{h1.name} {socket.gethostname()}\n")
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", "--hostfile", str(hostfile)],
+            menv, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = ok_lines(r.stdout)
+    assert after and {h for _, h in after} == {socket.gethostname()}, r.stdout[-2000:]
+    nums = [i for i, _ in after]
+    assert nums == list(range(nums[0], N + 1))
+    assert r.stdout.rstrip().endswith("done")

@@ -39,7 +39,8 @@ def read_table(path: str) -> list[tuple[str, str]]:
     return rows
 
 
-def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, str]]:
+def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, str, str]]:
+    """(new host, image, host at the checkpoint) rows."""
     try:
         with open(path) as f:
             lines = [ln.split() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
@@ -56,7 +57,7 @@ def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, st
         mapping = {old: ln[0] for old, ln in zip(old_hosts, lines)}
     else:
         raise Fail(f"host file {path}: give one host per line, or 'OLD NEW' per line")
-    return [(mapping.get(h, h), img) for h, img in rows]
+    return [(mapping.get(h, h), img, h) for h, img in rows]
 
 
 def is_local(host: str) -> bool:
@@ -84,7 +85,9 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     """`hpcckpt restart --join` of host's images, run on host; the coordinator's secret goes on its stdin."""
     cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", address_towards(host),
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
-    if launcher == "srun":
+    if is_local(host):
+        full = cmd
+    elif launcher == "srun":
         full = ["srun", "--overlap", "-N", "1", "-n", "1", "-w", host, "--input", "0", *cmd]
     else:
         full = ["ssh", host, shlex.join(cmd)]
@@ -98,22 +101,27 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     return p
 
 
-def group(rows: list[tuple[str, str]]) -> tuple[list[str], dict[str, list[str]]]:
-    """(images this host restarts, {other host: its images})."""
+def group(rows: list[tuple[str, str, str]]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """(images this process restarts, [(host, images)] for the other restarts): one restart per host of the
+    checkpoint, each in an agent of its own (its processes had PIDs of their own namespace), on the host it
+    maps to; several may land on one host (a computation gathered on fewer hosts)."""
+    parts: dict[str, tuple[str, list[str]]] = {}
+    for new, img, old in rows:
+        parts.setdefault(old, (new, []))[1].append(img)
     local: list[str] = []
-    remote: dict[str, list[str]] = {}
-    for host, img in rows:
-        if is_local(host):
-            local.append(img)
+    others: list[tuple[str, list[str]]] = []
+    for new, imgs in parts.values():
+        if not local and is_local(new):
+            local = imgs
         else:
-            remote.setdefault(host, []).append(img)
-    return local, remote
+            others.append((new, imgs))
+    return local, others
 
 
-def wait_remote(procs: dict[str, subprocess.Popen], timeout: float | None = None) -> int:
-    """Wait for every remote restart; the first non-zero exit status (named in the log), else 0."""
+def wait_remote(procs: list[tuple[str, subprocess.Popen]], timeout: float | None = None) -> int:
+    """Wait for every other restart; the first non-zero exit status (named in the log), else 0."""
     code = 0
-    for host, p in procs.items():
+    for host, p in procs:
         try:
             rc = p.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -125,8 +133,8 @@ def wait_remote(procs: dict[str, subprocess.Popen], timeout: float | None = None
     return code
 
 
-def stop_remote(procs: dict[str, subprocess.Popen]) -> None:
-    for p in procs.values():
+def stop_remote(procs: list[tuple[str, subprocess.Popen]]) -> None:
+    for _, p in procs:
         if p.poll() is None:
             p.terminate()
     for p in procs.values():
@@ -142,7 +150,7 @@ class Watcher:
     its images are unreadable there, ...) abandons the whole restart at once, rather than leave the others
     waiting at the coordinator's gate until its timeout."""
 
-    def __init__(self, procs: dict[str, subprocess.Popen], coord: tuple[str, int]):
+    def __init__(self, procs: list[tuple[str, subprocess.Popen]], coord: tuple[str, int]):
         self.procs = procs
         self.coord = coord
         self.done = threading.Event()
@@ -154,7 +162,7 @@ class Watcher:
         reason = ""
         while not self.done.wait(0.3):
             if not reason:
-                for host, p in self.procs.items():
+                for host, p in self.procs:
                     rc = p.poll()
                     if rc not in (None, 0):
                         reason = f"the restart on {host} failed (exit status {rc}; its messages are above)"

@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         setup_logging("restart", s.quiet, s.log_level)
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
-        remote: dict[str, list[str]] = {}
+        remote: list[tuple[str, list[str]]] = []
         if args.table:
-            rows = multihost.read_table(args.table)
-            if args.hostfile:
-                rows = multihost.apply_hostfile(rows, args.hostfile)
+            table = multihost.read_table(args.table)
+            rows = multihost.apply_hostfile(table, args.hostfile) if args.hostfile else \
+                [(h, img, h) for h, img in table]
             paths, remote = multihost.group(rows)
         elif args.hostfile:
             raise Fail("--hostfile needs the restart script's table (--table)")
@@ -129,16 +129,16 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                 return find_or_start(s, args.policy or ANY)
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
-        others: dict = {}
+        others: list = []
         try:
             if remote:        # the coordinator first: every host joins it
                 host_port = find()
                 find = lambda: host_port       # noqa: E731
                 launcher = args.launcher or ("srun" if os.environ.get("SLURM_JOB_ID") else "ssh")
                 secret = protocol.read_secret(host_port[1])
-                for host, imgs in remote.items():
-                    others[host] = multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir, launcher,
-                                                          ["-q"] if s.quiet else [])
+                for host, imgs in remote:
+                    others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
+                                                                 launcher, ["-q"] if s.quiet else [])))
             if not readers:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None
