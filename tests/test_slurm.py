@@ -210,3 +210,41 @@ def test_config_errors_at_submit_time(slurm, job_dir, env):
     r = run(["hpcckpt", "sbatch", "--dry-run", "--time=5", str(job_dir / "job.sh")], e, job_dir)
     assert r.returncode == 0 and "#SBATCH -J hpcckpt-test" in r.stdout and "--requeue" in r.stdout
     assert "#SBATCH --open-mode=append" in r.stdout and "--signal=B:USR1@" in r.stdout
+
+
+def test_srun_inside_the_job_is_checkpointed_and_requeued(slurm, job_dir, env):
+    """The job script starts its other half with `srun` (a job step): through our srun shim it runs under an
+    agent of the same computation, talking TCP with the first half. USR1 checkpoints both, the job requeues,
+    and the next run restarts both parts (each in an agent of its own) and finishes: every answer once, in
+    order, across the two runs. (The local cluster's nodes are all this machine: the step lands here.)"""
+    import sys
+    e = _env(env, slurm)
+    prog = REPO / "tests" / "programs" / "pingpong.py"
+    n = 160
+    js = job_dir / "job.sh"
+    js.write_text(f"""#!/bin/bash
+#SBATCH -J hpcckpt-srun
+#SBATCH -o {job_dir}/slurm-%j.out
+echo "run ${{SLURM_RESTART_COUNT:-0}} starts"
+{sys.executable} {prog} server {job_dir}/server.port &
+srun -n 1 {sys.executable} {prog} client 127.0.0.1 {job_dir}/server.port {n} > {job_dir}/client.out
+rc=$?
+wait
+echo "script done $rc"
+""")
+    js.chmod(0o755)
+    job = _submit(job_dir, e, "lead: 30\n", "--time=10")
+    client = job_dir / "client.out"
+
+    def answers():
+        return [int(x) for x in re.findall(r"^ok (\d+)", client.read_text() if client.exists() else "", re.M)]
+    wait_for(lambda: len(answers()) >= 20, 90, "the srun step's answers")
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
+    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED"}, 150)
+    info, log = _show(job, e), _log(job_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "script done 0" in log, log
+    # client.out is opened again (truncated) by nobody after the restart: the restored client writes on
+    # where it was, so the file holds every answer exactly once, in order.
+    assert answers() == list(range(1, n + 1)), client.read_text()[-500:]
+    assert client.read_text().rstrip().endswith("done")

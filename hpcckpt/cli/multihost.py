@@ -101,13 +101,27 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     return p
 
 
+def agent_of(image: str, fallback: str) -> str:
+    """The agent an image was written by (images of one agent restart together, in one agent); fallback when
+    the image cannot be read here (on another host's disk) or predates agent ids."""
+    from ..image.format import ImageError, ImageReader
+    try:
+        r = ImageReader(image)
+    except (ImageError, OSError):
+        return fallback
+    try:
+        return str(r.meta.get("agent_id") or fallback)
+    finally:
+        r.close()
+
+
 def group(rows: list[tuple[str, str, str]]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """(images this process restarts, [(host, images)] for the other restarts): one restart per host of the
-    checkpoint, each in an agent of its own (its processes had PIDs of their own namespace), on the host it
-    maps to; several may land on one host (a computation gathered on fewer hosts)."""
+    """(images this process restarts, [(host, images)] for the other restarts): one restart per agent of the
+    checkpoint (its processes had PIDs of their own namespace), on the host its host maps to; several may land
+    on one host (a computation gathered on fewer hosts, or several agents on one node)."""
     parts: dict[str, tuple[str, list[str]]] = {}
     for new, img, old in rows:
-        parts.setdefault(old, (new, []))[1].append(img)
+        parts.setdefault(agent_of(img, "host:" + old), (new, []))[1].append(img)
     local: list[str] = []
     others: list[tuple[str, list[str]]] = []
     for new, imgs in parts.values():

@@ -64,15 +64,15 @@ def parser(prog: str) -> Parser:
     return p
 
 
-def images_from_dir(d: str) -> list[str]:
+def images_from_dir(d: str) -> list[tuple[str, str]]:
+    """(host, image) of the newest complete checkpoint in d."""
     comps = [c for c in store.computations_in(d) if store.complete_generations(d, c)]
     if not comps:
         raise Fail(f"no complete checkpoint in {d}")
     if len(comps) > 1:
         raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
     m = store.latest_manifest(d, comps[0])
-    host = socket.gethostname()
-    return [i.path for i in m.images if i.host == host] or [i.path for i in m.images]
+    return [(i.host, i.path) for i in m.images]
 
 
 def open_images(paths: list[str]) -> list[ImageReader]:
@@ -114,10 +114,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group(rows)
         elif args.hostfile:
             raise Fail("--hostfile needs the restart script's table (--table)")
+        elif args.from_dir:
+            paths, remote = multihost.group([(h, img, h) for h, img in images_from_dir(args.from_dir)])
+        elif args.images:
+            here = socket.gethostname()     # images given by hand restart here (one agent per agent of theirs)
+            paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
-            paths = args.images or (images_from_dir(args.from_dir) if args.from_dir else [])
-            if not paths:
-                raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+            raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
         readers = open_images(paths) if paths else []
