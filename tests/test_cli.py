@@ -106,3 +106,14 @@ def test_coordinator_port_busy(coordinator, env, tmp_path):
     _, port = coordinator
     r = run(["dmtcp_coordinator", "-p", str(port), "--daemon"], env, tmp_path)
     assert r.returncode == 99 and "cannot listen" in r.stderr
+
+
+def test_list_shows_mpi_ranks(launch, tmp_path):
+    """-l names the MPI rank (or srun task) of each process that has one, from what its launcher set."""
+    job = launch("bash", "-c", "PMI_RANK=3 sleep 30 & SLURM_PROCID=5 sleep 30 & wait")
+    def ranks():
+        peers = json.loads(job.command("-l", "--json").stdout).get("peers", [])
+        return sorted(p["rank"] for p in peers if p.get("rank") is not None)
+    wait_for(lambda: len(ranks()) == 2, 15, "both ranks listed")
+    assert ranks() == [3, 5]
+    assert ", rank 3" in job.command("-l").stdout

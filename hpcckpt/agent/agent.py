@@ -102,6 +102,27 @@ class BackgroundWrite:
     done_bytes: int = 0
 
 
+# Where MPI launchers put a process's rank (MPICH/Hydra: PMI_RANK; PMIx/Open MPI; Slurm's srun tasks)
+RANK_VARIABLES = (b"PMI_RANK=", b"PMIX_RANK=", b"OMPI_COMM_WORLD_RANK=", b"SLURM_PROCID=")
+
+
+def mpi_rank_of(pid: int) -> int | None:
+    """The MPI rank (or srun task number) a process was started as, from its environment; None if not one."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return None
+    for var in RANK_VARIABLES:
+        for item in env:
+            if item.startswith(var):
+                try:
+                    return int(item[len(var):])
+                except ValueError:
+                    break
+    return None
+
+
 class Agent:
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
@@ -209,8 +230,15 @@ class Agent:
         procs = [p for p in self.job() if not p.zombie] or \
             ([tree.ProcInfo(self.root.pid, 0, 0, 0, "R", 0, self.root.program)] if self.root.exit_status is None
              else [])
-        return [{"pid": p.pid, "unique_id": self.unique_id(p.pid),
-                 "program": self.root.program if p.pid == self.root.pid else program_of(p.pid)} for p in procs]
+        out = []
+        for p in procs:
+            row = {"pid": p.pid, "unique_id": self.unique_id(p.pid),
+                   "program": self.root.program if p.pid == self.root.pid else program_of(p.pid)}
+            rank = mpi_rank_of(p.pid)
+            if rank is not None:
+                row["rank"] = rank
+            out.append(row)
+        return out
 
     # ------------------------------------------------------------------------------------------ main loop --
     def run(self) -> int:

@@ -50,8 +50,9 @@ def _print_text(cmd: str, r: dict) -> None:
                   f"{last.get('duration_s', 0):.2f} s, processes frozen {last.get('frozen_s', 0):.3f} s")
         if cmd == "list":
             for row in r.get("peers", []):
+                rank = f", rank {row['rank']}" if row.get("rank") is not None else ""
                 print(f"{row['peer']}, {row['program']}[{row['pid']}]@{row['host']}, {row['unique_id']}, "
-                      f"{row['state']}")
+                      f"{row['state']}{rank}")
     elif cmd in ("bcheckpoint", "kcheckpoint"):
         if r.get("ok"):
             ck = r.get("checkpoint") or {}

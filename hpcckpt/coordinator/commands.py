@@ -39,6 +39,7 @@ class Commands:
             for proc in p.processes or [{}]:
                 out.append({"peer": p.peer_id, "host": p.host, "agent_pid": p.agent_pid, "pid": proc.get("pid"),
                             "program": proc.get("program"), "unique_id": proc.get("unique_id"),
+                            "rank": proc.get("rank"),
                             "state": p.state, "restarted": p.restarted})
         return out
 
@@ -108,7 +109,9 @@ class Commands:
             print(self.HELP, flush=True)
         elif cmd == "l":
             for row in self.listing():
-                print(f"{row['peer']}: {row['host']} pid {row['pid']} {row['program']} {row['state']}", flush=True)
+                rank = f" rank {row['rank']}" if row.get("rank") is not None else ""
+                print(f"{row['peer']}: {row['host']} pid {row['pid']} {row['program']}{rank} {row['state']}",
+                      flush=True)
             if not self.peers:
                 print("no processes connected", flush=True)
         elif cmd == "s":
