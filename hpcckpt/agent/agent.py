@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import zmq
 
@@ -24,11 +24,12 @@ from ..engine.fdtable import FdTable
 from ..engine import procattrs
 from ..engine.forker import kill_snapshot
 from ..engine.maps import vmflags_hint
-from ..engine.freeze import FrozenProcess
 from ..image import store
 from ..settings import Settings
 from . import remoteio
+from .ckptstate import BackgroundWrite, CheckpointState, PendingImage
 from .namespaces import install_init_handlers
+from .procs import JobProcess, mpi_rank_of, new_agent_id, new_unique_id, program_of
 from .sigfd import SignalFd
 
 log = logging.getLogger("hpcckpt.agent")
@@ -39,88 +40,6 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 
 class AgentError(Exception):
     """A failure of ours (not the program's): reported in one line, exit with DMTCP_FAIL_RC."""
-
-
-@dataclass
-class JobProcess:
-    pid: int
-    unique_id: str
-    program: str
-    exit_status: int | None = None      # shell-style exit code once reaped
-
-    def public(self) -> dict:
-        return {"pid": self.pid, "unique_id": self.unique_id, "program": self.program}
-
-
-def new_unique_id(pid: int) -> str:
-    host = store.safe_name(socket.gethostname().split(".")[0])[:16]
-    return f"{host}-{pid}-{int(time.time() * 1000) & 0xFFFFFFFFFF:x}"
-
-
-def new_agent_id() -> str:
-    return os.urandom(6).hex()
-
-
-def program_of(pid: int) -> str:
-    try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe").removesuffix(" (deleted)"))
-    except OSError:
-        return "unknown"
-
-
-@dataclass
-class PendingImage:
-    cap: object                  # engine.dump.Capture
-    path: str
-    program: str
-    unique_id: str
-
-
-@dataclass
-class CheckpointState:
-    generation: int
-    frozen: list[FrozenProcess] = field(default_factory=list)
-    procs: dict[int, tree.ProcInfo] = field(default_factory=dict)   # every process of the job, zombies too
-    images: list[str] = field(default_factory=list)
-    entries: list[dict] = field(default_factory=list)               # ImageEntry rows of images written
-    pending: list[PendingImage] = field(default_factory=list)       # to write from snapshots after resume
-    hints: dict[int, dict] = field(default_factory=dict)            # VmFlags read before the freeze
-    frozen_at: float = 0.0
-    stats: dict = field(default_factory=dict)
-    drainer: tcpdrain.Drainer | None = None                         # TCP data taken out until the refill
-    drained: dict = field(default_factory=dict)                     # socket inode -> tcpdrain.Drained
-    agents: dict = field(default_factory=dict)                      # agent id -> host, of every agent taking part
-
-
-@dataclass
-class BackgroundWrite:
-    """Images of a forked checkpoint being written from snapshots while the job runs."""
-    state: CheckpointState
-    thread: threading.Thread
-    snapshots: list[int]
-    error: str | None = None
-    done_bytes: int = 0
-
-
-# Where MPI launchers put a process's rank (MPICH/Hydra: PMI_RANK; PMIx/Open MPI; Slurm's srun tasks)
-RANK_VARIABLES = (b"PMI_RANK=", b"PMIX_RANK=", b"OMPI_COMM_WORLD_RANK=", b"SLURM_PROCID=")
-
-
-def mpi_rank_of(pid: int) -> int | None:
-    """The MPI rank (or srun task number) a process was started as, from its environment; None if not one."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return None
-    for var in RANK_VARIABLES:
-        for item in env:
-            if item.startswith(var):
-                try:
-                    return int(item[len(var):])
-                except ValueError:
-                    break
-    return None
 
 
 class Agent:

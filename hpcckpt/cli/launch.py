@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 
-from ..agent.agent import Agent, JobProcess, new_unique_id
+from ..agent.agent import Agent
+from ..agent.procs import JobProcess, new_unique_id
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..agent import remoteio

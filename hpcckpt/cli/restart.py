@@ -7,7 +7,8 @@ import os
 import socket
 import sys
 
-from ..agent.agent import Agent, JobProcess
+from ..agent.agent import Agent
+from ..agent.procs import JobProcess
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..agent import remoteio
 from ..coordinator import protocol
