@@ -151,3 +151,35 @@ def test_restart_gathers_a_two_host_computation_on_one_host(hosts2, menv, tmp_pa
     nums = [i for i, _ in after]
     assert nums == list(range(nums[0], N + 1))
     assert r.stdout.rstrip().endswith("done")
+
+
+def remote_agents() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "--remote-io" in (p.info["cmdline"] or []) and "launch" in (p.info["cmdline"] or [])]
+
+
+def test_a_host_that_stops_answering_fails_the_checkpoint_and_the_job_goes_on(hosts2, env, tmp_path, launch):
+    """The other host's agent hangs (SIGSTOP) during a checkpoint: after the phase timeout the checkpoint
+    fails naming that host, no generation is committed, this host's processes run again at once, and when the
+    other host comes back the computation finishes as if nothing happened."""
+    env["HPCCKPT_PHASE_TIMEOUT"] = "4"
+    h1 = hosts2[0]
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    agents = wait_for(remote_agents, 10, "the remote agent")     # its launcher and the agent itself
+    for a in agents:
+        a.suspend()
+    try:
+        t = time.monotonic()
+        r = job.command("-bc", timeout=60)
+        assert r.returncode == 1, (r.stdout, r.stderr)
+        assert h1.name in r.stdout + r.stderr, r.stdout + r.stderr
+        assert time.monotonic() - t < 30
+        assert not list(tmp_path.glob("ckpt_*/gen*.json")), "a failed checkpoint must not be committed"
+        assert not (tmp_path / "dmtcp_restart_script.sh").exists()
+    finally:
+        for a in agents:
+            a.resume()
+    assert job.wait(60) == 0
+    nums = [i for i, _ in ok_lines(out.read_text())]
+    assert nums == list(range(1, N + 1))
+    assert out.read_text().rstrip().endswith("done")

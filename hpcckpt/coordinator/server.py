@@ -469,9 +469,11 @@ class Coordinator(Restarts, Commands):
         self._check_gate()
         r = self.round
         if r is not None and not r.committed and now - r.last_progress > self.s.phase_timeout:
-            missing = [self.peers[i].peer_id for i in r.peers - set(r.acks) if i in self.peers]
+            missing = ", ".join(f"peer {self.peers[i].peer_id} on {self.peers[i].host}"
+                                for i in sorted(r.peers - set(r.acks), key=lambda i: self.peers[i].peer_id
+                                                if i in self.peers else 0) if i in self.peers)
             self._fail_round(f"timed out after {self.s.phase_timeout:.0f} s without progress in phase {r.phase} "
-                             f"waiting for peer(s) {missing}")
+                             f"waiting for {missing or 'peers that left'}")
         if self.round is None and self.next_interval_ckpt is not None and now >= self.next_interval_ckpt:
             if self.peers:
                 self.start_checkpoint()
