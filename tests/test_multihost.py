@@ -183,3 +183,23 @@ def test_a_host_that_stops_answering_fails_the_checkpoint_and_the_job_goes_on(ho
     nums = [i for i, _ in ok_lines(out.read_text())]
     assert nums == list(range(1, N + 1))
     assert out.read_text().rstrip().endswith("done")
+
+
+def test_restart_with_one_host_s_images_missing_names_that_host(hosts2, env, tmp_path, launch):
+    """Only this host's images given: the restart waits for the other host's part (HPCCKPT_RESTART_TIMEOUT),
+    then gives up naming it; nothing restored is left running."""
+    import json
+    import socket
+    h1 = hosts2[0]
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    checkpoint_and_kill(job)
+    wait_for(lambda: not pingpong_processes(), 20, "the killed job's processes to go")
+    manifest = json.loads(sorted(tmp_path.glob("ckpt_*/gen*.json"))[-1].read_text())
+    mine = [i["path"] for i in manifest["images"] if i["host"] == socket.gethostname()]
+    assert mine and len(mine) < len(manifest["images"])
+    env["HPCCKPT_RESTART_TIMEOUT"] = "5"
+    r = run(["dmtcp_restart", "-p", "0", "--ckptdir", str(tmp_path), *mine], env, tmp_path, timeout=60)
+    assert r.returncode != 0
+    assert h1.name in r.stderr, r.stderr[-2000:]
+    assert not ok_lines(r.stdout)
+    wait_for(lambda: not pingpong_processes(), 20, "no restored process left")

@@ -21,7 +21,7 @@ import socket
 import time
 
 from .fdtable import UnsupportedFd
-from .tcpinfo import (DRAIN_TIMEOUT, LISTEN, WE_WRITE, Exchange, local_ipv4s, norm, run_exchanges, set_lock,
+from .tcpinfo import (LISTEN, WE_WRITE, Exchange, local_ipv4s, norm, run_exchanges, set_lock,
                       set_rcvbuf)
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,18 @@ def _token(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()[:16]
 
 
-def wire(factory, objects: list[dict], timeout: float = DRAIN_TIMEOUT) -> None:
+def _host_of(ip: str) -> str:
+    try:
+        return socket.gethostbyaddr(ip)[0]
+    except OSError:
+        return ip
+
+
+# as long as the coordinator's restart gate waits for a missing host (coordinator/gather.py)
+WIRE_TIMEOUT = float(os.environ.get("HPCCKPT_RESTART_TIMEOUT", 120.0))
+
+
+def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
     """Make every connection of `objects` (this host's ends of connections to other hosts); the sockets go to
     factory.extra["tcp-wired"][inode]."""
     from .tcp import _buf_after, _data, _finish, _new    # (tcp.py imports this module)
@@ -64,8 +75,10 @@ def wire(factory, objects: list[dict], timeout: float = DRAIN_TIMEOUT) -> None:
         for o in (o for o in objects if not o["server"]):
             addr = rv.get(f"tcp/{o['conn']}", timeout)
             if addr is None:
-                raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} was not restored on any "
-                                    f"host within {timeout:.0f} s")
+                ip, port = o["remote"][0], o["remote"][1]
+                raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} (on {_host_of(ip)} at "
+                                    f"the checkpoint, port {port}) was not restored on any host within "
+                                    f"{timeout:.0f} s: is that host's part of the restart running?")
             socks[o["ino"]] = _connect(o, addr, ips, _new)
         deadline = time.monotonic() + timeout
         while expect:
