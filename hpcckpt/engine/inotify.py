@@ -236,6 +236,9 @@ def _arm(fd: int, watches: list[dict]) -> None:
             try:
                 if target is not None:
                     wd = _add(fd, target, mask | IN_MASK_CREATE)
+                else:
+                    log.warning("inotify watch %d on %s not re-armed: it is gone", w["wd"], w["path"] or
+                                f"inode {w['ino']}")
             except OSError as e:
                 log.warning("inotify watch %d on %s not re-armed: %s", w["wd"], w["path"], e.strerror)
             finally:

@@ -24,8 +24,11 @@ Not carried over: the index when another terminal holds it meanwhile (the slave'
 program that opens that path again later finds another terminal or none: a private devpts instance would give
 the job its own numbers, but would hide the launching terminal's /dev/pts/N from the job, so ttyname(3) on it
 would fail); locked termios (TIOCSLCKTRMIOS); a pending packet-mode status byte; output stopped with ^S runs
-again; unread input beyond the line discipline's 4 KiB buffer comes back through the master in one piece
-(processed again when read: it may echo twice).
+again. Unread input beyond what the line discipline holds (4 KiB; the rest waits in the kernel's flip buffers,
+not processed yet) is read with echo off and queued again through the master, to be processed when the
+program reads it, as it would have been: only bytes the first pass changed (a CR mapped to NL, a character
+quoted with ^V) are processed a second time. Queued bytes that do not fit in the terminal's buffers again fail
+the checkpoint or restart (UnsupportedFd) rather than being dropped.
 """
 from __future__ import annotations
 
@@ -150,14 +153,42 @@ def _line_ends(t: dict) -> set[int]:
     return ends
 
 
-def _read_input(sfd: int, t: dict) -> list[list]:
-    """Unread input at the slave as [[bytes, eof]]: in canonical mode one entry per line (eof: ended by the EOF
-    character, which a read does not return), the unfinished line last; else one entry."""
+_ECHO_L = termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL | termios.ECHOPRT | termios.ECHOKE
+N_TTY_ROOM = 4095                       # bytes the line discipline holds; more input waits in the flip buffers
+
+
+def _read_input(sfd: int, t: dict) -> tuple[list[list], int]:
+    """Unread input at the slave as ([[bytes, eof]], how many of them the line discipline held): in canonical
+    mode one entry per line (eof: ended by the EOF character, which a read does not return), the unfinished
+    line last; else one entry. Reading makes room in the line discipline, which then takes more of the input
+    waiting in the flip buffers (beyond its 4 KiB): that part is not echoed now (echo is off while we read), so
+    it can be queued behind the rest and echoed when the program reads it, as it would have been.
+    A chunk that is split ([first part, False]) continues in the next one."""
+    set_termios(sfd, dict(t, lflag=t["lflag"] & ~_ECHO_L))
+    try:
+        chunks = _read_queued(sfd, t)
+    finally:
+        set_termios(sfd, t)
+    # More than the line discipline holds: it was full (N_TTY_ROOM bytes, an EOF taking one), the rest waited.
+    # The line it was taking in at that point is split there.
+    room = N_TTY_ROOM
+    for i, (c, e) in enumerate(chunks):
+        size = len(c) + (1 if e else 0)
+        if size > room:
+            if room > 0 and len(c) > room:
+                chunks[i:i + 1] = [[c[:room], False], [c[room:], e]]
+                return chunks, i + 1
+            return chunks, i
+        room -= size
+    return chunks, len(chunks)
+
+
+def _read_queued(sfd: int, t: dict) -> list[list]:
     if not t["lflag"] & termios.ICANON:
         data = _read_all(sfd)
         return [[data, False]] if data else []
-    chunks, ends = [], _line_ends(t)
-    while True:
+    chunks, ends, empty = [], _line_ends(t), 0
+    while empty <= N_TTY_ROOM:           # (a line discipline holds at most that many EOFs)
         try:
             b = os.read(sfd, 65536)
         except BlockingIOError:
@@ -166,15 +197,13 @@ def _read_input(sfd: int, t: dict) -> list[list]:
             if e.errno == errno.EIO:
                 break
             raise
+        empty = empty + 1 if not b else 0
         chunks.append([b, not b or b[-1] not in ends])
     # the line being typed is only readable without ICANON (the switch makes all of it available)
-    tmp = dict(t, lflag=t["lflag"] & ~termios.ICANON, cc=list(t["cc"]))
+    tmp = dict(t, lflag=t["lflag"] & ~(termios.ICANON | _ECHO_L), cc=list(t["cc"]))
     tmp["cc"][termios.VMIN], tmp["cc"][termios.VTIME] = 1, 0
     set_termios(sfd, tmp)
-    try:
-        rest = _read_all(sfd)
-    finally:
-        set_termios(sfd, t)
+    rest = _read_all(sfd)
     if rest:
         chunks.append([rest, False])
     return chunks
@@ -204,8 +233,22 @@ def _transparent(t: dict, data: bytes) -> tuple[dict, int]:
     return q, q["cc"][termios.VEOF]
 
 
-def _put_input(mfd: int, sfd: int, t: dict, chunks: list[list]) -> None:
-    """Queue unread input at the slave again, as it was (see the module's description)."""
+def _put_input(mfd: int, sfd: int, t: dict, chunks: list[list], direct: int | None = None) -> None:
+    """Queue unread input at the slave again, as it was (see the module's description): the first `direct`
+    chunks (default all) into the line discipline as they are, the others through the master as input not
+    processed yet."""
+    direct = len(chunks) if direct is None else direct
+    try:
+        _put_direct(mfd, sfd, t, chunks[:direct])
+    finally:
+        rest = chunks[direct:]
+        if rest:
+            eof = t["cc"][termios.VEOF] if t["lflag"] & termios.ICANON else -1
+            _write_all(mfd, b"".join(c + (bytes([eof]) if e and eof > 0 else b"") for c, e in rest),
+                       "terminal input")
+
+
+def _put_direct(mfd: int, sfd: int, t: dict, chunks: list[list]) -> None:
     if not chunks:
         return
     q, eof = _transparent(t, b"".join(c for c, _ in chunks))
@@ -249,43 +292,49 @@ def _put_output(mfd: int, sfd: int, t: dict, data: bytes) -> None:
         set_termios(mfd, t)
 
 
+_WRITE_CHUNK = 1792                     # a tty flip buffer's page: queues the most before the buffers are full
+
+
 def _write_all(fd: int, data: bytes, what: str) -> None:
+    """Queue bytes in a terminal nobody reads meanwhile; they fitted before, so a full queue is an error."""
     view = memoryview(data)
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 0.5
     while view:
         try:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view[:_WRITE_CHUNK]):]
+            deadline = time.monotonic() + 0.5
         except BlockingIOError:
             if time.monotonic() > deadline:
-                log.warning("%d bytes of %s could not be queued again (the terminal is stopped?)", len(view), what)
-                return
+                raise UnsupportedFd(f"pseudo-terminal: {len(view)} of {len(data)} bytes of {what} do not fit in "
+                                    f"its buffers again (too much unread data, or output stopped)") from None
             select.select([], [fd], [], 0.05)
 
 
-def _drain_and_put_back(mfd: int, sfd: int, t: dict) -> tuple[list[list], bytes]:
+def _drain_and_put_back(mfd: int, sfd: int, t: dict) -> tuple[list[list], int, bytes]:
     """The bytes in flight both ways, left in place (read, then queued again at once)."""
     mflags = _set_nonblock(mfd)
     sflags = _set_nonblock(sfd) if sfd >= 0 else None
     packet = get_int(mfd, TIOCGPKT)
     if packet:
         set_int(mfd, TIOCPKT, 0)           # plain reads, and no status bytes from our settings changes
-    inp, out = [], b""
+    inp, direct, out = [], 0, b""
     try:
-        # input first: reading it runs pending input through the line discipline, whose echo joins the output
         if sfd >= 0:
-            inp = _read_input(sfd, t)
+            inp, direct = _read_input(sfd, t)
         out = _read_all(mfd)
     finally:
         try:
-            _put_input(mfd, sfd, t, inp)
-            _put_output(mfd, sfd, t, out)
+            try:
+                _put_input(mfd, sfd, t, inp, direct)
+            finally:
+                _put_output(mfd, sfd, t, out)
         finally:
             fcntl.fcntl(mfd, fcntl.F_SETFL, mflags)
             if sflags is not None:
                 fcntl.fcntl(sfd, fcntl.F_SETFL, sflags)
             if packet:
                 set_int(mfd, TIOCPKT, 1)
-    return inp, out
+    return inp, direct, out
 
 
 # ------------------------------------------------------------------------------------------- dump --
@@ -328,8 +377,9 @@ def pair_dump(ctx, index: int, where: str) -> str:
                     state[field] = get_int(m, req)      # in our PID namespace: the job's own numbers
                 except OSError:
                     state[field] = 0                     # no session has it as controlling terminal
-            inp, out = _drain_and_put_back(m, s, t)
+            inp, direct, out = _drain_and_put_back(m, s, t)
             state["input"] = [[base64.b64encode(c).decode(), e] for c, e in inp]
+            state["input_held"] = direct
             state["output"] = base64.b64encode(out).decode()
             state["bytes"] = [sum(len(c) for c, _ in inp), len(out)]
         finally:
@@ -378,7 +428,8 @@ def pair(factory, pty_id: str) -> tuple[int, int]:
     if t:
         set_termios(master, t)
         set_winsize(master, st["winsize"])
-        _put_input(master, slave, t, [[base64.b64decode(c), e] for c, e in st.get("input", [])])
+        _put_input(master, slave, t, [[base64.b64decode(c), e] for c, e in st.get("input", [])],
+                   st.get("input_held"))
         _put_output(master, slave, t, base64.b64decode(st.get("output", "")))
     for oid, o in factory.objects.items():
         if o.get("kind") == "pts" and o["pty"] == pty_id:

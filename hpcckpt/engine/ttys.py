@@ -25,7 +25,9 @@ import logging
 import os
 import signal
 import stat
+import struct
 
+from ..image.records import b64, unb64
 from .fdtable import FdEntry, UnsupportedFd
 from .linux import pidfd_getfd
 from .ptys import (PTS_MAJORS, TIOCGDEV, TIOCGPTPEER, TIOCNOTTY, TIOCSCTTY, TIOCSPTLCK, copy_fd, get_int,
@@ -35,6 +37,8 @@ from .ptys import (PTS_MAJORS, TIOCGDEV, TIOCGPTPEER, TIOCNOTTY, TIOCSCTTY, TIOC
 log = logging.getLogger(__name__)
 
 DEVTTY = os.makedev(5, 0)
+SI_KERNEL = 0x80
+_SIGWINCH_INFO = struct.pack("iii", signal.SIGWINCH, 0, SI_KERNEL).ljust(128, b"\0")   # as from a resize
 
 
 def _stat_fields(pid) -> list[str]:
@@ -159,7 +163,11 @@ def plan_session(factory, proc) -> tuple[int, int, bool]:
                 fg = fd
             if differs and proc.pid in st.get("members", []) and proc.pgid == st.get("fg", 0):
                 winch = True
-    return ctty, fg, winch
+    if winch and not any(int.from_bytes(unb64(p)[:4], "little") == signal.SIGWINCH for p in proc.pending):
+        # made pending by the restore after the signal dispositions are set: raised any earlier, it would be
+        # discarded where its disposition is SIG_DFL (ignored), as with a program reading it from a signalfd
+        proc.pending.append(b64(_SIGWINCH_INFO))
+    return ctty, fg, False
 
 
 def session_terminal(ctty: int, fg: int, winch: bool) -> None:
@@ -176,7 +184,7 @@ def session_terminal(ctty: int, fg: int, winch: bool) -> None:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if winch:
-        # stays pending through the restore (all signals are blocked) and reaches the program's handler, if any
+        # (plan_session queues the SIGWINCH with the image's pending signals instead)
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGWINCH])
         os.kill(os.getpid(), signal.SIGWINCH)
 

@@ -4,8 +4,11 @@
  * The parent types "in I" lines into the master, half a line at a time and faster than the child reads them
  * (unread input queues up at the slave, often with an unfinished line), and reads the master only now and
  * then (unread output queues up at the master). The child reads lines slowly and answers each with "got in I";
- * the terminal's echo is on, so every line typed also comes back once as typed. Everything the parent reads
- * from the master goes to OUT (carriage returns dropped); at the end it writes "done". */
+ * the terminal's echo is on, so every line typed also comes back once as typed. Every tenth answer goes
+ * through a /dev/tty descriptor opened at the start instead of stdout. Before each answer the child checks that
+ * the slave is still its controlling terminal with its group in the foreground (every 50th line also by opening
+ * /dev/tty again), else it answers "BAD ctty". Everything the parent reads from the master goes to OUT
+ * (carriage returns dropped); at the end it writes "done". */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -41,13 +44,30 @@ static void child(const char *slave_name, long n) {
     dup2(s, 1);
     dup2(s, 2);
     if (s > 2) close(s);
+    int tty = open("/dev/tty", O_WRONLY | O_CLOEXEC);
+    if (tty < 0) _exit(3);
     char line[256];
     long seen = 0;
     while (fgets(line, sizeof line, stdin)) {
         usleep(20000);
-        printf("got %s", line);
+        ++seen;
+        int ok = tcgetsid(0) == getpid() && tcgetpgrp(0) == getpgrp();
+        if (seen % 50 == 0) {
+            int again = open("/dev/tty", O_RDWR | O_CLOEXEC);
+            ok = ok && again >= 0;
+            if (again >= 0) close(again);
+        }
+        if (!ok) printf("BAD ctty %ld\n", seen);
+        if (seen % 10 == 0) {
+            char buf[300];
+            int len = snprintf(buf, sizeof buf, "got %s", line);
+            fflush(stdout);
+            if (write(tty, buf, len) != len) printf("BAD tty write %ld\n", seen);
+        } else {
+            printf("got %s", line);
+        }
         fflush(stdout);
-        if (++seen == n) break;
+        if (seen == n) break;
     }
     _exit(0);
 }
