@@ -151,7 +151,7 @@ def stop_remote(procs: list[tuple[str, subprocess.Popen]]) -> None:
     for _, p in procs:
         if p.poll() is None:
             p.terminate()
-    for p in procs.values():
+    for _, p in procs:
         try:
             p.wait(10)
         except subprocess.TimeoutExpired:
