@@ -29,6 +29,8 @@ MAX_DELETED_BYTES = 1 << 30
 
 def _open(path: str, flags: int, what: str) -> int:
     flags &= ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+    if path.startswith("/proc/self/fd/"):
+        flags &= ~os.O_NOFOLLOW        # (shm_open's) would refuse the magic link itself: ELOOP
     try:
         return os.open(path, flags | os.O_CLOEXEC)
     except OSError as e:

@@ -6,8 +6,10 @@ Dump rules, per mapping of /proc/PID/maps:
   - private file-backed whose file is still the one mapped: only pages the process has written (private
     copies); the rest is mapped from the file again at restore, after checking the file's size and mtime.
   - private file-backed whose file is gone or replaced: every page, restored as anonymous memory.
-  - shared file-backed: nothing, the data lives in the file. Shared anonymous (incl. deleted /dev/shm and
-    memfd files): touched pages, restored as shared anonymous memory.
+  - shared file-backed: nothing here, the mapping comes back from the file (named shared memory files - in
+    /dev/shm, on tmpfs, or mapped writable - are saved whole and put back first: shmfiles.py).
+  - shared anonymous (incl. deleted /dev/shm and memfd files): touched pages, restored as shared anonymous
+    memory.
   - SysV shm attachments (`/SYSV<key> (deleted)`, inode = shmid): nothing here; each segment's contents are
     saved once for the computation and it is attached again at restore (sysvshm.py).
   - [vdso], [vvar], [vvar_vclock]: nothing; the restoring kernel's own are moved to the same addresses.

@@ -1,6 +1,7 @@
 """Restoring a computation (one or many processes) from its images.
 
-    SysV shm segments recreated in the agent (sysvshm.py; in an IPC namespace of their own with same_pids)
+    named shared memory files put back (shmfiles.py)
+    -> SysV shm segments recreated in the agent (sysvshm.py; in an IPC namespace of their own with same_pids)
     -> objects (files, pipes, ...) created once in the agent  -> helpers forked as the process tree (helpers.py)
     -> each helper turned into its image's process by injected system calls (transform.py), left stopped
     -> RestoredComputation.release() lets every process run at once.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, memory, ptrace, sysvshm
+from . import files, memory, ptrace, shmfiles, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
 from .helpers import Spawner, close_plans, make_plans
 from .inject import ProcessGone
@@ -124,13 +125,19 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     opts = opts or RestoreOptions()
     t0 = time.monotonic()
     metas = _load(readers)
+    objects = {o["id"]: o for meta, _ in metas for o in meta.process.objects}
+    read_blob = _blob_reader(metas)
+    try:
+        # named shared memory files as they were (before the mappings' backing files are checked)
+        shmfiles.restore([o for o in objects.values() if o.get("kind") == "shmfile"], read_blob)
+    except shmfiles.ShmFileError as e:
+        raise RestoreError(str(e)) from None
     for meta, _ in metas:
         memory.check_backing_files(meta.process.regions)
         check_specials(meta.process.regions)
-    objects = {o["id"]: o for meta, _ in metas for o in meta.process.objects}
     base = max([r.fd for meta, _ in metas for r in meta.process.fds] + [2]) + 1
     base = max(base, 10)
-    factory = ObjectFactory(objects, _blob_reader(metas), base)
+    factory = ObjectFactory(objects, read_blob, base)
     own_ipc = opts.same_pids if opts.ipc_namespace is None else opts.ipc_namespace
     segments = sysvshm.Segments([o for o in objects.values() if o.get("kind") == "sysvshm"], factory.read_blob,
                                 own_ipc)

@@ -16,6 +16,7 @@ warning says so.
 from __future__ import annotations
 
 import base64
+import errno
 import ipaddress
 import logging
 import os
@@ -23,15 +24,17 @@ import select
 import socket
 import stat
 import struct
+import time
 
 from .fdtable import FdEntry, UnsupportedFd
 from . import tcpwire
 from .tcpdrain import Drained
 from .tcpinfo import (BOOL_OPTS, CLOSE, CONNECTED, DRAIN_TIMEOUT, INT_OPTS, LISTEN, SO_SNDBUFFORCE, SYN_RECV,
                       SYN_SENT, WE_WRITE, TcpInfo, copy_socket, find_peer, norm, peek_all, send_all,
-                      socket_options, tcp_table)
+                      socket_options, tcp_table, clear_time_wait, time_wait_holders)
 
 log = logging.getLogger(__name__)
+TIME_WAIT_SECONDS = 65        # TCP_TIMEWAIT_LEN is 60 s
 
 class TcpSocket:
     KIND = "tcp"
@@ -186,10 +189,42 @@ def _bind(sk: socket.socket, s: dict, required: bool, addr=None) -> bool:
         sk.bind(_sockaddr(s, addr))
         return True
     except OSError as e:
+        if required and e.errno == errno.EADDRINUSE and _wait_out_time_wait(sk, s, addr):
+            return True
         if required:
             raise UnsupportedFd(f"{s['where']}: cannot bind to {addr[0]}:{addr[1]} again: {e.strerror}") from None
         log.info("%s: port %d is taken; restored on another port", s["where"], addr[1])
         return False
+
+
+def _wait_out_time_wait(sk: socket.socket, s: dict, addr) -> bool:
+    """A listener's port held only by TIME_WAIT connections - the killed original's, when its listener did
+    not set SO_REUSEADDR (which TIME_WAIT keeps from the accepted sockets): clear them (SOCK_DESTROY, with
+    CAP_NET_ADMIN), else wait until they expire (TCP's 60 s). True once bound."""
+    deadline = time.monotonic() + TIME_WAIT_SECONDS
+    warned = False
+    while True:
+        try:
+            destroyed, left = clear_time_wait(s["family"], addr)
+        except OSError:
+            destroyed, left = 0, len(time_wait_holders(s["family"], addr))
+        if destroyed:
+            log.info("%s: port %d was held by %d TIME_WAIT connection(s) of the previous run; cleared",
+                     s["where"], addr[1], destroyed)
+        try:
+            sk.bind(_sockaddr(s, addr))
+            return True
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                return False
+        if not destroyed and not left:
+            return False                     # something else has the port
+        if not warned:
+            log.warning("%s: port %d is held by %d TIME_WAIT connection(s) of the previous run (clearing them "
+                        "needs CAP_NET_ADMIN); waiting up to %d s for them to expire", s["where"], addr[1], left,
+                        TIME_WAIT_SECONDS)
+            warned = True
+        time.sleep(0.5)
 
 
 def _finish(sk: socket.socket, s: dict) -> int:

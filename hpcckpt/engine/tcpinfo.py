@@ -333,3 +333,86 @@ def run_exchanges(exchanges: list[Exchange], timeout: float) -> None:
             size, lock = before.pop(x.sk.fileno())
             set_rcvbuf(x.sk, size, grow_only=False)
             set_lock(x.sk, lock)
+
+
+# -------------------------------------------------------------------- TIME_WAIT leftovers of a killed job --
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY, SOCK_DESTROY = 4, 20, 21
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 1, 4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+
+
+def _nl_exchange(msg_type: int, flags: int, req: bytes) -> list[tuple[int, bytes]]:
+    """One sock_diag request; the answers as (type, body) until NLMSG_DONE or the ACK/error."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    try:
+        s.send(struct.pack("<IHHII", 16 + len(req), msg_type, flags, 1, 0) + req)
+        out = []
+        while True:
+            data = s.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype = struct.unpack_from("<IH", data, off)
+                if length < 16:
+                    break
+                body = data[off + 16: off + length]
+                out.append((mtype, body))
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                    return out
+                off += (length + 3) & ~3
+    finally:
+        s.close()
+
+
+def _raw_ip(family: int, host: str) -> bytes:
+    """An address as inet_diag_sockid carries it (16 bytes, network order)."""
+    return socket.inet_pton(family, host).ljust(16, b"\0")
+
+
+def _lookups(family: int, host: str) -> list[tuple[int, str | None]]:
+    """(family, address or None for any) to look for TIME_WAIT connections in: an IPv6 wildcard or
+    v4-mapped listener also conflicts with IPv4 connections (dual stack)."""
+    if host in ("0.0.0.0", "::", ""):
+        return [(family, None)] + ([(socket.AF_INET, None)] if family == socket.AF_INET6 else [])
+    if family == socket.AF_INET6 and ipaddress.IPv6Address(host).ipv4_mapped:
+        return [(socket.AF_INET, str(ipaddress.IPv6Address(host).ipv4_mapped)), (family, host)]
+    return [(family, host)]
+
+
+def time_wait_holders(family: int, addr: tuple[str, int]) -> list[tuple[int, bytes]]:
+    """(family, inet_diag_sockid) of every TIME_WAIT connection whose local end is on addr's port (and address,
+    or either address is a wildcard): what keeps a listener from binding there again when the original
+    listener did not set SO_REUSEADDR."""
+    host, port = addr
+    found = []
+    for fam, want_host in _lookups(family, host):
+        want = None if want_host is None else _raw_ip(fam, want_host)
+        req = struct.pack("<BBBxI", fam, socket.IPPROTO_TCP, 0, 1 << TIME_WAIT) + bytes(48)
+        for mtype, body in _nl_exchange(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, req):
+            if mtype != SOCK_DIAG_BY_FAMILY or len(body) < 52:
+                continue
+            state = body[1]
+            sockid = body[4:52]
+            sport = struct.unpack_from(">H", sockid, 0)[0]
+            src = sockid[4:20]
+            if state != TIME_WAIT or sport != port:
+                continue
+            if want is None or src == want or src == bytes(16):
+                found.append((fam, sockid))
+    return found
+
+
+def clear_time_wait(family: int, addr: tuple[str, int]) -> tuple[int, int]:
+    """Destroy (SOCK_DESTROY, needs CAP_NET_ADMIN) the TIME_WAIT connections on addr's port; returns
+    (destroyed, still there)."""
+    holders = time_wait_holders(family, addr)
+    done = 0
+    for family, sockid in holders:
+        req = struct.pack("<BBBxI", family, socket.IPPROTO_TCP, 0, 1 << TIME_WAIT) + sockid
+        try:
+            answers = _nl_exchange(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, req)
+        except OSError:
+            continue
+        err = next((struct.unpack_from("<i", b)[0] for t, b in answers if t == NLMSG_ERROR), -1)
+        if err in (0, -2):             # destroyed, or gone meanwhile (ENOENT)
+            done += 1
+    return done, len(holders) - done
