@@ -12,12 +12,14 @@ class Rendezvous:
         self.conn = conn
         self.prefix = f"{computation}/{generation}/"
         self.stash: list[dict] = []          # other messages that arrived while we waited (handled later)
+        self.abandoned = ""                  # why the coordinator gave the restart up while we waited
 
     def put(self, key: str, value) -> None:
         self.conn.send({"type": "kv_put", "key": self.prefix + key, "value": value})
 
     def get(self, key: str, timeout: float):
-        """The value published under key, waiting for it up to timeout seconds (None if it never came)."""
+        """The value published under key, waiting for it up to timeout seconds (None if it never came, or if the
+        restart was abandoned meanwhile: see self.abandoned)."""
         full = self.prefix + key
         self.conn.send({"type": "kv_get", "key": full, "wait": True})
         deadline = time.monotonic() + timeout
@@ -31,3 +33,18 @@ class Rendezvous:
             if msg.get("type") == "kv" and msg.get("key") == full:
                 return msg.get("value")
             self.stash.append(msg)
+            if msg.get("type") == "restart" and not msg.get("go"):
+                self.abandoned = str(msg.get("reason") or "abandoned by the coordinator")
+                return None
+
+    def check(self) -> str:
+        """Take the messages already here (kept for later) and say whether the restart was abandoned: "" or
+        why. For waits that are not on the coordinator (a listener waiting for the other host to connect)."""
+        while not self.abandoned:
+            msg = self.conn.recv(0)
+            if msg is None:
+                break
+            self.stash.append(msg)
+            if msg.get("type") == "restart" and not msg.get("go"):
+                self.abandoned = str(msg.get("reason") or "abandoned by the coordinator")
+        return self.abandoned

@@ -13,6 +13,7 @@ from ..agent.procs import JobProcess, new_unique_id
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..agent import remoteio
+from ..agent.namespaces import set_next_pid
 from ..coordinator import protocol
 from ..coordinator.protocol import SecretError
 from ..image import store
@@ -168,6 +169,14 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
         except OSError as e:
             raise Fail(f"cannot connect back to {remote_io.rsplit(':', 1)[0]} for standard I/O: {e}") from None
     job_file = os.path.join(protocol.rundir(), f"job-{os.urandom(8).hex()}.json")
+    if in_namespace:
+        # Programs name files after their PIDs (Open MPI's /tmp/ompi.<pid>, /dev/shm segments): in a namespace of
+        # its own every job would get the same low PIDs and two jobs on a node would collide. A random first PID keeps
+        # them apart; restarts give the job its PIDs back anyway.
+        try:
+            set_next_pid(300 + int.from_bytes(os.urandom(2), "little") % 30000)
+        except OSError as e:
+            log.debug("cannot choose the job's first PID: %s", e)
     pid, go, err = start_program(command, remoteio.job_environment(job_file),
                                  [sk.fileno() for sk in stdio] if stdio else None)
     for sk in stdio or []:

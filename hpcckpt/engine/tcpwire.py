@@ -74,6 +74,8 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
             expect[_token(o["conn"])] = o
         for o in (o for o in objects if not o["server"]):
             addr = rv.get(f"tcp/{o['conn']}", timeout)
+            if addr is None and getattr(rv, "abandoned", ""):
+                raise UnsupportedFd(f"restart abandoned: {rv.abandoned}")
             if addr is None:
                 ip, port = o["remote"][0], o["remote"][1]
                 raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} (on {_host_of(ip)} at "
@@ -86,7 +88,9 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
             if left <= 0:
                 raise UnsupportedFd(f"{next(iter(expect.values()))['where']}: the other host did not connect "
                                     f"again within {timeout:.0f} s")
-            r, _, _ = select.select(list(listeners.values()), [], [], min(left, 1.0))
+            r, _, _ = select.select(list(listeners.values()), [], [], min(left, 0.5))
+            if not r and hasattr(rv, "check") and rv.check():
+                raise UnsupportedFd(f"restart abandoned: {rv.abandoned}")
             for lsk in r:
                 try:
                     sk, _ = lsk.accept()
