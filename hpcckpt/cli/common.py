@@ -85,6 +85,12 @@ def run_main(prog: str, fn, argv, fail_code: int | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:     # our output went to a reader that stopped (`| head`): done, like any filter
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
     except Exception as e:      # a bug of ours: one line, the traceback only at debug level
         log.debug("internal error", exc_info=True)
         print(f"{prog}: internal error: {type(e).__name__}: {e} (HPCCKPT_LOG_LEVEL=DEBUG shows details)",
