@@ -54,25 +54,42 @@ def pingpong_processes() -> list[psutil.Process]:
     return found
 
 
+def restart_script(tmp_path: Path, env: dict, moves: dict[str, str] | None = None):
+    """Run the checkpoint's restart script, with a host file mapping old hosts to new ones if given."""
+    extra = []
+    if moves:
+        hostfile = tmp_path / "hosts.txt"
+        hostfile.write_text("".join(f"{old} {new}\n" for old, new in moves.items()))
+        extra = ["--hostfile", str(hostfile)]
+    return run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", *extra], env, tmp_path,
+               timeout=120)
+
+
+def assert_finished_on(r, host: str) -> list[int]:
+    """The restarted client went on from its checkpoint to the end, on `host`: no number skipped or wrong."""
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = ok_lines(r.stdout)
+    assert after and {h for _, h in after} == {host}, r.stdout[-2000:]
+    nums = [i for i, _ in after]
+    assert nums == list(range(nums[0], N + 1)), nums
+    assert r.stdout.rstrip().endswith("done")
+    return nums
+
+
 @pytest.fixture
 def env(env, hosts2):
     """Every command of these tests (the launch fixture's too) uses the harness' ssh keys and names."""
     return hosts2.ssh_env(env)
 
 
-@pytest.fixture
-def menv(env):
-    return env
-
-
-def test_ssh_job_checkpoint_resume_and_restart_across_hosts(hosts2, menv, tmp_path, launch):
+def test_ssh_job_checkpoint_resume_and_restart_across_hosts(hosts2, env, tmp_path, launch):
     h1 = hosts2[0]
-    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
     # Both hosts are part of the computation: the remote half joined through the ssh shim.
     listing = job.command("-l", check=True).stdout
     assert h1.name in listing, listing
     # A checkpoint the computation resumes from: it goes on across hosts.
-    r = job.command("-bc", check=True)
+    job.command("-bc", check=True)
     before = len(ok_lines(out.read_text()))
     wait_for(lambda: len(ok_lines(out.read_text())) >= before + 10, 20, "answers after the resumed checkpoint")
     reply = checkpoint_and_kill(job)
@@ -84,45 +101,25 @@ def test_ssh_job_checkpoint_resume_and_restart_across_hosts(hosts2, menv, tmp_pa
     assert {ln.split()[0] for ln in table.splitlines()} >= {h1.name}, table
 
     t = time.monotonic()
-    r = run(["bash", str(script), "--coord-port", "0"], menv, tmp_path, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    after = ok_lines(r.stdout)
-    assert after, r.stderr[-3000:]
-    # The restarted client goes on from its checkpoint: no number skipped or answered wrong, on the same host.
-    nums = [i for i, _ in after]
-    assert nums == list(range(nums[0], N + 1)), nums
+    nums = assert_finished_on(restart_script(tmp_path, env), h1.name)
     assert nums[0] <= seen[-1][0] + 1
-    assert {h for _, h in after} == {h1.name}
-    assert r.stdout.rstrip().endswith("done")
     print(f"restart across 2 hosts ran to the end in {time.monotonic() - t:.1f} s")
 
 
-def test_restart_migrates_to_another_host_with_a_hostfile(hosts2, menv, tmp_path, launch):
+def test_restart_migrates_to_another_host_with_a_hostfile(hosts2, env, tmp_path, launch):
     h1, h2 = hosts2
-    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
     checkpoint_and_kill(job)
-    hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text(f"{h1.name} {h2.name}\n")
-    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", "--hostfile", str(hostfile)],
-            menv, tmp_path, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    after = ok_lines(r.stdout)
-    assert after and {h for _, h in after} == {h2.name}, r.stdout[-2000:]
-    nums = [i for i, _ in after]
-    assert nums == list(range(nums[0], N + 1))
-    assert r.stdout.rstrip().endswith("done")
+    assert_finished_on(restart_script(tmp_path, env, {h1.name: h2.name}), h2.name)
 
 
-def test_restart_with_an_unreachable_host_fails_fast_and_leaves_nothing(hosts2, menv, tmp_path, launch):
+def test_restart_with_an_unreachable_host_fails_fast_and_leaves_nothing(hosts2, env, tmp_path, launch):
     h1 = hosts2[0]
-    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
     checkpoint_and_kill(job)
     wait_for(lambda: not pingpong_processes(), 20, "the killed job's processes to go")
-    hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text(f"{h1.name} nosuchhost.invalid\n")
     t = time.monotonic()
-    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", "--hostfile", str(hostfile)],
-            menv, tmp_path, timeout=120)
+    r = restart_script(tmp_path, env, {h1.name: "nosuchhost.invalid"})
     took = time.monotonic() - t
     assert r.returncode != 0
     assert "nosuchhost.invalid" in r.stderr, r.stderr[-2000:]
@@ -134,23 +131,14 @@ def test_restart_with_an_unreachable_host_fails_fast_and_leaves_nothing(hosts2, 
     assert (tmp_path / "dmtcp_restart_script.sh").exists()
 
 
-def test_restart_gathers_a_two_host_computation_on_one_host(hosts2, menv, tmp_path, launch):
+def test_restart_gathers_a_two_host_computation_on_one_host(hosts2, env, tmp_path, launch):
     """Checkpointed on two hosts, restarted on one (the other's part maps to this host): each part comes back
     in an agent of its own, and the connection between them is rewired on the one host."""
     import socket
     h1 = hosts2[0]
-    job, out = start(launch, hosts2, menv, tmp_path, h1.name)
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
     checkpoint_and_kill(job)
-    hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text(f"{h1.name} {socket.gethostname()}\n")
-    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0", "--hostfile", str(hostfile)],
-            menv, tmp_path, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    after = ok_lines(r.stdout)
-    assert after and {h for _, h in after} == {socket.gethostname()}, r.stdout[-2000:]
-    nums = [i for i, _ in after]
-    assert nums == list(range(nums[0], N + 1))
-    assert r.stdout.rstrip().endswith("done")
+    assert_finished_on(restart_script(tmp_path, env, {h1.name: socket.gethostname()}), socket.gethostname())
 
 
 def remote_agents() -> list[psutil.Process]:

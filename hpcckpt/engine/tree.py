@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .freeze import FreezeError, FrozenProcess, freeze
 from .inject import ProcessGone
+from .procattrs import children_of
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +48,6 @@ def read_proc(pid: int) -> ProcInfo | None:
     return ProcInfo(pid, int(f[1]), int(f[2]), int(f[3]), f[0], exit_code, comm)
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out.extend(int(x) for x in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return out
-
-
 def job_processes(agent_pid: int, in_namespace: bool, not_job: set[int] = frozenset()) -> list[ProcInfo]:
     """Every process of the job (zombies included), sorted by PID; not_job are the agent's own helpers."""
     if in_namespace:
@@ -69,7 +55,7 @@ def job_processes(agent_pid: int, in_namespace: bool, not_job: set[int] = frozen
     else:
         pids, todo = [], [agent_pid]
         while todo:
-            for c in _children(todo.pop()):
+            for c in children_of(todo.pop()):
                 if c in not_job:
                     continue
                 pids.append(c)
