@@ -86,8 +86,10 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
         while expect:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise UnsupportedFd(f"{next(iter(expect.values()))['where']}: the other host did not connect "
-                                    f"again within {timeout:.0f} s")
+                o = next(iter(expect.values()))
+                raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} (on "
+                                    f"{_host_of(o['remote'][0])} at the checkpoint) did not connect again within "
+                                    f"{timeout:.0f} s: is that host's part of the restart running?")
             r, _, _ = select.select(list(listeners.values()), [], [], min(left, 0.5))
             if not r and hasattr(rv, "check") and rv.check():
                 raise UnsupportedFd(f"restart abandoned: {rv.abandoned}")
