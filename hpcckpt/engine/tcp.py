@@ -31,7 +31,7 @@ from . import tcpwire
 from .tcpdrain import Drained
 from .tcpinfo import (BOOL_OPTS, CLOSE, CONNECTED, DRAIN_TIMEOUT, INT_OPTS, LISTEN, SO_SNDBUFFORCE, SYN_RECV,
                       SYN_SENT, WE_WRITE, TcpInfo, copy_socket, find_peer, norm, peek_all, send_all,
-                      socket_options, tcp_table, clear_time_wait, time_wait_holders)
+                      socket_options, tcp_table, clear_time_wait, local_ipv4s, time_wait_holders)
 
 log = logging.getLogger(__name__)
 TIME_WAIT_SECONDS = 65        # TCP_TIMEWAIT_LEN is 60 s
@@ -189,12 +189,27 @@ def _bind(sk: socket.socket, s: dict, required: bool, addr=None) -> bool:
         sk.bind(_sockaddr(s, addr))
         return True
     except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL and (moved := _moved_address(s, addr)) is not None:
+            log.info("%s: %s is not an address of this host (restarted on another one): bound to %s instead",
+                     s["where"], addr[0], moved[0])
+            return _bind(sk, s, required, moved)
         if required and e.errno == errno.EADDRINUSE and _wait_out_time_wait(sk, s, addr):
             return True
         if required:
             raise UnsupportedFd(f"{s['where']}: cannot bind to {addr[0]}:{addr[1]} again: {e.strerror}") from None
         log.info("%s: port %d is taken; restored on another port", s["where"], addr[1])
         return False
+
+
+def _moved_address(s: dict, addr) -> tuple | None:
+    """The address on this host that stands for `addr`, an address of the host the socket was on at the
+    checkpoint: loopback for loopback, else this host's first address of the same family (connections to other
+    hosts come back through tcpwire.py whatever the address; new ones must find the new host by other means)."""
+    ip = ipaddress.ip_address(addr[0].split("%")[0])
+    if s["family"] != socket.AF_INET or ip.is_loopback or ip.is_unspecified:
+        return None
+    ours = [a for a in local_ipv4s() if not ipaddress.ip_address(a).is_loopback]
+    return (ours[0], addr[1]) if ours else None
 
 
 def _wait_out_time_wait(sk: socket.socket, s: dict, addr) -> bool:

@@ -64,6 +64,10 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
     listeners: dict[int, socket.socket] = {}
     expect: dict[bytes, dict] = {}
     socks: dict[int, socket.socket] = {}
+    # An end accepted by one of the job's listeners shares its port. If the lower-port rule made it the
+    # connecting end, it must not bind that port: the listener restored later could not bind it then.
+    job_ports = {x["local"][1] for x in factory.objects.values()
+                 if x.get("kind") == "tcp" and x["state"] == LISTEN}
     try:
         for o in (o for o in objects if o["server"]):
             port = o["local"][1]
@@ -81,7 +85,7 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
                 raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} (on {_host_of(ip)} at "
                                     f"the checkpoint, port {port}) was not restored on any host within "
                                     f"{timeout:.0f} s: is that host's part of the restart running?")
-            socks[o["ino"]] = _connect(o, addr, ips, _new)
+            socks[o["ino"]] = _connect(o, addr, ips, _new, keep_port=o["local"][1] not in job_ports)
         deadline = time.monotonic() + timeout
         while expect:
             left = deadline - time.monotonic()
@@ -143,13 +147,14 @@ def _listener(factory, o: dict, new) -> socket.socket:
     return lsk
 
 
-def _connect(o: dict, addr: dict, ips: list[str], new) -> socket.socket:
+def _connect(o: dict, addr: dict, ips: list[str], new, keep_port: bool = True) -> socket.socket:
     errors = []
     for ip in addr["ips"]:
         sk = new(o)
         sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sk.bind((o["local"][0] if o["local"][0] in ips else "0.0.0.0", o["local"][1]))
+            if keep_port:
+                sk.bind((o["local"][0] if o["local"][0] in ips else "0.0.0.0", o["local"][1]))
         except OSError:
             pass                          # the old port is taken: any port will do
         sk.settimeout(CONNECT_TIMEOUT)

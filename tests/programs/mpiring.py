@@ -1,10 +1,12 @@
 """A small MPI job for checkpoint tests: every step each rank passes a block of numbers around a ring
 (Sendrecv), mixes it with its own (deterministically), and all ranks agree on a sum (Allreduce). Rank 0 appends
-one line per step to OUT and, at the end, the checksum of everything. The result does not depend on timing, so a
+one line per step to OUT and, at the end, the checksum of everything; at the start it writes the host of every
+rank to OUT.hosts (for tests spanning hosts). The result does not depend on timing, so a
 checkpointed/restarted run must print exactly what a plain run prints.
 
 usage: python mpiring.py OUT STEPS [DELAY_SECONDS]
 """
+import socket
 import sys
 import time
 from array import array
@@ -22,6 +24,10 @@ def main() -> int:
     mine = array("q", (((rank + 1) * 1000003 + i * 7919) % M for i in range(n)))
     recv = array("q", bytes(8 * n))
     check = 0
+    hosts = comm.gather(socket.gethostname(), root=0)
+    if rank == 0:
+        with open(out + ".hosts", "w") as h:
+            h.write("".join(f"rank {r} {name}\n" for r, name in enumerate(hosts)))
     f = open(out, "a") if rank == 0 else None
     for step in range(steps):
         comm.Sendrecv(mine, dest=(rank + 1) % size, recvbuf=recv, source=(rank - 1) % size)

@@ -1,0 +1,88 @@
+"""MPI across hosts: `dmtcp_launch mpiexec -hosts A,B -n 2 python mpiring.py` with the PyPI mpich wheel on two
+simulated hosts (tests/hosts.py: network, UTS and IPC namespaces of their own, sshd each). Hydra starts its
+proxy on each host with `ssh`, which inside the job is our shim, so both ranks run under agents of the one
+computation; the ranks talk UCX over TCP between the hosts. Checkpointed, resumed, killed and restarted, the
+job ends with exactly a plain run's output, also when the restart swaps the ranks' hosts (--hostfile): the
+connections between hosts are rewired through the coordinator and the ranks' listeners, bound to the old host's
+address, are bound to the new host's."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, PROGRAMS, line_count, restart_in_background, run, wait_for
+from hosts import Hosts
+
+pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.multihost,
+              pytest.mark.skipif(os.geteuid() != 0, reason="the multi-host harness needs root")]
+
+PROG = PROGRAMS / "mpiring.py"
+hosts2 = Hosts.fixture(n=2, scope="module", subnet=None)
+
+
+@pytest.fixture
+def env(env, hosts2):
+    return hosts2.ssh_env(env)
+
+
+@pytest.fixture
+def mpich():
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("needs the PyPI wheels mpich and mpi4py in this venv")
+    return BIN / "mpiexec"
+
+
+def mpi_cmd(mpiexec: Path, hs: Hosts, hosts: list[str], out: Path, steps: int, delay: float) -> list:
+    # -localhost: the launching host's name as the proxies on other hosts reach it (this machine's own name
+    # resolves to 127.0.0.1, which inside a simulated host is that host's loopback)
+    return [mpiexec, "-localhost", hs.root_name, "-hosts", ",".join(hosts), "-n", len(hosts),
+            sys.executable, PROG, out, steps, delay]
+
+
+def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, env, tmp_path, launch):
+    h1, h2 = hosts2
+    steps, delay = 300, 0.02
+    plain = tmp_path / "plain.txt"
+    r = run([str(a) for a in mpi_cmd(mpich, hosts2, [h1.name, h2.name], plain, steps, 0)], env, tmp_path,
+            timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want = plain.read_text()
+    assert (tmp_path / "plain.txt.hosts").read_text() == f"rank 0 {h1.name}\nrank 1 {h2.name}\n"
+
+    out = tmp_path / "out.txt"
+    job = launch(*mpi_cmd(mpich, hosts2, [h1.name, h2.name], out, steps, delay))
+    wait_for(lambda: line_count(out) >= 30, 60, "the MPI job to make progress")
+    listing = job.command("-l", check=True).stdout
+    assert h1.name in listing and h2.name in listing, listing
+    reply = json.loads(job.command("-bc", "--json", check=True).stdout)
+    assert reply["ok"], reply
+    n = line_count(out)
+    wait_for(lambda: line_count(out) > n + 20, 30, "progress after the checkpoint")
+    reply = json.loads(job.command("-bc", "--json", check=True).stdout)
+    assert reply["ok"], reply
+    assert reply["checkpoint"]["images"] == 11, reply   # mpiexec + 2 ssh shims; sh, dash, proxy, rank per host
+    job.command("-k", check=True)
+    # every agent kills its part at once: mpiexec may see its remote proxies go first and exit on its own (255)
+    assert job.wait(30) in (128 + 9, 255)
+    # migrate: the ranks swap hosts
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"{h1.name} {h2.name}\n{h2.name} {h1.name}\n")
+    rjob = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path,
+                                 extra=["--hostfile", str(hostfile)])
+    try:
+        n = line_count(out)
+        wait_for(lambda: line_count(out) > n + 5, 60, "the restarted job to make progress")
+        listing = rjob.command("-l", check=True).stdout
+        ranks = {ln.rsplit("rank ", 1)[1]: ln.split("@")[1].split(",")[0] for ln in listing.splitlines()
+                 if ", rank " in ln}
+        assert ranks == {"0": h2.name, "1": h1.name}, listing
+        rc = rjob.wait(120)
+        errs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("restart.*.err"))
+        assert rc == 0, f"restart exited {rc}:\n{errs}"
+    finally:
+        rjob.kill()
+    assert out.read_text() == want
