@@ -48,6 +48,7 @@ class Settings:
     # failure handling
     fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))
+    rank_wait: float = field(default=30.0, metadata=_env("HPCCKPT_RANK_WAIT"))   # for MPI ranks to join
     # coordinator lifetime
     exit_on_last: bool = False
     timeout: float = 0.0

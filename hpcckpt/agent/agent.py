@@ -29,7 +29,7 @@ from ..settings import Settings
 from . import remoteio
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage
 from .namespaces import install_init_handlers
-from .procs import JobProcess, mpi_rank_of, new_agent_id, new_unique_id, program_of
+from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
 from .sigfd import SignalFd
 
 log = logging.getLogger("hpcckpt.agent")
@@ -153,9 +153,7 @@ class Agent:
         for p in procs:
             row = {"pid": p.pid, "unique_id": self.unique_id(p.pid),
                    "program": self.root.program if p.pid == self.root.pid else program_of(p.pid)}
-            rank = mpi_rank_of(p.pid)
-            if rank is not None:
-                row["rank"] = rank
+            row.update(mpi_identity(p.pid) or {})
             out.append(row)
         return out
 

@@ -37,21 +37,54 @@ def program_of(pid: int) -> str:
 
 
 # Where MPI launchers put a process's rank (MPICH/Hydra: PMI_RANK; PMIx/Open MPI; Slurm's srun tasks)
-RANK_VARIABLES = (b"PMI_RANK=", b"PMIX_RANK=", b"OMPI_COMM_WORLD_RANK=", b"SLURM_PROCID=")
+RANK_VARIABLES = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def _environ(pid: int) -> dict[str, str] | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return None
+    env = {}
+    for item in items:
+        k, sep, v = item.partition(b"=")
+        if sep:
+            env.setdefault(k.decode(errors="replace"), v.decode(errors="replace"))
+    return env
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def mpi_identity(pid: int) -> dict | None:
+    """{"rank", "world", "world_size"} of an MPI rank (or srun task), from the environment its launcher gave
+    it; None if it is not one. `world` names the set of ranks started together (world_size None: unknown)."""
+    env = _environ(pid)
+    if env is None:
+        return None
+    rank = next((r for r in (_int(env.get(v)) for v in RANK_VARIABLES) if r is not None), None)
+    if rank is None:
+        return None
+    if "PMIX_NAMESPACE" in env or "OMPI_COMM_WORLD_SIZE" in env:       # Open MPI / PMIx
+        size = _int(env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMIX_SIZE"))
+        world = f"pmix:{env.get('PMIX_NAMESPACE', '')}"
+    elif "PMI_RANK" in env:                                             # MPICH's Hydra (PMI-1/2)
+        size = _int(env.get("PMI_SIZE"))
+        world = f"pmi:{size}"
+    elif env.get("SLURM_STEP_ID", "").isdigit() and int(env["SLURM_STEP_ID"]) < 0xFFFFFFF0:   # an srun task
+        size = _int(env.get("SLURM_STEP_NUM_TASKS"))          # (not the batch or extern step's)
+        world = f"slurm:{env.get('SLURM_JOB_ID', '')}.{env['SLURM_STEP_ID']}"
+    else:
+        return {"rank": rank, "world": "", "world_size": None}
+    return {"rank": rank, "world": world, "world_size": size}
 
 
 def mpi_rank_of(pid: int) -> int | None:
     """The MPI rank (or srun task number) a process was started as, from its environment; None if not one."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return None
-    for var in RANK_VARIABLES:
-        for item in env:
-            if item.startswith(var):
-                try:
-                    return int(item[len(var):])
-                except ValueError:
-                    break
-    return None
+    ident = mpi_identity(pid)
+    return None if ident is None else ident["rank"]

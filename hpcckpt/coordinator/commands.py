@@ -28,6 +28,7 @@ class Commands:
             "checkpoint_interval": self.interval, "ckptdir": self.ckptdir,
             "generation": self.generation, "last_checkpoint": self.last_checkpoint,
             "last_failure": self.last_failure,
+            "waiting_for_ranks": self.ranks.missing() if self.waiting is not None else [],
             "restart": None if self.gate is None else {
                 "generation": self.gate.generation, "hosts": sorted(set(self.gate.expected.values())),
                 "missing": sorted(self.gate.missing().values()), "restored": len(self.gate.restored)},

@@ -25,6 +25,7 @@ from . import protocol
 from .barrier import Round, State
 from .commands import Commands
 from .gather import RestartGate, Restarts
+from .ranks import RankBook
 from .script import write_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
@@ -65,6 +66,8 @@ class Coordinator(Restarts, Commands):
         self.generation = 0
         self.round: Round | None = None
         self.pending_hellos: list[tuple[bytes, dict]] = []
+        self.ranks = RankBook()                               # MPI ranks seen (ranks.py)
+        self.waiting: dict | None = None                      # a checkpoint waiting for ranks to join
         self.gate: RestartGate | None = None                  # a restart gathering its hosts
         self.kv: dict[str, object] = {}                       # rendezvous data (restored TCP listeners, ...)
         self.kv_waiters: dict[str, list[bytes]] = {}
@@ -217,6 +220,7 @@ class Coordinator(Restarts, Commands):
             peer.state = "RESTORING"
         self.next_peer_id += 1
         self.peers[ident] = peer
+        self.ranks.update(peer.processes, peer.restarted)
         self.ever_had_peers = True
         self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
                           "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
@@ -233,6 +237,7 @@ class Coordinator(Restarts, Commands):
             return
         if "processes" in msg:
             peer.processes = msg["processes"]
+            self.ranks.update(peer.processes, peer.restarted)
         if "progress" in msg:
             peer.progress = msg["progress"]
             if self.round:
@@ -298,10 +303,21 @@ class Coordinator(Restarts, Commands):
             return "a restart is in progress (waiting for its hosts)"
         if not self.peers:
             return "no processes are connected to this coordinator"
+        missing = self.ranks.missing()
+        if missing:                   # not before every MPI rank is ours (ranks.py); _tick starts it later
+            if self.waiting is None:
+                self.waiting = {"since": time.monotonic(), "kill_after": kill_after, "waiters": []}
+                log.info("checkpoint waits up to %.0f s for MPI %s to join", self.s.rank_wait, "; ".join(missing))
+            self.waiting["kill_after"] |= kill_after
+            if waiter is not None:
+                self.waiting["waiters"].append(waiter)
+            return None
+        waiters = ([] if self.waiting is None else self.waiting["waiters"]) + ([waiter] if waiter else [])
+        kill_after |= bool(self.waiting and self.waiting["kill_after"])
+        self.waiting = None
         self.generation += 1
         self.round = Round(self.generation, kill_after, set(self.peers))
-        if waiter is not None:
-            self.round.waiters.append(waiter)
+        self.round.waiters.extend(waiters)
         log.info("checkpoint generation %d of computation %s: %d peer(s)", self.generation, self.computation,
                  len(self.peers))
         self._broadcast_phase()
@@ -419,6 +435,22 @@ class Coordinator(Restarts, Commands):
             needs[g] = {n for i in m.images for n in (i.needs or [g])}
         return store.generations_to_prune(complete, self.s.keep_generations, needs)
 
+    def _check_waiting(self, now: float) -> None:
+        w = self.waiting
+        if not self.ranks.missing() or not self.peers:
+            self.start_checkpoint()
+        elif now - w["since"] > self.s.rank_wait:
+            self.waiting = None
+            why = (f"MPI {'; '.join(self.ranks.missing())} never joined the computation within "
+                   f"{self.s.rank_wait:.0f} s: started on a host or by a launcher that hpcckpt does not wrap? "
+                   f"A checkpoint without them could not be restarted")
+            log.error("checkpoint not taken: %s", why)
+            self.last_failure = {"generation": None, "time": time.time(), "phase": "start", "error": why}
+            for ident in w["waiters"]:
+                self.send(ident, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False,
+                                  "error": why})
+            self._reset_interval()
+
     def _fail_round(self, why: str) -> None:
         r = self.round
         log.error("checkpoint generation %d failed in phase %s: %s; the previous checkpoint is kept", r.generation,
@@ -467,6 +499,8 @@ class Coordinator(Restarts, Commands):
                 del self.peers[ident]
                 self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding")
         self._check_gate()
+        if self.waiting is not None:
+            self._check_waiting(now)
         r = self.round
         if r is not None and not r.committed and now - r.last_progress > self.s.phase_timeout:
             missing = ", ".join(f"peer {self.peers[i].peer_id} on {self.peers[i].host}"
