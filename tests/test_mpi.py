@@ -212,6 +212,34 @@ def test_mpich_restart_from_images_twice(launch, mpich, env, tmp_path, cleanup):
     assert out.read_text() == want
 
 
+@pytest.fixture(scope="session")
+def mpiring_c(mpich, build_dir) -> Path:
+    """tests/programs/mpiring.c built with the mpich wheel's mpicc."""
+    out = build_dir / "mpiring"
+    if not out.exists():
+        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(out), str(PROGRAMS / "mpiring.c")], check=True)
+    return out
+
+
+def test_mpich_c_program_checkpoint_kill_restart(launch, mpich, mpiring_c, env, tmp_path, cleanup):
+    """An unmodified C MPI program (Sendrecv ring + Allreduce, checksum at the end), checkpointed, killed and
+    restarted from its images: output identical to a plain run."""
+    steps = 300
+    plain = tmp_path / "plain.txt"
+    subprocess.run([str(mpich[0]), "-n", str(RANKS), str(mpiring_c), str(plain), str(steps), "0"], env=env,
+                   cwd=tmp_path, check=True, timeout=60)
+    want = plain.read_text()
+    assert want.splitlines()[-1].endswith(f"agree True ranks {RANKS}")
+    out = tmp_path / "out.txt"
+    job = launch(mpich[0], "-n", RANKS, mpiring_c, out, steps, int(DELAY * 1000))
+    wait_for(lambda: line_count(out) >= 30, 45, "the MPI job to make progress")
+    _checkpoint(job, images=2 + RANKS)
+    _kill(job)
+    rjob = cleanup(restart_in_background(newest_images(tmp_path), env, tmp_path))
+    _wait_restart(rjob, "the restart")
+    assert out.read_text() == want
+
+
 # ---------------------------------------------------------------------------------------------- Open MPI --
 
 def test_openmpi_checkpoint_resume_kill_restart(launch, openmpi, env, tmp_path, cleanup):

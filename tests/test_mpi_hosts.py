@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,25 +37,37 @@ def mpich():
     return BIN / "mpiexec"
 
 
-def mpi_cmd(mpiexec: Path, hs: Hosts, hosts: list[str], out: Path, steps: int, delay: float) -> list:
+@pytest.fixture(params=["mpi4py", "C"])
+def program(request, build_dir, mpich):
+    """The rank's command line (before OUT STEPS DELAY) and its delay unit: mpiring.py or mpiring.c."""
+    if request.param == "mpi4py":
+        return [sys.executable, PROG], 1.0
+    exe = build_dir / "mpiring"
+    if not exe.exists():
+        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(exe), str(PROGRAMS / "mpiring.c")], check=True)
+    return [exe], 1000.0
+
+
+def mpi_cmd(mpiexec: Path, hs: Hosts, hosts: list[str], program, out: Path, steps: int, delay: float) -> list:
     # -localhost: the launching host's name as the proxies on other hosts reach it (this machine's own name
     # resolves to 127.0.0.1, which inside a simulated host is that host's loopback)
+    argv, unit = program
     return [mpiexec, "-localhost", hs.root_name, "-hosts", ",".join(hosts), "-n", len(hosts),
-            sys.executable, PROG, out, steps, delay]
+            *argv, out, steps, type(unit)(delay * unit) if unit == 1.0 else int(delay * unit)]
 
 
-def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, env, tmp_path, launch):
+def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, program, env, tmp_path, launch):
     h1, h2 = hosts2
     steps, delay = 300, 0.02
     plain = tmp_path / "plain.txt"
-    r = run([str(a) for a in mpi_cmd(mpich, hosts2, [h1.name, h2.name], plain, steps, 0)], env, tmp_path,
-            timeout=120)
+    r = run([str(a) for a in mpi_cmd(mpich, hosts2, [h1.name, h2.name], program, plain, steps, 0)], env,
+            tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     want = plain.read_text()
     assert (tmp_path / "plain.txt.hosts").read_text() == f"rank 0 {h1.name}\nrank 1 {h2.name}\n"
 
     out = tmp_path / "out.txt"
-    job = launch(*mpi_cmd(mpich, hosts2, [h1.name, h2.name], out, steps, delay))
+    job = launch(*mpi_cmd(mpich, hosts2, [h1.name, h2.name], program, out, steps, delay))
     wait_for(lambda: line_count(out) >= 30, 60, "the MPI job to make progress")
     listing = job.command("-l", check=True).stdout
     assert h1.name in listing and h2.name in listing, listing
@@ -76,10 +89,12 @@ def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, en
     try:
         n = line_count(out)
         wait_for(lambda: line_count(out) > n + 5, 60, "the restarted job to make progress")
-        listing = rjob.command("-l", check=True).stdout
-        ranks = {ln.rsplit("rank ", 1)[1]: ln.split("@")[1].split(",")[0] for ln in listing.splitlines()
-                 if ", rank " in ln}
-        assert ranks == {"0": h2.name, "1": h1.name}, listing
+        def ranks():
+            listing = rjob.command("-l", check=True).stdout
+            return {ln.rsplit("rank ", 1)[1]: ln.split("@")[1].split(",")[0] for ln in listing.splitlines()
+                    if ", rank " in ln}
+        wait_for(lambda: len(ranks()) == 2, 20, "both ranks listed")
+        assert ranks() == {"0": h2.name, "1": h1.name}
         rc = rjob.wait(120)
         errs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("restart.*.err"))
         assert rc == 0, f"restart exited {rc}:\n{errs}"
