@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import zmq
@@ -35,6 +36,7 @@ from .sigfd import SignalFd
 log = logging.getLogger("hpcckpt.agent")
 
 WALL = 0x40000000
+WRITERS = int(os.environ.get("HPCCKPT_WRITERS", "4"))     # images written at once (forked checkpoints)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -71,6 +73,7 @@ class Agent:
         self.writing: BackgroundWrite | None = None
         self.prev_images: dict[str, tuple[str, list]] = {}    # unique id -> (last committed image, its needs)
         self.pending_prev: dict[int, dict] = {}                # generation -> images written, not yet committed
+        self.write_lock = threading.Lock()
         self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.agent_id = agent_id or new_agent_id()
@@ -408,12 +411,13 @@ class Agent:
                                        level=self.s.compress_level, progress=self._progress,
                                        incremental=self.s.incremental, base=base,
                                        agent={"agent_id": self.agent_id, "agents": c.agents})
-        self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
         size = os.path.getsize(p.path)
-        c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
-        c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
-        c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid, size,
-                                                 list(meta.needs))))
+        with self.write_lock:           # (writer threads write several images at once)
+            self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
+            c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
+            c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
+            c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
+                                                     size, list(meta.needs))))
 
     def _memory_allows_fork(self, pids: list[int]) -> bool:
         """A snapshot costs memory for every page the job changes while the images are written; fork only when
@@ -447,8 +451,11 @@ class Agent:
         bw = self.writing
         c = bw.state
         try:
-            for p in c.pending:
-                self._write(c, p)
+            # one image per core at a time: an MPI node's ranks are written side by side
+            workers = max(1, min(len(c.pending), os.cpu_count() or 1, WRITERS))
+            with ThreadPoolExecutor(workers, thread_name_prefix="image-writer") as pool:
+                for f in [pool.submit(self._write, c, p) for p in c.pending]:
+                    f.result()
             store.fsync_dir(store.generation_dir(self.ckptdir, self.computation, c.generation))
         except BaseException as e:
             bw.error = f"{self.host}: {e}"

@@ -3,7 +3,8 @@
  * (MPI_Allreduce); rank 0 appends one line per step to OUT and at the end the checksum of everything, and at the
  * start the host of every rank to OUT.hosts. The output does not depend on timing.
  *
- * usage: mpiring OUT STEPS [DELAY_MS]          (build: mpicc -O2 -o mpiring mpiring.c)
+ * usage: mpiring OUT STEPS [DELAY_MS [MB]]     (build: mpicc -O2 -o mpiring mpiring.c)
+ * MB: megabytes of extra memory each rank fills with data (for bench/mpi.py).
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -21,7 +22,7 @@ static uint64_t mulmod(uint64_t a, uint64_t b) { return (uint64_t)(((unsigned __
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s OUT STEPS [DELAY_MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s OUT STEPS [DELAY_MS [MB]]\n", argv[0]);
         return 2;
     }
     MPI_Init(&argc, &argv);
@@ -31,6 +32,12 @@ int main(int argc, char **argv)
     const char *out = argv[1];
     long steps = atol(argv[2]);
     long delay_ms = argc > 3 ? atol(argv[3]) : 50;
+    size_t extra = argc > 4 ? (size_t)atol(argv[4]) << 20 : 0;
+    uint64_t *ballast = extra ? malloc(extra) : NULL;
+    for (size_t i = 0, x = (size_t)rank + 1; ballast && i < extra / 8; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;       /* xorshift: data that does not compress */
+        ballast[i] = x;
+    }
 
     char host[256] = "", *hosts = rank == 0 ? malloc(256 * (size_t)size) : NULL;
     gethostname(host, sizeof host - 1);
@@ -81,6 +88,8 @@ int main(int argc, char **argv)
         for (int r = 1; r < size; r++)
             agree &= all[r] == all[0];
         fprintf(f, "checksum %llu agree %s ranks %d\n", (unsigned long long)all[0], agree ? "True" : "False", size);
+        if (ballast)
+            fprintf(f, "ballast %llx\n", (unsigned long long)ballast[extra / 8 - 1]);
         fclose(f);
     }
     MPI_Finalize();

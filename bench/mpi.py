@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""MPI checkpoint/restart benchmark: a 4-rank job on one host and on two hosts, against its ranks' memory.
+
+    .venv/bin/python bench/mpi.py [--ranks 4] [--mb 256] [--runs 3] [--out bench/RESULTS-mpi.md]
+
+The job is tests/programs/mpiring.c (built with the mpich wheel's mpicc) under `dmtcp_launch mpiexec`, each rank
+filling --mb MiB with data that does not compress. Two hosts are simulated hosts of tests/hosts.py (network,
+UTS and IPC namespaces with sshd; needs root): mpiexec runs on this machine, half of the ranks on each host,
+the ranks talking UCX over TCP between hosts. Per layout and run: `dmtcp_command -bc` (wall time, the time the
+ranks were stopped, bytes written), kill, then the restart script until the job writes again. Floor, same run:
+writing and fsync'ing the images' bytes, and reading them back from the page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BIN = Path(sys.executable).parent
+sys.path.insert(0, str(REPO / "tests"))
+MiB = 1 << 20
+
+
+def lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def wait(cond, timeout: float, what: str, interval: float = 0.02) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise SystemExit(f"bench: timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - t0
+
+
+def command(env: dict, port_file: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dmtcp_command"), "--port-file", str(port_file), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: int, mb: int) -> dict:
+    out = work / "out.txt"
+    port = work / "port.launch"
+    log = open(work / "launch.err", "w")
+    job = subprocess.Popen([str(BIN / "dmtcp_launch"), "-p", "0", "--port-file", str(port), "--ckptdir", str(work),
+                            str(BIN / "mpiexec"), *mpiexec_args, "-n", str(ranks), str(prog), str(out), "1000000",
+                            "20", str(mb)], env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait(lambda: lines(out) >= 20, 300, "the job's first steps")
+        t = time.perf_counter()
+        r = command(env, port, "-bc", "--json")
+        ckpt_wall = time.perf_counter() - t
+        reply = json.loads(r.stdout)
+        if not reply.get("ok"):
+            raise SystemExit(f"bench: checkpoint failed: {reply.get('error')}")
+        c = reply["checkpoint"]
+        command(env, port, "-k")
+        job.wait(60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    seen = lines(out)
+    rport = work / "port.restart"
+    t = time.perf_counter()
+    rjob = subprocess.Popen(["bash", str(work / "dmtcp_restart_script.sh"), "--coord-port", "0", "--port-file",
+                             str(rport)], env=env, cwd=work, stdout=subprocess.DEVNULL,
+                            stderr=open(work / "restart.err", "w"))
+    try:
+        wait(lambda: lines(out) > seen or rjob.poll() is not None, 300, "the restarted job to write again")
+        restart = time.perf_counter() - t
+        if rjob.poll() is not None:
+            raise SystemExit(f"bench: the restart failed:\n{(work / 'restart.err').read_text()[-2000:]}")
+        command(env, rport, "-k")
+        rjob.wait(60)
+    finally:
+        if rjob.poll() is None:
+            rjob.kill()
+    return {"ckpt": ckpt_wall, "frozen": c.get("frozen_s", 0.0), "bytes": c.get("bytes_out", 0),
+            "images": c.get("images", 0), "restart": restart}
+
+
+def floor(directory: Path, nbytes: int) -> dict:
+    """Write nbytes to a file and fsync; read it back (page cache)."""
+    path = directory / "floor.bin"
+    block = os.urandom(16 * MiB)
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    left = nbytes
+    while left > 0:
+        left -= os.write(fd, block[:min(left, len(block))])
+    w = time.perf_counter() - t
+    os.fsync(fd)
+    fs = time.perf_counter() - t - w
+    os.close(fd)
+    t = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 * MiB):
+            pass
+    rd = time.perf_counter() - t
+    path.unlink()
+    return {"write": w, "fsync": fs, "read": rd}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=4)
+    ap.add_argument("--mb", type=int, default=256, help="MiB of data per rank (default 256)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--layouts", default="1,2", help="host counts to run on (default 1,2)")
+    ap.add_argument("--dir", default="/var/tmp", help="where images go (default /var/tmp: a disk)")
+    ap.add_argument("--out", default=str(HERE / "RESULTS-mpi.md"))
+    a = ap.parse_args()
+    if not (BIN / "mpicc").exists():
+        print("bench: needs the PyPI mpich wheel in this venv (pip install mpich mpi4py)", file=sys.stderr)
+        return 2
+    layouts = [int(x) for x in a.layouts.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="hpcckpt-bench-mpi-", dir=a.dir))
+    prog = tmp / "mpiring"
+    subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(prog), str(REPO / "tests" / "programs" / "mpiring.c")],
+                   check=True)
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    rows = []
+    try:
+        for nhosts in layouts:
+            hosts = None
+            try:
+                if nhosts == 1:
+                    args, e = [], env
+                else:
+                    from hosts import Hosts
+                    hosts = Hosts(n=nhosts, subnet=None).start()
+                    per = a.ranks // nhosts
+                    args = ["-localhost", hosts.root_name, "-hosts", ",".join(f"{h.name}:{per}" for h in hosts)]
+                    e = hosts.ssh_env(env)
+                runs = []
+                for i in range(a.runs):
+                    work = tmp / f"h{nhosts}-{i}"
+                    work.mkdir()
+                    r = one_run(e, work, args, prog, a.ranks, a.mb)
+                    r.update(floor(work, r["bytes"]))
+                    print(f"{nhosts} host(s) run {i + 1}: checkpoint {r['ckpt']:.2f} s (stopped {r['frozen']:.3f} s), "
+                          f"restart {r['restart']:.2f} s, {r['bytes'] / MiB:.0f} MiB in {r['images']} images; floor "
+                          f"write {r['write']:.2f} + fsync {r['fsync']:.2f}, read {r['read']:.2f}", flush=True)
+                    runs.append(r)
+                    shutil.rmtree(work, ignore_errors=True)
+                rows.append((nhosts, runs))
+            finally:
+                if hosts is not None:
+                    hosts.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def mm(runs, key):
+        v = [r[key] for r in runs]
+        return f"{min(v):.2f} / {statistics.median(v):.2f}"
+
+    cmd = "python bench/mpi.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    text = [f"# MPI benchmark\n\nCommand: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, "
+            f"{platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, images in {a.dir}).\n",
+            f"{a.ranks} ranks of tests/programs/mpiring.c under the mpich wheel's mpiexec, {a.mb} MiB of "
+            f"incompressible data each ({a.ranks * a.mb} MiB in all); two hosts = simulated hosts (tests/hosts.py) "
+            f"on this one machine, so both share its 2 cores and its disk. Seconds, min / median of {a.runs} runs. "
+            "*checkpoint*: `dmtcp_command -bc` until every image is durable; *stopped*: how long the ranks did "
+            "not run; *restart*: restart script until the job writes again; *floor*: writing the same bytes + "
+            "fsync, and reading them back from the page cache.\n",
+            "| hosts | checkpoint | stopped | restart | images | floor write+fsync | floor read | "
+            "checkpoint vs floor |", "|---|---|---|---|---|---|---|---|"]
+    for nhosts, runs in rows:
+        fl = min(r["write"] + r["fsync"] for r in runs)
+        text.append(f"| {nhosts} | {mm(runs, 'ckpt')} | {mm(runs, 'frozen')} | {mm(runs, 'restart')} | "
+                    f"{runs[0]['images']}, {runs[0]['bytes'] / MiB:.0f} MiB | {fl:.2f} | {mm(runs, 'read')} | "
+                    f"{min(r['ckpt'] for r in runs) / fl:.2f}× |")
+    Path(a.out).write_text("\n".join(text) + "\n")
+    print("\n".join(text))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
