@@ -79,8 +79,9 @@ def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, pr
     assert reply["ok"], reply
     assert reply["checkpoint"]["images"] == 11, reply   # mpiexec + 2 ssh shims; sh, dash, proxy, rank per host
     job.command("-k", check=True)
-    # every agent kills its part at once: mpiexec may see its remote proxies go first and exit on its own (255)
-    assert job.wait(30) in (128 + 9, 255)
+    # (every agent kills its part at once: mpiexec may see its remote proxies go first and exit on its own,
+    # but the computation was killed, and says so)
+    assert job.wait(30) == 128 + 9
     # migrate: the ranks swap hosts
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text(f"{h1.name} {h2.name}\n{h2.name} {h1.name}\n")

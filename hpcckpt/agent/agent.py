@@ -550,6 +550,7 @@ class Agent:
     def _kill_job(self, why: str) -> None:
         log.info("%s", why)
         self.killed = True
+        alive = self.root.exit_status is None
         if self.ckpt is not None:
             self._resume_frozen()
         for p in self.job():
@@ -562,3 +563,9 @@ class Agent:
         while self.root.exit_status is None and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.01)
+        # A root that ended on its own meanwhile (mpiexec seeing its ranks on other hosts killed first) was
+        # killed with the computation all the same: say so, whatever its own status
+        if alive and self.root.exit_status not in (None, 128 + signal.SIGKILL):
+            log.info("%s ended with status %d as the computation was killed; reporting it killed",
+                     self.root.program, self.root.exit_status)
+            self.root.exit_status = 128 + signal.SIGKILL
