@@ -1,7 +1,8 @@
 """Restarting a computation whose images are on several hosts: the restart script's table (host, image),
 optionally mapped to other hosts by --hostfile (migration), is split by host; this host restarts its own
-images, every other host is asked to restart its own - over ssh, or srun inside a Slurm allocation - joining
-the same coordinator (which then waits for all of them before any process runs: coordinator/gather.py).
+images, every other host is asked to restart its own - over ssh, or inside a batch job the scheduler's way
+(srun, pbs_tmrsh, qrsh -inherit: remote_command in sched/) - joining the same coordinator (which then waits for
+all of them before any process runs: coordinator/gather.py).
 
 --hostfile: one host per line maps the checkpoint's hosts, in the order they first appear in the table, to
 these; a line "OLD NEW" maps OLD to NEW. Lines starting with # are ignored.
@@ -9,7 +10,7 @@ these; a line "OLD NEW" maps OLD to NEW. Lines starting with # are ignored.
 from __future__ import annotations
 
 import logging
-import shlex
+import os
 import socket
 import subprocess
 import sys
@@ -80,17 +81,23 @@ def address_towards(host: str) -> str:
     return towards(host)
 
 
-def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, ckptdir: str, launcher: str,
+def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, ckptdir: str, launcher: str | None,
                  extra: list[str]) -> subprocess.Popen:
-    """`hpcckpt restart --join` of host's images, run on host; the coordinator's secret goes on its stdin."""
+    """`hpcckpt restart --join` of host's images, run on host; the coordinator's secret goes on its stdin.
+    launcher: "ssh", "srun", "pbs", "sge" (sched/base.py LAUNCHERS), or None for the scheduler whose job this
+    is (ssh outside a job)."""
     cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", address_towards(host),
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
     if is_local(host):
         full = cmd
-    elif launcher == "srun":
-        full = ["srun", "--overlap", "-N", "1", "-n", "1", "-w", host, "--input", "0", *cmd]
     else:
-        full = ["ssh", host, shlex.join(cmd)]
+        from ..sched.base import remote_launcher
+        way = remote_launcher(launcher)
+        if not way.remote_stdin:
+            # pbs_tmrsh hands the task no standard input: the secret goes through a file of the (shared)
+            # checkpoint directory, made the remote command's standard input there
+            cmd = ["/bin/sh", "-c", 'exec "$@" <"$0"', secret_file(ckptdir, coord_port, secret), *cmd]
+        full = way.remote_command(host, cmd)
     log.info("restarting %d image(s) on %s", len(images), host)
     p = subprocess.Popen(full, stdin=subprocess.PIPE)
     try:
@@ -99,6 +106,17 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     except BrokenPipeError:
         pass
     return p
+
+
+def secret_file(ckptdir: str, coord_port: int, secret: bytes) -> str:
+    """The coordinator's secret in a file only we can read, under the checkpoint directory (which every host
+    of the computation shares)."""
+    from ..image import store
+    d = os.path.join(ckptdir, ".run")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    path = os.path.join(d, f"restart-{coord_port}.secret")
+    store.atomic_write(path, secret.hex().encode() + b"\n", mode=0o600)
+    return path
 
 
 def agent_of(image: str, fallback: str) -> str:

@@ -19,6 +19,7 @@ from ..coordinator.protocol import SecretError
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import store
 from ..image.format import ImageError, ImageReader
+from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
 from .jobrun import run_job
@@ -56,10 +57,10 @@ def parser(prog: str) -> Parser:
     p.add_argument("-q", "--quiet", action="store_true", default=None)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
-    p.add_argument("--hostfile", metavar="FILE", help="with --table: move the computation to these hosts (one per line, "
-                                                     "in the order of the table's hosts; or 'OLD NEW' lines)")
-    p.add_argument("--launcher", choices=("ssh", "srun"), help="how other hosts are reached (default: srun inside a "
-                                                              "Slurm allocation, else ssh)")
+    p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
+                                                     "per line, in the order of the checkpoint's hosts; or 'OLD NEW' lines)")
+    p.add_argument("--launcher", choices=LAUNCHERS, help="how other hosts are reached (default: inside a batch job the "
+                                                        "scheduler's way - srun, pbs_tmrsh, qrsh -inherit - else ssh)")
     p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("images", nargs="*", help="checkpoint images (ckpt_*.dmtcp)")
     return p
@@ -113,10 +114,12 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             rows = multihost.apply_hostfile(table, args.hostfile) if args.hostfile else \
                 [(h, img, h) for h, img in table]
             paths, remote = multihost.group(rows)
-        elif args.hostfile:
-            raise Fail("--hostfile needs the restart script's table (--table)")
         elif args.from_dir:
-            paths, remote = multihost.group([(h, img, h) for h, img in images_from_dir(args.from_dir)])
+            found = images_from_dir(args.from_dir)
+            paths, remote = multihost.group(multihost.apply_hostfile(found, args.hostfile) if args.hostfile else
+                                            [(h, img, h) for h, img in found])
+        elif args.hostfile:
+            raise Fail("--hostfile needs the restart script's table (--table) or --from")
         elif args.images:
             here = socket.gethostname()     # images given by hand restart here (one agent per agent of theirs)
             paths, remote = multihost.group([(here, img, here) for img in args.images])
@@ -138,11 +141,10 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             if remote:        # the coordinator first: every host joins it
                 host_port = find()
                 find = lambda: host_port       # noqa: E731
-                launcher = args.launcher or ("srun" if os.environ.get("SLURM_JOB_ID") else "ssh")
                 secret = protocol.read_secret(host_port[1])
                 for host, imgs in remote:
                     others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
-                                                                 launcher, ["-q"] if s.quiet else [])))
+                                                                 args.launcher, ["-q"] if s.quiet else [])))
             if not readers:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None

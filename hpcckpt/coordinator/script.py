@@ -32,7 +32,7 @@ def render(manifest: Manifest, coord_host: str, coord_port: int, ckptdir: str, i
 # Restart script written by hpcckpt (dmtcp_restart_script.sh).
 # Computation {manifest.computation}, checkpoint generation {manifest.generation}, taken {when}.
 # Usage: bash {SCRIPT_NAME} [--coord-host H|-h H] [--coord-port P|-p P] [--interval S|-i S] [--ckptdir D]
-#        [--hostfile F] [--launcher ssh|srun] [other hpcckpt restart options]
+#        [--hostfile F] [--launcher ssh|srun|pbs|sge] [other hpcckpt restart options]
 # Each host of the table below restarts its own images (this one directly, the others over ssh, or srun
 # inside a Slurm allocation). To migrate, edit the host names, or pass --hostfile (one new host per line).
 set -euo pipefail

@@ -3,6 +3,7 @@ deadline -> checkpoint -> requeue policy (driver.py) is written once, above them
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from abc import ABC, abstractmethod
 
@@ -49,7 +50,24 @@ class Scheduler(ABC):
         return os.getcwd()
 
     def node_list(self) -> list[str]:
+        """The nodes of this run's allocation, in the scheduler's order (the first runs the batch script)."""
         return [os.uname().nodename]
+
+    def this_node(self, nodes: list[str]) -> str:
+        """Which of nodes (node_list()) this process runs on: the one named like this host, else the first."""
+        me = os.uname().nodename
+        for n in nodes:
+            if n == me or n.split(".")[0] == me.split(".")[0]:
+                return n
+        return nodes[0] if nodes else me
+
+    # -- starting a command on another node of the job ----------------------------------------------------------
+    remote_stdin = True             # does remote_command hand the command our standard input?
+
+    def remote_command(self, host: str, argv: list[str]) -> list[str]:
+        """The command line that runs argv on host, a node of this job, as part of the job (restarting a
+        computation's part there). Default: ssh."""
+        return ssh_command(host, argv)
 
     # -- submitting -------------------------------------------------------------------------------------------
     @abstractmethod
@@ -66,6 +84,40 @@ class Scheduler(ABC):
         if r.returncode != 0:
             raise SchedulerError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()}")
         return r.stdout
+
+
+def ssh_command(host: str, argv: list[str]) -> list[str]:
+    return ["ssh", host, shlex.join(argv)]
+
+
+class Ssh:
+    """Not a scheduler: how other hosts are reached outside any batch job."""
+    name = "ssh"
+    remote_stdin = True
+
+    def __init__(self, env: dict | None = None):
+        self.env = dict(os.environ if env is None else env)
+
+    def remote_command(self, host: str, argv: list[str]) -> list[str]:
+        return ssh_command(host, argv)
+
+
+LAUNCHERS = ("ssh", "srun", "pbs", "sge")
+
+
+def remote_launcher(name: str | None = None, env: dict | None = None) -> Scheduler | Ssh:
+    """The way to run a command on another node: name is one of LAUNCHERS ("srun": Slurm's, "pbs": pbs_tmrsh,
+    "sge": qrsh -inherit), or None for the scheduler whose job this process runs in (ssh outside any job)."""
+    env = dict(os.environ if env is None else env)
+    if name is None:
+        return detect(env) or Ssh()
+    from .pbs import PBS
+    from .sge import SGE
+    from .slurm import Slurm
+    try:
+        return {"ssh": Ssh, "srun": Slurm, "slurm": Slurm, "pbs": PBS, "sge": SGE}[name](env)
+    except KeyError:
+        raise ValueError(f"unknown launcher {name!r} (known: {', '.join(LAUNCHERS)})") from None
 
 
 def detect(env: dict | None = None) -> Scheduler | None:

@@ -31,6 +31,8 @@ class JobConfig:
     pre_checkpoint: str | None = None   # shell command run before each deadline/preemption checkpoint
     post_restart: str | None = None     # shell command run after each restart from a checkpoint
     signal: str = "USR1"                # the early-warning signal requested from the scheduler
+    gather: bool = False                # a rerun on fewer nodes than the checkpoint ran on: put several nodes'
+                                        # parts on one (false: stop with an error)
     extra: dict = field(default_factory=dict)
 
     def lead_seconds(self, last_checkpoint_s: float | None) -> int:

@@ -4,7 +4,9 @@ It runs as the job's batch script (after `exec`), in the allocation:
 
   1. picks the checkpoint directory (per job, kept across requeues) and decides: restart from the newest
      complete checkpoint, start fresh (first run, or no checkpoint ever completed), or stop with an error (a
-     rerun whose checkpoints are gone would silently redo work);
+     rerun whose checkpoints are gone would silently redo work); a restart maps the checkpoint's nodes to this
+     run's allocation (nodes.py: the nodes it still has keep their part, the others' parts move), stopping with
+     an error when the allocation is too small (unless the config's gather);
   2. starts a coordinator and the computation (`hpcckpt launch` or `hpcckpt restart`) in sessions of their own,
      tied to the driver's life (PR_SET_PDEATHSIG), so signals the scheduler sends to the job reach the driver,
      which decides;
@@ -29,6 +31,7 @@ from ..agent.sigfd import SignalFd
 from ..coordinator.client import CoordinatorUnreachable, command
 from ..engine.linux import PR_SET_PDEATHSIG, prctl
 from ..image import store
+from . import nodes as allocation
 from .base import Scheduler, SchedulerError
 from .config import JobConfig
 
@@ -118,12 +121,13 @@ class JobDriver:
             time.sleep(0.05)
         raise DriverError("the coordinator did not start")
 
-    def _start_computation(self, restart: bool) -> None:
+    def _start_computation(self, restart: bool, hostfile: str | None = None) -> None:
         base = self._python()
         common = ["-j", "-p", str(self.port), "--ckptdir", self.ckptdir] + ([] if self.cfg.compress else
                                                                             ["--no-gzip"])
         if restart:
-            argv = base + ["restart", *common, "--from", self.ckptdir]
+            argv = base + ["restart", *common, "--from", self.ckptdir] + (["--hostfile", hostfile] if hostfile
+                                                                           else [])
         else:
             script = self.command[0]
             prog = [script] if os.access(script, os.X_OK) else ["/bin/bash", script]
@@ -175,16 +179,58 @@ class JobDriver:
                       self.ckptdir)
             return self.fail_rc
         restart = latest is not None
+        hostfile = None
+        try:
+            if restart:
+                hostfile = self._place(latest)           # which node restarts which part
+            else:
+                self._record_nodes()
+        except allocation.NodeError as e:
+            log.error("cannot restart on this allocation: %s", e)
+            return self.fail_rc
         self._start_coordinator()
         if restart:
             log.info("restarting from checkpoint generation %d of %s (%s)", latest.generation,
                      time.strftime("%H:%M:%S", time.localtime(latest.created)), latest.computation)
         elif self.run_no > 0:
             log.info("no checkpoint completed in the earlier run(s): starting afresh")
-        self._start_computation(restart)
+        self._start_computation(restart, hostfile)
         if restart and self._wait_joined() and self.cfg.post_restart:
             self._hook("post_restart", self.cfg.post_restart)
         return self._watch()
+
+    def _nodes(self) -> list[str]:
+        try:
+            return self.sched.node_list()
+        except SchedulerError as e:
+            log.warning("cannot read the allocation's nodes: %s", e)
+            return [os.uname().nodename]
+
+    def _record_nodes(self, nodes: list[str] | None = None) -> None:
+        """The allocation's nodes, in its order: the next run orders the checkpoint's hosts by it."""
+        nodes = nodes or self._nodes()
+        if len(nodes) > 1:
+            log.info("this run's nodes: %s", " ".join(nodes))
+        allocation.write_allocation(self.ckptdir, nodes)
+
+    def _place(self, latest: store.Manifest) -> str | None:
+        """Map the checkpoint's hosts to this run's nodes (sched/nodes.py); a host file for the restart when
+        any part moves, else None."""
+        from ..cli.multihost import is_local
+        old = allocation.ordered_hosts([i.host for i in latest.images], allocation.read_allocation(self.ckptdir))
+        new = self._nodes()
+        here = next((h for h in old if is_local(h)), None)
+        mapping = allocation.plan(old, new, self.cfg.gather, here, self.sched.this_node(new))
+        self._record_nodes(new)
+        moves = {o: n for o, n in mapping.items() if allocation.short(o) != allocation.short(n)}
+        if not moves:
+            return None
+        log.info("the checkpoint ran on %s; this run has %s: %s", " ".join(old), " ".join(new),
+                 ", ".join(f"{o} -> {n}" for o, n in moves.items()))
+        path = os.path.join(self.ckptdir, ".run", "hostfile")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        allocation.write_hostfile(path, mapping)
+        return path
 
     def _watch(self) -> int:
         warn = getattr(signal, "SIG" + self.cfg.signal)

@@ -78,11 +78,19 @@ class PBS(Scheduler):
         return self.env.get("PBS_O_WORKDIR") or os.getcwd()
 
     def node_list(self) -> list[str]:
+        """$PBS_NODEFILE's hosts in its order (the first runs the job script), each once (one line per slot)."""
         path = self.env.get("PBS_NODEFILE")
         if path and os.path.exists(path):
             with open(path) as f:
-                return sorted({line.strip() for line in f if line.strip()})
+                return list(dict.fromkeys(line.strip() for line in f if line.strip()))
         return super().node_list()
+
+    remote_stdin = False            # tm_spawn: the task's standard input is not ours
+
+    def remote_command(self, host: str, argv: list[str]) -> list[str]:
+        """pbs_tmrsh (the Task Manager's rsh): the command runs as a task of this job on host, which must be
+        in $PBS_NODEFILE."""
+        return [self._cmd("pbs_tmrsh"), host, *argv]
 
     def requeue(self) -> int | None:
         """Submit the continuation (our own wrapper again, after this job) and return 0: this run ends."""

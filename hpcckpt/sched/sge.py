@@ -54,6 +54,18 @@ class SGE(Scheduler):
     def requeue(self) -> int | None:
         return 99            # exit 99: Grid Engine reschedules the job
 
+    def node_list(self) -> list[str]:
+        """$PE_HOSTFILE's hosts ("host slots queue processors" lines; the first runs the job script)."""
+        path = self.env.get("PE_HOSTFILE")
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return list(dict.fromkeys(line.split()[0] for line in f if line.strip()))
+        return super().node_list()
+
+    def remote_command(self, host: str, argv: list[str]) -> list[str]:
+        """qrsh -inherit: a task of this job's parallel environment on host (the PE needs control_slaves)."""
+        return [self._cmd("qrsh"), "-inherit", host, *argv]
+
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
         out = self.run([self._cmd("qsub"), *options, script_path])
         m = re.search(r"Your job (\d+)", out)

@@ -97,6 +97,14 @@ class Slurm(Scheduler):
             return super().node_list()
         return self.run(["scontrol", "show", "hostnames", nodes]).split()
 
+    def remote_command(self, host: str, argv: list[str]) -> list[str]:
+        """A job step of one task on host, sharing the allocation's CPUs with the steps already there
+        (--overlap); our standard input goes to it."""
+        return ["srun", "--overlap", "-N", "1", "-n", "1", "-w", host, "--input", "0", *argv]
+
+    def this_node(self, nodes: list[str]) -> str:
+        return self.env.get("SLURMD_NODENAME") or super().this_node(nodes)
+
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
         out = self.run(["sbatch", "--parsable", *options, script_path])
         return out.strip().split(";")[0]
