@@ -219,3 +219,60 @@ echo "script done $rc"
     hosts_seen = [h for _, h in answers]
     moved = hosts_seen.index(spare)
     assert 10 <= moved < N and set(hosts_seen[:moved]) == {peer} and set(hosts_seen[moved:]) == {spare}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+@pytest.mark.multihost
+@pytest.mark.mpi
+def test_two_node_mpi_job_is_requeued_and_restarted(cluster, env, tmp_path, build_dir):
+    """`mpiexec -n 2 -ppn 1` (the mpich wheel's Hydra, which starts its proxies with srun, i.e. our shim) in a
+    two-node allocation: checkpointed before the wall time, requeued, restarted with rank 1 on the new
+    allocation's other node (its old one drained); output equals a plain run's."""
+    from conftest import BIN, PROGRAMS
+    if not (BIN / "mpicc").exists():
+        pytest.skip("needs the PyPI wheels mpich and mpi4py in this venv")
+    hs, slurm = cluster
+    e = dict(env, **slurm)
+    e.pop("HPCCKPT_RUNDIR", None)
+    d = tmp_path
+    exe = build_dir / "mpiring"
+    if not exe.exists():
+        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(exe), str(PROGRAMS / "mpiring.c")], check=True)
+    steps = 700
+    subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(exe), str(d / "plain.txt"), str(steps), "0"], env=env,
+                   cwd=d, check=True, timeout=60)
+    (d / "job.sh").write_text(f"""#!/bin/bash
+#SBATCH -J hpcckpt-mpi2
+#SBATCH -o {d}/slurm-%j.out
+echo "run ${{SLURM_RESTART_COUNT:-0}} starts on $(hostname)"
+{BIN}/mpiexec -n 2 -ppn 1 {exe} {d}/out.txt {steps} 20
+echo "script done $?"
+""")
+    (d / "job.sh").chmod(0o755)
+    (d / "job.yaml").write_text("lead: 50\nmin_lead: 10\n")
+    r = run(["hpcckpt", "sbatch", "--config", str(d / "job.yaml"), "-N", "2", "--time=1", str(d / "job.sh")], e, d)
+    assert r.returncode == 0, r.stderr
+    job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    wait_for(lambda: (d / "out.txt.hosts").exists() and (d / "out.txt.hosts").read_text().count("\n") == 2, 60,
+             "both ranks started", interval=0.2)
+    ranks_on = [ln.split()[2] for ln in (d / "out.txt.hosts").read_text().splitlines()]
+    assert len(set(ranks_on)) == 2 and set(ranks_on) <= set(hs.names), ranks_on
+    batch = _show(job, e)["BatchHost"]
+    peer = next(h for h in ranks_on if h != batch)
+    spare = next(h.name for h in hs if h.name not in ranks_on)
+    # rank 1's node leaves: the rerun gets the spare node, where rank 1 (and its Hydra proxy) restart
+    subprocess.run(["scontrol", "update", f"nodename={peer}", "state=drain", "reason=hpcckpt-test"], env=e,
+                   check=True)
+    try:
+        wait_for(lambda: _show(job, e).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 180,
+                 f"job {job} to end", interval=0.5)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={peer}", "state=resume"], env=e)
+    info = _show(job, e)
+    log = (d / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log
+    assert "script done 0" in log, log
+    assert f"{peer} -> {spare}" in log, log
+    assert sorted(_hostnames(info["NodeList"], e)) == sorted([batch, spare]), log
+    assert (d / "out.txt").read_text() == (d / "plain.txt").read_text()

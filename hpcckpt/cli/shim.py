@@ -80,6 +80,18 @@ def split_srun(args: list[str]) -> tuple[list[str], list[str]]:
     return args[:i], args[i:]
 
 
+def without_srun_input(opts: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in opts:
+        if skip:
+            skip = False
+        elif a in ("-i", "--input"):
+            skip = True
+        elif not (a.startswith("--input=") or (a.startswith("-i") and len(a) > 2)):
+            out.append(a)
+    return out
+
+
 def real_program(name: str) -> str:
     """The real ssh/srun: first on PATH once our shim directory is taken out."""
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
@@ -245,9 +257,23 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _fill_std_fds() -> None:
+    """Open /dev/null on a closed fd 0, 1 or 2 (Hydra starts srun with its standard input closed): else our
+    listening socket would become "standard input", and be relayed as such once closed."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     kind, args = argv[0], argv[1:]
+    _fill_std_fds()
     real = real_program(kind)
     job = remoteio.read_job_file(os.environ.get("HPCCKPT_JOB_FILE", ""))
     if kind == "ssh":
@@ -260,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         opts, command = split_srun(args)
         if not command or job is None:
             os.execv(real, [real, *args])
+        # every task reads the coordinator's secret on its standard input (the job's own input goes over the
+        # relay): whatever input the caller chose (Hydra says --input none), srun must pass ours to all tasks
+        opts = without_srun_input(opts) + ["--input=all"]
         towards = None
         remote_cmd = remoteio.wrap(command)
     here = address_towards(towards)
