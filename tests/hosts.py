@@ -143,6 +143,27 @@ def _pids_in_netns(ns_path: Path) -> list[int]:
     return out
 
 
+def clear_stale_pyenv_lock(min_age: float = 5.0) -> bool:
+    """Remove pyenv's rehash lock when no rehash holds it. Root's ~/.bashrc on these machines runs `pyenv init`,
+    whose rehash takes $PYENV_ROOT/shims/.pyenv-shim as a lock; an ssh session killed during its rehash (our
+    cleanup kills whole hosts) leaves the file behind, and every later ssh command then waits 60 s for it."""
+    lock = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "shims" / ".pyenv-shim"
+    try:
+        if time.time() - lock.stat().st_mtime < min_age:
+            return False
+    except OSError:
+        return False
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                if b"pyenv-rehash" in (d / "cmdline").read_bytes():
+                    return False
+    with contextlib.suppress(OSError):
+        lock.unlink()
+        return True
+    return False
+
+
 def _kill_netns_processes(ns_path: Path, timeout: float = 10.0) -> None:
     """SIGKILL everything in a network namespace until nothing is left (sshd may fork while we kill)."""
     deadline = time.monotonic() + timeout
@@ -457,6 +478,7 @@ class Hosts:
         self._started = True
         t0 = time.monotonic()
         check_prerequisites()
+        clear_stale_pyenv_lock()
         atexit.register(self.close)
         try:
             self._register()
@@ -490,6 +512,7 @@ class Hosts:
                         with contextlib.suppress(Exception):
                             p.kill()
                             p.wait(5)
+            clear_stale_pyenv_lock(min_age=0)     # a rehash we killed with the hosts
             atexit.unregister(self.close)
 
     # -- setup steps
