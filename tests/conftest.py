@@ -30,6 +30,14 @@ def compile_c(build_dir: Path, name: str, *flags: str) -> Path:
     return out
 
 
+def build_mpiring(build_dir: Path) -> Path:
+    """tests/programs/mpiring.c built with the mpich wheel's mpicc (in this venv)."""
+    out = build_dir / "mpiring"
+    if not out.exists():
+        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(out), str(PROGRAMS / "mpiring.c")], check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def counter(build_dir) -> Path:
     return compile_c(build_dir, "counter")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, PROGRAMS, line_count, newest_images, restart_in_background, wait_for
+from conftest import (BIN, PROGRAMS, build_mpiring, line_count, newest_images, restart_in_background,
+                      wait_for)
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi]
 
@@ -214,11 +215,7 @@ def test_mpich_restart_from_images_twice(launch, mpich, env, tmp_path, cleanup):
 
 @pytest.fixture(scope="session")
 def mpiring_c(mpich, build_dir) -> Path:
-    """tests/programs/mpiring.c built with the mpich wheel's mpicc."""
-    out = build_dir / "mpiring"
-    if not out.exists():
-        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(out), str(PROGRAMS / "mpiring.c")], check=True)
-    return out
+    return build_mpiring(build_dir)
 
 
 def test_mpich_c_program_checkpoint_kill_restart(launch, mpich, mpiring_c, env, tmp_path, cleanup):

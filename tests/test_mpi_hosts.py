@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, PROGRAMS, line_count, restart_in_background, run, wait_for
+from conftest import BIN, PROGRAMS, build_mpiring, line_count, restart_in_background, run, wait_for
 from hosts import Hosts
 
 pytestmark = [pytest.mark.slow, pytest.mark.mpi, pytest.mark.multihost,
@@ -42,10 +41,21 @@ def program(request, build_dir, mpich):
     """The rank's command line (before OUT STEPS DELAY) and its delay unit: mpiring.py or mpiring.c."""
     if request.param == "mpi4py":
         return [sys.executable, PROG], 1.0
-    exe = build_dir / "mpiring"
-    if not exe.exists():
-        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(exe), str(PROGRAMS / "mpiring.c")], check=True)
-    return [exe], 1000.0
+    return [build_mpiring(build_dir)], 1000.0
+
+
+def restart_swapped(hs: Hosts, env: dict, d: Path):
+    """The restart script with a host file that swaps the two hosts."""
+    h1, h2 = hs
+    hostfile = d / "hosts.txt"
+    hostfile.write_text(f"{h1.name} {h2.name}\n{h2.name} {h1.name}\n")
+    return restart_in_background(d / "dmtcp_restart_script.sh", env, d, extra=["--hostfile", str(hostfile)])
+
+
+def assert_restart_ok(rjob, d: Path, timeout: float) -> None:
+    rc = rjob.wait(timeout)
+    errs = "\n".join(p.read_text()[-3000:] for p in d.glob("restart.*.err"))
+    assert rc == 0, f"restart exited {rc}:\n{errs}"
 
 
 def mpi_cmd(mpiexec: Path, hs: Hosts, hosts: list[str], program, out: Path, steps: int, delay: float) -> list:
@@ -82,11 +92,7 @@ def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, pr
     # (every agent kills its part at once: mpiexec may see its remote proxies go first and exit on its own,
     # but the computation was killed, and says so)
     assert job.wait(30) == 128 + 9
-    # migrate: the ranks swap hosts
-    hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text(f"{h1.name} {h2.name}\n{h2.name} {h1.name}\n")
-    rjob = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path,
-                                 extra=["--hostfile", str(hostfile)])
+    rjob = restart_swapped(hosts2, env, tmp_path)      # migrate: the ranks swap hosts
     try:
         n = line_count(out)
         wait_for(lambda: line_count(out) > n + 5, 60, "the restarted job to make progress")
@@ -96,9 +102,7 @@ def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, pr
                     if ", rank " in ln}
         wait_for(lambda: len(ranks()) == 2, 20, "both ranks listed")
         assert ranks() == {"0": h2.name, "1": h1.name}
-        rc = rjob.wait(120)
-        errs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("restart.*.err"))
-        assert rc == 0, f"restart exited {rc}:\n{errs}"
+        assert_restart_ok(rjob, tmp_path, 120)
     finally:
         rjob.kill()
     assert out.read_text() == want
@@ -130,14 +134,9 @@ def test_openmpi_across_two_hosts_checkpoint_kill_restart(hosts2, env, tmp_path,
     assert reply["ok"], reply
     job.command("-k", check=True)
     assert job.wait(30) == 128 + 9
-    hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text(f"{h1.name} {h2.name}\n{h2.name} {h1.name}\n")
-    rjob = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path,
-                                 extra=["--hostfile", str(hostfile)])
+    rjob = restart_swapped(hosts2, env, tmp_path)
     try:
-        rc = rjob.wait(180)
-        errs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("restart.*.err"))
-        assert rc == 0, f"restart exited {rc}:\n{errs}"
+        assert_restart_ok(rjob, tmp_path, 180)
     finally:
         rjob.kill()
     assert out.read_text() == (tmp_path / "plain.txt").read_text()

@@ -161,6 +161,23 @@ def _hostnames(nodelist: str, env: dict) -> list[str]:
                           check=True).stdout.split()
 
 
+def _drain_and_finish(job: str, peer: str, e: dict, d: Path, timeout: float) -> tuple[dict, str]:
+    """Drain `peer` (its job goes on until the requeue, then no job lands there), wait for the job to end,
+    resume the node; the job's final info and log, checked to be a completed requeued job."""
+    subprocess.run(["scontrol", "update", f"nodename={peer}", "state=drain", "reason=hpcckpt-test"], env=e,
+                   check=True)
+    try:
+        wait_for(lambda: _show(job, e).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                 timeout, f"job {job} to end", interval=0.5)
+    finally:
+        subprocess.run(["scontrol", "update", f"nodename={peer}", "state=resume"], env=e)
+    info = _show(job, e)
+    log = (d / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log
+    assert "script done 0" in log, log
+    return info, log
+
+
 def _answers(path: Path) -> list[tuple[int, str]]:
     text = path.read_text() if path.exists() else ""
     return [(int(m[1]), m[2]) for m in re.finditer(r"^ok (\d+) (\S+)$", text, re.M)]
@@ -198,18 +215,9 @@ echo "script done $rc"
     batch, peer = info["BatchHost"], _answers(client)[0][1]
     assert len(first) == 2 and set(first) == {batch, peer}, (first, batch, peer)
     spare = next(h.name for h in hs if h.name not in first)
-    # The client's node leaves (drained: its job goes on until the requeue, then no job lands there).
-    subprocess.run(["scontrol", "update", f"nodename={peer}", "state=drain", "reason=hpcckpt-test"], env=e,
-                   check=True)
-    try:
-        wait_for(lambda: _show(job, e).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 150,
-                 f"job {job} to end", interval=0.5)
-    finally:
-        subprocess.run(["scontrol", "update", f"nodename={peer}", "state=resume"], env=e)
-    info = _show(job, e)
-    log = (d / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log
-    assert "wall-time deadline" in log and "script done 0" in log, log
+    # The client's node leaves: the rerun gets the spare node.
+    info, log = _drain_and_finish(job, peer, e, d, 150)
+    assert "wall-time deadline" in log, log
     assert sorted(_hostnames(info["NodeList"], e)) == sorted([batch, spare]), log
     assert f"{peer} -> {spare}" in log, log
     # Every answer exactly once, in order; the client ran on the drained node, then on the new one.
@@ -229,16 +237,14 @@ def test_two_node_mpi_job_is_requeued_and_restarted(cluster, env, tmp_path, buil
     """`mpiexec -n 2 -ppn 1` (the mpich wheel's Hydra, which starts its proxies with srun, i.e. our shim) in a
     two-node allocation: checkpointed before the wall time, requeued, restarted with rank 1 on the new
     allocation's other node (its old one drained); output equals a plain run's."""
-    from conftest import BIN, PROGRAMS
+    from conftest import BIN, build_mpiring
     if not (BIN / "mpicc").exists():
         pytest.skip("needs the PyPI wheels mpich and mpi4py in this venv")
     hs, slurm = cluster
     e = dict(env, **slurm)
     e.pop("HPCCKPT_RUNDIR", None)
     d = tmp_path
-    exe = build_dir / "mpiring"
-    if not exe.exists():
-        subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(exe), str(PROGRAMS / "mpiring.c")], check=True)
+    exe = build_mpiring(build_dir)
     steps = 700
     subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(exe), str(d / "plain.txt"), str(steps), "0"], env=env,
                    cwd=d, check=True, timeout=60)
@@ -262,17 +268,7 @@ echo "script done $?"
     peer = next(h for h in ranks_on if h != batch)
     spare = next(h.name for h in hs if h.name not in ranks_on)
     # rank 1's node leaves: the rerun gets the spare node, where rank 1 (and its Hydra proxy) restart
-    subprocess.run(["scontrol", "update", f"nodename={peer}", "state=drain", "reason=hpcckpt-test"], env=e,
-                   check=True)
-    try:
-        wait_for(lambda: _show(job, e).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 180,
-                 f"job {job} to end", interval=0.5)
-    finally:
-        subprocess.run(["scontrol", "update", f"nodename={peer}", "state=resume"], env=e)
-    info = _show(job, e)
-    log = (d / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, log
-    assert "script done 0" in log, log
+    info, log = _drain_and_finish(job, peer, e, d, 180)
     assert f"{peer} -> {spare}" in log, log
     assert sorted(_hostnames(info["NodeList"], e)) == sorted([batch, spare]), log
     assert (d / "out.txt").read_text() == (d / "plain.txt").read_text()
