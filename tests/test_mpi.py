@@ -232,7 +232,14 @@ def test_mpich_c_program_checkpoint_kill_restart(launch, mpich, mpiring_c, env, 
     wait_for(lambda: line_count(out) >= 30, 45, "the MPI job to make progress")
     _checkpoint(job, images=2 + RANKS)
     _kill(job)
-    rjob = cleanup(restart_in_background(newest_images(tmp_path), env, tmp_path))
+    images = newest_images(tmp_path)
+    # one rank's image left out: refused at once, naming it, nothing started
+    rank1 = sorted(p for p in images if "mpiring" in p.name)[-1]
+    r = subprocess.run(["dmtcp_restart", "-p", "0", *map(str, (p for p in images if p != rank1))], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 99 and "not given" in r.stderr and rank1.name in r.stderr, r.stderr
+    assert "MPI rank " in r.stderr, r.stderr
+    rjob = cleanup(restart_in_background(images, env, tmp_path))
     _wait_restart(rjob, "the restart")
     assert out.read_text() == want
 

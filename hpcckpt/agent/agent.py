@@ -384,7 +384,7 @@ class Agent:
             c.images.append(path)
             cap = engine_dump.capture(fp, place, self.pid_namespace, vmflags_hint=c.hints.get(fp.pid),
                                       forked=forked_ok and self.s.forked)
-            todo.append(PendingImage(cap, path, program, uid))
+            todo.append(PendingImage(cap, path, program, uid, (mpi_identity(fp.pid) or {}).get("rank")))
         c.stats["capture_s"] = round(time.monotonic() - t0, 6)
         if forked_ok and self.s.forked and self._memory_allows_fork([p.cap.fp.pid for p in todo]):
             for p in todo:
@@ -417,7 +417,7 @@ class Agent:
             c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
             c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
             c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
-                                                     size, list(meta.needs))))
+                                                     size, list(meta.needs), p.rank)))
 
     def _memory_allows_fork(self, pids: list[int]) -> bool:
         """A snapshot costs memory for every page the job changes while the images are written; fork only when

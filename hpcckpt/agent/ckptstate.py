@@ -15,6 +15,7 @@ class PendingImage:
     path: str
     program: str
     unique_id: str
+    rank: int | None = None      # MPI rank, named if the image goes missing at restart
 
 
 @dataclass

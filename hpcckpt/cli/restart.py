@@ -77,6 +77,25 @@ def images_from_dir(d: str) -> list[tuple[str, str]]:
     return [(i.host, i.path) for i in m.images]
 
 
+def check_complete(paths: list[str], readers: list[ImageReader]) -> None:
+    """Every image the checkpoint wrote on each host we restart: a process left out would leave the others'
+    pipes, sockets and MPI peers dangling (they would fail later, obscurely). Images moved away from their
+    checkpoint's manifest are taken as given."""
+    m = store.manifest_of_image(paths[0], int(readers[0].meta.get("generation") or 0))
+    if m is None or m.computation != readers[0].meta.get("computation"):
+        return
+    given = {r.meta.get("unique_id") for r in readers}
+    hosts = {i.host for i in m.images if i.unique_id in given}
+    missing = [i for i in m.images if i.host in hosts and i.unique_id not in given]
+    if missing:
+        def name(i):
+            rank = f", MPI rank {i.rank}" if i.rank is not None else ""
+            return f"{i.program} (pid {i.pid} on {i.host}{rank}: {os.path.basename(i.path)})"
+        raise Fail(f"{len(missing)} image(s) of checkpoint generation {m.generation} not given: "
+                   f"{'; '.join(map(name, missing[:4]))}{' ...' if len(missing) > 4 else ''}; restart needs "
+                   f"every image of a host (the restart script lists them all)")
+
+
 def open_images(paths: list[str]) -> list[ImageReader]:
     readers = []
     try:
@@ -89,6 +108,7 @@ def open_images(paths: list[str]) -> list[ImageReader]:
         gens = {r.meta.get("generation") for r in readers}
         if len(gens) > 1:
             raise Fail(f"the images come from different checkpoints (generations {sorted(gens)})")
+        check_complete(paths, readers)
     except ImageError as e:
         for r in readers:
             r.close()

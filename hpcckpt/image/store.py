@@ -70,6 +70,7 @@ class ImageEntry:
     pid: int
     size: int = 0
     needs: list = field(default_factory=list)     # generations a restore of this image reads (incremental)
+    rank: int | None = None                        # the MPI rank (or srun task) the process was, if one
 
 
 @dataclass
@@ -111,6 +112,16 @@ def read_manifest(ckptdir: str, computation: str, gen: int) -> Manifest:
     path = os.path.join(computation_dir(ckptdir, computation), f"gen{gen:06d}.json")
     with open(path, "rb") as f:
         return Manifest.from_json(f.read())
+
+
+def manifest_of_image(path: str, generation: int) -> Manifest | None:
+    """The manifest of the checkpoint an image (still where it was written) belongs to; None if not found."""
+    gdir = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(os.path.join(os.path.dirname(gdir), f"gen{generation:06d}.json"), "rb") as f:
+            return Manifest.from_json(f.read())
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def latest_manifest(ckptdir: str, computation: str) -> Manifest | None:
