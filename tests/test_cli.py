@@ -123,8 +123,8 @@ def test_checkpoint_waits_for_every_mpi_rank_and_fails_naming_the_missing_one(la
     """A checkpoint waits for every rank of an MPI world to be ours (rank 1 starts 2 s late), and fails naming
     the rank that never joined (rank 3 of world pmi:4 is nowhere: started by a launcher we do not wrap)."""
     env["HPCCKPT_RANK_WAIT"] = "5"
-    job = launch("bash", "-c", "PMI_RANK=0 PMI_SIZE=2 sleep 60 & sleep 2; touch started2; PMI_RANK=1 PMI_SIZE=2 sleep 60 & "
-                 "sleep 3; PMI_RANK=0 PMI_SIZE=4 sleep 60 & "
+    job = launch("bash", "-c", "PMI_RANK=0 PMI_SIZE=2 sleep 60 & sleep 2; touch started2; "
+                 "PMI_RANK=1 PMI_SIZE=2 sleep 60 & sleep 3; PMI_RANK=0 PMI_SIZE=4 sleep 60 & "
                  "PMI_RANK=1 PMI_SIZE=4 sleep 60 & PMI_RANK=2 PMI_SIZE=4 sleep 60 & touch started4; wait")
     wait_for(lambda: any(p.get("rank") == 0 for p in json.loads(job.command("-l", "--json").stdout)
                          .get("peers", [])), 15, "rank 0 to be listed")
