@@ -1,32 +1,45 @@
 #!/usr/bin/env python3
 """Checkpoint/restart benchmark, side by side with the physical floor measured in the same run.
 
-    .venv/bin/python bench/run.py [--sizes 256,1024,4096] [--threads 1,4] [--runs 3] [--out bench/RESULTS.md]
+    .venv/bin/python bench/run.py [--sizes 256,1024,4096] [--threads 1,4] [--runs 3] [--memory warm|cold]
 
 For every size (MiB of touched memory) and thread count it starts bench/memhog, then measures with the engine
-itself (no coordinator in the way): the time the program is stopped, the dump, the image size, and the restore
-until the program runs again — raw and zstd-compressed — as min/median over --runs. Floors, same run: memcpy,
-reading the process's memory (process_vm_readv), writing to the page cache, fsync, zstd-1 on one core.
-Results are printed and written as a Markdown table with the command that produced them.
+itself (no coordinator in the way): the time the program is stopped, the dump until the image is durable, the
+image size, and the restore until the program runs again - raw and zstd-compressed, forked and frozen - as
+min/median over --runs. Then incremental images: a full checkpoint, memhog changes 5 % of its pages once
+(SIGUSR1), a second checkpoint.
 
-This VM backs guest memory lazily: the first use of never-touched RAM costs ~2.5 s/GiB. The benchmark warms
-memory first (a file twice the largest size, written then deleted), so figures are those of a machine that has
-been running for a while.
+Floors, measured in every round (before the round's runs, prepared the same way):
+  read     process_vm_readv of the program's memory into a reused buffer (one thread)
+  write    the same number of bytes written to a new file (page cache), then fsync
+  restore  a page-cached file of that size read into fresh anonymous memory (what a restore must do at least)
+  zstd-1   the zstandard package compressing the program's data (256 MiB sample) at level 1, on one core and
+           with threads=all cores; a zstd checkpoint is compared with the all-core throughput
+A raw dump is compared with read + write + fsync (it may beat the sum: it reads, writes and writes back to
+disk at the same time), a raw restore with the restore floor.
+
+Memory on this VM (--memory): freed memory goes back to the host about 2 s later (free page reporting), and
+touching it again costs ~2.5 s/GiB for the page cache. `warm` (default) writes and deletes a file somewhat
+larger than the size right before each floor and each measured step, so page-cache memory is as on a machine
+without that (up to ~2 GiB: a longer write outlives the 2 s); `cold` waits --settle seconds instead, so every
+page-cache page is a first touch. Fresh anonymous memory (the restore) costs ~1 s/GiB here either way.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
+import itertools
+import mmap
 import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,13 +47,15 @@ sys.path.insert(0, str(HERE.parent))
 
 from hpcckpt.engine.dump import capture, snapshot, write_image  # noqa: E402
 from hpcckpt.engine.forker import kill_snapshot  # noqa: E402
-from hpcckpt.engine.maps import vmflags_hint  # noqa: E402
 from hpcckpt.engine.freeze import freeze  # noqa: E402
 from hpcckpt.engine.linux import buffer_address, process_vm_readv  # noqa: E402
+from hpcckpt.engine.maps import vmflags_hint  # noqa: E402
 from hpcckpt.engine.restore import RestoreOptions, restore_process  # noqa: E402
-from hpcckpt.image.format import ImageReader  # noqa: E402
+from hpcckpt.image.format import ImageReader, write_behind  # noqa: E402
 
 MiB = 1 << 20
+BLOCK = 64 * MiB
+NCPU = os.cpu_count() or 1
 
 
 def build_memhog(tmp: Path) -> Path:
@@ -49,74 +64,139 @@ def build_memhog(tmp: Path) -> Path:
     return exe
 
 
-def warm_memory(directory: Path, mb: int) -> None:
-    path = directory / "warm.bin"
-    block = b"\1" * (16 * MiB)
-    with open(path, "wb") as f:
-        for _ in range(max(1, mb // 16)):
-            f.write(block)
-    path.unlink()
+class Memory:
+    """Puts page-cache memory into the state --memory asks for, right before each measured step."""
+
+    def __init__(self, mode: str, directory: Path, settle: float):
+        self.mode, self.directory, self.settle = mode, directory, settle
+        self.block = b"\1" * (16 * MiB)
+
+    def prepare(self, mb: int) -> None:
+        if self.mode == "cold":
+            time.sleep(self.settle)
+            return
+        path = self.directory / "warm.bin"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            for _ in range(mb // 16 + 16):          # 256 MiB more than asked for
+                os.write(fd, self.block)
+        finally:
+            os.close(fd)
+            path.unlink()
 
 
-def start(memhog: Path, mb: int, threads: int) -> subprocess.Popen:
-    p = subprocess.Popen([str(memhog), str(mb), str(threads)], stdout=subprocess.PIPE)
+def start(memhog: Path, mb: int, threads: int, pct: float = 5) -> subprocess.Popen:
+    p = subprocess.Popen([str(memhog), str(mb), str(threads), str(pct)], stdout=subprocess.PIPE)
     assert p.stdout.readline().strip() == b"ready"
     return p
 
 
-def floors(memhog: Path, mb: int, directory: Path) -> dict:
-    n = mb * MiB
-    a, b = bytearray(n), bytearray(n)
-    a[::4096] = b"\1" * len(a[::4096])
-    b[::4096] = b"\1" * len(b[::4096])
+def stop(p: subprocess.Popen) -> None:
+    p.kill()
+    p.wait()
+
+
+def biggest_mapping(pid: int) -> tuple[int, int]:
+    rows = [line.split()[0].split("-") for line in open(f"/proc/{pid}/maps") if " rw-p " in line]
+    lo, hi = max(((int(a, 16), int(b, 16)) for a, b in rows), key=lambda r: r[1] - r[0])
+    return lo, hi
+
+
+def _parallel(n: int, fn, parts: list) -> None:
+    """fn(part) for every part, on n threads (the system calls release the GIL)."""
+    if n <= 1:
+        for part in parts:
+            fn(part)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(fn, parts))
+
+
+def _timed(fn, *a) -> float:
     t = time.perf_counter()
-    ctypes.memmove(buffer_address(b), buffer_address(a), n)
-    memcpy = time.perf_counter() - t
-    del b
+    fn(*a)
+    return time.perf_counter() - t
+
+
+def floors(memhog: Path, mb: int, mem: Memory, directory: Path, sample: bytearray) -> dict:
+    """One round of floors for `mb` MiB, each the best of a plain way and a parallel or written-behind one (see
+    the module docstring)."""
+    n = mb * MiB
+    blocks = [(off, min(BLOCK, n - off)) for off in range(0, n, BLOCK)]
+    bufs = [bytearray(BLOCK) for _ in range(NCPU)]
+    for b in bufs:
+        b[::4096] = b"\1" * len(b[::4096])             # touched once: reading into them costs no page faults
     p = start(memhog, mb, 1)
     try:
-        heap = max((line.split() for line in open(f"/proc/{p.pid}/maps") if "rw-p" in line),
-                   key=lambda f: int(f[0].split("-")[1], 16) - int(f[0].split("-")[0], 16))
-        lo = int(heap[0].split("-")[0], 16)
-        t = time.perf_counter()
-        done = 0
-        chunk = 16 * MiB
-        while done < n:
-            k = min(chunk, n - done)
-            done += process_vm_readv(p.pid, buffer_address(a) + done, [(lo + done, k)], k)
-        read = time.perf_counter() - t
+        lo, _ = biggest_mapping(p.pid)
+        slot, ids = threading.local(), itertools.count()
+
+        def read(block, _pid=p.pid):
+            if not hasattr(slot, "addr"):
+                slot.addr = buffer_address(bufs[next(ids) % NCPU])      # a buffer of its own per thread
+            process_vm_readv(_pid, slot.addr, [(lo + block[0], block[1])], block[1])
+        read1 = _timed(_parallel, 1, read, blocks)
+        slot, ids = threading.local(), itertools.count()
+        read_n = _timed(_parallel, NCPU, read, blocks)
+        process_vm_readv(p.pid, buffer_address(sample), [(lo, len(sample))], len(sample))
     finally:
-        p.kill()
-        p.wait()
+        stop(p)
     path = directory / "floor.bin"
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    view = memoryview(a)
-    for off in range(0, n, 16 * MiB):
-        os.write(fd, view[off:off + 16 * MiB])
-    write = time.perf_counter() - t
-    t = time.perf_counter()
-    os.fsync(fd)
-    fsync = time.perf_counter() - t
-    os.close(fd)
-    path.unlink()
-    t = time.perf_counter()
-    zlib.crc32(a)
-    crc = time.perf_counter() - t
+    writes = []
+    for behind in (False, True):
+        mem.prepare(mb)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        t = time.perf_counter()
+        for off, k in blocks:
+            os.pwrite(fd, memoryview(bufs[0])[:k], off)
+            if behind:
+                write_behind(fd, off, k)
+        write = time.perf_counter() - t
+        writes.append((write, _timed(os.fsync, fd)))
+        os.close(fd)
+    fd = os.open(path, os.O_RDONLY)              # the last file written, in the page cache: restore floor
+    try:
+        restores = []
+        for threads in (1, NCPU):
+            mem.prepare(mb)
+            target = mmap.mmap(-1, n)
+            view = memoryview(target)
+            restores.append(_timed(_parallel, threads, lambda b: os.preadv(fd, [view[b[0]:b[0] + b[1]]], b[0]),
+                                   blocks))
+            view.release()
+            target.close()
+    finally:
+        os.close(fd)
+        path.unlink()
     import zstandard
-    sample = bytes(a[: min(n, 256 * MiB)])
-    t = time.perf_counter()
-    zstandard.ZstdCompressor(level=1).compress(sample)
-    zstd_gbs = len(sample) / (time.perf_counter() - t) / 1e9
-    return {"memcpy": memcpy, "read": read, "write": write, "fsync": fsync, "crc": crc, "zstd1_gbs_core": zstd_gbs}
+    zstd1 = len(sample) / _timed(zstandard.ZstdCompressor(level=1).compress, sample) / 1e9
+    zstd_mt = len(sample) / _timed(zstandard.ZstdCompressor(level=1, threads=NCPU).compress, sample) / 1e9
+    return {"read1": read1, "readN": read_n, "write": writes[0][0], "fsync": writes[0][1],
+            "write_wb": writes[1][0], "fsync_wb": writes[1][1], "restore1": restores[0], "restoreN": restores[1],
+            "zstd1": zstd1, "zstdMT": zstd_mt}
 
 
-def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, directory: Path) -> dict:
+def dump_floor(f: dict) -> float:
+    return min(f["read1"], f["readN"]) + min(f["write"] + f["fsync"], f["write_wb"] + f["fsync_wb"])
+
+
+def restore_floor(f: dict) -> float:
+    return min(f["restore1"], f["restoreN"])
+
+
+def zstd_floor(f: dict) -> float:
+    """zstd-1 on all cores: the zstandard package's own threads, or every core at the one-core speed."""
+    return max(f["zstdMT"], NCPU * f["zstd1"])
+
+
+def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, directory: Path,
+            mem: Memory) -> dict:
     p = start(memhog, mb, threads)
     img = directory / f"ckpt_bench_{mb}_{threads}_{int(compress)}_{int(forked)}.dmtcp"
     try:
-        t0 = time.perf_counter()
         hint = vmflags_hint(p.pid)                   # as the agent does: smaps read before the freeze
+        mem.prepare(mb)
         t0 = time.perf_counter()
         fp = freeze(p.pid)
         cap = capture(fp, vmflags_hint=hint, forked=forked)
@@ -132,9 +212,9 @@ def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, d
             kill_snapshot(cap.snapshot_pid)
         dump = time.perf_counter() - t0
     finally:
-        p.kill()
-        p.wait()
+        stop(p)
     size = img.stat().st_size
+    mem.prepare(mb)
     t = time.perf_counter()
     with ImageReader(str(img)) as r:
         rp = restore_process(r, RestoreOptions())
@@ -142,54 +222,58 @@ def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, d
     restore = time.perf_counter() - t
     rp.kill()
     img.unlink()
-    return {"stopped": stopped, "dump": dump, "restore": restore, "size": size,
-            "mem_s": meta.stats["memory_s"], "bytes": meta.stats["bytes_in"]}
+    return {"stopped": stopped, "dump": dump, "restore": restore, "size": size, "bytes": meta.stats["bytes_in"]}
 
 
-def incremental_run(memhog: Path, mb: int, directory: Path) -> dict:
-    """A full checkpoint, then one after the program changed ~5 % of its pages (memhog 5: 5 % per second)."""
-    p = start_args(memhog, [str(mb), "1", "5"])
-    full = directory / "inc_full.dmtcp"
-    inc = directory / "inc_next.dmtcp"
+def checkpoint(p: subprocess.Popen, path: Path, generation: int, base: Path | None) -> tuple[float, int, dict]:
+    hint = vmflags_hint(p.pid)
+    t0 = time.perf_counter()
+    fp = freeze(p.pid)
+    cap = capture(fp, vmflags_hint=hint, forked=True)
+    snapshot(cap, parent_is_agent=True)
+    fp.resume()
+    meta = write_image(cap, str(path), computation="bench", generation=generation, unique_id="b",
+                       incremental=True, base=str(base) if base else None)
+    kill_snapshot(cap.snapshot_pid)
+    return time.perf_counter() - t0, path.stat().st_size, meta.stats
+
+
+def incremental_run(memhog: Path, mb: int, directory: Path, mem: Memory) -> dict:
+    """A full checkpoint (with page hashes); memhog then changes 5 % of its pages once; a second checkpoint."""
+    p = start(memhog, mb, 1, 5)
+    full, inc = directory / "inc_full.dmtcp", directory / "inc_next.dmtcp"
     try:
-        sizes, times = [], []
-        for path, base in ((full, None), (inc, str(full))):
-            hint = vmflags_hint(p.pid)
-            t0 = time.perf_counter()
-            fp = freeze(p.pid)
-            cap = capture(fp, vmflags_hint=hint, forked=True)
-            snapshot(cap, parent_is_agent=True)
-            fp.resume()
-            write_image(cap, str(path), computation="bench", generation=1 if base is None else 2, unique_id="b",
-                        incremental=True, base=base)
-            kill_snapshot(cap.snapshot_pid)
-            times.append(time.perf_counter() - t0)
-            sizes.append(path.stat().st_size)
-            time.sleep(1.0)
-        return {"full": sizes[0], "inc": sizes[1], "full_s": times[0], "inc_s": times[1]}
+        mem.prepare(mb)
+        full_s, full_size, _ = checkpoint(p, full, 1, None)
+        p.send_signal(signal.SIGUSR1)
+        assert p.stdout.readline().strip() == b"changed"
+        mem.prepare(mb // 10)
+        inc_s, inc_size, stats = checkpoint(p, inc, 2, full)
+        return {"full": full_size, "inc": inc_size, "full_s": full_s, "inc_s": inc_s,
+                "pages": stats["pages_dumped"]}
     finally:
-        p.kill()
-        p.wait()
+        stop(p)
         for f in (full, inc):
             if f.exists():
                 f.unlink()
-
-
-def start_args(memhog: Path, args: list[str]) -> subprocess.Popen:
-    p = subprocess.Popen([str(memhog), *args], stdout=subprocess.PIPE)
-    assert p.stdout.readline().strip() == b"ready"
-    return p
 
 
 def fmt(vals: list[float]) -> str:
     return f"{min(vals):.3f} / {statistics.median(vals):.3f}"
 
 
+MODES = ((False, True), (False, False), (True, True), (True, False))      # (compress, forked)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="256,1024,4096", help="MiB of touched memory, comma-separated")
-    ap.add_argument("--threads", default="1,4")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", default="1,4", help="threads of the benchmark program, comma-separated")
+    ap.add_argument("--runs", type=int, default=3, help="rounds: floors, then one run of every configuration")
+    ap.add_argument("--memory", choices=("warm", "cold"), default="warm",
+                    help="page-cache memory before each step: recently used (warm) or given back to the host")
+    ap.add_argument("--settle", type=float, default=4.0, help="seconds to wait before each step with --memory cold")
+    ap.add_argument("--no-incremental", action="store_true")
     ap.add_argument("--dir", default=None, help="where images go (default: a temp dir under /var/tmp)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
@@ -198,49 +282,89 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="hpcckpt-bench-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     memhog = build_memhog(work)
-    warm_mb = max(4 * max(sizes), int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.7) // MiB)
-    print(f"warming {warm_mb} MiB of memory ...", flush=True)
-    warm_memory(work, warm_mb)
-    rows = []
+    mem = Memory(args.memory, work, args.settle)
+    load0 = os.getloadavg()
+    started = time.strftime("%Y-%m-%d %H:%M")
+    raw_rows, zstd_rows, floor_rows = [], [], []
     for mb in sizes:
-        fl = [floors(memhog, mb, work) for _ in range(args.runs)]
-        f = {k: min(x[k] for x in fl) if k != "zstd1_gbs_core" else max(x[k] for x in fl) for k in fl[0]}
-        print(f"{mb} MiB floors: " + ", ".join(f"{k} {v:.3f}" for k, v in f.items()), flush=True)
-        for threads in thread_counts:
-            for compress, forked in ((False, True), (False, False), (True, True), (True, False)):
-                runs = [one_run(memhog, mb, threads, compress, forked, work) for _ in range(args.runs)]
-                r = {k: [x[k] for x in runs] for k in runs[0]}
-                floor_ckpt = f["read"] + f["write"] + f["fsync"]      # an image is durable: fsync is part of it
-                mode = f"{'zstd-1' if compress else 'raw'}, {'forked' if forked else 'frozen'}"
-                row = (f"| {mb} MiB | {threads} | {mode} | {fmt(r['stopped'])} | "
-                       f"{fmt(r['dump'])} | {min(r['dump']) / floor_ckpt:.2f}× | {fmt(r['restore'])} | "
-                       f"{statistics.median(r['size']) / MiB:.0f} MiB | {f['memcpy']:.3f} | {f['read']:.3f} | "
-                       f"{f['write']:.3f} + fsync {f['fsync']:.3f} |")
-                rows.append(row)
-                print(row, flush=True)
+        sample = bytearray(min(mb, 256) * MiB)          # the program's data, for the zstd floor
+        fl: list[dict] = []
+        res: dict = {}
+        for _ in range(args.runs):
+            fl.append(floors(memhog, mb, mem, work, sample))
+            print(f"{mb} MiB floors: " + ", ".join(f"{k} {v:.3f}" for k, v in fl[-1].items()), flush=True)
+            for threads in thread_counts:
+                for compress, forked in MODES:
+                    r = one_run(memhog, mb, threads, compress, forked, work, mem)
+                    print(f"  {threads} threads, {'zstd' if compress else 'raw'}, "
+                          f"{'forked' if forked else 'frozen'}: " +
+                          ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float)), flush=True)
+                    res.setdefault((threads, compress, forked), []).append(r)
+        del sample
+        d_floor = min(dump_floor(f) for f in fl)
+        r_floor = min(restore_floor(f) for f in fl)
+        z_floor = max(zstd_floor(f) for f in fl)
+
+        def best(*keys):
+            return f"{min(min(f[k] for k in keys) for f in fl):.3f}"
+        floor_rows.append(
+            f"| {mb} MiB | {best('read1')} / {best('readN')} | {best('write')} + {best('fsync')} | "
+            f"{best('write_wb')} + {best('fsync_wb')} | **{d_floor:.3f}** | {best('restore1')} / {best('restoreN')} | "
+            f"**{r_floor:.3f}** | {max(f['zstd1'] for f in fl):.2f} / {max(f['zstdMT'] for f in fl):.2f} | "
+            f"**{z_floor:.2f}** |")
+        for (threads, compress, forked), runs in res.items():
+            r = {k: [x[k] for x in runs] for k in runs[0]}
+            mode = f"{'forked' if forked else 'frozen'}"
+            size = f"{statistics.median(r['size']) / MiB:.0f} MiB"
+            if compress:
+                gbs = max(b / d for b, d in zip(r["bytes"], r["dump"])) / 1e9
+                z_mt = max(f["zstdMT"] for f in fl)
+                zstd_rows.append(f"| {mb} MiB | {threads} | {mode} | {fmt(r['stopped'])} | {fmt(r['dump'])} | "
+                                 f"{gbs:.2f} | {gbs / z_mt:.2f}× | {gbs / z_floor:.2f}× | {fmt(r['restore'])} | "
+                                 f"{size} |")
+            else:
+                raw_rows.append(f"| {mb} MiB | {threads} | {mode} | {fmt(r['stopped'])} | {fmt(r['dump'])} | "
+                                f"{min(r['dump']) / d_floor:.2f}× | {fmt(r['restore'])} | "
+                                f"{min(r['restore']) / r_floor:.2f}× | {size} |")
     inc_rows = []
-    for mb in sizes:
-        r = incremental_run(memhog, mb, work)
-        row = (f"| {mb} MiB | {r['full'] / MiB:.0f} MiB in {r['full_s']:.2f} s | {r['inc'] / MiB:.1f} MiB in "
-               f"{r['inc_s']:.2f} s | {100 * r['inc'] / r['full']:.1f} % |")
-        inc_rows.append(row)
-        print(row, flush=True)
+    if not args.no_incremental:
+        for mb in sizes:
+            r = incremental_run(memhog, mb, work, mem)
+            row = (f"| {mb} MiB | {r['full'] / MiB:.0f} MiB in {r['full_s']:.2f} s | {r['inc'] / MiB:.1f} MiB in "
+                   f"{r['inc_s']:.2f} s ({r['pages']} pages) | {100 * r['inc'] / r['full']:.1f} % |")
+            inc_rows.append(row)
+            print(row, flush=True)
+    load1 = os.getloadavg()
     cmd = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    header = (f"# Benchmark results\n\nCommand: `{cmd}` ({time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, "
-              f"{os.cpu_count()} cores, kernel {platform.release()}, images in {work}).\n\n"
-              "Times in seconds, min / median of "
-              f"{args.runs} runs. *stopped*: from freeze to resume (the program does not run); *forked*: the "
-              "images are written from a copy-on-write fork while the program runs on, *frozen*: the program "
-              "stays stopped until its images are written. *dump*: "
-              "freeze to image durable (fsync'ed). *vs floor*: min dump / (read + page-cache write + fsync floors). "
-              "*restore*: image to running program. Floors measured in the same run for the same size: "
-              "memcpy, process_vm_readv of the program's memory, write to the page cache (+ fsync).\n\n"
-              "| memory | threads | mode | stopped | dump | vs floor | restore | image | memcpy | read | write |\n"
-              "|---|---|---|---|---|---|---|---|---|---|---|\n")
-    inc_header = ("\n## Incremental images\n\nA full checkpoint (with page hashes), then one a second later, after the "
-                  "program changed about 5 % of its pages (bench/memhog MB 1 5), forked, raw.\n\n"
-                  "| memory | full image | incremental image | of the full |\n|---|---|---|---|\n")
-    Path(args.out).write_text(header + "\n".join(rows) + "\n" + inc_header + "\n".join(inc_rows) + "\n")
+    text = (
+        f"# Benchmark results\n\nCommand: `{cmd}` ({started}, {platform.node()}, {NCPU} cores, kernel "
+        f"{platform.release()}, images in {work}, memory {args.memory}; load average "
+        f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end).\n\n"
+        f"Times in seconds, min / median of {args.runs} rounds. *stopped*: from freeze to resume (the program does "
+        "not run); *forked*: the image is written from a copy-on-write fork while the program runs on; *frozen*: "
+        "the program stays stopped until its image is written. *dump*: freeze to image durable (fsync'ed). "
+        "*restore*: image to running program. Floors are measured in every round, prepared like the runs "
+        "(bench/run.py --help).\n\n## Floors\n\n"
+        "Best of the rounds. *read*: one thread / all cores. *write + fsync*: plainly, and with write-behind "
+        "(sync_file_range after every 64 MiB). *dump floor*: the faster read + the faster write and fsync. "
+        "*restore*: one thread / all cores. *zstd-1*: GB/s on one core / with the zstandard package's threads; "
+        f"its floor: the better of those threads and {NCPU} × the one-core speed.\n\n"
+        "| memory | read | write + fsync | write-behind + fsync | dump floor | restore | restore floor | zstd-1 | "
+        f"zstd-1 floor, {NCPU} cores |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(floor_rows) +
+        "\n\n## Raw images\n\n*vs floor*: min dump / dump floor, min restore / restore floor.\n\n"
+        "| memory | threads | mode | stopped | dump | vs floor | restore | vs floor | image |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(raw_rows) +
+        "\n\n## zstd-1 images\n\n*GB/s*: memory in / dump time (best run), over the zstd-1 floors: the zstandard "
+        f"package's own threads (threads={NCPU}), and the strict one: the better of those and {NCPU} × one core "
+        "(floors table; the target is ≥ 0.8× of the strict one).\n\n"
+        "| memory | threads | mode | stopped | dump | GB/s | of zstd-1 threads | of zstd-1 floor | restore | image |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(zstd_rows) + "\n")
+    if inc_rows:
+        text += ("\n## Incremental images\n\nA full checkpoint (with page hashes), then memhog changes 5 % of its "
+                 "pages once (SIGUSR1) and a second checkpoint stores what changed; forked, raw.\n\n"
+                 "| memory | full image | incremental image | of the full |\n|---|---|---|---|\n" +
+                 "\n".join(inc_rows) + "\n")
+    Path(args.out).write_text(text)
     print(f"written to {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0

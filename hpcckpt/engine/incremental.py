@@ -43,13 +43,23 @@ class HashSpec:
 
 def changed_runs(view: memoryview, npages: int, spec: HashSpec, zero_skip: bool) -> list[tuple[int, int]]:
     """Hash every page into spec.out; return the runs of pages to store (changed, and not all zero)."""
+    sha = hashlib.sha256                       # releases the GIL for a page: the writer threads hash in parallel
+    hashes = [sha(view[i * 4096:(i + 1) * 4096]).digest()[:HASH_SIZE] for i in range(npages)]
+    if UNPOPULATED in hashes:
+        hashes = [h if h != UNPOPULATED else b"\1" + h[1:] for h in hashes]      # as page_hash does
+    joined = b"".join(hashes)
+    spec.out[:len(joined)] = joined
+    prev = spec.prev
+    if prev is None:
+        if not zero_skip or ZERO_HASH not in hashes:
+            return [(0, npages)] if npages else []
+    elif prev == joined:
+        return []                              # nothing changed: the common case in an incremental image
     runs: list[tuple[int, int]] = []
-    for i in range(npages):
-        h = page_hash(view[i * 4096:(i + 1) * 4096])
-        spec.out[i * HASH_SIZE:(i + 1) * HASH_SIZE] = h
-        if h == ZERO_HASH and (zero_skip or spec.prev is not None):
+    for i, h in enumerate(hashes):
+        if h == ZERO_HASH and (zero_skip or prev is not None):
             continue
-        if spec.prev is not None and spec.prev[i * HASH_SIZE:(i + 1) * HASH_SIZE] == h:
+        if prev is not None and prev[i * HASH_SIZE:(i + 1) * HASH_SIZE] == h:
             continue
         if runs and runs[-1][0] + runs[-1][1] == i:
             runs[-1] = (runs[-1][0], runs[-1][1] + 1)

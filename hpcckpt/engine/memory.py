@@ -19,11 +19,10 @@ from __future__ import annotations
 import logging
 import mmap as _mmap
 import os
-import zlib
 from dataclasses import dataclass, field
 
 from ..faults import fault
-from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
+from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter, crc32
 from ..image.records import RegionRecord
 from .inject import Injector
 from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_READ,
@@ -376,8 +375,9 @@ def protect_region(inj: Injector, r: RegionRecord) -> None:
 
 
 class MemoryFiller:
-    """Writes image pages into a restored process: raw chunks straight from a private mapping of the image
-    file (no copy through Python), compressed ones decompressed in parallel, in order."""
+    """Writes image pages into a restored process on a few threads (process_vm_writev, CRC-32 and zstd release
+    the GIL): raw chunks straight from a private mapping of the image file (no copy through Python),
+    compressed ones decompressed first."""
 
     def __init__(self, pid: int, reader: ImageReader, verify: bool = True, threads: int = 0):
         self.pid = pid
@@ -398,25 +398,33 @@ class MemoryFiller:
         if self.reader.meta.get("base"):
             self._fill_chain(regions)
             return
-        jobs = [(r, Chunk.from_json(c)) for r in regions for c in r.chunks]
-        raw = [(r, c) for r, c in jobs if c.codec == CODEC_RAW]
-        packed = [(r, c) for r, c in jobs if c.codec != CODEC_RAW]
-        if raw:
-            mm = self._image_map()
-            view = memoryview(mm)
-            for r, c in raw:
-                if c.off + c.length > self.reader.size:
-                    raise ImageError(f"{self.reader.path}: truncated image (chunk at {c.off} beyond the end)")
-                if self.verify and zlib.crc32(view[c.off:c.off + c.length]) != c.crc:
-                    raise ImageError(f"{self.reader.path}: corrupted image (checksum mismatch in chunk at "
-                                     f"offset {c.off})")
-                self._write(self._base + c.off, c.length, r.start + c.page * PAGE)
-            view.release()
-        if packed:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(self.threads, thread_name_prefix="unzstd") as pool:
-                for (r, c), data in zip(packed, pool.map(lambda rc: self.reader.read_chunk(rc[1]), packed)):
-                    self._write(buffer_address(data), len(data), r.start + c.page * PAGE)
+        jobs = [(r.start + c.page * PAGE, c) for r in regions for c in map(Chunk.from_json, r.chunks)]
+        for _, c in jobs:
+            if c.off + c.length > self.reader.size:
+                raise ImageError(f"{self.reader.path}: truncated image (chunk at {c.off} beyond the end)")
+        view = memoryview(self._image_map()) if any(c.codec == CODEC_RAW for _, c in jobs) else None
+
+        def one(job):
+            remote, c = job
+            if c.codec != CODEC_RAW:
+                data = self.reader.read_chunk(c)
+                self._write(buffer_address(data), len(data), remote)
+                return len(data)
+            if self.verify and crc32(view[c.off:c.off + c.length]) != c.crc:
+                raise ImageError(f"{self.reader.path}: corrupted image (checksum mismatch in chunk at offset "
+                                 f"{c.off})")
+            self._write(self._base + c.off, c.length, remote)
+            return c.length
+        try:
+            if len(jobs) > 1 and self.threads > 1:
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(self.threads, thread_name_prefix="fill") as pool:
+                    self.bytes += sum(pool.map(one, jobs))
+            else:
+                self.bytes += sum(map(one, jobs))
+        finally:
+            if view is not None:
+                view.release()
 
     def _fill_chain(self, regions: list[RegionRecord]) -> None:
         """An incremental image: each page from the newest image of the chain that holds its content."""
@@ -428,11 +436,11 @@ class MemoryFiller:
                     continue
                 npages = (r.end - r.start) // PAGE
                 for reader, c, runs in resolve(chain, region_key(r), npages):
-                    view = memoryview(reader.read_chunk(c))
+                    data = reader.read_chunk(c)
+                    base = buffer_address(data)
                     for first, n in runs:
-                        lo = (first - c.page) * PAGE
-                        part = bytes(view[lo:lo + n * PAGE])
-                        self._write(buffer_address(part), len(part), r.start + first * PAGE)
+                        self._write(base + (first - c.page) * PAGE, n * PAGE, r.start + first * PAGE)
+                        self.bytes += n * PAGE
         finally:
             for link in chain[1:]:
                 link.reader.close()
@@ -441,7 +449,6 @@ class MemoryFiller:
         done = 0
         while done < length:
             done += process_vm_writev(self.pid, local + done, length - done, remote + done)
-        self.bytes += length
 
     def close(self) -> None:
         if self._map is not None:

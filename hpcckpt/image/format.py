@@ -12,15 +12,20 @@ Images are written as NAME.tmp (mode 0600), fsync'ed, then renamed: a file with 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
 import threading
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..faults import fault
+
+try:                  # the same CRC-32 as zlib's, ~10x faster (ISA-L, carry-less multiply): 0.03 s/GiB, not 0.3
+    from isal.isal_zlib import crc32
+except ImportError:   # pragma: no cover - isal is a dependency; zlib computes the same checksum
+    from zlib import crc32
 
 MAGIC = b"HPCCKPT\x00"
 FORMAT_VERSION = 1
@@ -58,10 +63,10 @@ class Chunk:
 class ImageWriter:
     """Writes one image file. Page data is added chunk by chunk; finish() writes the metadata and commits.
 
-    Chunks are produced, checksummed (and compressed) by a small thread pool: reading another process's
-    memory, CRC-32, zstd and write(2) all release the GIL, so they overlap. Raw chunks go to offsets reserved
-    in order and are written with pwrite by the workers; compressed chunks (sizes unknown in advance) are
-    written in order by the caller's thread."""
+    Chunks are produced, checksummed (and compressed) and written by a small thread pool: reading another
+    process's memory, CRC-32, zstd and pwrite(2) all release the GIL, so they overlap. A worker reserves file
+    space for a chunk once it knows its stored length, so chunks lie in the file in the order they were
+    finished; the metadata says where each is. Writeback to disk starts as chunks are written (write_behind)."""
 
     def __init__(self, final_path: str, compress: bool = False, level: int = 1, threads: int = 0):
         self.final_path = final_path
@@ -111,11 +116,11 @@ class ImageWriter:
         return buf
 
     def _reserve(self, length: int) -> int:
-        """File space for raw page data, taken when a worker knows what it keeps (offsets stay page-aligned:
-        raw data is whole pages)."""
+        """File space for a chunk, taken by the worker that wrote it once it knows its stored length; every
+        chunk starts on an ALIGN boundary (the gap after a compressed one is left a hole)."""
         with self._lock:
             off = self.pos
-            self.pos += length
+            self.pos += length + (-length) % ALIGN
             return off
 
     def _work(self, group: "ChunkGroup", page: int, npages: int, produce, zero_skip: bool, hashing):
@@ -126,46 +131,37 @@ class ImageWriter:
             from ..engine.incremental import changed_runs
             runs = changed_runs(view, npages, hashing, zero_skip)
         else:
-            runs = _nonzero_runs(raw, view, npages) if zero_skip else [(0, npages)]
-        self.zero_pages += npages - sum(n for _, n in runs)      # left out: all zero, or unchanged
+            runs = _nonzero_runs(view, npages) if zero_skip else [(0, npages)]
         stored = []
         for first, n in runs:
             part = view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
             if self.compress:
-                stored.append((Chunk(page + first, n, 0, 0, 0, CODEC_ZSTD), _zstd_compress(part, self.level)))
+                data = self._compressor().compress(part)
+                c = Chunk(page + first, n, self._reserve(len(data)), len(data), crc32(data), CODEC_ZSTD)
             else:
-                c = Chunk(page + first, n, self._reserve(len(part)), len(part), zlib.crc32(part), CODEC_RAW)
-                done = 0
-                while done < len(part):
-                    done += os.pwrite(self.fd, part[done:], c.off + done)
-                stored.append((c, None))
-        return stored
+                data = part
+                c = Chunk(page + first, n, self._reserve(len(part)), len(part), crc32(part), CODEC_RAW)
+            _pwrite_all(self.fd, data, c.off)
+            write_behind(self.fd, c.off, len(data))
+            stored.append(c)
+        return npages - sum(n for _, n in runs), stored      # pages left out (all zero, or unchanged)
+
+    def _compressor(self):
+        z = getattr(self._local, "zstd", None)
+        if z is None:
+            import zstandard
+            z = self._local.zstd = zstandard.ZstdCompressor(level=self.level)
+        return z
 
     def drain(self, keep: int = 0) -> None:
-        """Wait for queued chunks (all but `keep` of them), writing compressed ones in order."""
+        """Wait for queued chunks (all but `keep` of them) to be written; fills in their ChunkGroups."""
         while len(self._pending) > keep:
             group, fut = self._pending.pop(0)
-            for chunk, data in fut.result():
-                if data is not None:
-                    self._append(chunk, data)
+            left_out, stored = fut.result()
+            self.zero_pages += left_out
+            for chunk in stored:
                 self.bytes_out += chunk.length
                 group.append(chunk)
-
-    def _append(self, chunk: Chunk, data) -> None:
-        with self._lock:
-            return self._append_locked(chunk, data)
-
-    def _append_locked(self, chunk: Chunk, data) -> None:
-        chunk.off = self.pos
-        chunk.length = len(data)
-        chunk.crc = zlib.crc32(data)
-        pad = (-len(data)) % ALIGN
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, memoryview(data)[done:], self.pos + done)
-        if pad:
-            os.pwrite(self.fd, b"\0" * pad, self.pos + len(data))
-        self.pos += len(data) + pad
 
     # -- commit ----------------------------------------------------------------------------------------------
     def finish(self, meta: dict) -> str:
@@ -175,10 +171,8 @@ class ImageWriter:
         self._pool.shutdown()
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         meta_off = self.pos
-        done = 0
-        while done < len(meta_bytes):
-            done += os.pwrite(self.fd, meta_bytes[done:], meta_off + done)
-        header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, meta_off, len(meta_bytes), zlib.crc32(meta_bytes),
+        _pwrite_all(self.fd, meta_bytes, meta_off)
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, meta_off, len(meta_bytes), crc32(meta_bytes),
                               meta_off)
         os.pwrite(self.fd, header, 0)
         os.fsync(self.fd)
@@ -208,23 +202,43 @@ class ChunkGroup(list):
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def _nonzero_runs(raw: bytearray, view: memoryview, npages: int) -> list[tuple[int, int]]:
-    """Runs (first, count) of pages that are not all zero."""
-    if raw.find(ZERO_PAGE, 0, npages * PAGE_SIZE) < 0:
-        return [(0, npages)]              # no 4 KiB of zeros anywhere: the common case, found at C speed
+def _nonzero_runs(view: memoryview, npages: int) -> list[tuple[int, int]]:
+    """Runs (first, count) of pages that are not all zero. Only pages whose first 8 bytes are zero are compared
+    in full, so data pages cost one cache line each."""
+    heads = view.cast("Q")[::PAGE_SIZE // 8].tolist()
+    if 0 not in heads:
+        return [(0, npages)]              # the common case
     runs: list[tuple[int, int]] = []
-    for i in range(npages):
-        if view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != ZERO_PAGE:
-            if runs and runs[-1][0] + runs[-1][1] == i:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((i, 1))
+    for i, head in enumerate(heads):
+        if head == 0 and view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == ZERO_PAGE:
+            continue
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
     return runs
 
 
-def _zstd_compress(data, level: int) -> bytes:
-    import zstandard
-    return zstandard.ZstdCompressor(level=level).compress(data)
+def _pwrite_all(fd: int, data, off: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], off + done)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def write_behind(fd: int, off: int, length: int) -> None:
+    """Start writing [off, off+length) to disk now (a hint; errors are ignored): the final fsync then finds
+    little left to do, and the dirty pages of a large image never reach the kernel's dirty limit, where its
+    writer would be throttled."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, off, length, SYNC_FILE_RANGE_WRITE)
 
 
 class ImageReader:
@@ -254,7 +268,7 @@ class ImageReader:
             raise ImageError(f"{path}: truncated or unfinished image ({self.size} bytes, metadata expected at "
                              f"{meta_off}+{meta_len})")
         raw = os.pread(self.fd, meta_len, meta_off)
-        if zlib.crc32(raw) != meta_crc:
+        if crc32(raw) != meta_crc:
             os.close(self.fd)
             raise ImageError(f"{path}: corrupted image (metadata checksum mismatch)")
         self.meta = json.loads(raw)
@@ -264,7 +278,7 @@ class ImageReader:
         if chunk.off + chunk.length > self.size:
             raise ImageError(f"{self.path}: truncated image (chunk at {chunk.off} beyond end of file)")
         stored = os.pread(self.fd, chunk.length, chunk.off)
-        if len(stored) != chunk.length or zlib.crc32(stored) != chunk.crc:
+        if len(stored) != chunk.length or crc32(stored) != chunk.crc:
             raise ImageError(f"{self.path}: corrupted image (checksum mismatch in chunk at offset {chunk.off})")
         if chunk.codec == CODEC_RAW:
             return stored
