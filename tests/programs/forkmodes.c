@@ -45,6 +45,9 @@ int main(int argc, char **argv) {
         if (got != 0) { char t[48]; snprintf(t, sizeof t, " reaped-%d", got); strcat(why, t); }
         uint64_t before = shared[0];
         usleep(20000);
+        /* a checkpoint may freeze us both mid-sleep and resume us first: give the child up to 2 s */
+        for (int i = 0; i < 100 && shared[0] == before; i++)
+            usleep(20000);
         if (shared[0] == before) strcat(why, " shared-counter-stuck");
         fill(a, s);
         fill(b, s);
