@@ -108,7 +108,6 @@ def open_images(paths: list[str]) -> list[ImageReader]:
         gens = {r.meta.get("generation") for r in readers}
         if len(gens) > 1:
             raise Fail(f"the images come from different checkpoints (generations {sorted(gens)})")
-        check_complete(paths, readers)
     except ImageError as e:
         for r in readers:
             r.close()
@@ -142,6 +141,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             raise Fail("--hostfile needs the restart script's table (--table) or --from")
         elif args.images:
             here = socket.gethostname()     # images given by hand restart here (one agent per agent of theirs)
+            if args.policy != JOIN:             # (a --join part gets one agent's share on purpose)
+                given = open_images(args.images)
+                try:
+                    check_complete(args.images, given)
+                finally:
+                    for r in given:
+                        r.close()
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
