@@ -91,3 +91,22 @@ def test_zero_pages_cost_nothing(tmp_path, compress):
     with ImageReader(path) as r:
         assert r.read_chunk(g[0])[0] == 1 and r.read_chunk(g[1])[7] == 2
     assert os.stat(path).st_blocks * 512 < 4096 * 8     # the file holds no zero pages
+
+
+def test_incremental_page_hashes_find_changed_pages():
+    """changed_runs hashes every page and returns the runs to store: all non-zero pages without a previous
+    generation; then only pages whose content changed (a page that became zero is not stored either)."""
+    from hpcckpt.engine.incremental import HASH_SIZE, HashSpec, changed_runs, page_hash
+    pages = [os.urandom(4096) for _ in range(16)]
+    pages[3] = pages[4] = bytes(4096)
+    out = bytearray(HASH_SIZE * 16)
+    runs = changed_runs(memoryview(b"".join(pages)), 16, HashSpec(memoryview(out), None), zero_skip=True)
+    assert runs == [(0, 3), (5, 11)]
+    assert bytes(out) == b"".join(page_hash(p) for p in pages)
+    prev = bytes(out)
+    for i in (0, 1, 9):
+        pages[i] = os.urandom(4096)
+    pages[12] = bytes(4096)
+    runs = changed_runs(memoryview(b"".join(pages)), 16, HashSpec(memoryview(out), prev), zero_skip=True)
+    assert runs == [(0, 2), (9, 1)]
+    assert changed_runs(memoryview(b"".join(pages)), 16, HashSpec(memoryview(out), bytes(out)), True) == []

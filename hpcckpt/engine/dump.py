@@ -193,7 +193,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         proc.blobs = blobs
         for i, p in enumerate(cap.plans):
             if p.hashes is not None:
-                p.rec.hashes = hash_blobs[f"hashes:{i}"]
+                p.rec.hashes = {**hash_blobs[f"hashes:{i}"], "algo": incremental_mod.HASH_ALGO}
         if base_meta is not None and previous:
             meta.base = os.path.relpath(base, os.path.dirname(os.path.abspath(path)))
             meta.needs = sorted(set(base_meta.get("needs") or [base_meta["generation"]]) | {generation})

@@ -1,8 +1,10 @@
 """Incremental images: a generation stores only the pages whose content changed since the previous one.
 
 There is no soft-dirty tracking on this kernel, so changes are found by content: every page written gets an
-8-byte hash (SHA-256, truncated; SHA-NI makes it ~0.9 s/GiB on one core, spread over the writer threads),
-stored with the image. The next generation hashes again and stores a page only if its hash differs from the
+8-byte hash (XXH3-64: 0.08 s/GiB on one core here, ten times less than SHA-256 with SHA-NI; it finds changed
+pages, it does not defend against an adversary writing colliding pages into its own memory), stored with the
+image and tagged with the algorithm: hashes of another algorithm (images of older versions, SHA-256) are not
+compared, the next generation is then a full one. The next generation hashes again and stores a page only if its hash differs from the
 previous generation's (an all-zero page is never stored: a fresh mapping reads as zeros).
 
 Restore resolves each page of the newest image: its hash says what the content is, and the content comes
@@ -12,22 +14,25 @@ generation a kept one still needs (manifest entries list the generations each im
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
+
+from xxhash import xxh3_64_digest
 
 from ..image.format import Chunk, ImageError, ImageReader
 
 HASH_SIZE = 8
+HASH_ALGO = "xxh3-64"         # in each region's hash blob; a blob without one holds SHA-256 hashes (older images)
 UNPOPULATED = bytes(HASH_SIZE)
 
 
 def page_hash(page) -> bytes:
-    h = hashlib.sha256(page).digest()[:HASH_SIZE]
+    h = xxh3_64_digest(page)
     return h if h != UNPOPULATED else b"\1" + h[1:]       # 0 means "no page"
 
 
 ZERO_HASH = page_hash(bytes(4096))
+_ZERO_INT = int.from_bytes(ZERO_HASH, "little")    # as memoryview.cast("Q") reads it (x86-64, little-endian)
 
 
 def region_key(r) -> tuple:
@@ -43,8 +48,7 @@ class HashSpec:
 
 def changed_runs(view: memoryview, npages: int, spec: HashSpec, zero_skip: bool) -> list[tuple[int, int]]:
     """Hash every page into spec.out; return the runs of pages to store (changed, and not all zero)."""
-    sha = hashlib.sha256                       # releases the GIL for a page: the writer threads hash in parallel
-    hashes = [sha(view[i * 4096:(i + 1) * 4096]).digest()[:HASH_SIZE] for i in range(npages)]
+    hashes = [xxh3_64_digest(view[i * 4096:(i + 1) * 4096]) for i in range(npages)]
     if UNPOPULATED in hashes:
         hashes = [h if h != UNPOPULATED else b"\1" + h[1:] for h in hashes]      # as page_hash does
     joined = b"".join(hashes)
@@ -55,17 +59,21 @@ def changed_runs(view: memoryview, npages: int, spec: HashSpec, zero_skip: bool)
             return [(0, npages)] if npages else []
     elif prev == joined:
         return []                              # nothing changed: the common case in an incremental image
-    runs: list[tuple[int, int]] = []
-    for i, h in enumerate(hashes):
-        if h == ZERO_HASH and (zero_skip or prev is not None):
-            continue
-        if prev is not None and prev[i * HASH_SIZE:(i + 1) * HASH_SIZE] == h:
-            continue
+    # compare as integers, one list comprehension per chunk: a Python loop over every page costs ~1 s per 4 GiB
+    cur = memoryview(joined).cast("Q").tolist()
+    skip_zero = zero_skip or prev is not None
+    if prev is None:
+        keep = [i for i, h in enumerate(cur) if h != _ZERO_INT]
+    else:
+        old = memoryview(prev).cast("Q").tolist()
+        keep = [i for i, (h, o) in enumerate(zip(cur, old)) if h != o and not (skip_zero and h == _ZERO_INT)]
+    runs: list[list[int]] = []
+    for i in keep:
         if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            runs[-1][1] += 1
         else:
-            runs.append((i, 1))
-    return runs
+            runs.append([i, 1])
+    return [(first, n) for first, n in runs]
 
 
 def previous_hashes(path: str | None) -> dict[tuple, bytes]:
@@ -78,7 +86,7 @@ def previous_hashes(path: str | None) -> dict[tuple, bytes]:
     with ImageReader(path) as r:
         for row in r.meta["process"]["regions"]:
             reg = RegionRecord.from_dict(row)
-            if reg.hashes:
+            if reg.hashes and reg.hashes.get("algo") == HASH_ALGO:
                 out[region_key(reg)] = read_blob(r, reg.hashes)
     return out
 
