@@ -266,6 +266,9 @@ def fmt(vals: list[float]) -> str:
 MODES = ((False, True), (False, False), (True, True), (True, False))      # (compress, forked)
 
 
+NOTES = "### Reading these numbers"
+
+
 def zstd_cpu_floor(f: dict, mb: int) -> float:
     """Seconds a zstd dump of mb MiB takes at least on all cores: every byte read once (one thread) and
     compressed (one-core speed), the compressed bytes written (plain write), that CPU time spread evenly."""
@@ -379,7 +382,10 @@ def main() -> int:
                  "pages once (SIGUSR1) and a second checkpoint stores what changed; forked, raw.\n\n"
                  "| memory | full image | incremental image | of the full |\n|---|---|---|---|\n" +
                  "\n".join(inc_rows) + "\n")
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    if out.exists() and NOTES in out.read_text():       # the hand-written reading of earlier numbers stays
+        text += "\n" + NOTES + out.read_text().split(NOTES, 1)[1]
+    out.write_text(text)
     print(f"written to {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
