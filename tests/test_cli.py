@@ -141,3 +141,38 @@ def test_checkpoint_waits_for_every_mpi_rank_and_fails_naming_the_missing_one(la
     assert "rank 3 of 4 (pmi:4) never joined" in reply["error"], reply
     assert reply["generation"] == 1
     job.kill()
+
+
+def test_blocking_checkpoint_shows_progress_on_a_terminal(launch, env, tmp_path, build_dir):
+    """-bc on a terminal rewrites one progress line (phase, MB written, agents done) while the images are being
+    written, then prints the outcome; -s --json carries the same numbers as checkpoint_progress."""
+    import os
+    import pty
+    from conftest import compile_c
+    prog = compile_c(build_dir, "sparse")
+    env["HPCCKPT_FAULT"] = "dump.after_chunk:sleep=0.2"        # 64 MiB = 16 chunks: ~3 s of writing
+    job = launch(prog, tmp_path / "out.txt", 64, 100000, 10000)
+    wait_for(lambda: (tmp_path / "out.txt").exists() and (tmp_path / "out.txt").stat().st_size, 20, "progress")
+    assert json.loads(job.command("-s", "--json").stdout)["checkpoint_progress"] is None
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(["dmtcp_command", "--port-file", str(job.port_file), "-bc"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert p.returncode == 0 and "checkpoint generation 1 complete" in p.stdout
+    assert b"\r" in shown and b"MB written" in shown and b"checkpoint 1:" in shown, shown
+    assert shown.endswith(b"\r\x1b[K")                 # the line is cleared before the outcome is printed

@@ -5,7 +5,7 @@ import json
 import sys
 
 from ..agent.join import read_port_file
-from ..coordinator.client import CoordinatorUnreachable, command
+from ..coordinator.client import CoordinatorUnreachable, command, command_watched
 from .common import Fail, Parser, add_coord_options, run_main, settings_from
 
 EXIT_UNREACHABLE = 2
@@ -69,6 +69,33 @@ def _print_text(cmd: str, r: dict) -> None:
         print(f"{cmd} failed: {r.get('error')}", file=sys.stderr)
 
 
+class Progress:
+    """One line on a terminal, rewritten in place while a blocking checkpoint runs."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.shown = False
+
+    def show(self, status: dict) -> None:
+        cp = status.get("checkpoint_progress")
+        if not cp:
+            return
+        what = "stopped" if cp.get("frozen") else "running"
+        waiting = status.get("waiting_for_ranks") or []
+        line = (f"checkpoint {cp['generation']}: {cp.get('phase') or 'waiting'}, "
+                f"{cp.get('bytes_written', 0) / 1e6:,.0f} MB written, "
+                f"{cp.get('agents_durable', 0)}/{cp.get('agents', 0)} agents done, {cp.get('elapsed_s', 0):.0f} s, "
+                f"processes {what}" + (f", waiting for {len(waiting)} rank(s)" if waiting else ""))
+        self.stream.write("\r\x1b[K" + line)
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
 def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
     def body(argv):
         p = parser(prog)
@@ -88,8 +115,16 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
                 raise Fail(f"cannot read the coordinator port from {s.port_file}", EXIT_UNREACHABLE)
         timeout = args.timeout if args.timeout is not None else (None if cmd in ("bcheckpoint", "kcheckpoint")
                                                                  else 10.0)
+        watch = cmd in ("bcheckpoint", "kcheckpoint") and not args.json and timeout is None and sys.stderr.isatty()
         try:
-            r = command(s.coord_host, port, cmd, timeout=timeout, **extra)
+            if watch:
+                progress = Progress(sys.stderr)
+                try:
+                    r = command_watched(s.coord_host, port, cmd, progress.show, **extra)
+                finally:
+                    progress.clear()
+            else:
+                r = command(s.coord_host, port, cmd, timeout=timeout, **extra)
         except CoordinatorUnreachable as e:
             raise Fail(str(e), EXIT_UNREACHABLE) from None
         r.setdefault("command", cmd)

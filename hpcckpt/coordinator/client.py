@@ -89,3 +89,28 @@ def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, **args
         return conn.request({"type": "command", "cmd": cmd, **args}, timeout)
     finally:
         conn.close()
+
+
+def command_watched(host: str, port: int, cmd: str, on_status, interval: float = 1.0, **args) -> dict:
+    """A blocking command (-bc, -kc) that asks for the status every `interval` seconds while it waits and passes
+    each to on_status (progress on a terminal). Both go over one connection: the coordinator answers a status
+    at once, the command when it is done; replies name their command."""
+    if not port_is_open(host, port):
+        raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}")
+    try:
+        conn = Connection(host, port)
+    except protocol.SecretError as e:
+        raise CoordinatorUnreachable(str(e)) from None
+    try:
+        conn.sock.setsockopt(zmq.LINGER, 0)
+        conn.send({"type": "command", "cmd": cmd, **args})
+        while True:
+            reply = conn.recv(interval)
+            if reply is None:
+                conn.send({"type": "command", "cmd": "status"})
+            elif reply.get("command") == "status":
+                on_status(reply)
+            else:
+                return reply
+    finally:
+        conn.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from .. import __version__
 from ..image import store
@@ -29,6 +30,11 @@ class Commands:
             "generation": self.generation, "last_checkpoint": self.last_checkpoint,
             "last_failure": self.last_failure,
             "waiting_for_ranks": self.ranks.missing() if self.waiting is not None else [],
+            "checkpoint_progress": None if r is None else {
+                "generation": r.generation, "phase": r.phase, "elapsed_s": round(time.time() - r.started, 3),
+                "frozen": not r.resumed, "bytes_written": sum(p.progress.get("bytes", 0) for p in self.peers.values()
+                                                              if p.ident in r.peers),
+                "agents": len(r.peers), "agents_durable": len(r.durable)},
             "restart": None if self.gate is None else {
                 "generation": self.gate.generation, "hosts": sorted(set(self.gate.expected.values())),
                 "missing": sorted(self.gate.missing().values()), "restored": len(self.gate.restored)},
