@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
 MiB = 1 << 20
 
 
@@ -63,6 +64,7 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
                             "20", str(mb)], env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait(lambda: lines(out) >= 20, 300, "the job's first steps")
+        warm(work, ranks * mb * MiB)
         t = time.perf_counter()
         r = command(env, port, "-bc", "--json")
         ckpt_wall = time.perf_counter() - t
@@ -95,26 +97,51 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
             "images": c.get("images", 0), "restart": restart}
 
 
+def warm(directory: Path, nbytes: int) -> None:
+    """Write and delete a file a bit larger than nbytes: on this VM freed memory goes back to the host ~2 s
+    after it is freed and costs ~2.5 s/GiB to touch again (bench/run.py --help); the checkpoint and the floor
+    both start from recently used page-cache memory."""
+    path = directory / "warm.bin"
+    block = b"\1" * (16 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(nbytes // len(block) + 16):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
 def floor(directory: Path, nbytes: int) -> dict:
-    """Write nbytes to a file and fsync; read it back (page cache)."""
+    """Write nbytes to a file and fsync - plainly and with write-behind (as the image writers do), the better
+    of the two - then read it back (page cache)."""
+    from hpcckpt.image.format import write_behind
     path = directory / "floor.bin"
     block = os.urandom(16 * MiB)
-    t = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    left = nbytes
-    while left > 0:
-        left -= os.write(fd, block[:min(left, len(block))])
-    w = time.perf_counter() - t
-    os.fsync(fd)
-    fs = time.perf_counter() - t - w
-    os.close(fd)
+    best = None
+    for behind in (False, True):
+        warm(directory, nbytes)
+        t = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        off = 0
+        while off < nbytes:
+            k = os.write(fd, block[:min(nbytes - off, len(block))])
+            if behind:
+                write_behind(fd, off, k)
+            off += k
+        w = time.perf_counter() - t
+        os.fsync(fd)
+        fs = time.perf_counter() - t - w
+        os.close(fd)
+        if best is None or w + fs < best[0] + best[1]:
+            best = (w, fs)
     t = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while f.read(16 * MiB):
             pass
     rd = time.perf_counter() - t
     path.unlink()
-    return {"write": w, "fsync": fs, "read": rd}
+    return {"write": best[0], "fsync": best[1], "read": rd}
 
 
 def main() -> int:
@@ -178,7 +205,8 @@ def main() -> int:
             f"on this one machine, so both share its 2 cores and its disk. Seconds, min / median of {a.runs} runs. "
             "*checkpoint*: `dmtcp_command -bc` until every image is durable; *stopped*: how long the ranks did "
             "not run; *restart*: restart script until the job writes again; *floor*: writing the same bytes + "
-            "fsync, and reading them back from the page cache.\n",
+            "fsync (the better of plain and written-behind), and reading them back from the page cache. Page-cache "
+            "memory is warmed (a file as large written and deleted) right before the checkpoint and each floor.\n",
             "| hosts | checkpoint | stopped | restart | images | floor write+fsync | floor read | "
             "checkpoint vs floor |", "|---|---|---|---|---|---|---|---|"]
     for nhosts, runs in rows:
