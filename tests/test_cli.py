@@ -176,3 +176,6 @@ def test_blocking_checkpoint_shows_progress_on_a_terminal(launch, env, tmp_path,
     assert p.returncode == 0 and "checkpoint generation 1 complete" in p.stdout
     assert b"\r" in shown and b"MB written" in shown and b"checkpoint 1:" in shown, shown
     assert shown.endswith(b"\r\x1b[K")                 # the line is cleared before the outcome is printed
+    last = json.loads(job.command("-s", "--json").stdout)["last_checkpoint"]
+    assert last["pages_dumped"] * 4096 >= 64 << 20 and last["pages_skipped"] > 0 and 0.9 < last["ratio"] <= 1.01
+    assert {"suspend", "drain", "checkpoint"} <= set(last["phase_s"]) and last["write_s"] >= 3 * 0.2

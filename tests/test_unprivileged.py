@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 NOBODY = 65534
 SYSTEM_PY = "/usr/bin/python3"
-DEPS = ("zmq", "pyzmq.libs", "zstandard", "yaml", "_yaml", "psutil")
+DEPS = ("zmq", "pyzmq.libs", "zstandard", "yaml", "_yaml", "psutil", "xxhash", "isal")
 
 
 @pytest.fixture(scope="module")

@@ -416,6 +416,9 @@ class Agent:
             self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
             c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
             c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
+            for key in ("pages_dumped", "pages_skipped", "zero_pages"):
+                c.stats[key] = c.stats.get(key, 0) + meta.stats.get(key, 0)
+            c.stats["write_s"] = max(c.stats.get("write_s", 0.0), meta.stats.get("total_s", 0.0))
             c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
                                                      size, list(meta.needs), p.rank)))
 

@@ -401,7 +401,13 @@ class Coordinator(Restarts, Commands):
             stats["bytes_in"] += st.get("bytes_in", 0)
             stats["bytes_out"] += st.get("bytes_out", 0)
             stats["frozen_s"] = max(stats["frozen_s"], st.get("frozen_s", 0.0), r.frozen_s)
+            for key in ("pages_dumped", "pages_skipped", "zero_pages"):
+                stats[key] = stats.get(key, 0) + st.get(key, 0)
+            for key in ("capture_s", "write_s"):          # the slowest agent's
+                stats[key] = max(stats.get(key, 0.0), st.get(key, 0.0))
         stats["duration_s"] = round(time.time() - r.started, 3)
+        stats["ratio"] = round(stats["bytes_out"] / stats["bytes_in"], 4) if stats["bytes_in"] else None
+        stats["phase_s"] = dict(r.phase_times)
         manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
         fault("coordinator.before_commit")
         store.write_manifest(self.ckptdir, manifest)
