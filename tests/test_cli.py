@@ -179,3 +179,5 @@ def test_blocking_checkpoint_shows_progress_on_a_terminal(launch, env, tmp_path,
     last = json.loads(job.command("-s", "--json").stdout)["last_checkpoint"]
     assert last["pages_dumped"] * 4096 >= 64 << 20 and last["pages_skipped"] > 0 and 0.9 < last["ratio"] <= 1.01
     assert {"suspend", "drain", "checkpoint"} <= set(last["phase_s"]) and last["write_s"] >= 3 * 0.2
+    text = job.command("-s").stdout
+    assert "LAST_CHECKPOINT=generation 1, " in text and "zero pages left out" in text, text

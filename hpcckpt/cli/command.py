@@ -46,8 +46,10 @@ def _print_text(cmd: str, r: dict) -> None:
             print(f"COMPUTATION={r['computation']}\nGENERATION={r.get('generation')}")
         last = r.get("last_checkpoint")
         if last:
+            ratio = f", {last['ratio']:.2f} of the memory read" if last.get("ratio") else ""
             print(f"LAST_CHECKPOINT=generation {last['generation']}, {last.get('bytes_out', 0) / 1e6:.1f} MB in "
-                  f"{last.get('duration_s', 0):.2f} s, processes frozen {last.get('frozen_s', 0):.3f} s")
+                  f"{last.get('duration_s', 0):.2f} s, processes frozen {last.get('frozen_s', 0):.3f} s{ratio}, "
+                  f"{last.get('pages_skipped', 0)} untouched and {last.get('zero_pages', 0)} zero pages left out")
         if cmd == "list":
             for row in r.get("peers", []):
                 rank = f", rank {row['rank']}" if row.get("rank") is not None else ""

@@ -415,8 +415,9 @@ class Coordinator(Restarts, Commands):
         r.committed = True
         self.last_checkpoint = {"generation": r.generation, "time": manifest.created, "images": len(images),
                                 "restart_script": script, **stats}
-        log.info("checkpoint generation %d complete: %d image(s), %.1f MB in %.2f s; restart script %s",
-                 r.generation, len(images), stats["bytes_out"] / 1e6, stats["duration_s"], script)
+        log.info("checkpoint generation %d complete: %d image(s), %.1f MB in %.2f s (processes stopped %.3f s); "
+                 "restart script %s", r.generation, len(images), stats["bytes_out"] / 1e6, stats["duration_s"],
+                 stats["frozen_s"], script)
 
     def _prune_images(self) -> list[dict]:
         """Images of generations beyond the retention limit: [{"generation", "host", "path"}]."""
