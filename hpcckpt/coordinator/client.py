@@ -76,16 +76,22 @@ class Connection:
             self.ctx.term()
 
 
-def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, **args) -> dict:
-    """Send one command; raises CoordinatorUnreachable if nobody (authorised) answers."""
+def _connect(host: str, port: int) -> Connection:
+    """A connection for one client command; raises CoordinatorUnreachable if nobody (authorised) listens."""
     if not port_is_open(host, port):
         raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}")
     try:
         conn = Connection(host, port)
     except protocol.SecretError as e:
         raise CoordinatorUnreachable(str(e)) from None
+    conn.sock.setsockopt(zmq.LINGER, 0)
+    return conn
+
+
+def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, **args) -> dict:
+    """Send one command; raises CoordinatorUnreachable if nobody (authorised) answers."""
+    conn = _connect(host, port)
     try:
-        conn.sock.setsockopt(zmq.LINGER, 0)
         return conn.request({"type": "command", "cmd": cmd, **args}, timeout)
     finally:
         conn.close()
@@ -95,14 +101,8 @@ def command_watched(host: str, port: int, cmd: str, on_status, interval: float =
     """A blocking command (-bc, -kc) that asks for the status every `interval` seconds while it waits and passes
     each to on_status (progress on a terminal). Both go over one connection: the coordinator answers a status
     at once, the command when it is done; replies name their command."""
-    if not port_is_open(host, port):
-        raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}")
+    conn = _connect(host, port)
     try:
-        conn = Connection(host, port)
-    except protocol.SecretError as e:
-        raise CoordinatorUnreachable(str(e)) from None
-    try:
-        conn.sock.setsockopt(zmq.LINGER, 0)
         conn.send({"type": "command", "cmd": cmd, **args})
         while True:
             reply = conn.recv(interval)
