@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hpcckpt.image.format import ImageReader, iter_chunks
+
 from conftest import (Feeder, checkpoint_and_kill, compile_c, line_count, restart_in_background, run,
                       wait_for)
 
@@ -225,15 +227,16 @@ def test_per_process_state_survives(launch, env, tmp_path, build_dir):
     assert counters[-1]["usr2"] == "1"                    # the signal pending since the start was delivered
 
 
-@pytest.mark.parametrize("forked", [True, False], ids=["forked", "frozen"])
-def test_forked_and_frozen_checkpoints(forked, launch, env, tmp_path, build_dir):
+@pytest.mark.parametrize("forked,compress", [(True, False), (False, False), (True, True)],
+                         ids=["forked", "frozen", "forked-zstd"])
+def test_forked_and_frozen_checkpoints(forked, compress, launch, env, tmp_path, build_dir):
     """Both ways of writing images give exact restarts: with a copy-on-write fork (the program runs on while
     its images are written), MADV_DONTFORK/WIPEONFORK memory is still saved as it was, the snapshot forks
     never show up (the program's waitpid(-1) reaps nothing unexpected), and the generation is complete only
     once its images are on disk."""
     prog = compile_c(build_dir, "forkmodes")
     out = tmp_path / "out.txt"
-    extra = () if forked else ("--no-forked-checkpoint",)
+    extra = (() if forked else ("--no-forked-checkpoint",)) + (("--gzip",) if compress else ())
     job = launch(prog, out, 150, extra=extra)
     wait_for(lambda: line_count(out) >= 10, 30, "progress")
     for _ in range(3):
@@ -243,6 +246,10 @@ def test_forked_and_frozen_checkpoints(forked, launch, env, tmp_path, build_dir)
         assert last["images"] == 2
         peers = json.loads(job.command("-l", "--json").stdout)["peers"]
         assert len(peers) == 2, peers                     # no snapshot listed as part of the job
+    if compress:
+        img = next(tmp_path.glob("ckpt_*/gen000003/ckpt_forkmodes_*.dmtcp"))
+        with ImageReader(str(img)) as r:
+            assert {c.codec for c in iter_chunks(r.meta)} == {"zstd"}
     checkpoint_and_kill(job)
     run_ = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=60)
     assert run_.returncode == 0, run_.stderr
@@ -251,14 +258,16 @@ def test_forked_and_frozen_checkpoints(forked, launch, env, tmp_path, build_dir)
     assert all(line.endswith(" ok") for line in lines[:-1]), [x for x in lines if "BAD" in x][:3]
 
 
-def test_incremental_checkpoints(launch, env, tmp_path, build_dir):
+@pytest.mark.parametrize("codec", ["raw", "zstd"])
+def test_incremental_checkpoints(codec, launch, env, tmp_path, build_dir):
     """With --incremental a generation stores only the pages changed since the previous one; a restart reads
-    through the chain of images, and retention keeps every generation the newest ones need."""
+    through the chain of images, and retention keeps every generation the newest ones need. With --gzip the
+    pages of every generation are zstd frames (decompressed in parallel at restart)."""
     prog = compile_c(build_dir, "sparse")
     out = tmp_path / "out.txt"
     plain = tmp_path / "plain.txt"
     subprocess.run([str(prog), str(plain), "64", "600", "0"], check=True)
-    job = launch(prog, out, 64, 600, 10000, extra=("--incremental",))
+    job = launch(prog, out, 64, 600, 10000, extra=("--incremental",) + (("--gzip",) if codec == "zstd" else ()))
     wait_for(lambda: line_count(out) >= 4, 30, "progress")
     sizes = []
     for _ in range(4):
@@ -266,6 +275,11 @@ def test_incremental_checkpoints(launch, env, tmp_path, build_dir):
         sizes.append(reply["checkpoint"]["bytes_out"])
         time.sleep(0.1)
     assert sizes[1] < sizes[0] * 0.1 and sizes[3] < sizes[0] * 0.1, sizes     # a few pages, not 64 MiB
+    if codec == "zstd":
+        first = next(tmp_path.glob("ckpt_*/gen000001/ckpt_sparse_*.dmtcp"))
+        with ImageReader(str(first)) as r:
+            codecs = {c.codec for c in iter_chunks(r.meta)}
+        assert codecs == {"zstd"}, codecs
     checkpoint_and_kill(job)
     gens = sorted(p.name for p in tmp_path.glob("ckpt_*/gen*.json"))
     assert gens[0] == "gen000001.json"                  # still needed: the chain starts there
