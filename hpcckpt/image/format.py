@@ -117,7 +117,7 @@ class ImageWriter:
 
     def _reserve(self, length: int) -> int:
         """File space for a chunk, taken by the worker that wrote it once it knows its stored length; every
-        chunk starts on an ALIGN boundary (the gap after a compressed one is left a hole)."""
+        chunk starts on an ALIGN boundary (the gap after a compressed one is zero padding)."""
         with self._lock:
             off = self.pos
             self.pos += length + (-length) % ALIGN
