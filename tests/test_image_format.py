@@ -110,3 +110,24 @@ def test_incremental_page_hashes_find_changed_pages():
     runs = changed_runs(memoryview(b"".join(pages)), 16, HashSpec(memoryview(out), prev), zero_skip=True)
     assert runs == [(0, 2), (9, 1)]
     assert changed_runs(memoryview(b"".join(pages)), 16, HashSpec(memoryview(out), bytes(out)), True) == []
+
+
+@pytest.mark.parametrize("algo", ["xxh3-64", None])
+def test_previous_hashes_only_of_the_same_algorithm(tmp_path, algo):
+    """The previous generation's page hashes are used only if they were made with today's algorithm; hashes
+    without a tag (SHA-256, older versions) are ignored, so the next generation is a full image."""
+    from hpcckpt.engine.incremental import HASH_ALGO, page_hash, previous_hashes
+    from hpcckpt.engine.memory import write_blobs
+    from hpcckpt.image.records import RegionRecord
+    path = str(tmp_path / "prev.dmtcp")
+    w = ImageWriter(path)
+    hashes = page_hash(b"\1" * 4096) * 2
+    blob = write_blobs(w, {"h": hashes})["h"]
+    w.drain()
+    blob["chunks"] = [c.to_json() for g in blob["chunks"] for c in g]
+    if algo:
+        blob["algo"] = algo
+    region = RegionRecord(start=0x10000, end=0x12000, perms="rw-p", offset=0, path="", hashes=blob)
+    w.finish({"process": {"regions": [region.to_dict()]}})
+    got = previous_hashes(path)
+    assert got == ({(0x10000, 0x12000, "rw-p", "anon", ""): hashes} if algo == HASH_ALGO else {})

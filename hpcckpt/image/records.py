@@ -79,7 +79,7 @@ class RegionRecord(Record):
     file_mtime_ns: int = -1
     chunks: list = field(default_factory=list)   # image.format.Chunk rows
     shm: str = ""                   # shared memory object ("dev:inode") it maps, shared across processes
-    hashes: dict | None = None      # incremental images: page hashes, 8 bytes per page ({"length", "chunks"})
+    hashes: dict | None = None      # incremental images: page hashes, 8 bytes per page ({"length", "chunks", "algo"})
 
 
 @dataclass
