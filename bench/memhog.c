@@ -4,7 +4,8 @@
  *
  * Each SIGUSR1 makes it change PCT percent (argv[3], default 5) of its pages once (one double per page, other
  * pages each time), print "changed" and idle again: the benchmark of incremental images changes memory
- * exactly between two checkpoints, not while one is being written. */
+ * exactly between two checkpoints, not while one is being written. argv[4]: "scattered" (default: pages
+ * spread over the whole buffer, each alone) or "contiguous" (one run of pages). */
 #include <math.h>
 #include <pthread.h>
 #include <signal.h>
@@ -32,6 +33,7 @@ int main(int argc, char **argv) {
     long mb = argc > 1 ? atol(argv[1]) : 1024;
     nthreads = argc > 2 ? atoi(argv[2]) : 1;
     double pct = argc > 3 ? atof(argv[3]) : 5;
+    int contiguous = argc > 4 && strcmp(argv[4], "contiguous") == 0;
     if (nthreads < 1 || nthreads > 64) nthreads = 1;
     sigset_t usr1;
     sigemptyset(&usr1);
@@ -52,7 +54,8 @@ int main(int argc, char **argv) {
         /* k distinct pages: a stride coprime with the page count visits each page once per cycle */
         size_t k = (size_t)(pages * pct / 100.0), stride = 2654435761u % pages;
         while (stride > 1 && gcd(stride, pages) != 1) stride--;
-        for (size_t j = 0; j < k; j++) buf[((step * k + j) * stride % pages) * 512] += 1.0;
+        for (size_t j = 0; j < k; j++)
+            buf[((step * k + j) * (contiguous ? 1 : stride) % pages) * 512] += 1.0;
         step++;
         printf("changed\n");
         fflush(stdout);

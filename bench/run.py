@@ -51,6 +51,7 @@ from hpcckpt.engine.freeze import freeze  # noqa: E402
 from hpcckpt.engine.linux import buffer_address, process_vm_readv  # noqa: E402
 from hpcckpt.engine.maps import vmflags_hint  # noqa: E402
 from hpcckpt.engine.restore import RestoreOptions, restore_process  # noqa: E402
+from hpcckpt.engine.wptrack import Tracker  # noqa: E402
 from hpcckpt.image.format import ImageReader, write_behind  # noqa: E402
 
 MiB = 1 << 20
@@ -85,8 +86,8 @@ class Memory:
             path.unlink()
 
 
-def start(memhog: Path, mb: int, threads: int, pct: float = 5) -> subprocess.Popen:
-    p = subprocess.Popen([str(memhog), str(mb), str(threads), str(pct)], stdout=subprocess.PIPE)
+def start(memhog: Path, mb: int, threads: int, pct: float = 5, pattern: str = "scattered") -> subprocess.Popen:
+    p = subprocess.Popen([str(memhog), str(mb), str(threads), str(pct), pattern], stdout=subprocess.PIPE)
     assert p.stdout.readline().strip() == b"ready"
     return p
 
@@ -226,11 +227,12 @@ def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, d
     return {"stopped": stopped, "dump": dump, "restore": restore, "size": size, "bytes": meta.stats["bytes_in"]}
 
 
-def checkpoint(p: subprocess.Popen, path: Path, generation: int, base: Path | None) -> tuple[float, int, dict]:
+def checkpoint(p: subprocess.Popen, path: Path, generation: int, base: Path | None,
+               tracker: Tracker | None) -> tuple[float, int, dict]:
     hint = vmflags_hint(p.pid)
     t0 = time.perf_counter()
     fp = freeze(p.pid)
-    cap = capture(fp, vmflags_hint=hint, forked=True)
+    cap = capture(fp, vmflags_hint=hint, forked=True, tracker=tracker, generation=generation)
     snapshot(cap, parent_is_agent=True)
     fp.resume()
     meta = write_image(cap, str(path), computation="bench", generation=generation, unique_id="b",
@@ -239,17 +241,20 @@ def checkpoint(p: subprocess.Popen, path: Path, generation: int, base: Path | No
     return time.perf_counter() - t0, path.stat().st_size, meta.stats
 
 
-def incremental_run(memhog: Path, mb: int, directory: Path, mem: Memory) -> dict:
-    """A full checkpoint (with page hashes); memhog then changes 5 % of its pages once; a second checkpoint."""
-    p = start(memhog, mb, 1, 5)
+def incremental_run(memhog: Path, mb: int, directory: Path, mem: Memory, pattern: str, track: bool) -> dict:
+    """A full checkpoint (with page hashes); memhog then changes 5 % of its pages once; a second checkpoint,
+    which hashes every page or (track) reads only the pages written since the first."""
+    p = start(memhog, mb, 1, 5, pattern)
     full, inc = directory / "inc_full.dmtcp", directory / "inc_next.dmtcp"
+    tracker = Tracker(p.pid) if track else None
     try:
         mem.prepare(mb)
-        full_s, full_size, _ = checkpoint(p, full, 1, None)
+        full_s, full_size, _ = checkpoint(p, full, 1, None, tracker)
         p.send_signal(signal.SIGUSR1)
         assert p.stdout.readline().strip() == b"changed"
         mem.prepare(mb // 10)
-        inc_s, inc_size, stats = checkpoint(p, inc, 2, full)
+        inc_s, inc_size, stats = checkpoint(p, inc, 2, full, tracker)
+        assert stats["write_tracked"] == track, stats
         return {"full": full_size, "inc": inc_size, "full_s": full_s, "inc_s": inc_s,
                 "pages": stats["pages_dumped"]}
     finally:
@@ -285,6 +290,8 @@ def main() -> int:
                     help="page-cache memory before each step: recently used (warm) or given back to the host")
     ap.add_argument("--settle", type=float, default=4.0, help="seconds to wait before each step with --memory cold")
     ap.add_argument("--no-incremental", action="store_true")
+    ap.add_argument("--only-incremental", action="store_true",
+                    help="just the incremental images (hashing and write tracking; written to --out)")
     ap.add_argument("--dir", default=None, help="where images go (default: a temp dir under /var/tmp)")
     ap.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = ap.parse_args()
@@ -297,7 +304,7 @@ def main() -> int:
     load0 = os.getloadavg()
     started = time.strftime("%Y-%m-%d %H:%M")
     raw_rows, zstd_rows, floor_rows = [], [], []
-    for mb in sizes:
+    for mb in sizes if not args.only_incremental else []:
         sample = bytearray(min(mb, 256) * MiB)          # the program's data, for the zstd floor
         fl: list[dict] = []
         res: dict = {}
@@ -342,11 +349,14 @@ def main() -> int:
     inc_rows = []
     if not args.no_incremental:
         for mb in sizes:
-            r = incremental_run(memhog, mb, work, mem)
-            row = (f"| {mb} MiB | {r['full'] / MiB:.0f} MiB in {r['full_s']:.2f} s | {r['inc'] / MiB:.1f} MiB in "
-                   f"{r['inc_s']:.2f} s ({r['pages']} pages) | {100 * r['inc'] / r['full']:.1f} % |")
-            inc_rows.append(row)
-            print(row, flush=True)
+            for pattern in ("scattered", "contiguous"):
+                r = [incremental_run(memhog, mb, work, mem, pattern, track) for track in (False, True)]
+                row = (f"| {mb} MiB | {pattern} | {r[0]['full'] / MiB:.0f} MiB in {r[0]['full_s']:.2f} s | "
+                       f"{r[0]['inc'] / MiB:.1f} MiB in {r[0]['inc_s']:.2f} s | "
+                       f"{r[1]['inc'] / MiB:.1f} MiB in {r[1]['inc_s']:.2f} s ({r[1]['pages']} pages) | "
+                       f"{100 * r[1]['inc'] / r[1]['full']:.1f} % |")
+                inc_rows.append(row)
+                print(row, flush=True)
     load1 = os.getloadavg()
     cmd = "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text = (
@@ -377,11 +387,18 @@ def main() -> int:
         "| memory | threads | mode | stopped | dump | GB/s | of zstd-1 threads | of zstd-1 floor | vs dump floor | "
         "restore | image |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(zstd_rows) + "\n")
+    if args.only_incremental:
+        text = (f"# Incremental images\n\nCommand: `{cmd}` ({started}, {platform.node()}, {NCPU} cores, kernel "
+                f"{platform.release()}, memory {args.memory}; load average {load0[0]:.2f} at the start, "
+                f"{load1[0]:.2f} at the end).\n")
     if inc_rows:
         text += ("\n## Incremental images\n\nA full checkpoint (with page hashes), then memhog changes 5 % of its "
-                 "pages once (SIGUSR1) and a second checkpoint stores what changed; forked, raw.\n\n"
-                 "| memory | full image | incremental image | of the full |\n|---|---|---|---|\n" +
-                 "\n".join(inc_rows) + "\n")
+                 "pages once (SIGUSR1) - *scattered*: single pages spread over all its memory, *contiguous*: one "
+                 "run - and a second checkpoint stores what changed; forked, raw, one run each. *hashing*: the "
+                 "second checkpoint reads and hashes every page; *write-tracked*: it reads only the pages "
+                 "written since the first (userfaultfd write-protect, engine/wptrack.py).\n\n"
+                 "| memory | pattern | full image | incremental, hashing | incremental, write-tracked | "
+                 "of the full |\n|---|---|---|---|---|---|\n" + "\n".join(inc_rows) + "\n")
     out = Path(args.out)
     if out.exists() and NOTES in out.read_text():       # the hand-written reading of earlier numbers stays
         text += "\n" + NOTES + out.read_text().split(NOTES, 1)[1]

@@ -45,6 +45,8 @@ class Settings:
     forked: bool = field(default=True, metadata=_env("DMTCP_FORKED_CHECKPOINT"))
     incremental: bool = field(default=False, metadata=_env("HPCCKPT_INCREMENTAL"))
     full_every: int = field(default=8, metadata=_env("HPCCKPT_FULL_EVERY"))
+    # incremental images read only the pages written since the last checkpoint (engine/wptrack.py)
+    write_tracking: bool = field(default=True, metadata=_env("HPCCKPT_WRITE_TRACKING"))
     # failure handling
     fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))

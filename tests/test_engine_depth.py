@@ -12,8 +12,8 @@ import pytest
 
 from hpcckpt.image.format import ImageReader, iter_chunks
 
-from conftest import (Feeder, checkpoint_and_kill, compile_c, line_count, restart_in_background, run,
-                      wait_for)
+from conftest import (Feeder, checkpoint_and_kill, compile_c, line_count, newest_images, restart_in_background,
+                      run, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -283,6 +283,34 @@ def test_incremental_checkpoints(codec, launch, env, tmp_path, build_dir):
     checkpoint_and_kill(job)
     gens = sorted(p.name for p in tmp_path.glob("ckpt_*/gen*.json"))
     assert gens[0] == "gen000001.json"                  # still needed: the chain starts there
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == plain.read_text()
+
+
+def test_write_tracking_sees_every_kind_of_write(launch, env, tmp_path, build_dir):
+    """Incremental images read only the pages written since the last checkpoint (userfaultfd write-protect,
+    engine/wptrack.py). Stores, the kernel's writes (pread), dropped pages, regions unmapped and mapped again,
+    grown and new between checkpoints: a restart through the chain goes on exactly as a run without
+    checkpoints, and our tracking descriptor is in no image."""
+    prog = compile_c(build_dir, "wtrack")
+    out, plain = tmp_path / "out.txt", tmp_path / "plain.txt"
+    subprocess.run([str(prog), str(plain), "360", "0", str(tmp_path / "plain.bin")], check=True)
+    job = launch(prog, out, 360, 8000, tmp_path / "job.bin", extra=("--incremental",))
+    wait_for(lambda: line_count(out) >= 5, 30, "progress")
+    tracked = []
+    for _ in range(5):
+        reply = json.loads(job.command("-bc", "--json").stdout)
+        assert reply["checkpoint"]["bytes_out"] > 0
+        (image,) = newest_images(tmp_path)
+        with ImageReader(str(image)) as r:
+            tracked.append(r.meta["stats"]["write_tracked"])
+            fds = r.meta["process"]["fds"]
+        assert not [f for f in fds if f["fd"] >= 1000], fds
+        time.sleep(0.15)
+    assert tracked == [False, True, True, True, True], tracked
+    checkpoint_and_kill(job)
+    assert line_count(out) < 360, "the job ended before the last checkpoint: lengthen it"
     r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_text() == plain.read_text()

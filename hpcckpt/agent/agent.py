@@ -20,7 +20,7 @@ import zmq
 
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..engine import tcpdrain, tree
+from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
 from ..engine import procattrs
 from ..engine.forker import kill_snapshot
@@ -72,6 +72,7 @@ class Agent:
         self.pid_namespace = pid_namespace     # we are PID 1 of the job's own namespace
         self.writing: BackgroundWrite | None = None
         self.prev_images: dict[str, tuple[str, list]] = {}    # unique id -> (last committed image, its needs)
+        self.trackers: dict[int, wptrack.Tracker] = {}        # pid -> its write tracking (incremental images)
         self.pending_prev: dict[int, dict] = {}                # generation -> images written, not yet committed
         self.write_lock = threading.Lock()
         self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
@@ -370,6 +371,9 @@ class Agent:
         fdt.scan()
         t0 = time.monotonic()
         todo: list[PendingImage] = []
+        track = self.s.incremental and self.s.write_tracking
+        self.trackers = {fp.pid: self.trackers.get(fp.pid) or wptrack.Tracker(fp.pid) for fp in c.frozen} \
+            if track else {}
         for fp in c.frozen:
             info = c.procs.get(fp.pid)
             zombies = [{"pid": z.pid, "pgid": z.pgid, "sid": z.sid, "status": z.exit_code}
@@ -383,7 +387,8 @@ class Agent:
             path = os.path.join(gdir, store.image_name(program, uid))
             c.images.append(path)
             cap = engine_dump.capture(fp, place, self.pid_namespace, vmflags_hint=c.hints.get(fp.pid),
-                                      forked=forked_ok and self.s.forked)
+                                      forked=forked_ok and self.s.forked, tracker=self.trackers.get(fp.pid),
+                                      generation=gen)
             todo.append(PendingImage(cap, path, program, uid, (mpi_identity(fp.pid) or {}).get("rank")))
         c.stats["capture_s"] = round(time.monotonic() - t0, 6)
         if forked_ok and self.s.forked and self._memory_allows_fork([p.cap.fp.pid for p in todo]):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..image.format import ImageError, ImageReader, ImageWriter
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import forker, memory, procattrs, ptrace, signals, sysvshm, threads, timers
+from . import forker, memory, procattrs, ptrace, signals, sysvshm, threads, timers, wptrack
 from . import incremental as incremental_mod
 from .fdtable import FdTable
 from .freeze import FrozenProcess
@@ -70,12 +70,15 @@ class Capture:
     t0: float
     inject_s: float
     snapshot_pid: int = 0
+    tracked_since: int = 0         # plans' `written` count from the checkpoint of this generation (0: none)
 
 
 def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bool = False,
-            vmflags_hint: dict | None = None, forked: bool = False) -> Capture:
+            vmflags_hint: dict | None = None, forked: bool = False, tracker: wptrack.Tracker | None = None,
+            generation: int = 0) -> Capture:
     """Read the frozen process's state: injected queries first, through a scratch page that is unmapped again
-    before /proc/PID/maps is read, so the image shows the process exactly as it was."""
+    before /proc/PID/maps is read, so the image shows the process exactly as it was. tracker: track writes
+    from this checkpoint (`generation`) on, and say which pages were written since the last (wptrack.py)."""
     t0 = time.monotonic()
     pid = fp.pid
     place = place or placement_alone(pid)
@@ -110,7 +113,11 @@ def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bo
         pid_namespace=pid_namespace, itimers=itimers, posix_timers=posix_timers, objects=place.objects,
         pgid=place.pgid, sid=place.sid, root=place.root, zombies=place.zombies or [])
     plans = memory.plan_memory(pid, read_maps_fast(pid, vmflags_hint), defer=forked)
-    return Capture(fp, proc, plans, place.blobs, t0, round(t_inject - t0, 6))
+    since = 0
+    if tracker is not None:
+        wptrack.register(fp, plans, tracker)
+        since = wptrack.collect(plans, tracker, generation)
+    return Capture(fp, proc, plans, place.blobs, t0, round(t_inject - t0, 6), tracked_since=since)
 
 
 def snapshot(cap: Capture, parent_is_agent: bool, preread_limit: int = 1 << 30) -> int:
@@ -174,12 +181,14 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         except (ImageError, OSError) as e:
             log.warning("pid %d: previous image %s unusable (%s); writing a full image", cap.fp.pid, base, e)
             previous, base_meta = {}, None
+    # pages written since the base's checkpoint are known exactly if tracking was armed at that very checkpoint
+    tracked = bool(previous) and cap.tracked_since > 0 and base_meta.get("generation") == cap.tracked_since
     source = cap.snapshot_pid or cap.fp.pid
     t_mem0 = time.monotonic()
     writer = ImageWriter(path, compress=compress, level=level)
     dumper = memory.MemoryDumper(source, writer, progress, snapshot=bool(cap.snapshot_pid))
     try:
-        proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous)
+        proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous, tracked=tracked)
         blobs = memory.write_blobs(writer, cap.blobs)
         hash_blobs = memory.write_blobs(writer, {f"hashes:{i}": bytes(p.hashes) for i, p in enumerate(cap.plans)
                                                  if p.hashes is not None})
@@ -202,7 +211,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         meta.stats = {"pages_dumped": dumper.pages_dumped - writer.zero_pages,
                       "pages_skipped": dumper.pages_skipped, "zero_pages": writer.zero_pages,
                       "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out, "forked": bool(cap.snapshot_pid),
-                      "incremental": incremental, "base": bool(meta.base),
+                      "incremental": incremental, "base": bool(meta.base), "write_tracked": tracked,
                       "inject_s": cap.inject_s, "memory_s": round(t_mem - t_mem0, 6)}
         writer.finish(meta.to_dict())
     except BaseException:

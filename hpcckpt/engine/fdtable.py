@@ -76,9 +76,10 @@ def list_fds(pid: int) -> list[FdEntry]:
         names = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, ProcessLookupError):
         return out
+    from .wptrack import is_ours
     for name in sorted(names, key=int):
         e = read_fd(pid, int(name))
-        if e is not None:
+        if e is not None and not is_ours(e.fd, e.target, e.info_text):     # our write tracking's descriptor
             out.append(e)
     return out
 

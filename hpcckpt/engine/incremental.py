@@ -76,6 +76,29 @@ def changed_runs(view: memoryview, npages: int, spec: HashSpec, zero_skip: bool)
     return [(first, n) for first, n in runs]
 
 
+def changed_runs_scattered(view: memoryview, segments: list, zero_skip: bool) -> list[tuple[int, int, int]]:
+    """changed_runs for runs of pages packed into one buffer, [(first page in the region, pages, HashSpec with
+    prev)]: returns (page in the buffer, pages, page in the region) to store."""
+    npages = sum(n for _, n, _ in segments)
+    out = bytearray(npages * HASH_SIZE)
+    found = changed_runs(view, npages, HashSpec(memoryview(out), b"".join(s.prev for _, _, s in segments)),
+                         zero_skip)
+    where = []                                 # region page of every buffer page
+    pos = 0
+    for first, n, spec in segments:
+        spec.out[:] = out[pos * HASH_SIZE:(pos + n) * HASH_SIZE]
+        where += range(first, first + n)
+        pos += n
+    runs: list[list[int]] = []
+    for b, k in found:
+        for i in range(b, b + k):
+            if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][2] + runs[-1][1] == where[i]:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, 1, where[i]])
+    return [(b, k, page) for b, k, page in runs]
+
+
 def previous_hashes(path: str | None) -> dict[tuple, bytes]:
     """Region key -> page hashes of an earlier image ({} if there is none, or it has no hashes)."""
     if not path or not os.path.exists(path):

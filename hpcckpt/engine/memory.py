@@ -81,6 +81,7 @@ class RegionPlan:
     data: dict[int, bytes] = field(default_factory=dict)   # pre-read runs (first page -> bytes)
     hashes: bytearray | None = None      # incremental images: 8 bytes per page of the region
     prev: bytes | None = None            # the previous generation's hashes of this region
+    written: list[tuple[int, int]] | None = None    # pages written since the last checkpoint (wptrack.py)
 
     def hashing(self, first: int, n: int):
         """The HashSpec for pages [first, first+n) (None when not hashing)."""
@@ -131,6 +132,21 @@ def _runs(pagemap: int, m: Mapping, mode: str) -> list[tuple[int, int]]:
     return []
 
 
+def intersect_runs(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Pages in both lists of sorted (first, count) runs, as runs."""
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        lo = max(a[i][0], b[j][0])
+        hi = min(a[i][0] + a[i][1], b[j][0] + b[j][1])
+        if lo < hi:
+            out.append((lo, hi - lo))
+        if a[i][0] + a[i][1] < b[j][0] + b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
 def preread_live(pid: int, plans: list[RegionPlan], limit: int) -> int:
     """Read the regions a fork cannot provide from the frozen process itself; returns the bytes read. Raises
     MemoryError past `limit` bytes (the caller then checkpoints without a fork)."""
@@ -176,10 +192,11 @@ class MemoryDumper:
         """Plan and write in one go (the process stays frozen throughout)."""
         return self.write(plan_memory(self.pid, maps))
 
-    def write(self, plans: list[RegionPlan], hashes: bool = False,
-              previous: dict | None = None) -> list[RegionRecord]:
+    def write(self, plans: list[RegionPlan], hashes: bool = False, previous: dict | None = None,
+              tracked: bool = False) -> list[RegionRecord]:
         """Write every planned region. hashes: keep 8-byte page hashes (plan.hashes) for incremental images;
-        previous: the last generation's hashes by region, to store only pages that changed."""
+        previous: the last generation's hashes by region, to store only pages that changed; tracked: the
+        previous generation is the one plan.written counts from, so only those pages are read and hashed."""
         out = []
         if any(p.runs is None for p in plans):
             pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -195,6 +212,16 @@ class MemoryDumper:
                 p.hashes = bytearray(HASH_SIZE * p.m.npages)
                 prev = (previous or {}).get(region_key(p.rec))
                 p.prev = prev if prev is not None and len(prev) == len(p.hashes) else None
+                if tracked and p.prev is not None and p.written is not None:
+                    # unwritten pages are as they were: their hashes are the previous ones
+                    p.hashes[:] = p.prev
+                    for first, n in p.written:
+                        p.hashes[first * HASH_SIZE:(first + n) * HASH_SIZE] = bytes(n * HASH_SIZE)
+                    p.runs = intersect_runs(p.runs, p.written)
+                    self._dump_scattered(p)
+                    self.pages_skipped += p.m.npages - sum(n for _, n in p.runs)
+                    out.append(p.rec)
+                    continue
             for first, n in p.runs:
                 if first in p.data:
                     self._from_bytes(p, first, n)
@@ -204,6 +231,35 @@ class MemoryDumper:
             out.append(p.rec)
         self.writer.drain()
         return out
+
+    def _dump_scattered(self, p: RegionPlan) -> None:
+        """Runs of written pages, scattered over the region: packed together up to a chunk's worth per job (one
+        read per run, one write per job), not a job per page."""
+        m, batch, size = p.m, [], 0
+
+        def flush():
+            segs = [(first, n, p.hashing(first, n)) for first, n in batch]
+
+            def produce(buf, runs=list(batch)):
+                pos = 0
+                for first, n in runs:
+                    self._read(m, m.start + first * PAGE, n * PAGE, buf[pos * PAGE:(pos + n) * PAGE])
+                    pos += n
+            p.rec.chunks.append(self.writer.submit(0, size, produce, zero_skip=p.zero_skip, segments=segs))
+            self.pages_dumped += size
+            if self.progress:
+                self.progress(self.pages_dumped * PAGE)
+        for first, n in p.runs:
+            while n:
+                k = min(n, CHUNK_PAGES - size)
+                batch.append((first, k))
+                size += k
+                first, n = first + k, n - k
+                if size == CHUNK_PAGES:
+                    flush()
+                    batch, size = [], 0
+        if batch:
+            flush()
 
     def _from_bytes(self, p: RegionPlan, first: int, n: int) -> None:
         data = p.data.pop(first)

@@ -90,14 +90,17 @@ class ImageWriter:
         self.zero_pages = 0
 
     # -- page data -------------------------------------------------------------------------------------------
-    def submit(self, page: int, npages: int, produce, zero_skip: bool = False, hashing=None) -> "ChunkGroup":
+    def submit(self, page: int, npages: int, produce, zero_skip: bool = False, hashing=None,
+               segments: list | None = None) -> "ChunkGroup":
         """Queue npages pages of data that produce(buffer) writes into a buffer (in a worker thread). Returns a
         ChunkGroup, filled in once written (see drain()): one chunk, or several when all-zero pages were left
-        out (zero_skip: for anonymous memory, where a missing page reads back as zeros)."""
+        out (zero_skip: for anonymous memory, where a missing page reads back as zeros). segments: the buffer
+        holds several runs of pages packed together, [(first page, pages, hashing)] (page is then 0)."""
         length = npages * PAGE_SIZE
         self.bytes_in += length
         group = ChunkGroup()
-        fut = self._pool.submit(self._work, group, page, npages, produce, zero_skip, hashing)
+        segments = segments or [(page, npages, hashing)]
+        fut = self._pool.submit(self._work, group, npages, produce, zero_skip, segments)
         self._pending.append((group, fut))
         if len(self._pending) >= self._max_pending:
             self.drain(keep=self._max_pending // 2)
@@ -123,32 +126,42 @@ class ImageWriter:
             self.pos += length + (-length) % ALIGN
             return off
 
-    def _work(self, group: "ChunkGroup", page: int, npages: int, produce, zero_skip: bool, hashing):
+    def _work(self, group: "ChunkGroup", npages: int, produce, zero_skip: bool, segments: list):
         raw = self._buffer(npages * PAGE_SIZE)
         view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)
-        if hashing is not None:          # incremental images: hash pages, store the changed ones
-            from ..engine.incremental import changed_runs
-            runs = changed_runs(view, npages, hashing, zero_skip)
-        else:
-            runs = _nonzero_runs(view, npages) if zero_skip else [(0, npages)]
+        runs = []                        # (page in the buffer, pages, page in the region)
+        pos = 0
+        if len(segments) > 1 and all(h is not None and h.prev is not None for _, _, h in segments):
+            from ..engine.incremental import changed_runs_scattered     # (write tracking: one call, not one a run)
+            runs = changed_runs_scattered(view, segments, zero_skip)
+            segments = []
+        for page, n, hashing in segments:
+            seg = view[pos * PAGE_SIZE:(pos + n) * PAGE_SIZE]
+            if hashing is not None:      # incremental images: hash pages, store the changed ones
+                from ..engine.incremental import changed_runs
+                found = changed_runs(seg, n, hashing, zero_skip)
+            else:
+                found = _nonzero_runs(seg, n) if zero_skip else [(0, n)]
+            runs += [(pos + first, k, page + first) for first, k in found]
+            pos += n
         # all runs of a chunk go to one reserved extent in one pwritev and one write-behind: an incremental image
         # has a run per changed page, and a system call or two per 4 KiB page cost ~50 us each
         parts = []
-        for first, n in runs:
+        for first, n, page in runs:
             part = view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
             if self.compress:
                 data = self._compressor().compress(part)
-                parts.append((first, n, data, CODEC_ZSTD))
+                parts.append((page, n, data, CODEC_ZSTD))
             else:
-                parts.append((first, n, part, CODEC_RAW))
+                parts.append((page, n, part, CODEC_RAW))
         stored = []
         if parts:
             total = sum(len(d) + (-len(d)) % ALIGN for _, _, d, _ in parts)
             off = base = self._reserve(total)
             iov = []
-            for first, n, data, codec in parts:
-                stored.append(Chunk(page + first, n, off, len(data), crc32(data), codec))
+            for page, n, data, codec in parts:
+                stored.append(Chunk(page, n, off, len(data), crc32(data), codec))
                 iov.append(data)
                 pad = (-len(data)) % ALIGN
                 if pad:
@@ -156,7 +169,7 @@ class ImageWriter:
                 off += len(data) + pad
             _pwritev_all(self.fd, iov, base)
             write_behind(self.fd, base, total)
-        return npages - sum(n for _, n in runs), stored      # pages left out (all zero, or unchanged)
+        return npages - sum(n for _, n, _ in runs), stored   # pages left out (all zero, or unchanged)
 
     def _compressor(self):
         z = getattr(self._local, "zstd", None)
