@@ -81,6 +81,10 @@ class Tracker:
     off: str = ""                                  # why tracking is off for this process ("" if it is not)
     started: int = 0                               # the process's start time (a reused PID is another one)
 
+    def forget(self) -> None:
+        """Nothing is registered or armed any more (a new descriptor is made at the next checkpoint)."""
+        self.fd, self.registered, self.armed, self.generation = -1, set(), set(), 0
+
 
 def eligible(plan) -> bool:
     """Private, writable, anonymous, and read from the snapshot or the frozen process the usual way."""
@@ -96,13 +100,9 @@ def _key(m) -> tuple:
 
 
 def _descriptor_is_ours(t: Tracker) -> bool:
-    try:
-        target = os.readlink(f"/proc/{t.pid}/fd/{t.fd}")
-        with open(f"/proc/{t.pid}/fdinfo/{t.fd}") as f:
-            info = f.read()
-    except OSError:
-        return False
-    return target == "anon_inode:[userfaultfd]" and _has_our_features(info)
+    from .fdtable import read_fd
+    e = read_fd(t.pid, t.fd)
+    return e is not None and is_ours(e.fd, e.target, e.info_text)
 
 
 def _start_time(pid: int) -> int:
@@ -120,13 +120,14 @@ def register(fp, plans: list, t: Tracker) -> None:
     from .remote import Scratch
     started = _start_time(t.pid)
     if started != t.started:
-        t.fd, t.registered, t.armed, t.generation, t.off, t.started = -1, set(), set(), 0, "", started
+        t.forget()
+        t.off, t.started = "", started
     if t.off:
         return
     if t.fd >= 0 and not _descriptor_is_ours(t):
         log.info("pid %d: its write-tracking descriptor %d is gone (closed, replaced, exec); tracking anew",
                  t.pid, t.fd)
-        t.fd, t.registered, t.armed, t.generation = -1, set(), set(), 0
+        t.forget()
     todo = [p.m for p in plans if eligible(p) and _key(p.m) not in t.registered]
     if t.fd >= 0 and not todo:
         return
