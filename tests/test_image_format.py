@@ -116,7 +116,7 @@ def test_written_pages_packed_into_one_job():
     """With write tracking only the written runs of a region are read, packed into one buffer: their pages are
     hashed in place (hashes land at each run's own position) and the changed ones come back as runs of the
     region; the runs to read are the populated pages that were written."""
-    from hpcckpt.engine.incremental import HASH_SIZE, HashSpec, changed_runs_scattered, page_hash
+    from hpcckpt.engine.incremental import changed_runs_scattered, page_hash
     from hpcckpt.engine.memory import intersect_runs
     assert intersect_runs([(0, 10), (20, 5)], [(2, 3), (8, 14), (30, 1)]) == [(2, 3), (8, 2), (20, 2)]
     assert intersect_runs([(0, 4)], []) == [] and intersect_runs([], [(0, 4)]) == []
@@ -124,10 +124,8 @@ def test_written_pages_packed_into_one_job():
     hashes = bytearray(b"".join(page_hash(p) for p in region))
     prev = bytes(hashes)
     region[5], region[6], region[20] = os.urandom(4096), os.urandom(4096), bytes(4096)   # 7 and 21: rewritten as is
-    segments = [(first, n, HashSpec(memoryview(hashes)[first * HASH_SIZE:(first + n) * HASH_SIZE],
-                                    prev[first * HASH_SIZE:(first + n) * HASH_SIZE])) for first, n in [(5, 3), (20, 2)]]
     packed = b"".join(region[5:8] + region[20:22])
-    runs = changed_runs_scattered(memoryview(packed), segments, zero_skip=True)
+    runs = changed_runs_scattered(memoryview(packed), [(5, 3), (20, 2)], memoryview(hashes), prev, zero_skip=True)
     assert runs == [(0, 2, 5)]                      # buffer pages 0-1 are region pages 5-6; page 20 is zero now
     assert bytes(hashes) == b"".join(page_hash(p) for p in region)
 

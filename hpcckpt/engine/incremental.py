@@ -76,27 +76,29 @@ def changed_runs(view: memoryview, npages: int, spec: HashSpec, zero_skip: bool)
     return [(first, n) for first, n in runs]
 
 
-def changed_runs_scattered(view: memoryview, segments: list, zero_skip: bool) -> list[tuple[int, int, int]]:
-    """changed_runs for runs of pages packed into one buffer, [(first page in the region, pages, HashSpec with
-    prev)]: returns (page in the buffer, pages, page in the region) to store."""
-    npages = sum(n for _, n, _ in segments)
+def changed_runs_scattered(view: memoryview, runs: list, hashes, prev: bytes,
+                           zero_skip: bool) -> list[tuple[int, int, int]]:
+    """changed_runs for runs of a region's pages [(first page, pages)] packed into one buffer: their hashes go to
+    their places in the region's `hashes`, compared with `prev` (the region's previous ones). Returns (page in
+    the buffer, pages, page in the region) to store."""
+    npages = sum(n for _, n in runs)
     out = bytearray(npages * HASH_SIZE)
-    found = changed_runs(view, npages, HashSpec(memoryview(out), b"".join(s.prev for _, _, s in segments)),
-                         zero_skip)
+    joined_prev = b"".join([prev[f * HASH_SIZE:(f + n) * HASH_SIZE] for f, n in runs])
+    found = changed_runs(view, npages, HashSpec(memoryview(out), joined_prev), zero_skip)
     where = []                                 # region page of every buffer page
     pos = 0
-    for first, n, spec in segments:
-        spec.out[:] = out[pos * HASH_SIZE:(pos + n) * HASH_SIZE]
+    for first, n in runs:
+        hashes[first * HASH_SIZE:(first + n) * HASH_SIZE] = out[pos * HASH_SIZE:(pos + n) * HASH_SIZE]
         where += range(first, first + n)
         pos += n
-    runs: list[list[int]] = []
+    merged: list[list[int]] = []
     for b, k in found:
         for i in range(b, b + k):
-            if runs and runs[-1][0] + runs[-1][1] == i and runs[-1][2] + runs[-1][1] == where[i]:
-                runs[-1][1] += 1
+            if merged and merged[-1][0] + merged[-1][1] == i and merged[-1][2] + merged[-1][1] == where[i]:
+                merged[-1][1] += 1
             else:
-                runs.append([i, 1, where[i]])
-    return [(b, k, page) for b, k, page in runs]
+                merged.append([i, 1, where[i]])
+    return [(b, k, page) for b, k, page in merged]
 
 
 def previous_hashes(path: str | None) -> dict[tuple, bytes]:

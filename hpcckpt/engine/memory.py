@@ -236,16 +236,16 @@ class MemoryDumper:
         """Runs of written pages, scattered over the region: packed together up to a chunk's worth per job (one
         read per run, one write per job), not a job per page."""
         m, batch, size = p.m, [], 0
+        hashes = memoryview(p.hashes)
 
         def flush():
-            segs = [(first, n, p.hashing(first, n)) for first, n in batch]
-
             def produce(buf, runs=list(batch)):
                 pos = 0
                 for first, n in runs:
                     self._read(m, m.start + first * PAGE, n * PAGE, buf[pos * PAGE:(pos + n) * PAGE])
                     pos += n
-            p.rec.chunks.append(self.writer.submit(0, size, produce, zero_skip=p.zero_skip, segments=segs))
+            p.rec.chunks.append(self.writer.submit(0, size, produce, zero_skip=p.zero_skip,
+                                                   scattered=(list(batch), hashes, p.prev)))
             self.pages_dumped += size
             if self.progress:
                 self.progress(self.pages_dumped * PAGE)

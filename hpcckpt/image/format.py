@@ -91,16 +91,16 @@ class ImageWriter:
 
     # -- page data -------------------------------------------------------------------------------------------
     def submit(self, page: int, npages: int, produce, zero_skip: bool = False, hashing=None,
-               segments: list | None = None) -> "ChunkGroup":
+               scattered: tuple | None = None) -> "ChunkGroup":
         """Queue npages pages of data that produce(buffer) writes into a buffer (in a worker thread). Returns a
         ChunkGroup, filled in once written (see drain()): one chunk, or several when all-zero pages were left
-        out (zero_skip: for anonymous memory, where a missing page reads back as zeros). segments: the buffer
-        holds several runs of pages packed together, [(first page, pages, hashing)] (page is then 0)."""
+        out (zero_skip: for anonymous memory, where a missing page reads back as zeros). scattered: the buffer
+        holds several runs of a region's pages packed together, (runs [(first page, pages)], the region's page
+        hashes, the previous generation's) - page is then 0 - and only the changed pages are stored."""
         length = npages * PAGE_SIZE
         self.bytes_in += length
         group = ChunkGroup()
-        segments = segments or [(page, npages, hashing)]
-        fut = self._pool.submit(self._work, group, npages, produce, zero_skip, segments)
+        fut = self._pool.submit(self._work, group, page, npages, produce, zero_skip, hashing, scattered)
         self._pending.append((group, fut))
         if len(self._pending) >= self._max_pending:
             self.drain(keep=self._max_pending // 2)
@@ -126,25 +126,20 @@ class ImageWriter:
             self.pos += length + (-length) % ALIGN
             return off
 
-    def _work(self, group: "ChunkGroup", npages: int, produce, zero_skip: bool, segments: list):
+    def _work(self, group: "ChunkGroup", page: int, npages: int, produce, zero_skip: bool, hashing, scattered):
         raw = self._buffer(npages * PAGE_SIZE)
         view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)
-        runs = []                        # (page in the buffer, pages, page in the region)
-        pos = 0
-        if len(segments) > 1 and all(h is not None and h.prev is not None for _, _, h in segments):
-            from ..engine.incremental import changed_runs_scattered     # (write tracking: one call, not one a run)
-            runs = changed_runs_scattered(view, segments, zero_skip)
-            segments = []
-        for page, n, hashing in segments:
-            seg = view[pos * PAGE_SIZE:(pos + n) * PAGE_SIZE]
+        if scattered is not None:        # (write tracking: one hashing call for all the runs, not one a run)
+            from ..engine.incremental import changed_runs_scattered
+            runs = changed_runs_scattered(view, *scattered, zero_skip)     # (page in the buffer, pages, in region)
+        else:
             if hashing is not None:      # incremental images: hash pages, store the changed ones
                 from ..engine.incremental import changed_runs
-                found = changed_runs(seg, n, hashing, zero_skip)
+                found = changed_runs(view, npages, hashing, zero_skip)
             else:
-                found = _nonzero_runs(seg, n) if zero_skip else [(0, n)]
-            runs += [(pos + first, k, page + first) for first, k in found]
-            pos += n
+                found = _nonzero_runs(view, npages) if zero_skip else [(0, npages)]
+            runs = [(first, k, page + first) for first, k in found]
         # all runs of a chunk go to one reserved extent in one pwritev and one write-behind: an incremental image
         # has a run per changed page, and a system call or two per 4 KiB page cost ~50 us each
         parts = []
