@@ -149,3 +149,30 @@ def test_previous_hashes_only_of_the_same_algorithm(tmp_path, algo):
     w.finish({"process": {"regions": [region.to_dict()]}})
     got = previous_hashes(path)
     assert got == ({(0x10000, 0x12000, "rw-p", "anon", ""): hashes} if algo == HASH_ALGO else {})
+
+
+def test_chain_resolution_takes_each_page_from_the_newest_image_holding_it():
+    """Restore through an incremental chain: each page comes from the newest image that stored its current
+    content; unpopulated and all-zero pages from none; a page whose content no image holds is an error naming
+    it (a base image was replaced)."""
+    from types import SimpleNamespace
+    from hpcckpt.engine.incremental import HASH_SIZE, ZERO_HASH, ChainLink, page_hash, resolve
+    from hpcckpt.image.format import ImageError
+    key = (0x1000, 0x9000, "rw-p", "anon", "")
+    base_h = [page_hash(bytes([i]) * 4096) for i in range(8)]
+    base_h[5] = bytes(HASH_SIZE)                                      # never touched
+    new_h = list(base_h)
+    new_h[2], new_h[3], new_h[6] = page_hash(b"x" * 4096), page_hash(b"y" * 4096), ZERO_HASH
+    base = ChainLink(SimpleNamespace(path="base"), {key: SimpleNamespace(chunks=[[0, 5, 4096, 5 * 4096, 0, "raw"],
+                                                                                [6, 2, 0x6000, 2 * 4096, 0, "raw"]])},
+                     {key: b"".join(base_h)})
+    newest = ChainLink(SimpleNamespace(path="new"), {key: SimpleNamespace(chunks=[[2, 1, 4096, 4096, 0, "raw"],
+                                                                                 [3, 1, 8192, 4096, 0, "raw"]])},
+                       {key: b"".join(new_h)})
+    got = [(r.path, c.page, runs) for r, c, runs in resolve([newest, base], key, 8)]
+    assert got == [("new", 2, [(2, 1)]), ("new", 3, [(3, 1)]), ("base", 0, [(0, 2), (4, 1)]),
+                   ("base", 6, [(7, 1)])]
+    new_h[1] = page_hash(b"z" * 4096)                                 # stored nowhere
+    newest.hashes[key] = b"".join(new_h)
+    with pytest.raises(ImageError, match="page 1 of the region at 0x1000 is in no image"):
+        list(resolve([newest, base], key, 8))

@@ -171,18 +171,29 @@ def resolve(chain: list[ChainLink], key: tuple, npages: int):
                 done[c.page:c.page + c.npages] = b"\1" * c.npages
                 yield link.reader, c, [(c.page, c.npages)]
                 continue
-            runs = []
-            for p in range(c.page, c.page + c.npages):
-                if not done[p] and theirs[p * HASH_SIZE:(p + 1) * HASH_SIZE] == target[p * HASH_SIZE:(p + 1) * HASH_SIZE]:
-                    done[p] = 1
-                    if runs and runs[-1][0] + runs[-1][1] == p:
-                        runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-                    else:
-                        runs.append((p, 1))
+            # page by page, as integers in one comprehension: a Python loop over every page of a 1 GiB base
+            # image took 0.5 s of a restore
+            mine = memoryview(target[lo:hi]).cast("Q").tolist()
+            old = memoryview(theirs[lo:hi]).cast("Q").tolist()
+            wanted = done[c.page:c.page + c.npages]
+            take = [i for i, (a, b, d) in enumerate(zip(mine, old, wanted)) if a == b and not d]
+            runs: list[list[int]] = []
+            for i in take:
+                done[c.page + i] = 1
+                if runs and runs[-1][0] + runs[-1][1] == c.page + i:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([c.page + i, 1])
             if runs:
-                yield link.reader, c, runs
-    for p in range(npages):
-        h = target[p * HASH_SIZE:(p + 1) * HASH_SIZE]
-        if not done[p] and h not in (UNPOPULATED, ZERO_HASH):
-            raise ImageError(f"{chain[0].reader.path}: page {p} of the region at {key[0]:#x} is in no image of "
-                             f"its chain (a base image was deleted or replaced?)")
+                yield link.reader, c, [(f, n) for f, n in runs]
+    pos = done.find(0)
+    while pos != -1:                           # pages no image gave: they must be unpopulated or all zero
+        end = done.find(1, pos)
+        end = npages if end == -1 else end
+        for lo in range(pos, end, 65536):
+            hi = min(end, lo + 65536)
+            for i, h in enumerate(memoryview(target)[lo * HASH_SIZE:hi * HASH_SIZE].cast("Q").tolist()):
+                if h != 0 and h != _ZERO_INT:
+                    raise ImageError(f"{chain[0].reader.path}: page {lo + i} of the region at {key[0]:#x} is in "
+                                     f"no image of its chain (a base image was deleted or replaced?)")
+        pos = done.find(0, end)

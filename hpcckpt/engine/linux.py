@@ -158,6 +158,16 @@ def process_vm_writev(pid: int, local_addr: int, length: int, remote_addr: int) 
     return check(n, f"process_vm_writev(pid {pid}, {remote_addr:#x}+{length:#x})")
 
 
+def process_vm_writev_scattered(pid: int, pieces: list[tuple[int, int, int]]) -> int:
+    """Write (local address, remote address, length) pieces in one system call (at most IOV_MAX = 1024 of
+    them). Returns the bytes written: the pieces in order, up to the first one that failed."""
+    local = _iov_array([(a, n) for a, _, n in pieces])
+    rem = _iov_array([(r, n) for _, r, n in pieces])
+    n = syscall(SYS.process_vm_writev, pid, ctypes.addressof(local), len(pieces), ctypes.addressof(rem),
+                len(pieces), 0)
+    return check(n, f"process_vm_writev(pid {pid}, {len(pieces)} pieces)")
+
+
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     check(syscall(SYS.tgkill, tgid, tid, sig), f"tgkill({tgid}, {tid}, {sig})")
 

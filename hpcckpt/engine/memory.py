@@ -26,7 +26,8 @@ from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReade
 from ..image.records import RegionRecord
 from .inject import Injector
 from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_READ,
-                    PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev)
+                    PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
+                    process_vm_writev_scattered)
 from .maps import Mapping, populated_runs, read_maps
 
 log = logging.getLogger(__name__)
@@ -432,7 +433,8 @@ def protect_region(inj: Injector, r: RegionRecord) -> None:
 
 class MemoryFiller:
     """Writes image pages into a restored process on a few threads (process_vm_writev, CRC-32 and zstd release
-    the GIL): raw chunks straight from a private mapping of the image file (no copy through Python),
+    the GIL): raw chunks straight from a private mapping of the image file (no copy through Python: reading
+    them into fresh buffers made restoring an incremental chain three times slower than one image),
     compressed ones decompressed first."""
 
     def __init__(self, pid: int, reader: ImageReader, verify: bool = True, threads: int = 0):
@@ -441,75 +443,82 @@ class MemoryFiller:
         self.verify = verify
         self.threads = threads or (os.cpu_count() or 1)
         self.bytes = 0
-        self._map = None
-
-    def _image_map(self):
-        if self._map is None:
-            self._map = _mmap.mmap(self.reader.fd, 0, flags=_mmap.MAP_PRIVATE,
-                                   prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
-            self._base = buffer_address(self._map)
-        return self._map
 
     def fill(self, regions: list[RegionRecord]) -> None:
         if self.reader.meta.get("base"):
             self._fill_chain(regions)
             return
-        jobs = [(r.start + c.page * PAGE, c) for r in regions for c in map(Chunk.from_json, r.chunks)]
-        for _, c in jobs:
-            if c.off + c.length > self.reader.size:
-                raise ImageError(f"{self.reader.path}: truncated image (chunk at {c.off} beyond the end)")
-        view = memoryview(self._image_map()) if any(c.codec == CODEC_RAW for _, c in jobs) else None
-
-        def one(job):
-            remote, c = job
-            if c.codec != CODEC_RAW:
-                data = self.reader.read_chunk(c)
-                self._write(buffer_address(data), len(data), remote)
-                return len(data)
-            if self.verify and crc32(view[c.off:c.off + c.length]) != c.crc:
-                raise ImageError(f"{self.reader.path}: corrupted image (checksum mismatch in chunk at offset "
-                                 f"{c.off})")
-            self._write(self._base + c.off, c.length, remote)
-            return c.length
-        try:
-            if len(jobs) > 1 and self.threads > 1:
-                from concurrent.futures import ThreadPoolExecutor
-                with ThreadPoolExecutor(self.threads, thread_name_prefix="fill") as pool:
-                    self.bytes += sum(pool.map(one, jobs))
-            else:
-                self.bytes += sum(map(one, jobs))
-        finally:
-            if view is not None:
-                view.release()
+        self._run([(self.reader, c, [(c.page, c.npages)], r.start)
+                   for r in regions for c in map(Chunk.from_json, r.chunks)])
 
     def _fill_chain(self, regions: list[RegionRecord]) -> None:
         """An incremental image: each page from the newest image of the chain that holds its content."""
         from .incremental import open_chain, region_key, resolve
         chain = open_chain(self.reader)
         try:
-            for r in regions:
-                if not r.hashes and not r.chunks:
-                    continue
-                npages = (r.end - r.start) // PAGE
-                for reader, c, runs in resolve(chain, region_key(r), npages):
-                    data = reader.read_chunk(c)
-                    base = buffer_address(data)
-                    for first, n in runs:
-                        self._write(base + (first - c.page) * PAGE, n * PAGE, r.start + first * PAGE)
-                        self.bytes += n * PAGE
+            self._run([(reader, c, runs, r.start) for r in regions if r.hashes or r.chunks
+                       for reader, c, runs in resolve(chain, region_key(r), (r.end - r.start) // PAGE)])
         finally:
             for link in chain[1:]:
                 link.reader.close()
+
+    def _run(self, jobs: list) -> None:
+        """jobs: (reader, chunk, [(first page, pages) of the chunk to write], region start), a chunk per job."""
+        for reader, c, _, _ in jobs:
+            if c.off + c.length > reader.size:
+                raise ImageError(f"{reader.path}: truncated image (chunk at {c.off} beyond the end)")
+        maps = {}                        # image -> (mapping, view, address), for raw chunks
+        for reader, c, _, _ in jobs:
+            if c.codec == CODEC_RAW and id(reader) not in maps:
+                m = _mmap.mmap(reader.fd, 0, flags=_mmap.MAP_PRIVATE, prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
+                maps[id(reader)] = (m, memoryview(m), buffer_address(m))
+
+        def one(task):
+            pieces, keep = [], []        # (local address, remote address, length); decompressed data kept alive
+            for reader, c, runs, start in task:
+                if c.codec == CODEC_RAW:
+                    _, view, addr = maps[id(reader)]
+                    if self.verify and crc32(view[c.off:c.off + c.length]) != c.crc:
+                        raise ImageError(f"{reader.path}: corrupted image (checksum mismatch in chunk at offset "
+                                         f"{c.off})")
+                    base = addr + c.off
+                else:
+                    keep.append(reader.read_chunk(c))
+                    base = buffer_address(keep[-1])
+                pieces += [(base + (first - c.page) * PAGE, start + first * PAGE, n * PAGE) for first, n in runs]
+            for i in range(0, len(pieces), 1024):      # IOV_MAX pieces per system call
+                part = pieces[i:i + 1024]
+                if len(part) == 1 or process_vm_writev_scattered(self.pid, part) != sum(n for _, _, n in part):
+                    for local, remote, n in part:      # (short: again one by one, the error names the piece)
+                        self._write(local, n, remote)
+            return sum(n for _, _, n in pieces)
+        # small chunks (an incremental image stores a chunk per run of changed pages, often a single page) go
+        # to a thread together, up to a chunk's worth of pages: a job and a system call per page cost more
+        # than the page
+        tasks, size = [], CHUNK_PAGES
+        for job in jobs:
+            n = sum(k for _, k in job[2])
+            if size + n > CHUNK_PAGES:
+                tasks.append([])
+                size = 0
+            tasks[-1].append(job)
+            size += n
+        try:
+            if len(tasks) > 1 and self.threads > 1:
+                from concurrent.futures import ThreadPoolExecutor
+                with ThreadPoolExecutor(self.threads, thread_name_prefix="fill") as pool:
+                    self.bytes += sum(pool.map(one, tasks))
+            else:
+                self.bytes += sum(map(one, tasks))
+        finally:
+            for m, view, _ in maps.values():
+                view.release()
+                try:
+                    m.close()
+                except BufferError:      # a view still exported (an exception's traceback): freed with it
+                    pass
 
     def _write(self, local: int, length: int, remote: int) -> None:
         done = 0
         while done < length:
             done += process_vm_writev(self.pid, local + done, length - done, remote + done)
-
-    def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass
-            self._map = None

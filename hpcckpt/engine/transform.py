@@ -187,10 +187,7 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
             key = f"shm:{reg.shm}" if reg.backing == "shared-anon" else reg.path
             memory.map_region(inj, reg, plan.map_fds.get(key, -1))
     filler = memory.MemoryFiller(pid, reader, verify=opts.verify_checksums)
-    try:
-        filler.fill(proc.regions)
-    finally:
-        filler.close()
+    filler.fill(proc.regions)
     for reg in proc.regions:
         if reg.backing != "special":
             memory.protect_region(inj, reg)

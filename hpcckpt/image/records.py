@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 
@@ -21,8 +22,15 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    # typing.get_type_hints evaluates every (string) annotation again on each call: once per record class, not
+    # once per region of every image (it was a third of restoring an incremental chain)
+    return typing.get_type_hints(cls)
+
+
 def _from_dict(cls, d):
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
