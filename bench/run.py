@@ -259,6 +259,18 @@ def checkpoint(p: subprocess.Popen, path: Path, generation: int, base: Path | No
     return time.perf_counter() - t0, path.stat().st_size, meta.stats
 
 
+def _restore_time(img: Path, mem: Memory, mb: int) -> float:
+    """Seconds from image to running program (as one_run measures restore)."""
+    mem.prepare(mb)
+    t = time.perf_counter()
+    with ImageReader(str(img)) as r:
+        rp = restore_process(r, RestoreOptions())
+        rp.release()
+    took = time.perf_counter() - t
+    rp.kill()
+    return took
+
+
 def incremental_run(memhog: Path, mb: int, directory: Path, mem: Memory, pattern: str, track: bool) -> dict:
     """A full checkpoint (with page hashes); memhog then changes 5 % of its pages once; a second checkpoint,
     which hashes every page or (track) reads only the pages written since the first."""
@@ -273,8 +285,10 @@ def incremental_run(memhog: Path, mb: int, directory: Path, mem: Memory, pattern
         mem.prepare(mb // 10)
         inc_s, inc_size, stats = checkpoint(p, inc, 2, full, tracker)
         assert stats["write_tracked"] == track, stats
+        stop(p)
         return {"full": full_size, "inc": inc_size, "full_s": full_s, "inc_s": inc_s,
-                "pages": stats["pages_dumped"]}
+                "pages": stats["pages_dumped"], "restore_full": _restore_time(full, mem, mb),
+                "restore_chain": _restore_time(inc, mem, mb)}
     finally:
         stop(p)
         for f in (full, inc):
@@ -373,7 +387,8 @@ def main() -> int:
                 row = (f"| {mb} MiB | {pattern} | {r[0]['full'] / MiB:.0f} MiB in {r[0]['full_s']:.2f} s | "
                        f"{r[0]['inc'] / MiB:.1f} MiB in {r[0]['inc_s']:.2f} s | "
                        f"{r[1]['inc'] / MiB:.1f} MiB in {r[1]['inc_s']:.2f} s ({r[1]['pages']} pages) | "
-                       f"{100 * r[1]['inc'] / r[1]['full']:.1f} % |")
+                       f"{100 * r[1]['inc'] / r[1]['full']:.1f} % | {r[1]['restore_full']:.2f} s | "
+                       f"{r[1]['restore_chain']:.2f} s |")
                 inc_rows.append(row)
                 print(row, flush=True)
     load1 = os.getloadavg()
@@ -416,9 +431,12 @@ def main() -> int:
                  "pages once (SIGUSR1) - *scattered*: single pages spread over all its memory, *contiguous*: one "
                  "run - and a second checkpoint stores what changed; forked, raw, one run each. *hashing*: the "
                  "second checkpoint reads and hashes every page; *write-tracked*: it reads only the pages "
-                 "written since the first (userfaultfd write-protect, engine/wptrack.py).\n\n"
+                 "written since the first (userfaultfd write-protect, engine/wptrack.py). *restore*: image to "
+                 "running program, from the full image alone and through the chain (the write-tracked "
+                 "incremental image and its base).\n\n"
                  "| memory | pattern | full image | incremental, hashing | incremental, write-tracked | "
-                 "of the full |\n|---|---|---|---|---|---|\n" + "\n".join(inc_rows) + "\n")
+                 "of the full | restore, full | restore, chain |\n|---|---|---|---|---|---|---|---|\n" +
+                 "\n".join(inc_rows) + "\n")
     out = Path(args.out)
     if out.exists() and NOTES in out.read_text():       # the hand-written reading of earlier numbers stays
         text += "\n" + NOTES + out.read_text().split(NOTES, 1)[1]
