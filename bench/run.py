@@ -210,6 +210,18 @@ def zstd_floor(f: dict) -> float:
     return max(f["zstdMT"], f["zstdN"], NCPU * f["zstd1"])
 
 
+def _restore_time(img: Path, mem: Memory, mb: int) -> float:
+    """Seconds from image to running program, memory prepared (--memory) as before every step."""
+    mem.prepare(mb)
+    t = time.perf_counter()
+    with ImageReader(str(img)) as r:
+        rp = restore_process(r, RestoreOptions())
+        rp.release()
+    took = time.perf_counter() - t
+    rp.kill()
+    return took
+
+
 def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, directory: Path,
             mem: Memory) -> dict:
     p = start(memhog, mb, threads)
@@ -234,13 +246,7 @@ def one_run(memhog: Path, mb: int, threads: int, compress: bool, forked: bool, d
     finally:
         stop(p)
     size = img.stat().st_size
-    mem.prepare(mb)
-    t = time.perf_counter()
-    with ImageReader(str(img)) as r:
-        rp = restore_process(r, RestoreOptions())
-        rp.release()
-    restore = time.perf_counter() - t
-    rp.kill()
+    restore = _restore_time(img, mem, mb)
     img.unlink()
     return {"stopped": stopped, "dump": dump, "restore": restore, "size": size, "bytes": meta.stats["bytes_in"]}
 
@@ -257,18 +263,6 @@ def checkpoint(p: subprocess.Popen, path: Path, generation: int, base: Path | No
                        incremental=True, base=str(base) if base else None)
     kill_snapshot(cap.snapshot_pid)
     return time.perf_counter() - t0, path.stat().st_size, meta.stats
-
-
-def _restore_time(img: Path, mem: Memory, mb: int) -> float:
-    """Seconds from image to running program (as one_run measures restore)."""
-    mem.prepare(mb)
-    t = time.perf_counter()
-    with ImageReader(str(img)) as r:
-        rp = restore_process(r, RestoreOptions())
-        rp.release()
-    took = time.perf_counter() - t
-    rp.kill()
-    return took
 
 
 def incremental_run(memhog: Path, mb: int, directory: Path, mem: Memory, pattern: str, track: bool) -> dict:
