@@ -249,7 +249,8 @@ def test_forked_and_frozen_checkpoints(forked, compress, launch, env, tmp_path, 
     if compress:
         img = next(tmp_path.glob("ckpt_*/gen000003/ckpt_forkmodes_*.dmtcp"))
         with ImageReader(str(img)) as r:
-            assert {c.codec for c in iter_chunks(r.meta)} == {"zstd"}
+            codecs = {c.codec for c in iter_chunks(r.meta)}
+            assert codecs and codecs <= {"zstd", "zstd-shuffle8"}, codecs
     checkpoint_and_kill(job)
     run_ = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=60)
     assert run_.returncode == 0, run_.stderr
@@ -274,12 +275,14 @@ def test_incremental_checkpoints(codec, launch, env, tmp_path, build_dir):
         reply = json.loads(job.command("-bc", "--json").stdout)
         sizes.append(reply["checkpoint"]["bytes_out"])
         time.sleep(0.1)
-    assert sizes[1] < sizes[0] * 0.1 and sizes[3] < sizes[0] * 0.1, sizes     # a few pages, not 64 MiB
+    full = 64 << 20
+    assert sizes[0] > full * (0.9 if codec == "raw" else 0.01), sizes
+    assert sizes[1] < full * 0.1 and sizes[3] < full * 0.1, sizes     # a few pages, not 64 MiB
     if codec == "zstd":
         first = next(tmp_path.glob("ckpt_*/gen000001/ckpt_sparse_*.dmtcp"))
         with ImageReader(str(first)) as r:
             codecs = {c.codec for c in iter_chunks(r.meta)}
-        assert codecs == {"zstd"}, codecs
+        assert codecs and codecs <= {"zstd", "zstd-shuffle8"}, codecs
     checkpoint_and_kill(job)
     gens = sorted(p.name for p in tmp_path.glob("ckpt_*/gen*.json"))
     assert gens[0] == "gen000001.json"                  # still needed: the chain starts there

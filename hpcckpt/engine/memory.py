@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import mmap as _mmap
 import os
+import threading
 from dataclasses import dataclass, field
 
 from ..faults import fault
@@ -473,8 +474,14 @@ class MemoryFiller:
                 m = _mmap.mmap(reader.fd, 0, flags=_mmap.MAP_PRIVATE, prot=_mmap.PROT_READ | _mmap.PROT_WRITE)
                 maps[id(reader)] = (m, memoryview(m), buffer_address(m))
 
+        per_thread = threading.local()
+
         def one(task):
             pieces, keep = [], []        # (local address, remote address, length); decompressed data kept alive
+            scratch = getattr(per_thread, "buf", None)
+            if scratch is None:          # a thread's decompressed chunks of one task, reused by the next task
+                scratch = per_thread.buf = bytearray(CHUNK_PAGES * PAGE)
+            used = 0
             for reader, c, runs, start in task:
                 if c.codec == CODEC_RAW:
                     _, view, addr = maps[id(reader)]
@@ -483,8 +490,11 @@ class MemoryFiller:
                                          f"{c.off})")
                     base = addr + c.off
                 else:
-                    keep.append(reader.read_chunk(c))
+                    room = memoryview(scratch)[used:] if used + c.npages * PAGE <= len(scratch) else None
+                    keep.append(reader.read_chunk(c, room))
                     base = buffer_address(keep[-1])
+                    if room is not None and base == buffer_address(room):
+                        used += c.npages * PAGE
                 pieces += [(base + (first - c.page) * PAGE, start + first * PAGE, n * PAGE) for first, n in runs]
             for i in range(0, len(pieces), 1024):      # IOV_MAX pieces per system call
                 part = pieces[i:i + 1024]

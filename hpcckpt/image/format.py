@@ -2,7 +2,7 @@
 
 Layout:
     [0, 4096)        header: magic, format version, where the metadata is, its checksum
-    [4096, ...)      page-data chunks, each starting on a 4096-byte boundary (raw or one zstd frame each)
+    [4096, ...)      page-data chunks, each starting on a 4096-byte boundary (raw or one zstd frame each, see codec.py)
     [meta_off, ...)  metadata: UTF-8 JSON describing the process and pointing at every chunk
 
 A chunk holds up to CHUNK_PAGES contiguous pages of one memory region and carries its own CRC-32 (of the
@@ -21,6 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..faults import fault
+from .codec import CODECS, Compressor, decompress
 
 try:                  # the same CRC-32 as zlib's, ~10x faster (ISA-L, carry-less multiply): 0.03 s/GiB, not 0.3
     from isal.isal_zlib import crc32
@@ -36,7 +37,6 @@ CHUNK_PAGES = 1024            # 4 MiB of pages per chunk: large writes, fine-gra
 _HEADER = struct.Struct("<8sIIQQIQ")  # magic, version, flags, meta_off, meta_len, meta_crc, data_end
 
 CODEC_RAW = "raw"
-CODEC_ZSTD = "zstd"
 
 
 class ImageError(Exception):
@@ -68,11 +68,13 @@ class ImageWriter:
     space for a chunk once it knows its stored length, so chunks lie in the file in the order they were
     finished; the metadata says where each is. Writeback to disk starts as chunks are written (write_behind)."""
 
-    def __init__(self, final_path: str, compress: bool = False, level: int = 1, threads: int = 0):
+    def __init__(self, final_path: str, compress: bool = False, level: int = 1, threads: int = 0,
+                 shuffle: bool = True):
         self.final_path = final_path
         self.tmp_path = final_path + ".tmp"
         self.compress = compress
         self.level = level
+        self.shuffle = shuffle           # compressed chunks may be byte-shuffled first (codec.py)
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)
         self.pos = HEADER_SIZE
@@ -146,8 +148,8 @@ class ImageWriter:
         for first, n, page in runs:
             part = view[first * PAGE_SIZE:(first + n) * PAGE_SIZE]
             if self.compress:
-                data = self._compressor().compress(part)
-                parts.append((page, n, data, CODEC_ZSTD))
+                data, codec = self._compressor().compress(part)
+                parts.append((page, n, data, codec))
             else:
                 parts.append((page, n, part, CODEC_RAW))
         stored = []
@@ -166,11 +168,10 @@ class ImageWriter:
             write_behind(self.fd, base, total)
         return npages - sum(n for _, n, _ in runs), stored   # pages left out (all zero, or unchanged)
 
-    def _compressor(self):
+    def _compressor(self) -> Compressor:
         z = getattr(self._local, "zstd", None)
         if z is None:
-            import zstandard
-            z = self._local.zstd = zstandard.ZstdCompressor(level=self.level)
+            z = self._local.zstd = Compressor(self.level, self.shuffle)
         return z
 
     def drain(self, keep: int = 0) -> None:
@@ -310,7 +311,8 @@ class ImageReader:
         self.meta = json.loads(raw)
 
     def read_chunk(self, chunk: Chunk, out=None):
-        """The chunk's page data (decompressed), verified against its checksum."""
+        """The chunk's page data (decompressed), verified against its checksum. out: a writable buffer the data
+        may be put in (then returned as a view of it) instead of new memory."""
         if chunk.off + chunk.length > self.size:
             raise ImageError(f"{self.path}: truncated image (chunk at {chunk.off} beyond end of file)")
         stored = os.pread(self.fd, chunk.length, chunk.off)
@@ -318,9 +320,8 @@ class ImageReader:
             raise ImageError(f"{self.path}: corrupted image (checksum mismatch in chunk at offset {chunk.off})")
         if chunk.codec == CODEC_RAW:
             return stored
-        if chunk.codec == CODEC_ZSTD:
-            import zstandard
-            return zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.npages * 4096)
+        if chunk.codec in CODECS:
+            return decompress(stored, chunk.codec, chunk.npages * PAGE_SIZE, out)
         raise ImageError(f"{self.path}: unknown chunk codec {chunk.codec!r}")
 
     def verify(self) -> int:
