@@ -53,6 +53,7 @@ from hpcckpt.engine.linux import buffer_address, process_vm_readv  # noqa: E402
 from hpcckpt.engine.maps import vmflags_hint  # noqa: E402
 from hpcckpt.engine.restore import RestoreOptions, restore_process  # noqa: E402
 from hpcckpt.engine.wptrack import Tracker  # noqa: E402
+from hpcckpt.image.codec import Compressor  # noqa: E402
 from hpcckpt.image.format import CHUNK_PAGES, PAGE_SIZE, ImageReader, write_behind  # noqa: E402
 
 MiB = 1 << 20
@@ -174,24 +175,25 @@ def floors(memhog: Path, mb: int, mem: Memory, directory: Path, sample: bytearra
     import zstandard
     zstd1 = len(sample) / _timed(_zstd_chunks, sample, 1) / 1e9
     zstd_n = len(sample) / _timed(_zstd_chunks, sample, NCPU) / 1e9
+    zstd_s = len(sample) / _timed(_zstd_chunks, sample, 1, True) / 1e9
     ratio = len(zstandard.ZstdCompressor(level=1).compress(sample)) / len(sample)
     zstd_mt = len(sample) / _timed(zstandard.ZstdCompressor(level=1, threads=NCPU).compress, sample) / 1e9
     return {"read1": read1, "readN": read_n, "write": writes[0][0], "fsync": writes[0][1],
             "write_wb": writes[1][0], "fsync_wb": writes[1][1], "restore1": restores[0], "restoreN": restores[1],
-            "zstd1": zstd1, "zstdN": zstd_n, "zstdMT": zstd_mt, "ratio": ratio}
+            "zstd1": zstd1, "zstdN": zstd_n, "zstdMT": zstd_mt, "zstdS": zstd_s, "ratio": ratio}
 
 
-def _zstd_chunks(sample: bytearray, threads: int) -> None:
+def _zstd_chunks(sample: bytearray, threads: int, shuffle: bool = False) -> None:
     """zstd-1 over the sample in image-chunk pieces (4 MiB), on `threads` threads with a compressor each - as
-    the image writer compresses. (One zstandard call over the whole 256 MiB is ~25 % slower here: it was the
-    one-core figure until 2026-12-05, which made the zstd floors lenient.)"""
-    import zstandard
+    the image writer compresses; plain, or as the writer does it (shuffle: byte-shuffled where a sample says
+    so, image/codec.py). (One zstandard call over the whole 256 MiB is ~25 % slower here: it was the one-core
+    figure until 2026-12-05, which made the zstd floors lenient.)"""
     view, step = memoryview(sample), CHUNK_PAGES * PAGE_SIZE
     slot = threading.local()
 
     def one(off):
         if not hasattr(slot, "z"):
-            slot.z = zstandard.ZstdCompressor(level=1)
+            slot.z = Compressor(level=1, shuffle=shuffle)
         slot.z.compress(view[off:off + step])
     _parallel(threads, one, range(0, len(sample), step))
 
@@ -356,7 +358,7 @@ def main() -> int:
             f"| {mb} MiB | {best('read1')} / {best('readN')} | {best('write')} + {best('fsync')} | "
             f"{best('write_wb')} + {best('fsync_wb')} | **{d_floor:.3f}** | {best('restore1')} / {best('restoreN')} | "
             f"**{r_floor:.3f}** | {max(f['zstd1'] for f in fl):.2f} / {max(f['zstdN'] for f in fl):.2f} / "
-            f"{max(f['zstdMT'] for f in fl):.2f} | "
+            f"{max(f['zstdMT'] for f in fl):.2f} | {max(f['zstdS'] for f in fl):.2f} | "
             f"**{z_floor:.2f}** | **{z_cpu:.3f}** |")
         for (threads, compress, forked), runs in res.items():
             r = {k: [x[k] for x in runs] for k in runs[0]}
@@ -398,13 +400,14 @@ def main() -> int:
         "(bench/run.py --help).\n\n## Floors\n\n"
         "Best of the rounds. *read*: one thread / all cores. *write + fsync*: plainly, and with write-behind "
         "(sync_file_range after every 64 MiB). *dump floor*: the faster read + the faster write and fsync. "
-        "*restore*: one thread / all cores. *zstd-1*: GB/s compressing 4 MiB chunks on one core / on a thread per "
-        f"core / in one call with the zstandard package's threads; its floor: the best of those and {NCPU} × the "
-        "one-core speed. *zstd dump floor*: seconds "
-        "of CPU a zstd dump needs at least - compress every byte at the one-core speed, read it once, write the "
-        f"compressed bytes - spread evenly over the {NCPU} cores.\n\n"
+        "*restore*: one thread / all cores. *zstd-1*: GB/s of plain zstd-1 compressing 4 MiB chunks on one core / "
+        f"on a thread per core / in one call with the zstandard package's threads; its floor: the best of those "
+        f"and {NCPU} × the one-core speed. *shuffled*: GB/s on one core of what the image writer does with a "
+        "chunk (byte shuffle where it pays, then zstd-1; image/codec.py). *zstd dump floor*: seconds "
+        "of CPU a plain zstd dump needs at least - compress every byte at the one-core speed, read it once, write "
+        f"the compressed bytes - spread evenly over the {NCPU} cores.\n\n"
         "| memory | read | write + fsync | write-behind + fsync | dump floor | restore | restore floor | zstd-1 | "
-        f"zstd-1 floor, {NCPU} cores | zstd dump floor |\n|---|---|---|---|---|---|---|---|---|---|\n" +
+        f"shuffled | zstd-1 floor, {NCPU} cores | zstd dump floor |\n|---|---|---|---|---|---|---|---|---|---|---|\n" +
         "\n".join(floor_rows) +
         "\n\n## Raw images\n\n*vs floor*: min dump / dump floor, min restore / restore floor.\n\n"
         "| memory | threads | mode | stopped | dump | vs floor | restore | vs floor | image |\n"
