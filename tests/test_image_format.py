@@ -166,11 +166,14 @@ def test_chain_resolution_takes_each_page_from_the_newest_image_holding_it():
     base = ChainLink(SimpleNamespace(path="base"), {key: SimpleNamespace(chunks=[[0, 5, 4096, 5 * 4096, 0, "raw"],
                                                                                 [6, 2, 0x6000, 2 * 4096, 0, "raw"]])},
                      {key: b"".join(base_h)})
+    # page 4 was changed in a generation between and written back as it was: the newest image stores it, and
+    # the base (same content) must not give it again
     newest = ChainLink(SimpleNamespace(path="new"), {key: SimpleNamespace(chunks=[[2, 1, 4096, 4096, 0, "raw"],
-                                                                                 [3, 1, 8192, 4096, 0, "raw"]])},
+                                                                                 [3, 1, 8192, 4096, 0, "raw"],
+                                                                                 [4, 1, 0x3000, 4096, 0, "raw"]])},
                        {key: b"".join(new_h)})
     got = [(r.path, c.page, runs) for r, c, runs in resolve([newest, base], key, 8)]
-    assert got == [("new", 2, [(2, 1)]), ("new", 3, [(3, 1)]), ("base", 0, [(0, 2), (4, 1)]),
+    assert got == [("new", 2, [(2, 1)]), ("new", 3, [(3, 1)]), ("new", 4, [(4, 1)]), ("base", 0, [(0, 2)]),
                    ("base", 6, [(7, 1)])]
     new_h[1] = page_hash(b"z" * 4096)                                 # stored nowhere
     newest.hashes[key] = b"".join(new_h)
