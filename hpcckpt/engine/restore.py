@@ -139,7 +139,7 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     base = max(base, 10)
     factory = ObjectFactory(objects, read_blob, base)
     own_ipc = opts.same_pids if opts.ipc_namespace is None else opts.ipc_namespace
-    segments = sysvshm.Segments([o for o in objects.values() if o.get("kind") == "sysvshm"], factory.read_blob,
+    segments = sysvshm.Segments([o for o in objects.values() if o.get("kind") in sysvshm.KINDS], factory.read_blob,
                                 own_ipc)
     plans = {}
     spawner = None
@@ -194,7 +194,7 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     total = round(time.monotonic() - t0, 6)
     for rp in restored:
         rp.stats["total_s"] = total
-        rp.segments = segments if segments.ids else None
+        rp.segments = segments if segments.ids or segments.ipc.created else None
     return restored
 
 

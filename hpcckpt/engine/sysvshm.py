@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 
+from . import sysvipc
 from .linux import PAGE, libc
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ NEXT_ID = "/proc/sys/kernel/shm_next_id"
 IPC_LIMITS = ("shmmax", "shmall", "shmmni", "shm_rmid_forced")
 SYS_SHMAT = 30
 MAX_SEGMENT_BYTES = 8 << 30
+KINDS = ("sysvshm",) + sysvipc.KINDS       # the objects Segments recreates (semaphores, queues: sysvipc.py)
 
 libc.shmat.restype = ctypes.c_void_p
 libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
@@ -167,6 +169,7 @@ def scan(ctx, pids: list[int]) -> None:
                       "uid": row["uid"], "gid": row["gid"], "runs": runs,
                       "attached": len(users.get(shmid, ()))}, owner)
         ctx.blobs[oid] = data
+    sysvipc.scan(ctx, pids)
 
 
 def _read_contents(shmid: int, size: int, swapped: bool) -> tuple[list[list[int]], bytes]:
@@ -252,6 +255,8 @@ class Segments:
     """The computation's SysV segments at restore: created in the agent before the helpers are forked."""
 
     def __init__(self, objects: list[dict], read_blob, own_namespace: bool):
+        self.ipc = sysvipc.IpcObjects(objects, read_blob)         # semaphore sets and message queues
+        objects = [o for o in objects if o.get("kind", "sysvshm") == "sysvshm"]
         self.objects = sorted(objects, key=lambda s: (not s["rmid"], s["shmid"]))
         self.read_blob = read_blob
         self.own_namespace = own_namespace
@@ -261,11 +266,15 @@ class Segments:
         self._next_id_ok: bool | None = None
 
     def create(self) -> None:
-        if not self.objects:
+        if not self.objects and not self.ipc.sems and not self.ipc.msgs:
             return
         if self.own_namespace:
             new_ipc_namespace()
         self._check_keys()
+        try:
+            self.ipc.create()
+        except sysvipc.IpcError as e:
+            raise SysvError(str(e)) from None
         for st in self.objects:
             self._create_one(st)
 
@@ -363,7 +372,8 @@ class Segments:
         self.done = True
 
     def abort(self) -> None:
-        """The restore failed: remove every segment we created."""
+        """The restore failed: remove every segment (semaphore set, queue) we created."""
+        self.ipc.abort()
         for got, _ in self.ids.values():
             libc.shmctl(got, IPC_RMID, None)
         for addr in self.held.values():
