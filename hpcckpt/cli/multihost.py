@@ -89,15 +89,29 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", address_towards(host),
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
     if is_local(host):
-        full = cmd
-    else:
-        from ..sched.base import remote_launcher
-        way = remote_launcher(launcher)
-        if not way.remote_stdin:
-            # pbs_tmrsh hands the task no standard input: the secret goes through a file of the (shared)
-            # checkpoint directory, made the remote command's standard input there
-            cmd = ["/bin/sh", "-c", 'exec "$@" <"$0"', secret_file(ckptdir, coord_port, secret), *cmd]
-        full = way.remote_command(host, cmd)
+        # another agent's share, restarted on this host: its processes keep our standard input, as they would
+        # under one restart (a pipe or terminal they read from must not turn into EOF); the secret goes
+        # through a pipe of its own
+        r, w = os.pipe()
+        cmd[cmd.index("--secret-stdin")] = f"--secret-fd={r}"
+        log.info("restarting %d image(s) on %s", len(images), host)
+        try:
+            p = subprocess.Popen(cmd, pass_fds=(r,))
+        finally:
+            os.close(r)
+        with os.fdopen(w, "wb") as f:
+            try:
+                f.write(secret.hex().encode() + b"\n")
+            except BrokenPipeError:
+                pass
+        return p
+    from ..sched.base import remote_launcher
+    way = remote_launcher(launcher)
+    if not way.remote_stdin:
+        # pbs_tmrsh hands the task no standard input: the secret goes through a file of the (shared)
+        # checkpoint directory, made the remote command's standard input there
+        cmd = ["/bin/sh", "-c", 'exec "$@" <"$0"', secret_file(ckptdir, coord_port, secret), *cmd]
+    full = way.remote_command(host, cmd)
     log.info("restarting %d image(s) on %s", len(images), host)
     p = subprocess.Popen(full, stdin=subprocess.PIPE)
     try:

@@ -62,6 +62,7 @@ def parser(prog: str) -> Parser:
     p.add_argument("--launcher", choices=LAUNCHERS, help="how other hosts are reached (default: inside a batch job the "
                                                         "scheduler's way - srun, pbs_tmrsh, qrsh -inherit - else ssh)")
     p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--secret-fd", type=int, help=argparse.SUPPRESS)   # a part restarted on this host (multihost.py)
     p.add_argument("images", nargs="*", help="checkpoint images (ckpt_*.dmtcp)")
     return p
 
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         setup_logging("restart", s.quiet, s.log_level)
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
+        elif args.secret_fd is not None:
+            store_secret(s.coord_port, _read_secret_fd(args.secret_fd))
         remote: list[tuple[str, list[str]]] = []
         if args.table:
             table = multihost.read_table(args.table)
@@ -191,6 +194,16 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             for r in readers:
                 r.close()
     return run_main(prog, body, argv)
+
+
+def _read_secret_fd(fd: int) -> str:
+    """The secret from the pipe the restart that started us left at fd (our standard input stays the one the
+    user gave that restart: the restored processes read from it)."""
+    try:
+        with os.fdopen(fd, "r", closefd=True) as f:
+            return f.readline().strip()
+    except OSError as e:
+        raise Fail(f"--secret-fd {fd}: {e.strerror}") from None
 
 
 def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, verify: bool,
