@@ -46,9 +46,9 @@ if role == "server":
     os.rename(port_file + ".tmp", port_file)
     conns = [lst.accept()[0] for _ in range(2)]
     bufs = [bytearray(), bytearray()]
-    ks = []
-    for c, b in zip(conns, bufs):
-        ks.append(int(recv_line(c, b)))
+    ks = [int(recv_line(c, b)) for c, b in zip(conns, bufs)]
+    order = sorted(range(2), key=lambda i: ks[i])         # the clients connect in any order
+    conns, bufs, ks = [conns[i] for i in order], [bufs[i] for i in order], [ks[i] for i in order]
     for r in range(arg):
         time.sleep(0.02)
         for c in conns:
