@@ -19,7 +19,7 @@ import zmq
 
 from .. import __version__
 from ..faults import fault
-from ..image import store
+from ..image import journal, store
 from ..settings import Settings
 from . import protocol
 from .barrier import Round, State
@@ -471,6 +471,9 @@ class Coordinator(Restarts, Commands):
     def _finish_round(self, ok: bool) -> None:
         r = self.round
         self.round = None
+        journal.record(self.ckptdir, "checkpoint", computation=self.computation, generation=r.generation, ok=ok,
+                       phase=None if ok else r.phase, error=None if ok else r.error,
+                       duration_s=round(time.time() - r.started, 3))
         if ok:
             # retention, once the new generation is complete: each agent deletes its own images, we the manifests
             prune = self._prune_images()
