@@ -51,6 +51,10 @@ class Settings:
     fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))
     rank_wait: float = field(default=30.0, metadata=_env("HPCCKPT_RANK_WAIT"))   # for MPI ranks to join
+    # the program API (hpcckpt.aware): how long a checkpoint waits for delayed_checkpoints() blocks to end, and
+    # for the programs' pre_checkpoint hooks, before it goes on
+    aware_delay_max: float = field(default=60.0, metadata=_env("HPCCKPT_AWARE_DELAY_MAX"))
+    aware_hook_max: float = field(default=30.0, metadata=_env("HPCCKPT_AWARE_HOOK_MAX"))
     # coordinator lifetime
     exit_on_last: bool = False
     timeout: float = 0.0

@@ -28,6 +28,8 @@ from ..engine.maps import vmflags_hint
 from ..image import store
 from ..settings import Settings
 from . import remoteio
+from ..engine import awarefd
+from .aware_server import AwareServer
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage
 from .namespaces import install_init_handlers
 from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
@@ -82,6 +84,9 @@ class Agent:
         self.stash: list[dict] = []            # messages that came while we waited for something else
         self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
         self.job_file: str | None = None       # where the job's ssh/srun shims find the coordinator
+        self.aware: AwareServer | None = None  # the program API (agent/aware_server.py), once serve_api() ran
+        self.interval = settings.interval
+        self.last_generation = restarted_generation or 0
 
     # ---------------------------------------------------------------------------------------- joining --
     def hello(self, timeout: float = 15.0) -> dict:
@@ -102,6 +107,7 @@ class Agent:
             if reply["type"] == "welcome":
                 self.computation = reply["computation"]
                 self.heartbeat_s = float(reply.get("heartbeat", 2.0))
+                self.interval = reply.get("interval", self.interval)
                 log.info("joined coordinator %s:%d as peer %s of computation %s", self.conn.host, self.conn.port,
                          reply.get("peer_id"), self.computation)
                 self.publish_job_file()
@@ -119,6 +125,17 @@ class Agent:
             except OSError as e:
                 log.warning("cannot write %s (ssh/srun inside the job will not find the coordinator): %s",
                             self.job_file, e)
+
+    def serve_api(self, server: AwareServer) -> None:
+        """Answer the program API (hpcckpt.aware) of this agent's processes through server."""
+        self.aware = server
+        server.job_pids = lambda: {p.pid for p in self.job()}
+        server.request_checkpoint = lambda: self.send({"type": "request", "cmd": "checkpoint"})
+        server.status = lambda: {"computation": self.computation, "generation": self.last_generation,
+                                 "ckptdir": self.ckptdir, "interval": self.interval, "agent_id": self.agent_id,
+                                 "host": self.host, "peers": dict(self.expected_agents) or {self.agent_id: self.host},
+                                 "restarted": self.restarted_generation is not None}
+        awarefd.SERVER = server                 # its connections are checkpointed as such (engine/awarefd.py)
 
     def adopt(self, processes: list[JobProcess]) -> None:
         """After a restore: the processes as they now are (new PIDs without a PID namespace of our own)."""
@@ -172,6 +189,8 @@ class Agent:
         poller.register(self.conn.sock, zmq.POLLIN)
         poller.register(self.sigfd.fd, zmq.POLLIN)
         poller.register(self.wake_r, zmq.POLLIN)
+        if self.aware is not None:
+            poller.register(self.aware.fileno(), zmq.POLLIN)
         clean = False
         try:
             self._reap()
@@ -185,6 +204,8 @@ class Agent:
                     except BlockingIOError:
                         pass
                     self._writes_done()
+                if self.aware is not None and self.aware.fileno() in events:
+                    self.aware.handle(0)
                 if self.conn.sock in events:
                     while True:
                         try:
@@ -268,6 +289,9 @@ class Agent:
         elif kind == "committed":
             # the generation is complete everywhere: its images are the bases of the next incremental ones
             self.prev_images.update(self.pending_prev.pop(msg.get("generation"), {}))
+            self.last_generation = max(self.last_generation, int(msg.get("generation") or 0))
+            if self.aware is not None:
+                self.aware.round_over(int(msg.get("generation") or 0), True)
             self._prune(msg.get("prune", []))
         elif kind == "reject":
             log.error("coordinator: %s", msg.get("reason"))
@@ -281,6 +305,8 @@ class Agent:
         log.debug("phase=%s gen=%d", phase, gen)
         try:
             if phase == "suspend":
+                if self.aware is not None:      # delayed_checkpoints() blocks end, pre_checkpoint hooks run
+                    self.aware.before_freeze(gen, self.s.aware_delay_max, self.s.aware_hook_max)
                 self._suspend(gen)
                 c = self.ckpt
                 self._ack(msg, True, tcp_ends=tcpdrain.connected_ends([fp.pid for fp in c.frozen]))
@@ -302,6 +328,8 @@ class Agent:
                 if c is not None and c.pending:
                     self._start_writes(c)          # images of a forked checkpoint, while the job runs
                 self._ack(msg, True, stats={"frozen_s": frozen})
+                if self.aware is not None:
+                    self.aware.resumed(gen)
             elif phase == "kill":
                 self._ack(msg, True)
                 self._kill_job("checkpointed and killed (kcheckpoint)")
@@ -533,6 +561,8 @@ class Agent:
         return frozen
 
     def _abort(self, gen: int, reason: str, quiet: bool = False) -> None:
+        if self.aware is not None:
+            self.aware.round_over(gen, False, reason)
         if self.writing is not None and self.writing.state.generation == gen:
             self._cancel_writes(reason)
             return

@@ -13,6 +13,7 @@ from ..agent.procs import JobProcess, new_unique_id
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..agent import remoteio
+from ..agent.aware_server import AwareServer, new_name as new_aware_name
 from ..agent.namespaces import set_next_pid
 from ..coordinator import protocol
 from ..coordinator.protocol import SecretError
@@ -180,13 +181,19 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
             set_next_pid(300 + int.from_bytes(os.urandom(2), "little") % 30000)
         except OSError as e:
             log.debug("cannot choose the job's first PID: %s", e)
-    pid, go, err = start_program(command, remoteio.job_environment(job_file),
+    api = AwareServer(lambda: set(), lambda: None, lambda: {})
+    api.listen(new_aware_name())
+    job_env = remoteio.job_environment(job_file)
+    if api.name:
+        job_env["HPCCKPT_AWARE"] = api.name          # hpcckpt.aware in the program finds us there
+    pid, go, err = start_program(command, job_env,
                                  [sk.fileno() for sk in stdio] if stdio else None)
     for sk in stdio or []:
         sk.close()                       # the program's now
     proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
     agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job)
     agent.job_file = job_file
+    agent.serve_api(api)
     try:
         agent.hello()
     except CoordinatorUnreachable as e:

@@ -16,6 +16,8 @@ from ..agent.rendezvous import Rendezvous
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
+from ..agent.aware_server import AwareServer, name_of as aware_name_of
+from ..engine import awarefd
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import store
 from ..image.format import ImageError, ImageReader
@@ -222,6 +224,8 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
     spans_hosts = any(o.get("remote_end") for r in readers for o in r.meta["process"].get("objects", []))
     restored: list[RestoredProcess] = []
     conn = agent = None
+    api = AwareServer(lambda: set(), lambda: None, lambda: {})
+    awarefd.SERVER = api          # restored program-API connections lead to us (engine/awarefd.py)
 
     def join():
         nonlocal conn, agent
@@ -260,11 +264,16 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
         agent.adopt([JobProcess(rp.pid, rp.meta.unique_id, rp.meta.program) for rp in ordered])
         agent.job_file = remoteio.job_file_of(ordered[0].pid)    # the restored job's ssh/srun look there
         agent.publish_job_file()
+        agent.serve_api(api)
+        name = aware_name_of(ordered[0].pid)
+        if name:
+            api.listen(name)            # where the restored processes' hpcckpt.aware connects for new calls
         # the images we restarted from are the bases of the next incremental checkpoint
         paths = {r.meta["unique_id"]: r.path for r in readers}
         agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id], list(rp.meta.needs) or [rp.meta.generation])
                              for rp in restored}
         release_all(restored)
+        api.restarted(int(meta["generation"]))       # waiting hpcckpt.aware.checkpoint() calls: "restarted"
         log.info("restored %d process(es) in %.3f s: %s", len(restored), restored[0].stats.get("total_s", 0),
                  ", ".join(f"{rp.meta.program}[{rp.meta.process.pid}->{rp.pid}]" for rp in restored))
     except BaseException:

@@ -2,6 +2,7 @@
 before its ends). Adding a kind: one module with a handler class (KIND, matches, dump, create), one line here."""
 from __future__ import annotations
 
+from .awarefd import AwareConnection
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .pipes import Index, PipeEnd, PipeInode
@@ -11,5 +12,5 @@ from .inotify import Inotify
 from .ptys import PtyMaster, PtyPair, PtySlave
 from .ttys import DevTty, Terminal
 
-KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, TcpSocket, EventFd, TimerFd, SignalFd, Epoll,
-         Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]
+KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd, TimerFd,
+         SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]
