@@ -86,3 +86,26 @@ def test_c_program_api(launch, env, tmp_path, build_dir):
     got = _lines(out)
     assert "checkpoint -> restarted" in got and "checkpoint -> checkpointed" not in got
     assert got[-1] == "done" and not any("failed" in ln for ln in got)
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_checkpoint_collectively(launch, env, tmp_path):
+    """Every rank calls aware.mpi.checkpoint(comm): one checkpoint of the whole job; all ranks hear
+    "checkpointed", and after a restart from it all hear "restarted"."""
+    from conftest import BIN
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("needs the PyPI mpich wheel")
+    pytest.importorskip("mpi4py")
+    prefix = tmp_path / "out"
+    job = launch(BIN / "mpiexec", "-n", "2", sys.executable, PROGRAMS / "awarempi.py", prefix, "30", "8", "60")
+    ranks = [Path(f"{prefix}.{r}") for r in range(2)]
+    wait_for(lambda: all("checkpoint -> checkpointed" in _lines(p) for p in ranks), 90, "both ranks' checkpoint")
+    assert len(list(tmp_path.glob("ckpt_*/gen*.json"))) == 1
+    job.command("-k", check=True)
+    job.wait(30)
+    r = _restart_from(env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    for p in ranks:
+        got = _lines(p)
+        assert "checkpoint -> restarted" in got and "checkpoint -> checkpointed" not in got, got
+        assert got[-1] == "done" and sum(ln.startswith("step") for ln in got) == 30
