@@ -130,7 +130,8 @@ class DumpContext:
 class FdTable:
     """Scans the descriptors of a set of frozen processes (dump side)."""
 
-    def __init__(self, pids: list[int], stdio_pid: int | None = None, drained: dict | None = None):
+    def __init__(self, pids: list[int], stdio_pid: int | None = None, drained: dict | None = None,
+                 force: bool = False):
         from . import kinds
         self.kinds = kinds.KINDS
         for k in self.kinds:
@@ -138,6 +139,8 @@ class FdTable:
                 k.reset()                    # per-scan caches (e.g. the sock_diag table)
         self.pids = sorted(pids)
         self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
+        self.force = force        # descriptors no kind can save are recorded as "null" (/dev/null at restore)
+        self.problems: list[str] = []
         self.stdio = [e for e in (read_fd(self.stdio_pid, n) for n in (0, 1, 2)) if e is not None]
         self.ctx = DumpContext({}, drained=drained or {}, stdio_pid=self.stdio_pid)
         self.records: dict[int, list[FdRecord]] = {}
@@ -191,6 +194,10 @@ class FdTable:
                         ofd_of[(e.pid, e.fd)] = f"stdio:{io}"
                     continue
                 h = self._handler(first)
+                if h is None and self.force:
+                    self._give_up(f"{first.where()}: {describe_kind(first)} ({first.target}) cannot be "
+                                  f"checkpointed", ofd, ofd_of)
+                    continue
                 if h is None:
                     raise UnsupportedFd(f"{first.where()}: {describe_kind(first)} ({first.target}) cannot be "
                                         f"checkpointed")
@@ -201,14 +208,21 @@ class FdTable:
         # kinds dump in KINDS order: e.g. pipe inodes before the ends that refer to them
         order = {k: i for i, k in enumerate(self.kinds)}
         for h, oid, ofd in sorted(handled, key=lambda t: order[t[0]]):
-            h.dump(self.ctx, oid, ofd)
+            try:
+                h.dump(self.ctx, oid, ofd)
+            except UnsupportedFd as e:
+                if not self.force:
+                    raise
+                self._give_up(str(e), ofd, ofd_of)
+                self.ctx.objects.pop(oid, None)
+                self.ctx.blobs.pop(oid, None)
         from . import sysvshm        # shared by processes without a descriptor; stored like the objects above
         sysvshm.scan(self.ctx, self.pids)
         from . import shmfiles       # named POSIX shared memory files: saved whole, put back at restart
         shmfiles.scan(self.ctx, self.pids)
         for (pid, fd), e in sorted(entries.items()):
             oid = ofd_of[(pid, fd)]
-            kind = "stdio" if oid.startswith("stdio:") else self.ctx.objects[oid]["kind"]
+            kind = "stdio" if oid.startswith("stdio:") else "null" if oid == "null:" else self.ctx.objects[oid]["kind"]
             path = e.target
             self.records.setdefault(pid, []).append(
                 FdRecord(fd=fd, kind=kind, path=path, flags=e.flags, pos=e.pos, cloexec=e.cloexec, ofd=oid,
@@ -216,6 +230,13 @@ class FdTable:
         for k in self.kinds:
             if hasattr(k, "dump_computation"):      # state not behind any one descriptor (the launching terminal)
                 k.dump_computation(self.ctx, self.pids, self.stdio, self.records)
+
+    def _give_up(self, why: str, ofd: list, ofd_of: dict) -> None:
+        """(force) A descriptor no kind can save: recorded as "null", /dev/null after a restart."""
+        log.warning("%s; it comes back as /dev/null", why)
+        self.problems.append(why)
+        for e in ofd:
+            ofd_of[(e.pid, e.fd)] = "null:"
 
     def objects_of(self, pid: int) -> list[dict]:
         """The objects whose state goes into pid's image."""
@@ -248,7 +269,9 @@ class ObjectFactory:
     def fd_for(self, oid: str) -> int:
         """The agent's fd for an object (or for "stdio:N": a copy of our own fd N), created on first use."""
         if oid not in self.fds:
-            if oid.startswith("stdio:"):
+            if oid == "null:":            # could not be saved (hpcckpt dump --force)
+                fd = os.open(os.devnull, os.O_RDWR)
+            elif oid.startswith("stdio:"):
                 n = int(oid.split(":")[1])
                 try:
                     fd = os.dup(n)
