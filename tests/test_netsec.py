@@ -381,3 +381,39 @@ def test_rate_limited_log_summarises_what_it_left_out(caplog):
     assert "suppressed 997 more rejected messages" in caplog.text
     rl.warning("rejected again")
     assert "rejected again" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ hosts --
+
+try:
+    from hosts import Hosts
+    hosts2 = Hosts.fixture(n=2, scope="module", subnet=None)
+except ImportError:          # pragma: no cover - the harness is part of the tests
+    hosts2 = None
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+@pytest.mark.skipif(os.geteuid() != 0, reason="the multi-host harness needs root")
+def test_a_job_spanning_hosts_opens_only_the_interface_towards_them(hosts2, env, tmp_path):
+    """A job that starts its other half with `ssh HOST` (through our shim): the coordinator listens on loopback
+    and on the bridge towards the hosts, never on every interface."""
+    from test_multihost import job_cmd, ok_lines
+    env = hosts2.ssh_env(env)
+    port_file = tmp_path / "port"
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        job = subprocess.Popen(["dmtcp_launch", "-p", "0", "--port-file", str(port_file), "--ckptdir", str(tmp_path),
+                                *job_cmd(hosts2, hosts2[0].name, tmp_path)], env=env, cwd=tmp_path, stdout=out,
+                               stderr=err, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 20, "the coordinator's port")
+        port = int(port_file.read_text())
+        wait_for(lambda: len(ok_lines((tmp_path / "out").read_text())) >= 5, 30, "the remote client's answers")
+        assert listening(port) == {"127.0.0.1", hosts2.root_ip}
+        st = status(env, tmp_path, port)
+        assert st["num_agents"] == 2 and sorted(st["listening"]) == sorted(["127.0.0.1", hosts2.root_ip])
+    finally:
+        job.kill()
+        job.wait()
+        subprocess.run(["dmtcp_command", "--port-file", str(port_file), "-q"], env=env, capture_output=True,
+                       timeout=20)
