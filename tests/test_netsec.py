@@ -199,6 +199,29 @@ def test_bind_option_and_coord_host(env, tmp_path):
     assert r.returncode != 0 and "192.0.2.7" in r.stderr
 
 
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_batch_job_over_several_nodes_listens_towards_the_other_nodes(nodes, env, tmp_path):
+    """Inside a PBS job (the same code path for Slurm and Grid Engine: the scheduler's node list) over several
+    nodes, the coordinator also listens on the interface towards the other nodes; over one node, loopback only."""
+    from hpcckpt.engine.tcpinfo import local_ipv4s
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text(f"{os.uname().nodename}\n" + ("192.0.2.1\n" if nodes == 2 else ""))
+    port_file = tmp_path / "p"
+    r = run(["dmtcp_coordinator", "-p", "0", "--port-file", str(port_file), "--daemon", "--timeout", "5"],
+            {**env, "PBS_JOBID": "1.server", "PBS_NODEFILE": str(nodefile)}, tmp_path)
+    assert r.returncode == 0, r.stderr
+    port = int(port_file.read_text())
+    try:
+        got = listening(port)
+        if nodes == 1:
+            assert got == {"127.0.0.1"}
+        else:
+            assert "127.0.0.1" in got and len(got) == 2 and "0.0.0.0" not in got
+            assert (got - {"127.0.0.1"}) <= set(local_ipv4s())
+    finally:
+        run(["dmtcp_command", "-p", str(port), "-q"], env, tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------- replay --
 
 class Recorder:
