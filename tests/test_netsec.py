@@ -360,6 +360,7 @@ def test_oversize_frames_do_not_grow_the_coordinator(coordinator, env, tmp_path,
     before = rss_kb(proc.pid)
     out = attack(attacker_script, "oversize", port)
     assert out.returncode == 0 and "done" in out.stdout, out.stderr
+    assert out.stderr.count("cut off") == 5, out.stderr       # each connection dropped at the frame's header
     grown = rss_kb(proc.pid) - before
     assert grown < 40_000, f"coordinator grew by {grown} kB under five 100 MB frames"
     assert status(env, tmp_path, port)["num_peers"] == 0
