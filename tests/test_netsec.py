@@ -309,6 +309,18 @@ def test_stale_message_is_refused_even_with_a_new_nonce(coordinator, env, tmp_pa
         ctx.term()
 
 
+def test_a_client_whose_clock_is_off_is_told_why(coordinator, env, tmp_path, monkeypatch):
+    """A command (or agent) on a host whose clock is 20 minutes ahead fails with one line naming the cause."""
+    import types
+    from hpcckpt.coordinator.client import CoordinatorUnreachable, command
+    proc, port, _ = coordinator
+    monkeypatch.setenv("HPCCKPT_RUNDIR", env["HPCCKPT_RUNDIR"])
+    real = time.time
+    monkeypatch.setattr(protocol, "time", types.SimpleNamespace(time=lambda: real() + 1200))
+    with pytest.raises(CoordinatorUnreachable, match=r"refused us: message dated 1[12]\d\d s in the future \(clocks"):
+        command("127.0.0.1", port, "status", timeout=5)
+
+
 def test_client_takes_only_the_reply_to_its_own_request(env, tmp_path, monkeypatch):
     """A reply naming another request (an earlier one, or none) is not taken for ours."""
     from hpcckpt.coordinator.client import Connection

@@ -64,8 +64,9 @@ class Connection:
             if reply_to is None:
                 return msg
             if protocol.answers(msg, reply_to):
-                if msg.get("type") == "reject":
-                    raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: {msg.get('reason')}")
+                if msg.get("type") == "reject":     # authentic but refused (stale: clocks apart?)
+                    raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: "
+                                                 f"{msg.get('reason')}")
                 return msg
 
     def request(self, msg: dict, timeout: float | None) -> dict:

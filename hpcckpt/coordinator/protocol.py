@@ -33,8 +33,8 @@ STATUS_SCHEMA_VERSION = 1
 # The largest message the coordinator takes (ZMQ_MAXMSGSIZE on its socket: a bigger frame drops the connection
 # before it is buffered). The biggest legitimate ones (measured, 1000 processes) are an agent's suspend ack
 # listing its TCP ends (a node of 128 MPI ranks all-to-all with 999 others: 4.9 MB), `written` with its images
-# (290 KB for 1000 processes) and `hello` (160 KB); 32 MiB leaves ample room. Agents and commands read the same variable and say so
-# when a message of theirs would exceed it.
+# (290 KB for 1000 processes) and `hello` (160 KB); 32 MiB leaves ample room. Agents and commands read the
+# same variable and say so when a message of theirs would exceed it.
 MAX_MESSAGE_BYTES = int(os.environ.get("HPCCKPT_MAX_MESSAGE") or 32 << 20)
 # How far a message's ts may be from the coordinator's clock: the hosts of a computation must keep their clocks
 # this close (NTP; Slurm's MUNGE credentials already need the same, their default TTL is 300 s).
