@@ -12,8 +12,15 @@ from .common import Fail, Parser, run_main, settings_from, setup_logging
 log = logging.getLogger("hpcckpt")
 
 DESCRIPTION = """Coordinates checkpoints of one computation. Agents started by `hpcckpt launch` / `dmtcp_launch`
-and `hpcckpt restart` join it; `hpcckpt command` / `dmtcp_command` controls it. Binds to loopback unless a host
-is given; every message must carry the per-computation secret (file <rundir>/coord-PORT.secret, mode 0600).
+and `hpcckpt restart` join it; `hpcckpt command` / `dmtcp_command` controls it.
+
+Listens on 127.0.0.1 only, unless the computation spans hosts: then also on the address of --coord-host (when
+not a loopback name), on each --bind ADDR (HPCCKPT_COORD_BIND; 0.0.0.0 = every interface, DMTCP's way), on
+the interface towards the other nodes inside a batch job over several nodes, and on the interface towards a host
+where `ssh`/`srun` inside a launched job or a multi-host restart start an agent (they ask first). Every message
+must carry the per-computation secret (file <rundir>/coord-PORT.secret, mode 0600), a fresh time (within
+HPCCKPT_FRESHNESS s, default 300, of this host's clock) and an unused nonce; messages over HPCCKPT_MAX_MESSAGE
+bytes (default 32 MiB) are dropped.
 
 Console commands (stdin): l list, s status, c checkpoint, bc checkpoint and wait, kc checkpoint then kill,
 i N interval, f force restart with missing peers, k kill, q kill and quit, ? help."""
@@ -25,8 +32,11 @@ def parser(prog: str) -> Parser:
     p.add_argument("-p", "--coord-port", "--port", dest="coord_port", metavar="PORT",
                    help="port to listen on (env DMTCP_COORD_PORT; default 7779; 0 = random)")
     p.add_argument("--coord-host", "--host", dest="coord_host", metavar="HOST",
-                   help="the address agents and commands use for this coordinator (default 127.0.0.1); it listens on "
-                        "every interface (HPCCKPT_COORD_BIND=ADDR: only ADDR)")
+                   help="the address agents and commands use for this coordinator (default 127.0.0.1); it also "
+                        "listens there when that is not loopback")
+    p.add_argument("--bind", action="append", metavar="ADDR",
+                   help="also listen on ADDR (repeatable; 0.0.0.0: every interface; env HPCCKPT_COORD_BIND="
+                        "ADDR[,ADDR]); for agents started on other hosts by hand (dmtcp_launch -h THISHOST)")
     p.add_argument("--port-file", metavar="FILE", help="write the port to FILE once listening")
     p.add_argument("--status-file", metavar="FILE", help="keep a JSON status of the computation in FILE")
     p.add_argument("--ckptdir", metavar="DIR", help="where the restart script and manifests go (env "
@@ -54,15 +64,15 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt coordinator") -> in
         s = settings_from(args, keep_generations=args.keep_generations)
         setup_logging("coordinator", s.quiet, s.log_level)
         if args.daemon:
-            return _daemonize(s)
-        return _serve(s, console=True)
+            return _daemonize(s, args.bind)
+        return _serve(s, console=True, bind=args.bind)
     return run_main(prog, body, argv)
 
 
-def _serve(s, console: bool, ready_fd: int = -1) -> int:
+def _serve(s, console: bool, ready_fd: int = -1, bind: list[str] | None = None) -> int:
     coord = Coordinator(s, console=console)
     try:
-        port = coord.bind()
+        port = coord.bind(bind)
     except OSError as e:
         if ready_fd >= 0:
             os.write(ready_fd, f"error {e}\n".encode())
@@ -82,7 +92,7 @@ def _serve(s, console: bool, ready_fd: int = -1) -> int:
     return 0
 
 
-def _daemonize(s) -> int:
+def _daemonize(s, bind: list[str] | None = None) -> int:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -93,7 +103,7 @@ def _daemonize(s) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         try:
-            rc = _serve(s, console=False, ready_fd=w)
+            rc = _serve(s, console=False, ready_fd=w, bind=bind)
         except Fail:
             rc = 1
         except BaseException:

@@ -77,7 +77,7 @@ def is_local(host: str) -> bool:
 
 
 def address_towards(host: str) -> str:
-    from .shim import address_towards as towards
+    from ..coordinator.binding import address_towards as towards
     return towards(host)
 
 
@@ -86,9 +86,18 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     """`hpcckpt restart --join` of host's images, run on host; the coordinator's secret goes on its stdin.
     launcher: "ssh", "srun", "pbs", "sge" (sched/base.py LAUNCHERS), or None for the scheduler whose job this
     is (ssh outside a job)."""
-    cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", address_towards(host),
+    local = is_local(host)
+    coord_host = "127.0.0.1" if local else address_towards(host)
+    if not local:         # the coordinator (on this host) listens on loopback: have it listen towards host too
+        from ..coordinator.binding import open_towards
+        from ..coordinator.client import CoordinatorUnreachable
+        try:
+            open_towards(coord_port, coord_host)
+        except CoordinatorUnreachable as e:      # the restart there then fails to join: the gate says so
+            log.warning("the restart on %s may not reach the coordinator: %s", host, e)
+    cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", coord_host,
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
-    if is_local(host):
+    if local:
         # another agent's share, restarted on this host: its processes keep our standard input, as they would
         # under one restart (a pipe or terminal they read from must not turn into EOF); the secret goes
         # through a pipe of its own

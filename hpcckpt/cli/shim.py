@@ -22,6 +22,8 @@ import time
 
 from ..agent import remoteio
 from ..coordinator import protocol
+from ..coordinator.binding import address_towards, is_loopback, open_towards
+from ..coordinator.client import CoordinatorUnreachable
 
 # ssh options that take a value (OpenSSH 9)
 SSH_VALUE_OPTS = set("BbcDEeFIiJLlmOoPpQRSWw")
@@ -101,27 +103,6 @@ def real_program(name: str) -> str:
         print(f"hpcckpt {name}: the real {name} is not on PATH", file=sys.stderr)
         sys.exit(127)
     return found
-
-
-def address_towards(host: str | None) -> str:
-    """This host's address as seen from `host` (the interface our packets to it leave by)."""
-    candidates = []
-    if host:
-        try:
-            candidates.append(socket.gethostbyname(host))
-        except OSError:
-            pass
-    for target in candidates:
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((target, 9))
-                ip = s.getsockname()[0]
-                if not ip.startswith("127.") or target.startswith("127."):
-                    return ip
-        except OSError:
-            continue
-    from ..engine.tcpinfo import local_ipv4s
-    return local_ipv4s()[0]
 
 
 def ssh_hostname(real: str, opts: list[str], dest: str) -> str:
@@ -297,8 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     listener.listen(256)
     token = os.urandom(16)
     coord_host = job["coord_host"]
-    if coord_host.startswith("127.") or coord_host in ("localhost", "0.0.0.0"):
+    if is_loopback(coord_host) or coord_host == "0.0.0.0":
+        # the coordinator is on this host and listens on loopback: have it listen towards the other host too
         coord_host = here
+        try:
+            open_towards(int(job["coord_port"]), here)
+        except CoordinatorUnreachable as e:
+            print(f"hpcckpt {kind}: cannot start the command on {towards or 'the allocated nodes'}: {e}",
+                  file=sys.stderr)
+            return 255
     python = os.environ.get("HPCCKPT_PYTHON") or sys.executable
     launch = [python, "-m", "hpcckpt.cli.main", "launch", "--join", "--coord-host", coord_host,
               "--coord-port", str(job["coord_port"]), "--ckptdir", job["ckptdir"], "--secret-stdin",

@@ -36,11 +36,14 @@ class Connection:
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         self.sock.connect(f"tcp://{host}:{port}")
 
-    def send(self, msg: dict) -> None:
-        self.sock.send_multipart(protocol.encode(self.key, msg))
+    def send(self, msg: dict) -> str:
+        """Send msg; returns its nonce (the coordinator's reply names it)."""
+        frames, nonce = protocol.encode_request(self.key, msg)
+        self.sock.send_multipart(frames)
+        return nonce
 
-    def recv(self, timeout: float | None) -> dict | None:
-        """One authenticated message, or None on timeout."""
+    def recv(self, timeout: float | None, reply_to: str | None = None) -> dict | None:
+        """One authenticated message (with reply_to: the reply to that request only), or None on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0, deadline - time.monotonic())
@@ -55,13 +58,19 @@ class Connection:
                     reason = "refused"
                 raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: {reason}")
             try:
-                return protocol.decode(self.key, frames)
+                msg = protocol.decode(self.key, frames)
             except protocol.ProtocolError:
                 continue
+            if reply_to is None:
+                return msg
+            if protocol.answers(msg, reply_to):
+                if msg.get("type") == "reject":     # authentic but refused (stale: clocks apart?)
+                    raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: "
+                                                 f"{msg.get('reason')}")
+                return msg
 
     def request(self, msg: dict, timeout: float | None) -> dict:
-        self.send(msg)
-        reply = self.recv(timeout)
+        reply = self.recv(timeout, reply_to=self.send(msg))
         if reply is None:
             raise CoordinatorUnreachable(f"no answer from coordinator {self.host}:{self.port} within "
                                          f"{timeout:.0f} s")
@@ -103,14 +112,18 @@ def command_watched(host: str, port: int, cmd: str, on_status, interval: float =
     at once, the command when it is done; replies name their command."""
     conn = _connect(host, port)
     try:
-        conn.send({"type": "command", "cmd": cmd, **args})
+        nonce = conn.send({"type": "command", "cmd": cmd, **args})
+        asked: set[str] = set()
         while True:
             reply = conn.recv(interval)
             if reply is None:
-                conn.send({"type": "command", "cmd": "status"})
-            elif reply.get("command") == "status":
-                on_status(reply)
-            else:
+                asked.add(conn.send({"type": "command", "cmd": "status"}))
+            elif protocol.answers(reply, nonce):
+                if reply.get("type") == "reject":
+                    raise CoordinatorUnreachable(f"coordinator {host}:{port} refused us: {reply.get('reason')}")
                 return reply
+            elif reply.get("re") in asked and reply.get("command") == "status":
+                asked.discard(reply["re"])
+                on_status(reply)
     finally:
         conn.close()

@@ -8,7 +8,7 @@ import time
 
 from .. import __version__
 from ..image import store
-from . import protocol
+from . import binding, protocol
 from .barrier import State
 
 log = logging.getLogger("hpcckpt.coordinator")
@@ -22,6 +22,7 @@ class Commands:
             "schema_version": protocol.STATUS_SCHEMA_VERSION,
             "coordinator_host": self.s.coord_host, "coordinator_port": self.port,
             "coordinator_version": __version__, "computation": self.computation,
+            "listening": list(getattr(self, "bound", [])),
             "num_peers": nprocs, "num_agents": len(self.peers),
             "running": bool(self.peers) and r is None,
             "state": r.state.value if r else State.RUNNING.value,
@@ -50,8 +51,15 @@ class Commands:
                             "state": p.state, "restarted": p.restarted})
         return out
 
+    def answer(self, waiter: tuple[bytes, str], msg: dict) -> None:
+        """Reply to a request (connection, nonce): the reply names the request, its client takes only that."""
+        ident, nonce = waiter
+        self.send(ident, {**msg, "re": nonce})
+
     def _on_command(self, ident: bytes, msg: dict) -> None:
+        # only authenticated, fresh requests get here (server._on_frames): the status is theirs to see
         cmd = msg.get("cmd")
+        waiter = (ident, msg["nonce"])
         reply = {"type": "reply", "command": cmd, "ok": True}
         if cmd == "status":
             reply.update(self.status())
@@ -60,7 +68,7 @@ class Commands:
             reply["peers"] = self.listing()
         elif cmd in ("checkpoint", "bcheckpoint", "kcheckpoint"):
             blocking = cmd != "checkpoint"
-            err = self.start_checkpoint(kill_after=(cmd == "kcheckpoint"), waiter=ident if blocking else None)
+            err = self.start_checkpoint(kill_after=(cmd == "kcheckpoint"), waiter=waiter if blocking else None)
             if err:
                 reply.update(ok=False, error=err)
             elif blocking:
@@ -84,6 +92,12 @@ class Commands:
             else:
                 self.gate.abandoned = str(msg.get("reason") or "abandoned")
                 self._check_gate()
+        elif cmd == "listen":        # an agent is about to start on another host (cli/shim.py, cli/multihost.py)
+            addr = str(msg.get("address") or "")
+            err = binding.bindable(addr) or self.listen_on(addr, f"asked for by {msg.get('why') or 'a command'}")
+            if err:
+                reply.update(ok=False, error=err)
+            reply["listening"] = list(self.bound)
         elif cmd == "kill":
             self.kill_computation()
         elif cmd == "quit":
@@ -91,7 +105,7 @@ class Commands:
             self.quit = True
         else:
             reply.update(ok=False, error=f"unknown command {cmd!r}")
-        self.send(ident, {**self.status(), **reply})
+        self.answer(waiter, {**self.status(), **reply})
         self._write_status()
 
     def kill_computation(self) -> None:

@@ -4,8 +4,12 @@ Every message is three ZeroMQ frames (the ROUTER side sees the sender's identity
 
     [b"HPCCKPT/1", HMAC-SHA256(secret, body), body]
 
-body is a UTF-8 JSON object with at least {"type": ...}. A message whose tag, MAC or JSON is wrong is
-dropped with a log line naming the reason; the secret itself never crosses the wire.
+body is a UTF-8 JSON object with at least {"type": ...}, plus "nonce" (random) and "ts" (the sender's
+wall clock) that encode() adds to every message: the coordinator (decode with a Freshness) refuses a message
+whose ts is more than the freshness window away from its own clock, or whose nonce it has seen within the
+window, so a captured message cannot be replayed. Replies to a request carry "re": the request's nonce, and a
+client takes only the reply to its own request (answers()). A message whose tag, MAC or JSON is wrong is
+dropped (logged, rate-limited); the secret itself never crosses the wire.
 
 The secret is 32 random bytes in a file readable only by its owner:
     $HPCCKPT_SECRET_FILE, else <rundir>/coord-<port>.secret
@@ -16,17 +20,41 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import stat
+import time
 
 PROTO_TAG = b"HPCCKPT/1"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2                 # 2: every body carries nonce and ts (freshness), replies "re"
 STATUS_SCHEMA_VERSION = 1
+
+# The largest message the coordinator takes (ZMQ_MAXMSGSIZE on its socket: a bigger frame drops the connection
+# before it is buffered). The biggest legitimate ones (measured, 1000 processes) are an agent's suspend ack
+# listing its TCP ends (a node of 128 MPI ranks all-to-all with 999 others: 4.9 MB), `written` with its images
+# (290 KB for 1000 processes) and `hello` (160 KB); 32 MiB leaves ample room. Agents and commands read the
+# same variable and say so when a message of theirs would exceed it.
+MAX_MESSAGE_BYTES = int(os.environ.get("HPCCKPT_MAX_MESSAGE") or 32 << 20)
+# How far a message's ts may be from the coordinator's clock: the hosts of a computation must keep their clocks
+# this close (NTP; Slurm's MUNGE credentials already need the same, their default TTL is 300 s).
+FRESHNESS_S = float(os.environ.get("HPCCKPT_FRESHNESS") or 300.0)
+MAX_NONCES = 1_000_000               # nonces remembered within the window: ~1000 agents' heartbeats, 300 times over
+
+log = logging.getLogger("hpcckpt.coordinator")
 
 
 class ProtocolError(Exception):
     pass
+
+
+class Refused(ProtocolError):
+    """An authenticated message that is stale, from the future, replayed or without nonce: the sender holds the
+    secret (or replays what one sent), so it gets an authenticated refusal naming its nonce."""
+
+    def __init__(self, reason: str, nonce: str | None):
+        super().__init__(reason)
+        self.nonce = nonce
 
 
 class SecretError(Exception):
@@ -95,13 +123,35 @@ def remove_secret(port: int) -> None:
         pass
 
 
-def encode(key: bytes, msg: dict) -> list[bytes]:
-    body = json.dumps(msg, separators=(",", ":")).encode()
+def new_nonce() -> str:
+    return secrets.token_hex(12)
+
+
+def encode(key: bytes, msg: dict, nonce: str | None = None) -> list[bytes]:
+    """The frames of msg, stamped with a fresh nonce (or the one given) and the time."""
+    body = json.dumps({**msg, "nonce": nonce or new_nonce(), "ts": round(time.time(), 3)},
+                      separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE_BYTES:
+        log.error("a %s message of %d bytes exceeds the coordinator's limit of %d bytes and will be dropped; "
+                  "raise HPCCKPT_MAX_MESSAGE (for the coordinator and every agent)", msg.get("type"), len(body),
+                  MAX_MESSAGE_BYTES)
     return [PROTO_TAG, hmac.new(key, body, hashlib.sha256).digest(), body]
 
 
-def decode(key: bytes, frames: list[bytes]) -> dict:
-    """Check and parse [tag, mac, body]; raises ProtocolError with the reason."""
+def encode_request(key: bytes, msg: dict) -> tuple[list[bytes], str]:
+    """The frames of a request and its nonce, which the reply names (answers())."""
+    nonce = new_nonce()
+    return encode(key, msg, nonce), nonce
+
+
+def answers(reply: dict, nonce: str) -> bool:
+    """Is reply the coordinator's answer to the request with this nonce?"""
+    return isinstance(reply.get("re"), str) and hmac.compare_digest(reply["re"], nonce)
+
+
+def decode(key: bytes, frames: list[bytes], fresh: "Freshness | None" = None) -> dict:
+    """Check and parse [tag, mac, body]; raises ProtocolError with the reason (Refused when the message is
+    authentic but not fresh: checked when a Freshness is given, as the coordinator does)."""
     if len(frames) != 3 or frames[0] != PROTO_TAG:
         raise ProtocolError("not an hpcckpt protocol message (bad framing or protocol version)")
     tag, mac, body = frames
@@ -113,4 +163,41 @@ def decode(key: bytes, frames: list[bytes]) -> dict:
         raise ProtocolError("message body is not JSON") from None
     if not isinstance(msg, dict) or "type" not in msg:
         raise ProtocolError("message has no type")
+    nonce, ts = msg.get("nonce"), msg.get("ts")
+    if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64 or isinstance(ts, bool) or \
+            not isinstance(ts, (int, float)):
+        raise Refused(f"message has no nonce and time (hpcckpt older than protocol {PROTOCOL_VERSION}?)",
+                      nonce if isinstance(nonce, str) else None)
+    if fresh is not None:
+        fresh.check(nonce, float(ts))
     return msg
+
+
+class Freshness:
+    """The receiver's memory of the nonces it took within the freshness window: a message is fresh when its time
+    is within the window of ours and its nonce is new. Memory stays bounded: a nonce is forgotten once its
+    message would be refused as stale anyway, and only authenticated messages are remembered."""
+
+    def __init__(self, window: float | None = None, max_nonces: int = MAX_NONCES):
+        self.window = FRESHNESS_S if window is None else window
+        self.max_nonces = max_nonces
+        self.seen: dict[str, float] = {}      # nonce -> when its message becomes stale (our clock)
+        self.purged = 0.0
+
+    def check(self, nonce: str, ts: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        age = now - ts
+        if age > self.window:
+            raise Refused(f"stale message: sent {age:.0f} s ago by the sender's clock (a replay, or clocks of "
+                          f"the computation's hosts more than {self.window:.0f} s apart: HPCCKPT_FRESHNESS)", nonce)
+        if -age > self.window:
+            raise Refused(f"message dated {-age:.0f} s in the future (clocks of the computation's hosts more "
+                          f"than {self.window:.0f} s apart? HPCCKPT_FRESHNESS)", nonce)
+        if now - self.purged > min(10.0, self.window / 4):
+            self.seen = {n: t for n, t in self.seen.items() if t >= now}
+            self.purged = now
+        if nonce in self.seen:
+            raise Refused("replayed message (its nonce was already used)", nonce)
+        if len(self.seen) >= self.max_nonces:
+            raise Refused(f"more than {self.max_nonces} messages within {self.window:.0f} s", nonce)
+        self.seen[nonce] = ts + self.window

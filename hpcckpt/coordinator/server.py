@@ -22,10 +22,12 @@ from ..faults import fault
 from ..image import journal, store
 from ..settings import Settings
 from . import protocol
+from . import binding
 from .barrier import Round, State
 from .commands import Commands
 from .gather import RestartGate, Restarts
 from .ranks import RankBook
+from .ratelog import RateLimitedLog
 from .script import write_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
@@ -85,36 +87,56 @@ class Coordinator(Restarts, Commands):
         self.sock: zmq.Socket | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle --
-    def bind(self) -> int:
-        # Every interface, like DMTCP's: agents on other hosts (started through our ssh/srun, or a restart
-        # script) reach us by whatever address they have for this host; every message is authenticated.
-        # HPCCKPT_COORD_BIND names one address instead.
-        bind_host = os.environ.get("HPCCKPT_COORD_BIND", "0.0.0.0")
-        if bind_host not in ("127.0.0.1", "0.0.0.0", "*"):
-            try:
-                bind_host = socket.gethostbyname(bind_host)
-            except OSError as e:
-                raise OSError(f"cannot resolve coordinator address {bind_host}: {e}") from None
+    def bind(self, addresses: list[str] | None = None) -> int:
+        # Loopback, plus what the computation needs to reach us from other hosts (binding.py); every message is
+        # authenticated and fresh, and bounded in size (MAXMSGSIZE: a bigger frame drops its connection before
+        # it is buffered; RCVHWM bounds what a connection may have queued).
+        plan = binding.plan(self.s.coord_host, addresses)
+        self.bound: list[str] = []
+        self.fresh = protocol.Freshness()
+        self.rejects = RateLimitedLog(log, "rejected messages")
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.RCVHWM, 100)
+        first = plan[0][0]
         if self.s.coord_port == 0:
-            self.port = self.sock.bind_to_random_port(f"tcp://{bind_host}", min_port=20000, max_port=60000)
+            self.port = self.sock.bind_to_random_port(f"tcp://{first}", min_port=20000, max_port=60000)
         else:
             try:
-                self.sock.bind(f"tcp://{bind_host}:{self.s.coord_port}")
+                self.sock.bind(f"tcp://{first}:{self.s.coord_port}")
             except zmq.ZMQError as e:
-                raise OSError(f"cannot listen on {bind_host}:{self.s.coord_port}: {e} "
+                raise OSError(f"cannot listen on {first}:{self.s.coord_port}: {e} "
                               f"(another coordinator running? use -p to choose a port)") from None
             self.port = self.s.coord_port
+        self.bound.append(first)
+        for addr, why, required in plan[1:]:
+            err = self.listen_on(addr, why)
+            if err and required:
+                raise OSError(err)
+            if err:
+                log.warning("%s; agents on other hosts may not reach this coordinator", err)
         self.key = protocol.create_secret(self.port)
         if self.s.port_file:
             store.atomic_write(self.s.port_file, f"{self.port}\n".encode(), mode=0o644)
-        log.info("coordinator %s listening on %s:%d (ckptdir %s, interval %s)", __version__, bind_host, self.port,
-                 self.ckptdir, self.interval or "off")
+        log.info("coordinator %s listening on %s port %d (ckptdir %s, interval %s)", __version__,
+                 ", ".join(self.bound), self.port, self.ckptdir, self.interval or "off")
         self._reset_interval()
         self._write_status()
         return self.port
+
+    def listen_on(self, addr: str, why: str) -> str | None:
+        """Listen on addr too, on our port (an agent on another host will connect there); an error text or None."""
+        if addr in self.bound or binding.ANY in self.bound:
+            return None
+        try:
+            self.sock.bind(f"tcp://{addr}:{self.port}")
+        except zmq.ZMQError as e:
+            return f"cannot listen on {addr}:{self.port} ({why}): {e}"
+        self.bound.append(addr)
+        log.info("listening on %s:%d too (%s)", addr, self.port, why)
+        return None
 
     def close(self) -> None:
         if self.sock is not None:
@@ -173,21 +195,32 @@ class Coordinator(Restarts, Commands):
 
     def _on_frames(self, frames: list[bytes]) -> None:
         ident, rest = frames[0], frames[1:]
+        if len(rest) != 3 or sum(map(len, rest)) > protocol.MAX_MESSAGE_BYTES:
+            # MAXMSGSIZE bounds each frame; this the whole message (a stranger's flood of frames)
+            self.rejects.warning("rejected a message from connection %s: %d frame(s), %d bytes (not an hpcckpt "
+                                 "protocol message, or over HPCCKPT_MAX_MESSAGE)", ident.hex(), len(rest),
+                                 sum(map(len, rest)))
+            return
         try:
-            msg = protocol.decode(self.key, rest)
+            msg = protocol.decode(self.key, rest, self.fresh)
+        except protocol.Refused as e:
+            # authentic but stale, replayed or from an old hpcckpt: refused without any status
+            self.rejects.warning("refused a message from connection %s: %s", ident.hex(), e)
+            self.send(ident, {"type": "reject", "reason": str(e), "re": e.nonce})
+            return
         except protocol.ProtocolError as e:
-            log.warning("rejected a message from connection %s: %s", ident.hex(), e)
-            if rest and rest[0] == protocol.PROTO_TAG:
+            self.rejects.warning("rejected a message from connection %s: %s", ident.hex(), e)
+            if rest[0] == protocol.PROTO_TAG:      # unauthenticated: the reason only, so a user can see why
                 self.sock.send_multipart([ident, protocol.PROTO_TAG, b"", json.dumps(
-                    {"type": "reject", "reason": str(e)}).encode()])
+                    {"type": "reject", "reason": str(e)}).encode()], zmq.NOBLOCK)
             return
         kind = msg["type"]
         peer = self.peers.get(ident)
         if peer:
             peer.last_seen = time.monotonic()
-        handler = getattr(self, f"_on_{kind}", None)
+        handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
         if handler is None:
-            log.warning("unknown message type %r from %s", kind, ident.hex())
+            self.rejects.warning("unknown message type %r from %s", kind, ident.hex())
             return
         handler(ident, msg)
 
@@ -295,7 +328,7 @@ class Coordinator(Restarts, Commands):
             self.start_checkpoint()
 
     # --------------------------------------------------------------------------------------- checkpoint --
-    def start_checkpoint(self, kill_after: bool = False, waiter: bytes | None = None) -> str | None:
+    def start_checkpoint(self, kill_after: bool = False, waiter: tuple | None = None) -> str | None:
         """Begin a checkpoint round; returns an error text if one cannot start now."""
         if self.round is not None:
             return f"a checkpoint (generation {self.round.generation}) is already in progress"
@@ -453,9 +486,9 @@ class Coordinator(Restarts, Commands):
                    f"A checkpoint without them could not be restarted")
             log.error("checkpoint not taken: %s", why)
             self.last_failure = {"generation": None, "time": time.time(), "phase": "start", "error": why}
-            for ident in w["waiters"]:
-                self.send(ident, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False,
-                                  "error": why})
+            for waiter in w["waiters"]:
+                self.answer(waiter, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False,
+                                     "error": why})
             self._reset_interval()
 
     def _fail_round(self, why: str) -> None:
@@ -486,7 +519,7 @@ class Coordinator(Restarts, Commands):
                 reply["checkpoint"] = self.last_checkpoint
             else:
                 reply["error"] = r.error
-            self.send(w, {**self.status(), **reply})
+            self.answer(w, {**self.status(), **reply})
         for p in self.peers.values():
             p.state = "RUNNING"
             p.progress = {}
@@ -502,6 +535,7 @@ class Coordinator(Restarts, Commands):
     # -------------------------------------------------------------------------------------------- timers --
     def _tick(self) -> None:
         now = time.monotonic()
+        self.rejects.flush(now)
         for ident, peer in list(self.peers.items()):
             if now - peer.last_seen > PEER_LOST_S:
                 log.error("peer %d on %s silent for %.0f s; considering it dead", peer.peer_id, peer.host,
