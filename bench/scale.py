@@ -170,7 +170,9 @@ def one(n: int, rounds: int, work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
     env["HPCCKPT_RUNDIR"] = str(rundir)
     port_file = work / f"port{n}"
-    coord = subprocess.Popen([str(BIN / "dmtcp_coordinator"), "-p", "0", "--port-file", str(port_file), "--ckptdir",
+    prof = os.environ.get("HPCCKPT_BENCH_COORD_WRAPPER")       # e.g. a script that profiles the coordinator
+    head = [sys.executable, prof] if prof else [str(BIN / "dmtcp_coordinator")]
+    coord = subprocess.Popen([*head, "-p", "0", "--port-file", str(port_file), "--ckptdir",
                               str(ck), "-q"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=open(work / f"coord{n}.err", "w"), preexec_fn=_raise_nofile)
     try:

@@ -80,6 +80,7 @@ class Coordinator(Restarts, Commands):
         self.ever_had_peers = False
         self.idle_since = time.monotonic()
         self.started = time.monotonic()
+        self.next_liveness_scan = 0.0
         self.quit = False
         self.port = 0
         self.key = b""
@@ -190,8 +191,15 @@ class Coordinator(Restarts, Commands):
             log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
 
     def broadcast(self, msg: dict, idents=None) -> None:
+        # encoded once for every peer: a phase message can carry O(peers) data (the agents, the TCP ends), and
+        # encoding it per peer made a round O(peers^2) (bench/scale.py). Agents do not check freshness; one
+        # nonce for one broadcast is what it is.
+        frames = protocol.encode(self.key, msg)
         for ident in list(idents if idents is not None else self.peers):
-            self.send(ident, msg)
+            try:
+                self.sock.send_multipart([ident] + frames, zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
 
     def _on_frames(self, frames: list[bytes]) -> None:
         ident, rest = frames[0], frames[1:]
@@ -536,7 +544,12 @@ class Coordinator(Restarts, Commands):
     def _tick(self) -> None:
         now = time.monotonic()
         self.rejects.flush(now)
-        for ident, peer in list(self.peers.items()):
+        # _tick runs after every batch of messages: with thousands of peers a scan per batch made each phase
+        # O(peers^2); twice a second is plenty for a timeout of tens of seconds
+        scan = now >= self.next_liveness_scan
+        if scan:
+            self.next_liveness_scan = now + 0.5
+        for ident, peer in list(self.peers.items()) if scan else ():
             if now - peer.last_seen > PEER_LOST_S:
                 log.error("peer %d on %s silent for %.0f s; considering it dead", peer.peer_id, peer.host,
                           now - peer.last_seen)
