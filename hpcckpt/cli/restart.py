@@ -72,7 +72,11 @@ def parser(prog: str) -> Parser:
 def images_from_dir(d: str) -> list[tuple[str, str]]:
     """(host, image) of the newest complete checkpoint in d."""
     try:
-        comps = [c for c in store.computations_in(d) if store.complete_generations(d, c)]
+        foreign: list[str] = []
+        comps = [c for c in store.computations_in(d, foreign) if store.complete_generations(d, c)]
+        if not comps and foreign:
+            raise Fail(f"no complete checkpoint of yours in {d}: {foreign[0]} is another user's or a symlink "
+                       f"(not trusted)")
         if not comps:
             raise Fail(f"no complete checkpoint in {d}")
         if len(comps) > 1:

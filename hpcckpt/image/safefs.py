@@ -203,13 +203,20 @@ def symlink_at(dirfd: int, target: str, name: str) -> None:
         raise
 
 
+def _is_link(dirfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
 def open_file(dirfd: int, name: str, where: str) -> int:
     """Open an existing regular file of a checked directory for reading, never through a symlink."""
     path = os.path.join(where, name)
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=dirfd)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
+    except OSError:
+        if _is_link(dirfd, name):
             raise UnsafePath(f"{path} is a symlink (planted by another user?): remove it") from None
         raise
     st = os.fstat(fd)
@@ -244,8 +251,8 @@ def open_append(path: str, mode: int = 0o600) -> int:
         try:
             fd = os.open(os.path.basename(path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW |
                          os.O_CLOEXEC | os.O_NONBLOCK, mode, dir_fd=dfd)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
+        except OSError:
+            if _is_link(dfd, os.path.basename(path)):
                 raise UnsafePath(f"{path} is a symlink (planted by another user?): remove it") from None
             raise
     finally:

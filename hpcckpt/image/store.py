@@ -149,9 +149,9 @@ def latest_manifest(ckptdir: str, computation: str) -> Manifest | None:
     return read_manifest(ckptdir, computation, gens[-1]) if gens else None
 
 
-def computations_in(ckptdir: str) -> list[str]:
-    """The computations with a directory in ckptdir; directories of other users (or symlinks) are left out
-    with a warning: their manifests could name anything."""
+def computations_in(ckptdir: str, foreign: list[str] | None = None) -> list[str]:
+    """The computations with a directory of ours in ckptdir. Directories of other users, writable by others, or
+    symlinks are left out (their manifests could name anything) and added to `foreign` if given."""
     try:
         names = os.listdir(ckptdir)
     except FileNotFoundError:
@@ -167,8 +167,9 @@ def computations_in(ckptdir: str) -> list[str]:
         if stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o022:
             out.append(n[len("ckpt_"):])
         elif stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
-            log.warning("ignoring %s: not a directory of yours (uid %d%s)", os.path.join(ckptdir, n), st.st_uid,
-                        ", a symlink" if stat.S_ISLNK(st.st_mode) else "")
+            log.debug("ignoring %s: not a directory of yours (uid %d)", os.path.join(ckptdir, n), st.st_uid)
+            if foreign is not None:
+                foreign.append(os.path.join(ckptdir, n))
     return out
 
 
