@@ -211,3 +211,22 @@ def test_checkpoint_is_complete_or_absent(launch, counter, env, tmp_path):
     assert "gen000004" in script.read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".bak"))]
     assert job.proc.poll() is None
+
+
+def test_way_to_a_named_directory_is_checked(shared):
+    """A --ckptdir (or port file, log, ...) reached through another user's symlink in a sticky directory, or
+    through a directory another user owns (who could swap its entries for links later), is refused."""
+    from hpcckpt.image import safefs
+    s, v = shared
+    as_nobody(f"ln -s {v} {s}/link; mkdir -m 755 {s}/theirs")
+    os.mkdir(s / "mine")
+    for path, why in ((s / "link" / "sub", "symlink of uid 65534"), (s / "link", "symlink of uid 65534"),
+                      (s / "theirs", "uid 65534")):
+        with pytest.raises(safefs.UnsafePath, match=why):
+            safefs.makedirs(str(path))
+        with pytest.raises(safefs.UnsafePath):
+            safefs.atomic_write(str(path / "port"), b"1\n")
+    os.symlink(s / "mine", s / "rootlink")              # root's own link in the shared directory: followed
+    safefs.atomic_write(str(s / "rootlink" / "port"), b"1\n")
+    assert (s / "mine" / "port").read_text() == "1\n"
+    _victim_intact(v)

@@ -7,8 +7,10 @@ hpcckpt often runs as root and writes where users point it. Every file it create
       owned by us (the effective uid) or by root, and
       not writable by group or others, unless the sticky bit is set (like /tmp: others may add names but can
       neither remove nor rename ours).
-  The directory a user names (--ckptdir, --port-file's directory, ...) is opened following symlinks in its path
-  (its parents are the user's choice, as for any path typed); every directory hpcckpt makes below it
+  The directory a user names (--ckptdir, --port-file's directory, ...) is opened following symlinks in its path,
+  except a symlink another user owns in a sticky world-writable directory (what the kernel's
+  fs.protected_symlinks refuses, when on), and only if every directory its real path goes through passes the
+  same rule (as OpenSSH's StrictModes), so no other user can redirect it later; every directory hpcckpt makes below it
   (ckpt_<computation>, gen<N>) is opened with O_NOFOLLOW and must pass the same rule, so a ckpt_<computation>
   pre-created by another user, or a symlink planted in its place, is refused with one line.
 - A file is created relative to such a descriptor with O_CREAT|O_EXCL|O_NOFOLLOW at a random name
@@ -57,9 +59,48 @@ def check_dir(fd: int, path: str) -> os.stat_result:
     return st
 
 
+def _shared(st: os.stat_result) -> bool:
+    return bool(st.st_mode & 0o002 and st.st_mode & stat.S_ISVTX)
+
+
+def check_path(path: str) -> None:
+    """The way to a directory a user named: no symlink another user planted in a sticky shared directory (the
+    kernel's fs.protected_symlinks, which may be off), and every directory the real path goes through owned
+    by us or root and not writable by others unless sticky, so nobody else can swap a part of it for a link
+    after we looked."""
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        parent, p = "/" + "/".join(parts[:i - 1]), "/" + "/".join(parts[:i])
+        try:
+            st = os.lstat(p)
+        except OSError:
+            return                       # (nothing there yet: makedirs or open says what is wrong)
+        if stat.S_ISLNK(st.st_mode):
+            pst = os.stat(parent)
+            if _shared(pst) and st.st_uid not in (os.geteuid(), pst.st_uid):
+                raise UnsafePath(f"{p} is a symlink of uid {st.st_uid} in the shared directory {parent}: not "
+                                 f"followed; use a path without it")
+    real = os.path.realpath(path)
+    rparts = real.strip("/").split("/")
+    for i in range(0, len(rparts)):
+        a = "/" + "/".join(rparts[:i])
+        try:
+            st = os.stat(a)
+        except OSError:
+            return
+        if not _trusted_owner(st.st_uid):
+            raise UnsafePath(f"{path} lies in {a}, which belongs to uid {st.st_uid}: that user could redirect it; "
+                             f"use a directory of yours")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafePath(f"{path} lies in {a}, which other users may write to: they could redirect it; "
+                             f"use a directory of yours")
+
+
 def open_dir(path: str, create: bool = False, mode: int = 0o700) -> int:
-    """Open (creating with its parents if asked) a directory a user named, and check it. Returns an fd."""
+    """Open (creating with its parents if asked) a directory a user named, and check it and the way to it
+    (check_path). Returns an fd."""
     path = os.path.abspath(path)
+    check_path(path)
     if create:
         try:
             os.makedirs(path, mode=mode, exist_ok=True)
