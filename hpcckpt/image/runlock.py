@@ -46,7 +46,7 @@ def _open_lock(ckptdir: str, computation: str) -> int:
     finally:
         os.close(dfd)
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.geteuid(), 0):
+    if not stat.S_ISREG(st.st_mode) or not safefs.trusted_owner(st.st_uid):
         os.close(fd)
         raise safefs.UnsafePath(f"{os.path.join(store.computation_dir(ckptdir, computation), LOCK_NAME)} is not "
                                 f"a regular file of yours: remove it")

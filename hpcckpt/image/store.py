@@ -164,7 +164,7 @@ def computations_in(ckptdir: str, foreign: list[str] | None = None) -> list[str]
             st = os.lstat(os.path.join(ckptdir, n))
         except FileNotFoundError:
             continue
-        if stat.S_ISDIR(st.st_mode) and st.st_uid in (os.geteuid(), 0) and not st.st_mode & 0o022:
+        if stat.S_ISDIR(st.st_mode) and safefs.trusted_owner(st.st_uid) and not st.st_mode & 0o022:
             out.append(n[len("ckpt_"):])
         elif stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             log.debug("ignoring %s: not a directory of yours (uid %d)", os.path.join(ckptdir, n), st.st_uid)
