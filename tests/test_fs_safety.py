@@ -82,8 +82,7 @@ def test_planted_names_in_shared_dir_are_never_followed(shared):
             store.make_generation_dir(str(s), comp, 1)
         with pytest.raises(safefs.UnsafePath, match=why):
             store.write_manifest(str(s), store.Manifest(comp, 1, time.time()))
-        with pytest.raises(safefs.UnsafePath):
-            store.complete_generations(str(s), comp)
+        assert store.complete_generations(str(s), comp) == []
     assert store.computations_in(str(s)) == []          # (c1 has no directory; c2, c3 are not trusted)
     # a log never appends to another user's file, nor through a link
     as_nobody(f"touch {s}/theirs.log; ln -s {v}/target {s}/link.log")

@@ -116,9 +116,14 @@ def write_manifest(ckptdir: str, m: Manifest) -> str:
 
 
 def complete_generations(ckptdir: str, computation: str) -> list[int]:
+    """Generations with a manifest; none in a directory that fails the directory rule (another user's), whose
+    manifests are never read (writing a manifest there fails with the reason)."""
     try:
         fd = open_computation_dir(ckptdir, computation)
     except FileNotFoundError:
+        return []
+    except safefs.UnsafePath as e:
+        log.warning("%s", e)
         return []
     try:
         names = os.listdir(fd)
