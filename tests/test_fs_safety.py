@@ -148,6 +148,7 @@ def test_restart_of_running_computation_is_refused(launch, counter, env, tmp_pat
     """A restart of a computation still running with its checkpoint directory refuses in one line before
     touching anything (its output file goes on, untruncated); once it is gone (its lock died with it), of two
     simultaneous restarts exactly one proceeds; --force starts a second copy anyway."""
+    env["HPCCKPT_LOCK_GRACE"] = "0.3"          # (a restart waits this long for a lock before refusing)
     out = tmp_path / "out.txt"
     job = launch(counter, out, 4, 100000, 10000)
     wait_for(lambda: line_count(out) >= 3, 30, "progress")

@@ -6,7 +6,8 @@ directory hold it together. A restart claims it before touching anything: an exc
 fails while any agent (or another restart) holds it, then turned into a shared one for the restarted
 computation's life. Turning an exclusive flock into a shared one is not atomic (the kernel drops and retakes
 it), so the claim also fails if the shared lock cannot be taken at once; of two restarts racing, exactly one
-ends up holding the lock and the other refuses.
+ends up holding the lock and the other refuses. A restart waits up to GRACE_S (HPCCKPT_LOCK_GRACE) for the
+lock before refusing: the agents of a computation just killed (on other hosts too) may take a moment to exit.
 
 A lock dies with the processes that hold it (the agent, the restart command and its helpers), so the agents
 of a computation that was killed never block its restart. On NFS, flock is carried by the server's lock
@@ -19,12 +20,14 @@ import fcntl
 import logging
 import os
 import stat
+import time
 
 from . import safefs, store
 
 log = logging.getLogger("hpcckpt.runlock")
 
 LOCK_NAME = "running.lock"
+GRACE_S = 3.0       # a computation just killed: its agents (on other hosts too) may take a moment to exit
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
 _held: dict[str, int] = {}          # computation directory -> the lock file's fd (kept open: the lock)
 
@@ -85,10 +88,16 @@ def claim(ckptdir: str, computation: str, force: bool = False) -> None:
     fd = _open_lock(ckptdir, computation)
     try:
         if not force:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
+            deadline = time.monotonic() + float(os.environ.get("HPCCKPT_LOCK_GRACE", GRACE_S))
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() < deadline:
+                        time.sleep(0.1)
+                        continue
                 raise Busy(f"computation {computation} is still running (or being restarted) with checkpoint "
                            f"directory {os.path.dirname(key)} (lock {os.path.join(key, LOCK_NAME)} held): stop it "
                            f"first, or pass --force to start a second live copy anyway") from None
