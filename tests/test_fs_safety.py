@@ -230,3 +230,13 @@ def test_way_to_a_named_directory_is_checked(shared):
     safefs.atomic_write(str(s / "rootlink" / "port"), b"1\n")
     assert (s / "mine" / "port").read_text() == "1\n"
     _victim_intact(v)
+
+
+def test_launch_refuses_a_checkpoint_dir_others_may_write(env, tmp_path):
+    """A checkpoint directory writable by others without the sticky bit is refused at launch, in one line,
+    rather than at the first checkpoint hours later."""
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    r = run(["dmtcp_launch", "-p", "0", "--ckptdir", str(d), "true"], env, tmp_path)
+    assert r.returncode == FAIL and "writable by other users" in _one_line(r.stderr), r.stderr
