@@ -5,9 +5,12 @@ step ("killed mid-write" and "disk full" are tests, not hopes).
     actions: exit           the process dies at once (os._exit(97)), like a crash or SIGKILL
              error=ERRNO    an OSError with that errno is raised (e.g. error=ENOSPC for a full disk)
              sleep=SECONDS  the step is slowed down
+    an action ending in @N fires only the Nth time the point is reached (e.g. error=ENOSPC@2: the second
+    checkpoint fails, the first one completes)
 
 Points: dump.after_chunk (agent, after each chunk of page data), dump.before_commit (agent, image written
-but not yet renamed), coordinator.before_commit (before the manifest is written).
+but not yet renamed), coordinator.script (restart script in place, its link not yet), coordinator.before_commit
+(restart script in place, before the manifest is written).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 import time
 
 _SPEC: dict[str, str] | None = None
+_HITS: dict[str, int] = {}
 
 
 def _spec() -> dict[str, str]:
@@ -32,6 +36,11 @@ def fault(point: str) -> None:
     action = _spec().get(point)
     if not action:
         return
+    action, _, nth = action.partition("@")
+    if nth:
+        _HITS[point] = _HITS.get(point, 0) + 1
+        if _HITS[point] != int(nth):
+            return
     if action == "exit":
         os._exit(97)
     if action.startswith("error="):

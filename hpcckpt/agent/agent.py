@@ -25,7 +25,7 @@ from ..engine.fdtable import FdTable
 from ..engine import procattrs
 from ..engine.forker import kill_snapshot
 from ..engine.maps import vmflags_hint
-from ..image import store
+from ..image import runlock, store
 from ..settings import Settings
 from . import remoteio
 from ..engine import awarefd
@@ -389,10 +389,11 @@ class Agent:
         if c is None or c.generation != gen:
             raise AgentError(f"checkpoint of generation {gen} without a suspend")
         gdir = store.generation_dir(self.ckptdir, self.computation, gen)
-        try:
-            os.makedirs(gdir, mode=0o700, exist_ok=True)
+        try:       # checked, never through another user's directory or link (safefs); the computation's lock
+            gdir = store.make_generation_dir(self.ckptdir, self.computation, gen)
+            runlock.hold(self.ckptdir, self.computation)
         except OSError as e:
-            raise AgentError(f"cannot create checkpoint directory {gdir}: {e.strerror}") from None
+            raise AgentError(f"cannot use checkpoint directory {gdir}: {e.strerror or e}") from None
         if not os.access(gdir, os.W_OK | os.X_OK):
             raise AgentError(f"checkpoint directory {gdir} is not writable")
         fdt = FdTable([fp.pid for fp in c.frozen], stdio_pid=os.getpid(), drained=c.drained)

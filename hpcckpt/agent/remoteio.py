@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 
-from ..image.store import atomic_write
+from ..image import safefs
 
 ROLES = ("stdin", "stdout", "stderr", "control")
 HEADER = struct.Struct("<16sBII")           # token, role, task index, number of tasks
@@ -43,15 +43,17 @@ def job_environment(job_file: str, env: dict | None = None) -> dict:
 
 
 def write_job_file(path: str, coord_host: str, coord_port: int, computation: str, ckptdir: str) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    atomic_write(path, json.dumps({"coord_host": coord_host, "coord_port": coord_port,
-                                   "computation": computation, "ckptdir": ckptdir}).encode(), mode=0o600)
+    """(Re)write the job file atomically; its directory is made and checked like any of ours (safefs)."""
+    safefs.makedirs(os.path.dirname(os.path.abspath(path)))
+    safefs.atomic_write(path, json.dumps({"coord_host": coord_host, "coord_port": coord_port,
+                                          "computation": computation, "ckptdir": ckptdir}).encode(), mode=0o600)
 
 
 def read_job_file(path: str) -> dict | None:
+    """The job file, read only from a checked directory and never through a symlink (it says which coordinator
+    and checkpoint directory a job's ssh/srun use)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(safefs.read_file(path))
     except (OSError, ValueError):
         return None
 

@@ -8,6 +8,7 @@ import shlex
 import sys
 import tempfile
 
+from ..image import store
 from ..sched import config as jobconfig
 from ..sched.base import SchedulerError
 from .common import Fail, Parser, run_main, setup_logging
@@ -240,11 +241,8 @@ def qsub_main(argv: list[str] | None = None, prog: str = "hpcckpt qsub") -> int:
         keep = os.path.join(os.getcwd(), ".hpcckpt")
         os.makedirs(keep, mode=0o700, exist_ok=True)
         wrapper = os.path.join(keep, f"{os.path.basename(script)}.{int(_time.time() * 1000)}.{sched_name}.sh")
-        with open(wrapper, "w") as f:
-            f.write(text)
-        os.chmod(wrapper, 0o700)
-        with open(wrapper + ".opts", "w") as f:
-            json.dump(opts, f)                          # a PBS continuation is submitted with the same options
+        store.atomic_write(wrapper, text.encode(), mode=0o700)          # (image/safefs.py: never through a link)
+        store.atomic_write(wrapper + ".opts", json.dumps(opts).encode())  # a PBS continuation: same options
         submit_opts = list(opts)
         if sched_name == "pbs":
             submit_opts += ["-v", f"HPCCKPT_WRAPPER={wrapper}"]

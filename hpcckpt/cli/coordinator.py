@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..coordinator import protocol
+from ..image import safefs
 from ..coordinator.server import Coordinator
 from .common import Fail, Parser, run_main, settings_from, setup_logging
 
@@ -79,7 +80,7 @@ def _serve(s, console: bool, ready_fd: int = -1, bind: list[str] | None = None) 
         raise Fail(str(e)) from None
     if ready_fd >= 0:
         log_path = os.path.join(protocol.rundir(), f"coord-{port}.log")
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = safefs.open_append(log_path)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)

@@ -17,7 +17,7 @@ from ..agent.aware_server import AwareServer, new_name as new_aware_name
 from ..agent.namespaces import set_next_pid
 from ..coordinator import protocol
 from ..coordinator.protocol import SecretError
-from ..image import store
+from ..image import safefs, store
 from ..engine.linux import SYS, syscall
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
             raise Fail(f"checkpoint directory {s.ckptdir} does not exist")
         if not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not writable")
+        try:
+            os.close(safefs.open_dir(s.ckptdir))     # the directory rule (image/safefs.py), up front
+        except OSError as e:
+            raise Fail(str(e)) from None
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
         def find():

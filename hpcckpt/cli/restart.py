@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import socket
@@ -19,7 +20,7 @@ from ..coordinator.protocol import SecretError
 from ..agent.aware_server import AwareServer, name_of as aware_name_of
 from ..engine import awarefd
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
-from ..image import store
+from ..image import runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
@@ -63,6 +64,8 @@ def parser(prog: str) -> Parser:
                                                      "per line, in the order of the checkpoint's hosts; or 'OLD NEW' lines)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="how other hosts are reached (default: inside a batch job the "
                                                         "scheduler's way - srun, pbs_tmrsh, qrsh -inherit - else ssh)")
+    p.add_argument("--force", action="store_true", help="restart even if the computation still runs with this "
+                   "checkpoint directory (two live copies then share its output files and checkpoints)")
     p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--secret-fd", type=int, help=argparse.SUPPRESS)   # a part restarted on this host (multihost.py)
     p.add_argument("images", nargs="*", help="checkpoint images (ckpt_*.dmtcp)")
@@ -71,13 +74,39 @@ def parser(prog: str) -> Parser:
 
 def images_from_dir(d: str) -> list[tuple[str, str]]:
     """(host, image) of the newest complete checkpoint in d."""
-    comps = [c for c in store.computations_in(d) if store.complete_generations(d, c)]
-    if not comps:
-        raise Fail(f"no complete checkpoint in {d}")
-    if len(comps) > 1:
-        raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
-    m = store.latest_manifest(d, comps[0])
+    try:
+        foreign: list[str] = []
+        comps = [c for c in store.computations_in(d, foreign) if store.complete_generations(d, c)]
+        if not comps and foreign:
+            raise Fail(f"no complete checkpoint of yours in {d}: {foreign[0]} is another user's or a symlink "
+                       f"(not trusted)")
+        if not comps:
+            raise Fail(f"no complete checkpoint in {d}")
+        if len(comps) > 1:
+            raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
+        m = store.latest_manifest(d, comps[0])
+    except (OSError, ValueError, TypeError) as e:
+        raise Fail(f"cannot read the checkpoints in {d}: {e}") from None
     return [(i.host, i.path) for i in m.images]
+
+
+def claim_computation(s, image_paths: list[str], readers: list[ImageReader], force: bool) -> None:
+    """Refuse (one line) to restart a computation that still runs, or that another restart is starting, with
+    the checkpoint directories involved; else hold their locks for our life (image/runlock.py)."""
+    comp = readers[0].meta.get("computation") if readers else None
+    for d, c in runlock.targets(image_paths, comp, s.ckptdir):
+        try:
+            runlock.claim(d, c, force)
+        except runlock.Busy as e:
+            raise Fail(str(e)) from None
+        except safefs.UnsafePath as e:
+            raise Fail(str(e)) from None
+        except OSError as e:
+            if d != os.path.abspath(s.ckptdir) and isinstance(e, (PermissionError, FileNotFoundError)) or \
+                    e.errno == errno.EROFS:      # a read-only copy of images: nothing runs from there
+                log.debug("not locking %s/ckpt_%s: %s", d, c, e)
+                continue
+            raise Fail(f"cannot lock computation {c} in {d}: {e}") from None
 
 
 def check_complete(paths: list[str], readers: list[ImageReader]) -> None:
@@ -161,6 +190,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         readers = open_images(paths) if paths else []
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
+        if args.policy != JOIN:      # (the parts a restart starts on other hosts join it: it claimed for them)
+            claim_computation(s, paths + [i for _, imgs in remote for i in imgs], readers, args.force)
 
         def find():
             try:

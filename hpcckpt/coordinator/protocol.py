@@ -81,16 +81,9 @@ def secret_path(port: int) -> str:
 
 def create_secret(port: int) -> bytes:
     """A fresh secret for a coordinator on port, written 0600 (replacing a stale one atomically)."""
-    path = secret_path(port)
+    from ..image import safefs
     key = secrets.token_bytes(32)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, key.hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+    safefs.atomic_write(secret_path(port), key.hex().encode() + b"\n", 0o600)
     return key
 
 

@@ -6,13 +6,20 @@ coordinator address it was written with, like DMTCP's.
 """
 from __future__ import annotations
 
+import logging
 import os
+import secrets
 import shlex
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 
-from ..image.store import Manifest, atomic_write
+from ..faults import fault
+from ..image import safefs
+from ..image.store import Manifest
+
+log = logging.getLogger("hpcckpt.coordinator")
 
 SCRIPT_NAME = "dmtcp_restart_script.sh"
 
@@ -66,20 +73,91 @@ exec "$hpcckpt" restart --coord-host "$coord_host" --coord-port "$coord_port" --
 """
 
 
+def script_name(computation: str) -> str:
+    return f"dmtcp_restart_script_{computation}.sh"
+
+
+@dataclass
+class InstalledScript:
+    """A restart script put in place before its generation's manifest, which done() keeps and undo() takes
+    back (the previous script and link return), so that a generation whose manifest could not be written
+    leaves no script pointing at it."""
+    dirfd: int
+    path: str
+    name: str
+    backup: str | None            # hard link to the previous script, None if there was none
+    old_link: str | None          # what dmtcp_restart_script.sh pointed at before, None if missing
+
+    def done(self) -> None:
+        if self.backup:
+            safefs.unlink(self.dirfd, self.backup)
+        os.close(self.dirfd)
+
+    def undo(self) -> None:
+        try:
+            if self.backup:
+                safefs.replace(self.dirfd, self.backup, self.name)
+            else:
+                safefs.unlink(self.dirfd, self.name)
+            if self.old_link is not None:
+                safefs.symlink_at(self.dirfd, self.old_link, SCRIPT_NAME)
+            elif _link_target(self.dirfd) == self.name:
+                safefs.unlink(self.dirfd, SCRIPT_NAME)
+        except OSError as e:
+            log.error("could not put the previous restart script back in place (%s): %s", self.path, e)
+        finally:
+            os.close(self.dirfd)
+
+
+def _link_target(dirfd: int) -> str | None:
+    try:
+        return os.readlink(SCRIPT_NAME, dir_fd=dirfd)
+    except OSError:
+        return None
+
+
+def install_restart_script(ckptdir: str, manifest: Manifest, coord_host: str, coord_port: int,
+                           interval: int) -> InstalledScript:
+    """Write the per-computation script (random O_EXCL name, fsync, rename: never through a file or link another
+    user planted in a shared directory) and point dmtcp_restart_script.sh at it. On failure nothing changed."""
+    dirfd = safefs.open_dir(ckptdir, create=True)
+    ckptdir = os.path.abspath(ckptdir)
+    name = script_name(manifest.computation)
+    text = render(manifest, coord_host, coord_port, ckptdir, interval).encode()
+    done = False
+    backup = None
+    try:
+        tmp = safefs.write_temp(dirfd, name, text, mode=0o700)
+        try:
+            backup = f".{name}.{secrets.token_hex(8)}.bak"
+            try:
+                os.link(name, backup, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
+            except OSError:        # no previous script (or one we may not link: then it is not put back)
+                backup = None
+            safefs.replace(dirfd, tmp, name)
+        except BaseException:
+            safefs.unlink(dirfd, tmp)
+            if backup:
+                safefs.unlink(dirfd, backup)
+            raise
+        installed = InstalledScript(dirfd, os.path.join(ckptdir, name), name, backup, _link_target(dirfd))
+        try:
+            fault("coordinator.script")
+            safefs.symlink_at(dirfd, name, SCRIPT_NAME)
+        except BaseException:
+            installed.undo()
+            done = True          # (undo closed the directory)
+            raise
+        done = True
+        return installed
+    finally:
+        if not done:
+            os.close(dirfd)
+
+
 def write_restart_script(ckptdir: str, manifest: Manifest, coord_host: str, coord_port: int,
                          interval: int) -> str:
     """Write the per-computation script atomically and point dmtcp_restart_script.sh at it."""
-    ckptdir = os.path.abspath(ckptdir)
-    os.makedirs(ckptdir, exist_ok=True)
-    name = f"dmtcp_restart_script_{manifest.computation}.sh"
-    path = os.path.join(ckptdir, name)
-    atomic_write(path, render(manifest, coord_host, coord_port, ckptdir, interval).encode(), mode=0o700)
-    link = os.path.join(ckptdir, SCRIPT_NAME)
-    tmp = f"{link}.{os.getpid()}.tmp"
-    try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    os.symlink(name, tmp)
-    os.rename(tmp, link)
-    return path
+    installed = install_restart_script(ckptdir, manifest, coord_host, coord_port, interval)
+    installed.done()
+    return installed.path

@@ -28,7 +28,7 @@ from .commands import Commands
 from .gather import RestartGate, Restarts
 from .ranks import RankBook
 from .ratelog import RateLimitedLog
-from .script import write_restart_script
+from .script import install_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
 
@@ -450,9 +450,16 @@ class Coordinator(Restarts, Commands):
         stats["ratio"] = round(stats["bytes_out"] / stats["bytes_in"], 4) if stats["bytes_in"] else None
         stats["phase_s"] = dict(r.phase_times)
         manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
-        fault("coordinator.before_commit")
-        store.write_manifest(self.ckptdir, manifest)
-        script = write_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
+        # complete or absent: the script first (put back as it was if the manifest fails), the manifest last
+        installed = install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
+        try:
+            fault("coordinator.before_commit")
+            store.write_manifest(self.ckptdir, manifest)
+        except BaseException:
+            installed.undo()
+            raise
+        installed.done()
+        script = installed.path
         r.committed = True
         self.last_checkpoint = {"generation": r.generation, "time": manifest.created, "images": len(images),
                                 "restart_script": script, **stats}

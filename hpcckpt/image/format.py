@@ -75,7 +75,11 @@ class ImageWriter:
         self.compress = compress
         self.level = level
         self.shuffle = shuffle           # compressed chunks may be byte-shuffled first (codec.py)
-        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:                  # (a leftover of a crashed attempt; never written through: O_EXCL|O_NOFOLLOW)
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+        self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)
         self.pos = HEADER_SIZE
         os.pwrite(self.fd, b"\0" * HEADER_SIZE, 0)

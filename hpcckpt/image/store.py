@@ -5,7 +5,9 @@
     <ckptdir>/dmtcp_restart_script_<computation>.sh                             restarts the newest complete one
     <ckptdir>/dmtcp_restart_script.sh -> dmtcp_restart_script_<computation>.sh
 
-Images are written as *.dmtcp.tmp and renamed when durable. A generation is complete only once the
+Every directory and file here is made and opened through safefs.py (the directory rule: ours or root's, not
+writable by others unless sticky; no symlinks followed below the checkpoint directory). Images are written as
+*.dmtcp.tmp and renamed when durable. A generation is complete only once the
 coordinator has written its manifest (atomically, after every image of every peer was reported durable);
 an interrupted or failed checkpoint never gets a manifest, and older generations are deleted only after a
 newer one is complete, so the last good checkpoint is never lost.
@@ -13,9 +15,15 @@ newer one is complete, so the last good checkpoint is never lost.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import stat
 from dataclasses import asdict, dataclass, field
+
+from . import safefs
+
+log = logging.getLogger("hpcckpt.store")
 
 IMAGE_SUFFIX = ".dmtcp"
 _GEN_DIR = re.compile(r"^gen(\d{6,})$")
@@ -47,18 +55,21 @@ def fsync_dir(path: str) -> None:
 
 
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
+    """Replace the file at path atomically (random O_EXCL|O_NOFOLLOW temporary name, fsync, rename); its
+    directory must pass safefs's directory rule."""
+    safefs.atomic_write(path, data, mode)
+
+
+def open_computation_dir(ckptdir: str, computation: str, create: bool = False) -> int:
+    """A checked descriptor of <ckptdir>/ckpt_<computation> (created 0700 if asked): refuses (UnsafePath) one
+    pre-created by another user, writable by others, or a symlink."""
+    return safefs.open_dirs(ckptdir, [f"ckpt_{computation}"], create=create)
+
+
+def make_generation_dir(ckptdir: str, computation: str, gen: int) -> str:
+    """Create (or check) the directory a generation's images go to; returns its path."""
+    os.close(safefs.open_dirs(ckptdir, [f"ckpt_{computation}", f"gen{gen:06d}"], create=True))
+    return generation_dir(ckptdir, computation, gen)
 
 
 @dataclass
@@ -91,35 +102,49 @@ class Manifest:
         return cls(**d)
 
 
+def manifest_name(gen: int) -> str:
+    return f"gen{gen:06d}.json"
+
+
 def write_manifest(ckptdir: str, m: Manifest) -> str:
-    d = computation_dir(ckptdir, m.computation)
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    path = os.path.join(d, f"gen{m.generation:06d}.json")
-    atomic_write(path, m.to_json())
-    return path
+    fd = open_computation_dir(ckptdir, m.computation, create=True)
+    try:
+        safefs.write_at(fd, manifest_name(m.generation), m.to_json())
+    finally:
+        os.close(fd)
+    return os.path.join(computation_dir(ckptdir, m.computation), manifest_name(m.generation))
 
 
 def complete_generations(ckptdir: str, computation: str) -> list[int]:
-    d = computation_dir(ckptdir, computation)
+    """Generations with a manifest; none in a directory that fails the directory rule (another user's), whose
+    manifests are never read (writing a manifest there fails with the reason)."""
     try:
-        names = os.listdir(d)
+        fd = open_computation_dir(ckptdir, computation)
     except FileNotFoundError:
         return []
+    except safefs.UnsafePath as e:
+        log.warning("%s", e)
+        return []
+    try:
+        names = os.listdir(fd)
+    finally:
+        os.close(fd)
     return sorted(int(m[1]) for n in names if (m := _GEN_MANIFEST.match(n)))
 
 
 def read_manifest(ckptdir: str, computation: str, gen: int) -> Manifest:
-    path = os.path.join(computation_dir(ckptdir, computation), f"gen{gen:06d}.json")
-    with open(path, "rb") as f:
-        return Manifest.from_json(f.read())
+    fd = open_computation_dir(ckptdir, computation)
+    try:
+        return Manifest.from_json(safefs.read_at(fd, manifest_name(gen), computation_dir(ckptdir, computation)))
+    finally:
+        os.close(fd)
 
 
 def manifest_of_image(path: str, generation: int) -> Manifest | None:
     """The manifest of the checkpoint an image (still where it was written) belongs to; None if not found."""
-    gdir = os.path.dirname(os.path.abspath(path))
+    cdir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     try:
-        with open(os.path.join(os.path.dirname(gdir), f"gen{generation:06d}.json"), "rb") as f:
-            return Manifest.from_json(f.read())
+        return Manifest.from_json(safefs.read_file(os.path.join(cdir, manifest_name(generation))))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -129,13 +154,28 @@ def latest_manifest(ckptdir: str, computation: str) -> Manifest | None:
     return read_manifest(ckptdir, computation, gens[-1]) if gens else None
 
 
-def computations_in(ckptdir: str) -> list[str]:
+def computations_in(ckptdir: str, foreign: list[str] | None = None) -> list[str]:
+    """The computations with a directory of ours in ckptdir. Directories of other users, writable by others, or
+    symlinks are left out (their manifests could name anything) and added to `foreign` if given."""
     try:
         names = os.listdir(ckptdir)
     except FileNotFoundError:
         return []
-    return sorted(n[len("ckpt_"):] for n in names
-                  if n.startswith("ckpt_") and os.path.isdir(os.path.join(ckptdir, n)))
+    out = []
+    for n in sorted(names):
+        if not n.startswith("ckpt_"):
+            continue
+        try:
+            st = os.lstat(os.path.join(ckptdir, n))
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and safefs.trusted_owner(st.st_uid) and not st.st_mode & 0o022:
+            out.append(n[len("ckpt_"):])
+        elif stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            log.debug("ignoring %s: not a directory of yours (uid %d)", os.path.join(ckptdir, n), st.st_uid)
+            if foreign is not None:
+                foreign.append(os.path.join(ckptdir, n))
+    return out
 
 
 def generations_to_prune(complete: list[int], keep: int, needs: dict[int, set[int]] | None = None) -> list[int]:
@@ -152,9 +192,13 @@ def generations_to_prune(complete: list[int], keep: int, needs: dict[int, set[in
 
 def remove_manifest(ckptdir: str, computation: str, gen: int) -> None:
     try:
-        os.unlink(os.path.join(computation_dir(ckptdir, computation), f"gen{gen:06d}.json"))
+        fd = open_computation_dir(ckptdir, computation)
     except FileNotFoundError:
-        pass
+        return
+    try:
+        safefs.unlink(fd, manifest_name(gen))
+    finally:
+        os.close(fd)
 
 
 def remove_generation_images(ckptdir: str, computation: str, gen: int, paths: list[str]) -> None:

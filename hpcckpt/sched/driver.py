@@ -348,7 +348,7 @@ class JobDriver:
                 return {"ok": False, "error": str(e)}
             if reply.get("ok") or "already in progress" not in str(reply.get("error")):
                 if reply.get("ok"):
-                    open(os.path.join(self.ckptdir, EVER_COMPLETED), "w").close()
+                    store.atomic_write(os.path.join(self.ckptdir, EVER_COMPLETED), b"")
                 return reply
             time.sleep(0.5)          # an interval checkpoint is running: wait for it, then take ours
         return {"ok": False, "error": "a checkpoint was in progress for too long"}
