@@ -27,7 +27,7 @@ from ..engine.fdtable import FdTable, UnsupportedFd
 from ..engine.freeze import FreezeError
 from ..engine.inject import ProcessGone
 from ..engine.procattrs import children_of
-from ..image import journal, store
+from ..image import journal, safefs, store
 from .common import Fail, Parser, run_main, settings_from, setup_logging
 
 log = logging.getLogger("hpcckpt.dump")
@@ -135,9 +135,11 @@ def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bo
     host = store.safe_name(socket.gethostname().split(".")[0])[:16]
     comp = f"{host}-{root}-{int(time.time()):x}{os.urandom(2).hex()}"
     gen = 1
-    os.makedirs(ckptdir, mode=0o700, exist_ok=True)
-    gdir = store.generation_dir(ckptdir, comp, gen)
-    os.makedirs(gdir, mode=0o700)
+    try:
+        safefs.makedirs(ckptdir)
+        gdir = store.make_generation_dir(ckptdir, comp, gen)
+    except OSError as e:
+        raise Fail(f"cannot use checkpoint directory {ckptdir}: {e}") from None
     agent_id = new_agent_id()
 
     def listing():
