@@ -28,6 +28,7 @@ from ..engine.maps import vmflags_hint
 from ..image import runlock, store
 from ..settings import Settings
 from . import remoteio
+from .. import plugins
 from ..engine import awarefd
 from .aware_server import AwareServer
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage
@@ -85,6 +86,7 @@ class Agent:
         self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
         self.job_file: str | None = None       # where the job's ssh/srun shims find the coordinator
         self.aware: AwareServer | None = None  # the program API (agent/aware_server.py), once serve_api() ran
+        self.plugins = plugins.PluginHost.load(plugins.specs_from(settings))
         self.interval = settings.interval
         self.last_generation = restarted_generation or 0
 
@@ -136,6 +138,18 @@ class Agent:
                                  "host": self.host, "peers": dict(self.expected_agents) or {self.agent_id: self.host},
                                  "restarted": self.restarted_generation is not None}
         awarefd.SERVER = server                 # its connections are checkpointed as such (engine/awarefd.py)
+
+    def plugin_event(self, event: str, gen: int, **extra) -> None:
+        """Call the plugins (--with-plugin) at an event; a PluginError fails the phase it happens in."""
+        if not self.plugins:
+            return
+        pids = extra.pop("pids", None)
+        if pids is None:
+            pids = [fp.pid for fp in self.ckpt.frozen] if self.ckpt is not None else \
+                [p.pid for p in self.job() if not p.zombie]
+        ev = plugins.Event(event, gen, self.computation or "", self.host, self.agent_id, pids, self.ckptdir,
+                           kv=plugins.KV(self), **extra)
+        self.plugins.call(event, ev)
 
     def adopt(self, processes: list[JobProcess]) -> None:
         """After a restore: the processes as they now are (new PIDs without a PID namespace of our own)."""
@@ -305,9 +319,11 @@ class Agent:
         log.debug("phase=%s gen=%d", phase, gen)
         try:
             if phase == "suspend":
+                self.plugin_event("presuspend", gen)
                 if self.aware is not None:      # delayed_checkpoints() blocks end, pre_checkpoint hooks run
                     self.aware.before_freeze(gen, self.s.aware_delay_max, self.s.aware_hook_max)
                 self._suspend(gen)
+                self.plugin_event("precheckpoint", gen)
                 c = self.ckpt
                 self._ack(msg, True, tcp_ends=tcpdrain.connected_ends([fp.pid for fp in c.frozen]))
             elif phase == "drain":
@@ -330,6 +346,7 @@ class Agent:
                 self._ack(msg, True, stats={"frozen_s": frozen})
                 if self.aware is not None:
                     self.aware.resumed(gen)
+                self.plugin_event("resume", gen)
             elif phase == "kill":
                 self._ack(msg, True)
                 self._kill_job("checkpointed and killed (kcheckpoint)")

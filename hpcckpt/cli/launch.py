@@ -9,6 +9,7 @@ import signal
 import sys
 
 from ..agent.agent import Agent
+from ..plugins import PluginError
 from ..agent.procs import JobProcess, new_unique_id
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
@@ -195,7 +196,13 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
     for sk in stdio or []:
         sk.close()                       # the program's now
     proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
-    agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job)
+    try:
+        agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job)
+    except PluginError as e:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        conn.close()
+        raise Fail(str(e)) from None
     agent.job_file = job_file
     agent.serve_api(api)
     try:

@@ -17,6 +17,7 @@ from ..agent.rendezvous import Rendezvous
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
+from .. import plugins
 from ..agent.aware_server import AwareServer, name_of as aware_name_of
 from ..engine import awarefd
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
@@ -87,7 +88,16 @@ def images_from_dir(d: str) -> list[tuple[str, str]]:
         m = store.latest_manifest(d, comps[0])
     except (OSError, ValueError, TypeError) as e:
         raise Fail(f"cannot read the checkpoints in {d}: {e}") from None
-    return [(i.host, i.path) for i in m.images]
+    return [(i.host, _moved(i.path, d, m)) for i in m.images]
+
+
+def _moved(path: str, d: str, m: store.Manifest) -> str:
+    """An image where the manifest says, else where it is now if the checkpoint directory was moved or copied
+    (migration): <d>/ckpt_<computation>/gen<N>/<name>."""
+    if os.path.exists(path):
+        return path
+    here = os.path.join(store.generation_dir(d, m.computation, m.generation), os.path.basename(path))
+    return here if os.path.exists(here) else path
 
 
 def claim_computation(s, image_paths: list[str], readers: list[ImageReader], force: bool) -> None:
@@ -256,6 +266,14 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
     restored: list[RestoredProcess] = []
     conn = agent = None
     api = AwareServer(lambda: set(), lambda: None, lambda: {})
+    try:
+        host_plugins = plugins.PluginHost.load(plugins.specs_from(s))
+        if host_plugins:      # before anything is restored: e.g. paths remapped for a migration
+            host_plugins.call("pre_restore", plugins.Event(
+                "pre_restore", int(meta["generation"]), meta["computation"], socket.gethostname(),
+                ids[0] if ids else "", [], s.ckptdir, images=[r.meta for r in readers]))
+    except plugins.PluginError as e:
+        raise Fail(str(e)) from None
     awarefd.SERVER = api          # restored program-API connections lead to us (engine/awarefd.py)
 
     def join():
@@ -303,6 +321,11 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
         paths = {r.meta["unique_id"]: r.path for r in readers}
         agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id], list(rp.meta.needs) or [rp.meta.generation])
                              for rp in restored}
+        agent.plugins = host_plugins        # the same instances that saw pre_restore
+        try:
+            agent.plugin_event("restart", int(meta["generation"]), pids=[rp.pid for rp in ordered])
+        except plugins.PluginError as e:
+            raise Fail(f"restart abandoned: {e}") from None
         release_all(restored)
         api.restarted(int(meta["generation"]))       # waiting hpcckpt.aware.checkpoint() calls: "restarted"
         log.info("restored %d process(es) in %.3f s: %s", len(restored), restored[0].stats.get("total_s", 0),
