@@ -44,11 +44,24 @@ class DriverError(RuntimeError):
     pass
 
 
-def _tie_to_parent() -> None:
-    """In a child: own session (the scheduler's signals to the job's process group miss it) and death with the
-    driver (so nothing outlives the job)."""
-    os.setsid()
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+# What schedulers send as a warning before a limit or a kill: Grid Engine's s_rt (SIGUSR1) and -notify
+# (SIGUSR1 before a suspend, SIGUSR2 before a kill), Slurm's --signal (the config's signal). Grid Engine sends
+# them to every process of the job, whatever its session, so our own daemons and the program must survive them.
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _tie_to_parent(ignore: tuple[int, ...] = ()):
+    """preexec_fn for a child: own session (the scheduler's signals to the job's process group miss it), death
+    with the driver (so nothing outlives the job), and the scheduler's warning signals ignored. SIG_IGN survives
+    exec: the coordinator and our launch process stay ignoring them, the agent reads them through its signalfd
+    (blocked signals are queued, not ignored) and passes them on to the program, which starts with them ignored
+    - unless it installs a handler of its own, which then gets them as the user asked."""
+    def preexec() -> None:
+        os.setsid()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+    return preexec
 
 
 class JobDriver:
@@ -74,6 +87,11 @@ class JobDriver:
         self.end_checked = 0.0
         self.requeued = False
         self.cancelled = False
+        self.status_warned = 0.0
+        # when this run began, recorded once: an adapter that cannot learn the run's start from the scheduler
+        # uses it (never "now", which would move the deadline with the clock)
+        self.started = time.time()
+        sched.env["HPCCKPT_STARTED"] = os.environ["HPCCKPT_STARTED"] = f"{self.started:.3f}"
 
     # ------------------------------------------------------------------------------------------ helpers --
     def _python(self) -> list[str]:
@@ -85,8 +103,14 @@ class JobDriver:
         env["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")
         return env
 
-    def _cmd(self, cmd: str, timeout: float | None = 30, **kw) -> dict:
+    def _cmd(self, cmd: str, timeout: float = 30, **kw) -> dict:
+        """Every request has a timeout: the driver must never hang on a coordinator that died or stalled."""
         return command("127.0.0.1", self.port, cmd, timeout=timeout, **kw)
+
+    def _warnings(self) -> tuple[int, ...]:
+        own = getattr(signal, "SIG" + self.cfg.signal)
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)
+        return tuple(dict.fromkeys(WARNING_SIGNALS + (() if own in stops else (own,))))
 
     def _latest(self) -> store.Manifest | None:
         comps = store.computations_in(self.ckptdir)
@@ -107,7 +131,7 @@ class JobDriver:
         self.coord = subprocess.Popen(
             self._python() + ["coordinator", "-p", "0", "--port-file", port_file, "--ckptdir", self.ckptdir,
                               "-i", str(self.cfg.interval), "--keep", str(self.cfg.keep), "-q"],
-            stdin=subprocess.DEVNULL, env=self._env(), preexec_fn=_tie_to_parent)
+            stdin=subprocess.DEVNULL, env=self._env(), preexec_fn=_tie_to_parent(self._warnings()))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if os.path.exists(port_file):
@@ -132,7 +156,8 @@ class JobDriver:
             script = self.command[0]
             prog = [script] if os.access(script, os.X_OK) else ["/bin/bash", script]
             argv = base + ["launch", *common, *prog, *self.command[1:]]
-        self.child = subprocess.Popen(argv, env=self._env(), preexec_fn=_tie_to_parent)
+        ignore = () if self.cfg.forward_warning_signal else self._warnings()
+        self.child = subprocess.Popen(argv, env=self._env(), preexec_fn=_tie_to_parent(ignore))
 
     def _wait_joined(self, timeout: float = 120) -> bool:
         deadline = time.monotonic() + timeout
@@ -167,6 +192,10 @@ class JobDriver:
         handler = logging.FileHandler(os.path.join(self.ckptdir, "hpcckpt-job.log"))
         handler.setFormatter(logging.Formatter(f"%(asctime)s [{self.job}] %(levelname)s %(message)s"))
         logging.getLogger("hpcckpt").addHandler(handler)
+        stop = self.sched.predecessor_stopped(self.ckptdir)
+        if stop:
+            log.info("job %s: %s; not continuing the chain", self.job, stop)
+            return 0
         self._count_run()
         os.environ["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")   # the coordinator's secret lives here
         latest = self._latest()
@@ -248,6 +277,7 @@ class JobDriver:
                         if signo == warn:
                             log.info("got SIG%s from the scheduler (pid %d): time is nearly up", self.cfg.signal,
                                      sender)
+                            self._pass_warning_on(warn)
                             self._deadline_reached("warning signal")
                         elif signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                             self._on_term(signo)
@@ -256,12 +286,28 @@ class JobDriver:
                 if self.exit_now is not None:
                     self._kill_computation()
                     self._stop_coordinator()
+                    # a qdel that arrived while we were stopping (after the continuation was submitted)
+                    select.select([sfd.fd], [], [], 0.2)
+                    for signo, _, _ in sfd.read():
+                        if signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                            self._on_term(signo)
                     return self.exit_now
                 self._log_checkpoints()
                 if not self.requeued and self._deadline_near():
                     self._deadline_reached("wall-time deadline")
         finally:
             sfd.close()
+
+    def _pass_warning_on(self, signo: int) -> None:
+        """forward_warning_signal: the program gets the warning too. Grid Engine already sent it to every
+        process of the job; Slurm's B: and PBS reach only the batch script (us): pass it to our launch process,
+        which hands it to the agent, which signals the program."""
+        if not self.cfg.forward_warning_signal or self.sched.name == "sge":
+            return
+        try:
+            os.kill(self.child.pid, signo)
+        except ProcessLookupError:
+            pass
 
     def _finished(self, code: int) -> int:
         self._log_checkpoints()
@@ -296,10 +342,17 @@ class JobDriver:
     def _on_term(self, signo: int) -> None:
         name = signal.Signals(signo).name
         if self.requeued:
-            return                   # the scheduler stops this run after our requeue
+            # the scheduler stops this run after our requeue; but a cancel that lands after a PBS continuation
+            # was submitted must stop the chain too
+            if self.sched.cancelled():
+                log.info("%s: the job was cancelled after its continuation was submitted; withdrawing it", name)
+                self._mark_cancelled()
+                self.sched.cancel_continuation()
+            return
         if self.sched.cancelled():
             log.info("%s: the job was cancelled; stopping the computation without requeue", name)
             self.cancelled = True
+            self._mark_cancelled()
             self._kill_computation()
             return
         action = self.cfg.on_preempt
@@ -307,6 +360,14 @@ class JobDriver:
         if action == "ignore":
             return
         self._deadline_reached("preemption", requeue=(action == "requeue"))
+
+    def _mark_cancelled(self) -> None:
+        from .pbs import CANCELLED_MARK
+        try:
+            with open(os.path.join(self.ckptdir, CANCELLED_MARK), "a") as f:
+                f.write(self.job + "\n")
+        except OSError as e:
+            log.warning("cannot record the cancel in %s: %s", self.ckptdir, e.strerror)
 
     def _deadline_reached(self, why: str, requeue: bool | None = None) -> None:
         if self.requeued:
@@ -340,28 +401,51 @@ class JobDriver:
         if code is not None:
             self.exit_now = code
 
+    def _checkpoint_timeout(self) -> float:
+        """How long a deadline checkpoint may take: the config's checkpoint_timeout, else until 5 s before the
+        hard limit (at least 30 s), else 15 minutes. Past it the run ends as the limit would end it anyway."""
+        if self.cfg.checkpoint_timeout:
+            return float(self.cfg.checkpoint_timeout)
+        if self.end is not None:
+            return max(30.0, self.end - time.time() - 5)
+        return 900.0
+
     def _checkpoint(self) -> dict:
-        for _ in range(600):
+        limit = self._checkpoint_timeout()
+        give_up = time.monotonic() + limit
+        while True:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
             try:
-                reply = self._cmd("bcheckpoint", timeout=None)
+                reply = self._cmd("bcheckpoint", timeout=left)
             except CoordinatorUnreachable as e:
+                if "no answer" in str(e):
+                    log.error("checkpoint request timed out: the coordinator (pid %s) gave no answer within "
+                              "%.0f s", self.coord.pid if self.coord else "?", limit)
                 return {"ok": False, "error": str(e)}
             if reply.get("ok") or "already in progress" not in str(reply.get("error")):
                 if reply.get("ok"):
                     open(os.path.join(self.ckptdir, EVER_COMPLETED), "w").close()
                 return reply
             time.sleep(0.5)          # an interval checkpoint is running: wait for it, then take ours
-        return {"ok": False, "error": "a checkpoint was in progress for too long"}
+        log.error("checkpoint request timed out: an earlier checkpoint was still in progress after %.0f s", limit)
+        return {"ok": False, "error": f"no checkpoint could start within {limit:.0f} s"}
 
     def _kill_computation(self) -> None:
         try:
             self._cmd("kill", timeout=10)
-        except CoordinatorUnreachable:
-            pass
+        except CoordinatorUnreachable as e:
+            log.warning("kill request: %s; killing our launch process instead", e)
         try:
             self.child.wait(30)
         except subprocess.TimeoutExpired:
+            log.warning("the computation did not stop within 30 s of the kill request; killing it")
             self.child.kill()
+            try:
+                self.child.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("the launch process (pid %d) survives SIGKILL; going on without it", self.child.pid)
 
     def _stop_coordinator(self) -> None:
         if self.coord and self.coord.poll() is None:
@@ -380,7 +464,10 @@ class JobDriver:
     def _log_checkpoints(self, final: bool = False) -> None:
         try:
             st = self._cmd("status", timeout=5)
-        except CoordinatorUnreachable:
+        except CoordinatorUnreachable as e:
+            if final or time.monotonic() - self.status_warned > 60:
+                log.warning("status request: %s", e)
+                self.status_warned = time.monotonic()
             return
         last = st.get("last_checkpoint")
         if not last or last["generation"] <= self.last_logged_gen and not final:
