@@ -1,10 +1,17 @@
-"""PBS (issue 8): a job longer than its limit completes across at least two continuations /
-reschedules with the output of a plain run.
+"""PBS at the length users ask for (issues 8 and 17): a job longer than its walltime carries on in continuation
+jobs until the program is done, with the output of a plain run.
 
-Grid Engine is real (Debian's packages, sge/local-cell.sh). No PBS server exists in Debian or on PyPI: PBS
-runs against the emulator in tests/pbs_emulator, which reproduces OpenPBS 23.06's behaviour (walltime kill with
-SIGTERM then SIGKILL, no rerun at the limit, qrerun refused to ordinary users, depend=afterany, appended
-output); with PBS_EXEC set (`make test-pbs`) the same test runs against a real PBS installation instead."""
+No PBS server exists in Debian or on PyPI: by default this runs against the emulator in tests/pbs_emulator
+(OpenPBS 23.06's behaviour, see its README); with PBS_EXEC set (`make test-pbs`) the same test runs against a
+real OpenPBS installation, and the server settings it changes (kill_delay, acl_roots) are put back after.
+
+One test, two chains side by side (the long one's wait covers the short one):
+  - walltime 3 min, lead 20 s, ~200 s of work, submitted from the work dir with a -v of the user's and a
+    #PBS -v in the script: the job checkpoints ~20 s before the walltime (the log says how long before), its
+    continuation runs from the submit dir (its .o file lands there, not in $HOME), both runs see both user
+    variables, the output equals a plain run's;
+  - a qdel that lands after the continuation was submitted (the fault point batch.after_requeue holds the
+    first job there): the chain stops, the continuation never runs the program."""
 from __future__ import annotations
 
 import os
@@ -13,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +31,7 @@ pytestmark = [pytest.mark.slow]
 
 
 def _workdir() -> Path:
-    d = Path(tempfile.mkdtemp(prefix="hpcckpt-batch-", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(prefix="hpcckpt-pbs-", dir="/tmp"))
     os.chmod(d, 0o755)
     return d
 
@@ -38,40 +46,70 @@ def _plain(d: Path, steps: int) -> str:
 def pbs():
     sys.path.insert(0, str(REPO / "tests"))
     from pbs_emulator import backend
-    with backend(kill_delay=3, acl_roots=["root"], mom_poll=2) as b:
+    with backend(kill_delay=10, acl_roots=["root"]) as b:
         yield b
 
 
-def test_pbs_job_continues_until_done(pbs, env, build_dir):
-    """walltime 20 s, about 45 s of work: the job checkpoints at its own deadline (from qstat -f), submits its
-    continuation (depend=afterany) and exits; the chain ends when the program does."""
-    d = _workdir()
-    try:
-        shutil.copy(compile_c(build_dir, "counter"), d / "counter")
-        steps = 450
-        (d / "job.pbs").write_text(f"""#!/bin/bash
-#PBS -N ctr
+def _submit(pbs, env, d: Path, name: str, steps: int, walltime: str, config: str, opts=()) -> str:
+    (d / "job.pbs").write_text(f"""#!/bin/bash
+#PBS -N {name}
 #PBS -j oe
+#PBS -v FROMSCRIPT=s1
 cd {d}
-echo "run ${{HPCCKPT_RUN:-0}} on $(hostname)"
+echo "run ${{HPCCKPT_RUN:-0}} vars=$FROMSCRIPT,$FROMCLI"
 ./counter out.txt 8 {steps} 100000
 echo "script done"
 """)
-        (d / "job.yaml").write_text("lead: 8\nmin_lead: 5\n")
-        e = dict(pbs.env(env))
-        e.pop("HPCCKPT_RUNDIR", None)
-        r = run(["hpcckpt", "qsub", "--scheduler", "pbs", "--config", str(d / "job.yaml"), "-l", "walltime=00:00:20",
-                 "-o", str(d / "job.log"), str(d / "job.pbs")], e, d)
-        assert r.returncode == 0, r.stderr
-        first = re.search(r"Submitted batch job (\S+)", r.stdout).group(1)
-        wait_for(lambda: (d / "out.txt").exists() and (d / "out.txt").read_text().count("\n") >= steps, 240,
-                 "the chain of jobs to finish the work", interval=1)
-        wait_for(lambda: "script done" in (d / "job.log").read_text() if (d / "job.log").exists() else False,
-                 60, "the last job's log", interval=1)
+    (d / "job.yaml").write_text(config)
+    e = dict(pbs.env(env))
+    e.pop("HPCCKPT_RUNDIR", None)
+    r = run(["hpcckpt", "qsub", "--scheduler", "pbs", "--config", str(d / "job.yaml"), "-l",
+             f"walltime={walltime}", *opts, str(d / "job.pbs")], dict(e, PWD=str(d)), d)
+    assert r.returncode == 0, r.stderr
+    return re.search(r"Submitted batch job (\S+)", r.stdout).group(1)
+
+
+def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, env, build_dir):
+    started = time.monotonic()
+    d, q = _workdir(), _workdir()
+    try:
+        for w in (d, q):
+            shutil.copy(compile_c(build_dir, "counter"), w / "counter")
+        steps = 2000
+        first = _submit(pbs, env, d, "ctr", steps, "00:03:00", "lead: 20\nmin_lead: 5\n",
+                        ["-v", "FROMCLI=c1"])
+        # the short chain: walltime 20 s, deadline at 12 s; the first job waits 8 s after submitting its
+        # continuation, and is deleted then
+        victim = _submit(pbs, env, q, "del", 1000, "00:00:20", "lead: 8\nmin_lead: 5\n",
+                         ["-v", "HPCCKPT_FAULT=batch.after_requeue:sleep=8"])
+        qlog = q / f"hpcckpt-{victim}" / "hpcckpt-job.log"
+        wait_for(lambda: qlog.exists() and "continues as job" in qlog.read_text(), 90,
+                 "the first job to submit its continuation", interval=0.5)
+        nxt = re.search(r"continues as job ([^\s;]+)", qlog.read_text()).group(1)
+        p = pbs.run(["qdel", victim])
+        assert p.returncode == 0, p.stderr
+        a = pbs.wait(nxt, timeout=60)
+        text = qlog.read_text()
+        assert "withdrawing it" in text or "not continuing the chain" in text, text
+        assert "run 1 (rerun)" not in text, text                  # the continuation never ran the program
+        assert a.get("Exit_status") in (None, "0"), a
+        assert pbs.qstat(victim).get("Exit_status") in ("271", "0"), pbs.qstat(victim)
+
+        # the long chain
+        wait_for(lambda: any("script done" in f.read_text() for f in d.glob("ctr.o*")), 420,
+                 "the chain of jobs to finish the work", interval=2)
+        print(f"PBS chain done in {time.monotonic() - started:.0f} s")
         history = (d / f"hpcckpt-{first}" / "hpcckpt-job.log").read_text()   # every run, in one place
-        assert (d / "out.txt").read_text() == _plain(d, steps)
-        assert history.count("continues as job") >= 2, history
-        assert "the program ended with exit code 0" in history
-        assert pbs.qstat(first).get("Exit_status") == "0"           # checkpointed before the walltime kill
+        assert (d / "out.txt").read_text() == _plain(d, steps), history
+        assert history.count("continues as job") >= 1, history
+        assert "the program ended with exit code 0" in history, history
+        left = [int(x) for x in re.findall(r"(\d+) s left before the limit", history)]
+        assert left and min(left) >= 5, history
+        outs = sorted(d.glob("ctr.o*"))
+        assert len(outs) >= 2, outs                                # every run's .o file in the submit dir
+        for o in outs:
+            assert "vars=s1,c1" in o.read_text(), o.read_text()    # the user's -v and #PBS -v in every run
+        assert pbs.qstat(first).get("Exit_status") == "0"          # checkpointed before the walltime kill
     finally:
         shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(q, ignore_errors=True)

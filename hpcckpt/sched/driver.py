@@ -30,6 +30,7 @@ import time
 from ..agent.sigfd import SignalFd
 from ..coordinator.client import CoordinatorUnreachable, command
 from ..engine.linux import PR_SET_PDEATHSIG, prctl
+from ..faults import fault
 from ..image import store
 from . import nodes as allocation
 from .base import Scheduler, SchedulerError
@@ -270,7 +271,9 @@ class JobDriver:
             while True:
                 code = self.child.poll()
                 if code is not None:
-                    return self._finished(code)
+                    rc = self._finished(code)
+                    self._late_signals(sfd)
+                    return rc
                 ready = select.select([sfd.fd], [], [], 1.0)[0]
                 if ready:
                     for signo, _, sender in sfd.read():
@@ -286,17 +289,21 @@ class JobDriver:
                 if self.exit_now is not None:
                     self._kill_computation()
                     self._stop_coordinator()
-                    # a qdel that arrived while we were stopping (after the continuation was submitted)
-                    select.select([sfd.fd], [], [], 0.2)
-                    for signo, _, _ in sfd.read():
-                        if signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                            self._on_term(signo)
+                    self._late_signals(sfd)
                     return self.exit_now
                 self._log_checkpoints()
                 if not self.requeued and self._deadline_near():
                     self._deadline_reached("wall-time deadline")
         finally:
             sfd.close()
+
+    def _late_signals(self, sfd: SignalFd) -> None:
+        """A qdel that arrived while we were stopping (after a PBS continuation was submitted) still counts:
+        read what is pending before the signalfd closes (closing it would let SIGTERM kill us unlogged)."""
+        select.select([sfd.fd], [], [], 0.2)
+        for signo, _, _ in sfd.read():
+            if signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._on_term(signo)
 
     def _pass_warning_on(self, signo: int) -> None:
         """forward_warning_signal: the program gets the warning too. Grid Engine already sent it to every
@@ -398,6 +405,7 @@ class JobDriver:
         how = getattr(self.sched, "continuation", None)
         log.info("job %s %s; the next run restarts from generation %s", self.job,
                  f"continues as job {how}" if how else "requeued", reply.get("generation"))
+        fault("batch.after_requeue")
         if code is not None:
             self.exit_now = code
 

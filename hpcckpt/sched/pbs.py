@@ -26,9 +26,9 @@ def parse_qstat_f(text: str) -> dict[str, str]:
     key = None
     for line in text.splitlines():
         if line.startswith("\t") and key:
-            out[key] += line.strip()           # a folded continuation line
+            out[key] += line[1:]               # a folded continuation line (the fold may fall on a space)
         elif " = " in line:
-            key, _, value = line.strip().partition(" = ")
+            key, _, value = line.lstrip().rstrip("\n").partition(" = ")
             out[key] = value
     return out
 
@@ -55,7 +55,10 @@ def directive_v(script: str) -> list[str]:
     except OSError:
         return items
     for line in lines:
-        words = shlex.split(line[len("#PBS"):], comments=False)
+        try:
+            words = shlex.split(line[len("#PBS"):], posix=False)     # quotes kept: split_v reads them
+        except ValueError:
+            words = line[len("#PBS"):].split()
         for i, w in enumerate(words):
             if w == "-v" and i + 1 < len(words):
                 items += split_v(words[i + 1])

@@ -1,0 +1,52 @@
+"""Scheduler adapters' parsing and deadline facts, without a scheduler (issue 17)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hpcckpt.sched.pbs import merge_v, parse_qstat_f
+from hpcckpt.sched.sge import SGE
+
+
+def test_sge_deadline_is_the_run_start_plus_h_rt_never_now(tmp_path: Path):
+    """8.1.9's `qstat -j` prints no start_time for a running job: the deadline must not move with the clock."""
+    qstat = tmp_path / "qstat"
+    qstat.write_text("#!/bin/sh\necho 'job_number:                 7'\n"
+                     "echo 'hard resource_list:         h_rt=90,s_rt=65'\n")
+    qstat.chmod(0o755)
+    started = time.time() - 40
+    sge = SGE({"JOB_ID": "7", "SGE_ROOT": "/x", "HPCCKPT_QSTAT": str(qstat), "HPCCKPT_STARTED": str(started)})
+    first = sge.end_time()
+    time.sleep(1.1)
+    assert sge.end_time() == first == started + 90
+    # nothing recorded and no sge_shepherd above us: this process's own start, still not "now"
+    bare = SGE({"JOB_ID": "7", "SGE_ROOT": "/x", "HPCCKPT_QSTAT": str(qstat)})
+    first = bare.end_time()
+    time.sleep(1.1)
+    assert bare.end_time() == first < time.time() + 90 - 1
+
+
+def test_sge_h_rt_in_hms_and_start_time_where_printed(tmp_path: Path):
+    qstat = tmp_path / "qstat"
+    qstat.write_text("#!/bin/sh\necho 'hard resource_list:         h_rt=0:2:30'\n"
+                     "echo 'start_time            1:    12/06/2026 10:00:00'\n")
+    qstat.chmod(0o755)
+    sge = SGE({"JOB_ID": "7", "SGE_ROOT": "/x", "HPCCKPT_QSTAT": str(qstat)})
+    assert sge.end_time() == time.mktime(time.strptime("12/06/2026 10:00:00", "%m/%d/%Y %H:%M:%S")) + 150
+
+
+def test_pbs_v_lists_are_merged_into_one(tmp_path: Path):
+    """qsub keeps only the last -v, and one on the command line hides the script's #PBS -v: a continuation
+    passes one list, the script's, then the command line's, then ours."""
+    script = tmp_path / "job.sh"
+    script.write_text('#!/bin/bash\n#PBS -N x\n#PBS -v A=1,B="x,y"\necho hi\n#PBS -v NOT=directive\n')
+    opts = merge_v(["-l", "walltime=3:00", "-v", "C=3", "-j", "oe", "-vD=4"], str(script),
+                   {"HPCCKPT_RUN": "1", "A": "ours"})
+    assert opts == ["-l", "walltime=3:00", "-j", "oe", "-v", 'A=ours,B="x,y",C=3,D=4,HPCCKPT_RUN=1']
+    assert merge_v(["-N", "y"], str(tmp_path / "none"), {}) == ["-N", "y"]
+
+
+def test_qstat_f_folded_lines_keep_their_spaces():
+    a = parse_qstat_f("Job Id: 1.srv\n    comment = Job run at x and terminated \n\tby root@vm\n"
+                      "    Exit_status = 271\n")
+    assert a["comment"] == "Job run at x and terminated by root@vm" and a["Exit_status"] == "271"
