@@ -6,7 +6,7 @@ No PBS server exists in Debian or on PyPI: by default this runs against the emul
 real OpenPBS installation, and the server settings it changes (kill_delay, acl_roots) are put back after.
 
 One test, two chains side by side (the long one's wait covers the short one):
-  - walltime 3 min, lead 20 s, ~200 s of work, submitted from the work dir with a -v of the user's and a
+  - walltime 3 min, lead 20 s, ~170 s of work, submitted from the work dir with a -v of the user's and a
     #PBS -v in the script: the job checkpoints ~20 s before the walltime (the log says how long before), its
     continuation runs from the submit dir (its .o file lands there, not in $HOME), both runs see both user
     variables, the output equals a plain run's;
@@ -75,7 +75,7 @@ def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, env, build_dir):
     try:
         for w in (d, q):
             shutil.copy(compile_c(build_dir, "counter"), w / "counter")
-        steps = 2000
+        steps = 1700
         first = _submit(pbs, env, d, "ctr", steps, "00:03:00", "lead: 20\nmin_lead: 5\n",
                         ["-v", "FROMCLI=c1"])
         # the short chain: walltime 20 s, deadline at 12 s; the first job waits 8 s after submitting its
@@ -107,8 +107,11 @@ def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, env, build_dir):
         assert left and min(left) >= 5, history
         outs = sorted(d.glob("ctr.o*"))
         assert len(outs) >= 2, outs                                # every run's .o file in the submit dir
-        for o in outs:
-            assert "vars=s1,c1" in o.read_text(), o.read_text()    # the user's -v and #PBS -v in every run
+        assert "vars=s1,c1" in outs[0].read_text()                 # the user's -v and #PBS -v in the first run
+        for nxt in re.findall(r"continues as job ([^\s;]+)", history):   # ... and in every continuation
+            variables = pbs.qstat(nxt).get("Variable_List", "")
+            assert "FROMSCRIPT=s1" in variables and "FROMCLI=c1" in variables, variables
+            assert f"PBS_O_WORKDIR={d}" in variables, variables
         assert pbs.qstat(first).get("Exit_status") == "0"          # checkpointed before the walltime kill
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Two jobs run side by side in one test (the cell has 2 slots; the work is mostly sleep), so the suite pays
 for the longer one only:
-  - h_rt=0:2:30, lead 20 s, ~160 s of work: the driver's own deadline (h_rt + the run's start, which 8.1.9's
+  - h_rt=0:2:30, lead 20 s, ~145 s of work: the driver's own deadline (h_rt + the run's start, which 8.1.9's
     `qstat -j` does not print) triggers the checkpoint ~20 s before h_rt; exit 99 reschedules; the second run
     restarts and finishes;
   - the issue's black-box case with the documented warning: h_rt=0:1:30, s_rt=0:1:05, -notify, lead 20 s,
@@ -98,7 +98,7 @@ echo "script done"
 
 def test_sge_realistic_limits_and_warning_signal(sge, env, build_dir):
     started = time.monotonic()
-    deadline_job = Job(sge, env, build_dir, "hrt150", 1600, "h_rt=0:2:30", "lead: 20\nmin_lead: 5\n")
+    deadline_job = Job(sge, env, build_dir, "hrt150", 1450, "h_rt=0:2:30", "lead: 20\nmin_lead: 5\n")
     warned_job = Job(sge, env, build_dir, "srt65", 1000, "h_rt=0:1:30,s_rt=0:1:05", "lead: 20\nmin_lead: 5\n",
                      extra=["-notify"])
     try:

@@ -95,7 +95,7 @@ def _lines(d: Path) -> int:
 
 @pytest.fixture(scope="module")
 def long_job(slurm, tmp_path_factory, build_dir):
-    """The realistic-length job (issue 17): --time=3, lead 20 s, ~190 s of work. Submitted by the first test of
+    """The realistic-length job (issue 17): --time=3, lead 20 s, ~170 s of work. Submitted by the first test of
     the module so that it runs while the others do (the node has 2 CPUs); the last test checks it."""
     from conftest import BIN
     d = tmp_path_factory.mktemp("slurm-long")
@@ -103,7 +103,7 @@ def long_job(slurm, tmp_path_factory, build_dir):
     e = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
     e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
     e.update(slurm)
-    steps = 1900
+    steps = 1700
     _job_script(d, steps, 100000)
     job = _submit(d, e, "lead: 20\nmin_lead: 5\n", "--time=3")
     return d, job, e, steps, time.monotonic()
@@ -254,7 +254,7 @@ echo "script done $rc"
 
 
 def test_realistic_length_job_checkpoints_before_the_limit_and_completes(long_job):
-    """--time=3 (180 s) with ~190 s of work: the first run checkpoints ~20 s before the limit (its own deadline
+    """--time=3 (180 s) with ~170 s of work: the first run checkpoints ~20 s before the limit (its own deadline
     from EndTime, or the --signal warning, whichever comes first), requeues, and the second run restarts and
     finishes soon after; the output equals a plain run's and the log says how long before the limit."""
     d, job, e, steps, started = long_job
