@@ -50,3 +50,16 @@ def test_qstat_f_folded_lines_keep_their_spaces():
     a = parse_qstat_f("Job Id: 1.srv\n    comment = Job run at x and terminated \n\tby root@vm\n"
                       "    Exit_status = 271\n")
     assert a["comment"] == "Job run at x and terminated by root@vm" and a["Exit_status"] == "271"
+
+
+def test_pbs_sigterm_at_the_walltime_is_not_a_cancel(tmp_path: Path):
+    """PBS sends SIGTERM for a qdel and at the walltime alike: at or past the end time it is the limit (the
+    driver checkpoints within kill_delay and continues), before it a qdel."""
+    from hpcckpt.sched.pbs import PBS
+    stime = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(time.time() - 100))
+    for walltime, cancel in (("00:01:40", False), ("01:00:00", True)):
+        qstat = tmp_path / "qstat"
+        qstat.write_text(f"#!/bin/sh\necho 'Job Id: 1.srv'\necho '    stime = {stime}'\n"
+                         f"echo '    Resource_List.walltime = {walltime}'\n")
+        qstat.chmod(0o755)
+        assert PBS({"PBS_JOBID": "1.srv", "HPCCKPT_QSTAT": str(qstat)}).cancelled() is cancel
