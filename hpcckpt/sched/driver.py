@@ -9,13 +9,17 @@ It runs as the job's batch script (after `exec`), in the allocation:
      an error when the allocation is too small (unless the config's gather);
   2. starts a coordinator and the computation (`hpcckpt launch` or `hpcckpt restart`) in sessions of their own,
      tied to the driver's life (PR_SET_PDEATHSIG), so signals the scheduler sends to the job reach the driver,
-     which decides;
+     which decides; they start with the schedulers' warning signals ignored (Grid Engine may send them to every
+     process of the job), so a warning never kills the coordinator, the agent or the program;
   3. watches: the deadline (end time from the scheduler, minus the lead), the early-warning signal, SIGTERM
      (a cancel, or a preemption), and the computation's end;
   4. at the deadline / on the signal / on preemption: takes a blocking checkpoint; if it completed, kills the
      computation and requeues the job; if it failed, keeps the last good checkpoint, says so, and does not
      requeue. No requeue either when the program ended (its exit code is the job's), when the user cancelled,
      or when max_restarts is reached.
+
+Every request it makes (checkpoint, status, kill, scheduler commands, hooks) has a timeout and says so in the
+log when it fires: the driver never hangs.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ from .config import JobConfig
 
 log = logging.getLogger("hpcckpt.batch")
 
-EVER_COMPLETED = ".hpcckpt-checkpointed"    # written once a checkpoint of this job completed
+EVER_COMPLETED = ".hpcckpt-checkpointed"
+HOOK_TIMEOUT_S = 300.0                      # a pre_checkpoint/post_restart hook may not hold the driver longer    # written once a checkpoint of this job completed
 
 
 class DriverError(RuntimeError):
@@ -465,7 +470,14 @@ class JobDriver:
 
     def _hook(self, name: str, cmd: str) -> None:
         log.info("running %s hook: %s", name, cmd)
-        r = subprocess.run(cmd, shell=True, env=self._env())
+        limit = HOOK_TIMEOUT_S
+        if self.end is not None:
+            limit = max(10.0, min(limit, (self.end - time.time()) / 2))   # leave time for the checkpoint
+        try:
+            r = subprocess.run(cmd, shell=True, env=self._env(), timeout=limit)
+        except subprocess.TimeoutExpired:
+            log.warning("%s hook did not finish within %.0f s; going on without it", name, limit)
+            return
         if r.returncode != 0:
             log.warning("%s hook exited with %d", name, r.returncode)
 
