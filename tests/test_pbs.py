@@ -5,13 +5,14 @@ No PBS server exists in Debian or on PyPI: by default this runs against the emul
 (OpenPBS 23.06's behaviour, see its README); with PBS_EXEC set (`make test-pbs`) the same test runs against a
 real OpenPBS installation, and the server settings it changes (kill_delay, acl_roots) are put back after.
 
-One test, two chains side by side (the long one's wait covers the short one):
+One test, chains side by side (the long one's wait covers the short one):
   - walltime 3 min, lead 20 s, ~170 s of work, submitted from the work dir with a -v of the user's and a
     #PBS -v in the script: the job checkpoints ~20 s before the walltime (the log says how long before), its
     continuation runs from the submit dir (its .o file lands there, not in $HOME), both runs see both user
     variables, the output equals a plain run's;
   - a qdel that lands after the continuation was submitted (the fault point batch.after_requeue holds the
-    first job there): the chain stops, the continuation never runs the program."""
+    first job there), twice: the chain stops, the continuation never runs the program (withdrawn by the
+    deleted job's driver, or stopped by its own check of how its predecessor ended)."""
 from __future__ import annotations
 
 import os
@@ -71,29 +72,38 @@ echo "script done"
 
 def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, env, build_dir):
     started = time.monotonic()
-    d, q = _workdir(), _workdir()
+    d, qa, qb = _workdir(), _workdir(), _workdir()
     try:
-        for w in (d, q):
+        for w in (d, qa, qb):
             shutil.copy(compile_c(build_dir, "counter"), w / "counter")
         steps = 1700
         first = _submit(pbs, env, d, "ctr", steps, "00:03:00", "lead: 20\nmin_lead: 5\n",
                         ["-v", "FROMCLI=c1"])
-        # the short chain: walltime 20 s, deadline at 12 s; the first job waits 8 s after submitting its
-        # continuation, and is deleted then
-        victim = _submit(pbs, env, q, "del", 1000, "00:00:20", "lead: 8\nmin_lead: 5\n",
-                         ["-v", "HPCCKPT_FAULT=batch.after_requeue:sleep=8"])
-        qlog = q / f"hpcckpt-{victim}" / "hpcckpt-job.log"
-        wait_for(lambda: qlog.exists() and "continues as job" in qlog.read_text(), 90,
-                 "the first job to submit its continuation", interval=0.5)
-        nxt = re.search(r"continues as job ([^\s;]+)", qlog.read_text()).group(1)
-        p = pbs.run(["qdel", victim])
-        assert p.returncode == 0, p.stderr
-        a = pbs.wait(nxt, timeout=60)
-        text = qlog.read_text()
-        assert "withdrawing it" in text or "not continuing the chain" in text, text
-        assert "run 1 (rerun)" not in text, text                  # the continuation never ran the program
-        assert a.get("Exit_status") in (None, "0"), a
-        assert pbs.qstat(victim).get("Exit_status") in ("271", "0"), pbs.qstat(victim)
+        # two short chains, each first job held by the fault point after submitting its continuation and
+        # deleted then: A is stopped by its own driver (the late SIGTERM, read before the end time, withdraws
+        # the continuation); B's SIGTERM is read only after its end time (it could be the walltime's), so its
+        # continuation starts, finds the predecessor deleted (qstat -x -f) and stops
+        victims = {}
+        for name, w, wall, cfg, hold in (("delA", qa, "00:00:30", "lead: 15\nmin_lead: 5\n", 5),
+                                         ("delB", qb, "00:00:20", "lead: 8\nmin_lead: 5\n", 8)):
+            victims[name] = _submit(pbs, env, w, name, 1000, wall, cfg,
+                                    ["-v", f"HPCCKPT_FAULT=batch.after_requeue:sleep={hold}"])
+        for name, w in (("delA", qa), ("delB", qb)):
+            qlog = w / f"hpcckpt-{victims[name]}" / "hpcckpt-job.log"
+            wait_for(lambda: qlog.exists() and "continues as job" in qlog.read_text(), 90,
+                     f"{name}'s first job to submit its continuation", interval=0.5)
+            p = pbs.run(["qdel", victims[name]])
+            assert p.returncode == 0, p.stderr
+        for name, w, expect in (("delA", qa, "withdrawing it"), ("delB", qb, "not continuing the chain")):
+            qlog = w / f"hpcckpt-{victims[name]}" / "hpcckpt-job.log"
+            nxt = re.search(r"continues as job ([^\s;]+)", qlog.read_text()).group(1)
+            a = pbs.wait(nxt, timeout=60)
+            time.sleep(0.5)
+            text = qlog.read_text()
+            assert expect in text, text
+            assert "run 1 (rerun)" not in text, text                  # the continuation never ran the program
+            assert a.get("Exit_status") in (None, "0"), a
+            assert pbs.qstat(victims[name]).get("Exit_status") == "271", pbs.qstat(victims[name])
 
         # the long chain
         wait_for(lambda: any("script done" in f.read_text() for f in d.glob("ctr.o*")), 420,
@@ -114,5 +124,5 @@ def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, env, build_dir):
             assert f"PBS_O_WORKDIR={d}" in variables, variables
         assert pbs.qstat(first).get("Exit_status") == "0"          # checkpointed before the walltime kill
     finally:
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(q, ignore_errors=True)
+        for w in (d, qa, qb):
+            shutil.rmtree(w, ignore_errors=True)
