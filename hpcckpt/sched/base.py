@@ -8,6 +8,9 @@ import subprocess
 from abc import ABC, abstractmethod
 
 
+CANCELLED_MARK = ".hpcckpt-cancelled"     # in the checkpoint dir: the ids of runs the user cancelled
+
+
 class SchedulerError(RuntimeError):
     pass
 

@@ -37,13 +37,13 @@ from ..engine.linux import PR_SET_PDEATHSIG, prctl
 from ..faults import fault
 from ..image import store
 from . import nodes as allocation
-from .base import Scheduler, SchedulerError
+from .base import CANCELLED_MARK, Scheduler, SchedulerError
 from .config import JobConfig
 
 log = logging.getLogger("hpcckpt.batch")
 
-EVER_COMPLETED = ".hpcckpt-checkpointed"
-HOOK_TIMEOUT_S = 300.0                      # a pre_checkpoint/post_restart hook may not hold the driver longer    # written once a checkpoint of this job completed
+EVER_COMPLETED = ".hpcckpt-checkpointed"    # written once a checkpoint of this job completed
+HOOK_TIMEOUT_S = 300.0                      # a pre_checkpoint/post_restart hook may not hold the driver longer
 
 
 class DriverError(RuntimeError):
@@ -356,7 +356,7 @@ class JobDriver:
         if self.requeued:
             # the scheduler stops this run after our requeue; but a cancel that lands after a PBS continuation
             # was submitted must stop the chain too
-            if self.sched.cancelled():
+            if getattr(self.sched, "continuation", None) and self.sched.cancelled():
                 log.info("%s: the job was cancelled after its continuation was submitted; withdrawing it", name)
                 self._mark_cancelled()
                 self.sched.cancel_continuation()
@@ -374,7 +374,6 @@ class JobDriver:
         self._deadline_reached("preemption", requeue=(action == "requeue"))
 
     def _mark_cancelled(self) -> None:
-        from .pbs import CANCELLED_MARK
         try:
             with open(os.path.join(self.ckptdir, CANCELLED_MARK), "a") as f:
                 f.write(self.job + "\n")

@@ -17,7 +17,7 @@ import os
 import shlex
 import time
 
-from .base import Scheduler, SchedulerError
+from .base import CANCELLED_MARK, Scheduler, SchedulerError
 
 
 def parse_qstat_f(text: str) -> dict[str, str]:
@@ -32,8 +32,6 @@ def parse_qstat_f(text: str) -> dict[str, str]:
             out[key] = value
     return out
 
-
-CANCELLED_MARK = ".hpcckpt-cancelled"     # in the checkpoint dir: the id of a run the user deleted
 
 
 def split_v(text: str) -> list[str]:
