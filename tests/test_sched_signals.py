@@ -128,3 +128,43 @@ def test_a_stalled_coordinator_times_out_the_checkpoint_instead_of_hanging(env, 
             drv.wait(60)
         except subprocess.TimeoutExpired:
             drv.kill()
+
+
+@pytest.mark.slow
+def test_pbs_sigterm_at_the_walltime_checkpoints_and_continues(env, tmp_path, counter):
+    """PBS has no warning signal: at the walltime every process of the job gets SIGTERM, and SIGKILL kill_delay
+    later. A driver that missed its own deadline takes that SIGTERM as the limit (not a qdel): it checkpoints
+    and submits the continuation (from the submit dir, one merged -v), instead of stopping the chain. Stand-ins:
+    qstat reports an 8 s walltime from now, qsub records how it was called."""
+    d = tmp_path
+    script = _job_script(d, counter, 100000)
+    stime = time.strftime("%a %b %d %H:%M:%S %Y", time.localtime())
+    t0 = time.time()
+    (d / "qstat").write_text(f"#!/bin/sh\necho 'Job Id: 1.srv'\necho '    stime = {stime}'\n"
+                             "echo '    Resource_List.walltime = 00:00:08'\n")
+    (d / "qsub").write_text(f"#!/bin/sh\necho \"cwd=$(pwd) $*\" > {d}/qsub.args\necho 2.srv\n")
+    for f in ("qstat", "qsub"):
+        (d / f).chmod(0o755)
+    wrapper = d / "wrapper.sh"
+    wrapper.write_text("#!/bin/bash\n#PBS -v FROMSCRIPT=s1\nexit 0\n")
+    (d / "wrapper.sh.opts").write_text('["-v", "FROMCLI=c1", "-j", "oe"]')
+    e = dict(env, PBS_JOBID="1.srv", PBS_O_WORKDIR=str(d), HPCCKPT_QSTAT=str(d / "qstat"),
+             HPCCKPT_QSUB=str(d / "qsub"), HPCCKPT_WRAPPER=str(wrapper))
+    e.pop("HPCCKPT_RUNDIR", None)
+    (d / "job.yaml").write_text("lead: 0\n")
+    drv = subprocess.Popen(["hpcckpt", "batch-run", "--scheduler", "pbs", "--config", str(d / "job.yaml"), "--",
+                            script], env=e, cwd="/", stdout=open(d / "job.log", "a"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (d / "out.txt").exists(), 30, "the program to run")
+        time.sleep(max(0.0, t0 + 6.5 - time.time()))               # the walltime's SIGTERM, 1.5 s early
+        os.kill(drv.pid, signal.SIGTERM)
+        assert drv.wait(60) == 0
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+    log = (d / "job.log").read_text()
+    assert "SIGTERM at the job's end time" in log and "continues as job 2.srv" in log, log
+    assert "cancelled" not in log, log
+    args = (d / "qsub.args").read_text()
+    assert args.startswith(f"cwd={d} ") and "depend=afterany:1.srv" in args, args
+    assert "FROMSCRIPT=s1,FROMCLI=c1," in args and "HPCCKPT_PREV=1.srv" in args and "-j oe" in args, args

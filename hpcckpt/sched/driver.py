@@ -367,6 +367,11 @@ class JobDriver:
             self._mark_cancelled()
             self._kill_computation()
             return
+        if self.end is not None and time.time() >= self.end - 2:
+            # PBS's SIGTERM at the walltime, kill_delay before its SIGKILL: we were late; checkpoint now
+            log.info("%s at the job's end time: the limit; checkpointing within the scheduler's grace time", name)
+            self._deadline_reached("limit signal")
+            return
         action = self.cfg.on_preempt
         log.info("%s without a cancel: preemption (on_preempt: %s)", name, action)
         if action == "ignore":
