@@ -1,4 +1,4 @@
-"""Scheduler warning signals and a stalled coordinator, without a scheduler (issue 17): the batch driver runs as
+"""Scheduler signals and a stalled coordinator, without a scheduler (issue 17): the batch driver runs as
 inside a Grid Engine job (JOB_ID, SGE_ROOT, a stand-in qstat that reports h_rt) and the test plays the
 scheduler.
 
@@ -6,7 +6,9 @@ scheduler.
   the test signals every process under the driver. The checkpoint is taken, nothing of ours and not the
   program dies of it, the job is rescheduled (exit 99) and the rerun completes with the output of a plain run.
 - A coordinator that stops answering (SIGSTOPped) must not hang the driver: the checkpoint request times out
-  (checkpoint_timeout), says so in one line, and the run is not requeued."""
+  (checkpoint_timeout), says so in one line, and the run is not requeued.
+- As inside a PBS job (PBS_JOBID, stand-in qstat/qsub): the SIGTERM PBS sends at the walltime is the limit, not
+  a qdel: checkpoint and continuation."""
 from __future__ import annotations
 
 import os
