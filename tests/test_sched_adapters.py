@@ -4,6 +4,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from hpcckpt.sched import config
 from hpcckpt.sched.pbs import merge_v, parse_qstat_f
 from hpcckpt.sched.sge import SGE
 
@@ -63,3 +66,15 @@ def test_pbs_sigterm_at_the_walltime_is_not_a_cancel(tmp_path: Path):
                          f"echo '    Resource_List.walltime = {walltime}'\n")
         qstat.chmod(0o755)
         assert PBS({"PBS_JOBID": "1.srv", "HPCCKPT_QSTAT": str(qstat)}).cancelled() is cancel
+
+
+def test_documented_config_loads_and_new_keys_are_checked(tmp_path: Path):
+    repo = Path(__file__).resolve().parent.parent
+    cfg = config.load(str(repo / "configs" / "slurm-job.yaml"))
+    assert cfg.forward_warning_signal is False and cfg.checkpoint_timeout == 0
+    bad = tmp_path / "bad.yaml"
+    for text, msg in (("forward_warning_signal: maybe\n", "must be true or false"),
+                      ("checkpoint_timeout: -3\n", "whole number")):
+        bad.write_text(text)
+        with pytest.raises(config.ConfigError, match=msg):
+            config.load(str(bad))
