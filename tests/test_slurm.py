@@ -1,4 +1,4 @@
-"""Slurm (issue 5), against a real Slurm: slurm/local-cluster.sh brings up Debian's slurmctld/slurmd on this
+"""Slurm (issues 5 and 17), against a real Slurm: slurm/local-cluster.sh brings up Debian's slurmctld/slurmd on this
 machine. A job longer than its wall time checkpoints before the limit, requeues itself and finishes with the
 output of a plain run; signals, preemption, cancel, program failure, failed checkpoints and max_restarts."""
 from __future__ import annotations
@@ -93,22 +93,25 @@ def _lines(d: Path) -> int:
     return p.read_text().count("\n") if p.exists() else 0
 
 
-def test_wall_time_deadline_requeues_until_done(slurm, job_dir, env):
-    """--time=1 (60 s) and 50 s of work: the job checkpoints at its own deadline (lead 45 s, so after ~15 s of
-    each run), requeues itself at least twice, and completes with a plain run's output in one appended log."""
-    e = _env(env, slurm)
-    steps = 500
-    _job_script(job_dir, steps, 100000)
-    job = _submit(job_dir, e, "lead: 45\nmin_lead: 10\n", "--time=1")
-    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 240)
-    info = _show(job, e)
-    log = _log(job_dir, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert int(info["Restarts"]) >= 2, log
-    assert "wall-time deadline" in log
-    assert log.count("starts") >= 1 and "run 0 starts" in log and "script done" in log
-    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
-    assert re.search(r"checkpoint generation \d+: [\d.]+ s, [\d.]+ MB.* s left before the limit", log)
+@pytest.fixture(scope="module")
+def long_job(slurm, tmp_path_factory, build_dir):
+    """The realistic-length job (issue 17): --time=3, lead 20 s, ~170 s of work. Submitted by the first test of
+    the module so that it runs while the others do (the node has 2 CPUs); the last test checks it."""
+    from conftest import BIN
+    d = tmp_path_factory.mktemp("slurm-long")
+    shutil.copy(compile_c(build_dir, "counter"), d / "counter")
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
+    e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
+    e.update(slurm)
+    steps = 1700
+    _job_script(d, steps, 100000)
+    job = _submit(d, e, "lead: 20\nmin_lead: 5\n", "--time=3")
+    return d, job, e, steps, time.monotonic()
+
+
+def test_realistic_length_job_is_submitted_first(long_job):
+    d, job, e, _, _ = long_job
+    assert _state(job, e) in ("PENDING", "RUNNING", "CONFIGURING")
 
 
 def test_warning_signal_requeues(slurm, job_dir, env):
@@ -248,3 +251,22 @@ echo "script done $rc"
     # where it was, so the file holds every answer exactly once, in order.
     assert answers() == list(range(1, n + 1)), client.read_text()[-500:]
     assert client.read_text().rstrip().endswith("done")
+
+
+def test_realistic_length_job_checkpoints_before_the_limit_and_completes(long_job):
+    """--time=3 (180 s) with ~170 s of work: the first run checkpoints ~20 s before the limit (its own deadline
+    from EndTime, or the --signal warning, whichever comes first), requeues, and the second run restarts and
+    finishes soon after; the output equals a plain run's and the log says how long before the limit."""
+    d, job, e, steps, started = long_job
+    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 480)
+    print(f"Slurm --time=3 job done {time.monotonic() - started:.0f} s after its submission")
+    info = _show(job, e)
+    log = _log(d, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info["Restarts"]) >= 1, log
+    assert "wall-time deadline: checkpointing" in log or "warning signal: checkpointing" in log, log
+    assert "run 0 starts" in log and "script done" in log
+    assert (d / "out.txt").read_text() == _plain(d, steps)
+    left = [int(x) for x in re.findall(r"checkpoint generation \d+: [\d.]+ s, [\d.]+ MB.*, (\d+) s left before the "
+                                       r"limit", log)]
+    assert left and min(left) >= 5, log

@@ -245,7 +245,8 @@ def qsub_main(argv: list[str] | None = None, prog: str = "hpcckpt qsub") -> int:
         store.atomic_write(wrapper + ".opts", json.dumps(opts).encode())  # a PBS continuation: same options
         submit_opts = list(opts)
         if sched_name == "pbs":
-            submit_opts += ["-v", f"HPCCKPT_WRAPPER={wrapper}"]
+            from ..sched.pbs import merge_v            # one -v: qsub keeps only the last
+            submit_opts = merge_v(opts, wrapper, {"HPCCKPT_WRAPPER": wrapper})
         try:
             job_id = sched.submit(wrapper, submit_opts, os.getcwd())
         except SchedulerError as e:

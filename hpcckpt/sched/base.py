@@ -8,6 +8,9 @@ import subprocess
 from abc import ABC, abstractmethod
 
 
+CANCELLED_MARK = ".hpcckpt-cancelled"     # in the checkpoint dir: the ids of runs the user cancelled
+
+
 class SchedulerError(RuntimeError):
     pass
 
@@ -74,9 +77,18 @@ class Scheduler(ABC):
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
         """Submit a batch script; returns the job id."""
 
-    def run(self, cmd: list[str], timeout: float = 30) -> str:
+    def predecessor_stopped(self, ckptdir: str) -> str | None:
+        """Why this run must not go on although the scheduler started it (a PBS continuation whose
+        predecessor the user deleted), else None."""
+        return None
+
+    def cancel_continuation(self) -> None:
+        """The user cancelled this run after its continuation was submitted: withdraw the continuation."""
+
+    def run(self, cmd: list[str], timeout: float = 30, cwd: str | None = None) -> str:
+        env = self.env if cwd is None else dict(self.env, PWD=cwd)
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
         except FileNotFoundError:
             raise SchedulerError(f"{cmd[0]}: command not found (is {self.name} installed and on PATH?)") from None
         except subprocess.TimeoutExpired:
@@ -128,4 +140,34 @@ def detect(env: dict | None = None) -> Scheduler | None:
     for cls in (Slurm, PBS, SGE):
         if cls.detect(env):
             return cls(env)
+    return None
+
+
+def process_start(pid: int | str = "self") -> float | None:
+    """Epoch seconds at which process pid started (from /proc: boot time + its start in clock ticks)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def ancestor_named(prefix: str, pid: int | None = None) -> int | None:
+    """The nearest ancestor of pid (default: this process) whose command name starts with prefix."""
+    pid = os.getppid() if pid is None else pid
+    for _ in range(64):
+        if pid <= 1:
+            return None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                text = f.read()
+        except OSError:
+            return None
+        comm = text[text.index("(") + 1:text.rindex(")")]
+        if comm.startswith(prefix):
+            return pid
+        pid = int(text.rsplit(")", 1)[1].split()[1])
     return None

@@ -31,6 +31,9 @@ class JobConfig:
     pre_checkpoint: str | None = None   # shell command run before each deadline/preemption checkpoint
     post_restart: str | None = None     # shell command run after each restart from a checkpoint
     signal: str = "USR1"                # the early-warning signal requested from the scheduler
+    forward_warning_signal: bool = False  # the program gets the scheduler's warning signals (else it starts
+                                        # with them ignored: Grid Engine sends them to every process of the job)
+    checkpoint_timeout: int = 0         # seconds a deadline checkpoint may take (0: until 5 s before the limit)
     gather: bool = False                # a rerun on fewer nodes than the checkpoint ran on: put several nodes'
                                         # parts on one (false: stop with an error)
     extra: dict = field(default_factory=dict)

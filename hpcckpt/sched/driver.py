@@ -9,13 +9,17 @@ It runs as the job's batch script (after `exec`), in the allocation:
      an error when the allocation is too small (unless the config's gather);
   2. starts a coordinator and the computation (`hpcckpt launch` or `hpcckpt restart`) in sessions of their own,
      tied to the driver's life (PR_SET_PDEATHSIG), so signals the scheduler sends to the job reach the driver,
-     which decides;
+     which decides; they start with the schedulers' warning signals ignored (Grid Engine may send them to every
+     process of the job), so a warning never kills the coordinator, the agent or the program;
   3. watches: the deadline (end time from the scheduler, minus the lead), the early-warning signal, SIGTERM
      (a cancel, or a preemption), and the computation's end;
   4. at the deadline / on the signal / on preemption: takes a blocking checkpoint; if it completed, kills the
      computation and requeues the job; if it failed, keeps the last good checkpoint, says so, and does not
      requeue. No requeue either when the program ended (its exit code is the job's), when the user cancelled,
      or when max_restarts is reached.
+
+Every request it makes (checkpoint, status, kill, scheduler commands, hooks) has a timeout and says so in the
+log when it fires: the driver never hangs.
 """
 from __future__ import annotations
 
@@ -30,25 +34,40 @@ import time
 from ..agent.sigfd import SignalFd
 from ..coordinator.client import CoordinatorUnreachable, command
 from ..engine.linux import PR_SET_PDEATHSIG, prctl
+from ..faults import fault
 from ..image import store
 from . import nodes as allocation
-from .base import Scheduler, SchedulerError
+from .base import CANCELLED_MARK, Scheduler, SchedulerError
 from .config import JobConfig
 
 log = logging.getLogger("hpcckpt.batch")
 
 EVER_COMPLETED = ".hpcckpt-checkpointed"    # written once a checkpoint of this job completed
+HOOK_TIMEOUT_S = 300.0                      # a pre_checkpoint/post_restart hook may not hold the driver longer
 
 
 class DriverError(RuntimeError):
     pass
 
 
-def _tie_to_parent() -> None:
-    """In a child: own session (the scheduler's signals to the job's process group miss it) and death with the
-    driver (so nothing outlives the job)."""
-    os.setsid()
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+# What schedulers send as a warning before a limit or a kill: Grid Engine's s_rt (SIGUSR1) and -notify
+# (SIGUSR1 before a suspend, SIGUSR2 before a kill), Slurm's --signal (the config's signal). Grid Engine sends
+# them to every process of the job, whatever its session, so our own daemons and the program must survive them.
+WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _tie_to_parent(ignore: tuple[int, ...] = ()):
+    """preexec_fn for a child: own session (the scheduler's signals to the job's process group miss it), death
+    with the driver (so nothing outlives the job), and the scheduler's warning signals ignored. SIG_IGN survives
+    exec: the coordinator and our launch process stay ignoring them, the agent reads them through its signalfd
+    (blocked signals are queued, not ignored) and passes them on to the program, which starts with them ignored
+    - unless it installs a handler of its own, which then gets them as the user asked."""
+    def preexec() -> None:
+        os.setsid()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+    return preexec
 
 
 class JobDriver:
@@ -74,6 +93,11 @@ class JobDriver:
         self.end_checked = 0.0
         self.requeued = False
         self.cancelled = False
+        self.status_warned = 0.0
+        # when this run began, recorded once: an adapter that cannot learn the run's start from the scheduler
+        # uses it (never "now", which would move the deadline with the clock)
+        self.started = time.time()
+        sched.env["HPCCKPT_STARTED"] = os.environ["HPCCKPT_STARTED"] = f"{self.started:.3f}"
 
     # ------------------------------------------------------------------------------------------ helpers --
     def _python(self) -> list[str]:
@@ -85,8 +109,14 @@ class JobDriver:
         env["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")
         return env
 
-    def _cmd(self, cmd: str, timeout: float | None = 30, **kw) -> dict:
+    def _cmd(self, cmd: str, timeout: float = 30, **kw) -> dict:
+        """Every request has a timeout: the driver must never hang on a coordinator that died or stalled."""
         return command("127.0.0.1", self.port, cmd, timeout=timeout, **kw)
+
+    def _warnings(self) -> tuple[int, ...]:
+        own = getattr(signal, "SIG" + self.cfg.signal)
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)
+        return tuple(dict.fromkeys(WARNING_SIGNALS + (() if own in stops else (own,))))
 
     def _latest(self) -> store.Manifest | None:
         comps = store.computations_in(self.ckptdir)
@@ -107,7 +137,7 @@ class JobDriver:
         self.coord = subprocess.Popen(
             self._python() + ["coordinator", "-p", "0", "--port-file", port_file, "--ckptdir", self.ckptdir,
                               "-i", str(self.cfg.interval), "--keep", str(self.cfg.keep), "-q"],
-            stdin=subprocess.DEVNULL, env=self._env(), preexec_fn=_tie_to_parent)
+            stdin=subprocess.DEVNULL, env=self._env(), preexec_fn=_tie_to_parent(self._warnings()))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if os.path.exists(port_file):
@@ -132,7 +162,8 @@ class JobDriver:
             script = self.command[0]
             prog = [script] if os.access(script, os.X_OK) else ["/bin/bash", script]
             argv = base + ["launch", *common, *prog, *self.command[1:]]
-        self.child = subprocess.Popen(argv, env=self._env(), preexec_fn=_tie_to_parent)
+        ignore = () if self.cfg.forward_warning_signal else self._warnings()
+        self.child = subprocess.Popen(argv, env=self._env(), preexec_fn=_tie_to_parent(ignore))
 
     def _wait_joined(self, timeout: float = 120) -> bool:
         deadline = time.monotonic() + timeout
@@ -167,6 +198,10 @@ class JobDriver:
         handler = logging.FileHandler(os.path.join(self.ckptdir, "hpcckpt-job.log"))
         handler.setFormatter(logging.Formatter(f"%(asctime)s [{self.job}] %(levelname)s %(message)s"))
         logging.getLogger("hpcckpt").addHandler(handler)
+        stop = self.sched.predecessor_stopped(self.ckptdir)
+        if stop:
+            log.info("job %s: %s; not continuing the chain", self.job, stop)
+            return 0
         self._count_run()
         os.environ["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")   # the coordinator's secret lives here
         latest = self._latest()
@@ -241,13 +276,16 @@ class JobDriver:
             while True:
                 code = self.child.poll()
                 if code is not None:
-                    return self._finished(code)
+                    rc = self._finished(code)
+                    self._late_signals(sfd)
+                    return rc
                 ready = select.select([sfd.fd], [], [], 1.0)[0]
                 if ready:
                     for signo, _, sender in sfd.read():
                         if signo == warn:
                             log.info("got SIG%s from the scheduler (pid %d): time is nearly up", self.cfg.signal,
                                      sender)
+                            self._pass_warning_on(warn)
                             self._deadline_reached("warning signal")
                         elif signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                             self._on_term(signo)
@@ -256,12 +294,32 @@ class JobDriver:
                 if self.exit_now is not None:
                     self._kill_computation()
                     self._stop_coordinator()
+                    self._late_signals(sfd)
                     return self.exit_now
                 self._log_checkpoints()
                 if not self.requeued and self._deadline_near():
                     self._deadline_reached("wall-time deadline")
         finally:
             sfd.close()
+
+    def _late_signals(self, sfd: SignalFd) -> None:
+        """A qdel that arrived while we were stopping (after a PBS continuation was submitted) still counts:
+        read what is pending before the signalfd closes (closing it would let SIGTERM kill us unlogged)."""
+        select.select([sfd.fd], [], [], 0.2)
+        for signo, _, _ in sfd.read():
+            if signo in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                self._on_term(signo)
+
+    def _pass_warning_on(self, signo: int) -> None:
+        """forward_warning_signal: the program gets the warning too. Grid Engine already sent it to every
+        process of the job; Slurm's B: and PBS reach only the batch script (us): pass it to our launch process,
+        which hands it to the agent, which signals the program."""
+        if not self.cfg.forward_warning_signal or self.sched.name == "sge":
+            return
+        try:
+            os.kill(self.child.pid, signo)
+        except ProcessLookupError:
+            pass
 
     def _finished(self, code: int) -> int:
         self._log_checkpoints()
@@ -296,17 +354,36 @@ class JobDriver:
     def _on_term(self, signo: int) -> None:
         name = signal.Signals(signo).name
         if self.requeued:
-            return                   # the scheduler stops this run after our requeue
+            # the scheduler stops this run after our requeue; but a cancel that lands after a PBS continuation
+            # was submitted must stop the chain too
+            if getattr(self.sched, "continuation", None) and self.sched.cancelled():
+                log.info("%s: the job was cancelled after its continuation was submitted; withdrawing it", name)
+                self._mark_cancelled()
+                self.sched.cancel_continuation()
+            return
         if self.sched.cancelled():
             log.info("%s: the job was cancelled; stopping the computation without requeue", name)
             self.cancelled = True
+            self._mark_cancelled()
             self._kill_computation()
+            return
+        if self.end is not None and time.time() >= self.end - 2:
+            # PBS's SIGTERM at the walltime, kill_delay before its SIGKILL: we were late; checkpoint now
+            log.info("%s at the job's end time: the limit; checkpointing within the scheduler's grace time", name)
+            self._deadline_reached("limit signal")
             return
         action = self.cfg.on_preempt
         log.info("%s without a cancel: preemption (on_preempt: %s)", name, action)
         if action == "ignore":
             return
         self._deadline_reached("preemption", requeue=(action == "requeue"))
+
+    def _mark_cancelled(self) -> None:
+        try:
+            with open(os.path.join(self.ckptdir, CANCELLED_MARK), "a") as f:
+                f.write(self.job + "\n")
+        except OSError as e:
+            log.warning("cannot record the cancel in %s: %s", self.ckptdir, e.strerror)
 
     def _deadline_reached(self, why: str, requeue: bool | None = None) -> None:
         if self.requeued:
@@ -337,31 +414,55 @@ class JobDriver:
         how = getattr(self.sched, "continuation", None)
         log.info("job %s %s; the next run restarts from generation %s", self.job,
                  f"continues as job {how}" if how else "requeued", reply.get("generation"))
+        fault("batch.after_requeue")
         if code is not None:
             self.exit_now = code
 
+    def _checkpoint_timeout(self) -> float:
+        """How long a deadline checkpoint may take: the config's checkpoint_timeout, else until 5 s before the
+        hard limit (at least 30 s), else 15 minutes. Past it the run ends as the limit would end it anyway."""
+        if self.cfg.checkpoint_timeout:
+            return float(self.cfg.checkpoint_timeout)
+        if self.end is not None:
+            return max(30.0, self.end - time.time() - 5)
+        return 900.0
+
     def _checkpoint(self) -> dict:
-        for _ in range(600):
+        limit = self._checkpoint_timeout()
+        give_up = time.monotonic() + limit
+        while True:
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
             try:
-                reply = self._cmd("bcheckpoint", timeout=None)
+                reply = self._cmd("bcheckpoint", timeout=left)
             except CoordinatorUnreachable as e:
+                if "no answer" in str(e):
+                    log.error("checkpoint request timed out: the coordinator (pid %s) gave no answer within "
+                              "%.0f s", self.coord.pid if self.coord else "?", limit)
                 return {"ok": False, "error": str(e)}
             if reply.get("ok") or "already in progress" not in str(reply.get("error")):
                 if reply.get("ok"):
                     store.atomic_write(os.path.join(self.ckptdir, EVER_COMPLETED), b"")
                 return reply
             time.sleep(0.5)          # an interval checkpoint is running: wait for it, then take ours
-        return {"ok": False, "error": "a checkpoint was in progress for too long"}
+        log.error("checkpoint request timed out: an earlier checkpoint was still in progress after %.0f s", limit)
+        return {"ok": False, "error": f"no checkpoint could start within {limit:.0f} s"}
 
     def _kill_computation(self) -> None:
         try:
             self._cmd("kill", timeout=10)
-        except CoordinatorUnreachable:
-            pass
+        except CoordinatorUnreachable as e:
+            log.warning("kill request: %s; killing our launch process instead", e)
         try:
             self.child.wait(30)
         except subprocess.TimeoutExpired:
+            log.warning("the computation did not stop within 30 s of the kill request; killing it")
             self.child.kill()
+            try:
+                self.child.wait(10)
+            except subprocess.TimeoutExpired:
+                log.error("the launch process (pid %d) survives SIGKILL; going on without it", self.child.pid)
 
     def _stop_coordinator(self) -> None:
         if self.coord and self.coord.poll() is None:
@@ -373,14 +474,24 @@ class JobDriver:
 
     def _hook(self, name: str, cmd: str) -> None:
         log.info("running %s hook: %s", name, cmd)
-        r = subprocess.run(cmd, shell=True, env=self._env())
+        limit = HOOK_TIMEOUT_S
+        if self.end is not None:
+            limit = max(10.0, min(limit, (self.end - time.time()) / 2))   # leave time for the checkpoint
+        try:
+            r = subprocess.run(cmd, shell=True, env=self._env(), timeout=limit)
+        except subprocess.TimeoutExpired:
+            log.warning("%s hook did not finish within %.0f s; going on without it", name, limit)
+            return
         if r.returncode != 0:
             log.warning("%s hook exited with %d", name, r.returncode)
 
     def _log_checkpoints(self, final: bool = False) -> None:
         try:
             st = self._cmd("status", timeout=5)
-        except CoordinatorUnreachable:
+        except CoordinatorUnreachable as e:
+            if final or time.monotonic() - self.status_warned > 60:
+                log.warning("status request: %s", e)
+                self.status_warned = time.monotonic()
             return
         last = st.get("last_checkpoint")
         if not last or last["generation"] <= self.last_logged_gen and not final:

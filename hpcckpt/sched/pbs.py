@@ -4,17 +4,20 @@ with PBS_EXEC runs the same scenario on a real server).
 Facts it is built on (OpenPBS 23.06): no warning signal before the walltime and no remaining-time variable,
 so the deadline comes from `qstat -f $PBS_JOBID` (Resource_List.walltime, and stime, reset on each rerun); at
 the limit every process gets SIGTERM, then SIGKILL after the queue's kill_delay, and the job is not rerun even
-with -r y; `qrerun` from inside a job fails for ordinary users (Unauthorized Request, 159). So the default way
-to go on is a continuation job: before exiting, the job submits its own wrapper again with
-`-W depend=afterany:$PBS_JOBID`, carrying the checkpoint directory and a run counter (-v). `qrerun` is used only
-when the config asks for it (requeue_method: qrerun), and only at a genuine deadline.
+with -r y; `qrerun` from inside a job fails for ordinary users (Unauthorized Request, 159). So the way to go on is a
+continuation job: before exiting, the job submits its own wrapper again with `-W depend=afterany:$PBS_JOBID`
+from the submit directory, with the user's options and one -v list (the user's own, from the command line and
+#PBS -v, merged with ours: the checkpoint directory, a run counter, the predecessor's id). A continuation whose
+predecessor the user deleted stops at once.
 """
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import time
 
-from .base import Scheduler, SchedulerError
+from .base import CANCELLED_MARK, Scheduler, SchedulerError
 
 
 def parse_qstat_f(text: str) -> dict[str, str]:
@@ -23,11 +26,78 @@ def parse_qstat_f(text: str) -> dict[str, str]:
     key = None
     for line in text.splitlines():
         if line.startswith("\t") and key:
-            out[key] += line.strip()           # a folded continuation line
+            out[key] += line[1:]               # a folded continuation line (the fold may fall on a space)
         elif " = " in line:
-            key, _, value = line.strip().partition(" = ")
+            key, _, value = line.lstrip().rstrip("\n").partition(" = ")
             out[key] = value
     return out
+
+
+
+def split_v(text: str) -> list[str]:
+    """A -v list into its VAR[=value] items (commas inside quotes stay, as qsub reads them)."""
+    lex = shlex.shlex(text, posix=True)
+    lex.whitespace, lex.whitespace_split = ",", True
+    try:
+        return [item for item in lex if item]
+    except ValueError:
+        return [item for item in text.split(",") if item]
+
+
+def directive_v(script: str) -> list[str]:
+    """The -v items of a script's #PBS lines (qsub reads directives up to the first command)."""
+    from ..cli.batch import directives
+    items: list[str] = []
+    try:
+        lines = directives(script, "#PBS")
+    except OSError:
+        return items
+    for line in lines:
+        try:
+            words = shlex.split(line[len("#PBS"):], posix=False)     # quotes kept: split_v reads them
+        except ValueError:
+            words = line[len("#PBS"):].split()
+        for i, w in enumerate(words):
+            if w == "-v" and i + 1 < len(words):
+                items += split_v(words[i + 1])
+            elif w.startswith("-v") and len(w) > 2:
+                items += split_v(w[2:])
+    return items
+
+
+def merge_v(opts: list[str], script: str, ours: dict[str, str]) -> list[str]:
+    """opts with every -v (qsub keeps only the last one, and one on the command line hides the script's #PBS -v)
+    folded into a single -v: the script's items, then the command line's, then ours (ours win)."""
+    items = directive_v(script)
+    rest: list[str] = []
+    i = 0
+    while i < len(opts):
+        if opts[i] == "-v" and i + 1 < len(opts):
+            items += split_v(opts[i + 1])
+            i += 2
+            continue
+        if opts[i].startswith("-v") and len(opts[i]) > 2:
+            items += split_v(opts[i][2:])
+        else:
+            rest.append(opts[i])
+        i += 1
+    merged: dict[str, str] = {}
+    for item in items:
+        name = item.split("=", 1)[0]
+        merged[name] = item
+    for k, v in ours.items():
+        merged[k] = f"{k}={v}"
+    if not merged:
+        return rest
+    # values with a comma or a quote are quoted, as qsub expects
+    return rest + ["-v", ",".join(_v_item(x) for x in merged.values())]
+
+
+def _v_item(item: str) -> str:
+    name, eq, value = item.partition("=")
+    if eq and any(c in value for c in ",'\""):
+        return f"{name}=\"{value}\"" if '"' not in value else f"{name}='{value}'"
+    return item
 
 
 def hms(text: str) -> int:
@@ -72,7 +142,43 @@ class PBS(Scheduler):
         return start + hms(wall)
 
     def cancelled(self) -> bool:
-        return True      # PBS sends SIGTERM for qdel and at the walltime alike; we checkpoint before the latter
+        """PBS sends SIGTERM for a qdel and at the walltime alike (then SIGKILL after kill_delay): a SIGTERM at
+        or past the walltime is the limit (checkpoint within kill_delay and continue), any other a qdel."""
+        try:
+            end = self.end_time()
+        except SchedulerError:
+            return True
+        return end is None or time.time() < end - 2
+
+    def predecessor_stopped(self, ckptdir: str) -> str | None:
+        """A continuation goes on only if its predecessor was not deleted by the user: our driver marks a run it
+        saw deleted (CANCELLED_MARK), and `qstat -x -f` tells how the predecessor ended where the server keeps
+        job history (a qdel: comment 'terminated by USER@HOST', Exit_status 271 for a job killed by SIGTERM)."""
+        prev = self.env.get("HPCCKPT_PREV")
+        if not prev:
+            return None
+        try:
+            with open(os.path.join(ckptdir, CANCELLED_MARK)) as f:
+                if prev in f.read().split():
+                    return f"job {prev} was deleted by its user"
+        except OSError:
+            pass
+        try:
+            a = parse_qstat_f(self.run([self._cmd("qstat"), "-x", "-f", prev]))
+        except SchedulerError:
+            return None                  # no job history on this server: the mark is what we have
+        comment = a.get("comment", "")
+        if "terminated by" in comment or (a.get("Exit_status") == "271" and "walltime" not in comment):
+            return f"job {prev} was deleted by its user ({comment or 'Exit_status 271'})"
+        return None
+
+    def cancel_continuation(self) -> None:
+        nxt = getattr(self, "continuation", None)
+        if nxt:
+            try:
+                self.run([self._cmd("qdel"), nxt])
+            except SchedulerError:
+                pass                     # it checks how we ended (predecessor_stopped) anyway
 
     def submit_dir(self) -> str:
         return self.env.get("PBS_O_WORKDIR") or os.getcwd()
@@ -98,17 +204,19 @@ class PBS(Scheduler):
         if not wrapper or not os.path.exists(wrapper):
             raise SchedulerError("cannot continue: the wrapper script (HPCCKPT_WRAPPER) is gone")
         carry = {"HPCCKPT_RUN": str(self.run_count() + 1), "HPCCKPT_WRAPPER": wrapper,
-                 "HPCCKPT_CKPTDIR": self.env.get("HPCCKPT_CKPTDIR", "")}
+                 "HPCCKPT_CKPTDIR": self.env.get("HPCCKPT_CKPTDIR", ""), "HPCCKPT_PREV": self.job_id()}
         try:
-            import json
             with open(wrapper + ".opts") as f:          # the options the job was first submitted with
                 opts = json.load(f)
         except (OSError, ValueError):
             opts = []
-        out = self.run([self._cmd("qsub"), *opts, "-W", f"depend=afterany:{self.job_id()}",
-                        "-v", ",".join(f"{k}={v}" for k, v in carry.items() if v), wrapper])
+        opts = merge_v(opts, wrapper, {k: v for k, v in carry.items() if v})
+        # from the submit directory, like the first job: relative -o/-e paths and the default .o/.e files land
+        # there, and PBS_O_WORKDIR stays the same
+        out = self.run([self._cmd("qsub"), *opts, "-W", f"depend=afterany:{self.job_id()}", wrapper],
+                       cwd=self.submit_dir())
         self.continuation = out.strip()
         return 0
 
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
-        return self.run([self._cmd("qsub"), *options, script_path]).strip()
+        return self.run([self._cmd("qsub"), *options, script_path], cwd=cwd).strip()

@@ -2,8 +2,9 @@
 
 Facts it is built on: `exit 99` from the job script reschedules the job (same JOB_ID, RESTARTED=1 in the
 rerun); `-l s_rt=` sends SIGUSR1 at the soft limit and `-l h_rt=` is the hard limit; `-notify` sends SIGUSR2
-ahead of a qdel. The deadline comes from h_rt and the job's start time (`qstat -j`), the warning from s_rt
-(the config's `signal: USR1`); a qdel (SIGUSR2 with -notify, then SIGKILL) is never requeued.
+ahead of a qdel. The deadline comes from h_rt and the run's start (8.1.9's `qstat -j` prints no start_time for a
+running job: the start of the job's sge_shepherd, our ancestor, else the driver's own recorded start - never
+"now"), the warning from s_rt (the config's `signal: USR1`); a qdel (SIGUSR2 with -notify, then SIGKILL) is never requeued.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import re
 import time
 
-from .base import Scheduler, SchedulerError
+from .base import Scheduler, SchedulerError, ancestor_named, process_start
 from .pbs import hms
 
 
@@ -33,17 +34,37 @@ class SGE(Scheduler):
         return self.env.get(f"HPCCKPT_{name.upper()}") or self.env.get(f"SGE_{name.upper()}") or name
 
     def end_time(self) -> float | None:
+        """The run's start (never "now": that would move the deadline with the clock) plus h_rt."""
+        limit = self.hard_limit()
+        if limit is None:
+            return None
+        return self.run_started() + limit
+
+    def hard_limit(self) -> int | None:
+        """h_rt in seconds from `qstat -j` ("hard resource_list: h_rt=90" on 8.1.9; also H:M:S forms)."""
         out = self.run([self._cmd("qstat"), "-j", self.job_id()])
-        m = re.search(r"h_rt=(\d+(?::\d+){0,2})", out)
+        m = re.search(r"\bh_rt=(\d+(?::\d+){0,2})", out)
         if not m:
             return None
-        limit = hms(m.group(1)) if ":" in m.group(1) else int(m.group(1))
-        start = re.search(r"start_time\s+\d*:?\s*(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d)", out)
-        if start:
-            t0 = time.mktime(time.strptime(start.group(1), "%m/%d/%Y %H:%M:%S"))
-        else:
-            t0 = float(self.env.get("HPCCKPT_STARTED", time.time()))
-        return t0 + limit
+        return hms(m.group(1)) if ":" in m.group(1) else int(m.group(1))
+
+    def run_started(self) -> float:
+        """When this run began: `qstat -j`'s start_time where the version prints one (8.1.9 does not for a
+        running job), else the start of this job's sge_shepherd (the execd starts one per run; it is our
+        ancestor), else the start the driver recorded first (HPCCKPT_STARTED), else this process's own."""
+        out = ""
+        try:
+            out = self.run([self._cmd("qstat"), "-j", self.job_id()])
+        except SchedulerError:
+            pass
+        m = re.search(r"start_time\s+\d*:?\s*(\d\d/\d\d/\d{4} \d\d:\d\d:\d\d)", out)
+        if m:
+            return time.mktime(time.strptime(m.group(1), "%m/%d/%Y %H:%M:%S"))
+        shepherd = ancestor_named("sge_shepherd")
+        t0 = process_start(shepherd) if shepherd else None
+        if t0 is None and self.env.get("HPCCKPT_STARTED"):
+            t0 = float(self.env["HPCCKPT_STARTED"])
+        return t0 if t0 is not None else (process_start() or time.time())
 
     def cancelled(self) -> bool:
         return True

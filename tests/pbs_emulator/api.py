@@ -88,7 +88,7 @@ class _Backend:
         attrs: dict[str, str] = {}
         while time.monotonic() < deadline:
             attrs = self.qstat(jobid)
-            if attrs.get("job_state") in states and (until is None or until(attrs)):
+            if (attrs.get("job_state") or "?") in states and (until is None or until(attrs)):
                 return attrs
             time.sleep(poll)
         raise TimeoutError(f"job {jobid} not in state {states} after {timeout}s: {attrs}")
@@ -164,12 +164,28 @@ class RealPBS(_Backend):
                 raise ValueError(f"no qmgr equivalent for {k}")
         return settings
 
+    def _current(self, key: str) -> str | None:
+        """A setting's value now (None: unset), to put it back in stop()."""
+        target = "queue workq" if key == "kill_delay" else "server"
+        p = subprocess.run([os.path.join(self.bin_dir, "qmgr"), "-c", f"list {target} {key}"],
+                           capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            name, eq, value = line.strip().partition(" = ")
+            if eq and name == key:
+                return value
+        return None
+
     def start(self) -> "RealPBS":
+        # what the tests change on the server is put back by stop(): a real site's settings are not ours
+        self.saved = {k: self._current(k) for k in self.settings
+                      if k in ("kill_delay", "operators", "managers", "acl_roots")}
         self.set(**self.settings)
         return self
 
     def stop(self) -> None:
-        pass
+        for key, value in getattr(self, "saved", {}).items():
+            target = "queue workq" if key == "kill_delay" else "server"
+            self.qmgr(f"set {target} {key} = {value}" if value is not None else f"unset {target} {key}")
 
     def running(self) -> bool:
         return subprocess.run([os.path.join(self.bin_dir, "qstat"), "-B"], capture_output=True).returncode == 0

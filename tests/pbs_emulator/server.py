@@ -37,6 +37,8 @@ KNOWN_RESOURCES = {
 }
 DEP_TYPES = ("after", "afterok", "afternotok", "afterany")
 SUB_QUEUED, SUB_HELD, SUB_RUNNING, SUB_RERUN, SUB_TERMINATED, SUB_FINISHED, SUB_FAILED = 10, 20, 42, 43, 91, 92, 93
+SUB_EXITING = 51
+EXITING_S = 1.0              # a real job shows state E (obit, stage-out) for a moment before F
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -101,6 +103,8 @@ class Job:
         self.last_poll = 0.0
         self.cput = 0.0
         self.waiters: list[tuple[socket.socket, float]] = []   # qrerun clients waiting for the requeue
+        self.deleted_by = ""         # USER@HOST of a qdel
+        self.exiting: tuple | None = None   # (finish() arguments, when): in state E until then
 
     @property
     def id(self) -> str:
@@ -156,7 +160,9 @@ class Server:
                     job = Job(json.load(fh))
             except (OSError, ValueError):
                 continue
-            if job.state in ("R", "E"):       # the daemon died under a running job: its processes are gone
+            if job.state == "E" and job.d["exit_status"] is not None:
+                self.finish(job, job.d["exit_status"], SUB_FINISHED, None)    # it had ended: finish it
+            elif job.state in ("R", "E"):       # the daemon died under a running job: its processes are gone
                 if job.d["rerunable"]:
                     self.set_state(job, "Q", SUB_QUEUED)
                 else:
@@ -325,7 +331,7 @@ class Server:
         res.setdefault("place", "pack")
         res.setdefault("select", f"1:ncpus={ncpus}")
         # dependencies: the client already expanded ids to N.server (parse_depend_list)
-        depend, hold = [], False
+        depend, hold, unknown = [], False, []
         for dtype, ids in a.get("depend") or []:
             if dtype not in DEP_TYPES:
                 return {"rc": 2, "err": f"qsub: pbs_emulator supports only {', '.join(DEP_TYPES)} dependencies\n"}
@@ -333,8 +339,10 @@ class Server:
             for raw in ids:
                 parent, jid = self.find(raw)
                 if parent is None:
-                    return {"rc": P.exit_code(P.PBSE_UNKJOBID),
-                            "err": f"qsub: {P.MESSAGES[P.PBSE_UNKJOBID]} {jid}\n"}
+                    # real OpenPBS accepts it (rc 0); the job is deleted when the server resolves it
+                    keep_ids.append(jid)
+                    unknown.append(jid)
+                    continue
                 if parent.state == "F":
                     verdict = self.dep_verdict(dtype, parent)
                     if verdict is False:
@@ -367,7 +375,7 @@ class Server:
             "walltime": walltime, "ncpus": ncpus, "variables": a.get("variables") or [], "depend": depend,
             "run_count": 0, "exit_status": None, "session_id": None, "comment": None, "used": None,
             "submit_args": a.get("submit_args") or "", "umask": a.get("umask"), "exec_host": None,
-            "history_ts": None, "jobdir": None,
+            "history_ts": None, "jobdir": None, "depend_unknown": unknown,
         }
         with open(self.path("jobs", f"{seq}.SC"), "w") as f:
             f.write(msg.get("script") or "")
@@ -482,6 +490,8 @@ class Server:
                     code = P.PBSE_HISTJOBID
             elif not (self.is_operator(uid, user) or job.d["owner"] == user):
                 code = P.PBSE_PERM
+            elif job.state == "E":
+                code = P.PBSE_BADSTATE                # exiting: nothing left to delete
             else:
                 self.delete(job, user, force=bool(msg.get("force")), manager=self.is_manager(uid, user))
             if code:
@@ -491,6 +501,7 @@ class Server:
 
     def delete(self, job: Job, by: str, force: bool, manager: bool) -> None:
         self.log(f"Job;{job.id};Job to be deleted at request of {by}")
+        job.deleted_by = f"{by}@{self.host}"
         if job.state in ("Q", "H"):
             job.d["comment"] = None
             self.finish(job, None, SUB_TERMINATED, None)
@@ -554,13 +565,18 @@ class Server:
                 if job.kill_deadline and not job.killed9 and now >= job.kill_deadline:
                     signal_session(job.pid, signal.SIGKILL)
                     job.killed9 = True
-                limit = job.d["walltime"]
-                if limit is not None and not job.kill_reason:
-                    elapsed = int(now - job.start_mono)     # pbs_mom counts whole seconds: value > limit
-                    if elapsed > limit + float(self.cfg["walltime_slack"]):
-                        self.kill_walltime(job, elapsed)
                 if now - job.last_poll >= float(self.cfg["mom_poll"]):
                     self.poll_usage(job)
+                    # pbs_mom checks limits when it polls the job: a 5 s walltime is enforced at the first
+                    # poll past it (~10 s with the default poll)
+                    limit = job.d["walltime"]
+                    if limit is not None and not job.kill_reason:
+                        elapsed = int(now - job.start_mono)     # pbs_mom counts whole seconds: value > limit
+                        if elapsed > limit + float(self.cfg["walltime_slack"]):
+                            self.kill_walltime(job, elapsed)
+            if job.exiting and now >= job.exiting[1]:
+                args, job.exiting = job.exiting[0], None
+                self.finish(job, *args)
             for conn, deadline in list(job.waiters):
                 if now >= deadline:
                     job.waiters.remove((conn, deadline))
@@ -581,7 +597,10 @@ class Server:
                 left = []
                 for pid_ in ids:
                     parent = self.jobs.get(pid_)
-                    verdict = True if parent is None else self.dep_verdict(dtype, parent)
+                    if pid_ in job.d.get("depend_unknown", []):
+                        verdict = False                  # a job the server never knew
+                    else:
+                        verdict = True if parent is None else self.dep_verdict(dtype, parent)
                     if verdict is None:
                         left.append(pid_)
                     elif verdict is False:
@@ -679,11 +698,13 @@ class Server:
         shutil.copyfile(self.path("jobs", f"{d['seq']}.SC"), script)
         os.chown(script, uid, gid)
         os.chmod(script, 0o700)
-        env = {"PATH": f"{self.path('bin')}:/usr/local/bin:/usr/bin:/bin"}
+        # /etc/profile.d/pbs.sh appends the PBS commands to PATH (and the man pages to MANPATH)
+        env = {"PATH": f"/usr/local/bin:/usr/bin:/bin:{self.path('bin')}", "MANPATH": f":{self.path('man')}"}
         for k, v in d["variables"]:
             env[k] = v
         env.update({
-            "HOME": home, "LOGNAME": pw.pw_name, "USER": pw.pw_name, "SHELL": shell, "MAIL": f"/var/mail/{pw.pw_name}",
+            "HOME": home, "LOGNAME": pw.pw_name, "USER": pw.pw_name, "SHELL": shell,
+            "PBS_O_INTERACTIVE_AUTH_METHOD": "resvport", "PBS_O_INTERACTIVE_ENCRYPT_METHOD": "",
             "PBS_JOBNAME": d["name"], "PBS_JOBID": job.id, "PBS_QUEUE": P.QUEUE,
             "PBS_JOBCOOKIE": secrets.token_hex(16).upper(), "PBS_NODENUM": "0", "PBS_TASKNUM": "1",
             "PBS_MOMPORT": "15003", "PBS_NODEFILE": nodefile, "PBS_ENVIRONMENT": "PBS_BATCH", "PBS_JOBDIR": home,
@@ -824,16 +845,24 @@ class Server:
                 self.answer(conn, {"rc": 0})
             job.waiters.clear()
             return
+        deleted = f"and terminated by {job.deleted_by}" if job.deleted_by else "and terminated"
+        job.deleted_by = ""
         if reason == "walltime":
-            self.finish(job, P.JOB_EXEC_KILL_WALLTIME, SUB_FINISHED, "and finished")
+            args = (P.JOB_EXEC_KILL_WALLTIME, SUB_FINISHED, "and exceeded resource walltime")
         elif reason == "qdel":
-            self.finish(job, code, SUB_TERMINATED, "and terminated")
+            # OpenPBS 23.06 reports the deletion's SIGTERM (271) whatever the job did with it (trapped it and
+            # exited, or outlived kill_delay and got SIGKILL)
+            args = (256 + signal.SIGTERM, SUB_TERMINATED, deleted)
         elif reason == "qdel-force":
-            self.finish(job, 256 + signal.SIGKILL, SUB_TERMINATED, "and terminated")
+            args = (256 + signal.SIGKILL, SUB_TERMINATED, deleted)
         elif reason == "startfail":
-            self.finish(job, P.JOB_EXEC_FAIL1, SUB_FAILED, "and failed")
+            args = (P.JOB_EXEC_FAIL1, SUB_FAILED, "and failed")
         else:
-            self.finish(job, code, SUB_FINISHED, "and finished")
+            args = (code, SUB_FINISHED, "and finished")
+        d["exit_status"] = args[0]
+        d["state"], d["substate"] = "E", SUB_EXITING
+        job.exiting = (args, time.monotonic() + EXITING_S)
+        self.save(job)
 
     def answer(self, conn: socket.socket, reply: dict) -> None:
         try:
