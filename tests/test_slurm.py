@@ -3,6 +3,7 @@ machine. A job longer than its wall time checkpoints before the limit, requeues 
 output of a plain run; signals, preemption, cancel, program failure, failed checkpoints and max_restarts."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -270,3 +271,8 @@ def test_realistic_length_job_checkpoints_before_the_limit_and_completes(long_jo
     left = [int(x) for x in re.findall(r"checkpoint generation \d+: [\d.]+ s, [\d.]+ MB.*, (\d+) s left before the "
                                        r"limit", log)]
     assert left and min(left) >= 5, log
+    # what the job left behind, at a glance (hpcckpt status): its runs, the requeue, the generation restarted from
+    st = json.loads(run(["hpcckpt", "status", "--json", str(d / f"hpcckpt-{job}")], e, d, check=True).stdout)
+    assert st["batch"]["job"] == job and st["batch"]["runs"] >= 2 and st["batch"]["requeues"] >= 1, st["batch"]
+    assert st["batch"]["finished"]["code"] == 0
+    assert any(g["state"] == "complete" for c in st["computations"] for g in c["generations"])

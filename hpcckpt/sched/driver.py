@@ -35,7 +35,7 @@ from ..agent.sigfd import SignalFd
 from ..coordinator.client import CoordinatorUnreachable, command
 from ..engine.linux import PR_SET_PDEATHSIG, prctl
 from ..faults import fault
-from ..image import store
+from ..image import journal, store
 from . import nodes as allocation
 from .base import CANCELLED_MARK, Scheduler, SchedulerError
 from .config import JobConfig
@@ -91,6 +91,7 @@ class JobDriver:
         self.last_ckpt_s: float | None = None
         self.end: float | None = None
         self.end_checked = 0.0
+        self.journal_end: float | None = None     # the deadline last written to the event journal
         self.requeued = False
         self.cancelled = False
         self.status_warned = 0.0
@@ -208,6 +209,12 @@ class JobDriver:
         ever = os.path.exists(os.path.join(self.ckptdir, EVER_COMPLETED))
         log.info("job %s run %d (%s); checkpoints in %s", self.job, self.run_no,
                  "first run" if self.run_no == 0 else "rerun", self.ckptdir)
+        try:
+            end = self.sched.end_time()
+        except SchedulerError:
+            end = None
+        journal.record(self.ckptdir, "run", scheduler=self.sched.name, job=self.job, run=self.run_no, deadline=end,
+                       restart_from=latest.generation if latest else None)
         if self.run_no > 0 and latest is None and ever:
             log.error("this rerun finds no complete checkpoint in %s although one completed before; stopping "
                       "instead of silently redoing the work (restore the checkpoint directory and requeue)",
@@ -331,6 +338,7 @@ class JobDriver:
             time.sleep(1)
             return 0
         code = code if code >= 0 else 128 - code
+        journal.record(self.ckptdir, "end" if not self.cancelled else "stop", job=self.job, code=code)
         if self.cancelled:
             log.info("computation stopped: the job was cancelled (no requeue)")
         else:
@@ -347,6 +355,9 @@ class JobDriver:
             except SchedulerError as e:
                 log.warning("cannot read the job's end time: %s", e)
             self.end_checked = now
+            if self.end is not None and self.end != self.journal_end:
+                journal.record(self.ckptdir, "deadline", job=self.job, deadline=self.end)
+                self.journal_end = self.end
         if self.end is None:
             return False
         return now >= self.end - self.cfg.lead_seconds(self.last_ckpt_s)
@@ -412,6 +423,7 @@ class JobDriver:
             return
         self.requeued = True
         how = getattr(self.sched, "continuation", None)
+        journal.record(self.ckptdir, "requeue", job=self.job, continuation=how, generation=reply.get("generation"))
         log.info("job %s %s; the next run restarts from generation %s", self.job,
                  f"continues as job {how}" if how else "requeued", reply.get("generation"))
         fault("batch.after_requeue")
