@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 NOBODY = 65534
 SYSTEM_PY = "/usr/bin/python3"
-DEPS = ("zmq", "pyzmq.libs", "zstandard", "yaml", "_yaml", "psutil", "xxhash", "isal")
+DEPS = ("zmq", "pyzmq.libs", "zstandard", "yaml", "_yaml", "psutil", "xxhash", "isal", "blake3")
 
 
 @pytest.fixture(scope="module")
