@@ -17,7 +17,8 @@ from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
-from ..image import store
+from ..engine import identity
+from ..image import auth, store
 from ..image.format import ImageError, ImageReader
 from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
@@ -47,6 +48,9 @@ def parser(prog: str) -> Parser:
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
     p.add_argument("--from", dest="from_dir", metavar="DIR", help="restart the newest complete checkpoint in DIR")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification of page data")
+    p.add_argument("--trust-unsigned", action="store_true",
+                   help="accept images and manifests without a valid MAC (made by an older hpcckpt, or imported "
+                        "from a user or site whose key you do not have): only if you know where they came from")
     f = p.add_mutually_exclusive_group()
     f.add_argument("--forked-checkpoint", dest="forked", action="store_const", const=True)
     f.add_argument("--no-forked-checkpoint", dest="forked", action="store_const", const=False)
@@ -66,15 +70,41 @@ def parser(prog: str) -> Parser:
     return p
 
 
-def images_from_dir(d: str) -> list[tuple[str, str]]:
-    """(host, image) of the newest complete checkpoint in d."""
+def images_from_dir(d: str) -> tuple[list[tuple[str, str]], store.Manifest]:
+    """(host, image) of the newest complete checkpoint in d, and its (authenticated) manifest."""
     comps = [c for c in store.computations_in(d) if store.complete_generations(d, c)]
     if not comps:
         raise Fail(f"no complete checkpoint in {d}")
     if len(comps) > 1:
         raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
-    m = store.latest_manifest(d, comps[0])
-    return [(i.host, i.path) for i in m.images]
+    try:
+        m = store.latest_manifest(d, comps[0])
+    except store.ManifestError as e:
+        raise Fail(str(e)) from None
+    return [(i.host, i.path) for i in _manifest_images(d, m)], m
+
+
+def _manifest_images(d: str, m: store.Manifest) -> list:
+    """A manifest's images, refused unless it names some and all lie in its computation's directory (each
+    image's own metadata is checked against the manifest once opened: _check_from)."""
+    where = os.path.realpath(store.computation_dir(d, m.computation))
+    if not m.images:
+        raise Fail(f"checkpoint generation {m.generation} of {m.computation} in {d} lists no images; nothing "
+                   f"to restart")
+    for i in m.images:
+        if os.path.commonpath([where, os.path.realpath(i.path)]) != where:
+            raise Fail(f"checkpoint generation {m.generation} of {m.computation} names image {i.path} outside "
+                       f"{where}; restart refused")
+    return m.images
+
+
+def _check_from(d: str, m: store.Manifest, readers: list[ImageReader]) -> None:
+    """Each image restarted from --from DIR says (in its authenticated metadata) it belongs to the computation
+    and generation of the manifest that named it."""
+    for r in readers:
+        if (r.meta.get("computation"), r.meta.get("generation")) != (m.computation, m.generation):
+            raise Fail(f"{r.path} belongs to computation {r.meta.get('computation')} generation "
+                       f"{r.meta.get('generation')}, not to the checkpoint in {d} that names it; restart refused")
 
 
 def check_complete(paths: list[str], readers: list[ImageReader]) -> None:
@@ -125,6 +155,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         s = settings_from(args)
         incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
+        if args.trust_unsigned:
+            os.environ[auth.TRUST_ENV] = "1"       # every image and manifest read from here on (image/auth.py)
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
         remote: list[tuple[str, list[str]]] = []
@@ -134,7 +166,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                 [(h, img, h) for h, img in table]
             paths, remote = multihost.group(rows)
         elif args.from_dir:
-            found = images_from_dir(args.from_dir)
+            found, manifest = images_from_dir(args.from_dir)
             paths, remote = multihost.group(multihost.apply_hostfile(found, args.hostfile) if args.hostfile else
                                             [(h, img, h) for h, img in found])
         elif args.hostfile:
@@ -151,9 +183,15 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        readers = open_images(paths) if paths else []
+        try:
+            if args.from_dir:
+                _check_from(args.from_dir, manifest, readers)
+            identity.become_owner(readers)     # root: the processes' user from here on (engine/identity.py)
+        except identity.IdentityError as e:
+            raise Fail(str(e)) from None
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
-        readers = open_images(paths) if paths else []
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
 
@@ -170,7 +208,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                 secret = protocol.read_secret(host_port[1])
                 for host, imgs in remote:
                     others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
-                                                                 args.launcher, ["-q"] if s.quiet else [])))
+                                                                 args.launcher, (["-q"] if s.quiet else []) +
+                                                                 (["--trust-unsigned"] if args.trust_unsigned
+                                                                  else []))))
             if not readers:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None
