@@ -285,3 +285,17 @@ def test_root_restarting_a_users_images_runs_as_that_user(sandbox, build_dir, tm
     assert r.returncode == FAIL
     assert "signed by uid 0, not by you (uid 65534)" in _one_line(r.stderr)
 
+
+
+def test_no_usable_home_is_one_clear_error(tmp_path, monkeypatch):
+    """No key and nowhere to make one (a home like nobody's /nonexistent): the image is not written unsigned,
+    the error says what to set."""
+    from hpcckpt.image import auth
+    from hpcckpt.image.format import ImageError, ImageWriter
+    monkeypatch.delenv(auth.KEY_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "nonexistent"))
+    auth._cache.clear()
+    auth._read_as_root.clear()
+    with pytest.raises(ImageError, match="cannot sign the image: cannot create .*; set HPCCKPT_KEY_FILE"):
+        ImageWriter(str(tmp_path / "x.dmtcp"))
+    assert not (tmp_path / "x.dmtcp.tmp").exists()
