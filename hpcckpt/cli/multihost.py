@@ -88,6 +88,8 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     is (ssh outside a job)."""
     cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", address_towards(host),
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
+    if os.environ.get("HPCCKPT_KEY_FILE"):       # the same key file there (image/auth.py); ssh does not pass it
+        cmd = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *cmd]
     if is_local(host):
         full = cmd
     else:
