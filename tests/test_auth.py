@@ -127,6 +127,7 @@ def test_page_data_with_forged_crc_refused(tmp_path):
         r.verify()
 
 
+@pytest.mark.slow
 def test_unsigned_or_foreign_image_refused_unless_trusted(checkpointed, env, tmp_path):
     """An image without a MAC (format 1) or signed with another key is refused in one line; --trust-unsigned
     restarts it (the run then completes as it would have)."""
