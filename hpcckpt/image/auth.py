@@ -19,6 +19,7 @@ import hmac
 import os
 import pwd
 import stat
+import threading
 
 try:
     import blake3 as _blake3
@@ -100,19 +101,32 @@ def _make_key(path: str, uid: int) -> bytes:
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
             raise AuthError(f"{d} is not a directory owned by uid {uid} and writable only by it; fix it or set "
                             f"{KEY_ENV}")
+    # written under a temporary name and linked into place: a process racing us (two agents' first checkpoint)
+    # sees either no key or a whole one, and the first link wins
     key = os.urandom(KEY_SIZE)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise AuthError(f"cannot create the hpcckpt key {path} ({e.strerror}); set {KEY_ENV} to a file path "
+                        f"of your own (shared by your nodes)") from None
+    try:
+        try:
+            os.write(fd, key)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
     except FileExistsError:
         return _read_key(path, uid) or _make_key(path, uid)     # another process made it first
     except OSError as e:
         raise AuthError(f"cannot create the hpcckpt key {path} ({e.strerror}); set {KEY_ENV} to a file path "
                         f"of your own (shared by your nodes)") from None
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
     finally:
-        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
     return key
 
 
