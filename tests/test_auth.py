@@ -58,6 +58,9 @@ def test_edited_image_with_recomputed_crc_refused(checkpointed, env, tmp_path):
     """The issue's attack: an fd's path pointed at a file the attacker cannot write, CRC recomputed. Restart and
     inspect --verify refuse it in one line; the file is untouched."""
     img, _, _ = checkpointed
+    r = run(["hpcckpt", "inspect", "--verify", str(img)], env, tmp_path)
+    assert r.returncode == 0 and f"signed by uid {os.geteuid()} (MAC verified)" in r.stdout, r.stderr
+    assert "(checksums and MACs): OK" in r.stdout
     victim = tmp_path / "root-only"
     victim.write_text("precious\n")
     victim.chmod(0o600)
