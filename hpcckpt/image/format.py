@@ -380,9 +380,13 @@ class ImageReader:
         self.authenticated = self.signer is not None
 
     def chunk_ok(self, chunk: Chunk, stored) -> bool:
-        """The stored bytes are the chunk's: checksum, and (authenticated images) keyed tag."""
-        return (len(stored) == chunk.length and crc32(stored) == chunk.crc
-                and (self._tagger is None or self._tagger.ok(stored, chunk.mac)))
+        """The stored bytes are the chunk's: the keyed tag of an authenticated image (which also catches what
+        the CRC would: ~0.07 CPU-s/GiB less at restore), else the CRC-32."""
+        if len(stored) != chunk.length:
+            return False
+        if self._tagger is not None:
+            return self._tagger.ok(stored, chunk.mac)
+        return crc32(stored) == chunk.crc
 
     def read_chunk(self, chunk: Chunk, out=None):
         """The chunk's page data (decompressed), verified against its checksum. out: a writable buffer the data
