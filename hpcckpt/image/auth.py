@@ -69,7 +69,8 @@ def key_path(uid: int | None = None) -> str:
 def _read_key(path: str, uid: int) -> bytes | None:
     """The key in path if it is a proper key file of uid; None if there is none."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # (non-blocking: a FIFO planted as a key must not hang root's restart; regular files ignore the flag)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
