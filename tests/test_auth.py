@@ -280,6 +280,10 @@ def test_root_restarting_a_users_images_runs_as_that_user(sandbox, build_dir, tm
         if p.poll() is None:
             p.kill()
     assert out.read_text() == plain.read_text()
+    # later checkpoints are nobody's too: a checkpoint directory only root can write is refused up front
+    r = subprocess.run(["dmtcp_restart", "--coord-port", "0", "--ckptdir", str(tmp_path), *images], env=env,
+                       cwd=work, capture_output=True, text=True, timeout=60)
+    assert r.returncode == FAIL and "not a directory uid 65534 can write (the images' owner" in _one_line(r.stderr)
 
     from hpcckpt.image.format import ImageWriter
     mine = work / "ckpt_root.dmtcp"

@@ -187,11 +187,17 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         try:
             if args.from_dir:
                 _check_from(args.from_dir, manifest, readers)
-            identity.become_owner(readers)     # root: the processes' user from here on (engine/identity.py)
+            owner = identity.become_owner(readers)     # root: the processes' user from here on (engine/identity.py)
         except identity.IdentityError as e:
             raise Fail(str(e)) from None
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
+            if owner:
+                raise Fail(f"checkpoint directory {s.ckptdir} is not a directory uid {owner.uid} can write (the "
+                           f"images' owner, whom this restart runs as); give --ckptdir")
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
+        if owner:
+            log.info("restarting as uid %d gid %d groups %s: the checkpointed processes' credentials", owner.uid,
+                     owner.gid, owner.groups)
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
 

@@ -11,12 +11,9 @@ groups the owner is not in) are refused in one line.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import pwd
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
 
@@ -82,8 +79,6 @@ def become_owner(readers) -> Identity | None:
     if ident.uid == 0:
         return None
     assume(ident)
-    log.info("restarting as uid %d gid %d groups %s: the checkpointed processes' credentials", ident.uid,
-             ident.gid, ident.groups)
     return ident
 
 
