@@ -160,8 +160,13 @@ def _manifest(ckptdir: Path, computation: str, images: list[dict]) -> Path:
     return Path(store.write_manifest(str(ckptdir), store.Manifest(computation, 1, time.time(), entries)))
 
 
+@pytest.mark.slow
 def test_edited_manifest_refused(checkpointed, env, tmp_path):
-    img, _, _ = checkpointed
+    """The genuine manifest restarts (to the end of the run); the same manifest edited is refused."""
+    img, out, steps = checkpointed
+    r = run(["dmtcp_restart", "-p", "0", "--from", str(tmp_path)], env, tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert line_count(out) == steps
     manifest = sorted(tmp_path.glob("ckpt_*/gen*.json"))[-1]
     d = json.loads(manifest.read_text())
     d["images"] = d["images"] * 2                   # e.g. an image listed twice, MAC left as it was
