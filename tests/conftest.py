@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +16,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROGRAMS = HERE / "programs"
 BIN = Path(sys.executable).parent
+# images and manifests are signed with the user's key (hpcckpt/image/auth.py): the tests use a throwaway one,
+# never the real ~/.hpcckpt/key of whoever runs them
+KEY_FILE = os.path.join(tempfile.mkdtemp(prefix="hpcckpt-testkey-"), "key")
+os.environ["HPCCKPT_KEY_FILE"] = KEY_FILE
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +54,7 @@ def env(tmp_path) -> dict:
     on PATH, and no DMTCP_* variables leaking in from outside."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
     e["HPCCKPT_RUNDIR"] = str(tmp_path / "run")
+    e["HPCCKPT_KEY_FILE"] = KEY_FILE
     e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
     return e
 

@@ -97,6 +97,8 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
             log.warning("the restart on %s may not reach the coordinator: %s", host, e)
     cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", coord_host,
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
+    if os.environ.get("HPCCKPT_KEY_FILE"):       # the same key file there (image/auth.py); ssh does not pass it
+        cmd = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *cmd]
     if local:
         # another agent's share, restarted on this host: its processes keep our standard input, as they would
         # under one restart (a pipe or terminal they read from must not turn into EOF); the secret goes

@@ -21,7 +21,8 @@ from .. import plugins
 from ..agent.aware_server import AwareServer, name_of as aware_name_of
 from ..engine import awarefd
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
-from ..image import runlock, safefs, store
+from ..engine import identity
+from ..image import auth, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
@@ -51,6 +52,9 @@ def parser(prog: str) -> Parser:
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
     p.add_argument("--from", dest="from_dir", metavar="DIR", help="restart the newest complete checkpoint in DIR")
     p.add_argument("--no-verify", action="store_true", help="skip checksum verification of page data")
+    p.add_argument("--trust-unsigned", action="store_true",
+                   help="accept images and manifests without a valid MAC (made by an older hpcckpt, or imported "
+                        "from a user or site whose key you do not have): only if you know where they came from")
     f = p.add_mutually_exclusive_group()
     f.add_argument("--forked-checkpoint", dest="forked", action="store_const", const=True)
     f.add_argument("--no-forked-checkpoint", dest="forked", action="store_const", const=False)
@@ -73,8 +77,8 @@ def parser(prog: str) -> Parser:
     return p
 
 
-def images_from_dir(d: str) -> list[tuple[str, str]]:
-    """(host, image) of the newest complete checkpoint in d."""
+def images_from_dir(d: str) -> tuple[list[tuple[str, str]], store.Manifest]:
+    """(host, image) of the newest complete checkpoint in d, and its (authenticated) manifest."""
     try:
         foreign: list[str] = []
         comps = [c for c in store.computations_in(d, foreign) if store.complete_generations(d, c)]
@@ -86,9 +90,11 @@ def images_from_dir(d: str) -> list[tuple[str, str]]:
         if len(comps) > 1:
             raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
         m = store.latest_manifest(d, comps[0])
+    except store.ManifestError as e:
+        raise Fail(str(e)) from None
     except (OSError, ValueError, TypeError) as e:
         raise Fail(f"cannot read the checkpoints in {d}: {e}") from None
-    return [(i.host, _moved(i.path, d, m)) for i in m.images]
+    return [(i.host, path) for i, path in _manifest_images(d, m)], m
 
 
 def _moved(path: str, d: str, m: store.Manifest) -> str:
@@ -98,6 +104,32 @@ def _moved(path: str, d: str, m: store.Manifest) -> str:
         return path
     here = os.path.join(store.generation_dir(d, m.computation, m.generation), os.path.basename(path))
     return here if os.path.exists(here) else path
+
+
+def _manifest_images(d: str, m: store.Manifest) -> list:
+    """(entry, path) of a manifest's images, refused unless it names some and all lie in its computation's
+    directory (each image's own metadata is checked against the manifest once opened: _check_from)."""
+    where = os.path.realpath(store.computation_dir(d, m.computation))
+    if not m.images:
+        raise Fail(f"checkpoint generation {m.generation} of {m.computation} in {d} lists no images; nothing "
+                   f"to restart")
+    out = []
+    for i in m.images:
+        path = _moved(i.path, d, m)
+        if os.path.commonpath([where, os.path.realpath(path)]) != where:
+            raise Fail(f"checkpoint generation {m.generation} of {m.computation} names image {i.path} outside "
+                       f"{where}; restart refused")
+        out.append((i, path))
+    return out
+
+
+def _check_from(d: str, m: store.Manifest, readers: list[ImageReader]) -> None:
+    """Each image restarted from --from DIR says (in its authenticated metadata) it belongs to the computation
+    and generation of the manifest that named it."""
+    for r in readers:
+        if (r.meta.get("computation"), r.meta.get("generation")) != (m.computation, m.generation):
+            raise Fail(f"{r.path} belongs to computation {r.meta.get('computation')} generation "
+                       f"{r.meta.get('generation')}, not to the checkpoint in {d} that names it; restart refused")
 
 
 def claim_computation(s, image_paths: list[str], readers: list[ImageReader], force: bool) -> None:
@@ -167,6 +199,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         s = settings_from(args)
         incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
+        if args.trust_unsigned:
+            os.environ[auth.TRUST_ENV] = "1"       # every image and manifest read from here on (image/auth.py)
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
         elif args.secret_fd is not None:
@@ -178,7 +212,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                 [(h, img, h) for h, img in table]
             paths, remote = multihost.group(rows)
         elif args.from_dir:
-            found = images_from_dir(args.from_dir)
+            found, manifest = images_from_dir(args.from_dir)
             paths, remote = multihost.group(multihost.apply_hostfile(found, args.hostfile) if args.hostfile else
                                             [(h, img, h) for h, img in found])
         elif args.hostfile:
@@ -195,9 +229,21 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
-        if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
-            raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
         readers = open_images(paths) if paths else []
+        try:
+            if args.from_dir:
+                _check_from(args.from_dir, manifest, readers)
+            owner = identity.become_owner(readers)     # root: the processes' user from here on (engine/identity.py)
+        except identity.IdentityError as e:
+            raise Fail(str(e)) from None
+        if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
+            if owner:
+                raise Fail(f"checkpoint directory {s.ckptdir} is not a directory uid {owner.uid} can write (the "
+                           f"images' owner, whom this restart runs as); give --ckptdir")
+            raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
+        if owner:
+            log.info("restarting as uid %d gid %d groups %s: the checkpointed processes' credentials", owner.uid,
+                     owner.gid, owner.groups)
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
         if args.policy != JOIN:      # (the parts a restart starts on other hosts join it: it claimed for them)
@@ -216,7 +262,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                 secret = protocol.read_secret(host_port[1])
                 for host, imgs in remote:
                     others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
-                                                                 args.launcher, ["-q"] if s.quiet else [])))
+                                                                 args.launcher, (["-q"] if s.quiet else []) +
+                                                                 (["--trust-unsigned"] if args.trust_unsigned
+                                                                  else []))))
             if not readers:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None

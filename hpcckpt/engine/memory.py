@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..faults import fault
-from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter, crc32
+from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
 from ..image.records import RegionRecord
 from .inject import Injector
 from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_READ,
@@ -485,9 +485,9 @@ class MemoryFiller:
             for reader, c, runs, start in task:
                 if c.codec == CODEC_RAW:
                     _, view, addr = maps[id(reader)]
-                    if self.verify and crc32(view[c.off:c.off + c.length]) != c.crc:
-                        raise ImageError(f"{reader.path}: corrupted image (checksum mismatch in chunk at offset "
-                                         f"{c.off})")
+                    if self.verify and not reader.chunk_ok(c, view[c.off:c.off + c.length]):
+                        raise ImageError(f"{reader.path}: corrupted or altered image (checksum or MAC mismatch in "
+                                         f"chunk at offset {c.off})")
                     base = addr + c.off
                 else:
                     room = memoryview(scratch)[used:] if used + c.npages * PAGE <= len(scratch) else None

@@ -82,11 +82,16 @@ def pack_mm_map(mm: dict[str, int], brk: int, auxv_addr: int, auxv_size: int, ex
 
 
 
-def read_creds(status: dict[str, str]) -> dict[str, int]:
-    """uid/gid and capability sets from /proc/PID/status."""
-    return {"uid": int(status["Uid"].split()[0]), "gid": int(status["Gid"].split()[0]),
+def read_creds(status: dict[str, str]) -> dict:
+    """Credentials from /proc/PID/status: uids and gids (real, effective, saved, filesystem), supplementary
+    groups, capability sets. uid/gid (the real ones) kept for images' readers that know only those."""
+    uids = [int(x) for x in status["Uid"].split()]
+    gids = [int(x) for x in status["Gid"].split()]
+    return {"uid": uids[0], "gid": gids[0], "uids": uids, "gids": gids,
+            "groups": [int(x) for x in status.get("Groups", "").split()],
             "cap_inh": int(status["CapInh"], 16), "cap_prm": int(status["CapPrm"], 16),
-            "cap_eff": int(status["CapEff"], 16)}
+            "cap_eff": int(status["CapEff"], 16), "cap_bnd": int(status.get("CapBnd", "0"), 16),
+            "cap_amb": int(status.get("CapAmb", "0"), 16)}
 
 
 def children_of(pid: int) -> list[int]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, memory, ptrace, shmfiles, sysvshm
+from . import files, identity, memory, ptrace, shmfiles, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
 from .helpers import Spawner, close_plans, make_plans
 from .inject import ProcessGone
@@ -125,6 +125,10 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     opts = opts or RestoreOptions()
     t0 = time.monotonic()
     metas = _load(readers)
+    try:
+        identity.check_processes(metas)      # never a process restored as another user (engine/identity.py)
+    except identity.IdentityError as e:
+        raise RestoreError(str(e)) from None
     objects = {o["id"]: o for meta, _ in metas for o in meta.process.objects}
     read_blob = _blob_reader(metas)
     try:

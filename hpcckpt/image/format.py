@@ -1,13 +1,16 @@
 """The checkpoint image file: one per process, versioned and self-describing (docs/image-format.md).
 
 Layout:
-    [0, 4096)        header: magic, format version, where the metadata is, its checksum
+    [0, 4096)        header: magic, format version, where the metadata is, its checksum; signer uid and MAC
     [4096, ...)      page-data chunks, each starting on a 4096-byte boundary (raw or one zstd frame each, see codec.py)
     [meta_off, ...)  metadata: UTF-8 JSON describing the process and pointing at every chunk
 
 A chunk holds up to CHUNK_PAGES contiguous pages of one memory region and carries its own CRC-32 (of the
 stored bytes) in the metadata; zstd frames are independent so restore can decompress them in parallel.
 Raw chunks are page-aligned in the file so restore can map the image and write pages without a copy.
+Format 2 authenticates images (auth.py): the header holds the uid whose key signed the image and an
+HMAC-SHA256 of the header's fields and the metadata; every chunk carries a keyed tag of its stored bytes in the
+metadata. Format 1 images (no MAC) are read only when trusted explicitly (restart --trust-unsigned).
 Images are written as NAME.tmp (mode 0600), fsync'ed, then renamed: a file with a final name is complete.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..faults import fault
+from . import auth
 from .codec import CODECS, Compressor, decompress
 
 try:                  # the same CRC-32 as zlib's, ~10x faster (ISA-L, carry-less multiply): 0.03 s/GiB, not 0.3
@@ -29,12 +33,14 @@ except ImportError:   # pragma: no cover - isal is a dependency; zlib computes t
     from zlib import crc32
 
 MAGIC = b"HPCCKPT\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+UNSIGNED_VERSION = 1          # images written before authentication: no MAC
 HEADER_SIZE = 4096
 ALIGN = 4096
 PAGE_SIZE = 4096
 CHUNK_PAGES = 1024            # 4 MiB of pages per chunk: large writes, fine-grained parallel (de)compression
 _HEADER = struct.Struct("<8sIIQQIQ")  # magic, version, flags, meta_off, meta_len, meta_crc, data_end
+_AUTH = struct.Struct("<I32s")         # (format 2, right after _HEADER) signer uid, HMAC-SHA256
 
 CODEC_RAW = "raw"
 
@@ -51,9 +57,10 @@ class Chunk:
     length: int        # stored length in bytes
     crc: int           # CRC-32 of the stored bytes
     codec: str = CODEC_RAW
+    mac: str = ""      # keyed tag of the stored bytes (hex; auth.ChunkTagger), format 2
 
     def to_json(self) -> list:
-        return [self.page, self.npages, self.off, self.length, self.crc, self.codec]
+        return [self.page, self.npages, self.off, self.length, self.crc, self.codec, self.mac]
 
     @classmethod
     def from_json(cls, v: list) -> "Chunk":
@@ -72,6 +79,7 @@ class ImageWriter:
                  shuffle: bool = True):
         self.final_path = final_path
         self.tmp_path = final_path + ".tmp"
+        self.signer, self._key, self._tagger = _signing_key(final_path)
         self.compress = compress
         self.level = level
         self.shuffle = shuffle           # compressed chunks may be byte-shuffled first (codec.py)
@@ -162,7 +170,7 @@ class ImageWriter:
             off = base = self._reserve(total)
             iov = []
             for page, n, data, codec in parts:
-                stored.append(Chunk(page, n, off, len(data), crc32(data), codec))
+                stored.append(Chunk(page, n, off, len(data), crc32(data), codec, self._tagger.tag(data)))
                 iov.append(data)
                 pad = (-len(data)) % ALIGN
                 if pad:
@@ -194,12 +202,14 @@ class ImageWriter:
         file offsets when written: call drain() before putting them into the metadata."""
         self.drain()
         self._pool.shutdown()
+        meta = dict(meta, auth={"signer_uid": self.signer, "chunk_mac": self._tagger.algo})
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         meta_off = self.pos
         _pwrite_all(self.fd, meta_bytes, meta_off)
         header = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, meta_off, len(meta_bytes), crc32(meta_bytes),
                               meta_off)
-        os.pwrite(self.fd, header, 0)
+        signed = header + struct.pack("<I", self.signer)
+        os.pwrite(self.fd, signed + auth.meta_mac(self._key, signed, meta_bytes), 0)
         os.fsync(self.fd)
         fault("dump.before_commit")
         os.close(self.fd)
@@ -282,10 +292,61 @@ def write_behind(fd: int, off: int, length: int) -> None:
         _sync_file_range(fd, off, length, SYNC_FILE_RANGE_WRITE)
 
 
-class ImageReader:
-    """Reads an image's metadata and chunks, checking what it reads."""
+def _signing_key(path: str) -> tuple[int, bytes, auth.ChunkTagger]:
+    """Our uid, key (made if missing) and chunk tagger, for a writer."""
+    try:
+        key = auth.key_for(create=True)
+    except auth.AuthError as e:
+        raise ImageError(f"{path}: cannot sign the image: {e}") from None
+    return os.geteuid(), key, auth.ChunkTagger(key)
 
-    def __init__(self, path: str):
+
+def _authenticate(path: str, version: int, head: bytes, raw: bytes, meta, trust: bool | None):
+    """(signer uid or None, chunk tagger or None) of an image whose metadata raw is; raises ImageError for an
+    image that is not authentic, unless trusted explicitly (trust; default: auth.trust_unsigned())."""
+    trust = auth.trust_unsigned() if trust is None else trust
+    how = "restart with --trust-unsigned only if you know where it came from"
+    if version == UNSIGNED_VERSION:
+        if trust:
+            return None, None
+        raise ImageError(f"{path}: unsigned image (format {version}, no MAC); {how}")
+    signer, mac = _AUTH.unpack(head[_HEADER.size:_HEADER.size + _AUTH.size])
+    try:
+        key = auth.key_for(signer)
+        algo = meta.get("auth", {}).get("chunk_mac", "")
+        ok = auth.hmac.compare_digest(auth.meta_mac(key, head[:_HEADER.size + 4], raw), mac)
+        if ok:
+            return signer, auth.ChunkTagger(key, algo)
+        why = "its MAC does not match: it was altered, or signed with another key"
+    except (auth.AuthError, ValueError, AttributeError) as e:
+        why = str(e)
+    if trust:
+        return None, None
+    raise ImageError(f"{path}: not authentic ({why}); {how}")
+
+
+def resign(path: str) -> None:
+    """Sign an image again with our key (its header and metadata as they are now): for tools and tests that
+    edit an image's metadata on purpose (format 2 images only)."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        head = bytearray(os.pread(fd, HEADER_SIZE, 0))
+        magic, version, flags, meta_off, meta_len, meta_crc, data_end = _HEADER.unpack_from(head)
+        if magic != MAGIC or version != FORMAT_VERSION:
+            raise ImageError(f"{path}: not a format {FORMAT_VERSION} image, cannot sign it")
+        raw = os.pread(fd, meta_len, meta_off)
+        key = auth.key_for(create=True)
+        signed = bytes(head[:_HEADER.size]) + struct.pack("<I", os.geteuid())
+        os.pwrite(fd, signed + auth.meta_mac(key, signed, raw), 0)
+    finally:
+        os.close(fd)
+
+
+class ImageReader:
+    """Reads an image's metadata and chunks, checking what it reads: the metadata's MAC on opening (refused
+    if it does not verify), each chunk's checksum and tag when the chunk is read."""
+
+    def __init__(self, path: str, trust_unsigned: bool | None = None):
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -296,12 +357,12 @@ class ImageReader:
         except IsADirectoryError:
             raise ImageError(f"{path}: is a directory, not a checkpoint image") from None
         self.size = os.fstat(self.fd).st_size
-        head = os.pread(self.fd, _HEADER.size, 0)
-        if len(head) < _HEADER.size or not head.startswith(MAGIC):
+        head = os.pread(self.fd, _HEADER.size + _AUTH.size, 0)
+        if len(head) < _HEADER.size + _AUTH.size or not head.startswith(MAGIC):
             os.close(self.fd)
             raise ImageError(f"{path}: not an hpcckpt checkpoint image (bad magic)")
-        _, version, _, meta_off, meta_len, meta_crc, _ = _HEADER.unpack(head)
-        if version != FORMAT_VERSION:
+        _, version, _, meta_off, meta_len, meta_crc, _ = _HEADER.unpack(head[:_HEADER.size])
+        if version not in (FORMAT_VERSION, UNSIGNED_VERSION):
             os.close(self.fd)
             raise ImageError(f"{path}: image format version {version}, this hpcckpt reads {FORMAT_VERSION}")
         if meta_off == 0 or meta_off + meta_len > self.size:
@@ -312,7 +373,24 @@ class ImageReader:
         if crc32(raw) != meta_crc:
             os.close(self.fd)
             raise ImageError(f"{path}: corrupted image (metadata checksum mismatch)")
-        self.meta = json.loads(raw)
+        try:
+            self.meta = json.loads(raw)
+            self.signer, self._tagger = _authenticate(path, version, head, raw, self.meta, trust_unsigned)
+        except (ImageError, ValueError) as e:
+            os.close(self.fd)
+            if isinstance(e, ImageError):
+                raise
+            raise ImageError(f"{path}: corrupted image (metadata is not JSON)") from None
+        self.authenticated = self.signer is not None
+
+    def chunk_ok(self, chunk: Chunk, stored) -> bool:
+        """The stored bytes are the chunk's: the keyed tag of an authenticated image (which also catches what
+        the CRC would: ~0.07 CPU-s/GiB less at restore), else the CRC-32."""
+        if len(stored) != chunk.length:
+            return False
+        if self._tagger is not None:
+            return self._tagger.ok(stored, chunk.mac)
+        return crc32(stored) == chunk.crc
 
     def read_chunk(self, chunk: Chunk, out=None):
         """The chunk's page data (decompressed), verified against its checksum. out: a writable buffer the data
@@ -320,8 +398,9 @@ class ImageReader:
         if chunk.off + chunk.length > self.size:
             raise ImageError(f"{self.path}: truncated image (chunk at {chunk.off} beyond end of file)")
         stored = os.pread(self.fd, chunk.length, chunk.off)
-        if len(stored) != chunk.length or crc32(stored) != chunk.crc:
-            raise ImageError(f"{self.path}: corrupted image (checksum mismatch in chunk at offset {chunk.off})")
+        if not self.chunk_ok(chunk, stored):
+            raise ImageError(f"{self.path}: corrupted or altered image (checksum or MAC mismatch in chunk at offset "
+                             f"{chunk.off})")
         if chunk.codec == CODEC_RAW:
             return stored
         if chunk.codec in CODECS:

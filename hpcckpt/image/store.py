@@ -21,7 +21,7 @@ import re
 import stat
 from dataclasses import asdict, dataclass, field
 
-from . import safefs
+from . import auth, safefs
 
 log = logging.getLogger("hpcckpt.store")
 
@@ -84,8 +84,14 @@ class ImageEntry:
     rank: int | None = None                        # the MPI rank (or srun task) the process was, if one
 
 
+class ManifestError(ValueError):
+    """A manifest that is not authentic or not well formed; the message is one line naming it."""
+
+
 @dataclass
 class Manifest:
+    """A complete generation. On disk it carries the uid that wrote it and an HMAC-SHA256 (image/auth.py) of
+    everything else: a manifest is only read back if it verifies with that user's key."""
     computation: str
     generation: int
     created: float
@@ -93,13 +99,44 @@ class Manifest:
     stats: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=1).encode()
+        d = dict(asdict(self), signer_uid=os.geteuid())
+        d["mac"] = auth.manifest_mac(auth.key_for(create=True), _canonical(d))
+        return json.dumps(d, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "Manifest":
-        d = json.loads(data)
-        d["images"] = [ImageEntry(**i) for i in d.get("images", [])]
-        return cls(**d)
+    def from_json(cls, data: bytes, name: str = "manifest", trust: bool | None = None) -> "Manifest":
+        """Parse and authenticate (ManifestError if it does not verify, unless trusted: auth.trust_unsigned())."""
+        try:
+            d = json.loads(data)
+            mac = d.pop("mac", None)
+            signer = d.pop("signer_uid", None)
+        except (ValueError, AttributeError):
+            raise ManifestError(f"{name}: not a checkpoint manifest (bad JSON)") from None
+        trust = auth.trust_unsigned() if trust is None else trust
+        if not trust:
+            _verify_manifest(name, d, signer, mac)
+        try:
+            d["images"] = [ImageEntry(**i) for i in d.get("images", [])]
+            return cls(**d)
+        except TypeError as e:
+            raise ManifestError(f"{name}: not a checkpoint manifest ({e})") from None
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _verify_manifest(name: str, d: dict, signer, mac) -> None:
+    how = "restart with --trust-unsigned only if you know where it came from"
+    if not isinstance(mac, str) or not isinstance(signer, int):
+        raise ManifestError(f"{name}: unsigned manifest (no MAC); {how}")
+    try:
+        want = auth.manifest_mac(auth.key_for(signer), _canonical(dict(d, signer_uid=signer)))
+    except auth.AuthError as e:
+        raise ManifestError(f"{name}: not authentic ({e}); {how}") from None
+    if not auth.hmac.compare_digest(want, mac):
+        raise ManifestError(f"{name}: not authentic (its MAC does not match: it was altered, or signed with "
+                            f"another key); {how}")
 
 
 def manifest_name(gen: int) -> str:
@@ -135,7 +172,8 @@ def complete_generations(ckptdir: str, computation: str) -> list[int]:
 def read_manifest(ckptdir: str, computation: str, gen: int) -> Manifest:
     fd = open_computation_dir(ckptdir, computation)
     try:
-        return Manifest.from_json(safefs.read_at(fd, manifest_name(gen), computation_dir(ckptdir, computation)))
+        path = os.path.join(computation_dir(ckptdir, computation), manifest_name(gen))
+        return Manifest.from_json(safefs.read_at(fd, manifest_name(gen), computation_dir(ckptdir, computation)), path)
     finally:
         os.close(fd)
 
@@ -144,7 +182,8 @@ def manifest_of_image(path: str, generation: int) -> Manifest | None:
     """The manifest of the checkpoint an image (still where it was written) belongs to; None if not found."""
     cdir = os.path.dirname(os.path.dirname(os.path.abspath(path)))
     try:
-        return Manifest.from_json(safefs.read_file(os.path.join(cdir, manifest_name(generation))))
+        path = os.path.join(cdir, manifest_name(generation))
+        return Manifest.from_json(safefs.read_file(path), path)
     except (OSError, ValueError, TypeError):
         return None
 
