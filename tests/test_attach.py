@@ -81,6 +81,10 @@ def test_dump_a_process_tree_and_later_checkpoints_work(env, tmp_path, build_dir
                                str(ckdir), "--from", str(ckdir)], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=open(tmp_path / "restart.err", "w"))
         wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 60, "the restart's coordinator")
+        def joined():
+            r = run(["dmtcp_command", "--port-file", str(port_file), "-s", "--json"], env, tmp_path)
+            return r.returncode == 0 and json.loads(r.stdout).get("num_agents", 0) >= 1
+        wait_for(joined, 60, "the restarted agent joining")
         c = run(["dmtcp_command", "--port-file", str(port_file), "-bc"], env, tmp_path, timeout=60)
         assert c.returncode == 0, c.stderr
         assert rp.wait(120) == 0, (tmp_path / "restart.err").read_text()

@@ -205,7 +205,11 @@ class JobDriver:
             return 0
         self._count_run()
         os.environ["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")   # the coordinator's secret lives here
-        latest = self._latest()
+        try:
+            latest = self._latest()
+        except store.ManifestError as e:
+            log.error("cannot restart: %s", e)
+            return self.fail_rc
         ever = os.path.exists(os.path.join(self.ckptdir, EVER_COMPLETED))
         log.info("job %s run %d (%s); checkpoints in %s", self.job, self.run_no,
                  "first run" if self.run_no == 0 else "rerun", self.ckptdir)
@@ -409,8 +413,12 @@ class JobDriver:
         log.info("%s: checkpointing the computation", why)
         reply = self._checkpoint()
         if not reply.get("ok"):
+            try:
+                last = self._latest()
+            except store.ManifestError:
+                last = None
             log.error("checkpoint failed: %s; the last good checkpoint (generation %s) is kept; not requeueing",
-                      reply.get("error"), self._latest().generation if self._latest() else "none")
+                      reply.get("error"), last.generation if last else "none")
             return
         self._log_checkpoints(final=True)
         if not requeue:
