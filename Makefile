@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast test-slurm test-pbs bench clean system-deps
+.PHONY: install demo demo-local test test-fast test-slurm test-pbs bench clean system-deps
 
 install: $(VENV)/.installed
 
@@ -32,7 +32,12 @@ system-deps:
 	@# sshd, ip, unshare/nsenter for the multi-host tests (simulated hosts in network namespaces)
 	@if [ "$$(id -u)" = 0 ]; then sh tests/hosts-deps.sh >/dev/null; fi
 
+# the main job: a batch job on a local Slurm (installed and started by the script) that outlives its wall time
 demo: install
+	bash examples/demo-batch.sh
+
+# the single-node cycle without a scheduler: launch, checkpoint, kill, restart
+demo-local: install
 	bash examples/demo.sh
 
 test: install
