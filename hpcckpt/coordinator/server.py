@@ -25,13 +25,11 @@ from . import protocol
 from .barrier import Round, State
 from .commands import Commands
 from .gather import RestartGate, Restarts
+from .liveness import Liveness
 from .ranks import RankBook
 from .script import write_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
-
-HEARTBEAT_S = 2.0           # agents send a heartbeat this often (and progress during long phases)
-PEER_LOST_S = float(os.environ.get("HPCCKPT_PEER_TIMEOUT", 30.0))   # a peer silent this long is gone
 
 
 @dataclass
@@ -55,12 +53,13 @@ def new_computation_id() -> str:
     return f"{store.safe_name(host)}-{os.getpid()}-{int(time.time()):x}{secrets.token_hex(2)}"
 
 
-class Coordinator(Restarts, Commands):
+class Coordinator(Restarts, Commands, Liveness):
     def __init__(self, settings: Settings, console: bool = False):
         self.s = settings
         self.console = console
         self.ckptdir = os.path.abspath(settings.ckptdir)
         self.peers: dict[bytes, Peer] = {}
+        self.lost_peers: dict[str, Peer] = {}
         self.next_peer_id = 1
         self.computation: str | None = None
         self.generation = 0
@@ -124,6 +123,9 @@ class Coordinator(Restarts, Commands):
             protocol.remove_secret(self.port)
 
     def serve_forever(self) -> None:
+        # an agent reconnecting (after a pause, a network hiccup) keeps its routing id: the new connection takes
+        # it over instead of being refused as a duplicate
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         stdin_open = self.console
@@ -193,8 +195,11 @@ class Coordinator(Restarts, Commands):
 
     # ------------------------------------------------------------------------------------------- peers --
     def _on_hello(self, ident: bytes, msg: dict) -> None:
+        if self._rejoin(ident, msg):
+            return
         if self.round is not None:
-            self.pending_hellos.append((ident, msg))   # joins once the checkpoint in progress is over
+            # joins once the checkpoint in progress is over (an agent retrying its hello waits once)
+            self.pending_hellos = [(i, m) for i, m in self.pending_hellos if i != ident] + [(ident, msg)]
             return
         comp = msg.get("computation")
         if comp and self.computation and comp != self.computation and self.peers:
@@ -222,25 +227,33 @@ class Coordinator(Restarts, Commands):
         self.peers[ident] = peer
         self.ranks.update(peer.processes, peer.restarted)
         self.ever_had_peers = True
-        self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
-                          "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
-                          "heartbeat": HEARTBEAT_S, "protocol": protocol.PROTOCOL_VERSION})
+        self._welcome(ident, peer)
         log.info("peer %d joined: host %s agent pid %d, %s (%s)", peer.peer_id, peer.host, peer.agent_pid,
                  ", ".join(f"{p.get('program')}[{p.get('pid')}]" for p in peer.processes),
                  "restarted" if peer.restarted else "new")
         self._write_status()
 
+    def _welcome(self, ident: bytes, peer: Peer) -> None:
+        self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
+                          "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
+                          "heartbeat": self.s.heartbeat_s(), "peer_timeout": self.s.peer_timeout,
+                          "complete": self._complete_generations(), "protocol": protocol.PROTOCOL_VERSION})
+
     def _on_heartbeat(self, ident: bytes, msg: dict) -> None:
         peer = self.peers.get(ident)
         if peer is None:
-            self.send(ident, {"type": "reject", "reason": "unknown peer (coordinator restarted?)"})
+            # a peer we gave up (or a coordinator restarted on this port): it says hello again
+            self.send(ident, {"type": "reject", "rejoin": True, "reason": "unknown peer (coordinator restarted?)"})
             return
         if "processes" in msg:
             peer.processes = msg["processes"]
             self.ranks.update(peer.processes, peer.restarted)
         if "progress" in msg:
+            grew = int(msg["progress"].get("bytes", 0)) > int(peer.progress.get("bytes", 0))
             peer.progress = msg["progress"]
-            if self.round:
+            if self.round and grew:
+                # bytes written are progress; a heartbeat is only a sign of life (a write hung on a dead file
+                # system must still time out)
                 self.round.last_progress = time.monotonic()
 
     def _on_bye(self, ident: bytes, msg: dict) -> None:
@@ -250,7 +263,8 @@ class Coordinator(Restarts, Commands):
         log.info("peer %d (host %s) left: %s", peer.peer_id, peer.host, msg.get("reason", "exited"))
         self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} left ({msg.get('reason', 'exited')})")
 
-    def _peer_gone(self, ident: bytes, why: str) -> None:
+    def _peer_gone(self, ident: bytes, why: str, lost: bool = False) -> None:
+        """lost: silent, not gone for good (it may come back; --exit-on-last waits for --timeout then)."""
         if self.gate is not None and self.gate.leave(ident):
             self._check_gate()
         if self.round and ident in self.round.peers:
@@ -262,7 +276,7 @@ class Coordinator(Restarts, Commands):
                 self._check_round()
         if not self.peers:
             self.idle_since = time.monotonic()
-            if self.s.exit_on_last and self.ever_had_peers:
+            if self.s.exit_on_last and self.ever_had_peers and not lost:
                 log.info("last peer left; exiting (--exit-on-last)")
                 self.quit = True
         self._write_status()
@@ -499,22 +513,21 @@ class Coordinator(Restarts, Commands):
     # -------------------------------------------------------------------------------------------- timers --
     def _tick(self) -> None:
         now = time.monotonic()
-        for ident, peer in list(self.peers.items()):
-            if now - peer.last_seen > PEER_LOST_S:
-                log.error("peer %d on %s silent for %.0f s; considering it dead", peer.peer_id, peer.host,
-                          now - peer.last_seen)
-                del self.peers[ident]
-                self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding")
+        self._liveness_tick(now)
         self._check_gate()
         if self.waiting is not None:
             self._check_waiting(now)
         r = self.round
         if r is not None and not r.committed and now - r.last_progress > self.s.phase_timeout:
+            # the slow ones: those that have not acknowledged the phase, or (processes already running again)
+            # not yet reported their images durable
+            slow = r.peers - set(r.durable) if r.complete() else r.peers - set(r.acks)
+            what = "writing its images" if r.complete() else f"phase {r.phase}"
             missing = ", ".join(f"peer {self.peers[i].peer_id} on {self.peers[i].host}"
-                                for i in sorted(r.peers - set(r.acks), key=lambda i: self.peers[i].peer_id
-                                                if i in self.peers else 0) if i in self.peers)
-            self._fail_round(f"timed out after {self.s.phase_timeout:.0f} s without progress in phase {r.phase} "
-                             f"waiting for {missing or 'peers that left'}")
+                                for i in sorted(slow, key=lambda i: self.peers[i].peer_id if i in self.peers else 0)
+                                if i in self.peers)
+            self._fail_round(f"timed out after {self.s.phase_timeout:.0f} s without progress in {what}, waiting "
+                             f"for {missing or 'peers that left'}")
         if self.round is None and self.next_interval_ckpt is not None and now >= self.next_interval_ckpt:
             if self.peers:
                 self.start_checkpoint()
