@@ -164,7 +164,8 @@ class AgentLiveness:
         self.link.rejoined(self.heartbeat_s)
         self.publish_job_file()
         # images we wrote for rounds that ended without us hearing the outcome: the coordinator knows now
-        complete = set(msg.get("complete") or [])
+        # (a manifest in our own ckptdir counts too: a coordinator started with another ckptdir knows nothing of it)
+        complete = set(msg.get("complete") or []) | set(store.complete_generations(self.ckptdir, self.computation))
         busy = {c.state.generation for c in [self.writing] if c} | {c.generation for c in [self.ckpt] if c}
         for gen in sorted(set(self.pending_prev) - busy):
             written = self.pending_prev.pop(gen)
