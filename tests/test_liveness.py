@@ -174,10 +174,10 @@ def test_agent_paused_beyond_peer_timeout_is_taken_back(launch, counter, tmp_pat
     log = tmp_path / "run" / f"coord-{job.port}.log"
     agent.suspend()
     try:
-        wait_for(lambda: "considering it gone" in log.read_text(), 20, "the coordinator to give the agent up")
+        wait_for(lambda: "silent for" in log.read_text(), 20, "the coordinator to give the agent up")
     finally:
         agent.resume()
-    wait_for(lambda: "is back" in log.read_text() or "joined" in log.read_text().rsplit("considering it gone")[1],
+    wait_for(lambda: "is back" in log.read_text() or "joined" in log.read_text().rsplit("silent for")[1],
              20, "the agent to be taken back")
     r = job.command("-bc")
     assert r.returncode == 0, (r.stdout, r.stderr)

@@ -287,7 +287,8 @@ class Agent(AgentLiveness):
         elif kind == "reject":
             if msg.get("rejoin"):
                 self.link.lose(f"it does not know us: {msg.get('reason')}")
-            else:
+            elif msg.get("reason") != self.link.last_reject:      # (a lost agent's hellos repeat it)
+                self.link.last_reject = msg.get("reason")
                 log.error("coordinator: %s", msg.get("reason"))
         elif kind == "heartbeat":
             self._on_coordinator_heartbeat(msg.get("generation"))

@@ -37,6 +37,7 @@ class CoordinatorLink:
         self.down_since: float | None = None      # the connection is closed (and not up again) since
         self.lost_since: float | None = None      # we gave the coordinator up at
         self.lost_why = ""
+        self.last_reject: str | None = None
         self.next_hello = 0.0
         self.closed_since: float | None = None    # nothing listens on the coordinator's port since
         self.next_fallback = 0.0
@@ -166,7 +167,8 @@ class AgentLiveness:
         # images we wrote for rounds that ended without us hearing the outcome: the coordinator knows now
         # (a manifest in our own ckptdir counts too: a coordinator started with another ckptdir knows nothing of it)
         complete = set(msg.get("complete") or []) | set(store.complete_generations(self.ckptdir, self.computation))
-        busy = {c.state.generation for c in [self.writing] if c} | {c.generation for c in [self.ckpt] if c}
+        busy = {c.state.generation for c in [self.writing] if c} | {c.generation for c in [self.ckpt] if c} | \
+            {msg.get("round")}                     # the round we still take part in may yet commit
         for gen in sorted(set(self.pending_prev) - busy):
             written = self.pending_prev.pop(gen)
             if gen in complete:

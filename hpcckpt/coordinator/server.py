@@ -237,7 +237,8 @@ class Coordinator(Restarts, Commands, Liveness):
         self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
                           "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
                           "heartbeat": self.s.heartbeat_s(), "peer_timeout": self.s.peer_timeout,
-                          "complete": self._complete_generations(), "protocol": protocol.PROTOCOL_VERSION})
+                          "complete": self._complete_generations(), "protocol": protocol.PROTOCOL_VERSION,
+                          "round": self.round.generation if self.round and ident in self.round.peers else None})
 
     def _on_heartbeat(self, ident: bytes, msg: dict) -> None:
         peer = self.peers.get(ident)
