@@ -183,3 +183,28 @@ def test_agent_paused_beyond_peer_timeout_is_taken_back(launch, counter, tmp_pat
     assert r.returncode == 0, (r.stdout, r.stderr)
     runs_on(out, "the program to run on")
     assert job.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_bc_gives_up_on_a_silent_coordinator(launch, counter, tmp_path, env):
+    """-bc waits at most the peer timeout for a coordinator that stops answering (stopped, not dead: its
+    connection stays open), then exits 1 with one line; the coordinator, let go again, finishes the checkpoint."""
+    job, out = start_job(launch, counter, tmp_path, env, HPCCKPT_FAULT="dump.after_chunk:sleep=0.1")
+    coord = coordinator_of(job)
+    bc = subprocess.Popen(["dmtcp_command", "--port-file", str(job.port_file), "-bc"],
+                          env=dict(env, HPCCKPT_PEER_TIMEOUT="3"), cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list(tmp_path.glob("ckpt_*/gen000001/*.tmp")), 30, "the image being written")
+    coord.suspend()
+    try:
+        t = time.monotonic()
+        rc = bc.wait(20)
+        err = bc.stderr.read()
+        assert rc == 1 and "has not answered for" in err and len(err.strip().splitlines()) == 1, err
+        assert time.monotonic() - t < 10
+    finally:
+        if bc.poll() is None:
+            bc.kill()
+        coord.resume()
+    wait_for(lambda: list(tmp_path.glob("ckpt_*/gen000001.json")), 30, "the checkpoint to complete anyway")
+    runs_on(out, "the program to run on")

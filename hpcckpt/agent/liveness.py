@@ -38,6 +38,7 @@ class CoordinatorLink:
         self.lost_since: float | None = None      # we gave the coordinator up at
         self.lost_why = ""
         self.last_reject: str | None = None
+        self.rehello = False                      # reconnected: say hello again at once
         self.next_hello = 0.0
         self.closed_since: float | None = None    # nothing listens on the coordinator's port since
         self.next_fallback = 0.0
@@ -64,6 +65,8 @@ class CoordinatorLink:
             if ev == "down":
                 self.down_since = self.down_since or now
             else:
+                # connected again: perhaps to a new coordinator on the port, which knows nothing of us
+                self.rehello = self.rehello or self.down_since is not None
                 self.down_since = None
         if not self.joined:
             return
@@ -95,7 +98,9 @@ class CoordinatorLink:
         """Lost: time to say hello again? (Refreshes the secret, which a new coordinator on the port rewrote;
         asks for a fallback coordinator when the port stays closed.)"""
         now = time.monotonic()
-        if self.joined or now < self.next_hello:
+        if self.rehello and self.down_since is None:
+            self.rehello = False           # (the same coordinator answers with a welcome as well)
+        elif self.joined or now < self.next_hello:
             return False
         self.next_hello = now + max(1.0, self.heartbeat_s)
         self._fallback(now)

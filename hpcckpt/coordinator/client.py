@@ -42,7 +42,7 @@ class Connection:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 200)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(peer_timeout, 10.0) * 1000))
         # stable for the connection's life, so a reconnection is the same peer to the coordinator
