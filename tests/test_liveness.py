@@ -208,3 +208,26 @@ def test_bc_gives_up_on_a_silent_coordinator(launch, counter, tmp_path, env):
         coord.resume()
     wait_for(lambda: list(tmp_path.glob("ckpt_*/gen000001.json")), 30, "the checkpoint to complete anyway")
     runs_on(out, "the program to run on")
+
+
+@pytest.mark.slow
+def test_coordinator_paused_while_frozen_job_resumes_and_a_late_commit_stays_valid(launch, counter, tmp_path, env):
+    """The coordinator stops during a --no-forked-checkpoint write for longer than the phase timeout: the agent
+    resumes its processes on its own after that time (not for ever), but keeps the images it reported durable;
+    the coordinator, let go again, reads the ack before the abandon and commits: the committed images exist."""
+    from conftest import newest_images
+    job, out = start_job(launch, counter, tmp_path, env, "--no-forked-checkpoint",
+                         HPCCKPT_FAULT="dump.after_chunk:sleep=0.2", HPCCKPT_PHASE_TIMEOUT="3")
+    pid = program_pid(out)
+    coord = coordinator_of(job)
+    bc = bc_in_background(job)
+    wait_for(lambda: list(tmp_path.glob("ckpt_*/gen000001/*.tmp")), 30, "the image being written while frozen")
+    coord.suspend()
+    try:
+        wait_for(lambda: list(tmp_path.glob("ckpt_*/gen000001/*.dmtcp")), 30, "the image written")
+        wait_for(lambda: not stopped(pid), 15, "the agent to resume its processes without its coordinator")
+        runs_on(out, "the program to run on")
+    finally:
+        coord.resume()
+    assert bc.wait(30) == 0, bc.stderr.read()
+    assert all(p.exists() for p in newest_images(tmp_path))

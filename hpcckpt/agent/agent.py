@@ -547,7 +547,9 @@ class Agent(AgentLiveness):
             self._cancel_writes(reason)
             return
         c = self.ckpt
-        paths = c.images if c is not None and c.generation == gen else []
+        paths = list(c.images) if c is not None and c.generation == gen else []
+        # (and images we kept when we abandoned this round ourselves: the coordinator did not commit it)
+        paths += [p for p, _ in self.pending_prev.pop(gen, {}).values()]
         if c is not None:
             self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         self._resume_frozen()
