@@ -56,7 +56,7 @@ class Settings:
     # tolerated). An agent whose coordinator's port stays closed `coord_fallback` s starts one itself (0: never).
     peer_timeout: float = field(default=90.0, metadata=_env("HPCCKPT_PEER_TIMEOUT"))
     heartbeat: float = field(default=2.0, metadata=_env("HPCCKPT_HEARTBEAT"))
-    coord_fallback: float = field(default=10.0, metadata=_env("HPCCKPT_COORD_FALLBACK"))
+    coord_fallback: float = field(default=20.0, metadata=_env("HPCCKPT_COORD_FALLBACK"))
 
     def heartbeat_s(self) -> float:
         """How often to send a heartbeat: several per peer_timeout, even when that is set short."""

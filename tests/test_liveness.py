@@ -231,3 +231,34 @@ def test_coordinator_paused_while_frozen_job_resumes_and_a_late_commit_stays_val
         coord.resume()
     assert bc.wait(30) == 0, bc.stderr.read()
     assert all(p.exists() for p in newest_images(tmp_path))
+
+
+def test_coordinator_killed_in_the_freeze_window_of_a_forked_checkpoint(launch, counter, tmp_path, env):
+    """The default forked checkpoint keeps the processes frozen only briefly; the coordinator dying in that window
+    (made long here by the agent.after_suspend fault point) must not leave them frozen either."""
+    job, out = start_job(launch, counter, tmp_path, env, HPCCKPT_FAULT="agent.after_suspend:sleep=2",
+                         HPCCKPT_COORD_FALLBACK="0")
+    pid = program_pid(out)
+    coord = coordinator_of(job)
+    bc = bc_in_background(job)
+    wait_for(lambda: stopped(pid), 20, "the processes to be frozen")
+    coord.kill()
+    try:
+        assert bc.wait(10) == 1
+    finally:
+        if bc.poll() is None:
+            bc.kill()
+    wait_for(lambda: not stopped(pid), 10, "the processes to be resumed")
+    runs_on(out, "the program to run on")
+    assert not list(tmp_path.glob("ckpt_*/gen*/*")) and not list(tmp_path.glob("ckpt_*/gen*.json"))
+
+
+def test_liveness_settings():
+    from hpcckpt.settings import SettingsError, load
+    s = load(environ={"HPCCKPT_PEER_TIMEOUT": "120", "HPCCKPT_COORD_FALLBACK": "0"})
+    assert (s.peer_timeout, s.coord_fallback, s.heartbeat_s()) == (120.0, 0.0, 2.0)
+    assert load(environ={}).peer_timeout >= 60                   # a minute's pause is tolerated by default
+    assert load(environ={"HPCCKPT_PEER_TIMEOUT": "3"}).heartbeat_s() == 1.0
+    for bad in ({"HPCCKPT_PEER_TIMEOUT": "0"}, {"HPCCKPT_HEARTBEAT": "-1"}, {"HPCCKPT_COORD_FALLBACK": "-5"}):
+        with pytest.raises(SettingsError):
+            load(environ=bad)

@@ -20,6 +20,7 @@ import zmq
 
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
+from ..faults import fault
 from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
 from ..engine.forker import kill_snapshot
@@ -308,6 +309,7 @@ class Agent(AgentLiveness):
                 self._suspend(gen)
                 c = self.ckpt
                 self._ack(msg, True, tcp_ends=tcpdrain.connected_ends([fp.pid for fp in c.frozen]))
+                fault("agent.after_suspend")      # (tests: a long freeze window, e.g. to lose the coordinator in)
             elif phase == "drain":
                 others = [e for e in msg.get("tcp_ends", []) if e and e[0] != self.agent_id]
                 self._drain(gen, others)
