@@ -163,7 +163,11 @@ def command_watched(host: str, port: int, cmd: str, on_status=None, interval: fl
         while True:
             now = time.monotonic()
             if "down" in conn.link_events():
-                raise CoordinatorLost(f"lost the coordinator {where} (connection closed: it died or was stopped)")
+                # (a reply that came just before the close - a kcheckpoint's coordinator quitting - still counts)
+                while (reply := conn.recv(0.1)) is not None:
+                    if reply.get("command") != "status":
+                        return reply
+                raise CoordinatorLost(f"lost the coordinator {where} (connection closed: it died or quit)")
             if timeout is not None and now - start > timeout:
                 raise CoordinatorUnreachable(f"no answer from coordinator {where} within {timeout:.0f} s")
             if now - last_answer > silence:

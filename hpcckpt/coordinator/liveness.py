@@ -16,7 +16,7 @@ from ..image import store
 
 log = logging.getLogger("hpcckpt.coordinator")
 
-STALL_S = 5.0        # a main-loop gap this long means we were stopped (SIGSTOP, a swapped-out node)
+STALL_S = 1.0        # a main-loop gap this long (the loop polls every 0.25 s) means we were stopped or starved
 
 
 class Liveness:
@@ -29,7 +29,8 @@ class Liveness:
         self.last_tick = now
         if gap > STALL_S:
             # our own pause: the peers' silence and the round's lack of progress meanwhile are ours, not theirs
-            log.warning("coordinator was stalled for %.0f s (stopped or starved); not counting it against peers", gap)
+            (log.warning if gap > 5 else log.debug)("coordinator was stalled for %.1f s (stopped or starved); not "
+                                                    "counting it against peers", gap)
             for p in self.peers.values():
                 p.last_seen += gap
             if self.round is not None:
