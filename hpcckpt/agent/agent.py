@@ -140,9 +140,14 @@ class Agent(AgentLiveness):
         self.send({"type": "restored", "error": error})
         deadline = time.monotonic() + timeout
         while True:
-            msg = self.stash.pop(0) if self.stash else self.conn.recv(max(0.0, deadline - time.monotonic()))
-            if msg is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False, f"no word from the coordinator within {timeout:.0f} s"
+            if time.monotonic() - self.last_sent >= self.heartbeat_s:
+                self.send({"type": "heartbeat"})      # other hosts may take long: we are alive, waiting
+            msg = self.stash.pop(0) if self.stash else self.conn.recv(min(left, self.heartbeat_s))
+            if msg is None:
+                continue
             if msg.get("type") == "restart":
                 return bool(msg.get("go")), msg.get("reason", "")
             if msg.get("type") == "kill":

@@ -43,6 +43,8 @@ class Liveness:
                 self.send(ident, {"type": "heartbeat", "generation": r.generation if mine else None,
                                   "phase": r.phase if mine else None})
         for ident, peer in list(self.peers.items()):
+            if self.gate is not None and ident in self.gate.joined:
+                continue          # restoring (big images take long, silently): the restart's own deadline applies
             if now - peer.last_seen > self.s.peer_timeout:
                 log.error("peer %d on %s silent for %.0f s; considering it gone (it is taken back if it returns)",
                           peer.peer_id, peer.host, now - peer.last_seen)
