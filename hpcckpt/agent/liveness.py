@@ -40,6 +40,7 @@ class CoordinatorLink:
         self.last_reject: str | None = None
         self.rehello = False                      # reconnected: say hello again at once
         self.next_hello = 0.0
+        self.hello_every = self.heartbeat_s       # grows while nobody answers (a stopped coordinator reads them all)
         self.closed_since: float | None = None    # nothing listens on the coordinator's port since
         self.next_fallback = 0.0
 
@@ -83,6 +84,7 @@ class CoordinatorLink:
             self.lost_since = time.monotonic()
             self.lost_why = why
             self.next_hello = 0.0
+            self.hello_every = self.heartbeat_s
 
     def rejoined(self, heartbeat: float) -> None:
         if not self.joined:
@@ -102,7 +104,8 @@ class CoordinatorLink:
             self.rehello = False           # (the same coordinator answers with a welcome as well)
         elif self.joined or now < self.next_hello:
             return False
-        self.next_hello = now + max(1.0, self.heartbeat_s)
+        self.next_hello = now + max(1.0, self.hello_every)
+        self.hello_every = min(2 * self.hello_every, 30.0)
         self._fallback(now)
         if self.down_since is not None:
             return False              # nothing to talk to (the hello would wait in a queue, with a stale secret)

@@ -67,6 +67,7 @@ class Liveness:
             return False
         agent_id = str(msg.get("agent_id") or "")
         old = self._known_agent(ident, agent_id)
+        away = old != ident or agent_id in self.lost_peers     # (else: a repeated hello of a peer we still have)
         if old is None and agent_id in self.lost_peers and msg.get("computation") == self.computation:
             old = ident                                   # given up for its silence: it was only slow
             self.peers[ident] = self.lost_peers[agent_id]
@@ -86,7 +87,8 @@ class Liveness:
         self.peers[ident] = peer
         self.ranks.update(peer.processes, peer.restarted)
         self.generation = max(self.generation, int(msg.get("generation") or 0))
-        log.info("peer %d on %s is back (agent %s)", peer.peer_id, peer.host, peer.agent_id or "?")
+        (log.info if away else log.debug)("peer %d on %s is back (agent %s)", peer.peer_id, peer.host,
+                                          peer.agent_id or "?")
         self._welcome(ident, peer)
         return True
 
