@@ -183,7 +183,8 @@ def command_watched(host: str, port: int, cmd: str, on_status=None, interval: fl
                 return reply
             if on_status is not None:
                 on_status(reply)
-            if reply.get("checkpoint_progress") is None and not reply.get("waiting_for_ranks"):
+            if reply.get("checkpoint_progress") is None and not reply.get("waiting_for_ranks") and \
+                    reply.get("num_agents"):      # (with no agent yet, a just started coordinator waits for them)
                 forgotten += 1
                 if forgotten >= 2:
                     raise CoordinatorLost(f"coordinator {where} no longer runs our {cmd} (was it restarted?)")

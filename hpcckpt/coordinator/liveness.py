@@ -16,6 +16,7 @@ from ..image import store
 
 log = logging.getLogger("hpcckpt.coordinator")
 
+JOIN_GRACE_S = 10.0  # a blocking checkpoint asked of a coordinator just started waits this long for agents to (re)join
 STALL_S = 1.0        # a main-loop gap this long (the loop polls every 0.25 s) means we were stopped or starved
 
 
@@ -52,6 +53,10 @@ class Liveness:
                 if peer.agent_id:
                     self.lost_peers[peer.agent_id] = peer
                 self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding", lost=True)
+
+    def _rejoin_grace(self) -> bool:
+        """Just started and no agent yet: those of a computation whose coordinator was restarted are reconnecting."""
+        return not self.ever_had_peers and time.monotonic() - self.started < JOIN_GRACE_S
 
     def _known_agent(self, ident: bytes, agent_id: str) -> bytes | None:
         if ident in self.peers:

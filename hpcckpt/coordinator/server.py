@@ -316,13 +316,18 @@ class Coordinator(Restarts, Commands, Liveness):
             return f"a checkpoint (generation {self.round.generation}) is already in progress"
         if self.gate is not None:
             return "a restart is in progress (waiting for its hosts)"
-        if not self.peers:
+        if not self.peers and not (waiter is not None and self._rejoin_grace()):
             return "no processes are connected to this coordinator"
         missing = self.ranks.missing()
-        if missing:                   # not before every MPI rank is ours (ranks.py); _tick starts it later
+        if missing or not self.peers:  # not before every MPI rank is ours (ranks.py); _tick starts it later
             if self.waiting is None:
                 self.waiting = {"since": time.monotonic(), "kill_after": kill_after, "waiters": []}
-                log.info("checkpoint waits up to %.0f s for MPI %s to join", self.s.rank_wait, "; ".join(missing))
+                if missing:
+                    log.info("checkpoint waits up to %.0f s for MPI %s to join", self.s.rank_wait,
+                             "; ".join(missing))
+                else:
+                    log.info("checkpoint waits for the agents of the computation to connect (coordinator just "
+                             "started)")
             self.waiting["kill_after"] |= kill_after
             if waiter is not None:
                 self.waiting["waiters"].append(waiter)
@@ -459,7 +464,11 @@ class Coordinator(Restarts, Commands, Liveness):
 
     def _check_waiting(self, now: float) -> None:
         w = self.waiting
-        if not self.ranks.missing() or not self.peers:
+        if not self.peers:
+            if not self._rejoin_grace():       # (every agent left while the checkpoint waited)
+                self.waiting = None
+                self._refuse_waiters(w, "no processes are connected to this coordinator", failure=False)
+        elif not self.ranks.missing():
             self.start_checkpoint()
         elif now - w["since"] > self.s.rank_wait:
             self.waiting = None
@@ -467,11 +476,14 @@ class Coordinator(Restarts, Commands, Liveness):
                    f"{self.s.rank_wait:.0f} s: started on a host or by a launcher that hpcckpt does not wrap? "
                    f"A checkpoint without them could not be restarted")
             log.error("checkpoint not taken: %s", why)
+            self._refuse_waiters(w, why)
+
+    def _refuse_waiters(self, w: dict, why: str, failure: bool = True) -> None:
+        if failure:
             self.last_failure = {"generation": None, "time": time.time(), "phase": "start", "error": why}
-            for ident in w["waiters"]:
-                self.send(ident, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False,
-                                  "error": why})
-            self._reset_interval()
+        for ident in w["waiters"]:
+            self.send(ident, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False, "error": why})
+        self._reset_interval()
 
     def _fail_round(self, why: str) -> None:
         r = self.round
