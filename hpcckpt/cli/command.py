@@ -5,7 +5,7 @@ import json
 import sys
 
 from ..agent.join import read_port_file
-from ..coordinator.client import CoordinatorLost, CoordinatorUnreachable, command, command_watched
+from ..coordinator.client import BLOCKING, CoordinatorLost, CoordinatorUnreachable, command, command_watched
 from .common import Fail, Parser, add_coord_options, run_main, settings_from
 
 EXIT_FAILED = 1
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
             port = read_port_file(s.port_file)
             if port is None:
                 raise Fail(f"cannot read the coordinator port from {s.port_file}", EXIT_UNREACHABLE)
-        blocking = cmd in ("bcheckpoint", "kcheckpoint")
+        blocking = cmd in BLOCKING
         timeout = args.timeout if args.timeout is not None else (None if blocking else 10.0)
         try:
             if blocking:

@@ -135,8 +135,14 @@ def _connect(host: str, port: int) -> Connection:
     return conn
 
 
-def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, **args) -> dict:
-    """Send one command; raises CoordinatorUnreachable if nobody (authorised) answers."""
+BLOCKING = ("bcheckpoint", "kcheckpoint")
+
+
+def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, silence: float = 90.0, **args) -> dict:
+    """Send one command; raises CoordinatorUnreachable if nobody (authorised) answers. A blocking checkpoint is
+    watched (command_watched): it never waits for a coordinator that died or went silent."""
+    if cmd in BLOCKING:
+        return command_watched(host, port, cmd, None, timeout=timeout, silence=silence, **args)
     conn = _connect(host, port)
     try:
         return conn.request({"type": "command", "cmd": cmd, **args}, timeout)
