@@ -11,7 +11,8 @@ step ("killed mid-write" and "disk full" are tests, not hopes).
 Points: dump.after_chunk (agent, after each chunk of page data), dump.before_commit (agent, image written
 but not yet renamed), coordinator.script (restart script in place, its link not yet), coordinator.before_commit
 (restart script in place, before the manifest is written), batch.after_requeue (batch driver, right after the
-requeue / continuation was submitted).
+requeue / continuation was submitted), agent.after_suspend (agent, the job's processes just frozen and the
+suspend acknowledged).
 """
 from __future__ import annotations
 

@@ -55,6 +55,16 @@ class Settings:
     # for the programs' pre_checkpoint hooks, before it goes on
     aware_delay_max: float = field(default=60.0, metadata=_env("HPCCKPT_AWARE_DELAY_MAX"))
     aware_hook_max: float = field(default=30.0, metadata=_env("HPCCKPT_AWARE_HOOK_MAX"))
+    # liveness, both ways (docs/protocol.md "Liveness"): agents and coordinator send each other a heartbeat every
+    # `heartbeat` s; a side silent for `peer_timeout` s is gone (a paused node or coordinator shorter than that is
+    # tolerated). An agent whose coordinator's port stays closed `coord_fallback` s starts one itself (0: never).
+    peer_timeout: float = field(default=90.0, metadata=_env("HPCCKPT_PEER_TIMEOUT"))
+    heartbeat: float = field(default=2.0, metadata=_env("HPCCKPT_HEARTBEAT"))
+    coord_fallback: float = field(default=20.0, metadata=_env("HPCCKPT_COORD_FALLBACK"))
+
+    def heartbeat_s(self) -> float:
+        """How often to send a heartbeat: several per peer_timeout, even when that is set short."""
+        return min(self.heartbeat, self.peer_timeout / 3)
     # coordinator lifetime
     exit_on_last: bool = False
     timeout: float = 0.0
@@ -116,6 +126,10 @@ def _validate(s: Settings) -> Settings:
         raise SettingsError(f"DMTCP_FAIL_RC must be 0..255, got {s.fail_rc}")
     if not 1 <= s.compress_level <= 22:
         raise SettingsError(f"compress_level must be 1..22, got {s.compress_level}")
+    if s.heartbeat <= 0 or s.peer_timeout <= 0:
+        raise SettingsError(f"heartbeat ({s.heartbeat} s) and peer_timeout ({s.peer_timeout} s) must be > 0")
+    if s.coord_fallback < 0:
+        raise SettingsError(f"coord_fallback must be >= 0 seconds, got {s.coord_fallback}")
     return s
 
 

@@ -20,9 +20,9 @@ import zmq
 
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
+from ..faults import fault
 from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
-from ..engine import procattrs
 from ..engine.forker import kill_snapshot
 from ..engine.maps import vmflags_hint
 from ..image import runlock, store
@@ -31,7 +31,8 @@ from . import remoteio
 from .. import plugins
 from ..engine import awarefd
 from .aware_server import AwareServer
-from .ckptstate import BackgroundWrite, CheckpointState, PendingImage
+from .ckptstate import BackgroundWrite, CheckpointState, PendingImage, fork_fits_in_memory
+from .liveness import AgentLiveness, CoordinatorLink
 from .namespaces import install_init_handlers
 from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
 from .sigfd import SignalFd
@@ -41,13 +42,14 @@ log = logging.getLogger("hpcckpt.agent")
 WALL = 0x40000000
 WRITERS = int(os.environ.get("HPCCKPT_WRITERS", "4"))     # images written at once (forked checkpoints)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # the job must act on these now, frozen or not
 
 
 class AgentError(Exception):
     """A failure of ours (not the program's): reported in one line, exit with DMTCP_FAIL_RC."""
 
 
-class Agent:
+class Agent(AgentLiveness):
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
                  pid_namespace: bool = False, not_job: set[int] | None = None, agent_id: str | None = None,
@@ -89,15 +91,21 @@ class Agent:
         self.plugins = plugins.PluginHost.load(plugins.specs_from(settings))
         self.interval = settings.interval
         self.last_generation = restarted_generation or 0
+        self.link = CoordinatorLink(conn, settings)   # is the coordinator there (liveness.py)
+        self.max_generation = restarted_generation or 0   # the newest generation we took part in
 
     # ---------------------------------------------------------------------------------------- joining --
+    def _hello_msg(self, rejoin: bool = False) -> dict:
+        restart = self.restarted_generation is not None and not rejoin
+        return {"type": "hello", "role": "peer", "host": self.host, "agent_pid": os.getpid(),
+                "processes": self.public_processes(), "ckptdir": self.ckptdir,
+                "computation": self.computation, "restart": restart, "rejoin": rejoin,
+                "generation": self.max_generation if rejoin else self.restarted_generation,
+                "agent_id": self.agent_id, "agents": self.expected_agents,
+                "agent_ids": self.restart_ids or [self.agent_id]}
+
     def hello(self, timeout: float = 15.0) -> dict:
-        msg = {"type": "hello", "role": "peer", "host": self.host, "agent_pid": os.getpid(),
-               "processes": self.public_processes(), "ckptdir": self.ckptdir,
-               "computation": self.computation, "restart": self.restarted_generation is not None,
-               "generation": self.restarted_generation, "agent_id": self.agent_id,
-               "agents": self.expected_agents, "agent_ids": self.restart_ids or [self.agent_id]}
-        self.conn.send(msg)
+        self.conn.send(self._hello_msg())
         deadline = time.monotonic() + timeout
         while True:
             reply = self.conn.recv(max(0.0, deadline - time.monotonic()))
@@ -108,8 +116,9 @@ class Agent:
                 raise CoordinatorUnreachable(f"coordinator refused this computation: {reply.get('reason')}")
             if reply["type"] == "welcome":
                 self.computation = reply["computation"]
-                self.heartbeat_s = float(reply.get("heartbeat", 2.0))
+                self.heartbeat_s = min(float(reply.get("heartbeat", 2.0)), self.s.heartbeat_s())
                 self.interval = reply.get("interval", self.interval)
+                self.link.rejoined(self.heartbeat_s)
                 log.info("joined coordinator %s:%d as peer %s of computation %s", self.conn.host, self.conn.port,
                          reply.get("peer_id"), self.computation)
                 self.publish_job_file()
@@ -162,9 +171,14 @@ class Agent:
         self.send({"type": "restored", "error": error})
         deadline = time.monotonic() + timeout
         while True:
-            msg = self.stash.pop(0) if self.stash else self.conn.recv(max(0.0, deadline - time.monotonic()))
-            if msg is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 return False, f"no word from the coordinator within {timeout:.0f} s"
+            if time.monotonic() - self.last_sent >= self.heartbeat_s:
+                self.send({"type": "heartbeat"})      # other hosts may take long: we are alive, waiting
+            msg = self.stash.pop(0) if self.stash else self.conn.recv(min(left, self.heartbeat_s))
+            if msg is None:
+                continue
             if msg.get("type") == "restart":
                 return bool(msg.get("go")), msg.get("reason", "")
             if msg.get("type") == "kill":
@@ -224,15 +238,19 @@ class Agent:
                     while True:
                         try:
                             msg = self.conn.recv(0)
-                        except CoordinatorUnreachable as e:
-                            log.error("%s", e)
+                        except CoordinatorUnreachable as e:    # a coordinator with another secret
+                            self.link.lose(str(e))
                             msg = None
                         if msg is None:
                             break
+                        self.link.heard()
                         self._on_message(msg)
                 self._reap()
+                self._watch_coordinator()
                 procs = self.public_processes()
-                if procs != self.last_listed or time.monotonic() - self.last_sent >= self.heartbeat_s:
+                if not self.link.joined or self.link.down_since is not None:
+                    pass          # nobody to tell (hellos carry the processes until a coordinator answers)
+                elif procs != self.last_listed or time.monotonic() - self.last_sent >= self.heartbeat_s:
                     hb = {"type": "heartbeat", "processes": procs}      # -l shows changes within ~0.5 s
                     if self.writing:
                         hb["progress"] = {"bytes": self.writing.done_bytes}
@@ -287,6 +305,9 @@ class Agent:
                 self.send({"type": "request", "cmd": "checkpoint"})
                 continue
             if SignalFd.sent_by_process(code) and self.root.exit_status is None:
+                if signo in ENDING_SIGNALS and self.ckpt is not None:
+                    # a frozen job could not act on it (and a batch system's SIGKILL follows): resume first
+                    self._abandon(f"got {signal.Signals(signo).name} while the processes were frozen")
                 log.info("forwarding signal %s (from pid %d) to the job", signal.Signals(signo).name, sender)
                 try:
                     os.kill(self.root.pid, signo)
@@ -308,7 +329,15 @@ class Agent:
                 self.aware.round_over(int(msg.get("generation") or 0), True)
             self._prune(msg.get("prune", []))
         elif kind == "reject":
-            log.error("coordinator: %s", msg.get("reason"))
+            if msg.get("rejoin"):
+                self.link.lose(f"it does not know us: {msg.get('reason')}")
+            elif msg.get("reason") != self.link.last_reject:      # (a lost agent's hellos repeat it)
+                self.link.last_reject = msg.get("reason")
+                log.error("coordinator: %s", msg.get("reason"))
+        elif kind == "heartbeat":
+            self._on_coordinator_heartbeat(msg.get("generation"))
+        elif kind == "welcome":
+            self._on_welcome(msg)
 
     def _ack(self, msg: dict, ok: bool, error: str | None = None, **extra) -> None:
         self.send({"type": "ack", "phase": msg["phase"], "generation": msg["generation"], "ok": ok,
@@ -317,6 +346,7 @@ class Agent:
     def _on_phase(self, msg: dict) -> None:
         phase, gen = msg["phase"], msg["generation"]
         log.debug("phase=%s gen=%d", phase, gen)
+        self.max_generation = max(self.max_generation, gen)
         try:
             if phase == "suspend":
                 self.plugin_event("presuspend", gen)
@@ -326,6 +356,7 @@ class Agent:
                 self.plugin_event("precheckpoint", gen)
                 c = self.ckpt
                 self._ack(msg, True, tcp_ends=tcpdrain.connected_ends([fp.pid for fp in c.frozen]))
+                fault("agent.after_suspend")      # (tests: a long freeze window, e.g. to lose the coordinator in)
             elif phase == "drain":
                 others = [e for e in msg.get("tcp_ends", []) if e and e[0] != self.agent_id]
                 self._drain(gen, others)
@@ -335,6 +366,7 @@ class Agent:
                     self.ckpt.agents = msg.get("agents") or {self.agent_id: self.host}
                 images, stats, pending = self._checkpoint(gen, msg.get("forked_ok", True))
                 self._ack(msg, True, images=images, stats=stats, pending=pending)
+                self.ckpt.reported = not pending
             elif phase == "refill":
                 self._refill()
                 self._ack(msg, True)
@@ -437,7 +469,7 @@ class Agent:
                                       generation=gen)
             todo.append(PendingImage(cap, path, program, uid, (mpi_identity(fp.pid) or {}).get("rank")))
         c.stats["capture_s"] = round(time.monotonic() - t0, 6)
-        if forked_ok and self.s.forked and self._memory_allows_fork([p.cap.fp.pid for p in todo]):
+        if forked_ok and self.s.forked and fork_fits_in_memory([p.cap.fp.pid for p in todo]):
             for p in todo:
                 info = c.procs.get(p.cap.fp.pid)
                 engine_dump.snapshot(p.cap, parent_is_agent=bool(info and info.ppid == os.getpid()))
@@ -459,7 +491,8 @@ class Agent:
                 base = path
         meta = engine_dump.write_image(p.cap, p.path, computation=self.computation, generation=c.generation,
                                        unique_id=p.unique_id, compress=self.s.compress,
-                                       level=self.s.compress_level, progress=self._progress,
+                                       level=self.s.compress_level,
+                                       progress=lambda done: self._progress(p.path, done),
                                        incremental=self.s.incremental, base=base,
                                        agent={"agent_id": self.agent_id, "agents": c.agents})
         size = os.path.getsize(p.path)
@@ -472,26 +505,6 @@ class Agent:
             c.stats["write_s"] = max(c.stats.get("write_s", 0.0), meta.stats.get("total_s", 0.0))
             c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
                                                      size, list(meta.needs), p.rank)))
-
-    def _memory_allows_fork(self, pids: list[int]) -> bool:
-        """A snapshot costs memory for every page the job changes while the images are written; fork only when
-        the machine could hold a second copy of the job's anonymous memory."""
-        need = 0
-        for pid in pids:
-            try:
-                need += int(procattrs.read_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
-            except (OSError, ValueError):
-                pass
-        avail = 0
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-        if avail < need:
-            log.info("not forking for this checkpoint: %.1f GB available, the job holds %.1f GB", avail / 1e9,
-                     need / 1e9)
-            return False
-        return True
 
     # ------------------------------------------------------------------------- forked: background writes --
     def _start_writes(self, c: CheckpointState) -> None:
@@ -514,11 +527,12 @@ class Agent:
         except BaseException as e:
             bw.error = f"{self.host}: {e}"
         finally:
+            bw.finished = True
             os.write(self.wake_w, b"w")
 
     def _writes_done(self) -> None:
         bw = self.writing
-        if bw is None:
+        if bw is None or not bw.finished:  # (the wake-up of a cancelled writer that finished late)
             return
         bw.thread.join()                  # it has written its wake-up byte as its very last act
         self.writing = None
@@ -548,16 +562,19 @@ class Agent:
                 os.kill(pid, signal.SIGKILL)        # the writer thread fails on its next read
             except ProcessLookupError:
                 pass
-        bw.thread.join(30)
+        bw.thread.join(5)              # (a writer hung on a dead file system is left behind: a daemon thread)
         self.writing = None
         self._reap_snapshots(bw.snapshots)
         store.remove_generation_images(self.ckptdir, self.computation, bw.state.generation, bw.state.images)
         log.warning("checkpoint generation %d abandoned: %s", bw.state.generation, why)
 
-    def _progress(self, done: int) -> None:
+    def _progress(self, path: str, done: int) -> None:
         if self.writing is not None:
-            self.writing.done_bytes = done           # (writer thread) the main loop reports it
+            self.writing.done[path] = done           # (writer thread) the main loop reports the sum
             return
+        if self.ckpt is not None:
+            self.ckpt.done[path] = done
+            done = sum(self.ckpt.done.values())
         if time.monotonic() - self.last_sent >= 1.0:
             self.send({"type": "heartbeat", "progress": {"bytes": done}})
 
@@ -585,7 +602,9 @@ class Agent:
             self._cancel_writes(reason)
             return
         c = self.ckpt
-        paths = c.images if c is not None and c.generation == gen else []
+        paths = list(c.images) if c is not None and c.generation == gen else []
+        # (and images we kept when we abandoned this round ourselves: the coordinator did not commit it)
+        paths += [p for p, _ in self.pending_prev.pop(gen, {}).values()]
         if c is not None:
             self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         self._resume_frozen()

@@ -2,11 +2,14 @@
 background)."""
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 
-from ..engine import tcpdrain, tree
+from ..engine import procattrs, tcpdrain, tree
 from ..engine.freeze import FrozenProcess
+
+log = logging.getLogger("hpcckpt.agent")
 
 
 @dataclass
@@ -32,6 +35,8 @@ class CheckpointState:
     drainer: tcpdrain.Drainer | None = None                         # TCP data taken out until the refill
     drained: dict = field(default_factory=dict)                     # socket inode -> tcpdrain.Drained
     agents: dict = field(default_factory=dict)                      # agent id -> host, of every agent taking part
+    done: dict[str, int] = field(default_factory=dict)              # image path -> bytes written so far
+    reported: bool = False       # our images were reported durable: the coordinator may commit them any time
 
 
 @dataclass
@@ -41,4 +46,30 @@ class BackgroundWrite:
     thread: threading.Thread
     snapshots: list[int]
     error: str | None = None
-    done_bytes: int = 0
+    done: dict[str, int] = field(default_factory=dict)             # image path -> bytes written so far
+    finished: bool = False       # the writer thread is done (a cancelled one may finish long after)
+
+    @property
+    def done_bytes(self) -> int:
+        return sum(self.done.values())
+
+
+def fork_fits_in_memory(pids: list[int]) -> bool:
+    """A snapshot costs memory for every page the job changes while the images are written; fork only when
+    the machine could hold a second copy of the job's anonymous memory."""
+    need = 0
+    for pid in pids:
+        try:
+            need += int(procattrs.read_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
+        except (OSError, ValueError):
+            pass
+    avail = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    if avail < need:
+        log.info("not forking for this checkpoint: %.1f GB available, the job holds %.1f GB", avail / 1e9,
+                 need / 1e9)
+        return False
+    return True

@@ -5,13 +5,15 @@ import json
 import sys
 
 from ..agent.join import read_port_file
-from ..coordinator.client import CoordinatorUnreachable, command, command_watched
+from ..coordinator.client import BLOCKING, CoordinatorLost, CoordinatorUnreachable, command, command_watched
 from .common import Fail, Parser, add_coord_options, run_main, settings_from
 
+EXIT_FAILED = 1
 EXIT_UNREACHABLE = 2
 
 DESCRIPTION = """Sends one command to the coordinator. Exit status: 0 on success, 1 if the coordinator carried
-out the command and it failed (e.g. a blocking checkpoint failed), 2 if the coordinator cannot be reached or
+out the command and it failed (e.g. a blocking checkpoint failed, or the coordinator died or stopped answering
+while it ran), 2 if the coordinator cannot be reached or
 refuses the command. Text status prints NUM_PEERS=n, RUNNING=yes|no, CKPT_INTERVAL=s; --json prints one JSON
 object."""
 
@@ -21,7 +23,8 @@ def parser(prog: str) -> Parser:
     add_coord_options(p)
     p.add_argument("--json", action="store_true", help="print the coordinator's answer as one JSON object")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
-                   help="give up waiting after S seconds (default 10; none for blocking checkpoints)")
+                   help="give up waiting after S seconds (default 10; for blocking checkpoints none, but they end "
+                        "when the coordinator dies or is silent for HPCCKPT_PEER_TIMEOUT s)")
     c = p.add_mutually_exclusive_group()
     for flags, cmd, text in (
             (("-s", "--status"), "status", "status of the computation"),
@@ -115,18 +118,23 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
             port = read_port_file(s.port_file)
             if port is None:
                 raise Fail(f"cannot read the coordinator port from {s.port_file}", EXIT_UNREACHABLE)
-        timeout = args.timeout if args.timeout is not None else (None if cmd in ("bcheckpoint", "kcheckpoint")
-                                                                 else 10.0)
-        watch = cmd in ("bcheckpoint", "kcheckpoint") and not args.json and timeout is None and sys.stderr.isatty()
+        blocking = cmd in BLOCKING
+        timeout = args.timeout if args.timeout is not None else (None if blocking else 10.0)
         try:
-            if watch:
-                progress = Progress(sys.stderr)
+            if blocking:
+                # watched: a coordinator that dies or stops answering ends the wait (never a hang)
+                progress = Progress(sys.stderr) if not args.json and sys.stderr.isatty() else None
                 try:
-                    r = command_watched(s.coord_host, port, cmd, progress.show, **extra)
+                    r = command_watched(s.coord_host, port, cmd, progress.show if progress else None,
+                                        timeout=timeout, silence=s.peer_timeout, **extra)
                 finally:
-                    progress.clear()
+                    if progress:
+                        progress.clear()
             else:
                 r = command(s.coord_host, port, cmd, timeout=timeout, **extra)
+        except CoordinatorLost as e:
+            raise Fail(f"checkpoint not completed: {e}; the computation's agents abandon an unfinished "
+                       f"checkpoint and let the processes run on", EXIT_FAILED) from None
         except CoordinatorUnreachable as e:
             raise Fail(str(e), EXIT_UNREACHABLE) from None
         r.setdefault("command", cmd)

@@ -10,7 +10,7 @@ import sys
 
 from ..agent.agent import Agent
 from ..plugins import PluginError
-from ..agent.procs import JobProcess, new_unique_id
+from ..agent.procs import JobProcess, new_agent_id, new_unique_id
 from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..agent import remoteio
@@ -137,10 +137,23 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
                 return find_or_start(s, args.policy or ANY)
             except CoordinatorUnreachable as e:
                 raise Fail(str(e)) from None
-        host_port = find()       # before anything else: no coordinator, no job
-        return run_job(s, prog, lambda: host_port,
+        found = [find()]         # before anything else: no coordinator, no job
+
+        def coordinator():
+            # the agent asks again only when its coordinator is gone for good: find (or start) one again
+            if found:
+                return found.pop()
+            return find_or_start(s, JOIN if args.policy == JOIN else ANY)
+        return run_job(s, prog, lambda: _fail_on_unreachable(coordinator),
                        lambda in_ns, get, not_job: _agent(s, get, args.command, in_ns, not_job, args.remote_io))
     return run_main(prog, body, argv)
+
+
+def _fail_on_unreachable(fn):
+    try:
+        return fn()
+    except CoordinatorUnreachable as e:
+        raise Fail(str(e)) from None
 
 
 def store_secret(port: int, text: str) -> None:
@@ -167,8 +180,9 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
            remote_io: str | None = None) -> int:
     """The agent: start the program held before exec, join the coordinator, let the program go, serve."""
     host, port = get_coordinator()
+    agent_id = new_agent_id()
     try:
-        conn = Connection(host, port)
+        conn = Connection(host, port, routing_id=f"agent-{agent_id}".encode(), peer_timeout=s.peer_timeout)
     except SecretError as e:
         raise Fail(str(e)) from None
     stdio = None
@@ -197,13 +211,14 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
         sk.close()                       # the program's now
     proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
     try:
-        agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job)
+        agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job, agent_id=agent_id)
     except PluginError as e:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         conn.close()
         raise Fail(str(e)) from None
     agent.job_file = job_file
+    agent.link.find = get_coordinator          # a fallback when the coordinator is gone for good
     agent.serve_api(api)
     try:
         agent.hello()

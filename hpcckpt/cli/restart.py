@@ -335,6 +335,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
                           pid_namespace=in_namespace, not_job=not_job, agent_id=ids[0] if ids else None,
                           agents=agents)
             agent.restart_ids = ids
+            agent.link.find = get_coordinator      # a fallback when the coordinator is gone for good
             agent.hello()
         except (CoordinatorUnreachable, SecretError) as e:
             raise Fail(str(e)) from None

@@ -26,14 +26,12 @@ from . import binding
 from .barrier import Round, State
 from .commands import Commands
 from .gather import RestartGate, Restarts
+from .liveness import Liveness
 from .ranks import RankBook
 from .ratelog import RateLimitedLog
 from .script import install_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
-
-HEARTBEAT_S = 2.0           # agents send a heartbeat this often (and progress during long phases)
-PEER_LOST_S = float(os.environ.get("HPCCKPT_PEER_TIMEOUT", 30.0))   # a peer silent this long is gone
 
 
 @dataclass
@@ -57,12 +55,13 @@ def new_computation_id() -> str:
     return f"{store.safe_name(host)}-{os.getpid()}-{int(time.time()):x}{secrets.token_hex(2)}"
 
 
-class Coordinator(Restarts, Commands):
+class Coordinator(Restarts, Commands, Liveness):
     def __init__(self, settings: Settings, console: bool = False):
         self.s = settings
         self.console = console
         self.ckptdir = os.path.abspath(settings.ckptdir)
         self.peers: dict[bytes, Peer] = {}
+        self.lost_peers: dict[str, Peer] = {}
         self.next_peer_id = 1
         self.computation: str | None = None
         self.generation = 0
@@ -147,6 +146,9 @@ class Coordinator(Restarts, Commands):
             protocol.remove_secret(self.port)
 
     def serve_forever(self) -> None:
+        # an agent reconnecting (after a pause, a network hiccup) keeps its routing id: the new connection takes
+        # it over instead of being refused as a duplicate
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         stdin_open = self.console
@@ -234,8 +236,11 @@ class Coordinator(Restarts, Commands):
 
     # ------------------------------------------------------------------------------------------- peers --
     def _on_hello(self, ident: bytes, msg: dict) -> None:
+        if self._rejoin(ident, msg):
+            return
         if self.round is not None:
-            self.pending_hellos.append((ident, msg))   # joins once the checkpoint in progress is over
+            # joins once the checkpoint in progress is over (an agent retrying its hello waits once)
+            self.pending_hellos = [(i, m) for i, m in self.pending_hellos if i != ident] + [(ident, msg)]
             return
         comp = msg.get("computation")
         if comp and self.computation and comp != self.computation and self.peers:
@@ -263,25 +268,34 @@ class Coordinator(Restarts, Commands):
         self.peers[ident] = peer
         self.ranks.update(peer.processes, peer.restarted)
         self.ever_had_peers = True
-        self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
-                          "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
-                          "heartbeat": HEARTBEAT_S, "protocol": protocol.PROTOCOL_VERSION})
+        self._welcome(ident, peer)
         log.info("peer %d joined: host %s agent pid %d, %s (%s)", peer.peer_id, peer.host, peer.agent_pid,
                  ", ".join(f"{p.get('program')}[{p.get('pid')}]" for p in peer.processes),
                  "restarted" if peer.restarted else "new")
         self._write_status()
 
+    def _welcome(self, ident: bytes, peer: Peer) -> None:
+        self.send(ident, {"type": "welcome", "peer_id": peer.peer_id, "computation": self.computation,
+                          "interval": self.interval, "generation": self.generation, "ckptdir": self.ckptdir,
+                          "heartbeat": self.s.heartbeat_s(), "peer_timeout": self.s.peer_timeout,
+                          "complete": self._complete_generations(), "protocol": protocol.PROTOCOL_VERSION,
+                          "round": self.round.generation if self.round and ident in self.round.peers else None})
+
     def _on_heartbeat(self, ident: bytes, msg: dict) -> None:
         peer = self.peers.get(ident)
         if peer is None:
-            self.send(ident, {"type": "reject", "reason": "unknown peer (coordinator restarted?)"})
+            # a peer we gave up (or a coordinator restarted on this port): it says hello again
+            self.send(ident, {"type": "reject", "rejoin": True, "reason": "unknown peer (coordinator restarted?)"})
             return
         if "processes" in msg:
             peer.processes = msg["processes"]
             self.ranks.update(peer.processes, peer.restarted)
         if "progress" in msg:
+            grew = int(msg["progress"].get("bytes", 0)) > int(peer.progress.get("bytes", 0))
             peer.progress = msg["progress"]
-            if self.round:
+            if self.round and grew:
+                # bytes written are progress; a heartbeat is only a sign of life (a write hung on a dead file
+                # system must still time out)
                 self.round.last_progress = time.monotonic()
 
     def _on_bye(self, ident: bytes, msg: dict) -> None:
@@ -291,7 +305,8 @@ class Coordinator(Restarts, Commands):
         log.info("peer %d (host %s) left: %s", peer.peer_id, peer.host, msg.get("reason", "exited"))
         self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} left ({msg.get('reason', 'exited')})")
 
-    def _peer_gone(self, ident: bytes, why: str) -> None:
+    def _peer_gone(self, ident: bytes, why: str, lost: bool = False) -> None:
+        """lost: silent, not gone for good (it may come back; --exit-on-last waits for --timeout then)."""
         if self.gate is not None and self.gate.leave(ident):
             self._check_gate()
         if self.round and ident in self.round.peers:
@@ -303,7 +318,7 @@ class Coordinator(Restarts, Commands):
                 self._check_round()
         if not self.peers:
             self.idle_since = time.monotonic()
-            if self.s.exit_on_last and self.ever_had_peers:
+            if self.s.exit_on_last and self.ever_had_peers and not lost:
                 log.info("last peer left; exiting (--exit-on-last)")
                 self.quit = True
         self._write_status()
@@ -342,13 +357,18 @@ class Coordinator(Restarts, Commands):
             return f"a checkpoint (generation {self.round.generation}) is already in progress"
         if self.gate is not None:
             return "a restart is in progress (waiting for its hosts)"
-        if not self.peers:
+        if not self.peers and not (waiter is not None and self._rejoin_grace()):
             return "no processes are connected to this coordinator"
         missing = self.ranks.missing()
-        if missing:                   # not before every MPI rank is ours (ranks.py); _tick starts it later
+        if missing or not self.peers:  # not before every MPI rank is ours (ranks.py); _tick starts it later
             if self.waiting is None:
                 self.waiting = {"since": time.monotonic(), "kill_after": kill_after, "waiters": []}
-                log.info("checkpoint waits up to %.0f s for MPI %s to join", self.s.rank_wait, "; ".join(missing))
+                if missing:
+                    log.info("checkpoint waits up to %.0f s for MPI %s to join", self.s.rank_wait,
+                             "; ".join(missing))
+                else:
+                    log.info("checkpoint waits for the agents of the computation to connect (coordinator just "
+                             "started)")
             self.waiting["kill_after"] |= kill_after
             if waiter is not None:
                 self.waiting["waiters"].append(waiter)
@@ -492,7 +512,11 @@ class Coordinator(Restarts, Commands):
 
     def _check_waiting(self, now: float) -> None:
         w = self.waiting
-        if not self.ranks.missing() or not self.peers:
+        if not self.peers:
+            if not self._rejoin_grace():       # (every agent left while the checkpoint waited)
+                self.waiting = None
+                self._refuse_waiters(w, "no processes are connected to this coordinator", failure=False)
+        elif not self.ranks.missing():
             self.start_checkpoint()
         elif now - w["since"] > self.s.rank_wait:
             self.waiting = None
@@ -500,11 +524,15 @@ class Coordinator(Restarts, Commands):
                    f"{self.s.rank_wait:.0f} s: started on a host or by a launcher that hpcckpt does not wrap? "
                    f"A checkpoint without them could not be restarted")
             log.error("checkpoint not taken: %s", why)
+            self._refuse_waiters(w, why)
+
+    def _refuse_waiters(self, w: dict, why: str, failure: bool = True) -> None:
+        if failure:
             self.last_failure = {"generation": None, "time": time.time(), "phase": "start", "error": why}
-            for waiter in w["waiters"]:
-                self.answer(waiter, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False,
-                                     "error": why})
-            self._reset_interval()
+        for waiter in w["waiters"]:
+            self.answer(waiter, {**self.status(), "type": "reply", "command": "checkpoint", "ok": False,
+                                 "error": why})
+        self._reset_interval()
 
     def _fail_round(self, why: str) -> None:
         r = self.round
@@ -551,27 +579,21 @@ class Coordinator(Restarts, Commands):
     def _tick(self) -> None:
         now = time.monotonic()
         self.rejects.flush(now)
-        # _tick runs after every batch of messages: with thousands of peers a scan per batch made each phase
-        # O(peers^2); twice a second is plenty for a timeout of tens of seconds
-        scan = now >= self.next_liveness_scan
-        if scan:
-            self.next_liveness_scan = now + 0.5
-        for ident, peer in list(self.peers.items()) if scan else ():
-            if now - peer.last_seen > PEER_LOST_S:
-                log.error("peer %d on %s silent for %.0f s; considering it dead", peer.peer_id, peer.host,
-                          now - peer.last_seen)
-                del self.peers[ident]
-                self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding")
+        self._liveness_tick(now)
         self._check_gate()
         if self.waiting is not None:
             self._check_waiting(now)
         r = self.round
         if r is not None and not r.committed and now - r.last_progress > self.s.phase_timeout:
+            # the slow ones: those that have not acknowledged the phase, or (processes already running again)
+            # not yet reported their images durable
+            slow = r.peers - set(r.durable) if r.complete() else r.peers - set(r.acks)
+            what = "writing its images" if r.complete() else f"phase {r.phase}"
             missing = ", ".join(f"peer {self.peers[i].peer_id} on {self.peers[i].host}"
-                                for i in sorted(r.peers - set(r.acks), key=lambda i: self.peers[i].peer_id
-                                                if i in self.peers else 0) if i in self.peers)
-            self._fail_round(f"timed out after {self.s.phase_timeout:.0f} s without progress in phase {r.phase} "
-                             f"waiting for {missing or 'peers that left'}")
+                                for i in sorted(slow, key=lambda i: self.peers[i].peer_id if i in self.peers else 0)
+                                if i in self.peers)
+            self._fail_round(f"timed out after {self.s.phase_timeout:.0f} s without progress in {what}, waiting "
+                             f"for {missing or 'peers that left'}")
         if self.round is None and self.next_interval_ckpt is not None and now >= self.next_interval_ckpt:
             if self.peers:
                 self.start_checkpoint()
