@@ -36,7 +36,6 @@ from .sigfd import SignalFd
 log = logging.getLogger("hpcckpt.agent")
 
 WALL = 0x40000000
-WRITERS = int(os.environ.get("HPCCKPT_WRITERS", "4"))     # images written at once (forked checkpoints)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -460,7 +459,7 @@ class Agent:
         c = bw.state
         try:
             # one image per core at a time: an MPI node's ranks are written side by side
-            workers = max(1, min(len(c.pending), os.cpu_count() or 1, WRITERS))
+            workers = max(1, min(len(c.pending), os.cpu_count() or 1, self.s.writers))
             with ThreadPoolExecutor(workers, thread_name_prefix="image-writer") as pool:
                 for f in [pool.submit(self._write, c, p) for p in c.pending]:
                     f.result()

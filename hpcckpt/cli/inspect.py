@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..image.format import ImageError, ImageReader
+from ..image.validate import check_image
 from .common import Fail, Parser, run_main
 
 
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt inspect") -> int:
             try:
                 with ImageReader(path) as r:
                     if args.verify:
+                        check_image(path, r.meta, r.size)
                         n = r.verify()
                     if args.json:
                         print(json.dumps(r.meta, indent=1))

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 
+from ..settings import SettingsError, read_config_text
 from .common import Fail
 
 log = logging.getLogger("hpcckpt")
@@ -24,10 +25,9 @@ log = logging.getLogger("hpcckpt")
 def read_table(path: str) -> list[tuple[str, str]]:
     """(host, image) rows of a restart script's image table (or of a plain "host image" file)."""
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise Fail(f"cannot read {path}: {e.strerror}") from None
+        text = read_config_text(path, "image table")
+    except SettingsError as e:
+        raise Fail(str(e)) from None
     if "<<'HPCCKPT_IMAGES'" in text:
         text = text.split("<<'HPCCKPT_IMAGES'\n", 1)[1].split("\nHPCCKPT_IMAGES", 1)[0]
     rows = []

@@ -68,12 +68,17 @@ def parser(prog: str) -> Parser:
 
 def images_from_dir(d: str) -> list[tuple[str, str]]:
     """(host, image) of the newest complete checkpoint in d."""
+    if not os.path.isdir(d):
+        raise Fail(f"--from {d}: not a directory (give the checkpoint directory)")
     comps = [c for c in store.computations_in(d) if store.complete_generations(d, c)]
     if not comps:
         raise Fail(f"no complete checkpoint in {d}")
     if len(comps) > 1:
         raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
-    m = store.latest_manifest(d, comps[0])
+    try:
+        m = store.latest_manifest(d, comps[0])
+    except (OSError, store.ManifestError) as e:
+        raise Fail(f"cannot read the newest checkpoint's manifest in {d}: {getattr(e, 'strerror', None) or e}") from None
     return [(i.host, i.path) for i in m.images]
 
 

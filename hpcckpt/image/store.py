@@ -86,9 +86,13 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes) -> "Manifest":
-        d = json.loads(data)
-        d["images"] = [ImageEntry(**i) for i in d.get("images", [])]
-        return cls(**d)
+        """Parse a manifest; ManifestError (a ValueError) saying what is wrong if it is not one."""
+        from .manifest_check import parse_manifest
+        return parse_manifest(cls, ImageEntry, data)
+
+
+class ManifestError(ValueError):
+    """A generation manifest that is not JSON of a manifest's shape; the message says what is wrong."""
 
 
 def write_manifest(ckptdir: str, m: Manifest) -> str:
@@ -110,17 +114,20 @@ def complete_generations(ckptdir: str, computation: str) -> list[int]:
 
 def read_manifest(ckptdir: str, computation: str, gen: int) -> Manifest:
     path = os.path.join(computation_dir(ckptdir, computation), f"gen{gen:06d}.json")
-    with open(path, "rb") as f:
-        return Manifest.from_json(f.read())
+    from .manifest_check import read_regular
+    try:
+        return Manifest.from_json(read_regular(path))
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from None
 
 
 def manifest_of_image(path: str, generation: int) -> Manifest | None:
     """The manifest of the checkpoint an image (still where it was written) belongs to; None if not found."""
     gdir = os.path.dirname(os.path.abspath(path))
+    from .manifest_check import read_regular
     try:
-        with open(os.path.join(os.path.dirname(gdir), f"gen{generation:06d}.json"), "rb") as f:
-            return Manifest.from_json(f.read())
-    except (OSError, ValueError, TypeError):
+        return Manifest.from_json(read_regular(os.path.join(os.path.dirname(gdir), f"gen{generation:06d}.json")))
+    except (OSError, ValueError):
         return None
 
 
