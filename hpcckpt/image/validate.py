@@ -88,7 +88,7 @@ def _chunk(row, where: str, extents: _Extents, limit_pages: int) -> tuple[int, i
     if len(row) != 6:
         raise Invalid(f"{where} has {len(row)} fields, expected 6")
     page, npages, off, length, crc, codec = row
-    _int(page, f"{where} first page", 0, limit_pages)
+    _int(page, f"{where} first page", 0, _U64)
     _int(npages, f"{where} page count", 1, CHUNK_PAGES + 1)
     _int(off, f"{where} file offset")
     _int(length, f"{where} stored length", 1, _U64)
@@ -96,7 +96,7 @@ def _chunk(row, where: str, extents: _Extents, limit_pages: int) -> tuple[int, i
     if codec != CODEC_RAW and codec not in CODECS:
         raise Invalid(f"{where}: unknown codec {codec!r}")
     if page + npages > limit_pages:
-        raise Invalid(f"{where}: pages {page}..{page + npages - 1} lie outside its {limit_pages} page(s)")
+        raise Invalid(f"{where}: pages {page}..{page + npages - 1} lie outside its region or blob ({limit_pages} page(s))")
     if codec == CODEC_RAW and length != npages * PAGE_SIZE:
         raise Invalid(f"{where}: a raw chunk of {npages} page(s) stored in {length} bytes")
     extents.add(off, length, where)
