@@ -158,6 +158,10 @@ def _validate_input(s: Settings) -> Settings:
                                 f"choose another (e.g. USR2)")
     if not 1 <= s.writers <= 1024:
         raise SettingsError(f"HPCCKPT_WRITERS (images written at once) must be 1..1024, got {s.writers}")
+    for name, top in (("interval", 1 << 31), ("keep_generations", 1 << 20), ("full_every", 1 << 20),
+                      ("phase_timeout", 1e9), ("rank_wait", 1e9), ("timeout", 1e9), ("stale_timeout", 1e9)):
+        if getattr(s, name) >= top:      # (beyond what timers and sleeps take: OverflowError deep inside)
+            raise SettingsError(f"{name} {getattr(s, name)} is too large (at most {int(top) - 1})")
     if s.full_every < 1:
         raise SettingsError(f"full_every must be >= 1, got {s.full_every}")
     for name in ("phase_timeout", "rank_wait", "timeout", "stale_timeout"):
@@ -240,7 +244,7 @@ def load(flags: dict[str, Any] | None = None, config: str | None = None,
     config = config or environ.get("HPCCKPT_CONFIG")
     data = yaml_section if yaml_section is not None else (load_yaml(config) if config else {})
     for key, v in data.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in _FIELDS:
             known = ", ".join(sorted(_FIELDS))
             raise SettingsError(f"{config}: unknown setting {key!r} (known: {known})")

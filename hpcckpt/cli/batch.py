@@ -122,7 +122,7 @@ def sbatch_main(argv: list[str] | None = None, prog: str = "hpcckpt sbatch") -> 
         known = ours
         script = os.path.abspath(job[0])
         if not os.path.isfile(script):
-            raise Fail(f"job script {job[0]} not found")
+            raise Fail(f"job script {job[0]} " + ("is not a regular file" if os.path.lexists(script) else "not found"))
         try:
             cfg = jobconfig.load(known.config)
         except jobconfig.ConfigError as e:
@@ -208,7 +208,7 @@ def qsub_main(argv: list[str] | None = None, prog: str = "hpcckpt qsub") -> int:
             raise Fail("no job script given; usage: " + prog + " --config job.yaml [qsub options] job.pbs [args]")
         script = os.path.abspath(job[0])
         if not os.path.isfile(script):
-            raise Fail(f"job script {job[0]} not found")
+            raise Fail(f"job script {job[0]} " + ("is not a regular file" if os.path.lexists(script) else "not found"))
         try:
             cfg = jobconfig.load(ns.config)
         except jobconfig.ConfigError as e:

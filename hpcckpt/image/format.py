@@ -354,6 +354,12 @@ def open_image_file(path: str) -> tuple[int, int]:
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
     except OSError as e:
+        try:                      # (a socket cannot be opened at all: ENXIO; say what it is)
+            kind = _file_kind(os.stat(path).st_mode)
+        except OSError:
+            kind = ""
+        if kind and kind != "special file":
+            raise ImageError(f"{path}: is a {kind}, not a checkpoint image") from None
         raise ImageError(f"{path}: cannot open checkpoint image: {e.strerror}") from None
     try:
         st = os.fstat(fd)
