@@ -21,7 +21,7 @@ def synthetic_meta() -> dict:
          "path": "[stack]", "backing": "anon", "chunks": []},
     ]
     regs = {"rip": CODE + 0x10, "rsp": 0x7FFF0000_0000 + PAGE_SIZE, "cs": 0x33, "ss": 0x2B, "rax": 0, "eflags": 0x202}
-    proc = {"pid": 100, "ppid": 1, "comm": "prog", "exe": "/bin/prog", "cwd": "/", "umask": 18, "personality": 0,
+    proc = {"pid": 100, "ppid": 1, "root": True, "comm": "prog", "exe": "/bin/prog", "cwd": "/", "umask": 18, "personality": 0,
             "brk": CODE + 0x20000, "mm": {}, "auxv": "",
             "threads": [{"tid": 100, "regs": regs, "xstate": "", "sigmask": 0}],
             "sigactions": [[0, 0, 0, 0] for _ in range(64)], "regions": regions,

@@ -7,7 +7,9 @@ hand, longer: HPCCKPT_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest tests/test_
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st   # noqa: E402
 
 from craft import synthetic_meta, write_synthetic                          # noqa: E402
+from hpcckpt.cli.inspect import main as inspect_main                      # noqa: E402
 from hpcckpt.image import format as fmt                                    # noqa: E402
 from hpcckpt.image.format import ImageError, ImageReader, ImageWriter     # noqa: E402
 from hpcckpt.image.store import ImageEntry, Manifest, ManifestError       # noqa: E402
@@ -139,6 +142,11 @@ def test_edited_metadata_with_valid_checksum(data, workdir):
     value = data.draw(JSON)
     meta = _replace(meta, where, value)
     path = _write_meta(os.path.join(workdir, "edited.dmtcp"), meta)
+    for args in ([path], ["--verify", path]):            # inspect prints any image or says why not, in one line
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            rc = inspect_main(args)
+        assert rc in (0, 1) and "internal error" not in err.getvalue() and err.getvalue().count("\n") <= 1
     try:
         read_all(path)
     except ImageError:

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt inspect") -> int:
                         print(f"  verified {n} chunks: OK")
             except ImageError as e:
                 raise Fail(str(e), 1) from None
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:   # edited metadata
+                raise Fail(f"{path}: invalid image metadata ({type(e).__name__}: {str(e)[:80]}); "
+                           f"--verify says what is wrong, --json prints it as it is", 1) from None
         return 0
     return run_main(prog, body, argv, fail_code=1)
 

@@ -19,6 +19,7 @@ from ..coordinator.protocol import SecretError
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import store
 from ..image.format import ImageError, ImageReader
+from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
@@ -106,6 +107,7 @@ def open_images(paths: list[str]) -> list[ImageReader]:
     try:
         for p in paths:
             readers.append(ImageReader(p))
+            check_image(p, readers[-1].meta, readers[-1].size)   # edited metadata: one line, before any coordinator
         comps = {r.meta.get("computation") for r in readers}
         if len(comps) > 1:
             raise Fail(f"the images belong to different computations ({', '.join(sorted(map(str, comps)))}); "

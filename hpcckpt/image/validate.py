@@ -217,7 +217,20 @@ def check_meta(meta: dict, size: int, kinds: set[str] | None = None, nr_open: in
     for key in ("computation", "unique_id", "program"):
         _typed(meta.get(key), str, key)
     _int(meta.get("generation"), "generation", 1, 1 << 62)
+    for key, typ in (("hostname", str), ("hpcckpt_version", str), ("schema", str), ("stats", dict),
+                     ("agents", dict), ("needs", list), ("base", str), ("agent_id", str)):
+        if key in meta:              # (optional in older images; restart reads them before the records exist)
+            _typed(meta[key], typ, key)
+    _typed(meta.get("created", 0), (int, float), "created")
+    for g in meta.get("needs", []):
+        _int(g, "a generation in needs", 1, 1 << 62)
     proc = _typed(meta.get("process"), dict, "process")
+    _typed(proc.get("root"), bool, "process.root")
+    for key, typ in (("argv", list), ("rlimits", dict), ("creds", dict), ("mm", dict), ("exe", str), ("cwd", str),
+                     ("comm", str), ("auxv", str), ("itimers", list), ("posix_timers", list), ("pending", list),
+                     ("zombies", list)):
+        if key in proc:
+            _typed(proc[key], typ, f"process.{key}")
     _int(proc.get("pid"), "pid", 1, 1 << 31)
     _int(proc.get("ppid", 0), "ppid", 0, 1 << 31)
     extents = _Extents(size)
@@ -278,4 +291,4 @@ def check_images(readers) -> None:
     for path, oid in refs:
         if oid not in ids:
             raise ImageError(f"{path}: invalid image metadata: a file descriptor refers to object {oid!r}, which "
-                             f"no given image holds; refusing to restore from it")
+                             f"no given image holds (give every image of the checkpoint); refusing to restore from it")
