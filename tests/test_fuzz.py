@@ -207,6 +207,7 @@ CORRUPTIONS = {
     "huge fd": lambda m: m["process"]["fds"][1].__setitem__("fd", 1 << 40),
     "negative fd": lambda m: m["process"]["fds"][1].__setitem__("fd", -3),
     "unknown fd kind": lambda m: m["process"]["fds"][1].__setitem__("kind", "teleporter"),
+    "fd kind a list": lambda m: m["process"]["fds"][1].__setitem__("kind", []),      # (found by the long fuzz run)
     "dangling open file": lambda m: m["process"]["fds"][1].__setitem__("ofd", "o99"),
     "bad stdio": lambda m: m["process"]["fds"][0].__setitem__("ofd", "stdio:7"),
     "generation zero": lambda m: m.__setitem__("generation", 0),

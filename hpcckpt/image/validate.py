@@ -194,7 +194,7 @@ def _fds(proc: dict, kinds: set[str], nr_open: int) -> list[str]:
             raise Invalid(f"file descriptor {fd} appears twice")
         seen.add(fd)
         kind = f.get("kind")
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             raise Invalid(f"file descriptor {fd}: unknown kind {kind!r}")
         _typed(f.get("path", ""), str, f"fd {fd} path")
         _int(f.get("flags", 0), f"fd {fd} flags", 0, _U32)
