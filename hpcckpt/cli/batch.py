@@ -308,5 +308,9 @@ def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run
             raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset)")
         from ..sched.driver import JobDriver
         from .common import env_fail_rc
-        return JobDriver(sched, cfg, args.command, fail_rc=env_fail_rc()).run()
+        from ..image.store import ManifestError
+        try:
+            return JobDriver(sched, cfg, args.command, fail_rc=env_fail_rc()).run()
+        except ManifestError as e:      # a damaged manifest in the job's checkpoint directory
+            raise Fail(f"{e}; move it away to restart from the checkpoint before it") from None
     return run_main(prog, body, argv)
