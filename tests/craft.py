@@ -32,10 +32,10 @@ def synthetic_meta() -> dict:
             "unique_id": "u1", "hostname": "h", "created": 0.0, "program": "prog", "process": proc}
 
 
-def write_synthetic(path: str, change=None) -> str:
-    """A synthetic image: the code region's 2 pages and 3 data pages stored (raw), then change(meta)."""
+def write_synthetic(path: str, change=None, compress: bool = False) -> str:
+    """A synthetic image: the code region's 2 pages and 3 data pages stored (raw, or zstd), then change(meta)."""
     meta = synthetic_meta()
-    w = ImageWriter(path)
+    w = ImageWriter(path, compress=compress)
     code = w.add_chunk(0, 2, b"\x90" * 2 * PAGE_SIZE)
     data = w.add_chunk(1, 3, bytes(range(256)) * 48)
     w.drain()

@@ -319,7 +319,7 @@ class ImageReader:
         if chunk.codec == CODEC_RAW:
             return stored
         if chunk.codec in CODECS:
-            return decompress(stored, chunk.codec, chunk.npages * PAGE_SIZE, out)
+            return decode_chunk(self.path, chunk, stored, out)
         raise ImageError(f"{self.path}: unknown chunk codec {chunk.codec!r}")
 
     def verify(self) -> int:
@@ -390,6 +390,22 @@ def parse_meta(path: str, raw: bytes) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("process", {}), dict):
         raise ImageError(f"{path}: corrupted image (metadata is not an image description)")
     return meta
+
+
+def decode_chunk(path: str, chunk: Chunk, stored: bytes, out=None):
+    """A compressed chunk's pages: exactly npages pages, or an ImageError (a frame that does not decompress or
+    decompresses to another size would restore wrong memory: only possible with edited metadata, whose chunk
+    checksum was recomputed)."""
+    want = chunk.npages * PAGE_SIZE
+    try:
+        data = decompress(stored, chunk.codec, want, out)
+    except Exception as e:            # zstandard.ZstdError and alike: the library's own error types
+        raise ImageError(f"{path}: corrupted image (chunk at offset {chunk.off} does not decompress: "
+                         f"{str(e)[:80]})") from None
+    if len(data) != want:
+        raise ImageError(f"{path}: corrupted image (chunk at offset {chunk.off} holds {len(data)} bytes, "
+                         f"{want} expected)")
+    return data
 
 
 def iter_chunks(meta: dict):
