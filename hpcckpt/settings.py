@@ -221,6 +221,25 @@ def yaml_error_line(path: str, e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{path}: not valid YAML: {problem}{where}"
+# Timeouts some modules read from the environment when imported (not Settings fields): a bad value there was a
+# 25-line traceback before any command could say anything. The entry points check them first (cli/main.py).
+ENV_SECONDS = ("HPCCKPT_PEER_TIMEOUT", "HPCCKPT_RESTART_TIMEOUT", "HPCCKPT_REMOTE_TIMEOUT")
+
+
+def check_environment(environ=None) -> None:
+    environ = os.environ if environ is None else environ
+    for name in ENV_SECONDS:
+        if name not in environ:
+            continue
+        v = environ[name]
+        try:
+            f = float(v)
+        except ValueError:
+            raise SettingsError(f"environment {name}: expected a number of seconds, got {v!r}") from None
+        if not 0 < f < 1e9:
+            raise SettingsError(f"environment {name}: expected a number of seconds > 0, got {v!r}")
+
+
 # -- end of the bad-input validation block ---------------------------------------------------------------------
 
 
