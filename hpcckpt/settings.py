@@ -71,6 +71,8 @@ class Settings:
     stale_timeout: float = 8 * 3600.0
     quiet: bool = field(default=False, metadata=_env("DMTCP_QUIET"))
     log_level: str = field(default="INFO", metadata=_env("HPCCKPT_LOG_LEVEL"))
+    # -- bad-input validation block (badinput): fields read once here, validated in _validate_input --
+    writers: int = field(default=4, metadata=_env("HPCCKPT_WRITERS"))   # images written at once (forked ckpts)
 
     def replace(self, **kw) -> "Settings":
         return dataclasses.replace(self, **kw)
@@ -102,14 +104,23 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError(f"expected an integer, got {value!r}")
             if name == "ckpt_signal" and isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-                import signal
-                v = value.strip().upper()
-                return int(getattr(signal, v if v.startswith("SIG") else "SIG" + v))
-            return int(value)
+                return signal_number(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
         if typ.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError(f"expected a number, got {value!r}")
-            return float(value)
+            try:
+                v = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError(f"expected a finite number, got {value!r}")
+            return v
         return str(value)
     except (ValueError, TypeError, AttributeError) as e:
         raise SettingsError(f"{source}: bad value for {name}: {e}") from None
@@ -130,18 +141,133 @@ def _validate(s: Settings) -> Settings:
         raise SettingsError(f"heartbeat ({s.heartbeat} s) and peer_timeout ({s.peer_timeout} s) must be > 0")
     if s.coord_fallback < 0:
         raise SettingsError(f"coord_fallback must be >= 0 seconds, got {s.coord_fallback}")
+    return _validate_input(s)
+
+
+# -- bad-input validation block (badinput) ---------------------------------------------------------------------
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+
+
+def signal_number(name: str) -> int:
+    """A signal given by name (USR1, SIGUSR1, RTMIN+2) as its number; ValueError naming it if there is none."""
+    import signal
+    v = name.strip().upper()
+    v = v if v.startswith("SIG") else "SIG" + v
+    for base in ("SIGRTMIN", "SIGRTMAX"):
+        if v.startswith(base) and v != base:
+            off = v[len(base):]
+            if off[:1] in "+-" and off[1:].isdigit():
+                return int(getattr(signal, base)) + int(off)
+    sig = getattr(signal, v, None)
+    if not isinstance(sig, signal.Signals):
+        raise ValueError(f"{name!r} is not a signal name")
+    return int(sig)
+
+
+def _validate_input(s: Settings) -> Settings:
+    import signal
+    if not s.coord_host or not s.coord_host.strip() or any(c.isspace() for c in s.coord_host):
+        raise SettingsError(f"coordinator host {s.coord_host!r} is not a host name or address")
+    if s.ckpt_signal:
+        if not 1 <= s.ckpt_signal <= signal.SIGRTMAX:
+            raise SettingsError(f"checkpoint signal {s.ckpt_signal} is not a signal number (1..{int(signal.SIGRTMAX)})")
+        if s.ckpt_signal in (signal.SIGKILL, signal.SIGSTOP):
+            raise SettingsError(f"checkpoint signal {signal.Signals(s.ckpt_signal).name} cannot be caught; "
+                                f"choose another (e.g. USR2)")
+    if not 1 <= s.writers <= 1024:
+        raise SettingsError(f"HPCCKPT_WRITERS (images written at once) must be 1..1024, got {s.writers}")
+    for name, top in (("interval", 1 << 31), ("keep_generations", 1 << 20), ("full_every", 1 << 20),
+                      ("phase_timeout", 1e9), ("rank_wait", 1e9), ("timeout", 1e9), ("stale_timeout", 1e9)):
+        if getattr(s, name) >= top:      # (beyond what timers and sleeps take: OverflowError deep inside)
+            raise SettingsError(f"{name} {getattr(s, name)} is too large (at most {int(top) - 1})")
+    if s.full_every < 1:
+        raise SettingsError(f"full_every must be >= 1, got {s.full_every}")
+    for name in ("phase_timeout", "rank_wait", "timeout", "stale_timeout"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"{name} must be >= 0 seconds, got {getattr(s, name)}")
+    if s.phase_timeout == 0:
+        raise SettingsError("phase_timeout must be > 0 seconds")
+    if str(s.log_level).upper() not in _LOG_LEVELS:
+        raise SettingsError(f"log level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    for name in ("ckptdir", "port_file", "status_file"):
+        v = getattr(s, name)
+        if v is not None and (v == "" or "\0" in v):
+            raise SettingsError(f"{name} {v!r} is not a path")
+    for name in ("port_file", "status_file"):   # written and read by us: a FIFO or device there would block
+        v = getattr(s, name)
+        if v is not None and os.path.exists(v) and not os.path.isfile(v):
+            raise SettingsError(f"{name.replace('_', ' ')} {v} exists and is not a regular file")
     return s
+
+
+def read_config_text(path: str, what: str = "config") -> str:
+    """The text of a small configuration file, or SettingsError in one line. Only a regular file is read: a FIFO
+    would block forever (O_NONBLOCK lets the open return so that fstat can refuse it), a device never end."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise SettingsError(f"cannot read {what} {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else \
+                "socket" if stat.S_ISSOCK(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or \
+                stat.S_ISBLK(st.st_mode) else "special file"
+            raise SettingsError(f"cannot read {what} {path}: it is a {kind}, not a regular file")
+        if st.st_size > 16 << 20:
+            raise SettingsError(f"cannot read {what} {path}: {st.st_size} bytes is too large for a {what}")
+        chunks = []
+        while True:
+            b = os.read(fd, 1 << 20)
+            if not b:
+                break
+            chunks.append(b)
+    except OSError as e:
+        raise SettingsError(f"cannot read {what} {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{what} {path} is not UTF-8 text (byte {e.start})") from None
+
+
+def yaml_error_line(path: str, e: Exception) -> str:
+    """A YAML parse error in one line: what and where (PyYAML's own message spans several lines)."""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{path}: not valid YAML: {problem}{where}"
+# Timeouts some modules read from the environment when imported (not Settings fields): a bad value there was a
+# 25-line traceback before any command could say anything. The entry points check them first (cli/main.py).
+ENV_SECONDS = ("HPCCKPT_PEER_TIMEOUT", "HPCCKPT_RESTART_TIMEOUT", "HPCCKPT_REMOTE_TIMEOUT")
+
+
+def check_environment(environ=None) -> None:
+    environ = os.environ if environ is None else environ
+    for name in ENV_SECONDS:
+        if name not in environ:
+            continue
+        v = environ[name]
+        try:
+            f = float(v)
+        except ValueError:
+            raise SettingsError(f"environment {name}: expected a number of seconds, got {v!r}") from None
+        if not 0 < f < 1e9:
+            raise SettingsError(f"environment {name}: expected a number of seconds > 0, got {v!r}")
+
+
+# -- end of the bad-input validation block ---------------------------------------------------------------------
 
 
 def load_yaml(path: str) -> dict:
     import yaml
+    text = read_config_text(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise SettingsError(f"cannot read config {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise SettingsError(f"{path}: not valid YAML: {e}") from None
+        data = yaml.safe_load(text) or {}
+    except (yaml.YAMLError, RecursionError) as e:
+        raise SettingsError(yaml_error_line(path, e)) from None
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of settings at the top level")
     return data
@@ -155,7 +281,7 @@ def load(flags: dict[str, Any] | None = None, config: str | None = None,
     config = config or environ.get("HPCCKPT_CONFIG")
     data = yaml_section if yaml_section is not None else (load_yaml(config) if config else {})
     for key, v in data.items():
-        name = key.replace("-", "_")
+        name = str(key).replace("-", "_")
         if name not in _FIELDS:
             known = ", ".join(sorted(_FIELDS))
             raise SettingsError(f"{config}: unknown setting {key!r} (known: {known})")

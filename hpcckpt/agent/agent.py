@@ -40,7 +40,6 @@ from .sigfd import SignalFd
 log = logging.getLogger("hpcckpt.agent")
 
 WALL = 0x40000000
-WRITERS = int(os.environ.get("HPCCKPT_WRITERS", "4"))     # images written at once (forked checkpoints)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # the job must act on these now, frozen or not
 
@@ -519,7 +518,7 @@ class Agent(AgentLiveness):
         c = bw.state
         try:
             # one image per core at a time: an MPI node's ranks are written side by side
-            workers = max(1, min(len(c.pending), os.cpu_count() or 1, WRITERS))
+            workers = max(1, min(len(c.pending), os.cpu_count() or 1, self.s.writers))
             with ThreadPoolExecutor(workers, thread_name_prefix="image-writer") as pool:
                 for f in [pool.submit(self._write, c, p) for p in c.pending]:
                     f.result()

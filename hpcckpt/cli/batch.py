@@ -123,7 +123,7 @@ def sbatch_main(argv: list[str] | None = None, prog: str = "hpcckpt sbatch") -> 
         known = ours
         script = os.path.abspath(job[0])
         if not os.path.isfile(script):
-            raise Fail(f"job script {job[0]} not found")
+            raise Fail(f"job script {job[0]} " + ("is not a regular file" if os.path.lexists(script) else "not found"))
         try:
             cfg = jobconfig.load(known.config)
         except jobconfig.ConfigError as e:
@@ -209,7 +209,7 @@ def qsub_main(argv: list[str] | None = None, prog: str = "hpcckpt qsub") -> int:
             raise Fail("no job script given; usage: " + prog + " --config job.yaml [qsub options] job.pbs [args]")
         script = os.path.abspath(job[0])
         if not os.path.isfile(script):
-            raise Fail(f"job script {job[0]} not found")
+            raise Fail(f"job script {job[0]} " + ("is not a regular file" if os.path.lexists(script) else "not found"))
         try:
             cfg = jobconfig.load(ns.config)
         except jobconfig.ConfigError as e:
@@ -307,5 +307,9 @@ def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run
             raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset)")
         from ..sched.driver import JobDriver
         from .common import env_fail_rc
-        return JobDriver(sched, cfg, args.command, fail_rc=env_fail_rc()).run()
+        from ..image.store import ManifestError
+        try:
+            return JobDriver(sched, cfg, args.command, fail_rc=env_fail_rc()).run()
+        except ManifestError as e:      # a damaged manifest in the job's checkpoint directory
+            raise Fail(f"{e}; move it away to restart from the checkpoint before it") from None
     return run_main(prog, body, argv)

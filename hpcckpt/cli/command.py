@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
         cmd = args.cmd
         extra = {}
         if args.interval_value is not None:
+            if not 0 <= args.interval_value < 1 << 31:
+                p.error(f"checkpoint interval {args.interval_value} is not 0..{(1 << 31) - 1} seconds")
             cmd = "interval"
             extra["value"] = args.interval_value
         if cmd is None:

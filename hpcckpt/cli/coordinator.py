@@ -94,6 +94,10 @@ def _serve(s, console: bool, ready_fd: int = -1, bind: list[str] | None = None) 
 
 
 def _daemonize(s, bind: list[str] | None = None) -> int:
+    try:                 # the daemon logs there: a run directory we cannot use fails here, in one line
+        protocol.rundir()
+    except protocol.SecretError as e:
+        raise Fail(str(e)) from None
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -106,6 +110,12 @@ def _daemonize(s, bind: list[str] | None = None) -> int:
         try:
             rc = _serve(s, console=False, ready_fd=w, bind=bind)
         except Fail:
+            rc = 1
+        except (OSError, protocol.SecretError) as e:       # (before it is ready: the parent prints the line)
+            try:
+                os.write(w, f"error {e}\n".encode())
+            except OSError:
+                pass
             rc = 1
         except BaseException:
             logging.getLogger("hpcckpt").exception("coordinator crashed")

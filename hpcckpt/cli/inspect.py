@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..image.format import ImageError, ImageReader
+from ..image.validate import check_image
 from .common import Fail, Parser, run_main
 
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt inspect") -> int:
                 # printing a foreign or unsigned image is harmless: only --verify insists on a valid MAC
                 with ImageReader(path, trust_unsigned=not args.verify) as r:
                     if args.verify:
+                        check_image(path, r.meta, r.size)
                         n = r.verify()
                     if args.json:
                         print(json.dumps(r.meta, indent=1))
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt inspect") -> int:
                         print(f"  verified {n} chunks (checksums and MACs): OK")
             except ImageError as e:
                 raise Fail(str(e), 1) from None
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:   # edited metadata
+                raise Fail(f"{path}: invalid image metadata ({type(e).__name__}: {str(e)[:80]}); "
+                           f"--verify says what is wrong, --json prints it as it is", 1) from None
         return 0
     return run_main(prog, body, argv, fail_code=1)
 

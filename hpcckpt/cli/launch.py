@@ -120,10 +120,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
             args.command = args.command[1:]
         if not args.command:
             raise Fail("no command given; usage: " + prog + " [OPTIONS] COMMAND [ARGS...]")
+        if not args.command[0].strip():
+            raise Fail(f"the command to run is an empty name {args.command[0]!r}")
         s = settings_from(args)
         setup_logging("launch", s.quiet, s.log_level)
         if not os.path.isdir(s.ckptdir):
-            raise Fail(f"checkpoint directory {s.ckptdir} does not exist")
+            raise Fail(f"checkpoint directory {s.ckptdir} " + ("is not a directory" if os.path.lexists(s.ckptdir)
+                                                                 else "does not exist"))
         if not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not writable")
         try:

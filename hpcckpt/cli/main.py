@@ -29,6 +29,18 @@ def _module(name: str):
     return importlib.import_module(f"hpcckpt.cli.{SUBCOMMANDS[name][0]}")
 
 
+def _start(name: str, argv: list[str], prog: str, entry: str = "main") -> int:
+    """Run a subcommand; environment values its modules read when imported are checked first (one line)."""
+    from ..settings import SettingsError, check_environment
+    try:
+        check_environment()
+    except SettingsError as e:
+        from .common import env_fail_rc
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2 if name == "command" else 1 if name == "inspect" else env_fail_rc()
+    return getattr(_module(name), entry)(argv, prog=prog)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("--help", "-h", "help"):
@@ -40,29 +52,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in SUBCOMMANDS:
         print(f"hpcckpt: error: unknown subcommand {argv[0]!r} (see hpcckpt --help)", file=sys.stderr)
         return 2
-    mod = _module(argv[0])
     entry = {"sbatch": "sbatch_main", "qsub": "qsub_main", "batch-run": "batch_run_main"}.get(argv[0], "main")
-    return getattr(mod, entry)(argv[1:], prog=f"hpcckpt {argv[0]}")
+    return _start(argv[0], argv[1:], f"hpcckpt {argv[0]}", entry)
 
 
 def dmtcp_coordinator() -> int:
-    return _module("coordinator").main(sys.argv[1:], prog="dmtcp_coordinator")
+    return _start("coordinator", sys.argv[1:], "dmtcp_coordinator")
 
 
 def dmtcp_launch() -> int:
-    return _module("launch").main(sys.argv[1:], prog="dmtcp_launch")
+    return _start("launch", sys.argv[1:], "dmtcp_launch")
 
 
 def dmtcp_checkpoint() -> int:
-    return _module("launch").main(sys.argv[1:], prog="dmtcp_checkpoint")
+    return _start("launch", sys.argv[1:], "dmtcp_checkpoint")
 
 
 def dmtcp_restart() -> int:
-    return _module("restart").main(sys.argv[1:], prog="dmtcp_restart")
+    return _start("restart", sys.argv[1:], "dmtcp_restart")
 
 
 def dmtcp_command() -> int:
-    return _module("command").main(sys.argv[1:], prog="dmtcp_command")
+    return _start("command", sys.argv[1:], "dmtcp_command")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 
+from ..settings import SettingsError, read_config_text
 from .common import Fail
 
 log = logging.getLogger("hpcckpt")
@@ -24,10 +25,9 @@ log = logging.getLogger("hpcckpt")
 def read_table(path: str) -> list[tuple[str, str]]:
     """(host, image) rows of a restart script's image table (or of a plain "host image" file)."""
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise Fail(f"cannot read {path}: {e.strerror}") from None
+        text = read_config_text(path, "image table")
+    except SettingsError as e:
+        raise Fail(str(e)) from None
     if "<<'HPCCKPT_IMAGES'" in text:
         text = text.split("<<'HPCCKPT_IMAGES'\n", 1)[1].split("\nHPCCKPT_IMAGES", 1)[0]
     rows = []
@@ -43,10 +43,10 @@ def read_table(path: str) -> list[tuple[str, str]]:
 def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, str, str]]:
     """(new host, image, host at the checkpoint) rows."""
     try:
-        with open(path) as f:
-            lines = [ln.split() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    except OSError as e:
-        raise Fail(f"cannot read host file {path}: {e.strerror}") from None
+        text = read_config_text(path, "host file")
+    except SettingsError as e:
+        raise Fail(str(e)) from None
+    lines = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     old_hosts = list(dict.fromkeys(h for h, _ in rows))
     mapping: dict[str, str] = {}
     if lines and all(len(ln) == 2 for ln in lines):

@@ -24,6 +24,7 @@ from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, rele
 from ..engine import identity
 from ..image import auth, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
+from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
@@ -79,6 +80,8 @@ def parser(prog: str) -> Parser:
 
 def images_from_dir(d: str) -> tuple[list[tuple[str, str]], store.Manifest]:
     """(host, image) of the newest complete checkpoint in d, and its (authenticated) manifest."""
+    if not os.path.isdir(d):
+        raise Fail(f"--from {d}: not a directory (give the checkpoint directory)")
     try:
         foreign: list[str] = []
         comps = [c for c in store.computations_in(d, foreign) if store.complete_generations(d, c)]
@@ -175,6 +178,7 @@ def open_images(paths: list[str]) -> list[ImageReader]:
     try:
         for p in paths:
             readers.append(ImageReader(p))
+            check_image(p, readers[-1].meta, readers[-1].size)   # edited metadata: one line, before any coordinator
         comps = {r.meta.get("computation") for r in readers}
         if len(comps) > 1:
             raise Fail(f"the images belong to different computations ({', '.join(sorted(map(str, comps)))}); "

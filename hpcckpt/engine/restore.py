@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..faults import fault
+from ..image import validate
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
 from . import files, identity, memory, ptrace, shmfiles, sysvshm
@@ -122,6 +123,7 @@ def _blob_reader(metas: list[tuple[ImageMeta, ImageReader]]):
 
 def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None = None) -> list[RestoredProcess]:
     """Recreate every process of the images as descendants of the caller, stopped; release() each to run."""
+    validate.check_images(readers)     # the whole metadata, before anything is created
     opts = opts or RestoreOptions()
     t0 = time.monotonic()
     metas = _load(readers)

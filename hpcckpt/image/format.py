@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import stat
 import struct
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -202,7 +203,8 @@ class ImageWriter:
         file offsets when written: call drain() before putting them into the metadata."""
         self.drain()
         self._pool.shutdown()
-        meta = dict(meta, auth={"signer_uid": self.signer, "chunk_mac": self._tagger.algo})
+        if isinstance(meta, dict):       # (tests write other JSON on purpose: refused when read back)
+            meta = dict(meta, auth={"signer_uid": self.signer, "chunk_mac": self._tagger.algo})
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         meta_off = self.pos
         _pwrite_all(self.fd, meta_bytes, meta_off)
@@ -348,40 +350,35 @@ class ImageReader:
 
     def __init__(self, path: str, trust_unsigned: bool | None = None):
         self.path = path
+        self.fd = -1
+        self.fd, self.size = open_image_file(path)
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ImageError(f"{path}: no such checkpoint image") from None
-        except PermissionError:
-            raise ImageError(f"{path}: permission denied") from None
-        except IsADirectoryError:
-            raise ImageError(f"{path}: is a directory, not a checkpoint image") from None
-        self.size = os.fstat(self.fd).st_size
+            self.meta = self._read_meta(trust_unsigned)
+        except BaseException:
+            self.close()
+            raise
+        self.authenticated = self.signer is not None
+
+    def _read_meta(self, trust_unsigned: bool | None) -> dict:
+        path = self.path
         head = os.pread(self.fd, _HEADER.size + _AUTH.size, 0)
         if len(head) < _HEADER.size + _AUTH.size or not head.startswith(MAGIC):
-            os.close(self.fd)
             raise ImageError(f"{path}: not an hpcckpt checkpoint image (bad magic)")
         _, version, _, meta_off, meta_len, meta_crc, _ = _HEADER.unpack(head[:_HEADER.size])
         if version not in (FORMAT_VERSION, UNSIGNED_VERSION):
-            os.close(self.fd)
             raise ImageError(f"{path}: image format version {version}, this hpcckpt reads {FORMAT_VERSION}")
-        if meta_off == 0 or meta_off + meta_len > self.size:
-            os.close(self.fd)
+        if meta_off < HEADER_SIZE or meta_len == 0 or meta_off + meta_len > self.size:
             raise ImageError(f"{path}: truncated or unfinished image ({self.size} bytes, metadata expected at "
                              f"{meta_off}+{meta_len})")
         raw = os.pread(self.fd, meta_len, meta_off)
-        if crc32(raw) != meta_crc:
-            os.close(self.fd)
+        if len(raw) != meta_len or crc32(raw) != meta_crc:
             raise ImageError(f"{path}: corrupted image (metadata checksum mismatch)")
+        meta = parse_meta(path, raw)
         try:
-            self.meta = json.loads(raw)
-            self.signer, self._tagger = _authenticate(path, version, head, raw, self.meta, trust_unsigned)
-        except (ImageError, ValueError) as e:
-            os.close(self.fd)
-            if isinstance(e, ImageError):
-                raise
-            raise ImageError(f"{path}: corrupted image (metadata is not JSON)") from None
-        self.authenticated = self.signer is not None
+            self.signer, self._tagger = _authenticate(path, version, head, raw, meta, trust_unsigned)
+        except ValueError as e:
+            raise ImageError(f"{path}: corrupted image ({e})") from None
+        return meta
 
     def chunk_ok(self, chunk: Chunk, stored) -> bool:
         """The stored bytes are the chunk's: the keyed tag of an authenticated image (which also catches what
@@ -404,7 +401,7 @@ class ImageReader:
         if chunk.codec == CODEC_RAW:
             return stored
         if chunk.codec in CODECS:
-            return decompress(stored, chunk.codec, chunk.npages * PAGE_SIZE, out)
+            return decode_chunk(self.path, chunk, stored, out)
         raise ImageError(f"{self.path}: unknown chunk codec {chunk.codec!r}")
 
     def verify(self) -> int:
@@ -425,6 +422,72 @@ class ImageReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def open_image_file(path: str) -> tuple[int, int]:
+    """Open an image for reading: (fd, size). Only a regular file is an image: a FIFO would block the open (or
+    the reads) forever, a directory or device would fail or read endlessly. O_NONBLOCK makes the open of a FIFO
+    return at once so fstat can refuse it; it has no effect on a regular file's reads. Symbolic links are
+    followed (checkpoint directories are often reached through them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise ImageError(f"{path or repr(path)}: no such checkpoint image") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    except OSError as e:
+        try:                      # (a socket cannot be opened at all: ENXIO; say what it is)
+            kind = _file_kind(os.stat(path).st_mode)
+        except OSError:
+            kind = ""
+        if kind and kind != "special file":
+            raise ImageError(f"{path}: is a {kind}, not a checkpoint image") from None
+        raise ImageError(f"{path}: cannot open checkpoint image: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise ImageError(f"{path}: cannot stat checkpoint image: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ImageError(f"{path}: is a {_file_kind(st.st_mode)}, not a checkpoint image")
+    return fd, st.st_size
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def parse_meta(path: str, raw: bytes) -> dict:
+    """The metadata JSON of an image (a CRC-valid header says where it is): a JSON object or an ImageError;
+    its contents are checked by image/validate.py."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ImageError(f"{path}: corrupted image (metadata is not valid UTF-8 JSON: {str(e)[:80]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("process", {}), dict):
+        raise ImageError(f"{path}: corrupted image (metadata is not an image description)")
+    return meta
+
+
+def decode_chunk(path: str, chunk: Chunk, stored: bytes, out=None):
+    """A compressed chunk's pages: exactly npages pages, or an ImageError (a frame that does not decompress or
+    decompresses to another size would restore wrong memory: only possible with edited metadata, whose chunk
+    checksum was recomputed)."""
+    want = chunk.npages * PAGE_SIZE
+    try:
+        data = decompress(stored, chunk.codec, want, out)
+    except Exception as e:            # zstandard.ZstdError and alike: the library's own error types
+        raise ImageError(f"{path}: corrupted image (chunk at offset {chunk.off} does not decompress: "
+                         f"{str(e)[:80]})") from None
+    if len(data) != want:
+        raise ImageError(f"{path}: corrupted image (chunk at offset {chunk.off} holds {len(data)} bytes, "
+                         f"{want} expected)")
+    return data
 
 
 def iter_chunks(meta: dict):

@@ -107,19 +107,21 @@ class Manifest:
     def from_json(cls, data: bytes, name: str = "manifest", trust: bool | None = None) -> "Manifest":
         """Parse and authenticate (ManifestError if it does not verify, unless trusted: auth.trust_unsigned())."""
         try:
-            d = json.loads(data)
-            mac = d.pop("mac", None)
-            signer = d.pop("signer_uid", None)
-        except (ValueError, AttributeError):
-            raise ManifestError(f"{name}: not a checkpoint manifest (bad JSON)") from None
+            d = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ManifestError(f"{name}: not a checkpoint manifest (not UTF-8 JSON)") from None
+        if not isinstance(d, dict):
+            raise ManifestError(f"{name}: not a checkpoint manifest (not a JSON object)")
+        mac = d.pop("mac", None)
+        signer = d.pop("signer_uid", None)
         trust = auth.trust_unsigned() if trust is None else trust
         if not trust:
             _verify_manifest(name, d, signer, mac)
+        from .manifest_check import parse_manifest      # every field checked for its type
         try:
-            d["images"] = [ImageEntry(**i) for i in d.get("images", [])]
-            return cls(**d)
-        except TypeError as e:
-            raise ManifestError(f"{name}: not a checkpoint manifest ({e})") from None
+            return parse_manifest(cls, ImageEntry, json.dumps(d).encode())
+        except ManifestError as e:
+            raise ManifestError(f"{name}: {e}") from None
 
 
 def _canonical(d: dict) -> bytes:

@@ -89,13 +89,13 @@ def _check(name: str, value, where: str):
 def load(path: str | None) -> JobConfig:
     if not path:
         return JobConfig()
+    from ..settings import SettingsError, read_config_text, yaml_error_line
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        data = yaml.safe_load(read_config_text(path, "job config")) or {}
+    except SettingsError as e:
+        raise ConfigError(str(e)) from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(yaml_error_line(path, e)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     values = {}
