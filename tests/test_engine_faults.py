@@ -1,0 +1,125 @@
+"""Engine faults (issue 15, items 5-7): a process blocked in vfork() at checkpoint time, restarts racing the
+restorer's own threads under CPU load, and descriptors or memory leaking over many interval checkpoints.
+Real processes, real commands. The long soak (>= 500 interval checkpoints) runs only with HPCCKPT_SOAK=1."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import (checkpoint_and_kill, compile_c, line_count, newest_images, restart_in_background, run,
+                      wait_for)
+
+
+# ------------------------------------------------------------------------------------------------ helpers --
+def _children(pid: int) -> list[int]:
+    out = []
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def agent_of(launcher_pid: int, timeout: float = 20) -> int:
+    """The agent a dmtcp_launch/dmtcp_restart process runs: its child that is PID 1 of a PID namespace of its
+    own (it may not be forked yet when the coordinator's port file appears)."""
+    def find() -> int | None:
+        for c in _children(launcher_pid):
+            try:
+                nspid = _status(c).get("NSpid", "").split()
+            except OSError:
+                continue
+            if len(nspid) > 1 and nspid[-1] == "1":
+                return c
+        return None
+    return wait_for(find, timeout, f"the agent of launcher {launcher_pid}")
+
+
+def coordinator_of(port_file: Path, timeout: float = 10) -> int:
+    """The background coordinator a launch started (its command line names the launch's port file; the
+    daemon's intermediate forks exit at once, so wait until only the serving one is left)."""
+    def serving() -> int | None:
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                if b"coordinator" in argv and str(port_file).encode() in argv and \
+                        _status(int(name))["State"][0] not in "ZX":
+                    found.append(int(name))
+            except (OSError, KeyError):
+                continue
+        return found[0] if len(found) == 1 else None
+    return wait_for(serving, timeout, f"the coordinator of {port_file}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kb(pid: int) -> int:
+    return int(_status(pid)["VmRSS"].split()[0])
+
+
+def generations(ckptdir: Path) -> int:
+    gens = [int(p.stem[3:]) for p in ckptdir.glob("ckpt_*/gen*.json")]
+    return max(gens) if gens else 0
+
+
+@pytest.fixture(scope="session")
+def vforker(build_dir):
+    return compile_c(build_dir, "vforker")
+
+
+# ------------------------------------------------------------------------------- 7: descriptors, memory --
+def _watch_interval_checkpoints(job, ckptdir: Path, count: int, timeout: float) -> list[tuple[int, int, int, int, int]]:
+    """(generation, agent fds, coordinator fds, agent RSS kB, coordinator RSS kB) after each new generation,
+    until `count` generations exist."""
+    agent, coord = agent_of(job.proc.pid), coordinator_of(job.port_file)
+    samples = []
+    deadline = time.monotonic() + timeout
+    last = generations(ckptdir)
+    while last < count:
+        assert time.monotonic() < deadline, f"only {last} interval checkpoints within {timeout:.0f} s"
+        assert job.proc.poll() is None, "the job ended"
+        g = generations(ckptdir)
+        if g > last:
+            last = g
+            time.sleep(0.3)    # between checkpoints: the generation's writes are done and committed
+            samples.append((g, fd_count(agent), fd_count(coord), rss_kb(agent), rss_kb(coord)))
+        time.sleep(0.05)
+    return samples
+
+
+def _assert_flat(samples: list, warmup: int = 3) -> None:
+    """No descriptor more at the end than after the first few checkpoints (pools and caches warmed up), and RSS
+    that does not keep climbing."""
+    base = samples[min(warmup, len(samples) - 1)]
+    end = samples[-1]
+    assert end[1] <= max(s[1] for s in samples[:warmup + 1]), f"agent descriptors grew: {samples}"
+    assert end[2] <= max(s[2] for s in samples[:warmup + 1]), f"coordinator descriptors grew: {samples}"
+    assert end[3] - base[3] < 8 * 1024, f"agent RSS climbed: {samples}"
+    assert end[4] - base[4] < 8 * 1024, f"coordinator RSS climbed: {samples}"
+
+
+@pytest.mark.slow
+def test_interval_checkpoints_leak_no_descriptor_or_memory(launch, counter, tmp_path):
+    """1-second forked interval checkpoints (several writer threads read the snapshot's memory at once): the
+    agent's and the coordinator's descriptor counts stay flat and their RSS does not climb."""
+    out = tmp_path / "out.txt"
+    job = launch(counter, out, 24, 1000000, 20000, extra=("-i", "1", "--forked-checkpoint"))
+    samples = _watch_interval_checkpoints(job, tmp_path, 15, 120)
+    _assert_flat(samples)
