@@ -123,3 +123,71 @@ def test_interval_checkpoints_leak_no_descriptor_or_memory(launch, counter, tmp_
     job = launch(counter, out, 24, 1000000, 20000, extra=("-i", "1", "--forked-checkpoint"))
     samples = _watch_interval_checkpoints(job, tmp_path, 15, 120)
     _assert_flat(samples)
+
+
+# ------------------------------------------------------------------------------------------- 5: vfork() --
+def _plain_vforker(prog, tmp_path, steps, every) -> str:
+    """The output of a plain run (it does not depend on how long the vfork children sleep)."""
+    out = tmp_path / "plain.txt"
+    subprocess.run([str(prog), str(out), str(steps), str(every), "0"], check=True, stdout=subprocess.DEVNULL,
+                   timeout=120)
+    return out.read_text()
+
+
+def _in_vfork(out: Path) -> bool:
+    """The program's last line says a vfork() began and no child line followed yet."""
+    try:
+        lines = out.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    return bool(lines) and lines[-1].startswith("vfork ")
+
+
+@pytest.mark.slow
+def test_checkpoint_during_vfork_waits_for_it(launch, env, tmp_path, vforker):
+    """A checkpoint that lands while the parent is blocked in vfork() (its child sleeps 1.5 s before it execs or
+    exits) waits for the vfork to end instead of timing out, and the image restarts exactly; the job is never
+    torn down by the parent's late stop (once reported as 'killed by signal 32773')."""
+    args = (170, 60, 1500)
+    expected = _plain_vforker(vforker, tmp_path, *args[:2])
+    out = tmp_path / "out.txt"
+    job = launch(vforker, out, *args)
+    wait_for(lambda: _in_vfork(out), 30, "the first vfork")
+    t0 = time.monotonic()
+    reply = checkpoint_and_kill(job)
+    assert reply["generation"] == 1
+    assert time.monotonic() - t0 < 8
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == expected
+
+
+@pytest.mark.slow
+def test_vfork_outlasting_the_wait_fails_cleanly_and_the_job_runs_on(launch, env, tmp_path, vforker):
+    """A vfork() child that neither execs nor exits for 11.5 s, longer than the checkpoint may wait
+    (HPCCKPT_VFORK_WAIT=1 here) and than the freeze timeout (10 s): the checkpoint fails with one line naming the
+    process, the job runs on untraced when the child execs (the parent's late ptrace stop was once taken for its
+    death: 'killed by signal 32773', and the job was torn down), completes with its normal output, and a later
+    checkpoint restarts exactly."""
+    args = (250, 100, 11500)
+    expected = _plain_vforker(vforker, tmp_path, *args[:2])
+    env["HPCCKPT_VFORK_WAIT"] = "1"
+    out = tmp_path / "out.txt"
+    job = launch(vforker, out, *args)
+    wait_for(lambda: _in_vfork(out), 30, "the vfork")
+    r = job.command("-bc", timeout=60)
+    err = (r.stderr + r.stdout).strip()
+    assert r.returncode != 0, err
+    assert "vforker" in err and "in vfork()" in err and "try again" in err, err
+    assert len(err.splitlines()) == 1, err
+    wait_for(lambda: "child 100 status 0" in out.read_text(), 30, "the vfork child to exec")
+    assert job.proc.poll() is None, (tmp_path / "launch.0.err").read_text()
+    # the program runs on, untraced (the parent's late stop was let go, not taken for its death)
+    program = _children(agent_of(job.proc.pid))
+    assert len(program) == 1
+    assert _status(program[0])["TracerPid"] == "0"
+    reply = checkpoint_and_kill(job)
+    assert reply["generation"] == 2
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == expected

@@ -228,20 +228,12 @@ class Agent:
         return f"{self.root.program} exited with status {st}"
 
     def _reap(self) -> None:
-        """Collect exited children (exits only; ptrace stops are never consumed here)."""
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | WALL)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid == 0:
-                return
-            code = info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
-            if info.si_pid == self.root.pid:
-                self.root.exit_status = code
+        """Collect exited children (a ptrace stop is not an exit: tree.reap_exits)."""
+        for ex in tree.reap_exits():
+            if ex.pid == self.root.pid:
+                self.root.exit_status = ex.code
                 log.info("%s (pid %d) %s", self.root.program, self.root.pid,
-                         f"exited with status {code}" if info.si_code == os.CLD_EXITED
-                         else f"was killed by signal {info.si_status}")
+                         f"was killed by signal {ex.status}" if ex.signaled else f"exited with status {ex.code}")
 
     def _on_signals(self) -> None:
         for signo, code, sender in self.sigfd.read():
