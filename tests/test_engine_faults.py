@@ -191,3 +191,74 @@ def test_vfork_outlasting_the_wait_fails_cleanly_and_the_job_runs_on(launch, env
     r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert out.read_text() == expected
+
+
+# ------------------------------------------------------------------------------ 6: restarts under load --
+@pytest.mark.slow
+def test_threaded_job_restarts_ten_times_under_cpu_load(launch, env, tmp_path, build_dir):
+    """A 4-thread OpenMP job with 8 MiB of data (its memory is written back by the restorer's own worker
+    threads, which once took the very TIDs the job's threads needed: 'TID N is already taken' when one of them
+    had not quite exited yet) restarted 10 times in a row while two CPU hogs run: every restart succeeds and
+    runs on."""
+    prog = compile_c(build_dir, "omp", "-fopenmp")
+    env.update(OMP_NUM_THREADS="4", OMP_WAIT_POLICY="passive")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, 1000000, 5000)
+    wait_for(lambda: line_count(out) >= 20, 60, "progress")
+    checkpoint_and_kill(job)
+    images = newest_images(tmp_path)
+    hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(2)]
+    try:
+        for i in range(10):
+            n = line_count(out)
+            job = restart_in_background(images, env, tmp_path)
+            try:
+                wait_for(lambda: line_count(out) > n + 3 or job.proc.poll() is not None, 90,
+                         f"restart {i} to run on")
+                assert job.proc.poll() is None, f"restart {i} failed: " + "".join(
+                    p.read_text() for p in sorted(tmp_path.glob("restart.*.err"))[-1:])
+            finally:
+                job.command("-k")
+                job.wait(30)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+# -------------------------------------------------------------------------------------------- the soak --
+SOAK_CHECKPOINTS = int(os.environ.get("HPCCKPT_SOAK_CHECKPOINTS", "500"))
+
+
+@pytest.mark.soak
+@pytest.mark.skipif(os.environ.get("HPCCKPT_SOAK") != "1", reason="the soak runs only with HPCCKPT_SOAK=1")
+@pytest.mark.timeout(4 * 3600)
+def test_soak_interval_checkpoints_flat_and_last_restarts_exactly(launch, counter, plain_run, env, tmp_path):
+    """>= 500 forked 1-second interval checkpoints: agent and coordinator descriptors do not grow and their
+    RSS stays flat; the last checkpoint restarts and its output matches a plain run's."""
+    mb, steps = 4, 2000000
+    out = tmp_path / "out.txt"
+    t0 = time.monotonic()
+    job = launch(counter, out, mb, steps, 2000, extra=("-i", "1", "--forked-checkpoint"))
+    samples = _watch_interval_checkpoints(job, tmp_path, SOAK_CHECKPOINTS, SOAK_CHECKPOINTS * 6)
+    duration = time.monotonic() - t0
+    job.command("-i", "0", check=True)
+    reply = checkpoint_and_kill(job)
+    first, last = samples[min(3, len(samples) - 1)], samples[-1]
+    summary = (f"soak: {len(samples)} interval checkpoints (+1 final, generation {reply['generation']}) in "
+               f"{duration:.0f} s; agent fds {samples[0][1]} -> {first[1]} -> {last[1]}, coordinator fds "
+               f"{samples[0][2]} -> {first[2]} -> {last[2]}; agent RSS {samples[0][3]} -> {first[3]} -> {last[3]} kB, "
+               f"coordinator RSS {samples[0][4]} -> {first[4]} -> {last[4]} kB")
+    print(summary)
+    (tmp_path / "soak-summary.txt").write_text(summary + "\n" + "\n".join(map(str, samples)) + "\n")
+    _assert_flat(samples)
+    # the last checkpoint restarts exactly: its output goes on as a plain run's does
+    n = line_count(out)
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    wait_for(lambda: line_count(out) >= n + 500, 60, "progress after the restart")
+    job2.command("-k")
+    job2.wait(30)
+    text = out.read_text()
+    lines = text.splitlines(keepends=True)
+    expected = plain_run(mb, len(lines) + 10)
+    assert expected.startswith("".join(lines[:-1]))    # (the last line may be cut short by the kill)

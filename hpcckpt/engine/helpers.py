@@ -158,11 +158,66 @@ def close_plans(plans: dict[int, ProcPlan]) -> None:
                     pass
 
 
+def _holder(pid: int) -> str:
+    """Who holds a PID/TID of our namespace, for an error message."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return "a process that is gone by now"
+    owner = f"thread {pid} of pid {st.get('Tgid')}" if st.get("Tgid") != str(pid) else f"pid {pid}"
+    mine = " (the restarting agent's own)" if st.get("Tgid") == "1" else ""
+    return f"{owner} ({st.get('Name', '?')}){mine}"
+
+
 def _claim(pid: int) -> None:
     from ..agent.namespaces import set_next_pid
     if os.path.exists(f"/proc/{pid}"):
-        raise RestoreError(f"PID {pid} is already taken in this PID namespace")
+        raise RestoreError(f"PID {pid} is already taken in this PID namespace by {_holder(pid)}")
     set_next_pid(pid)
+
+
+def image_ids(metas) -> set[int]:
+    """Every PID and TID the images need back: processes, their threads, their unreaped zombies."""
+    ids = set()
+    for meta, _ in metas:
+        proc = meta.process
+        ids.add(proc.pid)
+        ids.update(t.tid for t in proc.threads)
+        ids.update(z["pid"] for z in proc.zombies)
+    return ids
+
+
+def image_thread_ids(metas) -> set[int]:
+    """The TIDs of the images' threads other than each process's main thread (cloned during the restore)."""
+    return {t.tid for meta, _ in metas for t in meta.process.threads if t.tid != meta.process.pid}
+
+
+def park_pid_cursor(ids: set[int], free: set[int]) -> None:
+    """Move our PID namespace's allocation cursor (ns_last_pid) past every PID/TID the images need, and check
+    none of them is taken. From then on whatever of ours allocates a PID while the restore runs - the threads
+    that write memory into restored processes, the short-lived terminal helper, ZeroMQ's threads, later the
+    image writers - gets one above them, however the scheduler runs it: the restore never races its own
+    threads or children for a PID/TID (threads come back with clone3 set_tid, which does not move the cursor;
+    processes with a cursor set just before their fork, after which the cursor is parked here again).
+    Allocation is cyclic up to pid_max: an image whose PIDs reach the top gets the cursor at its largest gap.
+    free: those of ids that must not exist yet."""
+    from ..agent.namespaces import set_next_pid
+    for pid in sorted(free):
+        if os.path.exists(f"/proc/{pid}"):
+            raise RestoreError(f"PID {pid} is already taken in this PID namespace by {_holder(pid)}; "
+                               f"cannot restore it with its own PID")
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+    except (OSError, ValueError):
+        pid_max = 1 << 22
+    top = max(ids)
+    start = top
+    if top + 100000 >= pid_max:          # near the wrap: the widest gap between the image's ids
+        edges = [300] + sorted(i for i in ids if i >= 300) + [pid_max]
+        start = max(zip(edges, edges[1:]), key=lambda g: g[1] - g[0])[0]
+    set_next_pid(start + 1)
 
 
 class Spawner:
@@ -194,7 +249,15 @@ class Spawner:
             _wait_subtree(r, timeout)
         os.close(self.info_w)
         self.info_w = -1
-        return self._collect(timeout)
+        mapping = self._collect(timeout)
+        if self.same_pids:
+            wrong = {old: new for old, new in mapping.items() if old != new}
+            if wrong:
+                raise RestoreError("restored processes did not get their own PIDs back (image PID -> PID now: " +
+                                   ", ".join(f"{o} -> {n}" for o, n in sorted(wrong.items())) + ")")
+            metas = [(p.meta, p.reader) for p in self.plans.values()]
+            park_pid_cursor(image_ids(metas), image_thread_ids(metas))
+        return mapping
 
     def _collect(self, timeout: float) -> dict[int, int]:
         mapping: dict[int, int] = {}
