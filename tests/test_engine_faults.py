@@ -85,9 +85,9 @@ def vforker(build_dir):
 
 
 # ------------------------------------------------------------------------------- 7: descriptors, memory --
-def _watch_interval_checkpoints(job, ckptdir: Path, count: int, timeout: float) -> list[tuple[int, int, int, int, int]]:
-    """(generation, agent fds, coordinator fds, agent RSS kB, coordinator RSS kB) after each new generation,
-    until `count` generations exist."""
+def _watch_interval_checkpoints(job, ckptdir: Path, count: int, timeout: float) -> list[tuple]:
+    """(generation, agent fds, coordinator fds, agent RSS kB, coordinator RSS kB, agent threads, coordinator
+    threads) after each new generation, until `count` generations exist."""
     agent, coord = agent_of(job.proc.pid), coordinator_of(job.port_file)
     samples = []
     deadline = time.monotonic() + timeout
@@ -99,7 +99,8 @@ def _watch_interval_checkpoints(job, ckptdir: Path, count: int, timeout: float) 
         if g > last:
             last = g
             time.sleep(0.3)    # between checkpoints: the generation's writes are done and committed
-            samples.append((g, fd_count(agent), fd_count(coord), rss_kb(agent), rss_kb(coord)))
+            samples.append((g, fd_count(agent), fd_count(coord), rss_kb(agent), rss_kb(coord),
+                            int(_status(agent)["Threads"]), int(_status(coord)["Threads"])))
         time.sleep(0.05)
     return samples
 
@@ -113,6 +114,8 @@ def _assert_flat(samples: list, warmup: int = 3) -> None:
     assert end[2] <= max(s[2] for s in samples[:warmup + 1]), f"coordinator descriptors grew: {samples}"
     assert end[3] - base[3] < 8 * 1024, f"agent RSS climbed: {samples}"
     assert end[4] - base[4] < 8 * 1024, f"coordinator RSS climbed: {samples}"
+    assert end[5] <= max(s[5] for s in samples[:warmup + 1]), f"agent threads grew: {samples}"
+    assert end[6] <= max(s[6] for s in samples[:warmup + 1]), f"coordinator threads grew: {samples}"
 
 
 @pytest.mark.slow
