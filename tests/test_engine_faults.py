@@ -196,6 +196,23 @@ def test_vfork_outlasting_the_wait_fails_cleanly_and_the_job_runs_on(launch, env
     assert out.read_text() == expected
 
 
+@pytest.mark.slow
+def test_checkpoints_amid_constant_vforks(launch, env, tmp_path, vforker):
+    """A parent that vforks at every step (children live 30 ms): ten checkpoints in a row, each landing before,
+    during or just as a vfork begins (a thread seized at that instant cannot stop until the vfork ends and is
+    let go when it does), all succeed, and the job ends with its plain output."""
+    args = (250, 1, 30)
+    expected = _plain_vforker(vforker, tmp_path, *args[:2])
+    out = tmp_path / "out.txt"
+    job = launch(vforker, out, *args)
+    wait_for(lambda: line_count(out) >= 10, 30, "progress")
+    for i in range(10):
+        r = job.command("-bc", timeout=60)
+        assert r.returncode == 0, (i, r.stdout, r.stderr)
+    assert job.wait(120) == 0
+    assert out.read_text() == expected
+
+
 # ------------------------------------------------------------------------------ 6: restarts under load --
 @pytest.mark.slow
 def test_threaded_job_restarts_ten_times_under_cpu_load(launch, env, tmp_path, build_dir):
