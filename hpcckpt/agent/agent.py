@@ -23,7 +23,7 @@ from ..engine import dump as engine_dump
 from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
 from ..engine import procattrs
-from ..engine.forker import kill_snapshot
+from ..engine.forker import kill_snapshot, left_snapshot
 from ..engine.maps import vmflags_hint
 from ..image import store
 from ..settings import Settings
@@ -75,7 +75,6 @@ class Agent:
         self.trackers: dict[int, wptrack.Tracker] = {}        # pid -> its write tracking (incremental images)
         self.pending_prev: dict[int, dict] = {}                # generation -> images written, not yet committed
         self.write_lock = threading.Lock()
-        self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.agent_id = agent_id or new_agent_id()
         self.expected_agents = dict(agents or {})
@@ -142,7 +141,7 @@ class Agent:
     # ------------------------------------------------------------------------------------------- the job --
     def job(self) -> list[tree.ProcInfo]:
         return [p for p in tree.job_processes(os.getpid(), self.pid_namespace, self.not_job)
-                if p.pid not in self.hidden and not (self.writing and p.pid in self.writing.snapshots)]
+                if not left_snapshot(p.pid) and not (self.writing and p.pid in self.writing.snapshots)]
 
     def unique_id(self, pid: int) -> str:
         if pid not in self.uids:
@@ -481,9 +480,7 @@ class Agent:
 
     def _reap_snapshots(self, pids: list[int]) -> None:
         for pid in pids:
-            kill_snapshot(pid)
-            if tree.read_proc(pid) is not None:      # a zombie under its job process (see engine/forker.py)
-                self.hidden.add(pid)
+            kill_snapshot(pid)              # one under a job process is a zombie for a while (engine/forker.py)
 
     def _cancel_writes(self, why: str) -> None:
         bw = self.writing
