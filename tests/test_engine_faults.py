@@ -267,6 +267,54 @@ def test_threaded_job_restarts_ten_times_under_cpu_load(launch, env, tmp_path, b
             h.wait()
 
 
+RESTORE_SPY = """
+import json, sys, threading
+from hpcckpt.engine import memory
+from hpcckpt.engine.restore import RestoreOptions, restore_computation
+from hpcckpt.image.format import ImageReader
+seen = set()
+def spy(f):
+    def g(*a, **k):
+        seen.add(threading.get_native_id())
+        return f(*a, **k)
+    return g
+memory.process_vm_writev_scattered = spy(memory.process_vm_writev_scattered)
+memory.process_vm_writev = spy(memory.process_vm_writev)
+r = ImageReader(sys.argv[1])
+proc = r.meta["process"]
+ids = {proc["pid"]} | {t["tid"] for t in proc["threads"]}
+rps = restore_computation([r], RestoreOptions(same_pids=True))
+for rp in rps:
+    rp.kill()
+print(json.dumps({"ids": sorted(ids), "workers": sorted(seen - {1})}))
+"""
+
+
+@pytest.mark.slow
+def test_restorer_threads_never_hold_a_tid_the_job_needs(launch, env, tmp_path, build_dir):
+    """Deterministic view of the race above: restoring a threaded image as PID 1 of a fresh PID namespace, the
+    restorer's memory-filling worker threads get TIDs outside the image's PIDs/TIDs (they used to get exactly
+    the job's next thread TIDs, so a worker still exiting made clone3(set_tid) fail)."""
+    import json
+    import shutil
+    import sys
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1)")
+    prog = compile_c(build_dir, "omp", "-fopenmp")
+    env.update(OMP_NUM_THREADS="4", OMP_WAIT_POLICY="passive")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, 1000000, 5000)
+    wait_for(lambda: line_count(out) >= 10, 60, "progress")
+    checkpoint_and_kill(job)
+    image = newest_images(tmp_path)[0]
+    r = run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", RESTORE_SPY, str(image)], env,
+            tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["workers"], "the restore used no worker threads (image too small?)"
+    assert not set(got["workers"]) & set(got["ids"]), got
+
+
 # -------------------------------------------------------------------------------------------- the soak --
 SOAK_CHECKPOINTS = int(os.environ.get("HPCCKPT_SOAK_CHECKPOINTS", "500"))
 
