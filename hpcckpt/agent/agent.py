@@ -23,7 +23,7 @@ from ..engine import dump as engine_dump
 from ..faults import fault
 from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
-from ..engine.forker import kill_snapshot
+from ..engine.forker import kill_snapshot, left_snapshot
 from ..engine.maps import vmflags_hint
 from ..image import runlock, store
 from ..settings import Settings
@@ -79,7 +79,6 @@ class Agent(AgentLiveness):
         self.trackers: dict[int, wptrack.Tracker] = {}        # pid -> its write tracking (incremental images)
         self.pending_prev: dict[int, dict] = {}                # generation -> images written, not yet committed
         self.write_lock = threading.Lock()
-        self.hidden: set[int] = set()          # our snapshot forks that linger as zombies under job processes
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.agent_id = agent_id or new_agent_id()
         self.expected_agents = dict(agents or {})
@@ -186,7 +185,7 @@ class Agent(AgentLiveness):
     # ------------------------------------------------------------------------------------------- the job --
     def job(self) -> list[tree.ProcInfo]:
         return [p for p in tree.job_processes(os.getpid(), self.pid_namespace, self.not_job)
-                if p.pid not in self.hidden and not (self.writing and p.pid in self.writing.snapshots)]
+                if not left_snapshot(p.pid) and not (self.writing and p.pid in self.writing.snapshots)]
 
     def unique_id(self, pid: int) -> str:
         if pid not in self.uids:
@@ -280,20 +279,12 @@ class Agent(AgentLiveness):
         return f"{self.root.program} exited with status {st}"
 
     def _reap(self) -> None:
-        """Collect exited children (exits only; ptrace stops are never consumed here)."""
-        while True:
-            try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | WALL)
-            except ChildProcessError:
-                return
-            if info is None or info.si_pid == 0:
-                return
-            code = info.si_status if info.si_code == os.CLD_EXITED else 128 + info.si_status
-            if info.si_pid == self.root.pid:
-                self.root.exit_status = code
+        """Collect exited children (a ptrace stop is not an exit: tree.reap_exits)."""
+        for ex in tree.reap_exits():
+            if ex.pid == self.root.pid:
+                self.root.exit_status = ex.code
                 log.info("%s (pid %d) %s", self.root.program, self.root.pid,
-                         f"exited with status {code}" if info.si_code == os.CLD_EXITED
-                         else f"was killed by signal {info.si_status}")
+                         f"was killed by signal {ex.status}" if ex.signaled else f"exited with status {ex.code}")
 
     def _on_signals(self) -> None:
         for signo, code, sender in self.sigfd.read():
@@ -548,9 +539,7 @@ class Agent(AgentLiveness):
 
     def _reap_snapshots(self, pids: list[int]) -> None:
         for pid in pids:
-            kill_snapshot(pid)
-            if tree.read_proc(pid) is not None:      # a zombie under its job process (see engine/forker.py)
-                self.hidden.add(pid)
+            kill_snapshot(pid)              # one under a job process is a zombie for a while (engine/forker.py)
 
     def _cancel_writes(self, why: str) -> None:
         bw = self.writing

@@ -90,6 +90,7 @@ def capture(fp: FrozenProcess, place: Placement | None = None, pid_namespace: bo
         for tid, th in fp.threads.items():
             thread_recs.append(threads.dump_thread(fp.injector(tid), th.regs, scratch, pid))
         brk = leader.check("brk(0)", SYS.brk, 0)
+        forker.reap_left(fp, leader)        # zombie snapshots of the last checkpoint under this process
         itimers = timers.dump_itimers(leader, scratch)
         posix_timers = timers.dump_posix_timers(leader, scratch, pid)
         pending_raw = signals.dump_pending(pid, shared=True)

@@ -4,12 +4,14 @@ The agent opens or creates every object the images name (files, pipes, ...) once
 root process; each helper forks helpers for its own children in PID order (so parents, process groups and
 sessions come back as they were), a dead child that was not reaped yet becomes a zombie again, and only then
 does each helper put its descriptors in place, enter the image's cwd and umask, map its reserved area, report
-"ok OLD NEW" to the agent and block. Forking one subtree at a time keeps PID choices race-free: inside our own
-PID namespace each fork gets the image's PID (ns_last_pid).
+"ok OLD NEW" to the agent and block. Inside our own PID namespace every helper is created at its image's PID
+with clone3(set_tid) (pidfork.py), and everything else of ours gets PIDs above the images' (park_pid_cursor):
+the restore never races its own threads or children for a PID/TID.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import select
@@ -25,6 +27,7 @@ from .fdtable import ObjectFactory
 from .linux import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ, \
     PROT_WRITE, TASK_SIZE, mmap
 from .maps import read_maps
+from .pidfork import fork_at
 from .ttys import plan_session, session_terminal
 from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE, RestoreError
 
@@ -158,11 +161,64 @@ def close_plans(plans: dict[int, ProcPlan]) -> None:
                     pass
 
 
-def _claim(pid: int) -> None:
+def _holder(pid: int) -> str:
+    """Who holds a PID/TID of our namespace, for an error message."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            st = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    except OSError:
+        return "a process that is gone by now"
+    owner = f"thread {pid} of pid {st.get('Tgid')}" if st.get("Tgid") != str(pid) else f"pid {pid}"
+    mine = " (the restarting agent's own)" if st.get("Tgid") == "1" else ""
+    return f"{owner} ({st.get('Name', '?')}){mine}"
+
+
+def _fork_at(pid: int, sibling: bool = False) -> int:
+    try:
+        return fork_at(pid, sibling)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            raise RestoreError(f"PID {pid} is already taken in this PID namespace by {_holder(pid)}; cannot "
+                               f"restore it with its own PID") from None
+        raise RestoreError(f"cannot create process {pid} with its own PID: {e.strerror}") from None
+
+
+def image_ids(metas) -> set[int]:
+    """Every PID and TID the images need back: processes, their threads, their unreaped zombies."""
+    ids = set()
+    for meta, _ in metas:
+        proc = meta.process
+        ids.add(proc.pid)
+        ids.update(t.tid for t in proc.threads)
+        ids.update(z["pid"] for z in proc.zombies)
+    return ids
+
+
+def park_pid_cursor(ids: set[int], free: set[int]) -> None:
+    """Move our PID namespace's allocation cursor (ns_last_pid) past every PID/TID the images need, and check
+    none of them is taken. From then on whatever of ours allocates a PID while the restore runs - the threads
+    that write memory into restored processes, the short-lived terminal helper, ZeroMQ's threads, later the
+    image writers - gets one above them, however the scheduler runs it: the restore never races its own
+    threads or children for a PID/TID (processes and threads come back with clone3 set_tid, which does not
+    move the cursor).
+    Allocation is cyclic up to pid_max: an image whose PIDs reach the top gets the cursor at its largest gap.
+    free: those of ids that must not exist yet."""
     from ..agent.namespaces import set_next_pid
-    if os.path.exists(f"/proc/{pid}"):
-        raise RestoreError(f"PID {pid} is already taken in this PID namespace")
-    set_next_pid(pid)
+    for pid in sorted(free):
+        if os.path.exists(f"/proc/{pid}"):
+            raise RestoreError(f"PID {pid} is already taken in this PID namespace by {_holder(pid)}; "
+                               f"cannot restore it with its own PID")
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            pid_max = int(f.read())
+    except (OSError, ValueError):
+        pid_max = 1 << 22
+    top = max(ids)
+    start = top
+    if top + 100000 >= pid_max:          # near the wrap: the widest gap between the image's ids
+        edges = [300] + sorted(i for i in ids if i >= 300) + [pid_max]
+        start = max(zip(edges, edges[1:]), key=lambda g: g[1] - g[0])[0]
+    set_next_pid(start + 1)
 
 
 class Spawner:
@@ -181,20 +237,60 @@ class Spawner:
     def spawn(self, timeout: float = 60.0) -> dict[int, int]:
         """Fork every helper; returns {image pid: new pid} once all of them are waiting."""
         roots = sorted(p for p, plan in self.plans.items() if plan.meta.process.ppid not in self.plans)
-        for root in roots:
-            r, w = os.pipe2(os.O_CLOEXEC)
-            if self.same_pids:
-                _claim(root)
-            pid = os.fork()
-            if pid == 0:
-                os.close(r)
-                _helper_main(self, root, w)
-            os.close(w)
-            self.forked.append(pid)
-            _wait_subtree(r, timeout)
+        if self.same_pids:
+            self._spawn_at_own_pids(roots, timeout)
+        else:
+            for root in roots:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                pid = os.fork()
+                if pid == 0:
+                    os.close(r)
+                    _helper_main(self, root, w)
+                os.close(w)
+                self.forked.append(pid)
+                _wait_subtree(r, timeout)
         os.close(self.info_w)
         self.info_w = -1
-        return self._collect(timeout)
+        mapping = self._collect(timeout)
+        if self.same_pids:
+            wrong = {old: new for old, new in mapping.items() if old != new}
+            if wrong:
+                raise RestoreError("restored processes did not get their own PIDs back (image PID -> PID now: " +
+                                   ", ".join(f"{o} -> {n}" for o, n in sorted(wrong.items())) + ")")
+        return mapping
+
+    def _spawn_at_own_pids(self, roots: list[int], timeout: float) -> None:
+        """Every helper is created with clone3(set_tid) at its image's PID (pidfork.py), by single-threaded
+        processes only: a spawner forked from us (we may run ZeroMQ's threads) creates the root helpers as our
+        children (CLONE_PARENT), and each helper its own children. The namespace's PID cursor is never moved
+        back among the images' PIDs (park_pid_cursor), so nothing of ours can race a helper for its PID."""
+        spawner = os.fork()
+        if spawner == 0:
+            code, root = 0, 0
+            try:
+                for root in roots:
+                    r, w = os.pipe2(os.O_CLOEXEC)
+                    pid = _fork_at(root, sibling=True)
+                    if pid == 0:
+                        os.close(r)
+                        _helper_main(self, root, w)
+                    os.close(w)
+                    _wait_subtree(r, timeout)
+            except BaseException as e:
+                code = 1
+                try:
+                    _report(self, f"err {root} {e}")
+                except OSError:
+                    pass
+            os._exit(code)
+        while True:
+            try:
+                os.waitpid(spawner, 0)
+                return
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                return
 
     def _collect(self, timeout: float) -> dict[int, int]:
         mapping: dict[int, int] = {}
@@ -255,9 +351,7 @@ def _helper_main(sp: Spawner, old: int, subtree_w: int) -> None:
         for child in sorted(plan.children + [z["pid"] for z in proc.zombies]):
             zombie = next((z for z in proc.zombies if z["pid"] == child), None)
             r, w = os.pipe2(os.O_CLOEXEC)
-            if sp.same_pids:
-                _claim(child)
-            pid = os.fork()
+            pid = _fork_at(child) if sp.same_pids else os.fork()
             if pid == 0:
                 os.close(r)
                 if zombie is not None:

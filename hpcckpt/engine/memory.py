@@ -189,6 +189,7 @@ class MemoryDumper:
         self.pages_dumped = 0
         self.pages_skipped = 0
         self._mem_fd = -1
+        self._mem_lock = threading.Lock()
 
     def dump(self, maps: list[Mapping] | None = None) -> list[RegionRecord]:
         """Plan and write in one go (the process stays frozen throughout)."""
@@ -273,9 +274,10 @@ class MemoryDumper:
             self.pages_dumped += cnt
 
     def close(self) -> None:
-        if self._mem_fd >= 0:
-            os.close(self._mem_fd)
-            self._mem_fd = -1
+        with self._mem_lock:
+            if self._mem_fd >= 0:
+                os.close(self._mem_fd)
+                self._mem_fd = -1
 
     def _read(self, m: Mapping, addr: int, length: int, buf) -> None:
         """Copy [addr, addr+length) of the process into buf (thread-safe: called from writer workers)."""
@@ -287,9 +289,12 @@ class MemoryDumper:
             raise OSError(5, f"short read of pid {self.pid} memory at {addr:#x} ({got} of {length} bytes)")
 
     def _mem(self) -> int:
-        if self._mem_fd < 0:
-            self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        return self._mem_fd
+        # Writer workers ask for it at once: opened under a lock, or two of them each open one and the
+        # descriptor of the loser is never closed (one leaked fd every few forked checkpoints).
+        with self._mem_lock:
+            if self._mem_fd < 0:
+                self._mem_fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            return self._mem_fd
 
     def _dump_run(self, p: RegionPlan, first: int, n: int) -> None:
         m, rec = p.m, p.rec

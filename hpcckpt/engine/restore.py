@@ -23,7 +23,7 @@ from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
 from . import files, identity, memory, ptrace, shmfiles, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
-from .helpers import Spawner, close_plans, make_plans
+from .helpers import Spawner, close_plans, image_ids, make_plans, park_pid_cursor
 from .inject import ProcessGone
 from .transform import RestoreError, check_specials, transform
 
@@ -141,6 +141,9 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     for meta, _ in metas:
         memory.check_backing_files(meta.process.regions)
         check_specials(meta.process.regions)
+    if opts.same_pids:
+        # before anything of ours starts a thread or a child: all of them get PIDs above the images' (helpers.py)
+        park_pid_cursor(image_ids(metas), image_ids(metas))
     base = max([r.fd for meta, _ in metas for r in meta.process.fds] + [2]) + 1
     base = max(base, 10)
     factory = ObjectFactory(objects, read_blob, base)

@@ -12,7 +12,13 @@ import os
 import time
 from dataclasses import dataclass
 
-from .freeze import FreezeError, FrozenProcess, freeze
+WALL = 0x40000000
+# How long a checkpoint waits for a process in vfork() whose child has neither exec'd nor exited (the child
+# shares the parent's memory and the parent cannot be stopped meanwhile); past it the checkpoint fails.
+VFORK_WAIT_S = float(os.environ.get("HPCCKPT_VFORK_WAIT", "5"))
+
+from . import freeze as freezing
+from .freeze import FreezeError, FrozenProcess, VforkBusy, freeze
 from .inject import ProcessGone
 from .procattrs import children_of
 
@@ -94,10 +100,46 @@ def launched_by_shims(infos: list[ProcInfo]) -> set[int]:
     return out
 
 
-def freeze_all(list_processes, timeout: float = 10.0) -> dict[int, FrozenProcess]:
+def wait_for_vforks(list_processes, until: float) -> None:
+    """Return once no process of the job is in the middle of a vfork(); VforkBusy (naming it) at `until`."""
+    while True:
+        busy = None
+        for p in list_processes():
+            if not p.zombie:
+                busy = freezing.in_vfork(p.pid)
+                if busy:
+                    break
+        if busy is None:
+            return
+        if time.monotonic() >= until:
+            raise VforkBusy(busy.pid, busy.tid, busy.child)
+        time.sleep(0.01)
+
+
+def freeze_all(list_processes, timeout: float = 10.0, vfork_wait: float | None = None) -> dict[int, FrozenProcess]:
     """Freeze every live process list_processes() returns, re-listing until no new process appears (a process
     can fork while we freeze it; once it is stopped it cannot fork again). On failure everything already frozen
-    is resumed."""
+    is resumed.
+
+    A process in vfork() cannot be stopped until its child execs or exits, and that child must not be frozen
+    while its parent waits (it would never go on): wait up to vfork_wait seconds for every vfork to end, and if
+    one begins while we freeze, resume everything and wait again. Past the wait the freeze fails, naming the
+    process, with the job running and untraced."""
+    vfork_wait = VFORK_WAIT_S if vfork_wait is None else vfork_wait
+    t0 = time.monotonic()
+    freezing.settle_stragglers()
+    while True:
+        try:
+            wait_for_vforks(list_processes, t0 + vfork_wait)
+            return _freeze_once(list_processes, timeout)
+        except VforkBusy as e:
+            if time.monotonic() >= t0 + vfork_wait:
+                raise FreezeError(f"{e} for more than {vfork_wait:g} s; checkpoint not taken, the job runs on "
+                                  f"untouched; try again later (or raise HPCCKPT_VFORK_WAIT)") from None
+            log.info("%s; waiting for it before freezing again", e)
+
+
+def _freeze_once(list_processes, timeout: float) -> dict[int, FrozenProcess]:
     frozen: dict[int, FrozenProcess] = {}
     deadline = time.monotonic() + timeout
     try:
@@ -116,3 +158,35 @@ def freeze_all(list_processes, timeout: float = 10.0) -> dict[int, FrozenProcess
         for fp in frozen.values():
             fp.resume()
         raise
+
+
+@dataclass
+class Exit:
+    pid: int
+    code: int               # shell convention: exit status, or 128 + signal
+    signaled: bool
+    status: int             # exit status or signal number
+
+
+def reap_exits() -> list[Exit]:
+    """Collect every child that has exited (without blocking). A traced process's ptrace stops are reported
+    to its tracer by the same wait, whatever the flags: they are not exits. A stop of a thread a failed
+    freeze left seized (engine/freeze.py) lets it go; any other stop is left as it was."""
+    out = []
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | WALL)
+        except ChildProcessError:
+            return out
+        if info is None or info.si_pid == 0:
+            return out
+        if info.si_code in (os.CLD_TRAPPED, os.CLD_STOPPED):
+            if not freezing.release_straggler(info.si_pid):
+                log.debug("pid %d: ptrace stop %#x while not freezing; left as it is", info.si_pid,
+                          info.si_status)
+            continue
+        if info.si_code == os.CLD_CONTINUED:
+            continue
+        signaled = info.si_code != os.CLD_EXITED
+        out.append(Exit(info.si_pid, 128 + info.si_status if signaled else info.si_status, signaled,
+                        info.si_status))
