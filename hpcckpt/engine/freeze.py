@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import ptrace
-from .inject import Injector, ProcessGone, find_syscall_insn
+from .inject import Injector, ProcessGone, claim_interrupted_call, find_syscall_insn
 from .maps import read_maps
 from .ptrace import Regs
 
@@ -161,5 +161,13 @@ def freeze(pid: int, timeout: float = 10.0) -> FrozenProcess:
     except BaseException:
         fp.resume()
         raise
+    _claim_interrupted_calls(fp)
     fp.frozen_at = time.monotonic()
     return fp
+
+
+def _claim_interrupted_calls(fp: FrozenProcess) -> None:
+    """Calls that failed with EINTR only because of our interrupt are re-issued (inject.claim_interrupted_call);
+    done while every thread is stopped and before any injection, on the registers as frozen."""
+    for th in fp.threads.values():
+        claim_interrupted_call(fp.pid, th.tid, th.regs)
