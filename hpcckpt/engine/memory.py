@@ -26,8 +26,8 @@ from ..faults import fault
 from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter, crc32
 from ..image.records import RegionRecord
 from .inject import Injector
-from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_READ,
-                    PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
+from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED, PAGE,
+                    PROT_READ, PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
                     process_vm_writev_scattered)
 from .maps import Mapping, populated_runs, read_maps
 
@@ -402,6 +402,12 @@ def map_flags(r: RegionRecord) -> int:
         flags = MAP_PRIVATE | MAP_ANONYMOUS
     if "gd" in r.vmflags:
         flags |= MAP_GROWSDOWN
+    uncharged = r.vmflags and "ac" not in r.vmflags and not prot_of(r.perms) & PROT_WRITE
+    if "nr" in r.vmflags or (flags & MAP_PRIVATE and uncharged and filled(r)):
+        # MAP_NORESERVE reservations (Go, Java, sanitizers: terabytes, a few pages used) must not be charged
+        # against the commit limit; nor must a read-only or PROT_NONE region the original was never charged for
+        # ("ac" absent) while it is writable for a moment to be filled
+        flags |= MAP_NORESERVE
     return flags | MAP_FIXED
 
 
