@@ -93,6 +93,20 @@ def vmflags_hint(pid: int | str) -> dict:
     return {(m.start, m.end, m.perms, m.inode): m.vmflags for m in read_maps(pid, with_flags=True)}
 
 
+# Above this, or with MAP_NORESERVE ("nr": reserved, mostly never touched), a private region is a sparse
+# reservation: per-page state (incremental hashes: 8 bytes a page; write-protect markers: page tables for the
+# whole range) would cost gigabytes for a 2 TiB reservation holding a few pages, so only its pages are kept.
+SPARSE_MIN = 64 << 30
+
+
+def sparse_reservation(m: Mapping, runs: list[tuple[int, int]] | None = None) -> bool:
+    """runs (its populated pages, when known): also a region of 1 GiB or more with under 1/64 of it populated
+    (a PROT_NONE reservation, an arena barely used)."""
+    if "nr" in m.vmflags or m.size > SPARSE_MIN:
+        return True
+    return runs is not None and m.size >= 1 << 30 and sum(n for _, n in runs) * 64 < m.npages
+
+
 # pagemap high-byte bits: 63 present, 62 swapped, 61 file-page or shared-anon
 _PRESENT, _SWAPPED, _FILE = 0x80, 0x40, 0x20
 

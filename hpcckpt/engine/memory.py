@@ -29,7 +29,7 @@ from .inject import Injector
 from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED, PAGE,
                     PROT_READ, PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
                     process_vm_writev_scattered)
-from .maps import Mapping, populated_runs, read_maps
+from .maps import Mapping, populated_runs, read_maps, sparse_reservation
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class MemoryDumper:
             finally:
                 os.close(pagemap)
         for p in plans:
-            if hashes:
+            if hashes and not sparse_reservation(p.m, p.runs):   # a reservation's few pages: stored as they are
                 from .incremental import HASH_SIZE, region_key
                 p.hashes = bytearray(HASH_SIZE * p.m.npages)
                 prev = (previous or {}).get(region_key(p.rec))
@@ -463,8 +463,10 @@ class MemoryFiller:
         from .incremental import open_chain, region_key, resolve
         chain = open_chain(self.reader)
         try:
-            self._run([(reader, c, runs, r.start) for r in regions if r.hashes or r.chunks
-                       for reader, c, runs in resolve(chain, region_key(r), (r.end - r.start) // PAGE)])
+            self._run([(reader, c, runs, r.start) for r in regions if r.hashes
+                       for reader, c, runs in resolve(chain, region_key(r), (r.end - r.start) // PAGE)] +
+                      [(self.reader, c, [(c.page, c.npages)], r.start)        # sparse reservations: stored whole
+                       for r in regions if not r.hashes for c in map(Chunk.from_json, r.chunks)])
         finally:
             for link in chain[1:]:
                 link.reader.close()

@@ -29,7 +29,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .linux import SYS
-from .maps import PAGE_IS_WRITTEN, scan_runs
+from .maps import PAGE_IS_WRITTEN, scan_runs, sparse_reservation
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,12 @@ class Tracker:
 
 
 def eligible(plan) -> bool:
-    """Private, writable, anonymous, and read from the snapshot or the frozen process the usual way."""
+    """Private, writable, anonymous, and read from the snapshot or the frozen process the usual way; not a
+    sparse reservation (arming marks every never-touched page too, WP_UNPOPULATED, which builds the page tables
+    of the whole range: 4 GiB of them for a 2 TiB MAP_NORESERVE reservation)."""
     m = plan.m
     return plan.rec.backing == "anon" and plan.mode == "touched" and not m.shared and not plan.live \
-        and "w" in m.perms
+        and "w" in m.perms and not sparse_reservation(m)
 
 
 def _key(m) -> tuple:
