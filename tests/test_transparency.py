@@ -105,3 +105,20 @@ def test_noreserve_reservations_and_blocked_threads_three_rounds(mode, launch, e
     # reading the reservation's 512 Mi pagemap entries took seconds; PAGEMAP_SCAN visits only its few pages
     assert max(times) < 2.5, times
     assert sum(p.stat().st_size for p in tmp_path.glob("ckpt_*/gen*/*.dmtcp")) < 20 << 20
+
+
+@pytest.mark.parametrize("namespace", [True, False], ids=["own-pids", "new-pids"])
+def test_proc_descriptors_follow_the_restored_process(namespace, launch, env, tmp_path, build_dir):
+    """Descriptors open on /proc/self/maps (read on from the saved offset), /proc/self/status, /proc/<own
+    pid>/stat, /proc/thread-self/comm of a second thread, /proc/<child>/comm of another job process and the
+    /proc/self directory: after two restarts each is the restored process's (or thread's) file - also without
+    our PID namespace, where every PID and TID changes."""
+    prog = compile_c(build_dir, "procfd", "-pthread")
+    steps = 300
+    plain = _Plain(prog, tmp_path / "plain.txt", steps)
+    out = tmp_path / "out.txt"
+    extra = () if namespace else ("--no-pid-namespace",)
+    r = _rounds(launch, env, tmp_path, out, [prog, out, steps], rounds=2, extra=extra, min_lines=10)
+    assert r.returncode == 0, (r.stderr[-1000:], out.read_text()[-300:])
+    assert [x for x in out.read_text().splitlines() if "BAD" in x][:3] == []
+    assert out.read_text() == plain.text()

@@ -5,11 +5,12 @@ from __future__ import annotations
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .pipes import Index, PipeEnd, PipeInode
+from .procfiles import ProcFile
 from .tcp import TcpSocket
 from .unixsock import UnixSocket
 from .inotify import Inotify
 from .ptys import PtyMaster, PtyPair, PtySlave
 from .ttys import DevTty, Terminal
 
-KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, TcpSocket, EventFd, TimerFd, SignalFd, Epoll,
+KINDS = [ProcFile, RegularFile, Directory, Device, PipeInode, PipeEnd, UnixSocket, TcpSocket, EventFd, TimerFd, SignalFd, Epoll,
          Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]

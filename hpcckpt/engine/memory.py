@@ -431,6 +431,16 @@ def map_region(inj: Injector, r: RegionRecord, fd: int) -> None:
     if got != r.start:
         err = os.strerror(-got) if -4096 < got < 0 else f"landed at {got:#x}"
         raise ImageError(f"cannot recreate mapping {r.start:#x}-{r.end:#x} {r.path or '[anon]'}: {err}")
+    for flag, advice in _ADVICE.items():
+        if flag in r.vmflags:
+            e = inj.call(SYS.madvise, r.start, r.end - r.start, advice)
+            if e < 0:
+                log.debug("madvise(%#x, %d) on %#x: %s", r.start, advice, r.start, os.strerror(-e))
+
+
+# VmFlags set by madvise (or by MAP_STACK: "nh"), put back the same way: besides their own effect they keep
+# the region from merging with a neighbour that lacks them, so the restored maps read as the original's
+_ADVICE = {"nh": 15, "hg": 14, "dd": 16, "dc": 10, "wf": 18, "mg": 12}   # MADV_NOHUGEPAGE, _HUGEPAGE, ...
 
 
 def protect_region(inj: Injector, r: RegionRecord) -> None:

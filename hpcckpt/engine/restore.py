@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, memory, ptrace, shmfiles, sysvshm
+from . import files, memory, procfiles, ptrace, shmfiles, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
 from .helpers import Spawner, close_plans, make_plans
 from .inject import ProcessGone
@@ -171,6 +171,10 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
                 if isinstance(e, (RestoreError, ImageError)):
                     raise
                 raise RestoreError(f"restoring pid {old} from {plan.reader.path} failed: {e}") from e
+        try:
+            procfiles.reopen(restored)      # /proc/PID descriptors: of the restored PIDs, once all exist
+        except OSError as e:
+            raise RestoreError(str(e)) from None
         segments.finish()
         try:
             fault("restore.before_release")
