@@ -131,6 +131,9 @@ def claim_interrupted_call(pid: int, tid: int, regs: Regs) -> bool:
         log.info("tid %d: %d returned EINTR with a signal pending; left to the program", tid, nr)
         return False
     regs.rax = (-ERESTARTNOHAND) & 0xFFFFFFFFFFFFFFFF
+    # into the thread too: resumed without any injection (a checkpoint abandoned early), the kernel's own
+    # signal-return path then restarts the call, as it does for every -ERESTARTNOHAND without a handler
+    ptrace.setregs(tid, regs)
     log.debug("tid %d: system call %d interrupted by the freeze; it will be re-issued", tid, nr)
     return True
 
