@@ -7,7 +7,8 @@ step ("killed mid-write" and "disk full" are tests, not hopes).
              sleep=SECONDS  the step is slowed down
 
 Points: dump.after_chunk (agent, after each chunk of page data), dump.before_commit (agent, image written
-but not yet renamed), coordinator.before_commit (before the manifest is written).
+but not yet renamed), coordinator.before_commit (before the manifest is written), freeze.after_claim (agent,
+a process just frozen, before anything is injected).
 """
 from __future__ import annotations
 

@@ -122,3 +122,21 @@ def test_proc_descriptors_follow_the_restored_process(namespace, launch, env, tm
     assert r.returncode == 0, (r.stderr[-1000:], out.read_text()[-300:])
     assert [x for x in out.read_text().splitlines() if "BAD" in x][:3] == []
     assert out.read_text() == plain.text()
+
+
+def test_abandoned_checkpoint_leaves_no_eintr(launch, env, tmp_path, build_dir, sem_key):
+    """A checkpoint that fails right after the freeze (before anything is injected, fault point
+    freeze.after_claim) resumes the threads untouched: the calls the freeze interrupted are restarted by the
+    kernel itself, the program never sees EINTR."""
+    prog = compile_c(build_dir, "blockers", "-pthread")
+    ticks = 40
+    plain = _Plain(prog, tmp_path / "plain.txt", ticks, sem_key + 1)
+    out = tmp_path / "out.txt"
+    env["HPCCKPT_FAULT"] = "freeze.after_claim:error=EIO"
+    job = launch(prog, out, ticks, sem_key)
+    wait_for(lambda: line_count(out) >= 3, 30, "progress")
+    for _ in range(3):
+        assert job.command("-bc").returncode != 0          # abandoned
+        time.sleep(0.2)
+    assert job.wait(60) == 0, out.read_text()[-300:]
+    assert out.read_text() == plain.text()

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import ptrace
+from ..faults import fault
 from .inject import Injector, ProcessGone, claim_interrupted_call, find_syscall_insn
 from .maps import read_maps
 from .ptrace import Regs
@@ -158,10 +159,10 @@ def freeze(pid: int, timeout: float = 10.0) -> FrozenProcess:
                 raise ProcessGone(f"pid {pid} exited while being frozen")
         if not fp.threads:
             raise ProcessGone(f"pid {pid} has no live threads")
+        _claim_interrupted_calls(fp)
     except BaseException:
         fp.resume()
         raise
-    _claim_interrupted_calls(fp)
     fp.frozen_at = time.monotonic()
     return fp
 
@@ -171,3 +172,4 @@ def _claim_interrupted_calls(fp: FrozenProcess) -> None:
     done while every thread is stopped and before any injection, on the registers as frozen."""
     for th in fp.threads.values():
         claim_interrupted_call(fp.pid, th.tid, th.regs)
+    fault("freeze.after_claim")      # tests: a checkpoint abandoned before any injection
