@@ -195,11 +195,18 @@ def scan_runs(pagemap_fd: int, start: int, end: int, flags: int = 0, category_ma
     while True:
         n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg)       # returns the number of vec entries filled
         for r in vec[:n]:
-            first, count = (r.start - start) // PAGE, (r.end - r.start) // PAGE
-            if runs and runs[-1][0] + runs[-1][1] == first:
-                runs[-1] = (runs[-1][0], runs[-1][1] + count)
-            else:
-                runs.append((first, count))
+            first, last = (r.start - start) // PAGE, (r.end - start) // PAGE
+            if runs:
+                # a walk resumed at walk_end reports again what it had reported past walk_end (seen here: a
+                # full vector ends inside a page table whose entries were reported up to its end)
+                prev_end = runs[-1][0] + runs[-1][1]
+                first = max(first, prev_end)
+                if first >= last:
+                    continue
+                if first == prev_end:
+                    runs[-1] = (runs[-1][0], last - runs[-1][0])
+                    continue
+            runs.append((first, last - first))
         if arg.walk_end >= end or arg.walk_end <= arg.start:
             return runs
         arg.start = arg.walk_end                              # the vector was full: go on from there
