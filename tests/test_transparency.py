@@ -66,8 +66,8 @@ def _rounds(launch, env, tmp_path: Path, out: Path, cmd: list, rounds: int, extr
     return run(["bash", str(script), "--coord-port", "0"], env, tmp_path, timeout=300)
 
 
-@pytest.mark.parametrize("mode", ["forked", pytest.param("frozen", marks=pytest.mark.slow),
-                                  pytest.param("incremental", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["forked", "frozen", "incremental"])
 def test_blocking_calls_never_see_eintr(mode, launch, env, tmp_path, build_dir, sem_key):
     """Twelve threads, each blocked in another call (semop, epoll_wait, poll, select, read on a pipe, futex
     wait, nanosleep, clock_nanosleep, accept, recv with SO_RCVTIMEO, waitpid, sigtimedwait), checkpointed while
@@ -107,6 +107,7 @@ def test_noreserve_reservations_and_blocked_threads_three_rounds(mode, launch, e
     assert sum(p.stat().st_size for p in tmp_path.glob("ckpt_*/gen*/*.dmtcp")) < 20 << 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("namespace", [True, False], ids=["own-pids", "new-pids"])
 def test_proc_descriptors_follow_the_restored_process(namespace, launch, env, tmp_path, build_dir):
     """Descriptors open on /proc/self/maps (read on from the saved offset), /proc/self/status, /proc/<own
@@ -129,7 +130,7 @@ def test_abandoned_checkpoint_leaves_no_eintr(launch, env, tmp_path, build_dir, 
     freeze.after_claim) resumes the threads untouched: the calls the freeze interrupted are restarted by the
     kernel itself, the program never sees EINTR."""
     prog = compile_c(build_dir, "blockers", "-pthread")
-    ticks = 40
+    ticks = 30
     plain = _Plain(prog, tmp_path / "plain.txt", ticks, sem_key + 1)
     out = tmp_path / "out.txt"
     env["HPCCKPT_FAULT"] = "freeze.after_claim:error=EIO"

@@ -50,7 +50,9 @@ class ProcFile:
         e = ofd[0]
         pid, tid, rest = parse(e.target)
         job = {p for p, _ in ctx.entries}
-        if pid not in job or (tid is not None and not os.path.exists(f"/proc/{pid}/task/{tid}")):
+        # /proc/<tid>/... of a job thread works too (not listed in /proc, but opened by number)
+        ours = pid in job or any(os.path.exists(f"/proc/{p}/task/{pid}") for p in job)
+        if not ours or (tid is not None and not os.path.exists(f"/proc/{pid}/task/{tid}")):
             raise UnsupportedFd(f"{e.where()}: {e.target} belongs to a process outside the computation; after a "
                                 f"restart that PID is another process or none (close it before checkpointing)")
         ctx.add(oid, {"kind": ProcFile.KIND, "path": e.target, "flags": e.flags, "pos": e.pos},
@@ -89,9 +91,10 @@ def _reopen_in(rp, recs: list, pids: dict[int, int], tids: dict[int, int]) -> No
     try:
         for rec in recs:
             pid, tid, rest = parse(rec.path)
-            if pid not in pids or (tid is not None and tid not in tids):
+            new = pids.get(pid) or tids.get(pid)
+            if new is None or (tid is not None and tid not in tids):
                 raise OSError(f"pid {rp.meta.process.pid} fd {rec.fd}: {rec.path} names a process not restored")
-            path = f"/proc/{pids[pid]}" + (f"/task/{tids[tid]}" if tid is not None else "") + rest
+            path = f"/proc/{new}" + (f"/task/{tids[tid]}" if tid is not None else "") + rest
             scratch.write(0, path.encode() + b"\0")
             fd = inj.call(SYS_OPENAT, AT_FDCWD, scratch.addr, rec.flags | O_CLOEXEC, 0)
             if fd < 0:

@@ -3,7 +3,8 @@
  *          bytes read must equal a fresh read of /proc/self/maps (it is this process's maps, restored);
  *   status /proc/self/status: "Pid:" must be getpid();
  *   stat   /proc/<getpid()>/stat: first field getpid(), comm "(procfd)";
- *   tcomm  /proc/thread-self/comm opened by a second thread: its name, "procfd-thr";
+ *   tcomm  /proc/thread-self/comm opened by a second thread: its name, "procfd-thr"; the same thread's
+ *          /proc/<tid>/comm opened by the main thread;
  *   ccomm  /proc/<child>/comm of a forked child (another process of the job): "procfd-child";
  *   dir    /proc/self as a directory fd: openat(dir, "comm") reads "procfd".
  * One line per step to OUT: "step i ok" or "step i BAD <what>". Usage: procfd OUT STEPS */
@@ -20,10 +21,12 @@
 #include <unistd.h>
 
 static int tcomm = -1;
+static pid_t thr_tid;
 
 static void *thr(void *a) {
     (void)a;
     pthread_setname_np(pthread_self(), "procfd-thr");
+    thr_tid = gettid();
     tcomm = open("/proc/thread-self/comm", O_RDONLY);
     for (;;) pause();
     return NULL;
@@ -69,6 +72,8 @@ int main(int argc, char **argv) {
     int st = open(path, O_RDONLY);
     snprintf(path, sizeof path, "/proc/%d/comm", child);
     int ccomm = open(path, O_RDONLY);
+    snprintf(path, sizeof path, "/proc/%d/comm", thr_tid);    /* a thread by its TID, without /task/ */
+    int tcomm2 = open(path, O_RDONLY);
     for (int w = 0; w < 5000; w++) {                     /* until the child has named itself */
         char name[64];
         if (slurp(ccomm, name, sizeof name) > 0 && !strcmp(name, "procfd-child\n")) break;
@@ -108,6 +113,9 @@ int main(int argc, char **argv) {
         slurp(tcomm, buf, sizeof buf);
         strip(buf);
         if (strcmp(buf, "procfd-thr")) snprintf(bad, sizeof bad, "thread comm fd: '%.40s'", buf);
+        slurp(tcomm2, buf, sizeof buf);
+        strip(buf);
+        if (strcmp(buf, "procfd-thr")) snprintf(bad, sizeof bad, "/proc/<tid>/comm fd: '%.40s'", buf);
         slurp(ccomm, buf, sizeof buf);
         strip(buf);
         if (strcmp(buf, "procfd-child")) snprintf(bad, sizeof bad, "child comm fd: '%.40s'", buf);
