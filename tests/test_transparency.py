@@ -10,6 +10,7 @@ Each with a small C program, through two or more checkpoint/restart rounds, comp
 from __future__ import annotations
 
 import random
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -169,3 +170,20 @@ def test_page_scan_matches_pagemap():
         os.close(pm)
         shared.close()
         private.close()
+
+
+def test_proc_descriptor_of_an_outside_process_is_refused(launch, env, tmp_path):
+    """A descriptor on /proc/<pid>/... of a process outside the computation (here PID 1 of the job's namespace:
+    our agent) is refused at checkpoint with a message naming the process, fd and path: after a restart that
+    PID would be another process. The job runs on untouched."""
+    out = tmp_path / "out.txt"
+    code = ("import os, sys, time\nf = open('/proc/1/status')\nfor i in range(400):\n"
+            "    f.seek(0); f.read()\n    print(i, flush=True)\n    time.sleep(0.02)\n")
+    job = launch(sys.executable, "-c", code, stdout=out)
+    wait_for(lambda: line_count(out) >= 3, 30, "progress")
+    r = job.command("-bc")
+    assert r.returncode != 0
+    err = r.stdout + r.stderr + "".join(p.read_text() for p in tmp_path.glob("launch.*.err"))
+    assert "/proc/1/status belongs to a process outside the computation" in err, err[-2000:]
+    n = line_count(out)
+    wait_for(lambda: line_count(out) >= n + 3, 30, "progress after the refused checkpoint")
