@@ -187,3 +187,24 @@ def test_proc_descriptor_of_an_outside_process_is_refused(launch, env, tmp_path)
     assert "/proc/1/status belongs to a process outside the computation" in err, err[-2000:]
     n = line_count(out)
     wait_for(lambda: line_count(out) >= n + 3, 30, "progress after the refused checkpoint")
+
+
+@pytest.mark.slow
+def test_semaphore_set_comes_back(launch, env, tmp_path, build_dir, sem_key):
+    """The job's SysV semaphore set is saved (values, key, semid, mode): removed after the job is killed (as on
+    another host), the restart recreates it with the same semid and values; the thread blocked in semop goes
+    on and the output equals a plain run's."""
+    prog = compile_c(build_dir, "blockers", "-pthread")
+    ticks = 30
+    plain = _Plain(prog, tmp_path / "plain.txt", ticks, sem_key + 1)
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, ticks, sem_key)
+    wait_for(lambda: line_count(out) >= 3, 30, "progress")
+    semid = next(int(line.split()[1]) for line in Path("/proc/sysvipc/sem").read_text().splitlines()[1:]
+                 if int(line.split()[0]) & 0xFFFFFFFF == sem_key)
+    checkpoint_and_kill(job)
+    subprocess.run(["ipcrm", "-S", hex(sem_key)], check=True)
+    r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+    assert r.returncode == 0, (r.stderr[-1000:], out.read_text()[-300:])
+    assert out.read_text() == plain.text()
+    assert "comes back as" not in r.stderr and semid >= 0

@@ -204,6 +204,8 @@ class FdTable:
             h.dump(self.ctx, oid, ofd)
         from . import sysvshm        # shared by processes without a descriptor; stored like the objects above
         sysvshm.scan(self.ctx, self.pids)
+        from . import sysvsem        # SysV semaphore sets, likewise
+        sysvsem.scan(self.ctx, self.pids)
         from . import shmfiles       # named POSIX shared memory files: saved whole, put back at restart
         shmfiles.scan(self.ctx, self.pids)
         for (pid, fd), e in sorted(entries.items()):

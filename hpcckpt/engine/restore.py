@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, memory, procfiles, ptrace, shmfiles, sysvshm
+from . import files, memory, procfiles, ptrace, shmfiles, sysvsem, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
 from .helpers import Spawner, close_plans, make_plans
 from .inject import ProcessGone
@@ -147,6 +147,7 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     try:
         try:
             segments.create()           # before any helper exists: they are forked into its IPC namespace
+            sysvsem.restore([o for o in objects.values() if o.get("kind") == "sysvsem"])
             factory.rendezvous = opts.rendezvous
             factory.prepare()             # objects made together (e.g. TCP connections between hosts)
             plans = make_plans(metas, factory, base)
