@@ -12,7 +12,8 @@ Points: dump.after_chunk (agent, after each chunk of page data), dump.before_com
 but not yet renamed), coordinator.script (restart script in place, its link not yet), coordinator.before_commit
 (restart script in place, before the manifest is written), batch.after_requeue (batch driver, right after the
 requeue / continuation was submitted), agent.after_suspend (agent, the job's processes just frozen and the
-suspend acknowledged).
+suspend acknowledged), freeze.after_claim (agent, a process
+just frozen, before anything is injected).
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import ptrace
-from .inject import Injector, ProcessGone, find_syscall_insn
+from ..faults import fault
+from .inject import Injector, ProcessGone, claim_interrupted_call, find_syscall_insn
 from .linux import SYS, syscall
 from .maps import read_maps
 from .ptrace import Regs
@@ -279,9 +280,18 @@ def freeze(pid: int, timeout: float = 10.0) -> FrozenProcess:
                 raise ProcessGone(f"pid {pid} exited while being frozen")
         if not fp.threads:
             raise ProcessGone(f"pid {pid} has no live threads")
+        _claim_interrupted_calls(fp)
     except BaseException:
         fp.resume()
         _let_go(waiting)
         raise
     fp.frozen_at = time.monotonic()
     return fp
+
+
+def _claim_interrupted_calls(fp: FrozenProcess) -> None:
+    """Calls that failed with EINTR only because of our interrupt are re-issued (inject.claim_interrupted_call);
+    done while every thread is stopped and before any injection, on the registers as frozen."""
+    for th in fp.threads.values():
+        claim_interrupted_call(fp.pid, th.tid, th.regs)
+    fault("freeze.after_claim")      # tests: a checkpoint abandoned before any injection

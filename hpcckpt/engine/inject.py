@@ -12,7 +12,7 @@ import logging
 import os
 
 from . import ptrace
-from .linux import RESTART_CODES, SYS, ERESTART_RESTARTBLOCK
+from .linux import ERESTART_RESTARTBLOCK, ERESTARTNOHAND, RESTART_CODES, SYS
 from .ptrace import Regs, signed
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,62 @@ def normalize_restart(regs: Regs, new_process: bool, syscall_nr: int = -1) -> Re
         r.rip -= 2
     r.orig_rax = 0xFFFFFFFFFFFFFFFF
     return r
+
+
+# Calls whose -EINTR is final even though the thread was only stopped: close(2) has already dropped the
+# descriptor when it reports EINTR, so issuing it again would close whatever took the number (or fail EBADF).
+_NEVER_REISSUE = frozenset({SYS.close})
+EINTR = 4
+# Signals whose default action is to do nothing: queued only because the thread is traced (the kernel drops
+# them for an untraced one), so they cannot be what interrupted the call.
+_DEFAULT_IGNORED = frozenset({17, 18, 23, 28})          # SIGCHLD, SIGCONT, SIGURG, SIGWINCH
+
+
+def _status_masks(pid: int, tid: int) -> dict[str, int]:
+    out = {}
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            key, _, val = line.partition(":")
+            if key in ("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"):
+                out[key] = int(val, 16)
+    return out
+
+
+def real_signal_pending(pid: int, tid: int) -> bool:
+    """Whether a signal that would interrupt the thread's system call on its own is pending for it: not
+    blocked (the current mask: a temporary ppoll/epoll_pwait mask counts), not ignored, not a default-ignored
+    signal left with SIG_DFL. Unknown (status unreadable) counts as pending: then the program keeps its EINTR."""
+    try:
+        m = _status_masks(pid, tid)
+    except OSError:
+        return True
+    live = (m.get("SigPnd", 0) | m.get("ShdPnd", 0)) & ~m.get("SigBlk", 0) & ~m.get("SigIgn", 0)
+    for sig in _DEFAULT_IGNORED:
+        bit = 1 << (sig - 1)
+        if live & bit and not m.get("SigCgt", 0) & bit:
+            live &= ~bit
+    return live != 0
+
+
+def claim_interrupted_call(pid: int, tid: int, regs: Regs) -> bool:
+    """A thread frozen on its way out of a system call that failed with EINTR only because we stopped it
+    (epoll_wait, semop, sigtimedwait, SO_RCVTIMEO sockets, io_getevents...: signal(7), "Interruption ... by
+    stop signals") gets the call back: its rax becomes -ERESTARTNOHAND, so every later step (resume, injection,
+    the image's in_syscall, restart) re-issues it exactly like a call the kernel had asked to restart. Without a
+    real signal pending for the thread the EINTR cannot be anyone else's. Must run on the registers as frozen,
+    before any injection changes the thread's mask. Returns whether the call was claimed."""
+    nr = signed(regs.orig_rax)
+    if signed(regs.rax) != -EINTR or nr < 0 or nr in _NEVER_REISSUE:
+        return False
+    if real_signal_pending(pid, tid):
+        log.info("tid %d: %d returned EINTR with a signal pending; left to the program", tid, nr)
+        return False
+    regs.rax = (-ERESTARTNOHAND) & 0xFFFFFFFFFFFFFFFF
+    # into the thread too: resumed without any injection (a checkpoint abandoned early), the kernel's own
+    # signal-return path then restarts the call, as it does for every -ERESTARTNOHAND without a handler
+    ptrace.setregs(tid, regs)
+    log.debug("tid %d: system call %d interrupted by the freeze; it will be re-issued", tid, nr)
+    return True
 
 
 class Injector:

@@ -6,11 +6,12 @@ from .awarefd import AwareConnection
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .pipes import Index, PipeEnd, PipeInode
+from .procfiles import ProcFile
 from .tcp import TcpSocket
 from .unixsock import UnixSocket
 from .inotify import Inotify
 from .ptys import PtyMaster, PtyPair, PtySlave
 from .ttys import DevTty, Terminal
 
-KINDS = [RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd, TimerFd,
-         SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]
+KINDS = [ProcFile, RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd,
+         TimerFd, SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]

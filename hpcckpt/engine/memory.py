@@ -26,10 +26,10 @@ from ..faults import fault
 from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
 from ..image.records import RegionRecord
 from .inject import Injector
-from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_PRIVATE, MAP_SHARED, PAGE, PROT_READ,
-                    PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
+from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED, PAGE,
+                    PROT_READ, PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
                     process_vm_writev_scattered)
-from .maps import Mapping, populated_runs, read_maps
+from .maps import Mapping, populated_runs, read_maps, sparse_reservation
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class MemoryDumper:
             finally:
                 os.close(pagemap)
         for p in plans:
-            if hashes:
+            if hashes and not sparse_reservation(p.m, p.runs):   # a reservation's few pages: stored as they are
                 from .incremental import HASH_SIZE, region_key
                 p.hashes = bytearray(HASH_SIZE * p.m.npages)
                 prev = (previous or {}).get(region_key(p.rec))
@@ -407,6 +407,12 @@ def map_flags(r: RegionRecord) -> int:
         flags = MAP_PRIVATE | MAP_ANONYMOUS
     if "gd" in r.vmflags:
         flags |= MAP_GROWSDOWN
+    uncharged = r.vmflags and "ac" not in r.vmflags and not prot_of(r.perms) & PROT_WRITE
+    if "nr" in r.vmflags or (flags & MAP_PRIVATE and uncharged and filled(r)):
+        # MAP_NORESERVE reservations (Go, Java, sanitizers: terabytes, a few pages used) must not be charged
+        # against the commit limit; nor must a read-only or PROT_NONE region the original was never charged for
+        # ("ac" absent) while it is writable for a moment to be filled
+        flags |= MAP_NORESERVE
     return flags | MAP_FIXED
 
 
@@ -430,6 +436,16 @@ def map_region(inj: Injector, r: RegionRecord, fd: int) -> None:
     if got != r.start:
         err = os.strerror(-got) if -4096 < got < 0 else f"landed at {got:#x}"
         raise ImageError(f"cannot recreate mapping {r.start:#x}-{r.end:#x} {r.path or '[anon]'}: {err}")
+    for flag, advice in _ADVICE.items():
+        if flag in r.vmflags:
+            e = inj.call(SYS.madvise, r.start, r.end - r.start, advice)
+            if e < 0:
+                log.debug("madvise(%#x, %d) on %#x: %s", r.start, advice, r.start, os.strerror(-e))
+
+
+# VmFlags set by madvise (or by MAP_STACK: "nh"), put back the same way: besides their own effect they keep
+# the region from merging with a neighbour that lacks them, so the restored maps read as the original's
+_ADVICE = {"nh": 15, "hg": 14, "dd": 16, "dc": 10, "wf": 18, "mg": 12}   # MADV_NOHUGEPAGE, _HUGEPAGE, ...
 
 
 def protect_region(inj: Injector, r: RegionRecord) -> None:
@@ -462,8 +478,10 @@ class MemoryFiller:
         from .incremental import open_chain, region_key, resolve
         chain = open_chain(self.reader)
         try:
-            self._run([(reader, c, runs, r.start) for r in regions if r.hashes or r.chunks
-                       for reader, c, runs in resolve(chain, region_key(r), (r.end - r.start) // PAGE)])
+            self._run([(reader, c, runs, r.start) for r in regions if r.hashes
+                       for reader, c, runs in resolve(chain, region_key(r), (r.end - r.start) // PAGE)] +
+                      [(self.reader, c, [(c.page, c.npages)], r.start)        # sparse reservations: stored whole
+                       for r in regions if not r.hashes for c in map(Chunk.from_json, r.chunks)])
         finally:
             for link in chain[1:]:
                 link.reader.close()

@@ -21,7 +21,7 @@ from ..faults import fault
 from ..image import validate
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, identity, memory, ptrace, shmfiles, sysvshm
+from . import files, identity, memory, procfiles, ptrace, shmfiles, sysvshm
 from .fdtable import ObjectFactory, UnsupportedFd
 from .helpers import Spawner, close_plans, image_ids, make_plans, park_pid_cursor
 from .inject import ProcessGone
@@ -180,6 +180,10 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
                 if isinstance(e, (RestoreError, ImageError)):
                     raise
                 raise RestoreError(f"restoring pid {old} from {plan.reader.path} failed: {e}") from e
+        try:
+            procfiles.reopen(restored)      # /proc/PID descriptors: of the restored PIDs, once all exist
+        except OSError as e:
+            raise RestoreError(str(e)) from None
         segments.finish()
         try:
             fault("restore.before_release")

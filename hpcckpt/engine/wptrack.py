@@ -23,14 +23,13 @@ HPCCKPT_WRITE_TRACKING=0 turns tracking off.
 """
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import logging
 import os
 import struct
 from dataclasses import dataclass, field
 
-from .linux import PAGE, SYS
+from .linux import SYS
+from .maps import PAGE_IS_WRITTEN, scan_runs, sparse_reservation
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +41,8 @@ FEATURE_WP_ASYNC = 1 << 15
 UFFDIO_API = 0xC018AA3F           # _IOWR(0xAA, 0x3F, struct uffdio_api)
 UFFDIO_REGISTER = 0xC020AA00      # _IOWR(0xAA, 0x00, struct uffdio_register)
 REGISTER_MODE_WP = 1 << 1
-PAGEMAP_SCAN = 0xC0606610         # _IOWR('f', 16, struct pm_scan_arg)   (Debian 12's headers predate it)
 SCAN_WP_MATCHING = 1 << 0
 SCAN_CHECK_WPASYNC = 1 << 1
-PAGE_IS_WRITTEN = 1 << 1
 O_CLOEXEC = 0o2000000
 F_DUPFD_CLOEXEC = 1030
 USERFAULTFD = 323                 # x86_64 system call numbers
@@ -87,10 +84,12 @@ class Tracker:
 
 
 def eligible(plan) -> bool:
-    """Private, writable, anonymous, and read from the snapshot or the frozen process the usual way."""
+    """Private, writable, anonymous, and read from the snapshot or the frozen process the usual way; not a
+    sparse reservation (arming marks every never-touched page too, WP_UNPOPULATED, which builds the page tables
+    of the whole range: 4 GiB of them for a 2 TiB MAP_NORESERVE reservation)."""
     m = plan.m
     return plan.rec.backing == "anon" and plan.mode == "touched" and not m.shared and not plan.live \
-        and "w" in m.perms
+        and "w" in m.perms and not sparse_reservation(m)
 
 
 def _key(m) -> tuple:
@@ -179,38 +178,11 @@ def _create(inj, scratch, t: Tracker) -> None:
             log.info("pid %d: no write tracking (%s); incremental images hash its pages", t.pid, t.off)
 
 
-class _ScanArg(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_uint64) for n in ("size", "flags", "start", "end", "walk_end", "vec", "vec_len",
-                                               "max_pages", "category_inverted", "category_mask",
-                                               "category_anyof_mask", "return_mask")]
-
-
-class _Region(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
-
-
-_VEC = 4096
-
-
 def scan(pagemap_fd: int, start: int, end: int) -> list[tuple[int, int]]:
     """Runs (first page, pages) of [start, end) written since the last scan, write-protected again; OSError if
     the range is not registered for asynchronous write-protect."""
-    vec = (_Region * _VEC)()
-    arg = _ScanArg(size=ctypes.sizeof(_ScanArg), flags=SCAN_WP_MATCHING | SCAN_CHECK_WPASYNC, start=start,
-                   end=end, vec=ctypes.addressof(vec), vec_len=_VEC, category_mask=PAGE_IS_WRITTEN,
-                   return_mask=PAGE_IS_WRITTEN)
-    runs: list[tuple[int, int]] = []
-    while True:
-        n = fcntl.ioctl(pagemap_fd, PAGEMAP_SCAN, arg)       # returns the number of vec entries filled
-        for r in vec[:n]:
-            first, count = (r.start - start) // PAGE, (r.end - r.start) // PAGE
-            if runs and runs[-1][0] + runs[-1][1] == first:
-                runs[-1] = (runs[-1][0], runs[-1][1] + count)
-            else:
-                runs.append((first, count))
-        if arg.walk_end >= end or arg.walk_end <= arg.start:
-            return runs
-        arg.start = arg.walk_end                              # the vector was full: go on from there
+    return scan_runs(pagemap_fd, start, end, flags=SCAN_WP_MATCHING | SCAN_CHECK_WPASYNC,
+                     category_mask=PAGE_IS_WRITTEN)
 
 
 def collect(plans: list, t: Tracker, generation: int) -> int:
