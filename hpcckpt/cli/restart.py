@@ -26,6 +26,7 @@ from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
 from .jobrun import run_job
+from . import dmtcpopts
 from .launch import store_secret
 
 log = logging.getLogger("hpcckpt")
@@ -44,7 +45,8 @@ def parser(prog: str) -> Parser:
     g.add_argument("--new-coordinator", "--new", dest="policy", action="store_const", const=NEW)
     g.add_argument("--any-coordinator", dest="policy", action="store_const", const=ANY)
     p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds after the restart")
-    p.add_argument("--ckptdir", metavar="DIR", help="where later checkpoints go (default: current directory)")
+    p.add_argument("-c", "--ckptdir", metavar="DIR", help="where later checkpoints go (default: current directory; "
+                                                          "created if missing)")
     z = p.add_mutually_exclusive_group()
     z.add_argument("--gzip", dest="compress", action="store_const", const=True)
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
@@ -57,7 +59,8 @@ def parser(prog: str) -> Parser:
                    help="store only pages changed since the previous checkpoint (env HPCCKPT_INCREMENTAL=1)")
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="restart without a PID namespace of our own (processes get new PIDs)")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.add_argument("-q", "--quiet", action="count", default=None)
+    dmtcpopts.add_restart_options(p)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
     p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
@@ -157,6 +160,11 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         s = settings_from(args)
         incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
+        dmtcpopts.note_layerless(args)
+        dmtcpopts.prepare(s)
+        dmtcpopts.make_ckptdir(s.ckptdir)
+        if args.restartdir and not args.from_dir:
+            args.from_dir = args.restartdir
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
         elif args.secret_fd is not None:
