@@ -144,7 +144,9 @@ def prepare(s) -> None:
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)
     if s.coord_logfile:
         os.environ["DMTCP_COORD_LOG_FILENAME"] = os.path.abspath(s.coord_logfile)
-    if s.ckpt_open_files:
+    from ..engine import openfiles
+    openfiles.configure(s.ckpt_open_files, s.open_file_max_bytes, s.allow_file_overwrite)
+    if s.ckpt_open_files:          # agents started on other hosts and by ssh/srun inside the job
         os.environ["DMTCP_CHECKPOINT_OPEN_FILES"] = "1"
     if s.allow_file_overwrite:
         os.environ["DMTCP_ALLOW_FILE_OVERWRITE"] = "1"
