@@ -273,3 +273,64 @@ def test_without_the_option_a_deleted_file_is_not_restored(launch, openfile, env
     data.unlink()
     r = run(["dmtcp_restart", "-p", "0", "--ckptdir", str(tmp_path), *map(str, images)], env, tmp_path, timeout=60)
     assert r.returncode != 0 and str(data) in r.stderr
+
+
+# ------------------------------------------------------------------------------------ --debug-restart-pause --
+def _proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _host_pid(nspid: int, name: str) -> int:
+    for d in Path("/proc").iterdir():
+        try:
+            st = (d / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in st.splitlines() if ":\t" in line)
+        if fields.get("Name") == name and fields.get("NSpid", "").split()[-1] == str(nspid):
+            return int(d.name)
+    raise AssertionError(f"no process {name} with namespace PID {nspid}")
+
+
+def test_debug_restart_pause_waits_for_the_debugger(launch, openfile, env, tmp_path):
+    """As DMTCP's harness runs it: a coordinator up, the restart joins it; with the pause the restored process
+    stays stopped and untraced (a debugger can attach) and the coordinator sees nobody until it is continued."""
+    import re
+    data, go, images = _ckpt_open_file_job(launch, openfile, tmp_path, extra=())
+    pf, err = tmp_path / "coord.port", tmp_path / "restart.err"
+    coord = subprocess.Popen(["dmtcp_coordinator", "-p", "0", "--port-file", str(pf), "--ckptdir", str(tmp_path)],
+                             env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    restart = None
+    try:
+        wait_for(lambda: pf.exists() and pf.read_text().strip(), 20, "the coordinator's port")
+
+        def status():
+            return json.loads(run(["dmtcp_command", "--port-file", str(pf), "-s", "--json"], env, tmp_path).stdout)
+        with open(err, "w") as e:
+            restart = subprocess.Popen(["dmtcp_restart", "-j", "-p", "0", "--port-file", str(pf),
+                                        "--debug-restart-pause", "1", *map(str, images)], env=env, cwd=tmp_path,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=e)
+        m = wait_for(lambda: re.search(r"openfile pid (\d+)", err.read_text()), 30, "the paused process's PID")
+        pid = _host_pid(int(m.group(1)), "openfile")        # (the PID printed is the one in the job's namespace)
+        wait_for(lambda: _proc_state(pid) == "T", 10, "the restored process to be stopped")
+        assert "TracerPid:\t0" in Path(f"/proc/{pid}/status").read_text()     # free for gdb -p
+        st = status()
+        assert st["num_peers"] == 0 and st["running"] is False, st               # the restart has not joined
+        assert restart.poll() is None
+        os.kill(pid, 18)                                                      # SIGCONT: the restart goes on
+        wait_for(lambda: status()["num_peers"] == 1, 30, "the restart to join")
+        go.touch()
+        assert restart.wait(30) == 0
+    finally:
+        for p in (restart, coord):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_restartdir_restarts_the_newest_checkpoint(launch, openfile, env, tmp_path):
+    data, go, _ = _ckpt_open_file_job(launch, openfile, tmp_path, extra=())
+    job = restart_in_background([], env, tmp_path, extra=["--restartdir", str(tmp_path)])
+    go.touch()
+    assert job.wait(30) == 0

@@ -26,7 +26,7 @@ from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
 from .jobrun import run_job
-from . import dmtcpopts
+from . import dmtcpopts, restartpause
 from .launch import store_secret
 
 log = logging.getLogger("hpcckpt")
@@ -292,6 +292,8 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             if agent is not None:
                 agent.send({"type": "restored", "error": str(e)})
             raise Fail(str(e)) from None
+        if s.restart_pause:
+            restartpause.pause(restored, s.restart_pause)     # --debug-restart-pause: a debugger's turn first
         if agent is None:
             join()
         else:
@@ -311,7 +313,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
         paths = {r.meta["unique_id"]: r.path for r in readers}
         agent.prev_images = {rp.meta.unique_id: (paths[rp.meta.unique_id], list(rp.meta.needs) or [rp.meta.generation])
                              for rp in restored}
-        release_all(restored)
+        release_all([rp for rp in restored if not rp.released])
         api.restarted(int(meta["generation"]))       # waiting hpcckpt.aware.checkpoint() calls: "restarted"
         log.info("restored %d process(es) in %.3f s: %s", len(restored), restored[0].stats.get("total_s", 0),
                  ", ".join(f"{rp.meta.program}[{rp.meta.process.pid}->{rp.pid}]" for rp in restored))
