@@ -334,3 +334,15 @@ def test_restartdir_restarts_the_newest_checkpoint(launch, openfile, env, tmp_pa
     job = restart_in_background([], env, tmp_path, extra=["--restartdir", str(tmp_path)])
     go.touch()
     assert job.wait(30) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs to give an image to another user")
+def test_strict_checking_refuses_another_users_image(launch, openfile, env, tmp_path):
+    data, go, images = _ckpt_open_file_job(launch, openfile, tmp_path, extra=())
+    for img in images:
+        os.chown(img, 4242, 4242)
+    r = run(["dmtcp_restart", "-p", "0", "--ckptdir", str(tmp_path), *map(str, images)], env, tmp_path, timeout=60)
+    assert r.returncode == 99 and "uid 4242" in r.stderr and "--no-strict-checking" in r.stderr, r.stderr
+    job = restart_in_background(images, env, tmp_path, extra=["--no-strict-checking"])
+    go.touch()
+    assert job.wait(30) == 0

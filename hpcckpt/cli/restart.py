@@ -26,7 +26,7 @@ from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
 from .jobrun import run_job
-from . import dmtcpopts, restartpause
+from . import dmtcpopts, restartpause, strictcheck
 from .launch import store_secret
 
 log = logging.getLogger("hpcckpt")
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
+        strictcheck.check_images(paths, s.no_strict_checking)
         readers = open_images(paths) if paths else []
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
