@@ -346,3 +346,32 @@ def test_strict_checking_refuses_another_users_image(launch, openfile, env, tmp_
     job = restart_in_background(images, env, tmp_path, extra=["--no-strict-checking"])
     go.touch()
     assert job.wait(30) == 0
+
+
+def test_pathvirt_finds_moved_files(launch, openfile, env, tmp_path):
+    """DMTCP's pathvirt: the data directory moved after the checkpoint; with its OLD:NEW prefix the restart
+    reopens the file at its new path (without, it cannot)."""
+    old, new = tmp_path / "virtual", tmp_path / "physical"
+    old.mkdir()
+    data, go = old / "data.txt", tmp_path / "go"
+    job = launch(openfile, data, go)
+    wait_for(lambda: data.exists() and data.stat().st_size > 0, 20, "the data file")
+    assert job.command("-bc").returncode == 0
+    job.command("-k")
+    job.wait(30)
+    images = newest_images(tmp_path)
+    old.rename(new)
+    r = run(["dmtcp_restart", "-p", "0", "--ckptdir", str(tmp_path), *map(str, images)], env, tmp_path, timeout=60)
+    assert r.returncode != 0 and str(data) in r.stderr
+    job = restart_in_background(images, {**env, "DMTCP_PATH_MAPPING": f"{old}:{new}"}, tmp_path,
+                                extra=["--pathvirt"])
+    go.touch()
+    assert job.wait(30) == 0
+
+
+def test_pathvirt_prefix_boundaries():
+    from hpcckpt.engine.pathvirt import _pairs, remap
+    pairs = _pairs(["/data:/scratch/data", "/data/big:/fast"])
+    assert remap("/data/x", pairs) == "/scratch/data/x" and remap("/data", pairs) == "/scratch/data"
+    assert remap("/database/x", pairs) == "/database/x"                     # whole components only
+    assert remap("/data/big/y", pairs) == "/fast/y"                          # the longest prefix wins

@@ -18,7 +18,7 @@ from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from ..agent.aware_server import AwareServer, name_of as aware_name_of
-from ..engine import awarefd
+from ..engine import awarefd, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import runlock, safefs, store
 from ..image.format import ImageError, ImageReader
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
         strictcheck.check_images(paths, s.no_strict_checking)
         readers = open_images(paths) if paths else []
+        if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved
+            for r in readers:
+                pathvirt.remap_meta(r.meta, s.path_prefixes)
         if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
         if args.policy != JOIN:      # (the parts a restart starts on other hosts join it: it claimed for them)
