@@ -375,3 +375,11 @@ def test_pathvirt_prefix_boundaries():
     assert remap("/data/x", pairs) == "/scratch/data/x" and remap("/data", pairs) == "/scratch/data"
     assert remap("/database/x", pairs) == "/database/x"                     # whole components only
     assert remap("/data/big/y", pairs) == "/fast/y"                          # the longest prefix wins
+
+
+def test_modify_env_file_format():
+    from hpcckpt.cli.modifyenv import EnvFileError, parse
+    changes = parse("# a comment\n\nTARGET=after-restart\nREMOVE\nDISP=$DISPLAY:${N}\n", {"DISPLAY": ":0", "N": "1"})
+    assert changes == {"TARGET": "after-restart", "REMOVE": None, "DISP": ":0:1"}
+    with pytest.raises(EnvFileError):
+        parse("1BAD=x\n", {})
