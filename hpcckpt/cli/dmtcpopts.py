@@ -123,9 +123,12 @@ def flags(args: argparse.Namespace) -> dict:
     if out.get("path_prefixes"):
         out["path_prefixes"] = list(out["path_prefixes"])
         out["pathvirt"] = True
-    if getattr(args, "disable_all", False):
+    if getattr(args, "disable_all", False) or \
+            os.environ.get("DMTCP_DISABLE_ALL_PLUGINS", "").strip().lower() in ("1", "yes", "true"):
         out["plugins"] = []
     if getattr(args, "pid_namespace", None) is False:
+        out["pid_namespace"] = False
+    elif os.environ.get("DMTCP_PID_PLUGIN", "").strip() == "0":     # the variable of --disable-pid-plugin
         out["pid_namespace"] = False
     return out
 
