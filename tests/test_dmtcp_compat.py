@@ -383,3 +383,10 @@ def test_modify_env_file_format():
     assert changes == {"TARGET": "after-restart", "REMOVE": None, "DISP": ":0:1"}
     with pytest.raises(EnvFileError):
         parse("1BAD=x\n", {})
+
+
+def test_command_help_and_no_command_in_json(env, tmp_path):
+    r = run(["dmtcp_command", "--json"], env, tmp_path)
+    assert r.returncode == 0 and _json(r)["command"] == "DMT_HELP"
+    r = run(["dmtcp_command", "-h"], env, tmp_path)
+    assert r.returncode == 0 and "usage" in r.stdout

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
         if args.interval_value is not None:
             cmd = "interval"
             extra["value"] = args.interval_value
+        if cmd is None and args.json:        # DMTCP: no command is its help, reported as such
+            print(json.dumps(dmtcpjson.head("help", dmtcpjson.SUCCESS, "localhost", 7779)))
+            return 0
         if cmd is None:
             p.error("no command given (e.g. -s, -l, -c, -bc, -k, -q, -i N)")
         s = settings_from(args)

@@ -175,6 +175,8 @@ _COMMAND_WORDS = {"s": "-s", "status": "-s", "l": "-l", "list": "-l", "c": "-c",
 def command_argv(argv: list[str]) -> list[str]:
     """dmtcp_command's command words in any of DMTCP's spellings (s, -s, --status, bc, -bc, xc, -i5, i 5) made
     into our parser's (-s, -bc, -kc, -i 5); options with values are left alone."""
+    if argv == ["-h"]:                   # alone it is DMTCP's help; with a value, the coordinator host
+        return ["--help"]
     out: list[str] = []
     takes_value = {"-h", "--coord-host", "--host", "-p", "--coord-port", "--port", "--port-file", "--config",
                    "--timeout", "-i", "--interval"}
