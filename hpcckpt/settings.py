@@ -72,7 +72,7 @@ class Settings:
     # (else the restart refuses, naming the file)
     allow_file_overwrite: bool = field(default=False, metadata=_env("DMTCP_ALLOW_FILE_OVERWRITE",
                                                                     "DMTCP_ALLOW_OVERWRITE_WITH_CKPTED_FILES"))
-    # our temporary files (job files, logs of coordinators we start); created 0700 if missing
+    # our temporary files (the log of a coordinator we start); created 0700 if missing, exported to what we start
     tmpdir: str | None = field(default=None, metadata=_env("DMTCP_TMPDIR"))
     # restart checks that refuse: image owned by another user, image of another machine architecture
     no_strict_checking: bool = field(default=False, metadata=_env("DMTCP_DISABLE_STRICT_CHECKING"))
