@@ -390,3 +390,16 @@ def test_command_help_and_no_command_in_json(env, tmp_path):
     assert r.returncode == 0 and _json(r)["command"] == "DMT_HELP"
     r = run(["dmtcp_command", "-h"], env, tmp_path)
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+def test_open_file_that_only_grew_is_not_changed(launch, openfile, env, tmp_path):
+    """A file appended to after the checkpoint (a log) still starts with its saved contents: no refusal, and the
+    writable file is cut back to its checkpoint length."""
+    data, go, images = _ckpt_open_file_job(launch, openfile, tmp_path)
+    saved = data.read_bytes()
+    with open(data, "ab") as f:
+        f.write(b"appended after the checkpoint\n")
+    job = restart_in_background(images, env, tmp_path)
+    go.touch()
+    assert job.wait(30) == 0
+    assert data.read_bytes() == saved

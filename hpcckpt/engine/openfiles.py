@@ -3,7 +3,8 @@ are saved in the image, so that a file changed or deleted later comes back as it
 
 At restart (DMTCP's rules):
   - the file is missing: it is created (with its directories) from the saved copy;
-  - it holds the saved contents: nothing to do;
+  - it holds the saved contents (possibly followed by more, written after the checkpoint: compared over the saved
+    length, as DMTCP does; a writable file is then cut back to it): nothing to do;
   - it holds other contents: with --allow-file-overwrite the existing file is kept as PATH.<time>.bk and the saved
     copy put in its place; without, the restart refuses, naming the file.
 Files of pseudo file systems (/proc, /sys, /dev) and files over `max_bytes` are not saved (logged).
@@ -73,11 +74,18 @@ def save(ctx, oid: str, state: dict, pid: int, fd: int) -> None:
     log.info("saved the %d bytes of open file %s (pid %d fd %d)", len(data), path, pid, fd)
 
 
-def _same(path: str, digest: str) -> bool:
+def _same(path: str, digest: str, size: int) -> bool:
+    """The file still starts with the saved contents. Like DMTCP, only the saved length is compared: a file that
+    only grew since (a log) is not "changed"; a writable one is cut back to that length on release (files.py)."""
     h = hashlib.sha256()
+    left = size
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
+        while left > 0:
+            block = f.read(min(1 << 20, left))
+            if not block:
+                return False            # shorter than at the checkpoint
             h.update(block)
+            left -= len(block)
     return h.hexdigest() == digest
 
 
@@ -101,7 +109,7 @@ def restore(factory, state: dict) -> None:
         return
     path = state["path"]
     try:
-        if os.path.exists(path) and _same(path, saved["sha256"]):
+        if os.path.exists(path) and _same(path, saved["sha256"], saved["size"]):
             return
     except OSError as e:
         raise UnsupportedFd(f"cannot read {path} to compare it with its checkpointed copy: {e.strerror}") from None
