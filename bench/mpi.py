@@ -69,7 +69,7 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
         r = command(env, port, "-bc", "--json")
         ckpt_wall = time.perf_counter() - t
         reply = json.loads(r.stdout)
-        if not reply.get("ok"):
+        if reply.get("command_status") != "DMT_COORD_SUCCESS":
             raise SystemExit(f"bench: checkpoint failed: {reply.get('error')}")
         c = reply["checkpoint"]
         command(env, port, "-k")

@@ -69,10 +69,39 @@ class Settings:
     exit_on_last: bool = False
     timeout: float = 0.0
     stale_timeout: float = 8 * 3600.0
-    quiet: bool = field(default=False, metadata=_env("DMTCP_QUIET"))
+    # 0: everything, 1: no notes (warnings and errors), 2: errors only (DMTCP_QUIET=0|1|2; -q, -q -q)
+    quiet: int = field(default=0, metadata=_env("DMTCP_QUIET"))
     log_level: str = field(default="INFO", metadata=_env("HPCCKPT_LOG_LEVEL"))
     # -- bad-input validation block (badinput): fields read once here, validated in _validate_input --
     writers: int = field(default=4, metadata=_env("HPCCKPT_WRITERS"))   # images written at once (forked ckpts)
+    # --- DMTCP compatibility (docs/dmtcp-compat.md) -----------------------------------------------------------
+    # save the contents of every regular file open at checkpoint (up to open_file_max_bytes each) and put them
+    # back at restart (engine/openfiles.py)
+    ckpt_open_files: bool = field(default=False, metadata=_env("DMTCP_CHECKPOINT_OPEN_FILES",
+                                                               "DMTCP_CKPT_OPEN_FILES"))
+    open_file_max_bytes: int = field(default=256 << 20, metadata=_env("HPCCKPT_OPEN_FILE_MAX_BYTES"))
+    # with ckpt_open_files: a file that exists at restart with other contents is overwritten by the saved copy
+    # (else the restart refuses, naming the file)
+    allow_file_overwrite: bool = field(default=False, metadata=_env("DMTCP_ALLOW_FILE_OVERWRITE",
+                                                                    "DMTCP_ALLOW_OVERWRITE_WITH_CKPTED_FILES"))
+    # our temporary files (the log of a coordinator we start); created 0700 if missing, exported to what we start
+    tmpdir: str | None = field(default=None, metadata=_env("DMTCP_TMPDIR"))
+    # restart checks that refuse: image owned by another user, image of another machine architecture
+    no_strict_checking: bool = field(default=False, metadata=_env("DMTCP_DISABLE_STRICT_CHECKING"))
+    # 1..7: the restarted processes are left stopped for a debugger before they run (cli/dmtcpcompat.py)
+    restart_pause: int = field(default=0, metadata=_env("DMTCP_RESTART_PAUSE", "MTCP_RESTART_PAUSE"))
+    # every checkpoint kept under its own generation directory (none pruned)
+    unique_ckpt: bool = field(default=False, metadata=_env("DMTCP_UNIQUE_CKPT_PLUGIN", "DMTCP_UNIQUE_CKPT"))
+    coord_logfile: str | None = field(default=None, metadata=_env("DMTCP_COORD_LOG_FILENAME"))
+    exit_after_ckpt: bool = False         # coordinator: kill the computation once a checkpoint is complete
+    # plugins ("module:Class" or file paths; DMTCP_PLUGIN is colon-separated), wired by the plugin mechanism
+    plugins: list = field(default_factory=list, metadata=_env("DMTCP_PLUGIN", "HPCCKPT_PLUGINS"))
+    # --modify-env: apply <ckptdir>/dmtcp_env.txt (NAME=VALUE / NAME lines) to the restarted processes
+    modify_env: bool = field(default=False, metadata=_env("HPCCKPT_MODIFY_ENV"))
+    # --pathvirt: "OLD:NEW" path prefixes rewritten in the image's file paths at restart (DMTCP_PATH_MAPPING,
+    # several separated by ';' or newlines)
+    pathvirt: bool = field(default=False, metadata=_env("HPCCKPT_PATHVIRT"))
+    path_prefixes: list = field(default_factory=list, metadata=_env("DMTCP_PATH_MAPPING", "HPCCKPT_PATH_PREFIXES"))
 
     def replace(self, **kw) -> "Settings":
         return dataclasses.replace(self, **kw)
@@ -91,6 +120,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if "None" in typ:
                 return None
             raise ValueError("a value is required")
+        if name in _DMTCP_SPECIAL:
+            return _DMTCP_SPECIAL[name](value)
         if typ.startswith("bool"):
             if isinstance(value, bool):
                 return value
@@ -126,7 +157,69 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise SettingsError(f"{source}: bad value for {name}: {e}") from None
 
 
+def _quiet(value: Any) -> int:
+    """DMTCP_QUIET=0|1|2 and -q (1) / -q -q (2); yes/no still accepted."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return max(0, min(2, value))
+    v = str(value).strip().lower()
+    if v.isdigit():
+        return max(0, min(2, int(v)))
+    if v in _TRUE:
+        return 1
+    if v in _FALSE:
+        return 0
+    raise ValueError(f"expected 0, 1 or 2, got {value!r}")
+
+
+def _list_of_plugins(value: Any) -> list:
+    """DMTCP_PLUGIN is a colon-separated list of paths; ours may also name "module:Class" (no '/'): entries are
+    separated by ',' or whitespace, and an entry holding a '/' is further split at ':'."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if str(v)]
+    out: list[str] = []
+    for tok in str(value).replace(",", " ").split():
+        parts: list[str] = []
+        for p in tok.split(":"):
+            if parts and p and not p.startswith("/") and "/" in parts[-1]:
+                parts[-1] += ":" + p         # /path/file.py:Class stays one entry
+            elif p:
+                parts.append(p)
+        out.extend(parts if "/" in tok else [tok])
+    return out
+
+
+def _list_of_prefixes(value: Any) -> list:
+    """OLD:NEW (or OLD=NEW) pairs, separated by ';' or newlines (DMTCP_PATH_MAPPING)."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace("\n", ";").split(";")
+    out = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        sep = "=" if "=" in item else ":"
+        old, _, new = item.partition(sep)
+        if not old.startswith("/") or not new.startswith("/"):
+            raise ValueError(f"expected OLD:NEW absolute path prefixes, got {item!r}")
+        out.append(f"{old.rstrip('/') or '/'}:{new.rstrip('/') or '/'}")
+    return out
+
+
+def _pause(value: Any) -> int:
+    v = int(value)
+    if not 0 <= v <= 7:
+        raise ValueError(f"expected 0..7, got {value!r}")
+    return v
+
+
+_DMTCP_SPECIAL = {"quiet": _quiet, "plugins": _list_of_plugins, "path_prefixes": _list_of_prefixes,
+                  "restart_pause": _pause}
+
+
 def _validate(s: Settings) -> Settings:
+    if s.unique_ckpt:
+        s.keep_generations = 1 << 30       # DMTCP's unique checkpoint names: no checkpoint is overwritten
     if not 0 <= s.coord_port <= 65535:
         raise SettingsError(f"coordinator port {s.coord_port} is out of range 0..65535")
     if s.interval < 0:

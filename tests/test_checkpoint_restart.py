@@ -27,7 +27,7 @@ def _checkpoint(job) -> dict:
     r = job.command("-bc", "--json")
     assert r.returncode == 0, r.stderr
     reply = json.loads(r.stdout)
-    assert reply["command_status"] == "ok" and reply["ok"]
+    assert reply["command_status"] == "DMT_COORD_SUCCESS" and reply["command"] == "DMT_BLOCKING_CKPT"
     return reply
 
 

@@ -86,7 +86,7 @@ def test_command_json_status_fields(coordinator, env, tmp_path):
     for key in ("schema_version", "command", "command_status", "coordinator_host", "coordinator_port", "num_peers",
                 "running", "checkpoint_interval"):
         assert key in d
-    assert d["command"] == "status" and d["running"] is False
+    assert d["command"] == "DMT_STATUS" and d["running"] is False
     r = run(["dmtcp_command", "-p", str(port), "-s"], env, tmp_path)
     assert "NUM_PEERS=0" in r.stdout and "RUNNING=no" in r.stdout and "CKPT_INTERVAL=0" in r.stdout
     r = run(["dmtcp_command", "-p", str(port), "-i", "5", "--json"], env, tmp_path)
@@ -130,14 +130,14 @@ def test_checkpoint_waits_for_every_mpi_rank_and_fails_naming_the_missing_one(la
                          .get("peers", [])), 15, "rank 0 to be listed")
     r = job.command("-bc", "--json")
     reply = json.loads(r.stdout)
-    assert r.returncode == 0 and reply["ok"], reply
+    assert r.returncode == 0 and reply["command_status"] == "DMT_COORD_SUCCESS", reply
     assert (tmp_path / "started2").exists()         # it was taken only once rank 1 had started
     assert reply["checkpoint"]["images"] >= 3
     wait_for(lambda: (tmp_path / "started4").exists(), 20, "the 4-rank world")
     time.sleep(1)
     r = job.command("-bc", "--json", timeout=60)
     reply = json.loads(r.stdout)
-    assert r.returncode != 0 and not reply["ok"], reply
+    assert r.returncode != 0 and reply["command_status"] != "DMT_COORD_SUCCESS", reply
     assert "rank 3 of 4 (pmi:4) never joined" in reply["error"], reply
     assert reply["generation"] == 1
     job.kill()

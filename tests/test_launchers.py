@@ -40,7 +40,7 @@ def _outputs(tmp_path: Path, tag: str) -> list[list[str]]:
 
 def _ckpt_kill(env, tmp_path, port: str) -> None:
     r = run(["dmtcp_command", "-p", port, "-bc", "--json"], env, tmp_path, timeout=60)
-    assert r.returncode == 0 and json.loads(r.stdout)["ok"], (r.stdout, r.stderr)
+    assert r.returncode == 0 and json.loads(r.stdout)["command_status"] == "DMT_COORD_SUCCESS", (r.stdout, r.stderr)
     run(["dmtcp_command", "-p", port, "-k"], env, tmp_path, check=True)
 
 

@@ -140,7 +140,7 @@ def _checkpoint(job, images: int) -> dict:
     r = job.command("-bc", "--json")
     assert r.returncode == 0, (r.stdout, r.stderr, (job.workdir / "launch.0.err").read_text())
     reply = json.loads(r.stdout)
-    assert reply["ok"] and reply["checkpoint"]["images"] == images, reply
+    assert reply["command_status"] == "DMT_COORD_SUCCESS" and reply["checkpoint"]["images"] == images, reply
     return reply
 
 

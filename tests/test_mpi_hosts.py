@@ -82,11 +82,11 @@ def test_mpich_across_two_hosts_checkpoint_resume_kill_restart(hosts2, mpich, pr
     listing = job.command("-l", check=True).stdout
     assert h1.name in listing and h2.name in listing, listing
     reply = json.loads(job.command("-bc", "--json", check=True).stdout)
-    assert reply["ok"], reply
+    assert reply["command_status"] == "DMT_COORD_SUCCESS", reply
     n = line_count(out)
     wait_for(lambda: line_count(out) > n + 20, 30, "progress after the checkpoint")
     reply = json.loads(job.command("-bc", "--json", check=True).stdout)
-    assert reply["ok"], reply
+    assert reply["command_status"] == "DMT_COORD_SUCCESS", reply
     assert reply["checkpoint"]["images"] == 11, reply   # mpiexec + 2 ssh shims; sh, dash, proxy, rank per host
     job.command("-k", check=True)
     # (every agent kills its part at once: mpiexec may see its remote proxies go first and exit on its own,
@@ -131,7 +131,7 @@ def test_openmpi_across_two_hosts_checkpoint_kill_restart(hosts2, env, tmp_path,
     job = launch(*cmd(out, 0.02))
     wait_for(lambda: line_count(out) >= 30, 120, "the MPI job to make progress")
     reply = json.loads(job.command("-bc", "--json", check=True).stdout)
-    assert reply["ok"], reply
+    assert reply["command_status"] == "DMT_COORD_SUCCESS", reply
     job.command("-k", check=True)
     assert job.wait(30) == 128 + 9
     rjob = restart_swapped(hosts2, env, tmp_path)

@@ -6,7 +6,9 @@ import sys
 
 from ..agent.join import read_port_file
 from ..coordinator.client import BLOCKING, CoordinatorLost, CoordinatorUnreachable, command, command_watched
-from .common import Fail, Parser, add_coord_options, run_main, settings_from
+from .common import DMTCP_COMPAT, Fail, Parser, add_coord_options, run_main, settings_from
+from . import dmtcpjson, dmtcpopts
+from .. import __version__
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 2
@@ -15,13 +17,17 @@ DESCRIPTION = """Sends one command to the coordinator. Exit status: 0 on success
 out the command and it failed (e.g. a blocking checkpoint failed, or the coordinator died or stopped answering
 while it ran), 2 if the coordinator cannot be reached or
 refuses the command. Text status prints NUM_PEERS=n, RUNNING=yes|no, CKPT_INTERVAL=s; --json prints one JSON
-object."""
+object in DMTCP's schema (schema_version 1; command DMT_STATUS, DMT_BLOCKING_CKPT, ...; command_status
+DMT_COORD_SUCCESS, DMT_COORD_NOT_RUNNING, DMT_COORD_NOT_FOUND, DMT_COORD_INVALID_COMMAND, and ours
+DMT_COORD_CKPT_FAILED), with our own fields beside DMTCP's. Commands may be written as DMTCP accepts them:
+s, -s, --status, bc, -bc, kc, xc, -i5, i 5."""
 
 
 def parser(prog: str) -> Parser:
     p = Parser(prog, DESCRIPTION, fail_code=EXIT_UNREACHABLE)
     add_coord_options(p)
-    p.add_argument("--json", action="store_true", help="print the coordinator's answer as one JSON object")
+    p.add_argument("--json", action="store_true", help="print the coordinator's answer as one JSON object "
+                                                       "(DMTCP's schema, with our fields beside)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="give up waiting after S seconds (default 10; for blocking checkpoints none, but they end "
                         "when the coordinator dies or is silent for HPCCKPT_PEER_TIMEOUT s)")
@@ -31,7 +37,7 @@ def parser(prog: str) -> Parser:
             (("-l", "--list"), "list", "list the processes of the computation"),
             (("-c", "--checkpoint"), "checkpoint", "start a checkpoint and return at once"),
             (("-bc", "--bcheckpoint"), "bcheckpoint", "checkpoint; return when every image is safely on disk"),
-            (("-kc", "--kcheckpoint"), "kcheckpoint", "checkpoint, then kill the computation"),
+            (("-kc", "--kcheckpoint", "-xc", "--xcheckpoint"), "kcheckpoint", "checkpoint, then kill the computation"),
             (("-k", "--kill"), "kill", "kill the computation"),
             (("-q", "--quit"), "quit", "kill the computation and stop the coordinator")):
         c.add_argument(*flags, dest="cmd", action="store_const", const=cmd, help=text)
@@ -103,6 +109,11 @@ class Progress:
 
 def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
     def body(argv):
+        argv = dmtcpopts.command_argv(list(sys.argv[1:] if argv is None else argv))
+        if "--json" in argv:
+            early = _json_without_coordinator(argv)
+            if early is not None:
+                return early
         p = parser(prog)
         args = p.parse_args(argv)
         cmd = args.cmd
@@ -112,6 +123,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
                 p.error(f"checkpoint interval {args.interval_value} is not 0..{(1 << 31) - 1} seconds")
             cmd = "interval"
             extra["value"] = args.interval_value
+        if cmd is None and args.json:        # DMTCP: no command is its help, reported as such
+            print(json.dumps(dmtcpjson.head("help", dmtcpjson.SUCCESS, "localhost", 7779)))
+            return 0
         if cmd is None:
             p.error("no command given (e.g. -s, -l, -c, -bc, -k, -q, -i N)")
         s = settings_from(args)
@@ -138,20 +152,47 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
             raise Fail(f"checkpoint not completed: {e}; the computation's agents abandon an unfinished "
                        f"checkpoint and let the processes run on", EXIT_FAILED) from None
         except CoordinatorUnreachable as e:
+            if args.json:       # DMTCP's way: the JSON on stdout, nothing on stderr, exit 2
+                print(json.dumps(dmtcpjson.not_found(cmd, s.coord_host, port, str(e))))
+                return EXIT_UNREACHABLE
             raise Fail(str(e), EXIT_UNREACHABLE) from None
-        r.setdefault("command", cmd)
-        r["command_status"] = "ok" if r.get("ok") else "failed"
+        status = dmtcpjson.status_of(cmd, r)
         if args.json:
-            r.setdefault("coordinator_host", s.coord_host)
-            r.setdefault("coordinator_port", port)
-            print(json.dumps(r))
+            print(json.dumps(dmtcpjson.convert(cmd, r, s.coord_host, port)))
         else:
             _print_text(cmd, r)
-        if not r.get("ok"):
+        if status != dmtcpjson.SUCCESS:
             # refused outright (nothing to checkpoint, one in progress, bad value) vs. tried and failed
-            return 1 if cmd in ("bcheckpoint", "kcheckpoint") and r.get("generation") else EXIT_UNREACHABLE
+            return 1 if status == dmtcpjson.CKPT_FAILED else EXIT_UNREACHABLE
         return 0
     return run_main(prog, body, argv, fail_code=EXIT_UNREACHABLE)
+
+
+def _json_without_coordinator(argv: list[str]) -> int | None:
+    """--json answers that need no coordinator, in DMTCP's schema: --help, --version, and a command word we do
+    not know (DMT_COORD_INVALID_COMMAND, exit 2). None: go on."""
+    import os
+    host = os.environ.get("DMTCP_COORD_HOST") or os.environ.get("DMTCP_HOST") or "localhost"
+    try:
+        port = int(os.environ.get("DMTCP_COORD_PORT") or os.environ.get("DMTCP_PORT") or 7779)
+    except ValueError:
+        port = 0
+    if "--version" in argv:
+        print(json.dumps({**dmtcpjson.head("version", dmtcpjson.SUCCESS, host, port),
+                          "version": f"hpcckpt {__version__}, compatible with {DMTCP_COMPAT} commands"}))
+        return 0
+    if "--help" in argv:
+        print(json.dumps(dmtcpjson.head("help", dmtcpjson.SUCCESS, host, port)))
+        return 0
+    import contextlib
+    import io
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            parser("dmtcp_command").parse_args(argv)
+    except SystemExit:
+        print(json.dumps(dmtcpjson.head(None, dmtcpjson.INVALID, host, port)))
+        return EXIT_UNREACHABLE
+    return None
 
 
 if __name__ == "__main__":

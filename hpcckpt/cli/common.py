@@ -8,6 +8,8 @@ import sys
 
 from .. import __version__
 from ..settings import DEFAULT_FAIL_RC, Settings, SettingsError, load
+from . import dmtcpopts
+from .dmtcpopts import DMTCP_COMPAT
 
 log = logging.getLogger("hpcckpt")
 
@@ -37,7 +39,8 @@ class Parser(argparse.ArgumentParser):
                          formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
         self.fail_code = fail_code
         self.add_argument("--help", action="help", help="show this help and exit")
-        self.add_argument("--version", action="version", version=f"{prog} (hpcckpt) {__version__}")
+        self.add_argument("--version", action="version",
+                          version=f"{prog} (hpcckpt) {__version__}, compatible with {DMTCP_COMPAT} commands")
 
     def error(self, message: str):
         code = self.fail_code if self.fail_code is not None else env_fail_rc()
@@ -54,8 +57,10 @@ def add_coord_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="YAML", help="settings file (env HPCCKPT_CONFIG)")
 
 
-def setup_logging(name: str, quiet: bool = False, level: str = "INFO") -> None:
-    lvl = logging.WARNING if quiet else getattr(logging, str(level).upper(), logging.INFO)
+def setup_logging(name: str, quiet: int = 0, level: str = "INFO") -> None:
+    # DMTCP_QUIET: 1 leaves out notes, 2 warnings too
+    lvl = {0: None, 1: logging.WARNING}.get(int(quiet), logging.ERROR) or \
+        getattr(logging, str(level).upper(), logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[{name} %(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -68,6 +73,7 @@ def settings_from(args: argparse.Namespace, **extra) -> Settings:
                                                   "interval", "ckptdir", "compress", "ckpt_signal", "quiet",
                                                   "exit_on_last", "timeout", "stale_timeout", "pid_namespace", "forked",
                                                   "incremental")}
+    flags.update({k: v for k, v in dmtcpopts.flags(args).items() if v is not None})
     flags.update(extra)
     try:
         return load(flags, getattr(args, "config", None))

@@ -9,6 +9,7 @@ from ..coordinator import protocol
 from ..image import safefs
 from ..coordinator.server import Coordinator
 from .common import Fail, Parser, run_main, settings_from, setup_logging
+from . import dmtcpopts
 
 log = logging.getLogger("hpcckpt")
 
@@ -40,7 +41,7 @@ def parser(prog: str) -> Parser:
                         "ADDR[,ADDR]); for agents started on other hosts by hand (dmtcp_launch -h THISHOST)")
     p.add_argument("--port-file", metavar="FILE", help="write the port to FILE once listening")
     p.add_argument("--status-file", metavar="FILE", help="keep a JSON status of the computation in FILE")
-    p.add_argument("--ckptdir", metavar="DIR", help="where the restart script and manifests go (env "
+    p.add_argument("-c", "--ckptdir", metavar="DIR", help="where the restart script and manifests go (env "
                                                     "DMTCP_CHECKPOINT_DIR; default: current directory)")
     p.add_argument("--daemon", action="store_true", help="run in the background (logs to <rundir>/coord-PORT.log)")
     p.add_argument("--exit-on-last", action="store_true", default=None,
@@ -51,7 +52,9 @@ def parser(prog: str) -> Parser:
     p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds (env DMTCP_CHECKPOINT_INTERVAL)")
     p.add_argument("--keep", dest="keep_generations", metavar="N", help="complete checkpoints to keep (default 2)")
     p.add_argument("--config", metavar="YAML", help="settings file (env HPCCKPT_CONFIG)")
-    p.add_argument("-q", "--quiet", action="store_true", default=None, help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="count", default=None,
+                   help="only warnings and errors; twice: only errors")
+    dmtcpopts.add_coordinator_options(p)
     return p
 
 
@@ -64,6 +67,10 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt coordinator") -> in
             args.coord_port = args.port
         s = settings_from(args, keep_generations=args.keep_generations)
         setup_logging("coordinator", s.quiet, s.log_level)
+        dmtcpopts.prepare(s)
+        dmtcpopts.make_ckptdir(s.ckptdir)
+        if s.coord_logfile and not args.daemon:
+            _log_to(s.coord_logfile)
         if args.daemon:
             return _daemonize(s, args.bind)
         return _serve(s, console=True, bind=args.bind)
@@ -79,7 +86,7 @@ def _serve(s, console: bool, ready_fd: int = -1, bind: list[str] | None = None) 
             os.write(ready_fd, f"error {e}\n".encode())
         raise Fail(str(e)) from None
     if ready_fd >= 0:
-        log_path = os.path.join(protocol.rundir(), f"coord-{port}.log")
+        log_path = s.coord_logfile or os.path.join(s.tmpdir or protocol.rundir(), f"coord-{port}.log")
         fd = safefs.open_append(log_path)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -91,6 +98,17 @@ def _serve(s, console: bool, ready_fd: int = -1, bind: list[str] | None = None) 
     finally:
         coord.close()
     return 0
+
+
+def _log_to(path: str) -> None:
+    """--coord-logfile / DMTCP_COORD_LOG_FILENAME: the log also goes to this file."""
+    try:
+        fd = safefs.open_append(path)
+    except OSError as e:
+        raise Fail(f"cannot open the coordinator log file {path}: {e.strerror or e}") from None
+    h = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+    h.setFormatter(logging.getLogger().handlers[0].formatter)
+    logging.getLogger().addHandler(h)
 
 
 def _daemonize(s, bind: list[str] | None = None) -> int:

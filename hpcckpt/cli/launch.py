@@ -22,6 +22,7 @@ from ..image import safefs, store
 from ..engine.linux import SYS, syscall
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
+from . import dmtcpopts
 
 log = logging.getLogger("hpcckpt")
 CLOSE_RANGE_CLOEXEC = 4
@@ -46,8 +47,8 @@ def parser(prog: str) -> Parser:
     g.add_argument("--any-coordinator", dest="policy", action="store_const", const=ANY,
                    help="join one if it answers, else start one (default)")
     p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds (env DMTCP_CHECKPOINT_INTERVAL)")
-    p.add_argument("--ckptdir", metavar="DIR", help="where images go (env DMTCP_CHECKPOINT_DIR; default: "
-                                                    "current directory)")
+    p.add_argument("-c", "--ckptdir", metavar="DIR", help="where images go (env DMTCP_CHECKPOINT_DIR; default: "
+                                                          "current directory; created if missing)")
     z = p.add_mutually_exclusive_group()
     z.add_argument("--gzip", dest="compress", action="store_const", const=True,
                    help="compress images (zstd; env DMTCP_GZIP=1)")
@@ -66,7 +67,9 @@ def parser(prog: str) -> Parser:
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="run the job without its own PID namespace (restarted processes then get new PIDs; "
                         "env HPCCKPT_PID_NAMESPACE=0)")
-    p.add_argument("-q", "--quiet", action="store_true", default=None, help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="count", default=None,
+                   help="only warnings and errors; twice: only errors (env DMTCP_QUIET=0|1|2)")
+    dmtcpopts.add_launch_options(p)
     # used by our ssh/srun inside a job (cli/shim.py) to start the remote part of a computation
     p.add_argument("--remote-io", metavar="HOST:PORT:TOKEN", help=argparse.SUPPRESS)
     p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
             raise Fail(f"the command to run is an empty name {args.command[0]!r}")
         s = settings_from(args)
         setup_logging("launch", s.quiet, s.log_level)
+        dmtcpopts.note_layerless(args)
+        dmtcpopts.prepare(s)
+        dmtcpopts.make_ckptdir(s.ckptdir)
         if not os.path.isdir(s.ckptdir):
             raise Fail(f"checkpoint directory {s.ckptdir} " + ("is not a directory" if os.path.lexists(s.ckptdir)
                                                                  else "does not exist"))

@@ -19,7 +19,7 @@ from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from .. import plugins
 from ..agent.aware_server import AwareServer, name_of as aware_name_of
-from ..engine import awarefd
+from ..engine import awarefd, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..engine import identity
 from ..image import auth, runlock, safefs, store
@@ -29,6 +29,7 @@ from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
 from .jobrun import run_job
+from . import dmtcpopts, restartpause, strictcheck
 from .launch import store_secret
 
 log = logging.getLogger("hpcckpt")
@@ -47,7 +48,8 @@ def parser(prog: str) -> Parser:
     g.add_argument("--new-coordinator", "--new", dest="policy", action="store_const", const=NEW)
     g.add_argument("--any-coordinator", dest="policy", action="store_const", const=ANY)
     p.add_argument("-i", "--interval", metavar="S", help="checkpoint every S seconds after the restart")
-    p.add_argument("--ckptdir", metavar="DIR", help="where later checkpoints go (default: current directory)")
+    p.add_argument("-c", "--ckptdir", metavar="DIR", help="where later checkpoints go (default: current directory; "
+                                                          "created if missing)")
     z = p.add_mutually_exclusive_group()
     z.add_argument("--gzip", dest="compress", action="store_const", const=True)
     z.add_argument("--no-gzip", dest="compress", action="store_const", const=False)
@@ -63,7 +65,8 @@ def parser(prog: str) -> Parser:
                    help="store only pages changed since the previous checkpoint (env HPCCKPT_INCREMENTAL=1)")
     p.add_argument("--no-pid-namespace", dest="pid_namespace", action="store_const", const=False,
                    help="restart without a PID namespace of our own (processes get new PIDs)")
-    p.add_argument("-q", "--quiet", action="store_true", default=None)
+    p.add_argument("-q", "--quiet", action="count", default=None)
+    dmtcpopts.add_restart_options(p)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
     p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
@@ -205,6 +208,11 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         setup_logging("restart", s.quiet, s.log_level)
         if args.trust_unsigned:
             os.environ[auth.TRUST_ENV] = "1"       # every image and manifest read from here on (image/auth.py)
+        dmtcpopts.note_layerless(args)
+        dmtcpopts.prepare(s)
+        dmtcpopts.make_ckptdir(s.ckptdir)
+        if args.restartdir and not args.from_dir:
+            args.from_dir = args.restartdir
         if args.secret_stdin:
             store_secret(s.coord_port, sys.stdin.readline().strip())
         elif args.secret_fd is not None:
@@ -233,7 +241,11 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        strictcheck.check_images(paths, s.no_strict_checking)
         readers = open_images(paths) if paths else []
+        if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved
+            for r in readers:
+                pathvirt.remap_meta(r.meta, s.path_prefixes)
         try:
             if args.from_dir:
                 _check_from(args.from_dir, manifest, readers)
@@ -355,6 +367,8 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             if agent is not None:
                 agent.send({"type": "restored", "error": str(e)})
             raise Fail(str(e)) from None
+        if s.restart_pause:
+            restartpause.pause(restored, s.restart_pause)     # --debug-restart-pause: a debugger's turn first
         if agent is None:
             join()
         else:
@@ -379,7 +393,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             agent.plugin_event("restart", int(meta["generation"]), pids=[rp.pid for rp in ordered])
         except plugins.PluginError as e:
             raise Fail(f"restart abandoned: {e}") from None
-        release_all(restored)
+        release_all([rp for rp in restored if not rp.released])
         api.restarted(int(meta["generation"]))       # waiting hpcckpt.aware.checkpoint() calls: "restarted"
         log.info("restored %d process(es) in %.3f s: %s", len(restored), restored[0].stats.get("total_s", 0),
                  ", ".join(f"{rp.meta.program}[{rp.meta.process.pid}->{rp.pid}]" for rp in restored))

@@ -143,6 +143,8 @@ class Commands:
         elif cmd in ("c", "bc", "kc"):
             err = self.start_checkpoint(kill_after=(cmd == "kc"))
             print(err or "checkpoint started", flush=True)
+        elif cmd == "i" and not str(arg or "").strip():      # DMTCP's console: `i` alone shows the interval
+            print(f"interval: {self.interval or 'off'}", flush=True)
         elif cmd == "i":
             try:
                 self.interval = max(0, int(arg))

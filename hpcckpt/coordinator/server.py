@@ -374,7 +374,7 @@ class Coordinator(Restarts, Commands, Liveness):
                 self.waiting["waiters"].append(waiter)
             return None
         waiters = ([] if self.waiting is None else self.waiting["waiters"]) + ([waiter] if waiter else [])
-        kill_after |= bool(self.waiting and self.waiting["kill_after"])
+        kill_after |= bool(self.waiting and self.waiting["kill_after"]) or self.s.exit_after_ckpt   # DMTCP's option
         self.waiting = None
         self.generation += 1
         self.round = Round(self.generation, kill_after, set(self.peers))

@@ -15,7 +15,7 @@ import stat
 import tempfile
 
 from ..image.records import FdRecord
-from . import locks
+from . import locks, openfiles
 from .fdtable import FdEntry, UnsupportedFd
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class RegularFile:
             with open(f"/proc/{e.pid}/fd/{e.fd}", "rb") as f:
                 ctx.blobs[oid] = f.read()
             state["mode"] = stat.S_IMODE(st.st_mode)
+        else:
+            openfiles.save(ctx, oid, state, e.pid, e.fd)      # --checkpoint-open-files
         locks.dump_into(state, ofd)
         ctx.add(oid, state, min(x.pid for x in ofd))
 
@@ -88,6 +90,7 @@ class RegularFile:
             finally:
                 os.unlink(tmp)              # deleted again, as it was
         else:
+            openfiles.restore(factory, state)                   # --checkpoint-open-files
             fd = _open(state["path"], state["flags"], "file")
         os.lseek(fd, state["pos"], os.SEEK_SET)
         return _locked(fd, state)

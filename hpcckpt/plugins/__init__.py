@@ -139,8 +139,9 @@ def _classes(spec: str) -> list[type]:
 def specs_from(settings=None, environ=None) -> list[str]:
     env = os.environ if environ is None else environ
     out = list(getattr(settings, "plugins", None) or [])
-    for var in ("HPCCKPT_PLUGINS", "DMTCP_PLUGIN"):
-        out += [s for s in env.get(var, "").split(",") if s.strip()]
+    if settings is None or not hasattr(settings, "plugins"):    # (Settings reads both variables itself)
+        for var in ("HPCCKPT_PLUGINS", "DMTCP_PLUGIN"):
+            out += [s for s in env.get(var, "").split(",") if s.strip()]
     return list(dict.fromkeys(s.strip() for s in out))
 
 

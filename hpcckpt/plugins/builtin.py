@@ -7,6 +7,7 @@
                                                   dmtcp_env.txt in the restart's directory or the ckptdir)
     hpcckpt.plugins.builtin:PathRemap             migration: HPCCKPT_PATH_PREFIXES="/old=/new;/a=/b" rewrites the
                                                   paths of files, mappings and working directories at restart
+                                                  (the same as --pathvirt; engine/pathvirt.py)
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import subprocess
 
 from ..engine import environ as env_mod
+from ..engine import pathvirt
 from . import Event, Plugin
 
 log = logging.getLogger(__name__)
@@ -70,55 +72,18 @@ class ModifyEnv(Plugin):
                 log.warning("%s; its environment is left as it was", e)
 
 
-def _prefixes(text: str) -> list[tuple[str, str]]:
-    out = []
-    for item in filter(None, (x.strip() for x in text.replace(";", "\n").splitlines())):
-        old, eq, new = item.partition("=")
-        if not eq or not old.startswith("/") or not new.startswith("/"):
-            raise ValueError(f"path prefix mapping {item!r} is not /old=/new")
-        out.append((old.rstrip("/") or "/", new.rstrip("/") or "/"))
-    return out
-
-
-def remap_path(path, prefixes: list[tuple[str, str]]):
-    if not isinstance(path, str):
-        return path
-    for old, new in prefixes:
-        if path == old or path.startswith(old + "/"):
-            return new + path[len(old):]
-    return path
-
-
-def remap_meta(meta: dict, prefixes: list[tuple[str, str]]) -> int:
-    """Rewrite every file path of an image's metadata (fds, mappings, cwd, file objects); returns how many."""
-    n = 0
-
-    def walk(node):
-        nonlocal n
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k in ("path", "cwd", "exe") and isinstance(v, str):
-                    nv = remap_path(v, prefixes)
-                    if nv != v:
-                        node[k] = nv
-                        n += 1
-                else:
-                    walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-    walk(meta.get("process", {}))
-    return n
-
-
 class PathRemap(Plugin):
+    """The plugin form of --pathvirt (engine/pathvirt.py): HPCCKPT_PATH_PREFIXES="/old=/new;/a:/b" rewrites the
+    paths of open files, mappings, the working directory and the executable before the restore."""
     name = "path-remap"
 
     def __init__(self, prefixes: str | None = None):
-        self.prefixes = _prefixes(prefixes if prefixes is not None else os.environ.get("HPCCKPT_PATH_PREFIXES", ""))
+        from ..settings import _list_of_prefixes
+        text = prefixes if prefixes is not None else os.environ.get("HPCCKPT_PATH_PREFIXES", "")
+        self.prefixes = _list_of_prefixes(text) if text else []
 
     def pre_restore(self, ev: Event) -> None:
         if not self.prefixes:
             return
-        n = sum(remap_meta(m, self.prefixes) for m in ev.images)
-        log.info("paths remapped for the restart (%s): %d", ", ".join(f"{o} -> {w}" for o, w in self.prefixes), n)
+        n = sum(pathvirt.remap_meta(m, self.prefixes) for m in ev.images)
+        log.info("paths remapped for the restart (%s): %d", ", ".join(self.prefixes), n)
