@@ -25,61 +25,65 @@ def _env(*names: str) -> dict:
 
 @dataclass
 class Settings:
-    # coordinator address
-    coord_host: str = field(default="127.0.0.1", metadata=_env("DMTCP_COORD_HOST", "DMTCP_HOST"))
-    coord_port: int = field(default=DEFAULT_PORT, metadata=_env("DMTCP_COORD_PORT", "DMTCP_PORT"))
-    port_file: str | None = None
-    status_file: str | None = None
-    # checkpointing
-    interval: int = field(default=0, metadata=_env("DMTCP_CHECKPOINT_INTERVAL"))
-    ckptdir: str = field(default=".", metadata=_env("DMTCP_CHECKPOINT_DIR"))
+    # -- coordinator address --
+    coord_host: str = field(default="127.0.0.1", metadata=_env("DMTCP_COORD_HOST", "DMTCP_HOST"))  # its host
+    coord_port: int = field(default=DEFAULT_PORT, metadata=_env("DMTCP_COORD_PORT", "DMTCP_PORT"))  # 0: random
+    port_file: str | None = None         # the coordinator writes its port there; commands read it from there
+    status_file: str | None = None       # the coordinator keeps its status there (JSON)
+    # -- checkpointing --
+    interval: int = field(default=0, metadata=_env("DMTCP_CHECKPOINT_INTERVAL"))   # seconds, 0: no interval
+    ckptdir: str = field(default=".", metadata=_env("DMTCP_CHECKPOINT_DIR"))   # images, manifests, restart script
     # Off by default, by measurement (bench/RESULTS.md): on numeric data zstd-1 saves ~5 % of the bytes but
     # costs ~0.5 GB/s of CPU per core, while the program itself runs on (forked checkpoints) - slower than
     # writing raw pages to the page cache. DMTCP_GZIP=1 / --gzip turn it on (worth it on slow filesystems and
     # compressible memory).
     compress: bool = field(default=False, metadata=_env("DMTCP_GZIP"))
-    compress_level: int = field(default=1, metadata=_env("HPCCKPT_ZSTD_LEVEL"))
-    keep_generations: int = field(default=2, metadata=_env("HPCCKPT_KEEP"))
-    ckpt_signal: int = field(default=0, metadata=_env("DMTCP_SIGCKPT"))
+    compress_level: int = field(default=1, metadata=_env("HPCCKPT_ZSTD_LEVEL"))   # zstd level (1..22)
+    keep_generations: int = field(default=2, metadata=_env("HPCCKPT_KEEP"))   # complete checkpoints kept
+    ckpt_signal: int = field(default=0, metadata=_env("DMTCP_SIGCKPT"))   # a signal to the launch asks for one
+    # the job in a PID namespace of its own (same PIDs after a restart)
     pid_namespace: bool = field(default=True, metadata=_env("HPCCKPT_PID_NAMESPACE"))
+    # copy-on-write snapshot: the job stops for ~30 ms/GiB, images are written while it runs
     forked: bool = field(default=True, metadata=_env("DMTCP_FORKED_CHECKPOINT"))
-    incremental: bool = field(default=False, metadata=_env("HPCCKPT_INCREMENTAL"))
-    full_every: int = field(default=8, metadata=_env("HPCCKPT_FULL_EVERY"))
+    incremental: bool = field(default=False, metadata=_env("HPCCKPT_INCREMENTAL"))   # store changed pages only
+    full_every: int = field(default=8, metadata=_env("HPCCKPT_FULL_EVERY"))   # a full image every N generations
     # incremental images read only the pages written since the last checkpoint (engine/wptrack.py)
     write_tracking: bool = field(default=True, metadata=_env("HPCCKPT_WRITE_TRACKING"))
-    # failure handling
-    fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))
+    # -- failure handling --
+    fail_rc: int = field(default=DEFAULT_FAIL_RC, metadata=_env("DMTCP_FAIL_RC"))   # exit code of our failures
+    # a checkpoint phase without progress this long fails the round (the last good checkpoint is kept)
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))
     rank_wait: float = field(default=30.0, metadata=_env("HPCCKPT_RANK_WAIT"))   # for MPI ranks to join
-    # the program API (hpcckpt.aware): how long a checkpoint waits for delayed_checkpoints() blocks to end, and
+    # -- the program API (hpcckpt.aware) --
+    # how long a checkpoint waits for delayed_checkpoints() blocks to end, and
     # for the programs' pre_checkpoint hooks, before it goes on
     aware_delay_max: float = field(default=60.0, metadata=_env("HPCCKPT_AWARE_DELAY_MAX"))
-    aware_hook_max: float = field(default=30.0, metadata=_env("HPCCKPT_AWARE_HOOK_MAX"))
-    # liveness, both ways (docs/protocol.md "Liveness"): agents and coordinator send each other a heartbeat every
+    aware_hook_max: float = field(default=30.0, metadata=_env("HPCCKPT_AWARE_HOOK_MAX"))   # (the hooks)
+    # -- liveness --
+    # both ways (docs/protocol.md "Liveness"): agents and coordinator send each other a heartbeat every
     # `heartbeat` s; a side silent for `peer_timeout` s is gone (a paused node or coordinator shorter than that is
     # tolerated). An agent whose coordinator's port stays closed `coord_fallback` s starts one itself (0: never).
     peer_timeout: float = field(default=90.0, metadata=_env("HPCCKPT_PEER_TIMEOUT"))
-    heartbeat: float = field(default=2.0, metadata=_env("HPCCKPT_HEARTBEAT"))
-    coord_fallback: float = field(default=20.0, metadata=_env("HPCCKPT_COORD_FALLBACK"))
+    heartbeat: float = field(default=2.0, metadata=_env("HPCCKPT_HEARTBEAT"))   # seconds between heartbeats
+    coord_fallback: float = field(default=20.0, metadata=_env("HPCCKPT_COORD_FALLBACK"))   # 0: never
 
     def heartbeat_s(self) -> float:
         """How often to send a heartbeat: several per peer_timeout, even when that is set short."""
         return min(self.heartbeat, self.peer_timeout / 3)
-    # coordinator lifetime
-    exit_on_last: bool = False
-    timeout: float = 0.0
-    stale_timeout: float = 8 * 3600.0
+    # -- coordinator lifetime --
+    exit_on_last: bool = False           # the coordinator exits when the last process leaves
+    timeout: float = 0.0                 # ... when it had no process for this long (0: never)
+    stale_timeout: float = 8 * 3600.0    # ... when its computation is gone for this long
     # 0: everything, 1: no notes (warnings and errors), 2: errors only (DMTCP_QUIET=0|1|2; -q, -q -q)
     quiet: int = field(default=0, metadata=_env("DMTCP_QUIET"))
-    log_level: str = field(default="INFO", metadata=_env("HPCCKPT_LOG_LEVEL"))
-    # -- bad-input validation block (badinput): fields read once here, validated in _validate_input --
+    log_level: str = field(default="INFO", metadata=_env("HPCCKPT_LOG_LEVEL"))   # DEBUG shows details
     writers: int = field(default=4, metadata=_env("HPCCKPT_WRITERS"))   # images written at once (forked ckpts)
-    # --- DMTCP compatibility (docs/dmtcp-compat.md) -----------------------------------------------------------
+    # -- DMTCP compatibility (docs/dmtcp-compat.md) --
     # save the contents of every regular file open at checkpoint (up to open_file_max_bytes each) and put them
     # back at restart (engine/openfiles.py)
     ckpt_open_files: bool = field(default=False, metadata=_env("DMTCP_CHECKPOINT_OPEN_FILES",
                                                                "DMTCP_CKPT_OPEN_FILES"))
-    open_file_max_bytes: int = field(default=256 << 20, metadata=_env("HPCCKPT_OPEN_FILE_MAX_BYTES"))
+    open_file_max_bytes: int = field(default=256 << 20, metadata=_env("HPCCKPT_OPEN_FILE_MAX_BYTES"))  # each
     # with ckpt_open_files: a file that exists at restart with other contents is overwritten by the saved copy
     # (else the restart refuses, naming the file)
     allow_file_overwrite: bool = field(default=False, metadata=_env("DMTCP_ALLOW_FILE_OVERWRITE",
@@ -92,16 +96,17 @@ class Settings:
     restart_pause: int = field(default=0, metadata=_env("DMTCP_RESTART_PAUSE", "MTCP_RESTART_PAUSE"))
     # every checkpoint kept under its own generation directory (none pruned)
     unique_ckpt: bool = field(default=False, metadata=_env("DMTCP_UNIQUE_CKPT_PLUGIN", "DMTCP_UNIQUE_CKPT"))
-    coord_logfile: str | None = field(default=None, metadata=_env("DMTCP_COORD_LOG_FILENAME"))
+    coord_logfile: str | None = field(default=None, metadata=_env("DMTCP_COORD_LOG_FILENAME"))   # its log
     exit_after_ckpt: bool = False         # coordinator: kill the computation once a checkpoint is complete
     # plugins ("module:Class" or file paths; DMTCP_PLUGIN is colon-separated), wired by the plugin mechanism
     plugins: list = field(default_factory=list, metadata=_env("DMTCP_PLUGIN", "HPCCKPT_PLUGINS"))
     # --modify-env: apply <ckptdir>/dmtcp_env.txt (NAME=VALUE / NAME lines) to the restarted processes
-    modify_env: bool = field(default=False, metadata=_env("HPCCKPT_MODIFY_ENV"))
+    modify_env: bool = field(default=False, metadata=_env("HPCCKPT_MODIFY_ENV"))   # (plugins/builtin.py)
     # --pathvirt: "OLD:NEW" path prefixes rewritten in the image's file paths at restart (DMTCP_PATH_MAPPING,
     # several separated by ';' or newlines)
     pathvirt: bool = field(default=False, metadata=_env("HPCCKPT_PATHVIRT"))
-    path_prefixes: list = field(default_factory=list, metadata=_env("DMTCP_PATH_MAPPING", "HPCCKPT_PATH_PREFIXES"))
+    path_prefixes: list = field(default_factory=list,                      # OLD:NEW pairs (engine/pathvirt.py)
+                                metadata=_env("DMTCP_PATH_MAPPING", "HPCCKPT_PATH_PREFIXES"))
 
     def replace(self, **kw) -> "Settings":
         return dataclasses.replace(self, **kw)

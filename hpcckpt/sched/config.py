@@ -24,7 +24,7 @@ class JobConfig:
     compress: bool = False              # zstd (see hpcckpt/settings.py for why it is off by default)
     lead: int | str = "auto"            # seconds before the wall-time limit to checkpoint; "auto": from the
                                         # last checkpoint's duration (x3, + 30 s), at least min_lead
-    min_lead: int = 60
+    min_lead: int = 60                  # the least lead, whatever "auto" computes (seconds)
     max_restarts: int = 20              # runs after the first; then the job is not requeued again
     requeue: bool = True                # requeue before the limit (else: checkpoint and let it end)
     on_preempt: str = "requeue"         # SIGTERM that is not a cancel: requeue | checkpoint | ignore
