@@ -224,7 +224,7 @@ _DMTCP_SPECIAL = {"quiet": _quiet, "plugins": _list_of_plugins, "path_prefixes":
 
 def _validate(s: Settings) -> Settings:
     if s.unique_ckpt:
-        s.keep_generations = 1 << 30       # DMTCP's unique checkpoint names: no checkpoint is overwritten
+        s.keep_generations = (1 << 20) - 1   # DMTCP's unique checkpoint names: no checkpoint is overwritten
     if not 0 <= s.coord_port <= 65535:
         raise SettingsError(f"coordinator port {s.coord_port} is out of range 0..65535")
     if s.interval < 0:

@@ -342,7 +342,8 @@ def test_client_takes_only_the_reply_to_its_own_request(env, tmp_path, monkeypat
         assert conn.request({"type": "command", "cmd": "status"}, timeout=5)["which"] == "ours"
         t.join()
     finally:
-        conn.sock.close(0)
+        conn.sock.setsockopt(zmq.LINGER, 0)
+        conn.close()                       # (its connection monitor too: else term() waits for ever)
         srv.close(0)
         ctx.term()
 

@@ -27,8 +27,8 @@ def status_of(cmd: str, reply: dict) -> str:
         return SUCCESS
     err = str(reply.get("error") or "")
     if cmd in ("checkpoint", "bcheckpoint", "kcheckpoint"):
-        return CKPT_FAILED if reply.get("generation") and "progress" not in err and "no process" not in err \
-            and cmd != "checkpoint" else NOT_RUNNING
+        refused = any(w in err for w in ("already in progress", "restart is in progress", "no process"))
+        return CKPT_FAILED if reply.get("generation") and not refused and cmd != "checkpoint" else NOT_RUNNING
     return INVALID
 
 

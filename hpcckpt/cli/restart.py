@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
-        strictcheck.check_images(paths, s.no_strict_checking)
         readers = open_images(paths) if paths else []
+        strictcheck.check_images(readers, s.no_strict_checking)
         if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved
             for r in readers:
                 pathvirt.remap_meta(r.meta, s.path_prefixes)

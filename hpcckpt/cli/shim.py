@@ -291,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     launch = [python, "-m", "hpcckpt.cli.main", "launch", "--join", "--coord-host", coord_host,
               "--coord-port", str(job["coord_port"]), "--ckptdir", job["ckptdir"], "--secret-stdin",
               "--remote-io", f"{here}:{listener.getsockname()[1]}:{token.hex()}", "-q", "--", *remote_cmd]
+    if os.environ.get("HPCCKPT_KEY_FILE"):
+        # the key our images are signed with, the same file there (ssh does not pass the environment; a
+        # cluster shares it through the home directory: image/auth.py)
+        launch = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *launch]
     if kind == "ssh":
         full = [real, *opts, dest, shlex.join(launch)]
     else:
