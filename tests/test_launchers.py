@@ -92,3 +92,30 @@ def test_separately_launched_processes_keep_stdin_and_tcp_across_restarts(env, t
         subprocess.run(["dmtcp_command", "-p", (tmp_path / "cport").read_text().strip(), "-q"], env=env,
                        capture_output=True, timeout=20)
         coord.wait(20)
+
+
+def test_children_that_outlive_the_launched_process_go_on(launch, env, tmp_path, build_dir):
+    """The launched process exits (status 7) leaving a child running, as daemons and nohup'ed programs do:
+    dmtcp_launch returns 7 at once (as DMTCP's, which is the launched program), and the computation goes on:
+    the child is listed, checkpointed, killed, restarted and finishes with exactly a plain run's output."""
+    from conftest import compile_c
+    prog = compile_c(build_dir, "outlive")
+    steps = 300
+    assert subprocess.run([str(prog), str(tmp_path / "plain.txt"), str(steps)], timeout=30).returncode == 7
+    wait_for(lambda: (tmp_path / "plain.txt").exists() and "child done" in (tmp_path / "plain.txt").read_text(),
+             30, "the plain run's child")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out, steps)
+    assert job.wait(30) == 7                          # the root's status, while its child runs on
+    n = line_count(out)
+    wait_for(lambda: line_count(out) > n + 5, 30, "the child running on")
+    listing = job.command("-l").stdout
+    assert "outlive" in listing, listing
+    r = job.command("-bc")
+    assert r.returncode == 0, r.stderr
+    job.command("-k", check=True)
+    time.sleep(0.5)
+    r = run(["dmtcp_restart", "-p", "0", "--ckptdir", str(tmp_path), "--from", str(tmp_path)], env, tmp_path,
+            timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text() == (tmp_path / "plain.txt").read_text()

@@ -13,7 +13,6 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import zmq
@@ -23,15 +22,16 @@ from ..engine import dump as engine_dump
 from ..faults import fault
 from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
-from ..engine.forker import kill_snapshot, left_snapshot
+from ..engine.forker import left_snapshot
 from ..engine.maps import vmflags_hint
 from ..image import runlock, store
 from ..settings import Settings
 from . import remoteio
 from .. import plugins
-from ..engine import awarefd
 from .aware_server import AwareServer
+from .background import BackgroundWrites
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage, fork_fits_in_memory
+from .extensions import Extensions
 from .liveness import AgentLiveness, CoordinatorLink
 from .namespaces import install_init_handlers
 from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
@@ -48,7 +48,7 @@ class AgentError(Exception):
     """A failure of ours (not the program's): reported in one line, exit with DMTCP_FAIL_RC."""
 
 
-class Agent(AgentLiveness):
+class Agent(AgentLiveness, BackgroundWrites, Extensions):
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
                  pid_namespace: bool = False, not_job: set[int] | None = None, agent_id: str | None = None,
@@ -85,6 +85,8 @@ class Agent(AgentLiveness):
         self.stash: list[dict] = []            # messages that came while we waited for something else
         self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
         self.job_file: str | None = None       # where the job's ssh/srun shims find the coordinator
+        self.on_root_exit = None               # called with the root's status when others live on (cli/jobrun.py)
+        self.root_gone_told = False
         self.aware: AwareServer | None = None  # the program API (agent/aware_server.py), once serve_api() ran
         self.plugins = plugins.PluginHost.load(plugins.specs_from(settings))
         self.interval = settings.interval
@@ -135,29 +137,6 @@ class Agent(AgentLiveness):
                 log.warning("cannot write %s (ssh/srun inside the job will not find the coordinator): %s",
                             self.job_file, e)
 
-    def serve_api(self, server: AwareServer) -> None:
-        """Answer the program API (hpcckpt.aware) of this agent's processes through server."""
-        self.aware = server
-        server.job_pids = lambda: {p.pid for p in self.job()}
-        server.request_checkpoint = lambda: self.send({"type": "request", "cmd": "checkpoint"})
-        server.status = lambda: {"computation": self.computation, "generation": self.last_generation,
-                                 "ckptdir": self.ckptdir, "interval": self.interval, "agent_id": self.agent_id,
-                                 "host": self.host, "peers": dict(self.expected_agents) or {self.agent_id: self.host},
-                                 "restarted": self.restarted_generation is not None}
-        awarefd.SERVER = server                 # its connections are checkpointed as such (engine/awarefd.py)
-
-    def plugin_event(self, event: str, gen: int, **extra) -> None:
-        """Call the plugins (--with-plugin) at an event; a PluginError fails the phase it happens in."""
-        if not self.plugins:
-            return
-        pids = extra.pop("pids", None)
-        if pids is None:
-            pids = [fp.pid for fp in self.ckpt.frozen] if self.ckpt is not None else \
-                [p.pid for p in self.job() if not p.zombie]
-        ev = plugins.Event(event, gen, self.computation or "", self.host, self.agent_id, pids, self.ckptdir,
-                           kv=plugins.KV(self), **extra)
-        self.plugins.call(event, ev)
-
     def adopt(self, processes: list[JobProcess]) -> None:
         """After a restore: the processes as they now are (new PIDs without a PID namespace of our own)."""
         self.root = processes[0]
@@ -206,7 +185,8 @@ class Agent(AgentLiveness):
 
     # ------------------------------------------------------------------------------------------ main loop --
     def run(self) -> int:
-        """Serve until the job's root process ends; returns its shell-style exit code."""
+        """Serve while any process of the job lives (children may outlive the launched process, as daemons and
+        nohup'ed ones do: the computation goes on, as DMTCP's does); returns the root's shell-style exit code."""
         sigs = list(FORWARDED_SIGNALS) + [signal.SIGCHLD] + ([self.s.ckpt_signal] if self.s.ckpt_signal else [])
         if self.pid_namespace:
             install_init_handlers(sigs)    # an init only gets signals it handles; the signalfd reads them
@@ -220,7 +200,7 @@ class Agent(AgentLiveness):
         clean = False
         try:
             self._reap()
-            while self.root.exit_status is None:
+            while self.root.exit_status is None or self._survivors():
                 events = dict(poller.poll(timeout=500))
                 if self.sigfd.fd in events:
                     self._on_signals()
@@ -266,6 +246,18 @@ class Agent(AgentLiveness):
             self.send({"type": "bye", "reason": self._exit_text()})
             self.sigfd.close()
         return self.root.exit_status
+
+    def _survivors(self) -> bool:
+        """After the root's exit: do other processes of the job live on? The first time, say so (and let the
+        launching command return with the root's status, as DMTCP's dmtcp_launch would: on_root_exit)."""
+        alive = [p for p in self.job() if not p.zombie and p.pid != self.root.pid]
+        if alive and not self.root_gone_told:
+            self.root_gone_told = True
+            log.info("%s ended; %d process(es) of the computation go on (%s)", self.root.program, len(alive),
+                     ", ".join(f"{program_of(p.pid)}[{p.pid}]" for p in alive[:4]))
+            if self.on_root_exit is not None:
+                self.on_root_exit(self.root.exit_status)
+        return bool(alive) and not self.killed
 
     def _exit_text(self) -> str:
         st = self.root.exit_status
@@ -495,76 +487,6 @@ class Agent(AgentLiveness):
             c.stats["write_s"] = max(c.stats.get("write_s", 0.0), meta.stats.get("total_s", 0.0))
             c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
                                                      size, list(meta.needs), p.rank)))
-
-    # ------------------------------------------------------------------------- forked: background writes --
-    def _start_writes(self, c: CheckpointState) -> None:
-        snaps = [p.cap.snapshot_pid for p in c.pending]
-        bw = BackgroundWrite(c, threading.Thread(target=self._write_all, name="image-writer", daemon=True), snaps)
-        self.writing = bw
-        bw.thread.start()
-
-    def _write_all(self) -> None:
-        """(writer thread) Write every pending image from its snapshot; never touches ptrace or the socket."""
-        bw = self.writing
-        c = bw.state
-        try:
-            # one image per core at a time: an MPI node's ranks are written side by side
-            workers = max(1, min(len(c.pending), os.cpu_count() or 1, self.s.writers))
-            with ThreadPoolExecutor(workers, thread_name_prefix="image-writer") as pool:
-                for f in [pool.submit(self._write, c, p) for p in c.pending]:
-                    f.result()
-            store.fsync_dir(store.generation_dir(self.ckptdir, self.computation, c.generation))
-        except BaseException as e:
-            bw.error = f"{self.host}: {e}"
-        finally:
-            bw.finished = True
-            os.write(self.wake_w, b"w")
-
-    def _writes_done(self) -> None:
-        bw = self.writing
-        if bw is None or not bw.finished:  # (the wake-up of a cancelled writer that finished late)
-            return
-        bw.thread.join()                  # it has written its wake-up byte as its very last act
-        self.writing = None
-        self._reap_snapshots(bw.snapshots)
-        c = bw.state
-        if bw.error:
-            log.error("writing checkpoint generation %d failed: %s", c.generation, bw.error)
-            store.remove_generation_images(self.ckptdir, self.computation, c.generation, c.images)
-            self.send({"type": "written", "generation": c.generation, "ok": False, "error": bw.error})
-            return
-        log.info("checkpoint generation %d written (%.1f MB)", c.generation, c.stats.get("bytes_out", 0) / 1e6)
-        self.send({"type": "written", "generation": c.generation, "ok": True, "images": c.entries,
-                   "stats": c.stats})
-
-    def _reap_snapshots(self, pids: list[int]) -> None:
-        for pid in pids:
-            kill_snapshot(pid)              # one under a job process is a zombie for a while (engine/forker.py)
-
-    def _cancel_writes(self, why: str) -> None:
-        bw = self.writing
-        if bw is None:
-            return
-        for pid in bw.snapshots:
-            try:
-                os.kill(pid, signal.SIGKILL)        # the writer thread fails on its next read
-            except ProcessLookupError:
-                pass
-        bw.thread.join(5)              # (a writer hung on a dead file system is left behind: a daemon thread)
-        self.writing = None
-        self._reap_snapshots(bw.snapshots)
-        store.remove_generation_images(self.ckptdir, self.computation, bw.state.generation, bw.state.images)
-        log.warning("checkpoint generation %d abandoned: %s", bw.state.generation, why)
-
-    def _progress(self, path: str, done: int) -> None:
-        if self.writing is not None:
-            self.writing.done[path] = done           # (writer thread) the main loop reports the sum
-            return
-        if self.ckpt is not None:
-            self.ckpt.done[path] = done
-            done = sum(self.ckpt.done.values())
-        if time.monotonic() - self.last_sent >= 1.0:
-            self.send({"type": "heartbeat", "progress": {"bytes": done}})
 
     def _resume_frozen(self) -> float:
         """Let the frozen processes run again; returns how long they were stopped."""

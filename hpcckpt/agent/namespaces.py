@@ -106,8 +106,10 @@ def set_next_pid(pid: int) -> None:
     _write("/proc/sys/kernel/ns_last_pid", str(pid - 1))
 
 
-def supervise(child: int, forward: list[int]) -> int:
-    """The outer process: wait for the agent, forwarding the signals someone sends us; return its status."""
+def supervise(child: int, forward: list[int], root_exit_fd: int | None = None) -> tuple[int, bool]:
+    """The outer process: wait for the agent, forwarding the signals someone sends us; return (its status,
+    False). If the agent reports on root_exit_fd that the launched process ended while others of the job go on,
+    return (the root's status, True) at once: the agent lives on without us."""
     from .sigfd import SignalFd
     sfd = SignalFd(list(forward) + [signal.SIGCHLD])
     try:
@@ -116,12 +118,18 @@ def supervise(child: int, forward: list[int]) -> int:
             try:
                 wpid, status = os.waitpid(child, os.WNOHANG)
             except ChildProcessError:
-                return 0
+                return 0, False
             if wpid == child:
                 if os.WIFEXITED(status):
-                    return os.WEXITSTATUS(status)
-                return 128 + os.WTERMSIG(status)
-            select.select([sfd.fd], [], [], 1.0)
+                    return os.WEXITSTATUS(status), False
+                return 128 + os.WTERMSIG(status), False
+            watch = [sfd.fd] + ([root_exit_fd] if root_exit_fd is not None else [])
+            ready, _, _ = select.select(watch, [], [], 1.0)
+            if root_exit_fd is not None and root_exit_fd in ready:
+                text = os.read(root_exit_fd, 64).decode().strip()
+                if text.lstrip("-").isdigit():
+                    return int(text), True
+                root_exit_fd = None           # (closed without a word: the agent ends as usual)
             for signo, code, sender in sfd.read():
                 if signo in forward and sfd.sent_by_process(code):
                     try:

@@ -17,6 +17,24 @@ from .common import Fail
 
 log = logging.getLogger("hpcckpt")
 
+_ROOT_EXIT_W: int | None = None     # (the agent, in the job's namespaces) tells the launching command here
+
+
+def root_exited(code: int) -> None:
+    """The agent's on_root_exit: the launched process ended but other processes of the computation live on.
+    The user's command returns with the root's status (as DMTCP's dmtcp_launch, which is the launched program,
+    would); the agent stays, no longer tied to it, until the last process of the job ends."""
+    global _ROOT_EXIT_W
+    if _ROOT_EXIT_W is None:
+        return
+    try:
+        prctl(PR_SET_PDEATHSIG, 0)
+        os.write(_ROOT_EXIT_W, f"{code}\n".encode())
+        os.close(_ROOT_EXIT_W)
+    except OSError:
+        pass
+    _ROOT_EXIT_W = None
+
 
 def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, int]],
             agent_body: Callable[[bool, Callable[[], tuple[str, int]], set[int]], int]) -> int:
@@ -31,15 +49,20 @@ def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, in
         svc_agent.close()
         _serve_coordinator_requests(svc, find_coordinator)
     svc.close()
+    detached = False
     try:
         mode = namespaces.enter(s.pid_namespace)
         get = lambda: _ask_service(svc_agent)   # noqa: E731
         if not mode.pid_namespace:
             (log.debug if not s.pid_namespace else log.warning)("job mode: %s", mode.describe())
             return agent_body(False, get, {service})
+        root_r, root_w = os.pipe2(os.O_CLOEXEC)
         child = os.fork()
         if child == 0:
             code = s.fail_rc
+            os.close(root_r)
+            global _ROOT_EXIT_W
+            _ROOT_EXIT_W = root_w
             try:
                 # the user's command owns the job: if it is killed, the agent (and with it, as the namespace's
                 # init, every process of the job) goes too
@@ -58,10 +81,15 @@ def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, in
                 sys.stderr.flush()
                 os._exit(code)
         svc_agent.close()
-        return namespaces.supervise(child, list(FORWARDED_SIGNALS))
+        os.close(root_w)
+        code, detached = namespaces.supervise(child, list(FORWARDED_SIGNALS), root_r)
+        os.close(root_r)
+        return code
     finally:
         svc_agent.close()
-        os.waitpid(service, 0)
+        # (when the agent lives on after the root, the service keeps answering it and ends with it)
+        if not detached:
+            os.waitpid(service, 0)
 
 
 def _serve_coordinator_requests(sock: socket.socket, find_coordinator) -> None:

@@ -21,6 +21,7 @@ from ..coordinator.protocol import SecretError
 from ..image import safefs, store
 from ..engine.linux import SYS, syscall
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
+from . import jobrun
 from .jobrun import run_job
 from . import dmtcpopts
 
@@ -229,6 +230,7 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
     agent.job_file = job_file
     agent.link.find = get_coordinator          # a fallback when the coordinator is gone for good
     agent.serve_api(api)
+    agent.on_root_exit = jobrun.root_exited   # children that outlive it go on
     try:
         agent.hello()
     except CoordinatorUnreachable as e:

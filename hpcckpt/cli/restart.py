@@ -28,6 +28,7 @@ from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from . import multihost
+from . import jobrun
 from .jobrun import run_job
 from . import dmtcpopts, restartpause, strictcheck
 from .launch import store_secret
@@ -352,6 +353,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
                           agents=agents)
             agent.restart_ids = ids
             agent.link.find = get_coordinator      # a fallback when the coordinator is gone for good
+            agent.on_root_exit = jobrun.root_exited   # children that outlive it go on
             agent.hello()
         except (CoordinatorUnreachable, SecretError) as e:
             raise Fail(str(e)) from None
