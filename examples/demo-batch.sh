@@ -52,9 +52,10 @@ while :; do
   info=$(scontrol show job -o "$job" 2>/dev/null || true)
   state=$(echo "$info" | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p')
   restarts=$(echo "$info" | sed -n 's/.*Restarts=\([0-9]*\).*/\1/p')
-  lines=$(cat out.txt 2>/dev/null | wc -l)
+  lines=0; [ -f out.txt ] && lines=$(wc -l <out.txt)
+  runtime=$(squeue -h -j "$job" -o %M 2>/dev/null || true)
   printf '[%5s] squeue: %-10s restarts=%s  run time %-8s  program at step %4d of %d\n' "$(elapsed)" \
-    "$state" "${restarts:-0}" "$(squeue -h -j "$job" -o %M 2>/dev/null || echo -)" "$lines" "$steps"
+    "${state:-?}" "${restarts:-0}" "${runtime:--}" "$lines" "$steps"
   if [ -f "$ckdir/hpcckpt-job.log" ]; then
     n=$(wc -l <"$ckdir/hpcckpt-job.log")
     if [ "$n" -gt "$seen" ]; then
