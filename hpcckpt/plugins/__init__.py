@@ -142,6 +142,8 @@ def specs_from(settings=None, environ=None) -> list[str]:
     if settings is None or not hasattr(settings, "plugins"):    # (Settings reads both variables itself)
         for var in ("HPCCKPT_PLUGINS", "DMTCP_PLUGIN"):
             out += [s for s in env.get(var, "").split(",") if s.strip()]
+    if getattr(settings, "modify_env", False):      # DMTCP's --modify-env: dmtcp_env.txt at restart
+        out.append("hpcckpt.plugins.builtin:ModifyEnv")
     return list(dict.fromkeys(s.strip() for s in out))
 
 
