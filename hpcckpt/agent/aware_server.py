@@ -262,11 +262,5 @@ class AwareServer:
 
 def name_of(pid: int) -> str | None:
     """HPCCKPT_AWARE in a (restored) process's environment."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(b"HPCCKPT_AWARE="):
-                    return item.split(b"=", 1)[1].decode()
-    except OSError:
-        pass
-    return None
+    from .procs import environ_var
+    return environ_var(pid, "HPCCKPT_AWARE")

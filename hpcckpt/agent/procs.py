@@ -88,3 +88,16 @@ def mpi_rank_of(pid: int) -> int | None:
     """The MPI rank (or srun task number) a process was started as, from its environment; None if not one."""
     ident = mpi_identity(pid)
     return None if ident is None else ident["rank"]
+
+
+def environ_var(pid: int, name: str) -> str | None:
+    """A variable of a (restored) process's environment as it was at exec (/proc/PID/environ), None if unset."""
+    key = name.encode() + b"="
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                if item.startswith(key):
+                    return item[len(key):].decode()
+    except OSError:
+        pass
+    return None

@@ -60,14 +60,8 @@ def read_job_file(path: str) -> dict | None:
 
 def job_file_of(pid: int) -> str | None:
     """HPCCKPT_JOB_FILE in a (restored) process's environment."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            for item in f.read().split(b"\0"):
-                if item.startswith(b"HPCCKPT_JOB_FILE="):
-                    return item.split(b"=", 1)[1].decode()
-    except OSError:
-        pass
-    return None
+    from .procs import environ_var
+    return environ_var(pid, "HPCCKPT_JOB_FILE")
 
 
 def connect_back(spec: str, timeout: float = 30.0) -> list[socket.socket]:

@@ -91,7 +91,8 @@ class _Channel:
         data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
         self.sock.sendall(data)
 
-    def call(self, msg: dict, timeout: float | None = None) -> dict:
+    def ask(self, msg: dict) -> tuple[int, threading.Event, list]:
+        """Send a request; its answer arrives in the returned box (answer())."""
         self.connect()
         ident = next(self.ids)
         ev: threading.Event = threading.Event()
@@ -100,6 +101,13 @@ class _Channel:
         try:
             with self.lock:
                 self._send({**msg, "id": ident})
+        except BaseException:
+            self.waiting.pop(ident, None)
+            raise
+        return ident, ev, box
+
+    def answer(self, ident: int, ev: threading.Event, box: list, timeout: float | None = None) -> dict:
+        try:
             if not ev.wait(timeout):
                 raise AwareError(f"no answer from the hpcckpt agent within {timeout:.0f} s")
         finally:
@@ -108,6 +116,9 @@ class _Channel:
         if reply.get("error"):
             raise AwareError(reply["error"])
         return reply
+
+    def call(self, msg: dict, timeout: float | None = None) -> dict:
+        return self.answer(*self.ask(msg), timeout)
 
     def _read(self, sk: socket.socket) -> None:
         buf = b""

@@ -215,7 +215,8 @@ def _read_messages(msqid: int, qnum: int) -> tuple[list[list[int]], bytes]:
 
 # ---------------------------------------------------------------------------------------------- restore --
 
-def _write(path: str, value) -> bool:
+def write_sysctl(path: str, value) -> bool:
+    """Write a /proc/sys value (the next id to hand out); False where not permitted."""
     try:
         with open(path, "w") as f:
             f.write(f"{value}\n")
@@ -285,14 +286,14 @@ class IpcObjects:
             log.info("removing SysV %s %d, left behind by the checkpointed job", kind, want)
             _remove(kind, want)
         if self._next_ok[kind] is not False:
-            self._next_ok[kind] = _write(path, want)
+            self._next_ok[kind] = write_sysctl(path, want)
             if not self._next_ok[kind]:
                 log.warning("cannot choose SysV %s ids here (%s not writable): they get new ids; a program that "
                             "uses an id it kept will fail", kind, path)
         got = create()
         err = ctypes.get_errno()
         if self._next_ok[kind]:
-            _write(path, -1)
+            write_sysctl(path, -1)
         if got < 0 and err == errno.EEXIST and retry:
             other = self._get(kind, key)
             if other >= 0 and (_leftover_sem(other) if kind == "sem" else _leftover_msg(other)):

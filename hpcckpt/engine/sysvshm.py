@@ -216,15 +216,6 @@ def _read_contents(shmid: int, size: int, swapped: bool) -> tuple[list[list[int]
 
 # ---------------------------------------------------------------------------------------------- restore --
 
-def _write(path: str, value) -> bool:
-    try:
-        with open(path, "w") as f:
-            f.write(f"{value}\n")
-        return True
-    except OSError:
-        return False
-
-
 def _stat(shmid: int) -> shmid_ds | None:
     ds = shmid_ds()
     if libc.shmctl(shmid, IPC_STAT, ctypes.byref(ds)) < 0:
@@ -246,7 +237,7 @@ def new_ipc_namespace() -> bool:
                     "the current one", os.strerror(ctypes.get_errno()))
         return False
     for name, value in limits.items():
-        _write(f"/proc/sys/kernel/{name}", value)
+        sysvipc.write_sysctl(f"/proc/sys/kernel/{name}", value)
     log.info("restarted job has an IPC namespace of its own (SysV shared memory keeps its shmids)")
     return True
 
@@ -300,14 +291,14 @@ class Segments:
 
     def _shmget(self, key: int, size: int, flags: int, want: int) -> int:
         if self._next_id_ok is not False:
-            self._next_id_ok = _write(NEXT_ID, want)
+            self._next_id_ok = sysvipc.write_sysctl(NEXT_ID, want)
             if not self._next_id_ok:
                 log.warning("cannot choose SysV shmids here (%s not writable): segments get new ids; a program that "
                             "calls shmat/shmctl later with an id it kept will fail", NEXT_ID)
         got = libc.shmget(_signed(key), size, flags)
         err = ctypes.get_errno()
         if self._next_id_ok:
-            _write(NEXT_ID, -1)     # not consumed when shmget failed before allocating an id
+            sysvipc.write_sysctl(NEXT_ID, -1)     # not consumed when shmget failed before allocating an id
         return got if got >= 0 else -err
 
     def _create_one(self, st: dict) -> None:

@@ -1,0 +1,75 @@
+"""The coordinator's commit of a generation and its retention: the manifest (after the restart script: complete
+or absent) from every peer's durable images, and which older generations may go once a newer one is complete."""
+from __future__ import annotations
+
+import logging
+import time
+
+from ..faults import fault
+from ..image import store
+from .barrier import Round
+from .script import install_restart_script
+
+log = logging.getLogger("hpcckpt.coordinator")
+
+
+class Commits:
+    """Mixed into Coordinator (server.py)."""
+
+    def _commit(self, r: Round) -> None:
+        images = []
+        stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
+        for ident, res in r.durable.items():
+            for img in res.get("images", []):
+                images.append(store.ImageEntry(**img))
+            st = res.get("stats", {})
+            stats["bytes_in"] += st.get("bytes_in", 0)
+            stats["bytes_out"] += st.get("bytes_out", 0)
+            stats["frozen_s"] = max(stats["frozen_s"], st.get("frozen_s", 0.0), r.frozen_s)
+            for key in ("pages_dumped", "pages_skipped", "zero_pages"):
+                stats[key] = stats.get(key, 0) + st.get(key, 0)
+            for key in ("capture_s", "write_s"):          # the slowest agent's
+                stats[key] = max(stats.get(key, 0.0), st.get(key, 0.0))
+        stats["duration_s"] = round(time.time() - r.started, 3)
+        stats["ratio"] = round(stats["bytes_out"] / stats["bytes_in"], 4) if stats["bytes_in"] else None
+        stats["phase_s"] = dict(r.phase_times)
+        manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
+        # complete or absent: the script first (put back as it was if the manifest fails), the manifest last
+        installed = install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
+        try:
+            fault("coordinator.before_commit")
+            store.write_manifest(self.ckptdir, manifest)
+        except BaseException:
+            installed.undo()
+            raise
+        installed.done()
+        script = installed.path
+        r.committed = True
+        self.last_checkpoint = {"generation": r.generation, "time": manifest.created, "images": len(images),
+                                "restart_script": script, **stats}
+        log.info("checkpoint generation %d complete: %d image(s), %.1f MB in %.2f s (processes stopped %.3f s); "
+                 "restart script %s", r.generation, len(images), stats["bytes_out"] / 1e6, stats["duration_s"],
+                 stats["frozen_s"], script)
+
+    def _prune_images(self) -> list[dict]:
+        """Images of generations beyond the retention limit: [{"generation", "host", "path"}]."""
+        out = []
+        for gen in self._prune_list():
+            try:
+                m = store.read_manifest(self.ckptdir, self.computation, gen)
+            except (OSError, ValueError) as e:
+                log.warning("cannot read manifest of generation %d: %s", gen, e)
+                continue
+            out.extend({"generation": gen, "host": i.host, "path": i.path} for i in m.images)
+        return out
+
+    def _prune_list(self) -> list[int]:
+        complete = store.complete_generations(self.ckptdir, self.computation)
+        needs = {}
+        for g in complete[-self.s.keep_generations:]:
+            try:
+                m = store.read_manifest(self.ckptdir, self.computation, g)
+            except (OSError, ValueError):
+                continue
+            needs[g] = {n for i in m.images for n in (i.needs or [g])}
+        return store.generations_to_prune(complete, self.s.keep_generations, needs)
