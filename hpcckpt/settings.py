@@ -108,7 +108,7 @@ class Settings:
     path_prefixes: list = field(default_factory=list,                      # OLD:NEW pairs (engine/pathvirt.py)
                                 metadata=_env("DMTCP_PATH_MAPPING", "HPCCKPT_PATH_PREFIXES"))
 
-    def replace(self, **kw) -> "Settings":
+    def replace(self, **kw) -> Settings:
         return dataclasses.replace(self, **kw)
 
 

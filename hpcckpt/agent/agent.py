@@ -17,17 +17,17 @@ from dataclasses import asdict
 
 import zmq
 
+from .. import plugins
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..faults import fault
 from ..engine import tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
 from ..engine.forker import left_snapshot
 from ..engine.maps import vmflags_hint
+from ..faults import fault
 from ..image import runlock, store
 from ..settings import Settings
 from . import remoteio
-from .. import plugins
 from .aware_server import AwareServer
 from .background import BackgroundWrites
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage, fork_fits_in_memory

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..coordinator import protocol
 from ..coordinator.client import Connection, port_is_open

@@ -24,7 +24,7 @@ import json
 import os
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 __all__ = ["NotEnabled", "AwareError", "is_enabled", "checkpoint", "delayed_checkpoints", "on", "status",
            "EVENTS"]

@@ -245,7 +245,7 @@ def qsub_main(argv: list[str] | None = None, prog: str = "hpcckpt qsub") -> int:
         store.atomic_write(wrapper + ".opts", json.dumps(opts).encode())  # a PBS continuation: same options
         submit_opts = list(opts)
         if sched_name == "pbs":
-            from ..sched.pbs import merge_v            # one -v: qsub keeps only the last
+            from ..sched.pbs import merge_v  # one -v: qsub keeps only the last
             submit_opts = merge_v(opts, wrapper, {"HPCCKPT_WRAPPER": wrapper})
         try:
             job_id = sched.submit(wrapper, submit_opts, os.getcwd())
@@ -305,9 +305,9 @@ def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run
         sched = {"slurm": Slurm, "pbs": PBS, "sge": SGE}.get(args.scheduler, lambda: detect())()
         if sched is None:
             raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset)")
+        from ..image.store import ManifestError
         from ..sched.driver import JobDriver
         from .common import env_fail_rc
-        from ..image.store import ManifestError
         try:
             return JobDriver(sched, cfg, args.command, fail_rc=env_fail_rc()).run()
         except ManifestError as e:      # a damaged manifest in the job's checkpoint directory

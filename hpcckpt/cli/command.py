@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import sys
 
+from .. import __version__
 from ..agent.join import read_port_file
 from ..coordinator.client import BLOCKING, CoordinatorLost, CoordinatorUnreachable, command, command_watched
-from .common import DMTCP_COMPAT, Fail, Parser, add_coord_options, run_main, settings_from
 from . import dmtcpjson, dmtcpopts
-from .. import __version__
+from .common import DMTCP_COMPAT, Fail, Parser, add_coord_options, run_main, settings_from
 
 EXIT_FAILED = 1
 EXIT_UNREACHABLE = 2

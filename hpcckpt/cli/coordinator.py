@@ -6,10 +6,10 @@ import os
 import sys
 
 from ..coordinator import protocol
-from ..image import safefs
 from ..coordinator.server import Coordinator
-from .common import Fail, Parser, run_main, settings_from, setup_logging
+from ..image import safefs
 from . import dmtcpopts
+from .common import Fail, Parser, run_main, settings_from, setup_logging
 
 log = logging.getLogger("hpcckpt")
 

@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from ..agent import namespaces
 from ..agent.agent import FORWARDED_SIGNALS

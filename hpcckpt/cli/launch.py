@@ -8,22 +8,22 @@ import os
 import signal
 import sys
 
-from ..agent.agent import Agent
-from ..plugins import PluginError
-from ..agent.procs import JobProcess, new_agent_id, new_unique_id
-from ..agent.join import ANY, JOIN, NEW, find_or_start
-from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..agent import remoteio
-from ..agent.aware_server import AwareServer, new_name as new_aware_name
+from ..agent.agent import Agent
+from ..agent.aware_server import AwareServer
+from ..agent.aware_server import new_name as new_aware_name
+from ..agent.join import ANY, JOIN, NEW, find_or_start
 from ..agent.namespaces import set_next_pid
+from ..agent.procs import JobProcess, new_agent_id, new_unique_id
 from ..coordinator import protocol
+from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.protocol import SecretError
-from ..image import safefs, store
 from ..engine.linux import SYS, syscall
+from ..image import safefs, store
+from ..plugins import PluginError
+from . import dmtcpopts, jobrun
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
-from . import jobrun
 from .jobrun import run_job
-from . import dmtcpopts
 
 log = logging.getLogger("hpcckpt")
 CLOSE_RANGE_CLOEXEC = 4

@@ -8,29 +8,27 @@ import os
 import socket
 import sys
 
-from ..agent.agent import Agent
-from ..agent.procs import JobProcess
-from ..agent.join import ANY, JOIN, NEW, find_or_start
+from .. import plugins
 from ..agent import remoteio
-from ..coordinator import protocol
+from ..agent.agent import Agent
+from ..agent.aware_server import AwareServer
+from ..agent.aware_server import name_of as aware_name_of
+from ..agent.join import ANY, JOIN, NEW, find_or_start
+from ..agent.procs import JobProcess
 from ..agent.rendezvous import Rendezvous
+from ..coordinator import protocol
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
-from .. import plugins
-from ..agent.aware_server import AwareServer, name_of as aware_name_of
-from ..engine import awarefd, pathvirt
+from ..engine import awarefd, identity, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
-from ..engine import identity
 from ..image import auth, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
+from . import dmtcpopts, jobrun, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
-from . import multihost
-from . import jobrun
 from .jobrun import run_job
-from . import dmtcpopts, restartpause, strictcheck
 from .launch import store_secret
 
 log = logging.getLogger("hpcckpt")

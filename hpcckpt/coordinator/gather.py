@@ -30,7 +30,7 @@ class RestartGate:
     abandoned: str = ""                       # why the restart's launcher gave up (a host's restart failed)
 
     @classmethod
-    def open(cls, computation: str, generation: int, agents: dict[str, str], timeout: float) -> "RestartGate":
+    def open(cls, computation: str, generation: int, agents: dict[str, str], timeout: float) -> RestartGate:
         return cls(computation, generation, dict(agents), time.monotonic() + timeout)
 
     def present(self) -> set[str]:

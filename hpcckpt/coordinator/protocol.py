@@ -142,7 +142,7 @@ def answers(reply: dict, nonce: str) -> bool:
     return isinstance(reply.get("re"), str) and hmac.compare_digest(reply["re"], nonce)
 
 
-def decode(key: bytes, frames: list[bytes], fresh: "Freshness | None" = None) -> dict:
+def decode(key: bytes, frames: list[bytes], fresh: Freshness | None = None) -> dict:
     """Check and parse [tag, mac, body]; raises ProtocolError with the reason (Refused when the message is
     authentic but not fresh: checked when a Freshness is given, as the coordinator does)."""
     if len(frames) != 3 or frames[0] != PROTO_TAG:

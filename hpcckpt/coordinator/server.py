@@ -20,8 +20,7 @@ import zmq
 from .. import __version__
 from ..image import journal, store
 from ..settings import Settings
-from . import protocol
-from . import binding
+from . import binding, protocol
 from .barrier import Round, State
 from .commands import Commands
 from .commit import Commits

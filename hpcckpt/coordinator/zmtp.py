@@ -48,9 +48,9 @@ class DealerSocket:
         while len(self.buf) < n:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise socket.timeout("timed out")
+                raise TimeoutError("timed out")
             if not select.select([self.sock], [], [], left)[0]:
-                raise socket.timeout("timed out")
+                raise TimeoutError("timed out")
             data = self.sock.recv(max(65536, n - len(self.buf)))
             if not data:
                 raise ConnectionResetError("the coordinator closed the connection")

@@ -19,8 +19,8 @@ from . import forker, memory, procattrs, ptrace, signals, sysvshm, threads, time
 from . import incremental as incremental_mod
 from .fdtable import FdTable
 from .freeze import FrozenProcess
-from .maps import read_maps_fast
 from .linux import SYS
+from .maps import read_maps_fast
 from .remote import Scratch
 
 log = logging.getLogger(__name__)

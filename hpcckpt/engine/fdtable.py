@@ -216,9 +216,9 @@ class FdTable:
                 self._give_up(str(e), ofd, ofd_of)
                 self.ctx.objects.pop(oid, None)
                 self.ctx.blobs.pop(oid, None)
-        from . import sysvshm        # shared by processes without a descriptor; stored like the objects above
+        from . import sysvshm  # shared by processes without a descriptor; stored like the objects above
         sysvshm.scan(self.ctx, self.pids)
-        from . import shmfiles       # named POSIX shared memory files: saved whole, put back at restart
+        from . import shmfiles  # named POSIX shared memory files: saved whole, put back at restart
         shmfiles.scan(self.ctx, self.pids)
         for (pid, fd), e in sorted(entries.items()):
             oid = ofd_of[(pid, fd)]

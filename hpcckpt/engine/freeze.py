@@ -18,8 +18,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import ptrace
 from ..faults import fault
+from . import ptrace
 from .inject import Injector, ProcessGone, claim_interrupted_call, find_syscall_insn
 from .linux import SYS, syscall
 from .maps import read_maps

@@ -22,14 +22,24 @@ from dataclasses import dataclass, field
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, RegionRecord
 from .eventfds import register_epoll_items
-from .locks import posix_for
 from .fdtable import ObjectFactory
-from .linux import MAP_ANONYMOUS, MAP_FIXED, MAP_FIXED_NOREPLACE, MAP_PRIVATE, PAGE, PROT_EXEC, PROT_READ, \
-    PROT_WRITE, TASK_SIZE, mmap
+from .linux import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    PAGE,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
+    TASK_SIZE,
+    mmap,
+)
+from .locks import posix_for
 from .maps import read_maps
 from .pidfork import fork_at
-from .ttys import plan_session, session_terminal
 from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE, RestoreError
+from .ttys import plan_session, session_terminal
 
 
 @dataclass

@@ -105,8 +105,8 @@ def previous_hashes(path: str | None) -> dict[tuple, bytes]:
     """Region key -> page hashes of an earlier image ({} if there is none, or it has no hashes)."""
     if not path or not os.path.exists(path):
         return {}
-    from .memory import read_blob
     from ..image.records import RegionRecord
+    from .memory import read_blob
     out = {}
     with ImageReader(path) as r:
         for row in r.meta["process"]["regions"]:
@@ -125,8 +125,8 @@ class ChainLink:
 
 def open_chain(reader: ImageReader, max_length: int = 64) -> list[ChainLink]:
     """The image and every base it builds on, newest first."""
-    from .memory import read_blob
     from ..image.records import RegionRecord
+    from .memory import read_blob
     chain = []
     r = reader
     own = True

@@ -5,13 +5,13 @@ from __future__ import annotations
 from .awarefd import AwareConnection
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
+from .inotify import Inotify
 from .pipes import Index, PipeEnd, PipeInode
 from .procfiles import ProcFile
-from .tcp import TcpSocket
-from .unixsock import UnixSocket
-from .inotify import Inotify
 from .ptys import PtyMaster, PtyPair, PtySlave
+from .tcp import TcpSocket
 from .ttys import DevTty, Terminal
+from .unixsock import UnixSocket
 
 KINDS = [ProcFile, RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd,
          TimerFd, SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]

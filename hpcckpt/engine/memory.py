@@ -26,9 +26,22 @@ from ..faults import fault
 from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
 from ..image.records import RegionRecord
 from .inject import Injector
-from .linux import (MAP_ANONYMOUS, MAP_FIXED, MAP_GROWSDOWN, MAP_NORESERVE, MAP_PRIVATE, MAP_SHARED, PAGE,
-                    PROT_READ, PROT_WRITE, SYS, buffer_address, process_vm_readv, process_vm_writev,
-                    process_vm_writev_scattered)
+from .linux import (
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_GROWSDOWN,
+    MAP_NORESERVE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PAGE,
+    PROT_READ,
+    PROT_WRITE,
+    SYS,
+    buffer_address,
+    process_vm_readv,
+    process_vm_writev,
+    process_vm_writev_scattered,
+)
 from .maps import Mapping, populated_runs, read_maps, sparse_reservation
 
 log = logging.getLogger(__name__)

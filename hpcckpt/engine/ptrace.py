@@ -67,13 +67,13 @@ class Regs(ctypes.Structure):
         return {n: getattr(self, n) for n in REG_NAMES}
 
     @classmethod
-    def from_dict(cls, d: dict[str, int]) -> "Regs":
+    def from_dict(cls, d: dict[str, int]) -> Regs:
         r = cls()
         for n in REG_NAMES:
             setattr(r, n, d[n] & 0xFFFFFFFFFFFFFFFF)
         return r
 
-    def copy(self) -> "Regs":
+    def copy(self) -> Regs:
         r = Regs()
         ctypes.memmove(ctypes.byref(r), ctypes.byref(self), ctypes.sizeof(Regs))
         return r

@@ -70,7 +70,7 @@ class RestoredProcess:
             self.segments.abort()
 
 
-def release_all(restored: list["RestoredProcess"]) -> None:
+def release_all(restored: list[RestoredProcess]) -> None:
     """Let a restored computation run: every file is cut back first, then every process is released (a
     process released early would otherwise write into a file another one's release cuts back)."""
     for rp in restored:

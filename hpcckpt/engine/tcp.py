@@ -26,12 +26,32 @@ import stat
 import struct
 import time
 
-from .fdtable import FdEntry, UnsupportedFd
 from . import tcpwire
+from .fdtable import FdEntry, UnsupportedFd
 from .tcpdrain import Drained
-from .tcpinfo import (BOOL_OPTS, CLOSE, CONNECTED, DRAIN_TIMEOUT, INT_OPTS, LISTEN, SO_SNDBUFFORCE, SYN_RECV,
-                      SYN_SENT, WE_WRITE, TcpInfo, copy_socket, find_peer, norm, peek_all, send_all,
-                      socket_options, tcp_table, clear_time_wait, local_ipv4s, time_wait_holders)
+from .tcpinfo import (
+    BOOL_OPTS,
+    CLOSE,
+    CONNECTED,
+    DRAIN_TIMEOUT,
+    INT_OPTS,
+    LISTEN,
+    SO_SNDBUFFORCE,
+    SYN_RECV,
+    SYN_SENT,
+    WE_WRITE,
+    TcpInfo,
+    clear_time_wait,
+    copy_socket,
+    find_peer,
+    local_ipv4s,
+    norm,
+    peek_all,
+    send_all,
+    socket_options,
+    tcp_table,
+    time_wait_holders,
+)
 
 log = logging.getLogger(__name__)
 TIME_WAIT_SECONDS = 65        # TCP_TIMEWAIT_LEN is 60 s

@@ -28,8 +28,23 @@ import time
 from dataclasses import dataclass, field
 
 from .fdtable import UnsupportedFd, list_fds
-from .tcpinfo import (CONNECTED, DRAIN_TIMEOUT, ESTABLISHED, MARKER_PREFIX, PEER_WRITES, WE_WRITE, Exchange,
-                      TcpInfo, copy_socket, find_peer, norm, peek_all, run_exchanges, send_all, tcp_table)
+from .tcpinfo import (
+    CONNECTED,
+    DRAIN_TIMEOUT,
+    ESTABLISHED,
+    MARKER_PREFIX,
+    PEER_WRITES,
+    WE_WRITE,
+    Exchange,
+    TcpInfo,
+    copy_socket,
+    find_peer,
+    norm,
+    peek_all,
+    run_exchanges,
+    send_all,
+    tcp_table,
+)
 
 log = logging.getLogger(__name__)
 

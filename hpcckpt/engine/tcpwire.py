@@ -21,8 +21,7 @@ import socket
 import time
 
 from .fdtable import UnsupportedFd
-from .tcpinfo import (LISTEN, WE_WRITE, Exchange, local_ipv4s, norm, run_exchanges, set_lock,
-                      set_rcvbuf)
+from .tcpinfo import LISTEN, WE_WRITE, Exchange, local_ipv4s, norm, run_exchanges, set_lock, set_rcvbuf
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ WIRE_TIMEOUT = float(os.environ.get("HPCCKPT_RESTART_TIMEOUT", 120.0))
 def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
     """Make every connection of `objects` (this host's ends of connections to other hosts); the sockets go to
     factory.extra["tcp-wired"][inode]."""
-    from .tcp import _buf_after, _data, _finish, _new    # (tcp.py imports this module)
+    from .tcp import _buf_after, _data, _finish, _new  # (tcp.py imports this module)
     rv = factory.rendezvous
     ips = local_ipv4s()
     listeners: dict[int, socket.socket] = {}

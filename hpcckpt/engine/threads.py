@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import struct
 
-from . import ptrace
+from ..image.records import ThreadRecord, b64, unb64
+from . import ptrace, signals
 from .inject import Injector, normalize_restart, original_syscall
 from .linux import PR_GET_TID_ADDRESS, PR_SET_NAME, SYS, get_robust_list
 from .ptrace import Regs
 from .remote import Scratch
-from . import signals
-from ..image.records import ThreadRecord, b64, unb64
 
 _STACK_T = struct.Struct("<QiiQ")   # stack_t: ss_sp, ss_flags, (pad), ss_size
 SS_ONSTACK, SS_DISABLE = 1, 2

@@ -24,8 +24,7 @@ from ..image.format import ImageReader
 from ..image.records import ImageMeta, ProcessRecord, RegionRecord, unb64
 from . import locks, memory, ptrace, signals, sysvshm, threads, timers
 from .inject import Injector
-from .linux import (MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS,
-                    TASK_SIZE)
+from .linux import MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS, TASK_SIZE
 from .maps import SPECIAL, read_maps
 from .procattrs import RLIMITS, pack_mm_map
 

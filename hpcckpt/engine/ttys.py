@@ -30,9 +30,25 @@ import struct
 from ..image.records import b64, unb64
 from .fdtable import FdEntry, UnsupportedFd
 from .linux import pidfd_getfd
-from .ptys import (PTS_MAJORS, TIOCGDEV, TIOCGPTPEER, TIOCNOTTY, TIOCSCTTY, TIOCSPTLCK, copy_fd, get_int,
-                   get_termios, get_winsize, open_flags, pair, pair_dump, pty_index, rdev_of, set_int,
-                   set_termios)
+from .ptys import (
+    PTS_MAJORS,
+    TIOCGDEV,
+    TIOCGPTPEER,
+    TIOCNOTTY,
+    TIOCSCTTY,
+    TIOCSPTLCK,
+    copy_fd,
+    get_int,
+    get_termios,
+    get_winsize,
+    open_flags,
+    pair,
+    pair_dump,
+    pty_index,
+    rdev_of,
+    set_int,
+    set_termios,
+)
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ class Chunk:
         return [self.page, self.npages, self.off, self.length, self.crc, self.codec, self.mac]
 
     @classmethod
-    def from_json(cls, v: list) -> "Chunk":
+    def from_json(cls, v: list) -> Chunk:
         return cls(*v)
 
 
@@ -106,7 +106,7 @@ class ImageWriter:
 
     # -- page data -------------------------------------------------------------------------------------------
     def submit(self, page: int, npages: int, produce, zero_skip: bool = False, hashing=None,
-               scattered: tuple | None = None) -> "ChunkGroup":
+               scattered: tuple | None = None) -> ChunkGroup:
         """Queue npages pages of data that produce(buffer) writes into a buffer (in a worker thread). Returns a
         ChunkGroup, filled in once written (see drain()): one chunk, or several when all-zero pages were left
         out (zero_skip: for anonymous memory, where a missing page reads back as zeros). scattered: the buffer
@@ -121,7 +121,7 @@ class ImageWriter:
             self.drain(keep=self._max_pending // 2)
         return group
 
-    def add_chunk(self, page: int, npages: int, data) -> "ChunkGroup":
+    def add_chunk(self, page: int, npages: int, data) -> ChunkGroup:
         """Queue a chunk from bytes already in hand."""
         def produce(buf, data=bytes(data)):
             buf[:len(data)] = data
@@ -141,7 +141,7 @@ class ImageWriter:
             self.pos += length + (-length) % ALIGN
             return off
 
-    def _work(self, group: "ChunkGroup", page: int, npages: int, produce, zero_skip: bool, hashing, scattered):
+    def _work(self, group: ChunkGroup, page: int, npages: int, produce, zero_skip: bool, hashing, scattered):
         raw = self._buffer(npages * PAGE_SIZE)
         view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)

@@ -22,7 +22,7 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hints(cls) -> dict:
     # typing.get_type_hints evaluates every (string) annotation again on each call: once per record class, not
     # once per region of every image (it was a third of restoring an incremental chain)

@@ -104,7 +104,7 @@ class Manifest:
         return json.dumps(d, indent=1).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, name: str = "manifest", trust: bool | None = None) -> "Manifest":
+    def from_json(cls, data: bytes, name: str = "manifest", trust: bool | None = None) -> Manifest:
         """Parse and authenticate (ManifestError if it does not verify, unless trusted: auth.trust_unsigned())."""
         try:
             d = json.loads(bytes(data).decode("utf-8"))
@@ -117,7 +117,7 @@ class Manifest:
         trust = auth.trust_unsigned() if trust is None else trust
         if not trust:
             _verify_manifest(name, d, signer, mac)
-        from .manifest_check import parse_manifest      # every field checked for its type
+        from .manifest_check import parse_manifest  # every field checked for its type
         try:
             return parse_manifest(cls, ImageEntry, json.dumps(d).encode())
         except ManifestError as e:

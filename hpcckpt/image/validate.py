@@ -57,7 +57,7 @@ def _nr_open() -> int:
 
 
 def _known_fd_kinds() -> set[str]:
-    from ..engine.kinds import KINDS      # the handler registry: a new kind is known as soon as it is added
+    from ..engine.kinds import KINDS  # the handler registry: a new kind is known as soon as it is added
     return {k.KIND for k in KINDS} | {"stdio"}
 
 

@@ -7,7 +7,6 @@ import shlex
 import subprocess
 from abc import ABC, abstractmethod
 
-
 CANCELLED_MARK = ".hpcckpt-cancelled"     # in the checkpoint dir: the ids of runs the user cancelled
 
 
