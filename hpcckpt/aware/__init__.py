@@ -89,6 +89,8 @@ class _Channel:
 
     def _send(self, msg: dict) -> None:
         data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        if self.sock is None:
+            raise OSError("not connected to the hpcckpt agent")
         self.sock.sendall(data)
 
     def ask(self, msg: dict) -> tuple[int, threading.Event, list]:
@@ -145,7 +147,7 @@ class _Channel:
         if msg.get("op") == "event":
             name = msg.get("name")
             errors = []
-            for fn in list(self.hooks.get(name, ())):
+            for fn in list(self.hooks.get(str(name), ())):
                 try:
                     fn()
                 except Exception as e:        # a hook's failure is the program's, reported to the agent
@@ -157,7 +159,7 @@ class _Channel:
                     except OSError:
                         pass
             return
-        w = self.waiting.get(msg.get("id"))
+        w = self.waiting.get(int(msg.get("id") or 0))
         if w is not None:
             w[1].append(msg)
             w[0].set()

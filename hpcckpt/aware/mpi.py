@@ -14,7 +14,7 @@ def checkpoint(comm, timeout: float | None = None) -> str:
     # and an agent reads them before it freezes its processes
     waiting = _channel.ask({"op": "await"}) if rank != 0 else None
     comm.Barrier()
-    if rank == 0:
+    if waiting is None:
         result = _channel.call({"op": "checkpoint"}, timeout)["result"]
     else:
         result = _channel.answer(*waiting, timeout)["result"]

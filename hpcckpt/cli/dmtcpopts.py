@@ -120,8 +120,9 @@ NAMES = ("ckpt_open_files", "allow_file_overwrite", "tmpdir", "no_strict_checkin
 def flags(args: argparse.Namespace) -> dict:
     """The DMTCP options given, as Settings flags (None: not given)."""
     out = {k: getattr(args, k, None) for k in NAMES}
-    if out.get("path_prefixes"):
-        out["path_prefixes"] = list(out["path_prefixes"])
+    prefixes = out.get("path_prefixes")
+    if prefixes:
+        out["path_prefixes"] = list(prefixes)
         out["pathvirt"] = True
     if getattr(args, "disable_all", False) or \
             os.environ.get("DMTCP_DISABLE_ALL_PLUGINS", "").strip().lower() in ("1", "yes", "true"):

@@ -170,17 +170,19 @@ class Relay:
         out = {sk: role for (task, role), sk in self.socks.items() if role in (1, 2)}     # -> our fd 1 or 2
         ctl = {sk: task for (task, role), sk in self.socks.items() if role == 3}
         stdin_to = self.socks.get((0, 0))
-        for (task, role), sk in self.socks.items():
+        for (_task, role), sk in self.socks.items():
             if role == 0 and sk is not stdin_to:
                 sk.shutdown(socket.SHUT_WR)      # only the first task reads our standard input (like mpiexec)
         while out or ctl:
             watch = list(out) + list(ctl) + ([0] if self.stdin_open and stdin_to is not None else [])
             r, _, _ = select.select(watch, [], [], 1.0)
             self._reap_launcher()
-            for sk in r:
-                if sk == 0:
-                    self._forward_stdin(stdin_to)
+            for ready in r:
+                if not isinstance(ready, socket.socket):       # fd 0: our standard input
+                    if stdin_to is not None:
+                        self._forward_stdin(stdin_to)
                     continue
+                sk = ready
                 data = sk.recv(65536)
                 if sk in out:
                     if data:
@@ -296,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         # cluster shares it through the home directory: image/auth.py)
         launch = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *launch]
     if kind == "ssh":
+        assert dest is not None                  # a login session exec'ed the real ssh above
         full = [real, *opts, dest, shlex.join(launch)]
     else:
         full = [real, *opts, *launch]
@@ -305,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcckpt {kind}: {e}", file=sys.stderr)
         return 255
     launcher = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=2, stderr=2)
+    assert launcher.stdin is not None
     try:
         launcher.stdin.write(secret.hex().encode() + b"\n")
         launcher.stdin.close()

@@ -77,10 +77,10 @@ def generations(ckptdir: str, comp: str, events: list[dict]) -> list[dict]:
                          "note": "no manifest: being written, or interrupted (never used by a restart)"}
     for ev in events:
         if ev.get("event") == "checkpoint" and ev.get("computation") in (comp, None) and not ev.get("ok", True):
-            gen = ev.get("generation")
-            if isinstance(gen, int) and (gen not in rows or rows[gen]["state"] == "unfinished"):
-                rows[gen] = {"generation": gen, "state": "failed", "time": ev.get("time"),
-                             "phase": ev.get("phase"), "error": ev.get("error")}
+            egen = ev.get("generation")
+            if isinstance(egen, int) and (egen not in rows or rows[egen]["state"] == "unfinished"):
+                rows[egen] = {"generation": egen, "state": "failed", "time": ev.get("time"),
+                              "phase": ev.get("phase"), "error": ev.get("error")}
     usable = [g for g, r in rows.items() if r["state"] == "complete" and not r.get("images_missing_here")]
     if usable:
         rows[max(usable)]["restart_uses"] = True

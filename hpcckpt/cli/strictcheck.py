@@ -1,6 +1,7 @@
 """DMTCP's strict checking at restart (on by default; --no-strict-checking / DMTCP_DISABLE_STRICT_CHECKING turn it
 off): an image owned by another user is refused. Restarting it would run that user's saved program, with what it
-had open, as us; DMTCP refuses for the same reason. Root restarting a user's own (owned and signed) images runs them as that user (engine/identity.py)."""
+had open, as us; DMTCP refuses for the same reason. Root restarting a user's own (owned and signed) images runs them
+as that user (engine/identity.py)."""
 from __future__ import annotations
 
 import logging
