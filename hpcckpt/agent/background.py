@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..engine.forker import kill_snapshot
 from ..image import store
+from .base import AgentBase
 from .ckptstate import BackgroundWrite, CheckpointState
 
 log = logging.getLogger("hpcckpt.agent")
 
 
-class BackgroundWrites:
+class BackgroundWrites(AgentBase):
     """Mixed into Agent (agent.py): uses its settings, state and send()."""
 
     def _start_writes(self, c: CheckpointState) -> None:

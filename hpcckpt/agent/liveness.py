@@ -18,6 +18,7 @@ from ..coordinator import protocol
 from ..coordinator.client import Connection, port_is_open
 from ..image import store
 from ..settings import Settings
+from .base import AgentBase
 
 log = logging.getLogger("hpcckpt.agent")
 STALL_S = 5.0        # a gap this long between two looks at the link: we were stopped or busy, not it silent
@@ -137,7 +138,7 @@ class CoordinatorLink:
         self.down_since = now          # until the new connection's handshake
 
 
-class AgentLiveness:
+class AgentLiveness(AgentBase):
     """The Agent's side of liveness (a mixin of agent.Agent: uses its link, frozen checkpoint and writes)."""
 
     def _watch_coordinator(self) -> None:
@@ -155,8 +156,9 @@ class AgentLiveness:
         if link.hello_due():
             self.conn.send(self._hello_msg(rejoin=True))
 
-    def _on_coordinator_heartbeat(self, generation: int | None) -> None:
+    def _on_coordinator_heartbeat(self, msg: dict) -> None:
         """The coordinator names the round we take part in: ours must be that one, or it is lost."""
+        generation = protocol.CoordHeartbeat.from_dict(msg).generation
         if self.ckpt is not None and generation != self.ckpt.generation:
             self._abandon(f"the coordinator no longer runs checkpoint generation {self.ckpt.generation}")
         if self.writing is not None and generation != self.writing.state.generation:
@@ -184,6 +186,7 @@ class AgentLiveness:
             else:
                 store.remove_generation_images(self.ckptdir, self.computation, gen, [p for p, _ in written.values()])
                 log.info("images of generation %d removed: it was never committed", gen)
+        self.adopt_ckptdir(msg.get("ckptdir"))       # (after: those images were in the directory we used)
 
     def _abandon(self, why: str) -> None:
         """Give up the round our processes are frozen for, on our own: they run again at once, the coordinator
@@ -200,4 +203,4 @@ class AgentLiveness:
         log.warning("checkpoint generation %d abandoned: %s; processes resumed after %.1f s stopped, %s", c.generation,
                     why, frozen, "images kept until a coordinator says whether it committed them" if c.reported
                     else "its images removed")
-        self.send({"type": "abandon", "generation": c.generation, "reason": why, "agent_id": self.agent_id})
+        self.send(protocol.Abandon(c.generation, why, self.agent_id).to_dict())

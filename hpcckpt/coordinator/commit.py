@@ -8,20 +8,25 @@ import time
 from ..faults import fault
 from ..image import store
 from .barrier import Round
+from .base import CoordinatorBase
 from .script import install_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
 
 
-class Commits:
+class Commits(CoordinatorBase):
     """Mixed into Coordinator (server.py)."""
 
     def _commit(self, r: Round) -> None:
         images = []
         stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
         for ident, res in r.durable.items():
+            peer = self.peers.get(ident)
             for img in res.get("images", []):
-                images.append(store.ImageEntry(**img))
+                # each entry names its agent: a restart's gate knows every agent (host) to wait for from the
+                # manifest (an older agent's entries get it from its hello)
+                images.append(store.ImageEntry(**{**img, "agent_id": img.get("agent_id") or
+                                                  (peer.agent_id if peer else "")}))
             st = res.get("stats", {})
             stats["bytes_in"] += st.get("bytes_in", 0)
             stats["bytes_out"] += st.get("bytes_out", 0)
@@ -60,7 +65,7 @@ class Commits:
             except (OSError, ValueError) as e:
                 log.warning("cannot read manifest of generation %d: %s", gen, e)
                 continue
-            out.extend({"generation": gen, "host": i.host, "path": i.path} for i in m.images)
+            out.extend({"generation": gen, "host": i.host, "path": i.path, "agent_id": i.agent_id} for i in m.images)
         return out
 
     def _prune_list(self) -> list[int]:
