@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,9 +353,11 @@ def yaml_error_line(path: str, e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{path}: not valid YAML: {problem}{where}"
-# Timeouts some modules read from the environment when imported (not Settings fields): a bad value there was a
-# 25-line traceback before any command could say anything. The entry points check them first (cli/main.py).
-ENV_SECONDS = ("HPCCKPT_REMOTE_TIMEOUT",)
+# Timeouts checked by every entry point first (cli/main.py), also by commands that build no Settings (inspect):
+# HPCCKPT_REMOTE_TIMEOUT is read at import by cli/shim.py (not a Settings field: a bad value there was a 25-line
+# traceback before any command could say anything); the two others are Settings fields, refused the same way
+# whichever command meets them.
+ENV_SECONDS = ("HPCCKPT_PEER_TIMEOUT", "HPCCKPT_RESTART_TIMEOUT", "HPCCKPT_REMOTE_TIMEOUT")
 
 
 def check_environment(environ=None) -> None:
@@ -389,9 +392,9 @@ def load_yaml(path: str) -> dict:
 def load(flags: dict[str, Any] | None = None, config: str | None = None,
          environ: dict[str, str] | None = None, yaml_section: dict | None = None) -> Settings:
     """Build settings. flags: values given on the command line (None = not given)."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    config = config or environ.get("HPCCKPT_CONFIG")
+    config = config or env.get("HPCCKPT_CONFIG")
     data = yaml_section if yaml_section is not None else (load_yaml(config) if config else {})
     for key, v in data.items():
         name = str(key).replace("-", "_")
@@ -401,8 +404,8 @@ def load(flags: dict[str, Any] | None = None, config: str | None = None,
         values[name] = _coerce(name, v, f"{config}: {key}")
     for name, f in _FIELDS.items():
         for var in f.metadata.get("env", ()):
-            if var in environ and environ[var] != "":
-                values[name] = _coerce(name, environ[var], f"environment {var}")
+            if var in env and env[var] != "":
+                values[name] = _coerce(name, env[var], f"environment {var}")
                 break
     for name, v in (flags or {}).items():
         if v is not None:

@@ -251,10 +251,9 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
                 if not self.link.joined or self.link.down_since is not None:
                     pass          # nobody to tell (hellos carry the processes until a coordinator answers)
                 elif procs != self.last_listed or time.monotonic() - self.last_sent >= self.heartbeat_s:
-                    hb = {"type": "heartbeat", "processes": procs}      # -l shows changes within ~0.5 s
-                    if self.writing:
-                        hb["progress"] = {"bytes": self.writing.done_bytes}
-                    self.send(hb)
+                    # -l shows changes within ~0.5 s
+                    self.send(protocol.AgentHeartbeat(procs, {"bytes": self.writing.done_bytes} if self.writing
+                                                      else None).to_dict())
                     self.last_listed = procs
             clean = True
         finally:
@@ -301,6 +300,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
                          f"was killed by signal {ex.status}" if ex.signaled else f"exited with status {ex.code}")
 
     def _on_signals(self) -> None:
+        assert self.sigfd is not None
         for signo, code, sender in self.sigfd.read():
             if signo == signal.SIGCHLD:
                 continue
@@ -320,7 +320,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
 
     # ------------------------------------------------------------------------------------------ phases --
     def _on_message(self, msg: dict) -> None:
-        handler = self.handlers.get(msg.get("type"))     # (unknown kinds: from a newer coordinator, ignored)
+        handler = self.handlers.get(str(msg.get("type")))     # (unknown kinds: from a newer coordinator, ignored)
         if handler is not None:
             handler(msg)
 

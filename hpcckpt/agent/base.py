@@ -53,6 +53,11 @@ class AgentBase:
     plugins: plugins.PluginHost
     phases: dict[Phase, Callable[[PhaseMsg], None]]
 
+    @property
+    def comp(self) -> str:
+        """The computation id: set by the coordinator's welcome, before any phase or write runs."""
+        return self.computation or ""
+
     # -- defined by the parts (agent.py and its mixins); declared here so that each part may call them --
     def send(self, msg: dict) -> None:
         raise NotImplementedError

@@ -176,7 +176,7 @@ class AgentLiveness(AgentBase):
         self.publish_job_file()
         # images we wrote for rounds that ended without us hearing the outcome: the coordinator knows now
         # (a manifest in our own ckptdir counts too: a coordinator started with another ckptdir knows nothing of it)
-        complete = set(msg.get("complete") or []) | set(store.complete_generations(self.ckptdir, self.computation))
+        complete = set(msg.get("complete") or []) | set(store.complete_generations(self.ckptdir, self.comp))
         busy = {c.state.generation for c in [self.writing] if c} | {c.generation for c in [self.ckpt] if c} | \
             {msg.get("round")}                     # the round we still take part in may yet commit
         for gen in sorted(set(self.pending_prev) - busy):
@@ -184,7 +184,7 @@ class AgentLiveness(AgentBase):
             if gen in complete:
                 self.prev_images.update(written)
             else:
-                store.remove_generation_images(self.ckptdir, self.computation, gen, [p for p, _ in written.values()])
+                store.remove_generation_images(self.ckptdir, self.comp, gen, [p for p, _ in written.values()])
                 log.info("images of generation %d removed: it was never committed", gen)
         self.adopt_ckptdir(msg.get("ckptdir"))       # (after: those images were in the directory we used)
 
@@ -198,7 +198,7 @@ class AgentLiveness(AgentBase):
         self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         frozen = self._resume_frozen()
         if not c.reported and self.computation:
-            store.remove_generation_images(self.ckptdir, self.computation, c.generation, c.images)
+            store.remove_generation_images(self.ckptdir, self.comp, c.generation, c.images)
             self.pending_prev.pop(c.generation, None)
         log.warning("checkpoint generation %d abandoned: %s; processes resumed after %.1f s stopped, %s", c.generation,
                     why, frozen, "images kept until a coordinator says whether it committed them" if c.reported

@@ -160,10 +160,10 @@ class Phases(AgentBase):
         c = self.ckpt
         if c is None or c.generation != gen:
             raise AgentError(f"checkpoint of generation {gen} without a suspend")
-        gdir = store.generation_dir(self.ckptdir, self.computation, gen)
+        gdir = store.generation_dir(self.ckptdir, self.comp, gen)
         try:       # checked, never through another user's directory or link (safefs); the computation's lock
-            gdir = store.make_generation_dir(self.ckptdir, self.computation, gen)
-            runlock.hold(self.ckptdir, self.computation)
+            gdir = store.make_generation_dir(self.ckptdir, self.comp, gen)
+            runlock.hold(self.ckptdir, self.comp)
         except OSError as e:
             raise AgentError(f"cannot use checkpoint directory {gdir}: {e.strerror or e}") from None
         if not os.access(gdir, os.W_OK | os.X_OK):
@@ -212,11 +212,11 @@ class Phases(AgentBase):
             path, needs = self.prev_images[p.unique_id]
             if len(needs) < self.s.full_every and os.path.exists(path):
                 base = path
-        meta = engine_dump.write_image(p.cap, p.path, computation=self.computation, generation=c.generation,
+        meta = engine_dump.write_image(p.cap, p.path, computation=self.comp, generation=c.generation,
                                        unique_id=p.unique_id, compress=self.s.compress,
                                        level=self.s.compress_level,
                                        progress=lambda done: self._progress(p.path, done),
-                                       incremental=self.s.incremental, base=base,
+                                       incremental=bool(self.s.incremental), base=base,
                                        agent={"agent_id": self.agent_id, "agents": c.agents})
         size = os.path.getsize(p.path)
         with self.write_lock:           # (writer threads write several images at once)
@@ -260,7 +260,7 @@ class Phases(AgentBase):
             self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         self._resume_frozen()
         if self.computation:
-            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
+            store.remove_generation_images(self.ckptdir, self.comp, gen, paths)
         if not quiet:
             log.warning("checkpoint generation %d aborted (%s); images removed, job resumed", gen, reason)
 
@@ -271,4 +271,4 @@ class Phases(AgentBase):
             if e.get("host") == self.host:
                 by_gen.setdefault(int(e["generation"]), []).append(e["path"])
         for gen, paths in by_gen.items():
-            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
+            store.remove_generation_images(self.ckptdir, self.comp, gen, paths)

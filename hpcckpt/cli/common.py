@@ -59,8 +59,8 @@ def add_coord_options(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(name: str, quiet: int = 0, level: str = "INFO") -> None:
     # DMTCP_QUIET: 1 leaves out notes, 2 warnings too
-    lvl = {0: None, 1: logging.WARNING}.get(int(quiet), logging.ERROR) or \
-        getattr(logging, str(level).upper(), logging.INFO)
+    lvl: int = ({1: logging.WARNING}.get(int(quiet), logging.ERROR) if int(quiet) else
+                getattr(logging, str(level).upper(), logging.INFO))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[{name} %(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger()

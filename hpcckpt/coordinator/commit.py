@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from ..faults import fault
 from ..image import store
@@ -19,7 +20,7 @@ class Commits(CoordinatorBase):
 
     def _commit(self, r: Round) -> None:
         images = []
-        stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
+        stats: dict[str, Any] = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
         for ident, res in r.durable.items():
             peer = self.peers.get(ident)
             for img in res.get("images", []):
@@ -38,7 +39,7 @@ class Commits(CoordinatorBase):
         stats["duration_s"] = round(time.time() - r.started, 3)
         stats["ratio"] = round(stats["bytes_out"] / stats["bytes_in"], 4) if stats["bytes_in"] else None
         stats["phase_s"] = dict(r.phase_times)
-        manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
+        manifest = store.Manifest(self.computation or "", r.generation, time.time(), images, stats)
         # complete or absent: the script first (put back as it was if the manifest fails), the manifest last
         installed = install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
         try:
@@ -58,10 +59,10 @@ class Commits(CoordinatorBase):
 
     def _prune_images(self) -> list[dict]:
         """Images of generations beyond the retention limit: [{"generation", "host", "path"}]."""
-        out = []
+        out: list[dict] = []
         for gen in self._prune_list():
             try:
-                m = store.read_manifest(self.ckptdir, self.computation, gen)
+                m = store.read_manifest(self.ckptdir, self.computation or "", gen)
             except (OSError, ValueError) as e:
                 log.warning("cannot read manifest of generation %d: %s", gen, e)
                 continue
@@ -69,11 +70,11 @@ class Commits(CoordinatorBase):
         return out
 
     def _prune_list(self) -> list[int]:
-        complete = store.complete_generations(self.ckptdir, self.computation)
+        complete = store.complete_generations(self.ckptdir, self.computation or "")
         needs = {}
         for g in complete[-self.s.keep_generations:]:
             try:
-                m = store.read_manifest(self.ckptdir, self.computation, g)
+                m = store.read_manifest(self.ckptdir, self.computation or "", g)
             except (OSError, ValueError):
                 continue
             needs[g] = {n for i in m.images for n in (i.needs or [g])}

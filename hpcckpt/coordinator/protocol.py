@@ -215,8 +215,11 @@ class Phase(str, Enum):
     KILL = "kill"          # instead of refill, once a kcheckpoint's generation is committed
     ABORT = "abort"        # the round failed before its commit: delete its images, resume
 
-    __str__ = str.__str__          # "suspend", not "Phase.SUSPEND", in logs and f-strings
-    __format__ = str.__format__
+    def __str__(self) -> str:      # "suspend", not "Phase.SUSPEND", in logs and f-strings
+        return str.__str__(self)
+
+    def __format__(self, spec: str) -> str:
+        return str.__format__(str(self), spec)
 
 
 def _opt(default: Any = None) -> Any:

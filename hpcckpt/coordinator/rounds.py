@@ -191,7 +191,7 @@ class Rounds(CoordinatorBase):
             # retention, once the new generation is complete: each agent deletes its own images, we the manifests
             self._send_committed(r.generation, self._prune_images())
             for gen in self._prune_list():
-                store.remove_manifest(self.ckptdir, self.computation, gen)
+                store.remove_manifest(self.ckptdir, self.computation or "", gen)
         for w in r.waiters:
             reply = {"type": "reply", "command": "checkpoint", "ok": ok, "generation": r.generation}
             if ok:

@@ -71,7 +71,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.port = 0
         self.key = b""
         self.bound = []
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.sock = None
         self.handlers = self.protocol_table()
 
@@ -132,12 +132,17 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self._write_status()
         return self.port
 
+    @property
+    def socket(self) -> zmq.Socket:
+        assert self.sock is not None, "the coordinator is not bound"
+        return self.sock
+
     def listen_on(self, addr: str, why: str) -> str | None:
         """Listen on addr too, on our port (an agent on another host will connect there); an error text or None."""
         if addr in self.bound or binding.ANY in self.bound:
             return None
         try:
-            self.sock.bind(f"tcp://{addr}:{self.port}")
+            self.socket.bind(f"tcp://{addr}:{self.port}")
         except zmq.ZMQError as e:
             return f"cannot listen on {addr}:{self.port} ({why}): {e}"
         self.bound.append(addr)
@@ -154,7 +159,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
     def serve_forever(self) -> None:
         # an agent reconnecting (after a pause, a network hiccup) keeps its routing id: the new connection takes
         # it over instead of being refused as a duplicate
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         stdin_open = self.console
@@ -169,7 +174,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
             if self.sock in events:
                 for _ in range(1000):
                     try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     self._on_frames(frames)
@@ -194,7 +199,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
     # ---------------------------------------------------------------------------------------- messaging --
     def send(self, ident: bytes, msg: dict) -> None:
         try:
-            self.sock.send_multipart([ident] + protocol.encode(self.key, msg), zmq.NOBLOCK)
+            self.socket.send_multipart([ident] + protocol.encode(self.key, msg), zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
 
@@ -205,7 +210,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         frames = protocol.encode(self.key, msg)
         for ident in list(idents if idents is not None else self.peers):
             try:
-                self.sock.send_multipart([ident] + frames, zmq.NOBLOCK)
+                self.socket.send_multipart([ident] + frames, zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
 
@@ -227,7 +232,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         except protocol.ProtocolError as e:
             self.rejects.warning("rejected a message from connection %s: %s", ident.hex(), e)
             if rest[0] == protocol.PROTO_TAG:      # unauthenticated: the reason only, so a user can see why
-                self.sock.send_multipart([ident, protocol.PROTO_TAG, b"", json.dumps(
+                self.socket.send_multipart([ident, protocol.PROTO_TAG, b"", json.dumps(
                     {"type": "reject", "reason": str(e)}).encode()], zmq.NOBLOCK)
             return
         kind = msg["type"]
