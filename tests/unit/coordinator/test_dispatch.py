@@ -119,3 +119,36 @@ def test_records_round_trip_through_the_wire_format(kind):
     cls = protocol.TO_COORDINATOR.get(kind) or protocol.TO_AGENT[kind]
     d = cls().to_dict()
     assert d["type"] == kind and cls.from_dict(d) == cls()
+
+
+def test_peer_messages_reach_their_handlers(tmp_path):
+    sim = Sim(str(tmp_path))
+    sim.deliver(b"ghost", protocol.AgentHeartbeat().to_dict())          # an agent we do not know: say hello
+    (to, reply, _), = sim.take()
+    assert to == b"ghost" and reply["type"] == "reject" and reply["rejoin"] is True
+    sim.join(2)
+    sim.take()
+    a, b = sim.agents
+    sim.deliver(a, protocol.KvGet("k", wait=True).to_dict())             # waits until someone puts it
+    assert not sim.take()
+    sim.deliver(b, protocol.KvPut("k", [1, 2]).to_dict())
+    (to, kv, _), = sim.take()
+    assert to == a and protocol.Kv.from_dict(kv) == protocol.Kv("k", [1, 2], True)
+    sim.deliver(a, protocol.Request("checkpoint").to_dict())             # --ckpt-signal: a round starts
+    assert {m["phase"] for _, m, _ in sim.take() if m["type"] == "phase"} == {"suspend"}
+    sim.deliver(b, protocol.Bye("exited with status 0").to_dict())       # leaves during the round: it fails
+    assert sim.c.round is None and "left" in sim.c.last_failure["error"] and list(sim.c.peers) == [a]
+
+
+def test_the_agent_dispatches_by_its_table(tmp_path, monkeypatch):
+    ag = agent(tmp_path)
+    ag.computation = "comp"
+    ag.host = "node0"
+    removed = []
+    monkeypatch.setattr(store, "remove_generation_images", lambda d, c, g, paths: removed.append((g, paths)))
+    ag._on_message(protocol.Committed(3, [{"generation": 1, "host": "node0", "path": "/x/a"},
+                                          {"generation": 1, "host": "node1", "path": "/x/b"}]).to_dict())
+    assert ag.last_generation == 3 and removed == [(1, ["/x/a"])]
+    ag._on_message(protocol.Reject("unknown peer", rejoin=True).to_dict())
+    assert not ag.link.joined                                             # lost: it says hello again
+    ag._on_message({"type": "from-a-newer-coordinator"})                  # ignored
