@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ class Settings:
     coord_host: str = field(default="127.0.0.1", metadata=_env("DMTCP_COORD_HOST", "DMTCP_HOST"))  # its host
     coord_port: int = field(default=DEFAULT_PORT, metadata=_env("DMTCP_COORD_PORT", "DMTCP_PORT"))  # 0: random
     port_file: str | None = None         # the coordinator writes its port there; commands read it from there
+    # addresses the coordinator listens on besides loopback (0.0.0.0: every interface; docs/protocol.md, "Binding")
+    bind: list = field(default_factory=list, metadata=_env("HPCCKPT_COORD_BIND"))
     status_file: str | None = None       # the coordinator keeps its status there (JSON)
     # -- checkpointing --
     interval: int = field(default=0, metadata=_env("DMTCP_CHECKPOINT_INTERVAL"))   # seconds, 0: no interval
@@ -45,7 +48,8 @@ class Settings:
     pid_namespace: bool = field(default=True, metadata=_env("HPCCKPT_PID_NAMESPACE"))
     # copy-on-write snapshot: the job stops for ~30 ms/GiB, images are written while it runs
     forked: bool = field(default=True, metadata=_env("DMTCP_FORKED_CHECKPOINT"))
-    incremental: bool = field(default=False, metadata=_env("HPCCKPT_INCREMENTAL"))   # store changed pages only
+    # store changed pages only (unset: full images, and a restart goes on the way its images were taken)
+    incremental: bool | None = field(default=None, metadata=_env("HPCCKPT_INCREMENTAL"))
     full_every: int = field(default=8, metadata=_env("HPCCKPT_FULL_EVERY"))   # a full image every N generations
     # incremental images read only the pages written since the last checkpoint (engine/wptrack.py)
     write_tracking: bool = field(default=True, metadata=_env("HPCCKPT_WRITE_TRACKING"))
@@ -54,6 +58,8 @@ class Settings:
     # a checkpoint phase without progress this long fails the round (the last good checkpoint is kept)
     phase_timeout: float = field(default=300.0, metadata=_env("HPCCKPT_PHASE_TIMEOUT"))
     rank_wait: float = field(default=30.0, metadata=_env("HPCCKPT_RANK_WAIT"))   # for MPI ranks to join
+    # a restart waits this long for every host of the checkpoint (its gate, and TCP connections between hosts)
+    restart_timeout: float = field(default=120.0, metadata=_env("HPCCKPT_RESTART_TIMEOUT"))
     # -- the program API (hpcckpt.aware) --
     # how long a checkpoint waits for delayed_checkpoints() blocks to end, and
     # for the programs' pre_checkpoint hooks, before it goes on
@@ -113,6 +119,7 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+FIELD_NAMES = tuple(_FIELDS)         # (cli/common.py: a parser option whose dest is one of these is its flag)
 _TRUE = {"1", "yes", "true", "on", "y"}
 _FALSE = {"0", "no", "false", "off", "n", ""}
 
@@ -218,8 +225,14 @@ def _pause(value: Any) -> int:
     return v
 
 
+def _list_of_addresses(value: Any) -> list:
+    """Addresses separated by ',' or whitespace (HPCCKPT_COORD_BIND=ADDR[,ADDR...]), or a YAML/flag list."""
+    items = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    return [str(a).strip() for a in items if str(a).strip()]
+
+
 _DMTCP_SPECIAL = {"quiet": _quiet, "plugins": _list_of_plugins, "path_prefixes": _list_of_prefixes,
-                  "restart_pause": _pause}
+                  "restart_pause": _pause, "bind": _list_of_addresses}
 
 
 def _validate(s: Settings) -> Settings:
@@ -275,7 +288,8 @@ def _validate_input(s: Settings) -> Settings:
     if not 1 <= s.writers <= 1024:
         raise SettingsError(f"HPCCKPT_WRITERS (images written at once) must be 1..1024, got {s.writers}")
     for name, top in (("interval", 1 << 31), ("keep_generations", 1 << 20), ("full_every", 1 << 20),
-                      ("phase_timeout", 1e9), ("rank_wait", 1e9), ("timeout", 1e9), ("stale_timeout", 1e9)):
+                      ("phase_timeout", 1e9), ("rank_wait", 1e9), ("timeout", 1e9), ("stale_timeout", 1e9),
+                      ("restart_timeout", 1e9), ("peer_timeout", 1e9)):
         if getattr(s, name) >= top:      # (beyond what timers and sleeps take: OverflowError deep inside)
             raise SettingsError(f"{name} {getattr(s, name)} is too large (at most {int(top) - 1})")
     if s.full_every < 1:
@@ -285,6 +299,8 @@ def _validate_input(s: Settings) -> Settings:
             raise SettingsError(f"{name} must be >= 0 seconds, got {getattr(s, name)}")
     if s.phase_timeout == 0:
         raise SettingsError("phase_timeout must be > 0 seconds")
+    if s.restart_timeout <= 0:
+        raise SettingsError(f"restart_timeout (HPCCKPT_RESTART_TIMEOUT) must be > 0 seconds, got {s.restart_timeout}")
     if str(s.log_level).upper() not in _LOG_LEVELS:
         raise SettingsError(f"log level {s.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     for name in ("ckptdir", "port_file", "status_file"):
@@ -337,8 +353,10 @@ def yaml_error_line(path: str, e: Exception) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{path}: not valid YAML: {problem}{where}"
-# Timeouts some modules read from the environment when imported (not Settings fields): a bad value there was a
-# 25-line traceback before any command could say anything. The entry points check them first (cli/main.py).
+# Timeouts checked by every entry point first (cli/main.py), also by commands that build no Settings (inspect):
+# HPCCKPT_REMOTE_TIMEOUT is read at import by cli/shim.py (not a Settings field: a bad value there was a 25-line
+# traceback before any command could say anything); the two others are Settings fields, refused the same way
+# whichever command meets them.
 ENV_SECONDS = ("HPCCKPT_PEER_TIMEOUT", "HPCCKPT_RESTART_TIMEOUT", "HPCCKPT_REMOTE_TIMEOUT")
 
 
@@ -374,9 +392,9 @@ def load_yaml(path: str) -> dict:
 def load(flags: dict[str, Any] | None = None, config: str | None = None,
          environ: dict[str, str] | None = None, yaml_section: dict | None = None) -> Settings:
     """Build settings. flags: values given on the command line (None = not given)."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     values: dict[str, Any] = {}
-    config = config or environ.get("HPCCKPT_CONFIG")
+    config = config or env.get("HPCCKPT_CONFIG")
     data = yaml_section if yaml_section is not None else (load_yaml(config) if config else {})
     for key, v in data.items():
         name = str(key).replace("-", "_")
@@ -386,8 +404,8 @@ def load(flags: dict[str, Any] | None = None, config: str | None = None,
         values[name] = _coerce(name, v, f"{config}: {key}")
     for name, f in _FIELDS.items():
         for var in f.metadata.get("env", ()):
-            if var in environ and environ[var] != "":
-                values[name] = _coerce(name, environ[var], f"environment {var}")
+            if var in env and env[var] != "":
+                values[name] = _coerce(name, env[var], f"environment {var}")
                 break
     for name, v in (flags or {}).items():
         if v is not None:

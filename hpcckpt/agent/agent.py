@@ -13,42 +13,40 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import Callable
 
 import zmq
 
 from .. import plugins
+from ..coordinator import protocol
 from ..coordinator.client import Connection, CoordinatorUnreachable
-from ..engine import dump as engine_dump
-from ..engine import tcpdrain, tree, wptrack
-from ..engine.fdtable import FdTable
+from ..engine import tree, wptrack
 from ..engine.forker import left_snapshot
-from ..engine.maps import vmflags_hint
-from ..faults import fault
-from ..image import runlock, store
 from ..settings import Settings
 from . import remoteio
 from .aware_server import AwareServer
 from .background import BackgroundWrites
-from .ckptstate import BackgroundWrite, CheckpointState, PendingImage, fork_fits_in_memory
+from .base import AgentError
+from .ckptstate import BackgroundWrite, CheckpointState
 from .extensions import Extensions
 from .liveness import AgentLiveness, CoordinatorLink
 from .namespaces import install_init_handlers
+from .phases import Phases
 from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
 from .sigfd import SignalFd
 
 log = logging.getLogger("hpcckpt.agent")
 
-WALL = 0x40000000
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # the job must act on these now, frozen or not
 
 
-class AgentError(Exception):
-    """A failure of ours (not the program's): reported in one line, exit with DMTCP_FAIL_RC."""
+__all__ = ["Agent", "AgentError"]
 
 
-class Agent(AgentLiveness, BackgroundWrites, Extensions):
+class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
+    """The parts and the state they share: base.py."""
+
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
                  pid_namespace: bool = False, not_job: set[int] | None = None, agent_id: str | None = None,
@@ -93,16 +91,32 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
         self.last_generation = restarted_generation or 0
         self.link = CoordinatorLink(conn, settings)   # is the coordinator there (liveness.py)
         self.max_generation = restarted_generation or 0   # the newest generation we took part in
+        self.phases = self.phase_table()                  # phases.py
+        self.handlers = self.protocol_table()
+
+    def protocol_table(self) -> dict[str, Callable[[dict], None]]:
+        """Every message the coordinator sends an agent, and what handles it in the main loop: the table of
+        docs/protocol.md ("Peer messages", to the agent; tests/unit/coordinator/test_dispatch.py checks it)."""
+        return {
+            "phase": self._on_phase,                  # phases.py: the barrier
+            "heartbeat": self._on_coordinator_heartbeat,   # liveness.py
+            "welcome": self._on_welcome,
+            "reject": self._on_reject,
+            "committed": self._on_committed,
+            "kill": lambda msg: self._kill_job("killed by the coordinator"),
+            # answers a restarting agent waits for before the main loop runs (restore_done, rendezvous.py);
+            # one that comes late is of no use any more
+            "restart": self._ignore,
+            "kv": self._ignore,
+        }
 
     # ---------------------------------------------------------------------------------------- joining --
     def _hello_msg(self, rejoin: bool = False) -> dict:
         restart = self.restarted_generation is not None and not rejoin
-        return {"type": "hello", "role": "peer", "host": self.host, "agent_pid": os.getpid(),
-                "processes": self.public_processes(), "ckptdir": self.ckptdir,
-                "computation": self.computation, "restart": restart, "rejoin": rejoin,
-                "generation": self.max_generation if rejoin else self.restarted_generation,
-                "agent_id": self.agent_id, "agents": self.expected_agents,
-                "agent_ids": self.restart_ids or [self.agent_id]}
+        return protocol.Hello(
+            self.host, os.getpid(), self.public_processes(), self.computation, restart, rejoin,
+            self.max_generation if rejoin else self.restarted_generation, self.agent_id, self.expected_agents,
+            self.restart_ids or [self.agent_id]).to_dict()
 
     def hello(self, timeout: float = 15.0) -> dict:
         self.conn.send(self._hello_msg())
@@ -121,12 +135,20 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
                 self.link.rejoined(self.heartbeat_s)
                 log.info("joined coordinator %s:%d as peer %s of computation %s", self.conn.host, self.conn.port,
                          reply.get("peer_id"), self.computation)
+                self.adopt_ckptdir(reply.get("ckptdir"))
                 self.publish_job_file()
                 return reply
 
     def send(self, msg: dict) -> None:
         self.conn.send(msg)
         self.last_sent = time.monotonic()
+
+    def adopt_ckptdir(self, ckptdir: str | None) -> None:
+        """The checkpoint directory is the coordinator's: its manifests and our images go to one place (an
+        older coordinator's welcome may not say)."""
+        if ckptdir and os.path.abspath(ckptdir) != self.ckptdir:
+            log.info("checkpoint images go to the coordinator's directory %s (not %s)", ckptdir, self.ckptdir)
+            self.ckptdir = os.path.abspath(ckptdir)
 
     def publish_job_file(self) -> None:
         if self.job_file:
@@ -229,10 +251,9 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
                 if not self.link.joined or self.link.down_since is not None:
                     pass          # nobody to tell (hellos carry the processes until a coordinator answers)
                 elif procs != self.last_listed or time.monotonic() - self.last_sent >= self.heartbeat_s:
-                    hb = {"type": "heartbeat", "processes": procs}      # -l shows changes within ~0.5 s
-                    if self.writing:
-                        hb["progress"] = {"bytes": self.writing.done_bytes}
-                    self.send(hb)
+                    # -l shows changes within ~0.5 s
+                    self.send(protocol.AgentHeartbeat(procs, {"bytes": self.writing.done_bytes} if self.writing
+                                                      else None).to_dict())
                     self.last_listed = procs
             clean = True
         finally:
@@ -279,6 +300,7 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
                          f"was killed by signal {ex.status}" if ex.signaled else f"exited with status {ex.code}")
 
     def _on_signals(self) -> None:
+        assert self.sigfd is not None
         for signo, code, sender in self.sigfd.read():
             if signo == signal.SIGCHLD:
                 continue
@@ -298,239 +320,28 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
 
     # ------------------------------------------------------------------------------------------ phases --
     def _on_message(self, msg: dict) -> None:
-        kind = msg["type"]
-        if kind == "phase":
-            self._on_phase(msg)
-        elif kind == "kill":
-            self._kill_job("killed by the coordinator")
-        elif kind == "committed":
-            # the generation is complete everywhere: its images are the bases of the next incremental ones
-            self.prev_images.update(self.pending_prev.pop(msg.get("generation"), {}))
-            self.last_generation = max(self.last_generation, int(msg.get("generation") or 0))
-            if self.aware is not None:
-                self.aware.round_over(int(msg.get("generation") or 0), True)
-            self._prune(msg.get("prune", []))
-        elif kind == "reject":
-            if msg.get("rejoin"):
-                self.link.lose(f"it does not know us: {msg.get('reason')}")
-            elif msg.get("reason") != self.link.last_reject:      # (a lost agent's hellos repeat it)
-                self.link.last_reject = msg.get("reason")
-                log.error("coordinator: %s", msg.get("reason"))
-        elif kind == "heartbeat":
-            self._on_coordinator_heartbeat(msg.get("generation"))
-        elif kind == "welcome":
-            self._on_welcome(msg)
+        handler = self.handlers.get(str(msg.get("type")))     # (unknown kinds: from a newer coordinator, ignored)
+        if handler is not None:
+            handler(msg)
 
-    def _ack(self, msg: dict, ok: bool, error: str | None = None, **extra) -> None:
-        self.send({"type": "ack", "phase": msg["phase"], "generation": msg["generation"], "ok": ok,
-                   "error": error, **extra})
-
-    def _on_phase(self, msg: dict) -> None:
-        phase, gen = msg["phase"], msg["generation"]
-        log.debug("phase=%s gen=%d", phase, gen)
-        self.max_generation = max(self.max_generation, gen)
-        try:
-            if phase == "suspend":
-                self.plugin_event("presuspend", gen)
-                if self.aware is not None:      # delayed_checkpoints() blocks end, pre_checkpoint hooks run
-                    self.aware.before_freeze(gen, self.s.aware_delay_max, self.s.aware_hook_max)
-                self._suspend(gen)
-                self.plugin_event("precheckpoint", gen)
-                c = self.ckpt
-                self._ack(msg, True, tcp_ends=tcpdrain.connected_ends([fp.pid for fp in c.frozen]))
-                fault("agent.after_suspend")      # (tests: a long freeze window, e.g. to lose the coordinator in)
-            elif phase == "drain":
-                others = [e for e in msg.get("tcp_ends", []) if e and e[0] != self.agent_id]
-                self._drain(gen, others)
-                self._ack(msg, True)
-            elif phase == "checkpoint":
-                if self.ckpt is not None:
-                    self.ckpt.agents = msg.get("agents") or {self.agent_id: self.host}
-                images, stats, pending = self._checkpoint(gen, msg.get("forked_ok", True))
-                self._ack(msg, True, images=images, stats=stats, pending=pending)
-                self.ckpt.reported = not pending
-            elif phase == "refill":
-                self._refill()
-                self._ack(msg, True)
-            elif phase == "resume":
-                c = self.ckpt
-                frozen = self._resume_frozen()
-                if c is not None and c.pending:
-                    self._start_writes(c)          # images of a forked checkpoint, while the job runs
-                self._ack(msg, True, stats={"frozen_s": frozen})
-                if self.aware is not None:
-                    self.aware.resumed(gen)
-                self.plugin_event("resume", gen)
-            elif phase == "kill":
-                self._ack(msg, True)
-                self._kill_job("checkpointed and killed (kcheckpoint)")
-            elif phase == "abort":
-                self._abort(gen, msg.get("reason", ""))
-            else:
-                self._ack(msg, False, f"unknown phase {phase}")
-        except Exception as e:   # one line to the coordinator; the job resumes untouched
-            log.error("phase %s of generation %d failed: %s", phase, gen, e)
-            log.debug("details", exc_info=True)
-            if phase in ("suspend", "drain", "checkpoint"):
-                self._abort(gen, str(e), quiet=True)
-            self._ack(msg, False, f"{self.host}: {e}")
-
-    def _suspend(self, gen: int) -> None:
-        live = [p.pid for p in self.job() if not p.zombie]
-        engine_dump.check_supported(live)        # refuse before touching anything
-        self.ckpt = CheckpointState(gen)
-        for pid in live:                         # smaps is slow: read it before the processes stop
-            try:
-                self.ckpt.hints[pid] = vmflags_hint(pid)
-            except (FileNotFoundError, ProcessLookupError):
-                pass
-        t0 = time.monotonic()
-        frozen = tree.freeze_all(self.job)
-        self.ckpt.frozen = [frozen[p] for p in sorted(frozen)]
-        self.ckpt.procs = {p.pid: p for p in self.job()}
-        self.ckpt.frozen_at = t0
-        self.ckpt.stats["freeze_s"] = round(time.monotonic() - t0, 6)
-        self.ckpt.stats["processes"] = len(frozen)
-
-    def _drain(self, gen: int, remote_ends: list | None = None) -> None:
-        """Take the bytes in flight out of the job's TCP connections (every process of the computation, on
-        every host, is frozen now)."""
-        c = self.ckpt
-        if c is None or c.generation != gen:
-            raise AgentError(f"drain of generation {gen} without a suspend")
-        t0 = time.monotonic()
-        c.drainer = tcpdrain.Drainer([fp.pid for fp in c.frozen], remote_ends, f"{self.computation}/{gen}")
-        c.drained = c.drainer.drain()
-        c.stats["drain_s"] = round(time.monotonic() - t0, 6)
-        c.stats["drained_bytes"] = sum(len(d.data) for d in c.drained.values() if d.consumed)
-
-    def _refill(self) -> None:
-        c = self.ckpt
-        if c is not None and c.drainer is not None:
-            try:
-                c.drainer.refill()
-            finally:
-                c.drainer.close()
-                c.drainer = None
-
-    def _checkpoint(self, gen: int, forked_ok: bool = True) -> tuple[list[dict], dict, bool]:
-        """Capture every frozen process; with forked checkpoints make snapshots (images written after resume),
-        else write the images now. Returns (images written, stats, images still to come)."""
-        c = self.ckpt
-        if c is None or c.generation != gen:
-            raise AgentError(f"checkpoint of generation {gen} without a suspend")
-        gdir = store.generation_dir(self.ckptdir, self.computation, gen)
-        try:       # checked, never through another user's directory or link (safefs); the computation's lock
-            gdir = store.make_generation_dir(self.ckptdir, self.computation, gen)
-            runlock.hold(self.ckptdir, self.computation)
-        except OSError as e:
-            raise AgentError(f"cannot use checkpoint directory {gdir}: {e.strerror or e}") from None
-        if not os.access(gdir, os.W_OK | os.X_OK):
-            raise AgentError(f"checkpoint directory {gdir} is not writable")
-        fdt = FdTable([fp.pid for fp in c.frozen], stdio_pid=os.getpid(), drained=c.drained)
-        fdt.scan()
-        t0 = time.monotonic()
-        todo: list[PendingImage] = []
-        track = self.s.incremental and self.s.write_tracking
-        self.trackers = {fp.pid: self.trackers.get(fp.pid) or wptrack.Tracker(fp.pid) for fp in c.frozen} \
-            if track else {}
-        for fp in c.frozen:
-            info = c.procs.get(fp.pid)
-            zombies = [{"pid": z.pid, "pgid": z.pgid, "sid": z.sid, "status": z.exit_code}
-                       for z in c.procs.values() if z.zombie and z.ppid == fp.pid]
-            place = engine_dump.Placement(
-                fdt.records.get(fp.pid, []), fdt.objects_of(fp.pid), fdt.blobs_of(fp.pid),
-                pgid=info.pgid if info else 0, sid=info.sid if info else 0, root=(fp.pid == self.root.pid),
-                zombies=zombies)
-            program = self.root.program if fp.pid == self.root.pid else program_of(fp.pid)
-            uid = self.unique_id(fp.pid)
-            path = os.path.join(gdir, store.image_name(program, uid))
-            c.images.append(path)
-            cap = engine_dump.capture(fp, place, self.pid_namespace, vmflags_hint=c.hints.get(fp.pid),
-                                      forked=forked_ok and self.s.forked, tracker=self.trackers.get(fp.pid),
-                                      generation=gen)
-            todo.append(PendingImage(cap, path, program, uid, (mpi_identity(fp.pid) or {}).get("rank")))
-        c.stats["capture_s"] = round(time.monotonic() - t0, 6)
-        if forked_ok and self.s.forked and fork_fits_in_memory([p.cap.fp.pid for p in todo]):
-            for p in todo:
-                info = c.procs.get(p.cap.fp.pid)
-                engine_dump.snapshot(p.cap, parent_is_agent=bool(info and info.ppid == os.getpid()))
-        for p in todo:
-            if p.cap.snapshot_pid:
-                c.pending.append(p)        # written from its snapshot once the job runs again
-            else:
-                self._write(c, p)          # written now, while frozen
-        if not c.pending:
-            store.fsync_dir(gdir)
-        c.stats.update(dump_s=round(time.monotonic() - t0, 6))
-        return list(c.entries), c.stats, bool(c.pending)
-
-    def _write(self, c: CheckpointState, p: PendingImage) -> None:
-        base = None
-        if self.s.incremental and p.unique_id in self.prev_images:
-            path, needs = self.prev_images[p.unique_id]
-            if len(needs) < self.s.full_every and os.path.exists(path):
-                base = path
-        meta = engine_dump.write_image(p.cap, p.path, computation=self.computation, generation=c.generation,
-                                       unique_id=p.unique_id, compress=self.s.compress,
-                                       level=self.s.compress_level,
-                                       progress=lambda done: self._progress(p.path, done),
-                                       incremental=self.s.incremental, base=base,
-                                       agent={"agent_id": self.agent_id, "agents": c.agents})
-        size = os.path.getsize(p.path)
-        with self.write_lock:           # (writer threads write several images at once)
-            self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
-            c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
-            c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
-            for key in ("pages_dumped", "pages_skipped", "zero_pages"):
-                c.stats[key] = c.stats.get(key, 0) + meta.stats.get(key, 0)
-            c.stats["write_s"] = max(c.stats.get("write_s", 0.0), meta.stats.get("total_s", 0.0))
-            c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
-                                                     size, list(meta.needs), p.rank)))
-
-    def _resume_frozen(self) -> float:
-        """Let the frozen processes run again; returns how long they were stopped."""
-        c = self.ckpt
-        if c is None:
-            return 0.0
-        if c.drainer is not None:        # an aborted checkpoint: the drained bytes go back first
-            try:
-                self._refill()
-            except Exception as e:
-                log.error("putting drained TCP data back failed: %s", e)
-        for fp in c.frozen:
-            fp.resume()
-        frozen = round(time.monotonic() - c.frozen_at, 6) if c.frozen_at else 0.0
-        log.info("checkpoint generation %d: processes were stopped for %.3f s", c.generation, frozen)
-        self.ckpt = None
-        return frozen
-
-    def _abort(self, gen: int, reason: str, quiet: bool = False) -> None:
+    def _on_committed(self, msg: dict) -> None:
+        # the generation is complete everywhere: its images are the bases of the next incremental ones
+        m = protocol.Committed.from_dict(msg)
+        self.prev_images.update(self.pending_prev.pop(m.generation, {}))
+        self.last_generation = max(self.last_generation, int(m.generation or 0))
         if self.aware is not None:
-            self.aware.round_over(gen, False, reason)
-        if self.writing is not None and self.writing.state.generation == gen:
-            self._cancel_writes(reason)
-            return
-        c = self.ckpt
-        paths = list(c.images) if c is not None and c.generation == gen else []
-        # (and images we kept when we abandoned this round ourselves: the coordinator did not commit it)
-        paths += [p for p, _ in self.pending_prev.pop(gen, {}).values()]
-        if c is not None:
-            self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
-        self._resume_frozen()
-        if self.computation:
-            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
-        if not quiet:
-            log.warning("checkpoint generation %d aborted (%s); images removed, job resumed", gen, reason)
+            self.aware.round_over(int(m.generation or 0), True)
+        self._prune(m.prune or [])
 
-    def _prune(self, entries: list[dict]) -> None:
-        """Delete this host's images of generations the coordinator retired (retention)."""
-        by_gen: dict[int, list[str]] = {}
-        for e in entries:
-            if e.get("host") == self.host:
-                by_gen.setdefault(int(e["generation"]), []).append(e["path"])
-        for gen, paths in by_gen.items():
-            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
+    def _on_reject(self, msg: dict) -> None:
+        if msg.get("rejoin"):
+            self.link.lose(f"it does not know us: {msg.get('reason')}")
+        elif msg.get("reason") != self.link.last_reject:      # (a lost agent's hellos repeat it)
+            self.link.last_reject = msg.get("reason")
+            log.error("coordinator: %s", msg.get("reason"))
+
+    def _ignore(self, msg: dict) -> None:
+        log.debug("%s message ignored: nothing waits for it any more", msg.get("type"))
 
     def _kill_job(self, why: str) -> None:
         log.info("%s", why)

@@ -30,6 +30,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class AwareServer:
                 self._read(self.conns[fd])
 
     def _accept(self) -> None:
+        if self.listener is None:
+            return
         while True:
             try:
                 sk, _ = self.listener.accept()
@@ -173,7 +176,8 @@ class AwareServer:
 
     # ------------------------------------------------------------------------------------------ requests --
     def _on(self, c: Conn, msg: dict) -> None:
-        op, ident = msg.get("op"), msg.get("id")
+        op = msg.get("op")
+        ident: Any = msg.get("id")         # the program's request id, given back as it came
         if op == "checkpoint":
             c.pending.append(ident)
             if not self.busy:

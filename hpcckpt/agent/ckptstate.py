@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..engine import procattrs, tcpdrain, tree
 from ..engine.freeze import FrozenProcess
+
+if TYPE_CHECKING:
+    from ..engine.dump import Capture
 
 log = logging.getLogger("hpcckpt.agent")
 
 
 @dataclass
 class PendingImage:
-    cap: object                  # engine.dump.Capture
+    cap: Capture
     path: str
     program: str
     unique_id: str

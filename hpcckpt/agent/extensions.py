@@ -5,9 +5,10 @@ from __future__ import annotations
 from .. import plugins
 from ..engine import awarefd
 from .aware_server import AwareServer
+from .base import AgentBase
 
 
-class Extensions:
+class Extensions(AgentBase):
     """Mixed into Agent (agent.py)."""
 
     def serve_api(self, server: AwareServer) -> None:

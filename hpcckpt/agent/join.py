@@ -10,6 +10,7 @@ import time
 
 from ..coordinator import protocol
 from ..coordinator.client import CoordinatorUnreachable, command, port_is_open
+from ..image import store
 from ..settings import Settings
 
 log = logging.getLogger("hpcckpt.agent")
@@ -25,6 +26,27 @@ def is_local(host: str) -> bool:
             socket.gethostbyname(host) in ("127.0.0.1", socket.gethostbyname(socket.gethostname()))
     except OSError:
         return False
+
+
+def checkpoint_agents(readers: list) -> dict[str, str]:
+    """Every agent (id -> host) of the checkpoint these images (ImageReaders) belong to: the coordinator's restart
+    gate waits for each before any process runs. From the checkpoint's manifest, whose entries name their agent;
+    images moved away from it name their own agent (and images of older versions every agent of theirs)."""
+    agents: dict[str, str] = {}
+    seen: set[str] = set()
+    for r in readers:
+        meta = r.meta
+        agents.update(meta.get("agents") or {})
+        if meta.get("agent_id"):
+            agents.setdefault(str(meta["agent_id"]), str(meta.get("hostname") or "?"))
+        where = os.path.dirname(os.path.dirname(os.path.abspath(r.path)))
+        if where in seen:
+            continue
+        seen.add(where)
+        m = store.manifest_of_image(r.path, int(meta.get("generation") or 0))
+        if m is not None and m.computation == meta.get("computation"):
+            agents.update({str(i.agent_id): i.host for i in m.images if i.agent_id})
+    return agents
 
 
 def read_port_file(path: str) -> int | None:
@@ -48,7 +70,7 @@ def start_coordinator(s: Settings, port: int) -> int:
            "--keep", str(s.keep_generations), "--timeout", "120"]   # gone if nobody ever joins
     if s.quiet:
         cmd.append("-q")
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if r.returncode != 0:
         raise CoordinatorUnreachable((r.stderr.strip().splitlines() or ["coordinator failed to start"])[-1])
     got = read_port_file(port_file)

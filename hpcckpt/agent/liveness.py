@@ -18,6 +18,7 @@ from ..coordinator import protocol
 from ..coordinator.client import Connection, port_is_open
 from ..image import store
 from ..settings import Settings
+from .base import AgentBase
 
 log = logging.getLogger("hpcckpt.agent")
 STALL_S = 5.0        # a gap this long between two looks at the link: we were stopped or busy, not it silent
@@ -137,7 +138,7 @@ class CoordinatorLink:
         self.down_since = now          # until the new connection's handshake
 
 
-class AgentLiveness:
+class AgentLiveness(AgentBase):
     """The Agent's side of liveness (a mixin of agent.Agent: uses its link, frozen checkpoint and writes)."""
 
     def _watch_coordinator(self) -> None:
@@ -155,8 +156,9 @@ class AgentLiveness:
         if link.hello_due():
             self.conn.send(self._hello_msg(rejoin=True))
 
-    def _on_coordinator_heartbeat(self, generation: int | None) -> None:
+    def _on_coordinator_heartbeat(self, msg: dict) -> None:
         """The coordinator names the round we take part in: ours must be that one, or it is lost."""
+        generation = protocol.CoordHeartbeat.from_dict(msg).generation
         if self.ckpt is not None and generation != self.ckpt.generation:
             self._abandon(f"the coordinator no longer runs checkpoint generation {self.ckpt.generation}")
         if self.writing is not None and generation != self.writing.state.generation:
@@ -174,7 +176,7 @@ class AgentLiveness:
         self.publish_job_file()
         # images we wrote for rounds that ended without us hearing the outcome: the coordinator knows now
         # (a manifest in our own ckptdir counts too: a coordinator started with another ckptdir knows nothing of it)
-        complete = set(msg.get("complete") or []) | set(store.complete_generations(self.ckptdir, self.computation))
+        complete = set(msg.get("complete") or []) | set(store.complete_generations(self.ckptdir, self.comp))
         busy = {c.state.generation for c in [self.writing] if c} | {c.generation for c in [self.ckpt] if c} | \
             {msg.get("round")}                     # the round we still take part in may yet commit
         for gen in sorted(set(self.pending_prev) - busy):
@@ -182,8 +184,9 @@ class AgentLiveness:
             if gen in complete:
                 self.prev_images.update(written)
             else:
-                store.remove_generation_images(self.ckptdir, self.computation, gen, [p for p, _ in written.values()])
+                store.remove_generation_images(self.ckptdir, self.comp, gen, [p for p, _ in written.values()])
                 log.info("images of generation %d removed: it was never committed", gen)
+        self.adopt_ckptdir(msg.get("ckptdir"))       # (after: those images were in the directory we used)
 
     def _abandon(self, why: str) -> None:
         """Give up the round our processes are frozen for, on our own: they run again at once, the coordinator
@@ -195,9 +198,9 @@ class AgentLiveness:
         self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         frozen = self._resume_frozen()
         if not c.reported and self.computation:
-            store.remove_generation_images(self.ckptdir, self.computation, c.generation, c.images)
+            store.remove_generation_images(self.ckptdir, self.comp, c.generation, c.images)
             self.pending_prev.pop(c.generation, None)
         log.warning("checkpoint generation %d abandoned: %s; processes resumed after %.1f s stopped, %s", c.generation,
                     why, frozen, "images kept until a coordinator says whether it committed them" if c.reported
                     else "its images removed")
-        self.send({"type": "abandon", "generation": c.generation, "reason": why, "agent_id": self.agent_id})
+        self.send(protocol.Abandon(c.generation, why, self.agent_id).to_dict())

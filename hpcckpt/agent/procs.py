@@ -46,7 +46,7 @@ def _environ(pid: int) -> dict[str, str] | None:
             items = f.read().split(b"\0")
     except OSError:
         return None
-    env = {}
+    env: dict[str, str] = {}
     for item in items:
         k, sep, v = item.partition(b"=")
         if sep:

@@ -8,8 +8,9 @@ from ..coordinator.client import Connection
 
 
 class Rendezvous:
-    def __init__(self, conn: Connection, computation: str, generation: int):
+    def __init__(self, conn: Connection, computation: str, generation: int, timeout: float = 120.0):
         self.conn = conn
+        self.timeout = timeout               # how long the other hosts may take (Settings.restart_timeout)
         self.prefix = f"{computation}/{generation}/"
         self.stash: list[dict] = []          # other messages that arrived while we waited (handled later)
         self.abandoned = ""                  # why the coordinator gave the restart up while we waited

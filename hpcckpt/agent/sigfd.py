@@ -27,7 +27,7 @@ class SignalFd:
 
     def read(self) -> list[tuple[int, int, int]]:
         """Pending signals as (signo, code, sender pid)."""
-        out = []
+        out: list[tuple[int, int, int]] = []
         while True:
             try:
                 raw = os.read(self.fd, 128)

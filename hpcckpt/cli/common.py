@@ -7,7 +7,7 @@ import os
 import sys
 
 from .. import __version__
-from ..settings import DEFAULT_FAIL_RC, Settings, SettingsError, load
+from ..settings import DEFAULT_FAIL_RC, FIELD_NAMES, Settings, SettingsError, load
 from . import dmtcpopts
 from .dmtcpopts import DMTCP_COMPAT
 
@@ -59,8 +59,8 @@ def add_coord_options(p: argparse.ArgumentParser) -> None:
 
 def setup_logging(name: str, quiet: int = 0, level: str = "INFO") -> None:
     # DMTCP_QUIET: 1 leaves out notes, 2 warnings too
-    lvl = {0: None, 1: logging.WARNING}.get(int(quiet), logging.ERROR) or \
-        getattr(logging, str(level).upper(), logging.INFO)
+    lvl: int = ({1: logging.WARNING}.get(int(quiet), logging.ERROR) if int(quiet) else
+                getattr(logging, str(level).upper(), logging.INFO))
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[{name} %(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger()
@@ -69,10 +69,10 @@ def setup_logging(name: str, quiet: int = 0, level: str = "INFO") -> None:
 
 
 def settings_from(args: argparse.Namespace, **extra) -> Settings:
-    flags = {k: getattr(args, k, None) for k in ("coord_host", "coord_port", "port_file", "status_file",
-                                                  "interval", "ckptdir", "compress", "ckpt_signal", "quiet",
-                                                  "exit_on_last", "timeout", "stale_timeout", "pid_namespace", "forked",
-                                                  "incremental")}
+    """The command's Settings: every option whose dest is the name of a Settings field is that field's flag (the
+    list comes from Settings itself: a field gets a flag by an option with its name as dest, in whatever spellings,
+    DMTCP's included); dmtcpopts.flags() adds what DMTCP's options imply."""
+    flags = {k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)}
     flags.update({k: v for k, v in dmtcpopts.flags(args).items() if v is not None})
     flags.update(extra)
     try:

@@ -13,12 +13,11 @@ from ..agent import remoteio
 from ..agent.agent import Agent
 from ..agent.aware_server import AwareServer
 from ..agent.aware_server import name_of as aware_name_of
-from ..agent.join import ANY, JOIN, NEW, find_or_start
+from ..agent.join import ANY, JOIN, NEW, checkpoint_agents, find_or_start
 from ..agent.procs import JobProcess
 from ..agent.rendezvous import Rendezvous
 from ..coordinator import protocol
 from ..coordinator.client import Connection, CoordinatorUnreachable
-from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from ..engine import awarefd, identity, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
@@ -203,7 +202,6 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
         s = settings_from(args)
-        incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
         if args.trust_unsigned:
             os.environ[auth.TRUST_ENV] = "1"       # every image and manifest read from here on (image/auth.py)
@@ -259,7 +257,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         if owner:
             log.info("restarting as uid %d gid %d groups %s: the checkpointed processes' credentials", owner.uid,
                      owner.gid, owner.groups)
-        if not incremental_given and any(r.meta.get("stats", {}).get("incremental") for r in readers):
+        if s.incremental is None and any(r.meta.get("stats", {}).get("incremental") for r in readers):
             s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
         if args.policy != JOIN:      # (the parts a restart starts on other hosts join it: it claimed for them)
             claim_computation(s, paths + [i for _, imgs in remote for i in imgs], readers, args.force)
@@ -319,9 +317,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
     checkpoint has restored its own: a restart never leaves part of a computation running."""
     meta = readers[0].meta
     metas = sorted((r.meta for r in readers), key=lambda m: (not m["process"]["root"], m["process"]["pid"]))
-    agents: dict = {}
-    for r in readers:
-        agents.update(r.meta.get("agents") or {})
+    agents = checkpoint_agents(readers)      # every agent (host) of the checkpoint, from its manifest
     ids = sorted({r.meta.get("agent_id") for r in readers if r.meta.get("agent_id")})
     # connections to other hosts are made during the restore, through the coordinator: join it first then;
     # else restore first, so that a bad image fails before any coordinator is started
@@ -359,7 +355,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
     try:
         if spans_hosts:
             join()
-        rv = Rendezvous(conn, meta["computation"], meta["generation"]) if spans_hosts else None
+        rv = Rendezvous(conn, meta["computation"], meta["generation"], s.restart_timeout) if spans_hosts else None
         try:
             restored = restore_computation(readers, RestoreOptions(verify_checksums=verify, same_pids=in_namespace,
                                                                    rendezvous=rv))
@@ -373,7 +369,7 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             join()
         else:
             agent.stash.extend(rv.stash)
-        go, why = agent.restore_done(None, RESTART_TIMEOUT_S + 30)
+        go, why = agent.restore_done(None, s.restart_timeout + 30)
         if not go:
             raise Fail(f"restart abandoned: {why}")
         ordered = sorted(restored, key=lambda rp: (not rp.meta.process.root, rp.meta.process.pid))

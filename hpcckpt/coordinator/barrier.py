@@ -15,15 +15,17 @@ resume, so nothing half-written survives.
 Forked checkpoints: a peer may acknowledge `checkpoint` once every process is captured (state, and a
 copy-on-write snapshot of its memory) with `pending`, and write its images while its processes already run
 again; it reports `written` when they are durable. The generation is committed - manifest, restart script -
-only when every peer's images are durable, whatever phase the round is in by then. A kill-after-checkpoint round broadcasts `kill` instead of
-`refill` once the generation is committed. A log line "phase=drain gen=3 acks=2/8" means the same at the
-coordinator and in every agent.
+only when every peer's images are durable, whatever phase the round is in by then. A kill-after-checkpoint
+round broadcasts `kill` instead of `refill` once the generation is committed. A log line
+"phase=drain gen=3 acks=2/8" means the same at the coordinator and in every agent.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+
+from .protocol import Phase
 
 
 class State(str, Enum):
@@ -34,14 +36,15 @@ class State(str, Enum):
     REFILLED = "REFILLED"
 
 
-TABLE: dict[State, tuple[str, State]] = {
-    State.RUNNING: ("suspend", State.SUSPENDED),
-    State.SUSPENDED: ("drain", State.DRAINED),
-    State.DRAINED: ("checkpoint", State.CHECKPOINTED),
-    State.CHECKPOINTED: ("refill", State.REFILLED),
-    State.REFILLED: ("resume", State.RUNNING),
+TABLE: dict[State, tuple[Phase, State]] = {
+    State.RUNNING: (Phase.SUSPEND, State.SUSPENDED),
+    State.SUSPENDED: (Phase.DRAIN, State.DRAINED),
+    State.DRAINED: (Phase.CHECKPOINT, State.CHECKPOINTED),
+    State.CHECKPOINTED: (Phase.REFILL, State.REFILLED),
+    State.REFILLED: (Phase.RESUME, State.RUNNING),
 }
-COMMITTED_STATES = (State.CHECKPOINTED, State.REFILLED)
+# the state a peer is in once it acknowledged a phase (read off the table: the status shows it per peer)
+REACHED: dict[Phase, State] = {phase: state for phase, state in TABLE.values()}
 
 
 @dataclass
@@ -51,10 +54,10 @@ class Round:
     kill_after: bool
     peers: set[bytes]                        # identities taking part
     state: State = State.RUNNING              # the last state every peer reached
-    phase: str = ""                           # the phase broadcast and awaited now
+    phase: Phase | None = None                # the phase broadcast and awaited now
     acks: dict[bytes, dict] = field(default_factory=dict)
     results: dict[bytes, dict] = field(default_factory=dict)   # checkpoint-phase payloads (images, stats)
-    waiters: list[bytes] = field(default_factory=list)         # clients waiting for the outcome
+    waiters: list[tuple[bytes, str]] = field(default_factory=list)   # clients waiting: (connection, nonce)
     started: float = field(default_factory=time.time)
     phase_started: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
@@ -66,12 +69,12 @@ class Round:
     phase_times: dict[str, float] = field(default_factory=dict)
     endpoints: list = field(default_factory=list)             # [agent id, TCP end...] from the suspend acks
 
-    def next_phase(self) -> tuple[str, State]:
+    def next_phase(self) -> tuple[Phase, State]:
         if self.state == State.CHECKPOINTED and self.kill_after:
-            return "kill", State.RUNNING
+            return Phase.KILL, State.RUNNING
         return TABLE[self.state]
 
-    def begin_phase(self) -> str:
+    def begin_phase(self) -> Phase:
         self.phase, _ = self.next_phase()
         self.acks.clear()
         now = time.monotonic()
@@ -84,7 +87,7 @@ class Round:
             return
         self.acks[ident] = msg
         self.last_progress = time.monotonic()
-        if self.phase == "checkpoint":
+        if self.phase == Phase.CHECKPOINT:
             self.results[ident] = msg
             if msg.get("ok") and not msg.get("pending"):
                 self.durable[ident] = msg         # written before the ack (not a forked checkpoint)
@@ -102,7 +105,7 @@ class Round:
     def advance(self) -> State:
         """All peers acknowledged the current phase: move to the state it leads to."""
         _, nxt = self.next_phase()
-        self.phase_times[self.phase] = round(time.monotonic() - self.phase_started, 6)
+        self.phase_times[str(self.phase)] = round(time.monotonic() - self.phase_started, 6)
         self.state = nxt
         return nxt
 

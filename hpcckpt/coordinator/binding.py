@@ -1,7 +1,7 @@
 """Where the coordinator listens (docs/protocol.md, "Binding").
 
 Loopback always, and nothing else unless the computation spans hosts:
-  * --bind ADDR / HPCCKPT_COORD_BIND=ADDR[,ADDR...] (0.0.0.0 or * = every interface, DMTCP's way);
+  * --bind ADDR / the setting bind (HPCCKPT_COORD_BIND=ADDR[,ADDR...]; 0.0.0.0 or * = every interface, DMTCP's way);
   * the address of --coord-host when it is not a loopback name (agents elsewhere were told to use it);
   * inside a batch job over several nodes (Slurm, PBS, Grid Engine), the interface towards the other nodes;
   * at run time, the interface towards a host where our ssh/srun shim or a multi-host restart is about to start
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 
 log = logging.getLogger("hpcckpt.coordinator")
@@ -84,11 +83,10 @@ def allocation_address() -> str | None:
 
 def plan(coord_host: str, explicit: list[str] | None) -> list[tuple[str, str, bool]]:
     """(address, why, required) to listen on, loopback first; `required` ones make the coordinator fail if they
-    cannot be bound (the others only warn)."""
-    env = [a.strip() for a in os.environ.get("HPCCKPT_COORD_BIND", "").split(",") if a.strip()]
+    cannot be bound (the others only warn). explicit: --bind / Settings.bind (HPCCKPT_COORD_BIND)."""
     out: list[tuple[str, str, bool]] = [(LOOPBACK, "loopback", True)]
-    for a in explicit or env:
-        out.append((resolve(a), f"--bind {a}" if explicit else f"HPCCKPT_COORD_BIND={a}", True))
+    for a in explicit or []:
+        out.append((resolve(a), f"--bind {a}", True))
     if coord_host and not is_loopback(coord_host):
         try:
             out.append((resolve(coord_host), f"--coord-host {coord_host}", False))

@@ -10,11 +10,12 @@ from .. import __version__
 from ..image import store
 from . import binding, protocol
 from .barrier import State
+from .base import CoordinatorBase, Waiter
 
 log = logging.getLogger("hpcckpt.coordinator")
 
 
-class Commands:
+class Commands(CoordinatorBase):
     def status(self) -> dict:
         nprocs = sum(len(p.processes) for p in self.peers.values())
         r = self.round
@@ -22,17 +23,18 @@ class Commands:
             "schema_version": protocol.STATUS_SCHEMA_VERSION,
             "coordinator_host": self.s.coord_host, "coordinator_port": self.port,
             "coordinator_version": __version__, "computation": self.computation,
-            "listening": list(getattr(self, "bound", [])),
+            "listening": list(self.bound),
             "num_peers": nprocs, "num_agents": len(self.peers),
             "running": bool(self.peers) and r is None,
             "state": r.state.value if r else State.RUNNING.value,
-            "phase": r.phase if r else None,
+            "phase": r.phase.value if r and r.phase else None,
             "checkpoint_interval": self.interval, "ckptdir": self.ckptdir,
             "generation": self.generation, "last_checkpoint": self.last_checkpoint,
             "last_failure": self.last_failure,
             "waiting_for_ranks": self.ranks.missing() if self.waiting is not None else [],
             "checkpoint_progress": None if r is None else {
-                "generation": r.generation, "phase": r.phase, "elapsed_s": round(time.time() - r.started, 3),
+                "generation": r.generation, "phase": r.phase.value if r.phase else None,
+                "elapsed_s": round(time.time() - r.started, 3),
                 "frozen": not r.resumed, "bytes_written": sum(p.progress.get("bytes", 0) for p in self.peers.values()
                                                               if p.ident in r.peers),
                 "agents": len(r.peers), "agents_durable": len(r.durable)},
@@ -51,7 +53,7 @@ class Commands:
                             "state": p.state, "restarted": p.restarted})
         return out
 
-    def answer(self, waiter: tuple[bytes, str], msg: dict) -> None:
+    def answer(self, waiter: Waiter, msg: dict) -> None:
         """Reply to a request (connection, nonce): the reply names the request, its client takes only that."""
         ident, nonce = waiter
         self.send(ident, {**msg, "re": nonce})
@@ -59,7 +61,7 @@ class Commands:
     def _on_command(self, ident: bytes, msg: dict) -> None:
         # only authenticated, fresh requests get here (server._on_frames): the status is theirs to see
         cmd = msg.get("cmd")
-        waiter = (ident, msg["nonce"])
+        waiter: Waiter = (ident, msg["nonce"])
         reply = {"type": "reply", "command": cmd, "ok": True}
         if cmd == "status":
             reply.update(self.status())

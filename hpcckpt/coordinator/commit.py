@@ -4,24 +4,30 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from ..faults import fault
 from ..image import store
 from .barrier import Round
+from .base import CoordinatorBase
 from .script import install_restart_script
 
 log = logging.getLogger("hpcckpt.coordinator")
 
 
-class Commits:
+class Commits(CoordinatorBase):
     """Mixed into Coordinator (server.py)."""
 
     def _commit(self, r: Round) -> None:
         images = []
-        stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
+        stats: dict[str, Any] = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
         for ident, res in r.durable.items():
+            peer = self.peers.get(ident)
             for img in res.get("images", []):
-                images.append(store.ImageEntry(**img))
+                # each entry names its agent: a restart's gate knows every agent (host) to wait for from the
+                # manifest (an older agent's entries get it from its hello)
+                images.append(store.ImageEntry(**{**img, "agent_id": img.get("agent_id") or
+                                                  (peer.agent_id if peer else "")}))
             st = res.get("stats", {})
             stats["bytes_in"] += st.get("bytes_in", 0)
             stats["bytes_out"] += st.get("bytes_out", 0)
@@ -33,7 +39,7 @@ class Commits:
         stats["duration_s"] = round(time.time() - r.started, 3)
         stats["ratio"] = round(stats["bytes_out"] / stats["bytes_in"], 4) if stats["bytes_in"] else None
         stats["phase_s"] = dict(r.phase_times)
-        manifest = store.Manifest(self.computation, r.generation, time.time(), images, stats)
+        manifest = store.Manifest(self.computation or "", r.generation, time.time(), images, stats)
         # complete or absent: the script first (put back as it was if the manifest fails), the manifest last
         installed = install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
         try:
@@ -53,22 +59,22 @@ class Commits:
 
     def _prune_images(self) -> list[dict]:
         """Images of generations beyond the retention limit: [{"generation", "host", "path"}]."""
-        out = []
+        out: list[dict] = []
         for gen in self._prune_list():
             try:
-                m = store.read_manifest(self.ckptdir, self.computation, gen)
+                m = store.read_manifest(self.ckptdir, self.computation or "", gen)
             except (OSError, ValueError) as e:
                 log.warning("cannot read manifest of generation %d: %s", gen, e)
                 continue
-            out.extend({"generation": gen, "host": i.host, "path": i.path} for i in m.images)
+            out.extend({"generation": gen, "host": i.host, "path": i.path, "agent_id": i.agent_id} for i in m.images)
         return out
 
     def _prune_list(self) -> list[int]:
-        complete = store.complete_generations(self.ckptdir, self.computation)
+        complete = store.complete_generations(self.ckptdir, self.computation or "")
         needs = {}
         for g in complete[-self.s.keep_generations:]:
             try:
-                m = store.read_manifest(self.ckptdir, self.computation, g)
+                m = store.read_manifest(self.ckptdir, self.computation or "", g)
             except (OSError, ValueError):
                 continue
             needs[g] = {n for i in m.images for n in (i.needs or [g])}

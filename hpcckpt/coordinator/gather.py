@@ -10,12 +10,12 @@ hosts of all agents of that checkpoint), so the gate can name the host that is m
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
+from .base import CoordinatorBase
+
 log = logging.getLogger("hpcckpt.coordinator")
-RESTART_TIMEOUT_S = float(os.environ.get("HPCCKPT_RESTART_TIMEOUT", 120.0))  # for every host of a restart
 
 
 @dataclass
@@ -83,7 +83,7 @@ class RestartGate:
         return bool(self.joined) and all(self.restored.get(a, "x") is None for a in waiting_for)
 
 
-class Restarts:
+class Restarts(CoordinatorBase):
     """The coordinator's part in restarts and in the rendezvous of restored TCP connections (a mixin of
     Coordinator: uses its peers, send/broadcast and status)."""
 
@@ -92,7 +92,7 @@ class Restarts:
             if self.peers:
                 return f"this coordinator already runs computation {self.computation}; restart with a new one"
             agents = msg.get("agents") or {msg["agent_id"]: msg.get("host", "?")}
-            self.gate = RestartGate.open(msg.get("computation") or "", generation, agents, RESTART_TIMEOUT_S)
+            self.gate = RestartGate.open(msg.get("computation") or "", generation, agents, self.s.restart_timeout)
             log.info("restart of generation %d: waiting for %d host(s): %s", generation, len(agents),
                      ", ".join(sorted(set(agents.values()))))
         elif generation != self.gate.generation:

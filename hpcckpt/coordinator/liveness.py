@@ -13,6 +13,8 @@ import logging
 import time
 
 from ..image import store
+from . import protocol
+from .base import CoordinatorBase
 
 log = logging.getLogger("hpcckpt.coordinator")
 
@@ -20,10 +22,9 @@ JOIN_GRACE_S = 10.0  # a blocking checkpoint asked of a coordinator just started
 STALL_S = 1.0        # a main-loop gap this long (the loop polls every 0.25 s) means we were stopped or starved
 
 
-class Liveness:
+class Liveness(CoordinatorBase):
     last_tick: float = 0.0
     last_heartbeat: float = 0.0
-    lost_peers: dict                 # agent id -> Peer given up for its silence (taken back if it returns)
 
     def _liveness_tick(self, now: float) -> None:
         gap = now - self.last_tick if self.last_tick else 0.0
@@ -43,9 +44,10 @@ class Liveness:
             outside = [i for i in self.peers if r is None or i not in r.peers]
             # two broadcasts (each encoded once), not a message encoded per peer: thousands of peers
             if inside:
-                self.broadcast({"type": "heartbeat", "generation": r.generation, "phase": r.phase}, inside)
+                assert r is not None
+                self.broadcast(protocol.CoordHeartbeat(r.generation, r.phase).to_dict(), inside)
             if outside:
-                self.broadcast({"type": "heartbeat", "generation": None, "phase": None}, outside)
+                self.broadcast(protocol.CoordHeartbeat().to_dict(), outside)
         # a scan per batch of messages made each phase O(peers^2) with thousands of peers (bench/scale.py);
         # twice a second is plenty for a timeout of tens of seconds
         if now < self.next_liveness_scan:
@@ -115,7 +117,7 @@ class Liveness:
         processes run again; a round not yet committed cannot be any more."""
         r = self.round
         who = self._known_agent(ident, str(msg.get("agent_id") or ""))
-        peer = self.peers.get(who) if who else None
+        peer = self.peers.get(who) if who is not None else None
         what = f"peer {peer.peer_id} on {peer.host}" if peer else f"an agent ({msg.get('agent_id')})"
         log.warning("%s abandoned checkpoint generation %s: %s", what, msg.get("generation"), msg.get("reason"))
         if r is None or msg.get("generation") != r.generation or who not in r.peers:

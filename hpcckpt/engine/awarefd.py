@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import socket
 import stat
+from typing import Any
 
 from .fdtable import FdEntry
 
-SERVER = None       # the agent's AwareServer (set by the agent; None in any other process)
+SERVER: Any = None  # the agent's AwareServer (set by the agent; None in any other process)
 
 
 def _conn_of(e: FdEntry):

@@ -50,15 +50,13 @@ def _host_of(ip: str) -> str:
         return ip
 
 
-# as long as the coordinator's restart gate waits for a missing host (coordinator/gather.py)
-WIRE_TIMEOUT = float(os.environ.get("HPCCKPT_RESTART_TIMEOUT", 120.0))
-
-
-def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
+def wire(factory, objects: list[dict], timeout: float | None = None) -> None:
     """Make every connection of `objects` (this host's ends of connections to other hosts); the sockets go to
-    factory.extra["tcp-wired"][inode]."""
+    factory.extra["tcp-wired"][inode]. timeout: by default the rendezvous's, as long as the coordinator's restart
+    gate waits for a missing host (Settings.restart_timeout)."""
     from .tcp import _buf_after, _data, _finish, _new  # (tcp.py imports this module)
     rv = factory.rendezvous
+    timeout = rv.timeout if timeout is None else timeout
     ips = local_ipv4s()
     listeners: dict[int, socket.socket] = {}
     expect: dict[bytes, dict] = {}

@@ -82,6 +82,7 @@ class ImageEntry:
     size: int = 0
     needs: list = field(default_factory=list)     # generations a restore of this image reads (incremental)
     rank: int | None = None                        # the MPI rank (or srun task) the process was, if one
+    agent_id: str = ""                             # the agent that wrote it (a restart waits for every agent)
 
 
 class ManifestError(ValueError):
