@@ -31,6 +31,7 @@ from . import remoteio
 from .aware_server import AwareServer
 from .background import BackgroundWrites
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage, fork_fits_in_memory
+from .drain import StorageLevels
 from .extensions import Extensions
 from .liveness import AgentLiveness, CoordinatorLink
 from .namespaces import install_init_handlers
@@ -48,7 +49,7 @@ class AgentError(Exception):
     """A failure of ours (not the program's): reported in one line, exit with DMTCP_FAIL_RC."""
 
 
-class Agent(AgentLiveness, BackgroundWrites, Extensions):
+class Agent(AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
                  computation: str | None = None, restarted_generation: int | None = None,
                  pid_namespace: bool = False, not_job: set[int] | None = None, agent_id: str | None = None,
@@ -93,6 +94,7 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
         self.last_generation = restarted_generation or 0
         self.link = CoordinatorLink(conn, settings)   # is the coordinator there (liveness.py)
         self.max_generation = restarted_generation or 0   # the newest generation we took part in
+        self._storage_setup()                  # multi-level storage: self.imgdir, the drain (agent/drain.py)
 
     # ---------------------------------------------------------------------------------------- joining --
     def _hello_msg(self, rejoin: bool = False) -> dict:
@@ -305,6 +307,7 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
             self._kill_job("killed by the coordinator")
         elif kind == "committed":
             # the generation is complete everywhere: its images are the bases of the next incremental ones
+            self._storage_committed(int(msg.get("generation") or 0))     # the drain to the shared level
             self.prev_images.update(self.pending_prev.pop(msg.get("generation"), {}))
             self.last_generation = max(self.last_generation, int(msg.get("generation") or 0))
             if self.aware is not None:
@@ -419,9 +422,9 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
         c = self.ckpt
         if c is None or c.generation != gen:
             raise AgentError(f"checkpoint of generation {gen} without a suspend")
-        gdir = store.generation_dir(self.ckptdir, self.computation, gen)
+        gdir = store.generation_dir(self.imgdir, self.computation, gen)
         try:       # checked, never through another user's directory or link (safefs); the computation's lock
-            gdir = store.make_generation_dir(self.ckptdir, self.computation, gen)
+            gdir = store.make_generation_dir(self.imgdir, self.computation, gen)
             runlock.hold(self.ckptdir, self.computation)
         except OSError as e:
             raise AgentError(f"cannot use checkpoint directory {gdir}: {e.strerror or e}") from None
@@ -478,6 +481,7 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
                                        incremental=self.s.incremental, base=base,
                                        agent={"agent_id": self.agent_id, "agents": c.agents})
         size = os.path.getsize(p.path)
+        self._storage_written(c, p.path)         # drain: sync copies it to the shared level now
         with self.write_lock:           # (writer threads write several images at once)
             self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
             c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
@@ -519,7 +523,7 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
             self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         self._resume_frozen()
         if self.computation:
-            store.remove_generation_images(self.ckptdir, self.computation, gen, paths)
+            store.remove_generation_images(self.imgdir, self.computation, gen, paths)
         if not quiet:
             log.warning("checkpoint generation %d aborted (%s); images removed, job resumed", gen, reason)
 

@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..settings import DEFAULT_FAIL_RC, Settings, SettingsError, load
-from . import dmtcpopts
+from . import dmtcpopts, levelopts
 from .dmtcpopts import DMTCP_COMPAT
 
 log = logging.getLogger("hpcckpt")
@@ -74,6 +74,7 @@ def settings_from(args: argparse.Namespace, **extra) -> Settings:
                                                   "exit_on_last", "timeout", "stale_timeout", "pid_namespace", "forked",
                                                   "incremental")}
     flags.update({k: v for k, v in dmtcpopts.flags(args).items() if v is not None})
+    flags.update({k: v for k, v in levelopts.flags(args).items() if v is not None})   # multi-level storage
     flags.update(extra)
     try:
         return load(flags, getattr(args, "config", None))

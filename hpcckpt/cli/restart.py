@@ -22,11 +22,11 @@ from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from ..engine import awarefd, identity, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
-from ..image import auth, runlock, safefs, store
+from ..image import auth, levels, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
-from . import dmtcpopts, jobrun, multihost, restartpause, strictcheck
+from . import dmtcpopts, jobrun, levelopts, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
 from .launch import store_secret
@@ -66,6 +66,7 @@ def parser(prog: str) -> Parser:
                    help="restart without a PID namespace of our own (processes get new PIDs)")
     p.add_argument("-q", "--quiet", action="count", default=None)
     dmtcpopts.add_restart_options(p)
+    levelopts.add_options(p)                  # where this host's local and partner copies are (--local-dir)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
     p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        paths = [c.path for c in levels.choose(paths, s)]    # the fastest valid copy of each (image/levels.py)
         readers = open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
         if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved

@@ -7,7 +7,7 @@ import logging
 import time
 
 from .. import __version__
-from ..image import store
+from ..image import levels, store
 from . import binding, protocol
 from .barrier import State
 
@@ -29,6 +29,7 @@ class Commands:
             "phase": r.phase if r else None,
             "checkpoint_interval": self.interval, "ckptdir": self.ckptdir,
             "generation": self.generation, "last_checkpoint": self.last_checkpoint,
+            "levels": levels.levels_of(self.ckptdir, self.computation),     # per generation (docs/storage.md)
             "last_failure": self.last_failure,
             "waiting_for_ranks": self.ranks.missing() if self.waiting is not None else [],
             "checkpoint_progress": None if r is None else {

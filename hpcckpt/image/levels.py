@@ -1,0 +1,249 @@
+"""Multi-level storage: where each copy of an image lives, which manifests say a generation is complete on which
+level, and which copy a restart reads (docs/storage.md).
+
+    memory --(dump, fsync)--> local   <local_dir>/ckpt_<c>/gen<N>/<image>            the node's own copy
+                          \\-> partner <partner's local_dir>/ckpt_<c>/gen<N>/partner/<image>   (agent/partner.py)
+           local --(drain, verified)--> shared  <ckptdir>/ckpt_<c>/gen<N>/<image>       (agent/drain.py)
+
+Two manifests per generation, both in the shared checkpoint directory (small files; images never go there
+before the drain): gen<N>.local.json, written by the coordinator when every image is durable on its node
+(the program has resumed), and gen<N>.json, written once every image has been copied to the shared level and
+verified there. Only gen<N>.json makes a generation *complete* for `restart --from`, retention and a batch
+rerun on new nodes: a drain that dies leaves the previous shared generation the restart point. Both are the
+same signed Manifest (image/store.py); the shared one names the shared paths.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, replace
+
+from . import journal, safefs, store
+from .format import ImageError, ImageReader
+from .validate import check_image
+
+log = logging.getLogger("hpcckpt.levels")
+
+LEVELS = ("local", "partner", "shared")        # fastest first: the order a restart tries them in
+PARTNER_DIR = "partner"
+_LOCAL_MANIFEST = re.compile(r"^gen(\d{6,})\.local\.json$")
+_IMAGE_PATH = re.compile(r"/ckpt_([A-Za-z0-9._+-]+)/gen(\d{6,})(/partner)?/([^/]+\.dmtcp)$")
+
+
+def local_root(s) -> str | None:
+    """The node-local level of these settings on this host ("{host}" replaced), None if there is none."""
+    if not s.local_dir:
+        return None
+    return os.path.abspath(s.local_dir.replace("{host}", socket.gethostname()))
+
+
+def image_root(s) -> str:
+    """Where this node writes its images: the local level if there is one, else the shared directory."""
+    return local_root(s) or os.path.abspath(s.ckptdir)
+
+
+@dataclass(frozen=True)
+class ImageName:
+    """What a copy's path says about the image: computation, generation and file name (same on every level)."""
+    computation: str
+    generation: int
+    name: str
+
+
+def parse(path: str) -> ImageName | None:
+    m = _IMAGE_PATH.search(os.path.abspath(path))
+    return ImageName(m[1], int(m[2]), m[4]) if m else None
+
+
+def copy_path(root: str, n: ImageName, level: str) -> str:
+    d = store.generation_dir(root, n.computation, n.generation)
+    return os.path.join(d, PARTNER_DIR, n.name) if level == "partner" else os.path.join(d, n.name)
+
+
+def shared_path(ckptdir: str, path: str) -> str:
+    n = parse(path)
+    if n is None:
+        raise ValueError(f"{path}: not an image path of a checkpoint directory (ckpt_<c>/gen<N>/<name>.dmtcp)")
+    return copy_path(ckptdir, n, "shared")
+
+
+# --------------------------------------------------------------------------------------------- manifests --
+def local_manifest_name(gen: int) -> str:
+    return f"gen{gen:06d}.local.json"
+
+
+def on_local_level(ckptdir: str, m: store.Manifest) -> bool:
+    """Were the manifest's images written outside the shared directory (on the nodes' local level)?"""
+    where = os.path.realpath(store.computation_dir(ckptdir, m.computation))
+    return any(os.path.commonpath([where, os.path.realpath(i.path)]) != where for i in m.images)
+
+
+def as_shared(ckptdir: str, m: store.Manifest) -> store.Manifest:
+    """The same generation with every image named at its shared path."""
+    return replace(m, images=[replace(i, path=shared_path(ckptdir, i.path)) for i in m.images])
+
+
+def commit(ckptdir: str, m: store.Manifest, synced: bool, keep: int) -> str:
+    """The coordinator's commit of a complete generation (coordinator/commit.py). Images in the shared
+    directory: its manifest, as always. Images on the local level: the local manifest, and the shared one too if
+    every agent copied its images there already (drain: sync). Returns the levels the generation is on."""
+    if not on_local_level(ckptdir, m):
+        store.write_manifest(ckptdir, m)
+        return "shared"
+    fd = store.open_computation_dir(ckptdir, m.computation, create=True)
+    try:
+        safefs.write_at(fd, local_manifest_name(m.generation), m.to_json())
+        for gen in local_generations(ckptdir, m.computation)[:-keep]:      # (older ones: history only)
+            safefs.unlink(fd, local_manifest_name(gen))
+    finally:
+        os.close(fd)
+    levels = "local"
+    if synced:
+        store.write_manifest(ckptdir, as_shared(ckptdir, m))
+        levels = "local+shared"
+    journal.record(ckptdir, "level", computation=m.computation, generation=m.generation, level=levels)
+    return levels
+
+
+def local_generations(ckptdir: str, computation: str) -> list[int]:
+    try:
+        names = os.listdir(store.computation_dir(ckptdir, computation))
+    except OSError:
+        return []
+    return sorted(int(mt[1]) for n in names if (mt := _LOCAL_MANIFEST.match(n)))
+
+
+def read_local_manifest(ckptdir: str, computation: str, gen: int) -> store.Manifest:
+    cdir = store.computation_dir(ckptdir, computation)
+    fd = store.open_computation_dir(ckptdir, computation)
+    try:
+        return store.Manifest.from_json(safefs.read_at(fd, local_manifest_name(gen), cdir),
+                                        os.path.join(cdir, local_manifest_name(gen)))
+    finally:
+        os.close(fd)
+
+
+def finish_shared(ckptdir: str, computation: str, gen: int) -> bool:
+    """Write the shared manifest of a generation if every image of its local manifest has arrived in the shared
+    directory (each drain renames its copy into place only once verified). Every agent calls this after its own
+    drain: the last one writes it (two at once write the same bytes, atomically). True once it exists."""
+    if gen in store.complete_generations(ckptdir, computation):
+        return True
+    m = as_shared(ckptdir, read_local_manifest(ckptdir, computation, gen))
+    missing = [i.path for i in m.images if not _has_size(i.path, i.size)]
+    if missing:
+        log.debug("generation %d: %d image(s) not yet on the shared level (%s)", gen, len(missing), missing[0])
+        return False
+    store.write_manifest(ckptdir, m)
+    journal.record(ckptdir, "level", computation=computation, generation=gen, level="shared")
+    log.info("checkpoint generation %d is complete on the shared level (%d image(s) verified in %s)", gen,
+             len(m.images), store.generation_dir(ckptdir, computation, gen))
+    return True
+
+
+def _has_size(path: str, size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except OSError:
+        return False
+
+
+def levels_of(ckptdir: str, computation: str | None, limit: int = 8) -> list[dict]:
+    """Per recent generation, on which levels it is complete: [{"generation", "local", "shared"}] (the status of
+    `dmtcp_command -s --json`, `hpcckpt status`)."""
+    if not computation:
+        return []
+    local = set(local_generations(ckptdir, computation))
+    shared = set(store.complete_generations(ckptdir, computation))
+    return [{"generation": g, "local": g in local, "shared": g in shared}
+            for g in sorted(local | shared)[-limit:]]
+
+
+def wait_drained(ckptdir: str, timeout: float, computation: str | None = None) -> bool:
+    """Wait until the newest generation complete on the local level is complete on the shared level too (or a
+    newer one is); True if it is (or there is no local level), False at the timeout. The batch driver calls this
+    before a requeue: the next run may land on other nodes, which only the shared copy reaches."""
+    comps = [computation] if computation else store.computations_in(ckptdir)
+    give_up = time.monotonic() + timeout
+    while True:
+        behind = []
+        for c in comps:
+            local = local_generations(ckptdir, c)
+            shared = store.complete_generations(ckptdir, c)
+            if local and (not shared or shared[-1] < local[-1]):
+                behind.append((c, local[-1]))
+        if not behind:
+            return True
+        if time.monotonic() >= give_up:
+            c, g = behind[0]
+            log.warning("generation %d of %s is not yet on the shared level after %.0f s (drain still running "
+                        "or lost)", g, c, timeout)
+            return False
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------------- selection --
+@dataclass
+class Choice:
+    """The copy of one image a restart reads, and from which level."""
+    given: str
+    path: str
+    level: str
+
+
+def candidates(path: str, s) -> list[tuple[str, str]]:
+    """(level, path) of every copy of an image this host could read, fastest first; the given path last if it
+    is none of them (images given by hand, a moved directory)."""
+    n = parse(path)
+    out: list[tuple[str, str]] = []
+    if n is not None:
+        root = local_root(s)
+        if root:
+            out += [("local", copy_path(root, n, "local")), ("partner", copy_path(root, n, "partner"))]
+        out.append(("shared", copy_path(os.path.abspath(s.ckptdir), n, "shared")))
+    given = os.path.abspath(path)
+    if given not in (p for _, p in out):
+        out.append(("given", given))
+    return out
+
+
+def valid_copy(path: str, want: ImageName | None) -> str | None:
+    """None if the copy at path is usable (authentic metadata of the same image, all its data there), else why
+    not. Chunk checksums are checked as the restore reads them."""
+    try:
+        with ImageReader(path) as r:
+            check_image(path, r.meta, r.size)
+            if want is not None and (r.meta.get("computation"), r.meta.get("generation")) != \
+                    (want.computation, want.generation):
+                return f"belongs to {r.meta.get('computation')} generation {r.meta.get('generation')}"
+    except FileNotFoundError:
+        return "absent"
+    except (ImageError, OSError, ValueError) as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def choose(paths: list[str], s) -> list[Choice]:
+    """Per image, the fastest valid copy on this host (local, then partner, then shared); each choice logged.
+    A path with no valid copy stays as given (opening it then fails with its own reason)."""
+    out = []
+    for p in paths:
+        want = parse(p)
+        why: list[str] = []
+        for level, cand in candidates(p, s):
+            bad = valid_copy(cand, want)
+            if bad is None:
+                out.append(Choice(p, cand, level))
+                if level != "given" or why:
+                    log.info("image %s: using the %s copy %s%s", os.path.basename(p), level, cand,
+                             f" ({'; '.join(why)})" if why else "")
+                break
+            if bad != "absent":
+                why.append(f"{level} copy {cand}: {bad}")
+                log.warning("image %s: %s copy %s is not usable: %s", os.path.basename(p), level, cand, bad)
+        else:
+            out.append(Choice(p, p, "given"))
+    return out
