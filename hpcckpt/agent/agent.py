@@ -31,12 +31,12 @@ from . import remoteio
 from .aware_server import AwareServer
 from .background import BackgroundWrites
 from .ckptstate import BackgroundWrite, CheckpointState, PendingImage, fork_fits_in_memory
-from .drain import StorageLevels
 from .extensions import Extensions
 from .liveness import AgentLiveness, CoordinatorLink
 from .namespaces import install_init_handlers
 from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
 from .sigfd import SignalFd
+from .storage import StorageLevels
 
 log = logging.getLogger("hpcckpt.agent")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image import journal, levels, safefs, store
 from ..image.format import ImageError, ImageReader
-from ..settings import Settings, parse_rate
+from ..settings import parse_rate
 
 log = logging.getLogger("hpcckpt.drain")
 
@@ -215,30 +215,3 @@ def _listdir(d: str) -> list[str]:
     except OSError:
         return []
 
-
-class StorageLevels:
-    """Mixed into Agent (agent.py): the hooks of the multi-level storage, a line each in the agent."""
-    s: Settings
-    ckptdir: str
-    host: str
-    computation: str | None
-    pending_prev: dict[int, dict]
-    imgdir: str
-    drain: Drain | None
-
-    def _storage_setup(self) -> None:
-        self.imgdir = levels.image_root(self.s)         # where this node writes its images
-        self.drain = Drain(self.s, self.ckptdir, self.host) if levels.local_root(self.s) else None
-
-    def _storage_written(self, c, path: str) -> None:
-        """(writer thread) An image is durable on the local level: with drain: sync, copy it now."""
-        if self.drain is not None and self.s.drain == "sync":
-            self.drain.copy_now(self.computation or "", c.generation, path)
-            c.stats["drained"] = True
-
-    def _storage_committed(self, gen: int) -> None:
-        """The generation is complete on the local level everywhere: drain it (async), keep_local."""
-        if self.drain is None or not self.computation:
-            return
-        mine = [p for p, _ in self.pending_prev.get(gen, {}).values()]
-        self.drain.submit(DrainJob(self.computation, gen, mine))

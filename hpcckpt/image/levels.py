@@ -247,3 +247,29 @@ def choose(paths: list[str], s) -> list[Choice]:
         else:
             out.append(Choice(p, p, "given"))
     return out
+
+
+def annotate(ckptdir: str, computation: str, rows: dict[int, dict]) -> None:
+    """(hpcckpt status) Add each generation's levels to its row; a generation complete on the local level only
+    gets a row of its own (state "local": `restart --from` does not use it, the restart script does)."""
+    local = local_generations(ckptdir, computation)
+    if not local:
+        return
+    for g in local:
+        row = rows.get(g)
+        if row is not None and row.get("state") == "complete":
+            row["levels"] = "local+shared"
+            continue
+        try:
+            m = read_local_manifest(ckptdir, computation, g)
+        except (OSError, ValueError) as e:
+            rows[g] = {"generation": g, "state": "damaged", "error": f"local manifest unreadable: {e}"}
+            continue
+        rows[g] = {"generation": g, "state": "local", "time": m.created, "images": len(m.images),
+                   "stored_bytes": sum(i.size for i in m.images), "memory_bytes": m.stats.get("bytes_in"),
+                   "duration_s": m.stats.get("duration_s"), "frozen_s": m.stats.get("frozen_s"),
+                   "hosts": sorted({i.host for i in m.images}), "processes": len(m.images),
+                   "levels": "local only: drain running, failed or off"}
+    for row in rows.values():
+        if row.get("state") == "complete" and "levels" not in row:
+            row["levels"] = "shared"

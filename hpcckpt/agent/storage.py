@@ -1,0 +1,61 @@
+"""The agent's hooks into the multi-level storage (docs/storage.md): where it writes its images, the drain to
+the shared level (drain.py) and the partner copies (partner.py). A line each in agent.py calls them."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..image import levels
+from ..settings import Settings, parse_rate
+from .drain import Drain, DrainJob, Pacer
+from .partner import PartnerJob, PartnerSender, PartnerServer, publish
+
+log = logging.getLogger("hpcckpt.agent")
+
+
+class StorageLevels:
+    """Mixed into Agent (agent.py)."""
+    s: Settings
+    ckptdir: str
+    host: str
+    agent_id: str
+    computation: str | None
+    pending_prev: dict[int, dict]
+    imgdir: str
+    drain: Drain | None
+    partner_server: PartnerServer | None
+    partner_sender: PartnerSender | None
+    storage_agents: dict[int, dict]
+
+    def _storage_setup(self) -> None:
+        self.imgdir = levels.image_root(self.s)         # where this node writes its images
+        self.drain = Drain(self.s, self.ckptdir, self.host) if levels.local_root(self.s) else None
+        self.partner_server = self.partner_sender = None
+        self.storage_agents = {}
+        self.storage_lock = threading.Lock()
+
+    def _storage_written(self, c, path: str) -> None:
+        """(writer thread) An image is durable on the local level: drain: sync copies it now; the first image
+        starts our partner server (every agent writes before any generation commits)."""
+        with self.storage_lock:
+            self.storage_agents[c.generation] = dict(c.agents or {})
+            if self.s.partner and self.drain is not None and self.partner_server is None and self.computation:
+                self.partner_server = PartnerServer(self.imgdir, self.computation)
+                publish(self.ckptdir, self.computation, self.agent_id, self.host, self.partner_server.port)
+        if self.drain is not None and self.s.drain == "sync":
+            self.drain.copy_now(self.computation or "", c.generation, path)
+            c.stats["drained"] = True
+
+    def _storage_committed(self, gen: int) -> None:
+        """The generation is complete on the local level everywhere: the partner copy, the drain (async),
+        keep_local."""
+        if self.drain is None or not self.computation:
+            return
+        mine = [p for p, _ in self.pending_prev.get(gen, {}).values()]
+        agents = self.storage_agents.pop(gen, {})
+        if self.s.partner and mine:
+            if self.partner_sender is None:
+                self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host,
+                                                    Pacer(*parse_rate(self.s.drain_rate)))
+            self.partner_sender.submit(PartnerJob(self.computation, gen, mine, agents))
+        self.drain.submit(DrainJob(self.computation, gen, mine))
