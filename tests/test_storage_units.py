@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from craft import write_synthetic
+
 from hpcckpt import settings as S
 from hpcckpt.agent import drain, partner
 from hpcckpt.cli import levelopts

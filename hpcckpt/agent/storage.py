@@ -6,7 +6,7 @@ import logging
 import threading
 
 from ..image import levels
-from ..settings import Settings, parse_rate
+from ..settings import Settings
 from .drain import Drain, DrainJob, Pacer
 from .partner import PartnerJob, PartnerSender, PartnerServer, publish
 
@@ -55,7 +55,7 @@ class StorageLevels:
         agents = self.storage_agents.pop(gen, {})
         if self.s.partner and mine:
             if self.partner_sender is None:
-                self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host,
-                                                    Pacer(*parse_rate(self.s.drain_rate)))
+                # (not paced by drain_rate: that protects the shared filesystem; this goes over the network)
+                self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host, Pacer())
             self.partner_sender.submit(PartnerJob(self.computation, gen, mine, agents))
         self.drain.submit(DrainJob(self.computation, gen, mine))

@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
         s = settings_from(args)
+        levelopts.export(s)              # ... and the parts restarted on other hosts (cli/multihost.py)
         incremental_given = args.incremental is not None or bool(os.environ.get("HPCCKPT_INCREMENTAL"))
         setup_logging("restart", s.quiet, s.log_level)
         if args.trust_unsigned:
