@@ -110,3 +110,19 @@ def test_a_drain_killed_leaves_the_previous_shared_generation_the_restart_point(
     finally:
         run(["dmtcp_command", "--port-file", str(port_file), "-k"], env, tmp_path)
         p.wait(30)
+
+
+def test_sync_drain_completes_both_levels_before_the_reply_and_keep_local_prunes(launch, counter, tmp_path):
+    job, out = start(launch, counter, tmp_path, steps=100000, extra=["--drain", "sync", "--keep-local", "1"])
+    shared, local = tmp_path / "shared", tmp_path / f"local-{socket.gethostname()}"
+    assert checkpoint(job)["last_checkpoint"]["levels"] == "local+shared"
+    comp = computation_of(shared)
+    assert store.complete_generations(str(shared), comp) == [1]      # no waiting: there at the reply
+    assert checkpoint(job)["last_checkpoint"]["levels"] == "local+shared"
+    # keep_local 1: the older generation leaves the node once the newer one is complete (it is shared too)
+    wait_for(lambda: not Path(store.generation_dir(str(local), comp, 1)).exists(), 10, "generation 1 pruned locally")
+    assert list(Path(store.generation_dir(str(local), comp, 2)).glob("*.dmtcp"))
+    m = store.read_manifest(str(shared), comp, 2)
+    assert all(Path(i.path).parent == Path(store.generation_dir(str(shared), comp, 2)) for i in m.images)
+    job.command("-k")
+    job.wait(30)

@@ -96,7 +96,7 @@ def test_shared_manifest_only_once_every_image_arrived(tmp_path):
     local, shared = tmp_path / "local", tmp_path / "shared"
     imgs = [image(local, 3, "u0"), image(local, 3, "u1")]
     m = manifest(imgs, 3)
-    assert levels.commit(str(shared), m, synced=False, keep=2) == "local"
+    assert levels.commit(str(shared), m, [{"drain": "async"}], keep=2) == "local"
     assert levels.local_generations(str(shared), COMP) == [3] and store.complete_generations(str(shared), COMP) == []
     assert not levels.wait_drained(str(shared), 0.3)
     dst = store.make_generation_dir(str(shared), COMP, 3)
@@ -110,6 +110,15 @@ def test_shared_manifest_only_once_every_image_arrived(tmp_path):
     assert levels.wait_drained(str(shared), 0.1)
     assert levels.levels_of(str(shared), COMP) == [{"generation": 3, "local": True, "shared": True}]
     assert [e["level"] for e in journal.read(str(shared)) if e["event"] == "level"] == ["local", "shared"]
+    # drain: off: the local level is all there is, nothing to wait for; drain: sync: both manifests at once
+    assert levels.commit(str(shared), manifest(imgs, 4), [{"drain": "off"}], keep=2) == "local"
+    assert levels.wait_drained(str(shared), 5.0) and store.complete_generations(str(shared), COMP) == [3]
+    for img in imgs:
+        drain.copy_verified(str(img), store.make_generation_dir(str(shared), COMP, 5), drain.Pacer())
+    assert levels.commit(str(shared), manifest(imgs, 5), [{"drain": "sync", "drained": True}], keep=2) == \
+        "local+shared"
+    assert store.complete_generations(str(shared), COMP) == [3, 5] and levels.local_generations(str(shared), COMP) \
+        == [4, 5]                                                  # (keep=2 local manifests)
 
 
 def test_restart_chooses_local_then_partner_then_shared_and_skips_bad_copies(tmp_path, caplog):

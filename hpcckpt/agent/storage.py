@@ -39,6 +39,7 @@ class StorageLevels:
         starts our partner server (every agent writes before any generation commits)."""
         with self.storage_lock:
             self.storage_agents[c.generation] = dict(c.agents or {})
+            c.stats["drain"] = self.s.drain if self.drain is not None else None
             if self.s.partner and self.drain is not None and self.partner_server is None and self.computation:
                 self.partner_server = PartnerServer(self.imgdir, self.computation)
                 publish(self.ckptdir, self.computation, self.agent_id, self.host, self.partner_server.port)

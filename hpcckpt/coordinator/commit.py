@@ -39,9 +39,8 @@ class Commits:
         try:
             fault("coordinator.before_commit")
             # (multi-level: the local manifest, and the shared one only if every agent drained: image/levels.py)
-            lv = levels.commit(self.ckptdir, manifest, all((res.get("stats") or {}).get("drained")
-                                                                        for res in r.durable.values()),
-                                            self.s.keep_generations)
+            lv = levels.commit(self.ckptdir, manifest, [res.get("stats") or {} for res in r.durable.values()],
+                               self.s.keep_generations)
         except BaseException:
             installed.undo()
             raise

@@ -86,13 +86,16 @@ def as_shared(ckptdir: str, m: store.Manifest) -> store.Manifest:
     return replace(m, images=[replace(i, path=shared_path(ckptdir, i.path)) for i in m.images])
 
 
-def commit(ckptdir: str, m: store.Manifest, synced: bool, keep: int) -> str:
-    """The coordinator's commit of a complete generation (coordinator/commit.py). Images in the shared
-    directory: its manifest, as always. Images on the local level: the local manifest, and the shared one too if
-    every agent copied its images there already (drain: sync). Returns the levels the generation is on."""
+def commit(ckptdir: str, m: store.Manifest, agents: list[dict], keep: int) -> str:
+    """The coordinator's commit of a complete generation (coordinator/commit.py); agents: each agent's stats.
+    Images in the shared directory: its manifest, as always. Images on the local level: the local manifest, and
+    the shared one too if every agent copied its images there already (drain: sync). Returns the levels."""
     if not on_local_level(ckptdir, m):
         store.write_manifest(ckptdir, m)
         return "shared"
+    synced = bool(agents) and all(st.get("drained") for st in agents)
+    if agents and all(st.get("drain") == "off" for st in agents):
+        m = replace(m, stats=dict(m.stats, drain="off"))      # (nothing to wait for: wait_drained)
     fd = store.open_computation_dir(ckptdir, m.computation, create=True)
     try:
         safefs.write_at(fd, local_manifest_name(m.generation), m.to_json())
@@ -173,7 +176,7 @@ def wait_drained(ckptdir: str, timeout: float, computation: str | None = None) -
         for c in comps:
             local = local_generations(ckptdir, c)
             shared = store.complete_generations(ckptdir, c)
-            if local and (not shared or shared[-1] < local[-1]):
+            if local and (not shared or shared[-1] < local[-1]) and not _drain_off(ckptdir, c, local[-1]):
                 behind.append((c, local[-1]))
         if not behind:
             return True
@@ -183,6 +186,13 @@ def wait_drained(ckptdir: str, timeout: float, computation: str | None = None) -
                         "or lost)", g, c, timeout)
             return False
         time.sleep(0.2)
+
+
+def _drain_off(ckptdir: str, computation: str, gen: int) -> bool:
+    try:
+        return read_local_manifest(ckptdir, computation, gen).stats.get("drain") == "off"
+    except (OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------- selection --
@@ -273,3 +283,13 @@ def annotate(ckptdir: str, computation: str, rows: dict[int, dict]) -> None:
     for row in rows.values():
         if row.get("state") == "complete" and "levels" not in row:
             row["levels"] = "shared"
+
+
+def with_drain(ckptdir: str, generation: int, duration_s: float | None) -> float | None:
+    """A checkpoint's duration counting its drain to the shared level (the slowest node's, from the journal): what
+    the batch driver's deadline lead must leave room for, since a requeue waits for the shared copy."""
+    drains = [e.get("seconds") or 0.0 for e in journal.read(ckptdir)
+              if e.get("event") == "drain" and e.get("generation") == generation and e.get("ok")]
+    if duration_s is None or not drains:
+        return duration_s
+    return duration_s + max(drains)
