@@ -33,7 +33,7 @@ def env(env, hosts2, tmp_path):
 
 
 def partner_copies(local: Path, comp: str, gen: int) -> list[Path]:
-    return sorted(Path(store.generation_dir(str(local), comp, gen), levels.PARTNER_DIR).glob("*.dmtcp"))
+    return sorted(Path(store.generation_dir(levels.partner_root(str(local)), comp, gen)).glob("*.dmtcp"))
 
 
 def test_a_host_lost_before_the_drain_restarts_from_its_partner_s_copy(hosts2, env, tmp_path, launch):

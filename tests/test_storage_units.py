@@ -20,10 +20,11 @@ from hpcckpt.image import journal, levels, store
 COMP = "c1"
 
 
-def image(root: Path, gen: int, uid: str, sub: str = "") -> Path:
-    d = Path(store.generation_dir(str(root), COMP, gen)) / sub
+def image(root: Path, gen: int, uid: str, partner_tree: bool = False) -> Path:
+    root = Path(levels.partner_root(str(root))) if partner_tree else root
+    d = Path(store.generation_dir(str(root), COMP, gen))
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for p in (root, root / f"ckpt_{COMP}", d.parent, d):
+    for p in (root.parent, root, root / f"ckpt_{COMP}", d):
         os.chmod(p, 0o700)
     path = d / store.image_name("prog", uid)
 
@@ -125,7 +126,7 @@ def test_restart_chooses_local_then_partner_then_shared_and_skips_bad_copies(tmp
     local, shared = tmp_path / "local", tmp_path / "shared"
     s = S.load({"local_dir": str(local), "ckptdir": str(shared)}, environ={})
     src = image(local, 2, "u0")
-    part = image(local, 2, "u0", "partner")
+    part = image(local, 2, "u0", partner_tree=True)
     sh = Path(store.make_generation_dir(str(shared), COMP, 2)) / src.name
     shutil.copy(src, sh)
     given = "/elsewhere/ckpt_c1/gen000002/" + src.name         # as the restart script of another host names it
@@ -171,7 +172,7 @@ def test_partner_refuses_a_sender_without_the_key_and_a_forged_address(tmp_path,
     monkeypatch.setattr(partner, "_key", lambda purpose: real(purpose) if "address" in purpose else b"x" * 32)
     with pytest.raises(partner.PartnerError, match="closed by the other side"):   # refused by the server
         sender.send(job)
-    assert not Path(store.generation_dir(str(node_b), COMP, 5), "partner", img.name).exists()
+    assert not Path(levels.copy_path(str(node_b), levels.ImageName(COMP, 5, img.name), "partner")).exists()
     monkeypatch.setattr(partner, "_key", real)
     f = shared / f"ckpt_{COMP}" / "partners" / "agent-b.json"
     f.write_text(f.read_text().replace(f'"port": {server.port}', '"port": 1'))

@@ -101,6 +101,7 @@ class DrainJob:
     computation: str
     generation: int
     paths: list[str] = field(default_factory=list)      # this node's images of the generation, on its local level
+    needs: set[int] = field(default_factory=set)       # generations their restore reads (incremental images)
 
 
 class Drain:
@@ -115,6 +116,7 @@ class Drain:
         self.jobs: queue.Queue[DrainJob | None] = queue.Queue()
         self.state: dict[int, str] = {}          # generation -> "queued", "draining", "drained", "failed: ..."
         self.local: dict[int, list[str]] = {}     # generation -> this node's local images (retention)
+        self.needs: dict[int, set[int]] = {}      # generation -> generations it needs (incremental)
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -122,6 +124,7 @@ class Drain:
     def submit(self, job: DrainJob) -> None:
         with self.lock:
             self.local[job.generation] = list(job.paths)
+            self.needs[job.generation] = set(job.needs)
             if self.s.drain != "async":
                 self._prune_local(job.computation)
                 return
@@ -173,25 +176,24 @@ class Drain:
 
     # -- retention of the local level --
     def _prune_local(self, computation: str) -> None:
-        """Keep this node's newest keep_local generations; older ones go once they are on the shared level
-        (at once with drain: off, where the local level is all there is)."""
+        """Keep this node's newest keep_local generations (and those their incremental images build on); older
+        ones go once they are on the shared level (at once with drain: off: the local level is all there is).
+        The partner's images of the same generations go with them."""
         gens = sorted(self.local)
+        kept = gens[-self.s.keep_local:]
+        required = set(kept).union(*(self.needs.get(g, set()) for g in kept))
         shared = set(store.complete_generations(self.ckptdir, computation)) if self.s.drain != "off" else None
-        for g in gens[:-self.s.keep_local]:
-            if shared is not None and g not in shared and not self.state.get(g, "").startswith("failed"):
+        for g in gens:
+            if g in required or (shared is not None and g not in shared and
+                                 not self.state.get(g, "").startswith("failed")):
                 continue
             paths = self.local.pop(g)
-            root = os.path.dirname(os.path.dirname(os.path.dirname(paths[0]))) if paths else None
-            if root:
-                store.remove_generation_images(root, computation, g, paths)
-                pdir = os.path.join(store.generation_dir(root, computation, g), levels.PARTNER_DIR)
-                for n in _listdir(pdir):
-                    store.remove_generation_images(root, computation, g, [os.path.join(pdir, n)])
-                for d in (pdir, store.generation_dir(root, computation, g)):
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
+            self.needs.pop(g, None)
+            root = levels.image_root(self.s)
+            store.remove_generation_images(root, computation, g, paths)
+            pdir = store.generation_dir(levels.partner_root(root), computation, g)
+            store.remove_generation_images(levels.partner_root(root), computation, g,
+                                           [os.path.join(pdir, n) for n in _listdir(pdir)])
             log.debug("generation %d removed from the local level", g)
 
     def wait_idle(self, timeout: float) -> bool:

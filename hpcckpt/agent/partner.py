@@ -1,5 +1,5 @@
 """Partner copies: each agent sends its images of a committed generation to one other agent of the computation,
-on another host, which keeps them on its local level (<local_dir>/ckpt_<c>/gen<N>/partner/), so losing one node
+on another host, which keeps them on its local level (<local_dir>/partner/ckpt_<c>/gen<N>/), so losing one node
 loses no generation even before the drain reached the shared directory (docs/storage.md).
 
 Transport: a direct TCP connection from agent to agent, not the coordinator's ZeroMQ socket: images are large
@@ -48,6 +48,10 @@ CONNECT_S = 3.0
 
 class PartnerError(Exception):
     """A partner copy that could not be made; one line naming the partner or the image."""
+
+
+class NoPartner(PartnerError):
+    """Every agent of the computation is on this host: no other node to keep a copy."""
 
 
 class NoAddress(PartnerError):
@@ -159,7 +163,7 @@ def partner_of(agent_id: str, agents: dict[str, str]) -> str | None:
 
 # ------------------------------------------------------------------------------------------------- server --
 class PartnerServer:
-    """Receives other agents' images into this node's local level (partner/ below each generation)."""
+    """Receives other agents' images into this node's local level (<local_dir>/partner/ckpt_<c>/gen<N>/)."""
 
     def __init__(self, root: str, computation: str):
         self.root = root
@@ -212,8 +216,8 @@ class PartnerServer:
         name, gen, size = h["name"], int(h["generation"]), int(h["size"])
         if not _NAME.match(name) or h.get("computation") != self.computation or size < 0:
             raise PartnerError(f"refused file {name!r} of {h.get('computation')!r}")
-        d = os.path.join(store.generation_dir(self.root, self.computation, gen), levels.PARTNER_DIR)
-        dfd = safefs.open_dirs(self.root, [f"ckpt_{self.computation}", f"gen{gen:06d}", levels.PARTNER_DIR],
+        d = store.generation_dir(levels.partner_root(self.root), self.computation, gen)
+        dfd = safefs.open_dirs(self.root, [levels.PARTNER_DIR, f"ckpt_{self.computation}", f"gen{gen:06d}"],
                                create=True)
         tmp = safefs.temp_name(name)
         try:
@@ -261,6 +265,7 @@ class PartnerSender:
         self.ckptdir, self.agent_id, self.host, self.pacer = ckptdir, agent_id, host, pacer
         self.jobs: queue.Queue[PartnerJob] = queue.Queue()
         self.state: dict[int, str] = {}
+        self.told = False
         self.thread = threading.Thread(target=self._run, name="partner-send", daemon=True)
         self.thread.start()
 
@@ -274,6 +279,11 @@ class PartnerSender:
             try:
                 where = self.send(job)
                 self.state[job.generation] = f"sent to {where}"
+            except NoPartner as e:        # (a one-host computation: said once)
+                self.state[job.generation] = f"none: {e}"
+                if not self.told:
+                    log.warning("partner copies: %s; images are kept on this node and drained only", e)
+                    self.told = True
             except Exception as e:        # the job goes on; the drain still reaches the shared level
                 self.state[job.generation] = f"failed: {e}"
                 log.error("partner copy of checkpoint generation %d failed: %s", job.generation, e)
@@ -283,7 +293,7 @@ class PartnerSender:
     def send(self, job: PartnerJob) -> str:
         other = partner_of(self.agent_id, job.agents)
         if other is None:
-            raise PartnerError("no agent of the computation on another host to be the partner")
+            raise NoPartner("no agent of the computation on another host to be the partner")
         fault("partner.before_send")
         addr = None
         for _ in range(20):           # (its server starts with its first image: it may not be published yet)

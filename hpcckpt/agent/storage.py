@@ -52,11 +52,12 @@ class StorageLevels:
         keep_local."""
         if self.drain is None or not self.computation:
             return
-        mine = [p for p, _ in self.pending_prev.get(gen, {}).values()]
+        written = list(self.pending_prev.get(gen, {}).values())          # [(path, needs)]
+        mine = [p for p, _ in written]
         agents = self.storage_agents.pop(gen, {})
         if self.s.partner and mine:
             if self.partner_sender is None:
                 # (not paced by drain_rate: that protects the shared filesystem; this goes over the network)
                 self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host, Pacer())
             self.partner_sender.submit(PartnerJob(self.computation, gen, mine, agents))
-        self.drain.submit(DrainJob(self.computation, gen, mine))
+        self.drain.submit(DrainJob(self.computation, gen, mine, {n for _, needs in written for n in needs}))

@@ -2,7 +2,7 @@
 level, and which copy a restart reads (docs/storage.md).
 
     memory --(dump, fsync)--> local   <local_dir>/ckpt_<c>/gen<N>/<image>            the node's own copy
-                          \\-> partner <partner's local_dir>/ckpt_<c>/gen<N>/partner/<image>   (agent/partner.py)
+                          \\-> partner <partner's local_dir>/partner/ckpt_<c>/gen<N>/<image>   (agent/partner.py)
            local --(drain, verified)--> shared  <ckptdir>/ckpt_<c>/gen<N>/<image>       (agent/drain.py)
 
 Two manifests per generation, both in the shared checkpoint directory (small files; images never go there
@@ -30,7 +30,7 @@ log = logging.getLogger("hpcckpt.levels")
 LEVELS = ("local", "partner", "shared")        # fastest first: the order a restart tries them in
 PARTNER_DIR = "partner"
 _LOCAL_MANIFEST = re.compile(r"^gen(\d{6,})\.local\.json$")
-_IMAGE_PATH = re.compile(r"/ckpt_([A-Za-z0-9._+-]+)/gen(\d{6,})(/partner)?/([^/]+\.dmtcp)$")
+_IMAGE_PATH = re.compile(r"/ckpt_([A-Za-z0-9._+-]+)/gen(\d{6,})/([^/]+\.dmtcp)$")
 
 
 def local_root(s) -> str | None:
@@ -55,12 +55,18 @@ class ImageName:
 
 def parse(path: str) -> ImageName | None:
     m = _IMAGE_PATH.search(os.path.abspath(path))
-    return ImageName(m[1], int(m[2]), m[4]) if m else None
+    return ImageName(m[1], int(m[2]), m[3]) if m else None
+
+
+def partner_root(root: str) -> str:
+    """The tree of the partner's images on this node: the same layout as ours, beside it (an incremental image
+    names its base relative to its own directory, so the layout must be the same on every level)."""
+    return os.path.join(root, PARTNER_DIR)
 
 
 def copy_path(root: str, n: ImageName, level: str) -> str:
-    d = store.generation_dir(root, n.computation, n.generation)
-    return os.path.join(d, PARTNER_DIR, n.name) if level == "partner" else os.path.join(d, n.name)
+    root = partner_root(root) if level == "partner" else root
+    return os.path.join(store.generation_dir(root, n.computation, n.generation), n.name)
 
 
 def shared_path(ckptdir: str, path: str) -> str:
