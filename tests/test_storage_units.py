@@ -136,7 +136,7 @@ def test_restart_chooses_local_then_partner_then_shared_and_skips_bad_copies(tmp
     part.write_bytes(part.read_bytes()[:-300])                  # a truncated partner copy is not used
     caplog.set_level("INFO")
     assert [(c.level, c.path) for c in levels.choose([given], s)] == [("shared", str(sh))]
-    assert "partner copy" in caplog.text and "not usable" in caplog.text
+    assert "the partner copy" in caplog.text and "is not usable" in caplog.text
     assert "using the shared copy" in caplog.text
 
 

@@ -243,23 +243,28 @@ def valid_copy(path: str, want: ImageName | None) -> str | None:
 
 
 def choose(paths: list[str], s) -> list[Choice]:
-    """Per image, the fastest valid copy on this host (local, then partner, then shared); each choice logged.
-    A path with no valid copy stays as given (opening it then fails with its own reason)."""
+    """Per image, the fastest valid copy on this host (local, then partner, then shared); each choice logged,
+    with the copies passed over and why. Without a local level an image that is where it was named is read
+    from there, as always; a path with no valid copy stays as given (opening it fails with its own reason)."""
     out = []
     for p in paths:
+        if local_root(s) is None and os.path.exists(p):
+            out.append(Choice(p, p, "given"))
+            continue
         want = parse(p)
         why: list[str] = []
         for level, cand in candidates(p, s):
             bad = valid_copy(cand, want)
             if bad is None:
                 out.append(Choice(p, cand, level))
-                if level != "given" or why:
-                    log.info("image %s: using the %s copy %s%s", os.path.basename(p), level, cand,
-                             f" ({'; '.join(why)})" if why else "")
+                if why:
+                    log.warning("image %s: %s; using the %s copy %s", os.path.basename(p), "; ".join(why), level,
+                                cand)
+                elif level != "given":
+                    log.info("image %s: using the %s copy %s", os.path.basename(p), level, cand)
                 break
             if bad != "absent":
-                why.append(f"{level} copy {cand}: {bad}")
-                log.warning("image %s: %s copy %s is not usable: %s", os.path.basename(p), level, cand, bad)
+                why.append(f"the {level} copy {cand} is not usable ({bad})")
         else:
             out.append(Choice(p, p, "given"))
     return out
