@@ -59,6 +59,7 @@ def test_local_level_first_then_verified_drain_and_restart_picks_the_fastest_cop
     assert copy.read_bytes() == img.read_bytes()
     st = json.loads(job.command("-s", "--json").stdout)
     assert st["levels"] == [{"generation": 1, "local": True, "shared": True}]
+    assert "LEVELS=1:local+shared" in job.command("-s").stdout
     events = [(e["event"], e.get("level") or e.get("ok")) for e in map(json.loads,
                                                                        (shared / "hpcckpt-events.jsonl").open())]
     assert ("level", "local") in events and ("drain", True) in events and ("level", "shared") in events
