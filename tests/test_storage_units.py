@@ -178,3 +178,23 @@ def test_partner_refuses_a_sender_without_the_key_and_a_forged_address(tmp_path,
     f.write_text(f.read_text().replace(f'"port": {server.port}', '"port": 1'))
     with pytest.raises(partner.PartnerError, match="not authentic"):
         sender.send(job)
+
+
+def test_a_failing_drain_is_journaled_leaves_nothing_and_the_next_generation_drains(tmp_path, monkeypatch):
+    from hpcckpt import faults
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    s = S.load({"local_dir": str(local), "ckptdir": str(shared)}, environ={})
+    d = drain.Drain(s, str(shared), "h")
+    imgs = {g: image(local, g, "u0") for g in (1, 2)}
+    for g, img in imgs.items():
+        levels.commit(str(shared), manifest([img], g), [{"drain": "async"}], keep=2)
+    monkeypatch.setattr(faults, "_SPEC", {"drain.after_block": "error=EIO@1"})     # the first copy fails
+    d.submit(drain.DrainJob(COMP, 1, [str(imgs[1])]))
+    d.submit(drain.DrainJob(COMP, 2, [str(imgs[2])]))
+    assert d.wait_idle(10)
+    assert d.state[1].startswith("failed") and "Input/output error" in d.state[1] and d.state[2] == "drained"
+    assert os.listdir(store.generation_dir(str(shared), COMP, 1)) == []        # no temporary copy left
+    assert store.complete_generations(str(shared), COMP) == [2]
+    assert [(e["generation"], e["ok"]) for e in journal.read(str(shared)) if e["event"] == "drain"] == \
+        [(1, False), (2, True)]
+    assert not imgs[1].exists() and imgs[2].exists()      # keep_local 1: the failed older one went, the newest stays
