@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -190,6 +191,7 @@ def test_a_failing_drain_is_journaled_leaves_nothing_and_the_next_generation_dra
         levels.commit(str(shared), manifest([img], g), [{"drain": "async"}], keep=2)
     monkeypatch.setattr(faults, "_SPEC", {"drain.after_block": "error=EIO@1"})     # the first copy fails
     d.submit(drain.DrainJob(COMP, 1, [str(imgs[1])]))
+    assert d.wait_idle(10)
     d.submit(drain.DrainJob(COMP, 2, [str(imgs[2])]))
     assert d.wait_idle(10)
     assert d.state[1].startswith("failed") and "Input/output error" in d.state[1] and d.state[2] == "drained"
@@ -198,3 +200,22 @@ def test_a_failing_drain_is_journaled_leaves_nothing_and_the_next_generation_dra
     assert [(e["generation"], e["ok"]) for e in journal.read(str(shared)) if e["event"] == "drain"] == \
         [(1, False), (2, True)]
     assert not imgs[1].exists() and imgs[2].exists()      # keep_local 1: the failed older one went, the newest stays
+
+
+def test_a_drain_behind_skips_superseded_generations_unless_a_newer_one_needs_them(tmp_path):
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    s = S.load({"local_dir": str(local), "ckptdir": str(shared), "keep_local": 5}, environ={})
+    d = drain.Drain(s, str(shared), "h")
+    imgs = {g: image(local, g, "u0") for g in (1, 2, 3, 4)}
+    for g, img in imgs.items():
+        levels.commit(str(shared), manifest([img], g), [{"drain": "async"}], keep=5)
+    for g in (1, 2, 3, 4):          # all four queued before the thread starts: a drain far behind
+        d.local[g] = [str(imgs[g])]
+        d.state[g] = "queued"
+        d.jobs.append(drain.DrainJob(COMP, g, [str(imgs[g])], {3, 4} if g == 4 else {g}))
+    d.thread = threading.Thread(target=d._run, daemon=True)
+    d.thread.start()
+    assert d.wait_idle(10)
+    assert d.state[1].startswith("skipped") and d.state[2].startswith("skipped")
+    assert d.state[3] == d.state[4] == "drained"                 # 4 is incremental on 3: 3 is drained too
+    assert store.complete_generations(str(shared), COMP) == [3, 4]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -106,18 +105,21 @@ class DrainJob:
 
 class Drain:
     """One per agent with a local level: a thread copying generations to the shared directory, one at a time,
-    oldest first; and the local level's retention (keep_local)."""
+    oldest first; and the local level's retention (keep_local). A generation still waiting when a newer one
+    arrives is skipped unless the newer one needs it (incremental): only the newest shared generation matters
+    for a rerun, and a drain slower than the checkpoint interval must not fall ever further behind."""
 
     def __init__(self, s, ckptdir: str, host: str):
         self.s = s
         self.ckptdir = ckptdir
         self.host = host
         self.pacer = Pacer(*parse_rate(s.drain_rate))
-        self.jobs: queue.Queue[DrainJob | None] = queue.Queue()
+        self.jobs: list[DrainJob] = []
         self.state: dict[int, str] = {}          # generation -> "queued", "draining", "drained", "failed: ..."
         self.local: dict[int, list[str]] = {}     # generation -> this node's local images (retention)
         self.needs: dict[int, set[int]] = {}      # generation -> generations it needs (incremental)
         self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
         self.thread: threading.Thread | None = None
 
     # -- async --
@@ -129,13 +131,28 @@ class Drain:
                 self._prune_local(job.computation)
                 return
             self.state[job.generation] = "queued"
+            self.jobs.append(job)
+            self.cv.notify()
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="drain", daemon=True)
             self.thread.start()
-        self.jobs.put(job)
+
+    def _next(self) -> DrainJob:
+        with self.cv:
+            while True:
+                while not self.jobs:
+                    self.cv.wait()
+                job = self.jobs.pop(0)
+                later = [j for j in self.jobs if j.computation == job.computation]
+                if not later or any(job.generation in j.needs for j in later):
+                    return job
+                self.state[job.generation] = f"skipped: generation {later[-1].generation} is newer"
+                log.info("drain: generation %d skipped, generation %d is newer", job.generation,
+                         later[-1].generation)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while True:
+            job = self._next()
             try:
                 self.drain(job)
             except Exception as e:          # the program goes on; the previous shared generation stays
@@ -185,7 +202,7 @@ class Drain:
         shared = set(store.complete_generations(self.ckptdir, computation)) if self.s.drain != "off" else None
         for g in gens:
             if g in required or (shared is not None and g not in shared and
-                                 not self.state.get(g, "").startswith("failed")):
+                                 not self.state.get(g, "").startswith(("failed", "skipped"))):
                 continue
             paths = self.local.pop(g)
             self.needs.pop(g, None)
@@ -201,7 +218,7 @@ class Drain:
         give_up = time.monotonic() + timeout
         while time.monotonic() < give_up:
             with self.lock:
-                if all(v == "drained" or v.startswith("failed") for v in self.state.values()):
+                if all(v == "drained" or v.startswith(("failed", "skipped")) for v in self.state.values()):
                     return True
             time.sleep(0.05)
         return False
