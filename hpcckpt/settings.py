@@ -289,6 +289,8 @@ def _validate_storage(s: Settings) -> None:
         raise SettingsError(f"keep_local must be >= 1 generation, got {s.keep_local}")
     if s.local_dir is not None and (s.local_dir == "" or "\0" in s.local_dir):
         raise SettingsError(f"local_dir {s.local_dir!r} is not a path")
+    if s.partner and not s.local_dir:
+        raise SettingsError("partner copies need a node-local level: set local_dir (HPCCKPT_LOCAL_DIR, --local-dir)")
     try:
         parse_rate(s.drain_rate)
     except ValueError as e:

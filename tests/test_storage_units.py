@@ -57,7 +57,8 @@ def test_settings_come_from_env_yaml_and_flags(tmp_path):
                          "--drain-rate", "1G"])
     s = S.load(levelopts.flags(args), environ={})
     assert (s.local_dir, s.partner, s.keep_local, s.drain_rate) == ("/l", True, 2, "1G")
-    for bad in ({"drain": "later"}, {"keep_local": 0}, {"drain_rate": "fast"}, {"drain_rate": "150%"}):
+    for bad in ({"drain": "later"}, {"keep_local": 0}, {"drain_rate": "fast"}, {"drain_rate": "150%"},
+                {"partner": True}):
         with pytest.raises(S.SettingsError):
             S.load(bad, environ={})
 
