@@ -106,6 +106,7 @@ def test_a_drain_killed_leaves_the_previous_shared_generation_the_restart_point(
         wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30, "the restart")
         st = json.loads(run(["dmtcp_command", "--port-file", str(port_file), "-s", "--json"], env, tmp_path).stdout)
         assert st["generation"] == 1 and st["num_peers"] == 1      # generation 1, from the shared level
+        assert "generation 2 of" in (tmp_path / "r.err").read_text()   # ... saying the newer one is local only
     finally:
         run(["dmtcp_command", "--port-file", str(port_file), "-k"], env, tmp_path)
         p.wait(30)

@@ -96,6 +96,7 @@ def images_from_dir(d: str) -> tuple[list[tuple[str, str]], store.Manifest]:
         if len(comps) > 1:
             raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
         m = store.latest_manifest(d, comps[0])
+        levels.note_newer_local(d, comps[0], m.generation)       # a newer one only on the nodes' local level
     except store.ManifestError as e:
         raise Fail(str(e)) from None
     except (OSError, ValueError, TypeError) as e:

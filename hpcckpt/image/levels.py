@@ -304,3 +304,12 @@ def with_drain(ckptdir: str, generation: int, duration_s: float | None) -> float
     if duration_s is None or not drains:
         return duration_s
     return duration_s + max(drains)
+
+
+def note_newer_local(ckptdir: str, computation: str, generation: int) -> None:
+    """(restart --from) Say so when a newer generation is complete on the nodes' local level only."""
+    newer = [g for g in local_generations(ckptdir, computation) if g > generation]
+    if newer:
+        log.warning("generation %d of %s is newer but complete only on the nodes' local level (its drain did not "
+                    "finish); restarting generation %d from %s. On the same nodes, the restart script restarts "
+                    "generation %d from their local copies", newer[-1], computation, generation, ckptdir, newer[-1])
