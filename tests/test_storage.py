@@ -126,3 +126,39 @@ def test_sync_drain_completes_both_levels_before_the_reply_and_keep_local_prunes
     assert all(Path(i.path).parent == Path(store.generation_dir(str(shared), comp, 2)) for i in m.images)
     job.command("-k")
     job.wait(30)
+
+
+@pytest.mark.slow
+def test_batch_requeue_waits_for_the_drain_and_a_rerun_on_new_nodes_reads_the_shared_copy(env, tmp_path, counter):
+    """As inside a Grid Engine job (the stand-ins of test_sched_signals.py): the scheduler's warning signal
+    checkpoints; the requeue waits until the (paced, ~2 s) drain made the shared copy; the rerun, on a node with
+    another (empty) local directory, restarts from the shared level and ends as a plain run does."""
+    import os
+    import signal
+
+    from test_sched_signals import _batch_run, _job_script, _sge_env
+    d, steps = tmp_path, 300
+    script = _job_script(d, counter, steps)
+    e = dict(_sge_env(env, d, 3600, 0), HPCCKPT_LOCAL_DIR=str(d / "node-a"), HPCCKPT_DRAIN_RATE="4M")
+    drv = _batch_run(e, d, "lead: 5\n", script)
+    try:
+        wait_for(lambda: line_count(d / "out.txt") > 30, 60, "the program to run")
+        os.kill(drv.pid, signal.SIGUSR1)
+        assert drv.wait(60) == 99, (d / "job.log").read_text()
+        (journal_file,) = d.glob("**/hpcckpt-events.jsonl")
+        events = [json.loads(line) for line in journal_file.read_text().splitlines()]
+        shared = [e["time"] for e in events if e["event"] == "level" and e.get("level") == "shared"]
+        requeue = [e["time"] for e in events if e["event"] == "requeue"]
+        drained = [e["seconds"] for e in events if e["event"] == "drain" and e.get("ok")]
+        assert shared and requeue and shared[0] <= requeue[0], events      # the shared copy came first
+        assert drained[0] >= 1.0, drained                                   # (paced: the wait was needed)
+        e2 = dict(_sge_env(env, d, 3600, 1), HPCCKPT_LOCAL_DIR=str(d / "node-b"))
+        drv = _batch_run(e2, d, "lead: 5\n", script)
+        assert drv.wait(120) == 0, (d / "job.log").read_text()
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+    log = (d / "job.log").read_text()
+    assert "restarting from checkpoint generation 1" in log and "using the shared copy" in log, log
+    subprocess.run([str(counter), str(d / "plain.txt"), "8", str(steps), "0"], check=True, stdout=subprocess.DEVNULL)
+    assert (d / "out.txt").read_text() == (d / "plain.txt").read_text()
