@@ -105,8 +105,13 @@ def test_a_drain_killed_leaves_the_previous_shared_generation_the_restart_point(
     try:
         wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30, "the restart")
         st = json.loads(run(["dmtcp_command", "--port-file", str(port_file), "-s", "--json"], env, tmp_path).stdout)
-        assert st["generation"] == 1 and st["num_peers"] == 1      # generation 1, from the shared level
-        assert "generation 2 of" in (tmp_path / "r.err").read_text()   # ... saying the newer one is local only
+        assert st["num_peers"] == 1
+        err = (tmp_path / "r.err").read_text()          # generation 1, from the shared level, saying why not 2
+        assert "generation 2 of" in err and "restarting generation 1 from" in err, err
+        # its next checkpoint is generation 3: the local-only generation 2's number is never reused (its stale
+        # images could otherwise pass for the new generation's on the shared level)
+        r = run(["dmtcp_command", "--port-file", str(port_file), "-bc", "--json"], env, tmp_path)
+        assert json.loads(r.stdout)["generation"] == 3, r.stdout
     finally:
         run(["dmtcp_command", "--port-file", str(port_file), "-k"], env, tmp_path)
         p.wait(30)
