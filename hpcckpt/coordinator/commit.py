@@ -19,7 +19,7 @@ class Commits:
     def _commit(self, r: Round) -> None:
         images = []
         stats = {"bytes_in": 0, "bytes_out": 0, "frozen_s": 0.0}
-        for ident, res in r.durable.items():
+        for _ident, res in r.durable.items():
             for img in res.get("images", []):
                 images.append(store.ImageEntry(**img))
             st = res.get("stats", {})
