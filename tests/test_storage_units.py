@@ -46,6 +46,7 @@ def test_settings_come_from_env_yaml_and_flags(tmp_path):
     assert (s.local_dir, s.drain, s.partner, s.keep_local, S.parse_rate(s.drain_rate)) == \
         ("/tmp/n-{host}", "sync", True, 3, (50 * 2**20, 0.0))
     assert levels.local_root(s) == f"/tmp/n-{socket.gethostname()}"
+    assert levels.local_root(s.replace(local_dir=str(tmp_path), ckptdir=str(tmp_path))) is None   # one level
     cfg = tmp_path / "c.yaml"
     cfg.write_text("local_dir: /scratch\ndrain: 'off'\ndrain_rate: 25%\n")
     s = S.load({}, str(cfg), environ={})

@@ -34,10 +34,12 @@ _IMAGE_PATH = re.compile(r"/ckpt_([A-Za-z0-9._+-]+)/gen(\d{6,})/([^/]+\.dmtcp)$"
 
 
 def local_root(s) -> str | None:
-    """The node-local level of these settings on this host ("{host}" replaced), None if there is none."""
+    """The node-local level of these settings on this host ("{host}" replaced), None if there is none (also when
+    it is the checkpoint directory itself: one level)."""
     if not s.local_dir:
         return None
-    return os.path.abspath(s.local_dir.replace("{host}", socket.gethostname()))
+    root = os.path.abspath(s.local_dir.replace("{host}", socket.gethostname()))
+    return None if os.path.realpath(root) == os.path.realpath(s.ckptdir) else root
 
 
 def image_root(s) -> str:
