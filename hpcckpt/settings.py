@@ -113,6 +113,18 @@ class Settings:
     pathvirt: bool = field(default=False, metadata=_env("HPCCKPT_PATHVIRT"))
     path_prefixes: list = field(default_factory=list,                      # OLD:NEW pairs (engine/pathvirt.py)
                                 metadata=_env("DMTCP_PATH_MAPPING", "HPCCKPT_PATH_PREFIXES"))
+    # -- multi-level storage (docs/storage.md; storage block) --
+    # node-local level (a node's $TMPDIR, /dev/shm, an NVMe mount); "{host}" in it is replaced by the host name.
+    # None: one level, images go straight to ckptdir (the shared level) as before
+    local_dir: str | None = field(default=None, metadata=_env("HPCCKPT_LOCAL_DIR"))
+    # with local_dir: copy to ckptdir in the background after the checkpoint (async), before it counts as
+    # complete (sync), or never (off: the local level, and partner copies, are all there is)
+    drain: str = field(default="async", metadata=_env("HPCCKPT_DRAIN"))
+    partner: bool = field(default=False, metadata=_env("HPCCKPT_PARTNER"))   # a copy on one other node
+    keep_local: int = field(default=1, metadata=_env("HPCCKPT_KEEP_LOCAL"))   # generations kept on a node
+    # the drain's limit: bytes/s ("200M", "1G"), or "N%": busy at most N % of the time; "0": no limit
+    drain_rate: str = field(default="0", metadata=_env("HPCCKPT_DRAIN_RATE"))
+    # -- end of the storage block --
 
     def replace(self, **kw) -> Settings:
         return dataclasses.replace(self, **kw)
@@ -252,7 +264,51 @@ def _validate(s: Settings) -> Settings:
         raise SettingsError(f"heartbeat ({s.heartbeat} s) and peer_timeout ({s.peer_timeout} s) must be > 0")
     if s.coord_fallback < 0:
         raise SettingsError(f"coord_fallback must be >= 0 seconds, got {s.coord_fallback}")
+    _validate_storage(s)
     return _validate_input(s)
+
+
+# -- storage block: multi-level storage settings (docs/storage.md) ---------------------------------------------
+DRAIN_MODES = ("async", "sync", "off")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_rate(text: str) -> tuple[float, float]:
+    """A drain rate: (bytes per second, share of the time 0..1); (0, 0) is no limit. ValueError if malformed."""
+    t = str(text).strip().upper().removesuffix("/S").removesuffix("B")
+    try:
+        return _rate(t, text)
+    except ValueError as e:
+        raise ValueError(str(e) if "expected" in str(e) or "share" in str(e) else f"not a rate: {text!r}") from None
+
+
+def _rate(t: str, text: str) -> tuple[float, float]:
+    if t.endswith("%"):
+        share = float(t[:-1]) / 100
+        if not 0 < share <= 1:
+            raise ValueError(f"a share must be 1..100 %, got {text!r}")
+        return 0.0, (0.0 if share == 1 else share)
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    rate = float(t[:len(t) - len(unit)] or "x") * _UNITS[unit]
+    if rate < 0 or rate != rate or rate == float("inf"):
+        raise ValueError(f"expected bytes per second >= 0, got {text!r}")
+    return rate, 0.0
+
+
+def _validate_storage(s: Settings) -> None:
+    if s.drain not in DRAIN_MODES:
+        raise SettingsError(f"drain must be one of {', '.join(DRAIN_MODES)}, got {s.drain!r}")
+    if s.keep_local < 1:
+        raise SettingsError(f"keep_local must be >= 1 generation, got {s.keep_local}")
+    if s.local_dir is not None and (s.local_dir == "" or "\0" in s.local_dir):
+        raise SettingsError(f"local_dir {s.local_dir!r} is not a path")
+    if s.partner and not s.local_dir:
+        raise SettingsError("partner copies need a node-local level: set local_dir (HPCCKPT_LOCAL_DIR, --local-dir)")
+    try:
+        parse_rate(s.drain_rate)
+    except ValueError as e:
+        raise SettingsError(f"drain_rate {s.drain_rate!r}: {e} (bytes/s like 200M, or a share like 25%)") from None
+# -- end of the storage block ------------------------------------------------------------------------------------
 
 
 # -- bad-input validation block (badinput) ---------------------------------------------------------------------

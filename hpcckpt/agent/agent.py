@@ -34,6 +34,7 @@ from .namespaces import install_init_handlers
 from .phases import Phases
 from .procs import JobProcess, mpi_identity, new_agent_id, new_unique_id, program_of
 from .sigfd import SignalFd
+from .storage import StorageLevels
 
 log = logging.getLogger("hpcckpt.agent")
 
@@ -44,7 +45,7 @@ ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)   # the job must
 __all__ = ["Agent", "AgentError"]
 
 
-class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
+class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
     """The parts and the state they share: base.py."""
 
     def __init__(self, settings: Settings, conn: Connection, processes: list[JobProcess], *,
@@ -93,6 +94,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
         self.max_generation = restarted_generation or 0   # the newest generation we took part in
         self.phases = self.phase_table()                  # phases.py
         self.handlers = self.protocol_table()
+        self._storage_setup()                  # multi-level storage: self.imgdir, the drain (agent/drain.py)
 
     def protocol_table(self) -> dict[str, Callable[[dict], None]]:
         """Every message the coordinator sends an agent, and what handles it in the main loop: the table of
@@ -149,6 +151,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
         if ckptdir and os.path.abspath(ckptdir) != self.ckptdir:
             log.info("checkpoint images go to the coordinator's directory %s (not %s)", ckptdir, self.ckptdir)
             self.ckptdir = os.path.abspath(ckptdir)
+            self._storage_retarget()             # without a local level the images follow (storage.py)
 
     def publish_job_file(self) -> None:
         if self.job_file:
@@ -327,6 +330,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions):
     def _on_committed(self, msg: dict) -> None:
         # the generation is complete everywhere: its images are the bases of the next incremental ones
         m = protocol.Committed.from_dict(msg)
+        self._storage_committed(int(m.generation or 0))     # the partner copy and the drain to the shared level
         self.prev_images.update(self.pending_prev.pop(m.generation, {}))
         self.last_generation = max(self.last_generation, int(m.generation or 0))
         if self.aware is not None:

@@ -38,7 +38,7 @@ class BackgroundWrites(AgentBase):
             with ThreadPoolExecutor(workers, thread_name_prefix="image-writer") as pool:
                 for f in [pool.submit(self._write, c, p) for p in c.pending]:
                     f.result()
-            store.fsync_dir(store.generation_dir(self.ckptdir, self.comp, c.generation))
+            store.fsync_dir(store.generation_dir(self.imgdir, self.comp, c.generation))
         except BaseException as e:
             bw.error = f"{self.host}: {e}"
         finally:
@@ -55,7 +55,7 @@ class BackgroundWrites(AgentBase):
         c = bw.state
         if bw.error:
             log.error("writing checkpoint generation %d failed: %s", c.generation, bw.error)
-            store.remove_generation_images(self.ckptdir, self.comp, c.generation, c.images)
+            store.remove_generation_images(self.imgdir, self.comp, c.generation, c.images)
             self.send({"type": "written", "generation": c.generation, "ok": False, "error": bw.error})
             return
         log.info("checkpoint generation %d written (%.1f MB)", c.generation, c.stats.get("bytes_out", 0) / 1e6)
@@ -78,7 +78,7 @@ class BackgroundWrites(AgentBase):
         bw.thread.join(5)              # (a writer hung on a dead file system is left behind: a daemon thread)
         self.writing = None
         self._reap_snapshots(bw.snapshots)
-        store.remove_generation_images(self.ckptdir, self.comp, bw.state.generation, bw.state.images)
+        store.remove_generation_images(self.imgdir, self.comp, bw.state.generation, bw.state.images)
         log.warning("checkpoint generation %d abandoned: %s", bw.state.generation, why)
 
     def _progress(self, path: str, done: int) -> None:

@@ -31,7 +31,8 @@ class AgentBase:
     link: CoordinatorLink
     root: JobProcess
     host: str
-    ckptdir: str                          # the coordinator's (its welcome says), where our images go
+    ckptdir: str                          # the coordinator's (its welcome says): manifests, the shared level
+    imgdir: str                           # where this node writes its images (storage.py: local level or ckptdir)
     computation: str | None
     restarted_generation: int | None
     agent_id: str
@@ -105,4 +106,10 @@ class AgentBase:
         raise NotImplementedError
 
     def adopt_ckptdir(self, ckptdir: str | None) -> None:
+        raise NotImplementedError
+
+    def _storage_written(self, c: CheckpointState, path: str) -> None:
+        raise NotImplementedError
+
+    def _storage_retarget(self) -> None:
         raise NotImplementedError

@@ -160,9 +160,9 @@ class Phases(AgentBase):
         c = self.ckpt
         if c is None or c.generation != gen:
             raise AgentError(f"checkpoint of generation {gen} without a suspend")
-        gdir = store.generation_dir(self.ckptdir, self.comp, gen)
+        gdir = store.generation_dir(self.imgdir, self.comp, gen)
         try:       # checked, never through another user's directory or link (safefs); the computation's lock
-            gdir = store.make_generation_dir(self.ckptdir, self.comp, gen)
+            gdir = store.make_generation_dir(self.imgdir, self.comp, gen)
             runlock.hold(self.ckptdir, self.comp)
         except OSError as e:
             raise AgentError(f"cannot use checkpoint directory {gdir}: {e.strerror or e}") from None
@@ -219,6 +219,7 @@ class Phases(AgentBase):
                                        incremental=bool(self.s.incremental), base=base,
                                        agent={"agent_id": self.agent_id, "agents": c.agents})
         size = os.path.getsize(p.path)
+        self._storage_written(c, p.path)         # drain: sync copies it to the shared level now
         with self.write_lock:           # (writer threads write several images at once)
             self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
             c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
@@ -260,7 +261,7 @@ class Phases(AgentBase):
             self._reap_snapshots([p.cap.snapshot_pid for p in c.pending if p.cap.snapshot_pid])
         self._resume_frozen()
         if self.computation:
-            store.remove_generation_images(self.ckptdir, self.comp, gen, paths)
+            store.remove_generation_images(self.imgdir, self.comp, gen, paths)
         if not quiet:
             log.warning("checkpoint generation %d aborted (%s); images removed, job resumed", gen, reason)
 

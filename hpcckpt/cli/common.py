@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..settings import DEFAULT_FAIL_RC, FIELD_NAMES, Settings, SettingsError, load
-from . import dmtcpopts
+from . import dmtcpopts, levelopts
 from .dmtcpopts import DMTCP_COMPAT
 
 log = logging.getLogger("hpcckpt")
@@ -74,6 +74,7 @@ def settings_from(args: argparse.Namespace, **extra) -> Settings:
     DMTCP's included); dmtcpopts.flags() adds what DMTCP's options imply."""
     flags = {k: getattr(args, k) for k in FIELD_NAMES if hasattr(args, k)}
     flags.update({k: v for k, v in dmtcpopts.flags(args).items() if v is not None})
+    flags.update({k: v for k, v in levelopts.flags(args).items() if v is not None})   # multi-level storage
     flags.update(extra)
     try:
         return load(flags, getattr(args, "config", None))

@@ -21,7 +21,7 @@ from ..coordinator.protocol import SecretError
 from ..engine.linux import SYS, syscall
 from ..image import safefs, store
 from ..plugins import PluginError
-from . import dmtcpopts, jobrun
+from . import dmtcpopts, jobrun, levelopts
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
 
@@ -74,6 +74,7 @@ def parser(prog: str) -> Parser:
     # used by our ssh/srun inside a job (cli/shim.py) to start the remote part of a computation
     p.add_argument("--remote-io", metavar="HOST:PORT:TOKEN", help=argparse.SUPPRESS)
     p.add_argument("--secret-stdin", action="store_true", help=argparse.SUPPRESS)
+    levelopts.add_options(p)                  # multi-level storage (--local-dir, --drain, ...)
     p.add_argument("command", nargs=argparse.REMAINDER, help="the program and its arguments")
     return p
 
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
         if not args.command[0].strip():
             raise Fail(f"the command to run is an empty name {args.command[0]!r}")
         s = settings_from(args)
+        levelopts.export(s)              # the storage levels reach agents on other hosts (cli/shim.py)
         setup_logging("launch", s.quiet, s.log_level)
         dmtcpopts.note_layerless(args)
         dmtcpopts.prepare(s)

@@ -17,6 +17,7 @@ import sys
 import threading
 
 from ..settings import SettingsError, read_config_text
+from . import levelopts
 from .common import Fail
 
 log = logging.getLogger("hpcckpt")
@@ -99,6 +100,7 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
     if os.environ.get("HPCCKPT_KEY_FILE"):       # the same key file there (image/auth.py); ssh does not pass it
         cmd = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *cmd]
+    cmd = ["env", *levelopts.forwarded(), *cmd] if levelopts.forwarded() else cmd      # storage levels
     if local:
         # another agent's share, restarted on this host: its processes keep our standard input, as they would
         # under one restart (a pipe or terminal they read from must not turn into EOF); the secret goes

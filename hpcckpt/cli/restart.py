@@ -21,11 +21,11 @@ from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.protocol import SecretError
 from ..engine import awarefd, identity, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
-from ..image import auth, runlock, safefs, store
+from ..image import auth, levels, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
-from . import dmtcpopts, jobrun, multihost, restartpause, strictcheck
+from . import dmtcpopts, jobrun, levelopts, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
 from .launch import store_secret
@@ -65,6 +65,7 @@ def parser(prog: str) -> Parser:
                    help="restart without a PID namespace of our own (processes get new PIDs)")
     p.add_argument("-q", "--quiet", action="count", default=None)
     dmtcpopts.add_restart_options(p)
+    levelopts.add_options(p)                  # where this host's local and partner copies are (--local-dir)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
     p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
@@ -94,6 +95,7 @@ def images_from_dir(d: str) -> tuple[list[tuple[str, str]], store.Manifest]:
         if len(comps) > 1:
             raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
         m = store.latest_manifest(d, comps[0])
+        levels.note_newer_local(d, comps[0], m.generation)       # a newer one only on the nodes' local level
     except store.ManifestError as e:
         raise Fail(str(e)) from None
     except (OSError, ValueError, TypeError) as e:
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
         s = settings_from(args)
+        levelopts.export(s)              # ... and the parts restarted on other hosts (cli/multihost.py)
         setup_logging("restart", s.quiet, s.log_level)
         if args.trust_unsigned:
             os.environ[auth.TRUST_ENV] = "1"       # every image and manifest read from here on (image/auth.py)
@@ -238,6 +241,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        paths = [c.path for c in levels.choose(paths, s)]    # the fastest valid copy of each (image/levels.py)
         readers = open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
         if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved

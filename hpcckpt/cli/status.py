@@ -10,7 +10,7 @@ import re
 import sys
 import time
 
-from ..image import journal, store
+from ..image import journal, levels, store
 from ..settings import SettingsError, load
 from .common import Fail, Parser, run_main
 
@@ -81,6 +81,7 @@ def generations(ckptdir: str, comp: str, events: list[dict]) -> list[dict]:
             if isinstance(egen, int) and (egen not in rows or rows[egen]["state"] == "unfinished"):
                 rows[egen] = {"generation": egen, "state": "failed", "time": ev.get("time"),
                               "phase": ev.get("phase"), "error": ev.get("error")}
+    levels.annotate(ckptdir, comp, rows)      # multi-level storage: on which levels each generation is
     usable = [g for g, r in rows.items() if r["state"] == "complete" and not r.get("images_missing_here")]
     if usable:
         rows[max(usable)]["restart_uses"] = True
@@ -158,6 +159,8 @@ def render(st: dict) -> str:
                 state += f", {g['images_missing_here']} image(s) missing"
             if g.get("error"):
                 state += f": {g.get('phase') + ': ' if g.get('phase') else ''}{g['error']}"
+            if g.get("levels"):
+                state += f" [{g['levels']}]"
             if g.get("restart_uses"):
                 state += "   <- restart uses this"
             ratio = f"{g['ratio']:.2f}" if isinstance(g.get("ratio"), (int, float)) else "-"

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ..faults import fault
-from ..image import store
+from ..image import levels, store
 from .barrier import Round
 from .base import CoordinatorBase
 from .script import install_restart_script
@@ -44,7 +44,9 @@ class Commits(CoordinatorBase):
         installed = install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
         try:
             fault("coordinator.before_commit")
-            store.write_manifest(self.ckptdir, manifest)
+            # (multi-level: the local manifest, and the shared one only if every agent drained: image/levels.py)
+            lv = levels.commit(self.ckptdir, manifest, [res.get("stats") or {} for res in r.durable.values()],
+                               self.s.keep_generations)
         except BaseException:
             installed.undo()
             raise
@@ -52,7 +54,7 @@ class Commits(CoordinatorBase):
         script = installed.path
         r.committed = True
         self.last_checkpoint = {"generation": r.generation, "time": manifest.created, "images": len(images),
-                                "restart_script": script, **stats}
+                                "restart_script": script, **stats, "levels": lv}
         log.info("checkpoint generation %d complete: %d image(s), %.1f MB in %.2f s (processes stopped %.3f s); "
                  "restart script %s", r.generation, len(images), stats["bytes_out"] / 1e6, stats["duration_s"],
                  stats["frozen_s"], script)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import zmq
 
 from .. import __version__
-from ..image import store
+from ..image import levels, store
 from ..settings import Settings
 from . import binding, protocol
 from .base import Peer
@@ -261,7 +261,8 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
             return
         if not self.peers:
             self.computation = comp or self.computation or new_computation_id()
-            self.generation = max([self.generation] + store.complete_generations(self.ckptdir, self.computation))
+            self.generation = max([self.generation] + store.complete_generations(self.ckptdir, self.computation)
+                                  + levels.local_generations(self.ckptdir, self.computation))   # never reused
         restarted_gen = int(msg.get("generation") or 0)
         if msg.get("restart") and msg.get("agent_id"):
             why = self._gate_join(ident, msg, restarted_gen)

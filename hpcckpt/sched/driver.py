@@ -35,7 +35,7 @@ from ..agent.sigfd import SignalFd
 from ..coordinator.client import CoordinatorUnreachable, command
 from ..engine.linux import PR_SET_PDEATHSIG, prctl
 from ..faults import fault
-from ..image import journal, store
+from ..image import journal, levels, store
 from . import nodes as allocation
 from .base import CANCELLED_MARK, Scheduler, SchedulerError
 from .config import JobConfig
@@ -423,6 +423,7 @@ class JobDriver:
         self._log_checkpoints(final=True)
         if not requeue:
             return
+        levels.wait_drained(self.ckptdir, self._checkpoint_timeout())   # the next run may be on other nodes
         self._kill_computation()
         try:
             code = self.sched.requeue()
@@ -517,7 +518,7 @@ class JobDriver:
         if not last or last["generation"] <= self.last_logged_gen and not final:
             return
         self.last_logged_gen = last["generation"]
-        self.last_ckpt_s = last.get("duration_s")
+        self.last_ckpt_s = levels.with_drain(self.ckptdir, last["generation"], last.get("duration_s"))  # (+ drain)
         left = ""
         end = self.end if self.end is not None else None
         if end:

@@ -1,0 +1,349 @@
+"""Partner copies: each agent sends its images of a committed generation to one other agent of the computation,
+on another host, which keeps them on its local level (<local_dir>/partner/ckpt_<c>/gen<N>/), so losing one node
+loses no generation even before the drain reached the shared directory (docs/storage.md).
+
+Transport: a direct TCP connection from agent to agent, not the coordinator's ZeroMQ socket: images are large
+and the coordinator is one process for thousands of agents, so relaying them through it would make it the
+bottleneck the local level exists to avoid (and its protocol is a fixed table of small messages). Each agent
+with `partner: true` listens on an ephemeral port and publishes its addresses in a small signed file,
+<ckptdir>/ckpt_<c>/partners/<agent_id>.json (HMAC with the user's key: a forged file could send the program's
+memory elsewhere). The image data never goes through that directory.
+
+Both ends prove they hold the user's key (image/auth.py) before any byte of an image moves: nonces from both
+sides, an HMAC each way, and a session key that authenticates every file header. The receiver writes to a
+temporary name, then checks the image itself (metadata MAC and every chunk's keyed tag) before renaming it: a
+copy is either complete and authentic or absent. The partner is the next agent (by id) on another host, a ring,
+so every node holds one other node's images.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from ..faults import fault
+from ..image import auth, journal, levels, safefs, store
+from ..image.format import ImageError, ImageReader
+from .drain import Pacer
+
+log = logging.getLogger("hpcckpt.partner")
+
+ADDR_DIR = "partners"
+_NAME = re.compile(r"^ckpt_[A-Za-z0-9._+-]+\.dmtcp$")
+_MAX_FRAME = 1 << 16
+CONNECT_S = 3.0
+
+
+class PartnerError(Exception):
+    """A partner copy that could not be made; one line naming the partner or the image."""
+
+
+class NoPartner(PartnerError):
+    """Every agent of the computation is on this host: no other node to keep a copy."""
+
+
+class NoAddress(PartnerError):
+    """The partner has not published its address (yet)."""
+
+
+def _key(purpose: str) -> bytes:
+    return auth.subkey(auth.key_for(create=True), purpose)
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for p in parts:
+        h.update(struct.pack("!I", len(p)) + p)
+    return h.digest()
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(struct.pack("!I", len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = sock.recv(min(n - len(buf), 1 << 20))
+        if not got:
+            raise PartnerError("connection closed by the other side")
+        buf += got
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    (n,) = struct.unpack("!I", _recv_exact(sock, 4))
+    if n > _MAX_FRAME:
+        raise PartnerError(f"frame of {n} bytes refused")
+    return _recv_exact(sock, n)
+
+
+def handshake(sock: socket.socket, computation: str, server: bool, key: bytes | None = None) -> bytes:
+    """Mutual proof of the user's key; returns the session key. PartnerError if the other side has no key."""
+    k = key or _key("partner connection")
+    comp = computation.encode()
+    if server:
+        ns = secrets.token_bytes(16)
+        _send(sock, ns)
+        nc = _recv(sock)
+        if not hmac.compare_digest(_recv(sock), _mac(k, b"client", ns, nc, comp)):
+            raise PartnerError("a connection without the user's key (or of another computation) refused")
+        _send(sock, _mac(k, b"server", nc, ns, comp))
+    else:
+        ns = _recv(sock)
+        nc = secrets.token_bytes(16)
+        _send(sock, nc)
+        _send(sock, _mac(k, b"client", ns, nc, comp))
+        if not hmac.compare_digest(_recv(sock), _mac(k, b"server", nc, ns, comp)):
+            raise PartnerError("the partner did not prove the user's key; not sending images to it")
+    return _mac(k, b"session", ns, nc, comp)
+
+
+def local_addresses() -> list[str]:
+    """This host's IPv4 addresses, loopback last (a partner on the same host is never chosen, but tests use it)."""
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        out += [a.address for a in addrs if a.family == socket.AF_INET]
+    return sorted(set(out), key=lambda a: (a.startswith("127."), a))
+
+
+# ---------------------------------------------------------------------------------------------- addresses --
+def publish(ckptdir: str, computation: str, agent_id: str, host: str, port: int) -> None:
+    d = {"agent_id": agent_id, "host": host, "addresses": local_addresses(), "port": port}
+    body = json.dumps(d, sort_keys=True).encode()
+    d["mac"] = _mac(_key("partner address"), body).hex()
+    fd = safefs.open_dirs(ckptdir, [f"ckpt_{computation}", ADDR_DIR], create=True)
+    try:
+        safefs.write_at(fd, f"{agent_id}.json", json.dumps(d).encode())
+    finally:
+        os.close(fd)
+
+
+def lookup(ckptdir: str, computation: str, agent_id: str) -> dict:
+    """The signed address of an agent's partner server; PartnerError if absent or not authentic."""
+    where = os.path.join(store.computation_dir(ckptdir, computation), ADDR_DIR)
+    try:
+        fd = safefs.open_dirs(ckptdir, [f"ckpt_{computation}", ADDR_DIR])
+        try:
+            d = json.loads(safefs.read_at(fd, f"{agent_id}.json", where))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as e:
+        raise NoAddress(f"no address of agent {agent_id} in {where}: {e}") from None
+    mac = d.pop("mac", "") if isinstance(d, dict) else ""
+    body = json.dumps(d, sort_keys=True).encode()
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(_key("partner address"), body).hex()):
+        raise PartnerError(f"address of agent {agent_id} in {where} is not authentic; not sending images there")
+    return d
+
+
+def partner_of(agent_id: str, agents: dict[str, str]) -> str | None:
+    """The next agent (by id, a ring) on another host than ours; None if every agent is on our host."""
+    ids = sorted(agents)
+    if agent_id not in ids:
+        return None
+    i = ids.index(agent_id)
+    for other in ids[i + 1:] + ids[:i]:
+        if agents[other] != agents[agent_id]:
+            return other
+    return None
+
+
+# ------------------------------------------------------------------------------------------------- server --
+class PartnerServer:
+    """Receives other agents' images into this node's local level (<local_dir>/partner/ckpt_<c>/gen<N>/)."""
+
+    def __init__(self, root: str, computation: str):
+        self.root = root
+        self.computation = computation
+        self.key = _key("partner connection")
+        self.sock = socket.create_server(("0.0.0.0", 0), backlog=16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, name="partner-server", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, peer = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn, peer), name="partner-recv", daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer) -> None:
+        with conn:
+            try:
+                conn.settimeout(60)
+                session = handshake(conn, self.computation, server=True, key=self.key)
+                while True:
+                    head = _recv(conn)
+                    if head == b"bye":
+                        return
+                    mac = _recv(conn)
+                    if not hmac.compare_digest(mac, _mac(session, head)):
+                        raise PartnerError("a file header that does not verify")
+                    h = json.loads(head)
+                    try:
+                        path = self._receive(conn, h)
+                        _send(conn, b"ok")
+                        log.info("partner copy of %s (generation %d) from %s kept at %s", h["name"],
+                                 h["generation"], h.get("host"), path)
+                    except (PartnerError, ImageError, OSError) as e:
+                        _send(conn, f"error: {e}".encode()[:_MAX_FRAME])
+                        raise
+            except (PartnerError, OSError, ValueError, KeyError) as e:
+                log.warning("partner connection from %s: %s", peer[0], e)
+
+    def _receive(self, conn: socket.socket, h: dict) -> str:
+        name, gen, size = h["name"], int(h["generation"]), int(h["size"])
+        if not _NAME.match(name) or h.get("computation") != self.computation or size < 0:
+            raise PartnerError(f"refused file {name!r} of {h.get('computation')!r}")
+        d = store.generation_dir(levels.partner_root(self.root), self.computation, gen)
+        dfd = safefs.open_dirs(self.root, [levels.PARTNER_DIR, f"ckpt_{self.computation}", f"gen{gen:06d}"],
+                               create=True)
+        tmp = safefs.temp_name(name)
+        try:
+            out = safefs.create_file(dfd, tmp)
+            try:
+                left = size
+                while left:
+                    chunk = conn.recv(min(left, 1 << 20))
+                    if not chunk:
+                        raise PartnerError(f"{name}: connection closed after {size - left} of {size} bytes")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view):]
+                    left -= len(chunk)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            with ImageReader(os.path.join(d, tmp)) as r:
+                if (r.meta.get("computation"), r.meta.get("generation")) != (self.computation, gen):
+                    raise PartnerError(f"{name}: holds computation {r.meta.get('computation')} generation "
+                                       f"{r.meta.get('generation')}, not what its header says")
+                r.verify()
+            safefs.replace(dfd, tmp, name)
+            return os.path.join(d, name)
+        except BaseException:
+            safefs.unlink(dfd, tmp)
+            raise
+        finally:
+            os.close(dfd)
+
+
+# ------------------------------------------------------------------------------------------------- sender --
+@dataclass
+class PartnerJob:
+    computation: str
+    generation: int
+    paths: list[str]
+    agents: dict[str, str] = field(default_factory=dict)
+
+
+class PartnerSender:
+    """A thread sending each committed generation's images of this agent to its partner, one at a time."""
+
+    def __init__(self, ckptdir: str, agent_id: str, host: str, pacer: Pacer):
+        self.ckptdir, self.agent_id, self.host, self.pacer = ckptdir, agent_id, host, pacer
+        self.jobs: queue.Queue[PartnerJob] = queue.Queue()
+        self.state: dict[int, str] = {}
+        self.told = False
+        self.thread = threading.Thread(target=self._run, name="partner-send", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: PartnerJob) -> None:
+        self.state[job.generation] = "queued"
+        self.jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                where = self.send(job)
+                self.state[job.generation] = f"sent to {where}"
+            except NoPartner as e:        # (a one-host computation: said once)
+                self.state[job.generation] = f"none: {e}"
+                if not self.told:
+                    log.warning("partner copies: %s; images are kept on this node and drained only", e)
+                    self.told = True
+            except Exception as e:        # the job goes on; the drain still reaches the shared level
+                self.state[job.generation] = f"failed: {e}"
+                log.error("partner copy of checkpoint generation %d failed: %s", job.generation, e)
+                journal.record(self.ckptdir, "partner", computation=job.computation, generation=job.generation,
+                               host=self.host, ok=False, error=str(e))
+
+    def send(self, job: PartnerJob) -> str:
+        other = partner_of(self.agent_id, job.agents)
+        if other is None:
+            raise NoPartner("no agent of the computation on another host to be the partner")
+        fault("partner.before_send")
+        addr = None
+        for _ in range(20):           # (its server starts with its first image: it may not be published yet)
+            try:
+                addr = lookup(self.ckptdir, job.computation, other)
+                break
+            except NoAddress:
+                time.sleep(0.5)
+        if addr is None:
+            addr = lookup(self.ckptdir, job.computation, other)
+        sock = self._connect(addr)
+        t0 = time.monotonic()
+        nbytes = 0
+        with sock:
+            session = handshake(sock, job.computation, server=False)
+            for p in job.paths:
+                nbytes += self._send_file(sock, session, job, p)
+            _send(sock, b"bye")
+        log.info("checkpoint generation %d: %d image(s), %.1f MB copied to partner %s (%s) in %.2f s",
+                 job.generation, len(job.paths), nbytes / 1e6, addr.get("host"), other, time.monotonic() - t0)
+        journal.record(self.ckptdir, "partner", computation=job.computation, generation=job.generation,
+                       host=self.host, partner=addr.get("host"), ok=True, bytes=nbytes)
+        return str(addr.get("host"))
+
+    def _connect(self, addr: dict) -> socket.socket:
+        errors = []
+        for a in addr.get("addresses", []):
+            try:
+                return socket.create_connection((a, int(addr["port"])), timeout=CONNECT_S)
+            except OSError as e:
+                errors.append(f"{a}: {e.strerror or e}")
+        raise PartnerError(f"partner {addr.get('host')} port {addr.get('port')} unreachable ({'; '.join(errors)})")
+
+    def _send_file(self, sock: socket.socket, session: bytes, job: PartnerJob, path: str) -> int:
+        size = os.path.getsize(path)
+        head = json.dumps({"computation": job.computation, "generation": job.generation,
+                           "name": os.path.basename(path), "size": size, "host": self.host}).encode()
+        _send(sock, head)
+        _send(sock, _mac(session, head))
+        with open(path, "rb", buffering=0) as f:
+            sent = 0
+            while sent < size:
+                t0 = time.monotonic()
+                buf = f.read(min(1 << 20, size - sent))
+                if not buf:
+                    raise PartnerError(f"{path} shrank while being sent")
+                sock.sendall(buf)
+                sent += len(buf)
+                self.pacer.pace(len(buf), time.monotonic() - t0)
+        reply = _recv(sock)
+        if reply != b"ok":
+            raise PartnerError(f"partner refused {os.path.basename(path)}: {reply.decode(errors='replace')}")
+        return size
