@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from hpcckpt.coordinator import protocol
 from hpcckpt.coordinator.ratelog import RateLimitedLog
 from hpcckpt.coordinator.server import Coordinator
+from hpcckpt.image import store
 from hpcckpt.settings import Settings
 
 
@@ -57,8 +59,9 @@ class Sim:
         if phase["phase"] == "suspend":
             extra["tcp_ends"] = []
         elif phase["phase"] == "checkpoint":
+            gdir = store.generation_dir(self.c.ckptdir, self.c.computation or "", phase["generation"])
             extra.update(pending=False, stats={"bytes_in": 4096, "bytes_out": 4096}, images=[{
-                "host": f"node{k // 64}", "path": f"/ckpt/gen{phase['generation']}/sim-u{k}.dmtcp",
+                "host": f"node{k // 64}", "path": os.path.join(gdir, f"sim-u{k}.dmtcp"),   # (shared dir: one level)
                 "program": "sim", "unique_id": f"u{k}", "pid": 100 + k, "size": 4096, "needs": [],
                 "rank": None, "agent_id": f"a{k:06d}"}])
         elif phase["phase"] == "resume":
