@@ -115,6 +115,8 @@ class Rounds(CoordinatorBase):
                          len(r.durable))
             return
         self._broadcast_phase()
+        if not r.peers and self.round is r:
+            self._check_round()     # every peer left after the commit: a phase sent to no one is complete now
 
     def _on_written(self, ident: bytes, msg: dict) -> None:
         """A peer's images of a forked checkpoint are durable (or failed to be written)."""

@@ -154,3 +154,20 @@ def test_the_agent_dispatches_by_its_table(tmp_path, monkeypatch):
     ag._on_message(protocol.Reject("unknown peer", rejoin=True).to_dict())
     assert not ag.link.joined                                             # lost: it says hello again
     ag._on_message({"type": "from-a-newer-coordinator"})                  # ignored
+
+
+def test_a_round_whose_peers_all_leave_after_the_commit_still_ends(tmp_path):
+    """The program ends right after its images are committed: the phases left go to no one and complete at once
+    (a phase sent to no peer gets no ack to complete it); a `-bc` waiting on the round is answered."""
+    sim = Sim(str(tmp_path))
+    sim.join(1)
+    sim.take()
+    assert sim.c.start_checkpoint() is None
+    while sim.c.round is not None and not sim.c.round.committed:
+        for to, msg, _ in sim.take():
+            if msg["type"] == "phase":
+                sim.ack(to, msg)
+    assert sim.c.round is not None, "the round should still have phases to go after its commit"
+    sim.deliver(sim.agents[0], protocol.Bye().to_dict())
+    assert sim.c.round is None
+    assert sim.c.last_checkpoint and sim.c.last_checkpoint["generation"] == 1
