@@ -18,6 +18,7 @@ from dataclasses import asdict
 import zmq
 
 from .. import plugins
+from ..applevel import phases as applevel
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
 from ..engine import tcpdrain, tree, wptrack
@@ -326,6 +327,8 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
                    "error": error, **extra})
 
     def _on_phase(self, msg: dict) -> None:
+        if self.s.engine == "signal":      # application-level mode: nothing frozen (hpcckpt/applevel/)
+            return applevel.on_phase(self, msg)
         phase, gen = msg["phase"], msg["generation"]
         log.debug("phase=%s gen=%d", phase, gen)
         self.max_generation = max(self.max_generation, gen)

@@ -121,7 +121,7 @@ def flags(args: argparse.Namespace) -> dict:
     """The DMTCP options given, as Settings flags (None: not given)."""
     out = {k: getattr(args, k, None) for k in NAMES}
     if out.get("path_prefixes"):
-        out["path_prefixes"] = list(out["path_prefixes"])
+        out["path_prefixes"] = list(out["path_prefixes"] or [])
         out["pathvirt"] = True
     if getattr(args, "disable_all", False) or \
             os.environ.get("DMTCP_DISABLE_ALL_PLUGINS", "").strip().lower() in ("1", "yes", "true"):
@@ -142,6 +142,13 @@ def note_layerless(args: argparse.Namespace) -> None:
 def prepare(s) -> None:
     """What the options mean for processes we start: the tmpdir exists, and a coordinator we start finds its log
     file and tmpdir in the environment it inherits."""
+    from ..applevel import config as applevel_config
+    from ..settings import SettingsError
+    try:
+        applevel_config.check(s)
+    except SettingsError as e:
+        from .common import Fail
+        raise Fail(str(e)) from None
     if s.tmpdir:
         os.makedirs(s.tmpdir, mode=0o700, exist_ok=True)
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)

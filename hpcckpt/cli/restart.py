@@ -26,7 +26,7 @@ from ..image import auth, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
-from . import dmtcpopts, jobrun, multihost, restartpause, strictcheck
+from . import applevel_restart, dmtcpopts, jobrun, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
 from .launch import store_secret
@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        if applevel_restart.is_archives(paths):      # application-level mode: the program's own files
+            return applevel_restart.run(s, prog, paths, remote, args.force, (manifest.computation, manifest.generation)
+                                        if args.from_dir else None, lambda: _fail_on(find_or_start, s, args.policy))
         readers = open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
         if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved
@@ -300,6 +303,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             for r in readers:
                 r.close()
     return run_main(prog, body, argv)
+
+
+def _fail_on(find, s, policy):
+    try:
+        return find(s, policy or ANY)
+    except CoordinatorUnreachable as e:
+        raise Fail(str(e)) from None
 
 
 def _read_secret_fd(fd: int) -> str:
