@@ -142,3 +142,62 @@ def test_settings_are_checked_in_one_line(appckpt, env, tmp_path):
     r = subprocess.run(["dmtcp_launch", "-p", "0", str(appckpt), "o", "s", "1"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 99 and "engine 'magic'" in r.stderr
+
+
+DRIVER = r'''
+import json, logging, os, sys, time
+from hpcckpt.sched.base import Scheduler
+from hpcckpt.sched.config import load
+from hpcckpt.sched.driver import JobDriver
+
+class FakeSched(Scheduler):
+    """The batch code path without a cluster: this run's end and its requeue come from the test."""
+    name = "fake"
+    @classmethod
+    def detect(cls, env): return True
+    def job_id(self): return "42"
+    def run_count(self): return int(self.env["FAKE_RUN"])
+    def end_time(self):
+        return float(self.env["FAKE_END"]) if self.env.get("FAKE_END") else None
+    def requeue(self):
+        open("requeued", "a").write(self.env["FAKE_RUN"] + "\n")
+        return 0
+    def submit(self, *a): raise NotImplementedError
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+cfg = load(sys.argv[1])
+sys.exit(JobDriver(FakeSched(), cfg, sys.argv[2:]).run())
+'''
+
+
+@pytest.mark.slow
+def test_batch_driver_checkpoints_before_the_deadline_requeues_and_restarts(appckpt, env, tmp_path):
+    """The scheduler driver's own code (sched/driver.py) with a scheduler whose end time is 8 s away: the
+    deadline checkpoint is application-level (engine: signal in the job YAML), the run requeues, the next run
+    puts the files back and runs the restart command; the output is a plain run's."""
+    steps = 250      # 10 s: the first run must still be running at its deadline
+    d = tmp_path / "plain"
+    d.mkdir()
+    subprocess.run([str(appckpt), "out.txt", "state.dat", str(steps)], cwd=d, check=True, timeout=60)
+    expected = (d / "out.txt").read_text()
+    d = tmp_path / "job"
+    d.mkdir()
+    (d / "driver.py").write_text(DRIVER)
+    (d / "job.sh").write_text(f"#!/bin/bash\nexec {appckpt} out.txt state.dat {steps}\n")
+    (d / "job.sh").chmod(0o755)
+    (d / "job.yaml").write_text(
+        f"ckptdir: {d / 'ckpt'}\nlead: 4\nmin_lead: 1\nengine: signal\n"
+        f"application:\n  signal: USR1\n  files: state.dat\n  settle: 0.8\n  timeout: 20\n"
+        f"  restart: {appckpt} out.txt state.dat {steps} --restart\n")
+    import time
+    for run, end in ((0, time.time() + 8), (1, None)):
+        e = dict(env, FAKE_RUN=str(run), FAKE_END=str(end) if end else "")
+        r = subprocess.run([str(Path(subprocess.sys.executable)), "driver.py", "job.yaml", str(d / "job.sh")],
+                           env=e, cwd=d, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        if run == 0:
+            assert (d / "requeued").read_text() == "0\n", r.stderr[-3000:]
+            assert _lines(d) < steps
+    assert (d / "out.txt").read_text() == expected
+    log = (d / "ckpt" / "hpcckpt-job.log").read_text()
+    assert "wall-time deadline: checkpointing" in log and "restarting from checkpoint generation 1" in log

@@ -23,6 +23,7 @@ def on_phase(agent: Any, msg: dict) -> None:
     """Agent._on_phase for engine: signal. Every phase is acknowledged; a failure fails the round (one line)."""
     phase, gen = msg["phase"], msg["generation"]
     agent.max_generation = max(agent.max_generation, gen)
+    log.debug("phase=%s gen=%d (application-level)", phase, gen)
     try:
         if phase == "suspend":
             committed(gen - 1)
