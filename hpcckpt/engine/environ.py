@@ -90,7 +90,7 @@ def environ_address(pid: int) -> int:
 def read_environ(pid: int, addr: int) -> list[bytes]:
     """The strings of the process's current environment (through its `environ` at addr)."""
     ptr, = struct.unpack("<Q", remote.read(pid, addr, 8))
-    out = []
+    out: list[bytes] = []
     while ptr:
         block = remote.read(pid, ptr, 8 * 64)
         for i in range(64):
