@@ -7,6 +7,7 @@ import os
 import sys
 
 from .. import __version__
+from ..applevel import config as applevel_config
 from ..settings import DEFAULT_FAIL_RC, Settings, SettingsError, load
 from . import dmtcpopts
 from .dmtcpopts import DMTCP_COMPAT
@@ -76,7 +77,9 @@ def settings_from(args: argparse.Namespace, **extra) -> Settings:
     flags.update({k: v for k, v in dmtcpopts.flags(args).items() if v is not None})
     flags.update(extra)
     try:
-        return load(flags, getattr(args, "config", None))
+        s = load(flags, getattr(args, "config", None))
+        applevel_config.check(s)          # the application-level mode's keys (hpcckpt/applevel/config.py)
+        return s
     except SettingsError as e:
         raise Fail(str(e)) from None
 

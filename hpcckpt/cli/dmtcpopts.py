@@ -142,13 +142,6 @@ def note_layerless(args: argparse.Namespace) -> None:
 def prepare(s) -> None:
     """What the options mean for processes we start: the tmpdir exists, and a coordinator we start finds its log
     file and tmpdir in the environment it inherits."""
-    from ..applevel import config as applevel_config
-    from ..settings import SettingsError
-    try:
-        applevel_config.check(s)
-    except SettingsError as e:
-        from .common import Fail
-        raise Fail(str(e)) from None
     if s.tmpdir:
         os.makedirs(s.tmpdir, mode=0o700, exist_ok=True)
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)
