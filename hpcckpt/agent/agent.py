@@ -21,7 +21,7 @@ from .. import plugins
 from ..applevel import phases as applevel
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..engine import tcpdrain, tree, wptrack
+from ..engine import pathvirt, tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
 from ..engine.forker import left_snapshot
 from ..engine.maps import vmflags_hint
@@ -479,7 +479,8 @@ class Agent(AgentLiveness, BackgroundWrites, Extensions):
                                        level=self.s.compress_level,
                                        progress=lambda done: self._progress(p.path, done),
                                        incremental=self.s.incremental, base=base,
-                                       agent={"agent_id": self.agent_id, "agents": c.agents})
+                                       agent={"agent_id": self.agent_id, "agents": c.agents,
+                                              **pathvirt.record()})     # (DMTCP_PATH_PREFIX)
         size = os.path.getsize(p.path)
         with self.write_lock:           # (writer threads write several images at once)
             self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))

@@ -245,9 +245,11 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                                         if args.from_dir else None, lambda: _fail_on(find_or_start, s, args.policy))
         readers = open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
-        if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved
+        try:                # DMTCP's pathvirt (--path-prefix, DMTCP_PATH_PREFIX): files found where they moved
             for r in readers:
-                pathvirt.remap_meta(r.meta, s.path_prefixes)
+                pathvirt.remap_meta(r.meta, pathvirt.prefixes_for(r.meta, s.path_prefixes if s.pathvirt else []))
+        except pathvirt.PrefixError as e:
+            raise Fail(str(e)) from None
         try:
             if args.from_dir:
                 _check_from(args.from_dir, manifest, readers)
