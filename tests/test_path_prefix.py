@@ -53,3 +53,22 @@ def test_prefix_lists_must_pair_up():
         pathvirt.prefixes_for(meta, [], {"DMTCP_PATH_PREFIX": "/x"})
     assert pathvirt.record({"DMTCP_ORIGINAL_PATH_PREFIX": "/a"}) == {"path_prefix": "/a"}
     assert pathvirt.record({"DMTCP_PATH_PREFIX": "/n", "DMTCP_ORIGINAL_PATH_PREFIX": "/a"}) == {"path_prefix": "/n"}
+
+
+def test_install_prefix_reaches_the_job_and_the_restart_script(launch, env, tmp_path):
+    """--prefix DIR (DMTCP_PREFIX_PATH): hpcckpt lives under DIR on the other hosts; the job's ssh/srun shims
+    start DIR/bin/python there, the restart script runs DIR/bin/hpcckpt (falling back to PATH where missing)."""
+    job = launch("sh", "-c", 'echo "$DMTCP_PREFIX_PATH" > seen; exec sleep 30', extra=["--prefix", "/opt/hpc"])
+    wait_for(lambda: (tmp_path / "seen").exists() and (tmp_path / "seen").read_text().strip(), 20, "the job")
+    assert (tmp_path / "seen").read_text().strip() == "/opt/hpc"
+    r = job.command("-bc")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "/opt/hpc/bin/hpcckpt" in (tmp_path / "dmtcp_restart_script.sh").read_text()
+    from hpcckpt import installprefix
+    assert installprefix.remote_python() != "/opt/hpc/bin/python"
+    import os
+    os.environ[installprefix.ENV] = "/opt/hpc/"
+    try:
+        assert installprefix.remote_python() == "/opt/hpc/bin/python"
+    finally:
+        del os.environ[installprefix.ENV]

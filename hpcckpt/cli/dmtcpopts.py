@@ -79,8 +79,9 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
                    help="keep only the newest checkpoints (--keep, default 2)")
     g.add_argument("--hbict", "--no-hbict", dest="noop_hbict", action="store_true",
                    help="accepted: delta compression is --incremental here")
-    g.add_argument("--prefix", dest="noop_prefix", metavar="DIR",
-                   help="accepted: remote agents are started with the same installation")
+    g.add_argument("--prefix", dest="install_prefix", metavar="DIR",
+                   help="where hpcckpt is installed on the other hosts (DIR/bin/python, DIR/bin/hpcckpt; env "
+                        "DMTCP_PREFIX_PATH; default: the same path as here)")
     _common_flags(p)
     _plugin_flags(p)
 
@@ -139,9 +140,11 @@ def note_layerless(args: argparse.Namespace) -> None:
             log.info("--disable-%s-plugin: nothing to disable here: %s", name, why)
 
 
-def prepare(s) -> None:
+def prepare(s, args: argparse.Namespace | None = None) -> None:
     """What the options mean for processes we start: the tmpdir exists, and a coordinator we start finds its log
-    file and tmpdir in the environment it inherits."""
+    file and tmpdir in the environment it inherits (so do the job's shims: --prefix)."""
+    if args is not None and getattr(args, "install_prefix", None):
+        os.environ["DMTCP_PREFIX_PATH"] = os.path.abspath(args.install_prefix)
     if s.tmpdir:
         os.makedirs(s.tmpdir, mode=0o700, exist_ok=True)
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)

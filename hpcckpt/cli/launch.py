@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
         s = settings_from(args)
         setup_logging("launch", s.quiet, s.log_level)
         dmtcpopts.note_layerless(args)
-        dmtcpopts.prepare(s)
+        dmtcpopts.prepare(s, args)
         dmtcpopts.make_ckptdir(s.ckptdir)
         if not os.path.isdir(s.ckptdir):
             raise Fail(f"checkpoint directory {s.ckptdir} " + ("is not a directory" if os.path.lexists(s.ckptdir)
