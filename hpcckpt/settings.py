@@ -109,13 +109,13 @@ class Settings:
                                 metadata=_env("DMTCP_PATH_MAPPING", "HPCCKPT_PATH_PREFIXES"))
 
     # -- application-level mode (docs/applevel.md, hpcckpt/applevel/): the program writes its own restart files --
-    engine: str = field(default="ptrace", metadata=_env("HPCCKPT_ENGINE"))   # ptrace | signal
-    app_signal: str = field(default="USR1", metadata=_env("HPCCKPT_APP_SIGNAL"))   # asks it to write them
-    app_command: str | None = field(default=None, metadata=_env("HPCCKPT_APP_COMMAND"))   # (or this command)
-    app_files: str | None = field(default=None, metadata=_env("HPCCKPT_APP_FILES"))   # glob(s) of its files
-    app_settle: float = field(default=2.0, metadata=_env("HPCCKPT_APP_SETTLE"))   # unchanged this long: done
-    app_timeout: float = field(default=240.0, metadata=_env("HPCCKPT_APP_TIMEOUT"))   # else the round fails
-    app_restart: str | None = field(default=None, metadata=_env("HPCCKPT_APP_RESTART"))   # its restart command
+    engine: str = field(default="ptrace", metadata=_env("HPCCKPT_ENGINE"))   # ptrace (transparent) | signal
+    app_signal: str = field(default="USR1", metadata=_env("HPCCKPT_APP_SIGNAL"))   # signal: asks for its files
+    app_command: str | None = field(default=None, metadata=_env("HPCCKPT_APP_COMMAND"))   # signal: run instead
+    app_files: str | None = field(default=None, metadata=_env("HPCCKPT_APP_FILES"))   # signal: restart files' glob
+    app_settle: float = field(default=2.0, metadata=_env("HPCCKPT_APP_SETTLE"))   # signal: unchanged S s = written
+    app_timeout: float = field(default=240.0, metadata=_env("HPCCKPT_APP_TIMEOUT"))   # signal: else round fails
+    app_restart: str | None = field(default=None, metadata=_env("HPCCKPT_APP_RESTART"))   # signal: restart command
 
     def replace(self, **kw) -> Settings:
         return dataclasses.replace(self, **kw)

@@ -16,7 +16,7 @@ from .trigger import scan
 log = logging.getLogger("hpcckpt.applevel")
 
 # recorded at checkpoint, used at restart unless the restart's own environment sets them
-_CARRIED = {"app_signal": "HPCCKPT_APP_SIGNAL", "app_command": "HPCCKPT_APP_COMMAND",
+CARRIED = {"app_signal": "HPCCKPT_APP_SIGNAL", "app_command": "HPCCKPT_APP_COMMAND",
             "app_settle": "HPCCKPT_APP_SETTLE", "app_timeout": "HPCCKPT_APP_TIMEOUT"}
 
 
@@ -29,9 +29,10 @@ def is_archives(paths: list[str]) -> bool:
 
 
 def prepare(s: Settings, paths: list[str], force: bool = False,
-            expect: tuple[str, int] | None = None) -> tuple[Settings, list[str], str]:
+            expect: tuple[str, int] | None = None,
+            given: set[str] | None = None) -> tuple[Settings, list[str], str]:
     """Check the archive, claim the computation, restore its files. Returns (settings for the continued run,
-    the restart command, the computation)."""
+    the restart command, the computation). given: settings the restart's flags set (they beat the archive's)."""
     if len(paths) != 1:
         raise RestartError(f"an application-level checkpoint has one archive per agent; {len(paths)} given "
                            f"(restart one host's program at a time)")
@@ -71,7 +72,8 @@ def prepare(s: Settings, paths: list[str], force: bool = False,
     if not command:
         raise RestartError(f"{paths[0]} records no restart command: give it with HPCCKPT_APP_RESTART (or "
                            f"app_restart in the YAML)")
-    carried = {k: v for k, v in h.settings.items() if k in _CARRIED and _CARRIED[k] not in os.environ}
+    carried = {k: v for k, v in h.settings.items()
+               if k in CARRIED and CARRIED[k] not in os.environ and k not in (given or set())}
     s = s.replace(engine="signal", app_files=s.app_files or " ".join(h.patterns), app_restart=command, **carried)
     config.check(s)
     try:

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
         if applevel_restart.is_archives(paths):      # application-level mode: the program's own files
-            return applevel_restart.run(s, prog, paths, remote, args.force, (manifest.computation, manifest.generation)
+            return applevel_restart.run(s, prog, args, paths, remote, (manifest.computation, manifest.generation)
                                         if args.from_dir else None, lambda: _fail_on(find_or_start, s, args.policy))
         readers = open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
