@@ -47,6 +47,7 @@ def _lines(d: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_signal_engine_checkpoints_twice_kill_restart_identical(appckpt, env, launch, tmp_path):
     expected = _plain(appckpt, tmp_path / "plain")
     d = tmp_path / "job"
@@ -69,6 +70,7 @@ def test_signal_engine_checkpoints_twice_kill_restart_identical(appckpt, env, la
     assert (d / "out.txt").read_text() == expected
 
 
+@pytest.mark.slow
 def test_restart_script_and_later_checkpoints_continue_the_computation(appckpt, env, launch, tmp_path):
     """The restarted program is under an agent: it is checkpointed again (generation 2 of the same computation)
     and restarted a second time, from the restart script."""
@@ -96,6 +98,7 @@ def test_restart_script_and_later_checkpoints_continue_the_computation(appckpt, 
     assert (d / "out.txt").read_text() == expected
 
 
+@pytest.mark.slow
 def test_files_that_never_settle_fail_the_round_and_keep_the_previous(appckpt, env, launch, tmp_path):
     """APPCKPT_CHURN: from the second request on, the program rewrites its state file without end."""
     d = tmp_path / "job"
@@ -201,3 +204,21 @@ def test_batch_driver_checkpoints_before_the_deadline_requeues_and_restarts(appc
     assert (d / "out.txt").read_text() == expected
     log = (d / "ckpt" / "hpcckpt-job.log").read_text()
     assert "wall-time deadline: checkpointing" in log and "restarting from checkpoint generation 1" in log
+
+
+@pytest.mark.slow
+def test_moved_job_restarts_with_dmtcp_path_prefix(appckpt, env, launch, tmp_path):
+    """The job's directory moved after the checkpoint: DMTCP_PATH_PREFIX (recorded at launch, the new one at
+    restart) puts the restart files back, and runs the restart command, in the new place."""
+    expected = _plain(appckpt, tmp_path / "plain")
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    _app_env(env, appckpt)["DMTCP_PATH_PREFIX"] = str(old)
+    job = launch(appckpt, "out.txt", "state.dat", STEPS, cwd=old)
+    wait_for(lambda: _lines(old) >= 10, 30, "10 steps")
+    assert job.command("-kc").returncode == 0
+    job.wait(30)
+    old.rename(new)
+    r = _restart(dict(env, DMTCP_PATH_PREFIX=str(new)), new)
+    assert r.returncode == 0, r.stderr
+    assert (new / "out.txt").read_text() == expected and not old.exists()

@@ -11,6 +11,7 @@ from conftest import checkpoint_and_kill, line_count, run, wait_for
 from hpcckpt.engine import pathvirt
 
 
+@pytest.mark.slow
 def test_job_moved_to_another_directory_restarts_with_the_new_prefix(launch, counter, env, tmp_path):
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()

@@ -41,6 +41,7 @@ class Header:
     patterns: list[str]                     # the globs the files were found by
     files: list[dict] = field(default_factory=list)   # path, size, mode, mtime_ns, tags
     settings: dict = field(default_factory=dict)       # app_signal, app_command, app_settle, app_timeout
+    path_prefix: str = ""                   # DMTCP_PATH_PREFIX at checkpoint (engine/pathvirt.py)
     created: float = 0.0
     signer_uid: int = 0
 

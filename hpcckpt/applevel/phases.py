@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ..engine import pathvirt
 from ..image import runlock, store
 from . import archive, config
 from .trigger import AppLevelError, ask, wait_stable
@@ -93,7 +94,8 @@ def record(agent: Any, gen: int) -> tuple[list[dict], dict]:
     path = os.path.join(gdir, f"ckpt_{store.safe_name(agent.root.program)}_{uid}{config.SUFFIX}")
     header = archive.Header(agent.computation, gen, uid, agent.root.program, agent.host, cwd, s.app_restart,
                             config.globs(s), settings={"app_signal": s.app_signal, "app_command": s.app_command,
-                                                       "app_settle": s.app_settle, "app_timeout": s.app_timeout})
+                                                       "app_settle": s.app_settle, "app_timeout": s.app_timeout},
+                            path_prefix=pathvirt.record().get("path_prefix", ""))
     _written.setdefault(gen, []).append(path)
     size = archive.write(path, header, files)
     store.fsync_dir(gdir)

@@ -52,7 +52,11 @@ def prepare(s: Settings, paths: list[str], force: bool = False,
                 raise RestartError(str(e)) from None
             except PermissionError as e:
                 log.debug("not locking %s/ckpt_%s: %s", d, c, e)
-        pairs = pathvirt._pairs(s.path_prefixes) if s.pathvirt else []
+        try:                  # --path-prefix / DMTCP_PATH_MAPPING, and DMTCP_PATH_PREFIX against the recorded list
+            pairs = pathvirt._pairs(pathvirt.prefixes_for({"path_prefix": h.path_prefix},
+                                                          s.path_prefixes if s.pathvirt else []))
+        except pathvirt.PrefixError as e:
+            raise RestartError(str(e)) from None
         cwd = pathvirt.remap(h.cwd, pairs)
         target = {f["path"]: pathvirt.remap(f["path"], pairs) for f in h.files}
         _set_aside_newer(h, cwd, set(target.values()))
