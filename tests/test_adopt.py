@@ -60,3 +60,20 @@ def test_adopted_program_that_ends_gives_its_exit_to_the_original(counter, plain
 def test_adopt_outside_a_job_without_deadline_is_one_line(env, tmp_path):
     r = run(["hpcckpt", "adopt", "1"], env, tmp_path)
     assert r.returncode == 99 and "--deadline" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_copy_that_cannot_start_leaves_the_original_running(counter, plain_run, env, tmp_path):
+    """The restore of the copy fails (fault point): the stopped originals are let go, untouched, and finish."""
+    expected = plain_run(MB, 150)
+    out = tmp_path / "out.txt"
+    prog = subprocess.Popen([str(counter), str(out), str(MB), "150", str(DELAY)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    wait_for(lambda: line_count(out) >= 10, 30, "10 steps")
+    r = run(["hpcckpt", "adopt", str(prog.pid), "--ckptdir", str(tmp_path / "ckpt"), "--deadline", "+3600",
+             "--scheduler", "none"], dict(env, HPCCKPT_FAULT="restore.before_release:error=EIO"), tmp_path,
+            timeout=120)
+    assert r.returncode == 99, r.stderr[-3000:]
+    assert "run on as before" in r.stderr.strip().splitlines()[-1]
+    assert prog.wait(30) == 0
+    assert out.read_text() == expected
