@@ -77,3 +77,38 @@ def test_copy_that_cannot_start_leaves_the_original_running(counter, plain_run, 
     assert "run on as before" in r.stderr.strip().splitlines()[-1]
     assert prog.wait(30) == 0
     assert out.read_text() == expected
+
+
+def test_continuation_job_restarts_from_the_checkpoint_after_this_one(tmp_path):
+    """At the deadline an adopted job submits a continuation that waits for it (the job's own script knows
+    nothing of hpcckpt, so a requeue would start the program afresh): the batch wrapper of hpcckpt sbatch,
+    restarting from the adoption's checkpoint directory."""
+    from hpcckpt.cli.adopt import Adopted
+    from hpcckpt.sched.base import Scheduler
+    from hpcckpt.sched.config import JobConfig
+
+    class Slurmish(Scheduler):
+        name = "slurm"
+        submitted: list = []
+
+        @classmethod
+        def detect(cls, env): return True
+        def job_id(self): return "77"
+        def run_count(self): return 0
+        def end_time(self): return None
+        def requeue(self): raise AssertionError("an adopted job is never requeued")
+
+        def submit(self, script_path, options, cwd):
+            self.submitted.append((open(script_path).read(), options))
+            return "78"
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    inner = Slurmish({})
+    a = Adopted(inner, None, str(d), None, JobConfig(interval=600), ["--time=1:00:00"], 1234)
+    assert a.requeue() == 0 and a.continuation == "78"
+    text, opts = inner.submitted[0]
+    assert opts == ["--dependency=afterany:77", "--open-mode=append", "--time=1:00:00"]
+    assert "batch-run --scheduler slurm --config" in text and str(d / "adopted-job.yaml") in text
+    assert f"ckptdir: {d}" in (d / "adopted-job.yaml").read_text()
+    assert "interval: 600" in (d / "adopted-job.yaml").read_text()
