@@ -66,7 +66,7 @@ def setup_logging(name: str, quiet: int = 0, level: str = "INFO") -> None:
     handler.setFormatter(logging.Formatter(f"[{name} %(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(lvl)
+    root.setLevel(lvl or logging.INFO)
 
 
 def settings_from(args: argparse.Namespace, **extra) -> Settings:

@@ -68,8 +68,9 @@ def parser(prog: str) -> Parser:
     dmtcpopts.add_restart_options(p)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
-    p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
-                                                     "per line, in the order of the checkpoint's hosts; or 'OLD NEW' lines)")
+    p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts "
+                                                     "(one per line, in the order of the checkpoint's hosts; or "
+                                                     "'OLD NEW' lines)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="how other hosts are reached (default: inside a batch job the "
                                                         "scheduler's way - srun, pbs_tmrsh, qrsh -inherit - else ssh)")
     p.add_argument("--force", action="store_true", help="restart even if the computation still runs with this "

@@ -171,7 +171,7 @@ class Relay:
         out = {sk: role for (task, role), sk in self.socks.items() if role in (1, 2)}     # -> our fd 1 or 2
         ctl = {sk: task for (task, role), sk in self.socks.items() if role == 3}
         stdin_to = self.socks.get((0, 0))
-        for (task, role), sk in self.socks.items():
+        for (_task, role), sk in self.socks.items():
             if role == 0 and sk is not stdin_to:
                 sk.shutdown(socket.SHUT_WR)      # only the first task reads our standard input (like mpiexec)
         while out or ctl:

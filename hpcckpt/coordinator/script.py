@@ -50,7 +50,8 @@ coord_port=${{DMTCP_COORD_PORT:-${{DMTCP_PORT:-{coord_port}}}}}
 ckptdir=${{DMTCP_CHECKPOINT_DIR:-{shlex.quote(ckptdir)}}}
 interval=${{DMTCP_CHECKPOINT_INTERVAL:-{interval}}}
 hpcckpt=${{HPCCKPT_BIN:-{shlex.quote(hpcckpt_executable())}}}
-[ -x "$hpcckpt" ] || hpcckpt=$(command -v hpcckpt) || {{ echo "restart script: hpcckpt not found; set HPCCKPT_BIN" >&2; exit 99; }}
+[ -x "$hpcckpt" ] || hpcckpt=$(command -v hpcckpt) || {{
+  echo "restart script: hpcckpt not found; set HPCCKPT_BIN" >&2; exit 99; }}
 
 extra=()
 while [ $# -gt 0 ]; do
