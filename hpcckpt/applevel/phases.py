@@ -29,6 +29,8 @@ def on_phase(agent: Any, msg: dict) -> None:
         if phase == "suspend":
             committed(gen - 1)
             agent.plugin_event("presuspend", gen)
+            if agent.aware is not None:      # the program API: delayed_checkpoints() blocks end, hooks run
+                agent.aware.before_freeze(gen, agent.s.aware_delay_max, agent.s.aware_hook_max)
             agent._ack(msg, True, tcp_ends=[])
         elif phase in ("drain", "refill"):
             agent._ack(msg, True)
@@ -37,6 +39,8 @@ def on_phase(agent: Any, msg: dict) -> None:
             agent._ack(msg, True, images=images, stats=stats, pending=False)
         elif phase == "resume":
             agent._ack(msg, True, stats={"frozen_s": 0.0})
+            if agent.aware is not None:
+                agent.aware.resumed(gen)
             agent.plugin_event("resume", gen)
         elif phase == "kill":
             _written.pop(gen, None)
@@ -59,6 +63,8 @@ def committed(gen: int) -> None:
 
 
 def discard(agent: Any, gen: int, reason: str, quiet: bool = False) -> None:
+    if agent.aware is not None:
+        agent.aware.round_over(gen, False, reason)
     paths = _written.pop(gen, [])
     if agent.computation:           # (and the generation's directory, once empty)
         store.remove_generation_images(agent.ckptdir, agent.computation, gen, paths)
