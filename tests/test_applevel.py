@@ -129,6 +129,8 @@ def test_tampered_recorded_file_is_refused_at_restart(appckpt, env, launch, tmp_
     data[1000] ^= 0xFF               # inside the recorded state.dat
     arch.write_bytes(bytes(data))
     before = (d / "state.dat").read_bytes()
+    r = subprocess.run(["hpcckpt", "inspect", "--verify", str(arch)], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "state.dat does not match its checksum" in r.stderr
     r = _restart(env, d)
     assert r.returncode == 99
     assert "does not match its checksum" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -191,3 +191,33 @@ class Reader:
                     pass
             raise
         return done
+
+
+def describe(path: str, verify: bool = False, as_json: bool = False) -> str:
+    """What `hpcckpt inspect` prints for an archive; verify: check the MAC (else only read) and every file's
+    chunk tags. ArchiveError names what is wrong."""
+    r = Reader(path, trust=not verify)
+    try:
+        h = r.header
+        if verify:
+            tagger = auth.ChunkTagger(auth.key_for(h.signer_uid), r.algo)
+            off, n = len(MAGIC), 0
+            for f in h.files:
+                left, i = int(f["size"]), 0
+                while left > 0:
+                    data = os.pread(r.fd, min(CHUNK, left), off)
+                    if not data or i >= len(f["tags"]) or not tagger.ok(data, f["tags"][i]):
+                        raise ArchiveError(f"{path}: the recorded copy of {f['path']} does not match its checksum")
+                    off, left, i, n = off + len(data), left - len(data), i + 1, n + 1
+        if as_json:
+            return json.dumps(asdict(h), indent=1)
+        lines = [f"{path}: application-level checkpoint of {h.program} (computation {h.computation}, generation "
+                 f"{h.generation}, host {h.host}, signed by uid {h.signer_uid})",
+                 f"  working directory {h.cwd}; restart command: {h.restart or '(none recorded)'}",
+                 f"  files ({' '.join(h.patterns)}):"]
+        lines += [f"    {f['path']}  {f['size']} bytes  mode {int(f['mode']):o}" for f in h.files]
+        if verify:
+            lines.append(f"  verified {n} chunks (MAC and keyed tags): OK")
+        return "\n".join(lines)
+    finally:
+        r.close()
