@@ -224,3 +224,19 @@ def test_moved_job_restarts_with_dmtcp_path_prefix(appckpt, env, launch, tmp_pat
     r = _restart(dict(env, DMTCP_PATH_PREFIX=str(new)), new)
     assert r.returncode == 0, r.stderr
     assert (new / "out.txt").read_text() == expected and not old.exists()
+
+
+@pytest.mark.slow
+def test_interval_and_non_blocking_requests_take_application_level_checkpoints(appckpt, env, launch, tmp_path):
+    d = tmp_path / "job"
+    d.mkdir()
+    _app_env(env, appckpt, settle=0.5)
+    job = launch(appckpt, "out.txt", "state.dat", STEPS * 2, cwd=d, extra=["-i", "3"])
+    wait_for(lambda: len(_generations(d)) >= 2, 30, "two interval checkpoints")
+    assert job.command("-i", "0").returncode == 0            # interval off: only requests from here on
+    before = max(_generations(d))
+    assert job.command("-c").returncode == 0                   # not blocking: it returns before the files settle
+    wait_for(lambda: max(_generations(d)) > before, 30, "the requested checkpoint")
+    wait_for(lambda: len(list(d.glob("ckpt_*/gen*/*.applevel"))) <= 2, 10, "retention")
+    assert len(list(d.glob("ckpt_*/gen*.json"))) <= 2           # retention (keep 2) applies as to images
+    assert job.proc.poll() is None
