@@ -240,3 +240,19 @@ def test_interval_and_non_blocking_requests_take_application_level_checkpoints(a
     wait_for(lambda: len(list(d.glob("ckpt_*/gen*/*.applevel"))) <= 2, 10, "retention")
     assert len(list(d.glob("ckpt_*/gen*.json"))) <= 2           # retention (keep 2) applies as to images
     assert job.proc.poll() is None
+
+
+def test_app_command_asks_instead_of_the_signal_and_its_failure_fails_the_round(appckpt, env, launch, tmp_path):
+    d = tmp_path / "job"
+    d.mkdir()
+    _app_env(env, appckpt, settle=0.5)["HPCCKPT_APP_COMMAND"] = \
+        "sh -c 'test -e fail && exit 3; echo $HPCCKPT_GENERATION >> asked; kill -USR1 $HPCCKPT_PIDS'"
+    job = launch(appckpt, "out.txt", "state.dat", STEPS, cwd=d)
+    wait_for(lambda: _lines(d) >= 3, 30, "3 steps")
+    r = job.command("-bc")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (d / "asked").read_text() == "1\n" and _generations(d) == [1]
+    (d / "fail").write_text("")
+    r = job.command("-bc")
+    assert r.returncode != 0 and "failed with status 3" in r.stdout + r.stderr
+    assert _generations(d) == [1] and job.proc.poll() is None
