@@ -126,6 +126,15 @@ class Settings:
     drain_rate: str = field(default="0", metadata=_env("HPCCKPT_DRAIN_RATE"))
     # -- end of the storage block --
 
+    # -- application-level mode (docs/applevel.md, hpcckpt/applevel/): the program writes its own restart files --
+    engine: str = field(default="ptrace", metadata=_env("HPCCKPT_ENGINE"))   # ptrace (transparent) | signal
+    app_signal: str = field(default="USR1", metadata=_env("HPCCKPT_APP_SIGNAL"))   # signal: asks for its files
+    app_command: str | None = field(default=None, metadata=_env("HPCCKPT_APP_COMMAND"))   # signal: run instead
+    app_files: str | None = field(default=None, metadata=_env("HPCCKPT_APP_FILES"))   # signal: restart files' glob
+    app_settle: float = field(default=2.0, metadata=_env("HPCCKPT_APP_SETTLE"))   # signal: unchanged S s = written
+    app_timeout: float = field(default=240.0, metadata=_env("HPCCKPT_APP_TIMEOUT"))   # signal: else round fails
+    app_restart: str | None = field(default=None, metadata=_env("HPCCKPT_APP_RESTART"))   # signal: restart command
+
     def replace(self, **kw) -> Settings:
         return dataclasses.replace(self, **kw)
 

@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
+from ..applevel import phases as applevel
 from ..coordinator import protocol
 from ..coordinator.protocol import Phase, PhaseMsg
 from ..engine import dump as engine_dump
-from ..engine import tcpdrain, tree, wptrack
+from ..engine import pathvirt, tcpdrain, tree, wptrack
 from ..engine.fdtable import FdTable
 from ..engine.maps import vmflags_hint
 from ..faults import fault
@@ -48,6 +49,8 @@ class Phases(AgentBase):
         self.send(protocol.Ack(msg.phase, msg.generation, ok, error, **extra).to_dict())
 
     def _on_phase(self, raw: dict) -> None:
+        if self.s.engine == "signal":      # application-level mode: nothing frozen (hpcckpt/applevel/)
+            return applevel.on_phase(self, raw)
         msg = PhaseMsg.from_dict(raw)
         gen = msg.generation
         log.debug("phase=%s gen=%d", msg.phase, gen)
@@ -217,7 +220,8 @@ class Phases(AgentBase):
                                        level=self.s.compress_level,
                                        progress=lambda done: self._progress(p.path, done),
                                        incremental=bool(self.s.incremental), base=base,
-                                       agent={"agent_id": self.agent_id, "agents": c.agents})
+                                       agent={"agent_id": self.agent_id, "agents": c.agents,
+                                              **pathvirt.record()})     # (DMTCP_PATH_PREFIX)
         size = os.path.getsize(p.path)
         self._storage_written(c, p.path)         # drain: sync copies it to the shared level now
         with self.write_lock:           # (writer threads write several images at once)

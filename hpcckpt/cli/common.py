@@ -7,6 +7,7 @@ import os
 import sys
 
 from .. import __version__
+from ..applevel import config as applevel_config
 from ..settings import DEFAULT_FAIL_RC, FIELD_NAMES, Settings, SettingsError, load
 from . import dmtcpopts, levelopts
 from .dmtcpopts import DMTCP_COMPAT
@@ -65,7 +66,7 @@ def setup_logging(name: str, quiet: int = 0, level: str = "INFO") -> None:
     handler.setFormatter(logging.Formatter(f"[{name} %(process)d] %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(lvl)
+    root.setLevel(lvl or logging.INFO)
 
 
 def settings_from(args: argparse.Namespace, **extra) -> Settings:
@@ -77,7 +78,9 @@ def settings_from(args: argparse.Namespace, **extra) -> Settings:
     flags.update({k: v for k, v in levelopts.flags(args).items() if v is not None})   # multi-level storage
     flags.update(extra)
     try:
-        return load(flags, getattr(args, "config", None))
+        s = load(flags, getattr(args, "config", None))
+        applevel_config.check(s)          # the application-level mode's keys (hpcckpt/applevel/config.py)
+        return s
     except SettingsError as e:
         raise Fail(str(e)) from None
 

@@ -57,6 +57,23 @@ def _plugin_flags(p: argparse.ArgumentParser) -> None:
                        help=f"accepted: {what}")
 
 
+def _applevel_flags(p: argparse.ArgumentParser, launch: bool) -> None:
+    """The application-level mode (docs/applevel.md): the program writes its own restart files."""
+    g = p.add_argument_group("application-level mode (docs/applevel.md)")
+    if launch:
+        g.add_argument("--engine", choices=("ptrace", "signal"), help="signal: the program writes its own restart "
+                                                                      "files (env HPCCKPT_ENGINE)")
+        g.add_argument("--app-files", metavar="GLOB", help="its restart files (env HPCCKPT_APP_FILES)")
+    g.add_argument("--app-signal", metavar="SIG", help="asks it to write them (default USR1; env HPCCKPT_APP_SIGNAL)")
+    g.add_argument("--app-command", metavar="CMD", help="run CMD instead of sending the signal (env "
+                                                        "HPCCKPT_APP_COMMAND)")
+    g.add_argument("--app-settle", metavar="S", help="unchanged S seconds = written (default 2; env "
+                                                     "HPCCKPT_APP_SETTLE)")
+    g.add_argument("--app-timeout", metavar="S", help="else the checkpoint fails (default 240; env "
+                                                      "HPCCKPT_APP_TIMEOUT)")
+    g.add_argument("--app-restart", metavar="CMD", help="the program's restart command (env HPCCKPT_APP_RESTART)")
+
+
 def _common_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-t", "--tmpdir", dest="tmpdir", metavar="DIR",
                    help="directory for our temporary files (env DMTCP_TMPDIR; created if missing)")
@@ -79,10 +96,12 @@ def add_launch_options(p: argparse.ArgumentParser) -> None:
                    help="keep only the newest checkpoints (--keep, default 2)")
     g.add_argument("--hbict", "--no-hbict", dest="noop_hbict", action="store_true",
                    help="accepted: delta compression is --incremental here")
-    g.add_argument("--prefix", dest="noop_prefix", metavar="DIR",
-                   help="accepted: remote agents are started with the same installation")
+    g.add_argument("--prefix", dest="install_prefix", metavar="DIR",
+                   help="where hpcckpt is installed on the other hosts (DIR/bin/python, DIR/bin/hpcckpt; env "
+                        "DMTCP_PREFIX_PATH; default: the same path as here)")
     _common_flags(p)
     _plugin_flags(p)
+    _applevel_flags(p, launch=True)
 
 
 def add_restart_options(p: argparse.ArgumentParser) -> None:
@@ -101,6 +120,7 @@ def add_restart_options(p: argparse.ArgumentParser) -> None:
                    const=True, help="later checkpoints save the contents of open files")
     _common_flags(p)
     _plugin_flags(p)
+    _applevel_flags(p, launch=False)
 
 
 def add_coordinator_options(p: argparse.ArgumentParser) -> None:
@@ -114,7 +134,8 @@ def add_coordinator_options(p: argparse.ArgumentParser) -> None:
 
 
 NAMES = ("ckpt_open_files", "allow_file_overwrite", "tmpdir", "no_strict_checking", "restart_pause",
-         "unique_ckpt", "coord_logfile", "exit_after_ckpt", "plugins", "modify_env", "pathvirt", "path_prefixes")
+         "unique_ckpt", "coord_logfile", "exit_after_ckpt", "plugins", "modify_env", "pathvirt", "path_prefixes",
+         "engine", "app_files", "app_signal", "app_command", "app_settle", "app_timeout", "app_restart")
 
 
 def flags(args: argparse.Namespace) -> dict:
@@ -140,9 +161,11 @@ def note_layerless(args: argparse.Namespace) -> None:
             log.info("--disable-%s-plugin: nothing to disable here: %s", name, why)
 
 
-def prepare(s) -> None:
+def prepare(s, args: argparse.Namespace | None = None) -> None:
     """What the options mean for processes we start: the tmpdir exists, and a coordinator we start finds its log
-    file and tmpdir in the environment it inherits."""
+    file and tmpdir in the environment it inherits (so do the job's shims: --prefix)."""
+    if args is not None and getattr(args, "install_prefix", None):
+        os.environ["DMTCP_PREFIX_PATH"] = os.path.abspath(args.install_prefix)
     if s.tmpdir:
         os.makedirs(s.tmpdir, mode=0o700, exist_ok=True)
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from dataclasses import dataclass
 
 from ..agent.procs import new_agent_id, new_unique_id, program_of
 from ..coordinator.script import write_restart_script
@@ -101,10 +102,10 @@ def _check_targets(pids: list[int]) -> None:
                        f"attach to it here; run this as root, or start the program under dmtcp_launch next time")
 
 
-def _problems(pids: list[int], root: int) -> list[str]:
+def _problems(pids: list[int], stdio_pid: int) -> list[str]:
     """Every descriptor that cannot be saved, one line each (a dry run of the descriptor scan, which otherwise
     stops at the first); nothing is frozen or changed."""
-    t = FdTable(pids, stdio_pid=root, force=True)
+    t = FdTable(pids, stdio_pid=stdio_pid, force=True)
     quiet = logging.getLogger("hpcckpt.engine.fdtable")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
@@ -117,12 +118,24 @@ def _problems(pids: list[int], root: int) -> list[str]:
     return t.problems
 
 
-def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bool, compress: bool) -> str:
-    """Checkpoint the processes into a new computation in ckptdir; returns the restart script's path."""
+@dataclass
+class Dumped:
+    script: str              # the restart script
+    computation: str
+    pids: list[int]          # every process dumped (the first given is the root)
+
+
+def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bool, compress: bool,
+         stop: bool = False, stdio_pid: int | None = None) -> Dumped:
+    """Checkpoint the processes into a new computation in ckptdir. Afterwards they run on, are killed (kill), or
+    are left stopped (stop: SIGSTOP, untraced; hpcckpt adopt keeps the originals so until their restored copy
+    ends). stdio_pid: whose standard input, output and error count as the launcher's (default the root's own:
+    they become the restarting command's); for adopt, its own, so the job's output files are reopened by path."""
     _check_targets(pids)
     root = pids[0]
+    stdio_pid = root if stdio_pid is None else stdio_pid
     allp = _descendants(pids) if tree_too else list(dict.fromkeys(pids))
-    problems = _problems(allp, root)
+    problems = _problems(allp, stdio_pid)
     if problems and not force:
         for line in problems:
             print(f"cannot attach: {line}", flush=True)
@@ -151,12 +164,12 @@ def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bo
     except (FreezeError, ProcessGone, OSError) as e:
         raise Fail(f"cannot freeze the processes: {e}") from None
     images: list[store.ImageEntry] = []
-    stats = {"bytes_in": 0, "bytes_out": 0}
+    stats: dict = {"bytes_in": 0, "bytes_out": 0}
     try:
         fps = [frozen[p] for p in sorted(frozen)]
         infos = {p: tree.read_proc(p) for p in frozen}
         members = set(frozen)
-        fdt = FdTable(list(frozen), stdio_pid=root, force=force)
+        fdt = FdTable(list(frozen), stdio_pid=stdio_pid, force=force)
         fdt.scan()
         for fp in fps:
             info = infos.get(fp.pid)
@@ -194,18 +207,18 @@ def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bo
             fp.resume()
         store.remove_generation_images(ckptdir, comp, gen, [i.path for i in images])
         raise
-    if kill:
+    if kill or stop:
         for fp in frozen.values():
             try:
-                os.kill(fp.pid, signal.SIGKILL)
+                os.kill(fp.pid, signal.SIGKILL if kill else signal.SIGSTOP)
             except ProcessLookupError:
                 pass
     for fp in frozen.values():
         fp.resume()                      # (killed ones die as soon as they are let go)
     log.info("checkpoint of %d process(es) written to %s in %.2f s (%s); restart with: hpcckpt restart --from %s",
              len(frozen), store.computation_dir(ckptdir, comp), stats["duration_s"],
-             "killed" if kill else "left running", ckptdir)
-    return script
+             "killed" if kill else "left stopped" if stop else "left running", ckptdir)
+    return Dumped(script, comp, sorted(frozen))
 
 
 def main(argv: list[str] | None = None, prog: str = "hpcckpt dump") -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..applevel import archive as applevel_archive
+from ..applevel import config as applevel_config
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
 from .common import Fail, Parser, run_main
@@ -51,6 +53,12 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt inspect") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
         for path in args.images:
+            if path.endswith(applevel_config.SUFFIX):      # an application-level archive (hpcckpt/applevel/)
+                try:
+                    print(applevel_archive.describe(path, args.verify, args.json))
+                except (applevel_archive.ArchiveError, OSError) as e:
+                    raise Fail(str(e), 1) from None
+                continue
             try:
                 # printing a foreign or unsigned image is harmless: only --verify insists on a valid MAC
                 with ImageReader(path, trust_unsigned=not args.verify) as r:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
         levelopts.export(s)              # the storage levels reach agents on other hosts (cli/shim.py)
         setup_logging("launch", s.quiet, s.log_level)
         dmtcpopts.note_layerless(args)
-        dmtcpopts.prepare(s)
+        dmtcpopts.prepare(s, args)
         dmtcpopts.make_ckptdir(s.ckptdir)
         if not os.path.isdir(s.ckptdir):
             raise Fail(f"checkpoint directory {s.ckptdir} " + ("is not a directory" if os.path.lexists(s.ckptdir)
@@ -189,7 +189,7 @@ def store_secret(port: int, text: str) -> None:
 
 
 def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: set[int],
-           remote_io: str | None = None) -> int:
+           remote_io: str | None = None, computation: str | None = None) -> int:
     """The agent: start the program held before exec, join the coordinator, let the program go, serve."""
     host, port = get_coordinator()
     agent_id = new_agent_id()
@@ -223,7 +223,8 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
         sk.close()                       # the program's now
     proc = JobProcess(pid, new_unique_id(pid), os.path.basename(command[0]))
     try:
-        agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job, agent_id=agent_id)
+        agent = Agent(s, conn, [proc], pid_namespace=in_namespace, not_job=not_job, agent_id=agent_id,
+                      computation=computation)   # (an application-level restart continues its computation)
     except PluginError as e:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)

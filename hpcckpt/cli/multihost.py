@@ -13,9 +13,9 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import threading
 
+from .. import installprefix
 from ..settings import SettingsError, read_config_text
 from . import levelopts
 from .common import Fail
@@ -96,7 +96,7 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
             open_towards(coord_port, coord_host)
         except CoordinatorUnreachable as e:      # the restart there then fails to join: the gate says so
             log.warning("the restart on %s may not reach the coordinator: %s", host, e)
-    cmd = [sys.executable, "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", coord_host,
+    cmd = [installprefix.remote_python(), "-m", "hpcckpt.cli.main", "restart", "--join", "--coord-host", coord_host,
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
     if os.environ.get("HPCCKPT_KEY_FILE"):       # the same key file there (image/auth.py); ssh does not pass it
         cmd = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *cmd]

@@ -25,7 +25,7 @@ from ..image import auth, levels, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
 from ..sched.base import LAUNCHERS
-from . import dmtcpopts, jobrun, levelopts, multihost, restartpause, strictcheck
+from . import applevel_restart, dmtcpopts, jobrun, levelopts, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
 from .launch import store_secret
@@ -68,8 +68,9 @@ def parser(prog: str) -> Parser:
     levelopts.add_options(p)                  # where this host's local and partner copies are (--local-dir)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
-    p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
-                                                     "per line, in the order of the checkpoint's hosts; or 'OLD NEW' lines)")
+    p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts "
+                                                     "(one per line, in the order of the checkpoint's hosts; or "
+                                                     "'OLD NEW' lines)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="how other hosts are reached (default: inside a batch job the "
                                                         "scheduler's way - srun, pbs_tmrsh, qrsh -inherit - else ssh)")
     p.add_argument("--force", action="store_true", help="restart even if the computation still runs with this "
@@ -241,12 +242,17 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             paths, remote = multihost.group([(here, img, here) for img in args.images])
         else:
             raise Fail("no checkpoint image given; usage: " + prog + " [OPTIONS] IMAGE...")
+        if applevel_restart.is_archives(paths):      # application-level mode: the program's own files
+            return applevel_restart.run(s, prog, args, paths, remote, (manifest.computation, manifest.generation)
+                                        if args.from_dir else None, lambda: _fail_on(find_or_start, s, args.policy))
         paths = [c.path for c in levels.choose(paths, s)]    # the fastest valid copy of each (image/levels.py)
         readers = open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
-        if s.pathvirt and s.path_prefixes:       # DMTCP's pathvirt: files found where they moved
+        try:                # DMTCP's pathvirt (--path-prefix, DMTCP_PATH_PREFIX): files found where they moved
             for r in readers:
-                pathvirt.remap_meta(r.meta, s.path_prefixes)
+                pathvirt.remap_meta(r.meta, pathvirt.prefixes_for(r.meta, s.path_prefixes if s.pathvirt else []))
+        except pathvirt.PrefixError as e:
+            raise Fail(str(e)) from None
         try:
             if args.from_dir:
                 _check_from(args.from_dir, manifest, readers)
@@ -302,6 +308,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             for r in readers:
                 r.close()
     return run_main(prog, body, argv)
+
+
+def _fail_on(find, s, policy):
+    try:
+        return find(s, policy or ANY)
+    except CoordinatorUnreachable as e:
+        raise Fail(str(e)) from None
 
 
 def _read_secret_fd(fd: int) -> str:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+from .. import installprefix
 from ..agent import remoteio
 from ..coordinator import protocol
 from ..coordinator.binding import address_towards, is_loopback, open_towards
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hpcckpt {kind}: cannot start the command on {towards or 'the allocated nodes'}: {e}",
                   file=sys.stderr)
             return 255
-    python = os.environ.get("HPCCKPT_PYTHON") or sys.executable
+    python = installprefix.remote_python()      # (DMTCP_PREFIX_PATH: installed elsewhere there)
     launch = [python, "-m", "hpcckpt.cli.main", "launch", "--join", "--coord-host", coord_host,
               "--coord-port", str(job["coord_port"]), "--ckptdir", job["ckptdir"], "--secret-stdin",
               "--remote-io", f"{here}:{listener.getsockname()[1]}:{token.hex()}", "-q", "--", *remote_cmd]

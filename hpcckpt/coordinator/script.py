@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from .. import installprefix
 from ..faults import fault
 from ..image import safefs
 from ..image.store import Manifest
@@ -28,8 +29,8 @@ def hpcckpt_executable() -> str:
     """Absolute path of the hpcckpt command that runs now (the venv's console script when installed)."""
     cand = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "hpcckpt")
     if os.access(cand, os.X_OK):
-        return cand
-    return shutil.which("hpcckpt") or "hpcckpt"
+        return installprefix.command("hpcckpt", cand)      # (DMTCP_PREFIX_PATH: installed elsewhere)
+    return installprefix.command("hpcckpt", shutil.which("hpcckpt") or "hpcckpt")
 
 
 def render(manifest: Manifest, coord_host: str, coord_port: int, ckptdir: str, interval: int) -> str:
@@ -50,7 +51,7 @@ ckptdir=${{DMTCP_CHECKPOINT_DIR:-{shlex.quote(ckptdir)}}}
 interval=${{DMTCP_CHECKPOINT_INTERVAL:-{interval}}}
 hpcckpt=${{HPCCKPT_BIN:-{shlex.quote(hpcckpt_executable())}}}
 [ -x "$hpcckpt" ] || hpcckpt=$(command -v hpcckpt) || {{
-    echo "restart script: hpcckpt not found; set HPCCKPT_BIN" >&2; exit 99; }}
+  echo "restart script: hpcckpt not found; set HPCCKPT_BIN" >&2; exit 99; }}
 
 extra=()
 while [ $# -gt 0 ]; do

@@ -90,7 +90,7 @@ def environ_address(pid: int) -> int:
 def read_environ(pid: int, addr: int) -> list[bytes]:
     """The strings of the process's current environment (through its `environ` at addr)."""
     ptr, = struct.unpack("<Q", remote.read(pid, addr, 8))
-    out = []
+    out: list[bytes] = []
     while ptr:
         block = remote.read(pid, ptr, 8 * 64)
         for i in range(64):
@@ -150,20 +150,58 @@ def set_environment(pid: int, changes: dict[str, str | None]) -> list[bytes]:
 
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_FILE = "dmtcp_env.txt"
 
 
-def parse_env_file(text: str, environ: dict[str, str] | None = None) -> dict[str, str | None]:
-    """DMTCP's dmtcp_env.txt: `NAME=value` lines ($NAME and ${NAME} in a value come from the restarting
-    environment; unknown ones are left as written), a bare `NAME` unsets it; `#` starts a comment."""
-    env = dict(os.environ if environ is None else environ)
+class EnvFileError(EnvError, ValueError):
+    """A line of dmtcp_env.txt that is not NAME=VALUE or NAME; the message names the file and the line."""
+
+
+def parse_env_file(text: str, environ: dict[str, str] | None = None,
+                   where: str = ENV_FILE) -> dict[str, str | None]:
+    """The one reader of DMTCP's dmtcp_env.txt (--modify-env, the ModifyEnv plugin): NAME -> new value, or None
+    to unset NAME, in the file's order.
+
+        NAME=VALUE        $NAME and ${NAME} in VALUE come from the restarting environment (empty if unset)
+        NAME="a b c"      double quotes keep spaces (and '#') in a value
+        NAME              unset NAME
+        # comment         also after an entry: HOME=/new  # why
+    """
+    env = os.environ if environ is None else environ
     out: dict[str, str | None] = {}
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+    for n, raw in enumerate(text.splitlines(), 1):
+        name, eq, value = _split_line(raw, where, n)
+        if not name:
             continue
-        name, eq, value = line.partition("=")
-        name = name.strip()
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise EnvError(f"not a variable name in the environment file: {raw.strip()!r}")
-        out[name] = _VAR.sub(lambda m: env.get(m[1] or m[2], m[0]), value.strip()) if eq else None
+        if not _NAME.fullmatch(name):
+            raise EnvFileError(f"{where} line {n}: {name!r} is not a variable name")
+        out[name] = _VAR.sub(lambda m: env.get(m[1] or m[2], ""), value) if eq else None
     return out
+
+
+def _split_line(raw: str, where: str, n: int) -> tuple[str, bool, str]:
+    """(name, has '=', value) of one line, comments and quotes taken off."""
+    name, eq, rest = raw.strip().partition("=")
+    if "#" in name:
+        name, eq, rest = name.split("#", 1)[0], "", ""
+    name = name.strip()
+    value: list[str] = []
+    quoted = False
+    for i, ch in enumerate(rest):
+        if ch == '"':
+            quoted = not quoted
+        elif not quoted and ch == "#":
+            break
+        elif not quoted and ch.isspace():
+            tail = rest[i:].strip()
+            if value and tail and not tail.startswith("#"):
+                raise EnvFileError(f"{where} line {n}: spaces in the value of {name} (quote it: "
+                                   f'{name}="...")')
+            if value:
+                break
+        else:
+            value.append(ch)
+    if quoted:
+        raise EnvFileError(f"{where} line {n}: unterminated quote in the value of {name}")
+    return name, bool(eq), "".join(value)

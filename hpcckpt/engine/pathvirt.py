@@ -60,3 +60,52 @@ def remap_meta(meta: dict, prefixes: list[str]) -> int:
         if reg.get("backing") == "file":
             fix(reg, "path")
     return changed
+
+
+# DMTCP's pathvirt variables. At launch DMTCP_PATH_PREFIX (or DMTCP_ORIGINAL_PATH_PREFIX) lists the path prefixes
+# the computation uses, colon-separated; every image records them ("path_prefix"). At restart DMTCP_PATH_PREFIX
+# (or DMTCP_NEW_PATH_PREFIX) lists where they are now, in the same order: the i-th recorded prefix becomes the
+# i-th new one. A restarted computation records the new ones, for the next migration.
+_RECORD_ENV = ("DMTCP_NEW_PATH_PREFIX", "DMTCP_PATH_PREFIX", "DMTCP_ORIGINAL_PATH_PREFIX")
+_NEW_ENV = ("DMTCP_NEW_PATH_PREFIX", "DMTCP_PATH_PREFIX")
+
+
+class PrefixError(ValueError):
+    """The recorded and the new prefix lists do not pair up; one line naming both."""
+
+
+def _first(environ, names) -> str:
+    for n in names:
+        v = (environ.get(n) or "").strip()
+        if v:
+            return v
+    return ""
+
+
+def record(environ=None) -> dict:
+    """What an image records of the computation's path prefixes ({} if none are declared)."""
+    import os
+    v = _first(os.environ if environ is None else environ, _RECORD_ENV)
+    return {"path_prefix": v} if v else {}
+
+
+def prefixes_for(meta: dict, explicit: list[str] | None = None, environ=None) -> list[str]:
+    """The OLD:NEW pairs for one image at restart: those given (--path-prefix, DMTCP_PATH_MAPPING), then the image's
+    recorded prefixes paired with DMTCP_PATH_PREFIX's new ones."""
+    import os
+    out = list(explicit or [])
+    old_text = meta.get("path_prefix")
+    new_text = _first(os.environ if environ is None else environ, _NEW_ENV)
+    if not isinstance(old_text, str) or not old_text or not new_text:
+        return out
+    old = [p for p in old_text.split(":") if p]
+    new = [p for p in new_text.split(":") if p]
+    if len(old) != len(new):
+        raise PrefixError(f"DMTCP_PATH_PREFIX has {len(new)} prefix(es) ({new_text}) but the checkpoint recorded "
+                          f"{len(old)} ({old_text}): give one new prefix for each, in the same order")
+    for o, n in zip(old, new):
+        if not o.startswith("/") or not n.startswith("/"):
+            raise PrefixError(f"DMTCP_PATH_PREFIX: {o if not o.startswith('/') else n!r} is not an absolute path")
+        if o.rstrip("/") != n.rstrip("/"):
+            out.append(f"{o}:{n}")
+    return out

@@ -164,3 +164,4 @@ class ImageMeta(Record):
     needs: list = field(default_factory=list)     # generations whose images a restore from this one reads
     agent_id: str = ""              # the agent that made it (one per host of the computation)
     agents: dict = field(default_factory=dict)    # agent id -> host, every agent of this checkpoint
+    path_prefix: str = ""           # DMTCP_PATH_PREFIX at checkpoint: where the paths lived (engine/pathvirt.py)

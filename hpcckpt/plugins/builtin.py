@@ -46,7 +46,7 @@ class ModifyEnv(Plugin):
     name = "modify-env"
 
     def __init__(self, path: str | None = None):
-        self.path = path or os.environ.get("HPCCKPT_ENV_FILE")
+        self.path = path or os.environ.get("HPCCKPT_ENV_FILE") or os.environ.get("DMTCP_ENV_FILE")
 
     def _file(self, ev: Event) -> str | None:
         for p in ([self.path] if self.path else [os.path.join(os.getcwd(), "dmtcp_env.txt"),
@@ -62,7 +62,7 @@ class ModifyEnv(Plugin):
         if path is None:
             return
         with open(path) as f:
-            changes = env_mod.parse_env_file(f.read())
+            changes = env_mod.parse_env_file(f.read(), where=path)
         if not changes:
             return
         for pid in ev.pids:

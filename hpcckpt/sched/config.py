@@ -36,6 +36,8 @@ class JobConfig:
     checkpoint_timeout: int = 0         # seconds a deadline checkpoint may take (0: until 5 s before the limit)
     gather: bool = False                # a rerun on fewer nodes than the checkpoint ran on: put several nodes'
                                         # parts on one (false: stop with an error)
+    engine: str = "ptrace"              # "signal": the program writes its own restart files (docs/applevel.md)
+    application: dict = field(default_factory=dict)   # engine signal: signal, command, files, settle, timeout, restart
     extra: dict = field(default_factory=dict)
 
     def lead_seconds(self, last_checkpoint_s: float | None) -> int:
@@ -59,6 +61,14 @@ def _check(name: str, value, where: str):
         if "None" in t:
             return None
         raise ConfigError(f"{where}: {name} must not be empty")
+    if name == "application":          # (hpcckpt/applevel/config.py)
+        from ..applevel.config import check_job_section
+        try:
+            return check_job_section(value, where)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if name == "engine" and value not in ("ptrace", "signal"):
+        raise ConfigError(f"{where}: engine must be ptrace or signal, got {value!r}")
     if name == "lead":
         if value == "auto":
             return value

@@ -32,6 +32,7 @@ import sys
 import time
 
 from ..agent.sigfd import SignalFd
+from ..applevel import config as applevel_config
 from ..coordinator.client import CoordinatorUnreachable, command
 from ..engine.linux import PR_SET_PDEATHSIG, prctl
 from ..faults import fault
@@ -108,6 +109,7 @@ class JobDriver:
         env = dict(os.environ)
         env["HPCCKPT_BATCH"] = "1"                       # launch/agent: the driver handles signals
         env["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")
+        env.update(applevel_config.job_environment(self.cfg.engine, self.cfg.application))   # engine: signal
         return env
 
     def _cmd(self, cmd: str, timeout: float = 30, **kw) -> dict:
