@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run, wait_for
 
 PINGPONG = REPO / "tests" / "programs" / "pingpong.py"
@@ -48,6 +47,7 @@ def test_node_mapping_keeps_the_nodes_it_can_and_moves_the_rest_in_order():
 def test_a_rerun_on_too_few_nodes_stops_with_one_clear_line(tmp_path, monkeypatch):
     import logging
     from types import SimpleNamespace
+
     from hpcckpt.sched.base import Requeued, Scheduler
     from hpcckpt.sched.config import JobConfig
     from hpcckpt.sched.driver import JobDriver
