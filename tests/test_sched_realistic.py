@@ -114,30 +114,6 @@ echo "script done"
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.mark.slurm
-def test_slurm_time_3_job_checkpoints_before_the_limit_requeues_and_completes(slurm_job):
-    """--time=3 (180 s) with ~170 s of work: the first run checkpoints ~20 s before the limit (its own deadline
-    from EndTime, or the --signal warning, whichever comes first), requeues, and the second run restarts and
-    finishes soon after; the output equals a plain run's and the log says how long before the limit."""
-    d, job, e, steps, started = slurm_job
-    wait_for(lambda: _slurm_show(job, e).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 480,
-             f"Slurm job {job} to end", interval=1)
-    print(f"Slurm --time=3 job done {time.monotonic() - started:.0f} s after its submission")
-    info = _slurm_show(job, e)
-    log = (d / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED", log
-    assert int(info["Restarts"]) >= 1, log
-    assert "wall-time deadline: checkpointing" in log or "warning signal: checkpointing" in log, log
-    assert "run 0 starts" in log and "script done" in log
-    assert (d / "out.txt").read_text() == _plain(d, steps)
-    assert _left(log) and min(_left(log)) >= 5, log
-    # what the job left behind, at a glance (hpcckpt status): its runs, the requeue, the generation restarted from
-    st = json.loads(run(["hpcckpt", "status", "--json", str(d / f"hpcckpt-{job}")], e, d, check=True).stdout)
-    assert st["batch"]["job"] == job and st["batch"]["runs"] >= 2 and st["batch"]["requeues"] >= 1, st["batch"]
-    assert st["batch"]["finished"]["code"] == 0
-    assert any(g["state"] == "complete" for c in st["computations"] for g in c["generations"])
-
-
 # ---------------------------------------------------------------------------------------------- Grid Engine --
 
 @pytest.fixture(scope="module")
@@ -207,17 +183,8 @@ def sge_jobs(sge_cell, build_dir):
         shutil.rmtree(j.d, ignore_errors=True)
 
 
-def test_sge_realistic_limits_and_warning_signal(sge_cell, sge_jobs):
-    (deadline_job, warned_job), started = sge_jobs
-    wait_for(lambda: deadline_job.done() and warned_job.done(), 420, "both jobs to finish", interval=2)
-    print(f"both Grid Engine jobs done in {time.monotonic() - started:.0f} s")
-    log = deadline_job.check(sge_cell)
-    assert "wall-time deadline: checkpointing" in log, log
-    log = warned_job.check(sge_cell)
-    assert "got SIGUSR1 from the scheduler" in log and "warning signal: checkpointing" in log, log
-
-
 # ------------------------------------------------------------------------------------------------------- PBS --
+# (the PBS test comes first: its short late-qdel chains run while every long job does)
 
 @pytest.fixture(scope="module")
 def pbs():
@@ -247,45 +214,51 @@ echo "script done"
 
 @pytest.fixture(scope="module")
 def pbs_chains(pbs, build_dir):
+    """The long chain, submitted up front; the late-qdel chains are short and need a prompt qdel: the test
+    submits them."""
     started = time.monotonic()
-    d, qa, qb = _workdir("pbs"), _workdir("pbs"), _workdir("pbs")
-    for w in (d, qa, qb):
-        shutil.copy(compile_c(build_dir, "counter"), w / "counter")
+    d = _workdir("pbs")
+    shutil.copy(compile_c(build_dir, "counter"), d / "counter")
     steps = 1700
     first = _pbs_submit(pbs, d, "ctr", steps, "00:03:00", "lead: 20\nmin_lead: 5\n", ["-v", "FROMCLI=c1"])
+    yield d, first, steps, started
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, pbs_chains, build_dir):
+    d, first, steps, started = pbs_chains
     # two short chains, each first job held by the fault point after submitting its continuation and deleted
     # then: A is stopped by its own driver (the late SIGTERM, read before the end time, withdraws the
     # continuation); B's SIGTERM is read only after its end time (it could be the walltime's), so its
     # continuation starts, finds the predecessor deleted (qstat -x -f) and stops
-    victims = {}
-    for name, w, wall, cfg, hold in (("delA", qa, "00:00:30", "lead: 15\nmin_lead: 5\n", 5),
-                                     ("delB", qb, "00:00:20", "lead: 8\nmin_lead: 5\n", 8)):
-        victims[name] = (w, _pbs_submit(pbs, w, name, 1000, wall, cfg,
-                                        ["-v", f"HPCCKPT_FAULT=batch.after_requeue:sleep={hold}"]))
-    yield d, first, steps, victims, started
-    for w in (d, qa, qb):
-        shutil.rmtree(w, ignore_errors=True)
-
-
-def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, pbs_chains):
-    d, first, steps, victims, started = pbs_chains
-    for name, (w, job) in victims.items():
-        qlog = w / f"hpcckpt-{job}" / "hpcckpt-job.log"
-        wait_for(lambda qlog=qlog: qlog.exists() and "continues as job" in qlog.read_text(), 90,
-                 f"{name}'s first job to submit its continuation", interval=0.5)
-        p = pbs.run(["qdel", job])
-        assert p.returncode == 0, p.stderr
-    for name, expect in (("delA", "withdrawing it"), ("delB", "not continuing the chain")):
-        w, job = victims[name]
-        qlog = w / f"hpcckpt-{job}" / "hpcckpt-job.log"
-        nxt = re.search(r"continues as job ([^\s;]+)", qlog.read_text()).group(1)
-        a = pbs.wait(nxt, timeout=60)
-        time.sleep(0.5)
-        text = qlog.read_text()
-        assert expect in text, text
-        assert "run 1 (rerun)" not in text, text                  # the continuation never ran the program
-        assert a.get("Exit_status") in (None, "0"), a
-        assert pbs.qstat(job).get("Exit_status") == "271", pbs.qstat(job)
+    qa, qb = _workdir("pbs"), _workdir("pbs")
+    try:
+        victims = {}
+        for name, w, wall, cfg, hold in (("delA", qa, "00:00:30", "lead: 15\nmin_lead: 5\n", 5),
+                                         ("delB", qb, "00:00:20", "lead: 8\nmin_lead: 5\n", 8)):
+            shutil.copy(compile_c(build_dir, "counter"), w / "counter")
+            victims[name] = (w, _pbs_submit(pbs, w, name, 1000, wall, cfg,
+                                            ["-v", f"HPCCKPT_FAULT=batch.after_requeue:sleep={hold}"]))
+        for name, (w, job) in victims.items():
+            qlog = w / f"hpcckpt-{job}" / "hpcckpt-job.log"
+            wait_for(lambda qlog=qlog: qlog.exists() and "continues as job" in qlog.read_text(), 90,
+                     f"{name}'s first job to submit its continuation", interval=0.5)
+            p = pbs.run(["qdel", job])
+            assert p.returncode == 0, p.stderr
+        for name, expect in (("delA", "withdrawing it"), ("delB", "not continuing the chain")):
+            w, job = victims[name]
+            qlog = w / f"hpcckpt-{job}" / "hpcckpt-job.log"
+            nxt = re.search(r"continues as job ([^\s;]+)", qlog.read_text()).group(1)
+            a = pbs.wait(nxt, timeout=60)
+            time.sleep(0.5)
+            text = qlog.read_text()
+            assert expect in text, text
+            assert "run 1 (rerun)" not in text, text                  # the continuation never ran the program
+            assert a.get("Exit_status") in (None, "0"), a
+            assert pbs.qstat(job).get("Exit_status") == "271", pbs.qstat(job)
+    finally:
+        for w in (qa, qb):
+            shutil.rmtree(w, ignore_errors=True)
 
     # the long chain
     wait_for(lambda: any("script done" in f.read_text() for f in d.glob("ctr.o*")), 420,
@@ -304,3 +277,39 @@ def test_pbs_chain_at_a_realistic_walltime_and_a_late_qdel(pbs, pbs_chains):
         assert "FROMSCRIPT=s1" in variables and "FROMCLI=c1" in variables, variables
         assert f"PBS_O_WORKDIR={d}" in variables, variables
     assert pbs.qstat(first).get("Exit_status") == "0"          # checkpointed before the walltime kill
+
+
+# ----------------------------------------------------------------------- Grid Engine's and Slurm's checks --
+
+def test_sge_realistic_limits_and_warning_signal(sge_cell, sge_jobs):
+    (deadline_job, warned_job), started = sge_jobs
+    wait_for(lambda: deadline_job.done() and warned_job.done(), 420, "both jobs to finish", interval=2)
+    print(f"both Grid Engine jobs done in {time.monotonic() - started:.0f} s")
+    log = deadline_job.check(sge_cell)
+    assert "wall-time deadline: checkpointing" in log, log
+    log = warned_job.check(sge_cell)
+    assert "got SIGUSR1 from the scheduler" in log and "warning signal: checkpointing" in log, log
+
+
+@pytest.mark.slurm
+def test_slurm_time_3_job_checkpoints_before_the_limit_requeues_and_completes(slurm_job):
+    """--time=3 (180 s) with ~170 s of work: the first run checkpoints ~20 s before the limit (its own deadline
+    from EndTime, or the --signal warning, whichever comes first), requeues, and the second run restarts and
+    finishes soon after; the output equals a plain run's and the log says how long before the limit."""
+    d, job, e, steps, started = slurm_job
+    wait_for(lambda: _slurm_show(job, e).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 480,
+             f"Slurm job {job} to end", interval=1)
+    print(f"Slurm --time=3 job done {time.monotonic() - started:.0f} s after its submission")
+    info = _slurm_show(job, e)
+    log = (d / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert int(info["Restarts"]) >= 1, log
+    assert "wall-time deadline: checkpointing" in log or "warning signal: checkpointing" in log, log
+    assert "run 0 starts" in log and "script done" in log
+    assert (d / "out.txt").read_text() == _plain(d, steps)
+    assert _left(log) and min(_left(log)) >= 5, log
+    # what the job left behind, at a glance (hpcckpt status): its runs, the requeue, the generation restarted from
+    st = json.loads(run(["hpcckpt", "status", "--json", str(d / f"hpcckpt-{job}")], e, d, check=True).stdout)
+    assert st["batch"]["job"] == job and st["batch"]["runs"] >= 2 and st["batch"]["requeues"] >= 1, st["batch"]
+    assert st["batch"]["finished"]["code"] == 0
+    assert any(g["state"] == "complete" for c in st["computations"] for g in c["generations"])

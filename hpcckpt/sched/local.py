@@ -213,7 +213,9 @@ def supervise(jobdir: str) -> int:
         state = _watch(proc, spec, end, jobdir)
         code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         requeued = os.path.exists(os.path.join(jobdir, "requeue"))
-        if state == "ENDED" and requeued and not os.path.exists(os.path.join(jobdir, "cancel")):
+        if os.path.exists(os.path.join(jobdir, "cancel")):
+            state = "CANCELLED"            # however the run ended after the cancel (it may stop by itself first)
+        if state == "ENDED" and requeued:
             runs += 1
             continue
         if state == "ENDED":

@@ -37,6 +37,7 @@ class StandIn(Computation):
         self.started = 0.0
         self.done_before = 0.0
         self.proc: subprocess.Popen | None = None
+        self.polled = False
 
     def _note(self, text: str) -> None:
         with open(os.path.join(self.ckptdir, "standin.log"), "a") as f:
@@ -65,6 +66,7 @@ class StandIn(Computation):
         self._note(f"start restart={restart} done={self.done_before:.2f}")
         left = max(0.0, self.work_s - self.done_before)
         self.started = time.monotonic()
+        self.polled = False
         self.proc = subprocess.Popen(["/bin/sh", "-c", f"sleep {left:.3f}; exit {self.exit_code}"],
                                      start_new_session=True)
 
@@ -72,6 +74,9 @@ class StandIn(Computation):
         return self.poll() is None
 
     def poll(self) -> int | None:
+        if not self.polled:                  # the driver is watching: its signal handling is in place
+            self.polled = True
+            self._note("watching")
         return self.proc.poll() if self.proc else 0
 
     def signal(self, signo: int) -> None:
