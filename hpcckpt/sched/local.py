@@ -12,9 +12,9 @@ scheduler does at its limits:
     group, SIGKILL after the kill delay; never rerun.
 `--nodes=a,b` names the nodes the job's allocation has (node_list; all run here), for tests of the driver's
 node mapping; the supervisor reads job.json again at every run, so a changed "nodes" there is what the next run
-gets (as when a node was drained). Jobs live in $HPCCKPT_LOCAL_SPOOL (default ~/.hpcckpt/local-jobs)/ID: job.json (what was
-submitted), state.json (state, runs, exit code, the running script's pid), requeue and cancel marks, and the
-job's output (`-o FILE`, default ID.out in the submit directory), appended across runs.
+gets (as when a node was drained). Jobs live in $HPCCKPT_LOCAL_SPOOL (default ~/.hpcckpt/local-jobs)/ID:
+job.json (what was submitted), state.json (state, runs, exit code, the running script's pid), requeue and
+cancel marks, and the job's output (`-o FILE`, default ID.out in the submit directory), appended across runs.
 """
 from __future__ import annotations
 
