@@ -105,3 +105,18 @@ def test_a_new_scheduler_is_one_class(tmp_path):
     t = Tiny({"TINY_JOB": "4"})
     assert t.split_options(["-a", "1", "job.sh"]) == (["-a", "1"], ["job.sh"])
     assert t.wrapper_directives(JobConfig()) == [] and t.wrapper_env() == {} and t.requeue().continuation is None
+
+
+def test_local_scheduler_bad_input_is_one_line(tmp_path):
+    """An option the local scheduler does not know, or a cancel of a job it never had: one line naming it."""
+    job = tmp_path / "job.sh"
+    job.write_text("#!/bin/bash\ntrue\n")
+    env = {"PATH": "/usr/bin:/bin", "HPCCKPT_LOCAL_SPOOL": str(tmp_path / "spool")}
+    r = subprocess.run([sys.executable, "-m", "hpcckpt.cli.main", "qsub", "--scheduler", "local", "--bogus", "1",
+                        str(job)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 99 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "local scheduler: unknown option --bogus" in r.stderr, r.stderr
+    from hpcckpt.sched.base import SchedulerError
+    from hpcckpt.sched.local import Local
+    with pytest.raises(SchedulerError, match=r"local job 42: no such job in .*spool"):
+        Local(env).cancel("42")
