@@ -52,7 +52,7 @@ test-slurm: install
 # PBS is tested against tests/pbs_emulator; with PBS_EXEC pointing at a real OpenPBS/PBS Pro installation the
 # same scenario runs there instead (as a user allowed to submit; see tests/pbs_emulator/README.md).
 test-pbs: install
-	$(PY) -m pytest -q tests/test_pbs.py tests/test_pbs_emulator.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/test_pbs_emulator.py tests/test_sched_realistic.py -k pbs $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/run.py

@@ -1,9 +1,14 @@
 """Slurm (issues 5 and 17), against a real Slurm: slurm/local-cluster.sh brings up Debian's slurmctld/slurmd on this
-machine. A job longer than its wall time checkpoints before the limit, requeues itself and finishes with the
-output of a plain run; signals, preemption, cancel, program failure, failed checkpoints and max_restarts."""
+machine. Slurm's own ways into the driver: its warning signal (`scancel -b -s USR1`, as --signal sends it) and a
+SIGTERM that is not a cancel (preemption) checkpoint and requeue (`scontrol requeue`, SLURM_RESTART_COUNT in the
+rerun) and the job finishes with the output of a plain run; a program failure and an scancel are not requeued;
+config errors at submit time; an srun step inside the job.
+
+The job at a real limit (--time=3, ~170 s of work) is in tests/test_sched_realistic.py, side by side with Grid
+Engine's and PBS's; the failure paths that do not depend on the scheduler (a failed checkpoint, max_restarts) run
+in seconds under the local scheduler (tests/test_sched_local.py, tests/unit/sched/test_driver_policy.py)."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, compile_c, run, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -94,27 +98,6 @@ def _lines(d: Path) -> int:
     return p.read_text().count("\n") if p.exists() else 0
 
 
-@pytest.fixture(scope="module")
-def long_job(slurm, tmp_path_factory, build_dir):
-    """The realistic-length job (issue 17): --time=3, lead 20 s, ~170 s of work. Submitted by the first test of
-    the module so that it runs while the others do (the node has 2 CPUs); the last test checks it."""
-    from conftest import BIN
-    d = tmp_path_factory.mktemp("slurm-long")
-    shutil.copy(compile_c(build_dir, "counter"), d / "counter")
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
-    e["PATH"] = f"{BIN}:{e.get('PATH', '')}"
-    e.update(slurm)
-    steps = 1700
-    _job_script(d, steps, 100000)
-    job = _submit(d, e, "lead: 20\nmin_lead: 5\n", "--time=3")
-    return d, job, e, steps, time.monotonic()
-
-
-def test_realistic_length_job_is_submitted_first(long_job):
-    d, job, e, _, _ = long_job
-    assert _state(job, e) in ("PENDING", "RUNNING", "CONFIGURING")
-
-
 def test_warning_signal_requeues(slurm, job_dir, env):
     e = _env(env, slurm)
     steps = 150
@@ -162,45 +145,10 @@ def test_scancel_is_not_requeued(slurm, job_dir, env):
     wait_for(lambda: _lines(job_dir) >= 10, 60, "progress")
     subprocess.run(["scancel", job], env=e, check=True)
     _wait_state(job, e, {"CANCELLED"}, 60)
-    time.sleep(8)                                   # a wrong requeue would show up by now
+    time.sleep(4)                 # a wrong requeue would show up by now (sched_interval=1, no requeue delay)
     info = _show(job, e)
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0"
     assert subprocess.run(["pgrep", "-f", f"{job_dir}/counter"], capture_output=True).stdout == b""
-
-
-def test_failed_checkpoint_is_not_requeued(slurm, job_dir, env):
-    """A checkpoint that fails (disk full, injected) keeps the previous one, says so, and does not requeue:
-    the program simply runs on."""
-    e = _env(env, slurm)
-    e["HPCCKPT_FAULT"] = "dump.after_chunk:error=ENOSPC"
-    steps = 120
-    _job_script(job_dir, steps, 50000)
-    job = _submit(job_dir, e, "lead: 30\n", "--time=10", "--export=ALL")
-    wait_for(lambda: _lines(job_dir) >= 20, 60, "progress")
-    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
-    _wait_state(job, e, {"COMPLETED", "FAILED"}, 120)
-    info, log = _show(job, e), _log(job_dir, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
-    assert "checkpoint failed" in log and "No space left on device" in log and "not requeueing" in log
-    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
-
-
-def test_max_restarts(slurm, job_dir, env):
-    e = _env(env, slurm)
-    steps = 200
-    _job_script(job_dir, steps, 50000)
-    job = _submit(job_dir, e, "lead: 30\nmax_restarts: 1\n", "--time=10")
-    wait_for(lambda: _lines(job_dir) >= 20, 60, "progress")
-    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
-    wait_for(lambda: "run 1" in _log(job_dir, job) and "restored" in _log(job_dir, job), 60, "the rerun")
-    n = _lines(job_dir)
-    wait_for(lambda: _lines(job_dir) > n + 10, 60, "progress after the rerun")
-    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=e, check=True)
-    _wait_state(job, e, {"COMPLETED", "FAILED"}, 120)
-    info, log = _show(job, e), _log(job_dir, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert "max_restarts (1) reached" in log
-    assert (job_dir / "out.txt").read_text() == _plain(job_dir, steps)
 
 
 def test_config_errors_at_submit_time(slurm, job_dir, env):
@@ -252,27 +200,3 @@ echo "script done $rc"
     # where it was, so the file holds every answer exactly once, in order.
     assert answers() == list(range(1, n + 1)), client.read_text()[-500:]
     assert client.read_text().rstrip().endswith("done")
-
-
-def test_realistic_length_job_checkpoints_before_the_limit_and_completes(long_job):
-    """--time=3 (180 s) with ~170 s of work: the first run checkpoints ~20 s before the limit (its own deadline
-    from EndTime, or the --signal warning, whichever comes first), requeues, and the second run restarts and
-    finishes soon after; the output equals a plain run's and the log says how long before the limit."""
-    d, job, e, steps, started = long_job
-    _wait_state(job, e, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 480)
-    print(f"Slurm --time=3 job done {time.monotonic() - started:.0f} s after its submission")
-    info = _show(job, e)
-    log = _log(d, job)
-    assert info["JobState"] == "COMPLETED", log
-    assert int(info["Restarts"]) >= 1, log
-    assert "wall-time deadline: checkpointing" in log or "warning signal: checkpointing" in log, log
-    assert "run 0 starts" in log and "script done" in log
-    assert (d / "out.txt").read_text() == _plain(d, steps)
-    left = [int(x) for x in re.findall(r"checkpoint generation \d+: [\d.]+ s, [\d.]+ MB.*, (\d+) s left before the "
-                                       r"limit", log)]
-    assert left and min(left) >= 5, log
-    # what the job left behind, at a glance (hpcckpt status): its runs, the requeue, the generation restarted from
-    st = json.loads(run(["hpcckpt", "status", "--json", str(d / f"hpcckpt-{job}")], e, d, check=True).stdout)
-    assert st["batch"]["job"] == job and st["batch"]["runs"] >= 2 and st["batch"]["requeues"] >= 1, st["batch"]
-    assert st["batch"]["finished"]["code"] == 0
-    assert any(g["state"] == "complete" for c in st["computations"] for g in c["generations"])

@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run, wait_for
 
 PINGPONG = REPO / "tests" / "programs" / "pingpong.py"
@@ -48,7 +47,8 @@ def test_node_mapping_keeps_the_nodes_it_can_and_moves_the_rest_in_order():
 def test_a_rerun_on_too_few_nodes_stops_with_one_clear_line(tmp_path, monkeypatch):
     import logging
     from types import SimpleNamespace
-    from hpcckpt.sched.base import Scheduler
+
+    from hpcckpt.sched.base import Requeued, Scheduler
     from hpcckpt.sched.config import JobConfig
     from hpcckpt.sched.driver import JobDriver
 
@@ -56,7 +56,8 @@ def test_a_rerun_on_too_few_nodes_stops_with_one_clear_line(tmp_path, monkeypatc
         detect = classmethod(lambda cls, env: True)
         job_id = lambda self: "9"                    # noqa: E731
         run_count = lambda self: 1                   # noqa: E731
-        end_time = requeue = lambda self: None       # noqa: E731
+        end_time = lambda self: None                 # noqa: E731
+        requeue = lambda self: Requeued(None)        # noqa: E731
         submit = lambda self, *a: "9"                # noqa: E731
         node_list = lambda self: ["n1"]              # noqa: E731
     monkeypatch.setenv("HPCCKPT_RUNDIR", str(tmp_path / "run"))      # the driver sets it for its children
@@ -78,7 +79,7 @@ def test_a_rerun_on_too_few_nodes_stops_with_one_clear_line(tmp_path, monkeypatc
 
 
 def test_each_scheduler_starts_a_command_on_another_node_its_own_way(tmp_path):
-    from hpcckpt.sched.base import remote_launcher
+    from hpcckpt.sched.registry import remote_launcher
     argv = ["/opt/py/bin/python", "-m", "hpcckpt.cli.main", "restart", "--join", "/ck/a b.dmtcp"]
     slurm = remote_launcher(None, {"SLURM_JOB_ID": "7"})
     assert slurm.remote_command("n2", argv) == ["srun", "--overlap", "-N", "1", "-n", "1", "-w", "n2", "--input",

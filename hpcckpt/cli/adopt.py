@@ -24,7 +24,9 @@ from ..engine.inject import ProcessGone
 from ..engine.linux import SYS
 from ..image import store
 from ..sched import config as jobconfig
-from ..sched.base import Scheduler, SchedulerError, detect
+from ..sched import registry
+from ..sched.base import Requeued, Scheduler, SchedulerError
+from ..sched.computation import Computation
 from ..sched.driver import EVER_COMPLETED, JobDriver
 from .common import Fail, Parser, env_fail_rc, run_main, setup_logging
 from .dump import dump
@@ -71,7 +73,7 @@ class Adopted(Scheduler):
                  cfg: jobconfig.JobConfig, submit_options: list[str], root: int):
         super().__init__(inner.env if inner is not None else None)
         self.inner, self.deadline, self.ckptdir = inner, deadline, ckptdir
-        self.cfg_path, self.cfg, self.submit_options, self.root = cfg_path, cfg, submit_options, root
+        self.cfg_path, self.cfg, self.continuation_options, self.root = cfg_path, cfg, submit_options, root
         self.continuation: str | None = None
 
     @classmethod
@@ -104,35 +106,33 @@ class Adopted(Scheduler):
             raise SchedulerError("no scheduler to submit to")
         return self.inner.submit(script_path, options, cwd)
 
-    def requeue(self) -> int | None:
+    def requeue(self) -> Requeued:
         """A continuation job that restarts from the checkpoint directory (its first run finds the checkpoint
         and restarts; the script it names is never run), after this job ends."""
         if self.inner is None:
             log.info("no scheduler: continue with  hpcckpt restart --from %s", self.ckptdir)
-            return 0
+            return Requeued(0)
         from .batch import render_wrapper
         stub = os.path.join(self.ckptdir, "adopted-job.sh")
         store.atomic_write(stub, b"#!/bin/sh\necho 'hpcckpt adopt: no checkpoint to continue from' >&2\nexit 99\n",
                            mode=0o700)
         cfg_path = os.path.join(self.ckptdir, "adopted-job.yaml")
         store.atomic_write(cfg_path, dataclasses.replace(self.cfg, ckptdir=self.ckptdir).to_yaml().encode())
-        directive = {"slurm": "#SBATCH", "pbs": "#PBS", "sge": "#$"}.get(self.inner.name, "#")
-        dep = {"slurm": [f"--dependency=afterany:{self.job_id()}", "--open-mode=append"],
-               "pbs": ["-W", f"depend=afterany:{self.job_id()}"],
-               "sge": ["-hold_jid", self.job_id()]}.get(self.inner.name, [])
-        text = render_wrapper(self.inner.name, directive, stub, [], cfg_path, self.cfg, [])
+        dep = self.inner.after_job_options(self.job_id())
+        text = render_wrapper(self.inner, stub, [], cfg_path, self.cfg)
         path = os.path.join(self.ckptdir, "adopted-continuation.sh")
         store.atomic_write(path, text.encode(), mode=0o700)
-        self.continuation = self.inner.submit(path, dep + self.submit_options, os.getcwd())
-        return 0
+        self.continuation = self.inner.submit(path, dep + self.continuation_options, os.getcwd())
+        return Requeued(0, self.continuation)
 
 
-class AdoptDriver(JobDriver):
-    """The batch driver, which must see the restored copy join before the originals are given up on."""
+class AdoptComputation(Computation):
+    """The batch driver's computation, which must see the restored copy join before the originals are given up
+    on."""
 
-    def _start_computation(self, restart: bool, hostfile: str | None = None) -> None:
-        super()._start_computation(restart, hostfile)
-        if not self._wait_joined():
+    def start(self, restart: bool, command_line: list[str], hostfile: str | None = None) -> None:
+        super().start(restart, command_line, hostfile)
+        if not self.wait_joined():
             raise AdoptFailed("the restored copy did not start (see the messages above)")
 
 
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt adopt") -> int:
             raise Fail(str(e)) from None
         inner: Scheduler | None = None
         if args.scheduler != "none":
-            from ..sched.pbs import PBS
-            from ..sched.sge import SGE
-            from ..sched.slurm import Slurm
-            inner = {"slurm": Slurm, "pbs": PBS, "sge": SGE}.get(args.scheduler, detect)()
+            inner = registry.get(args.scheduler) if args.scheduler in registry.SCHEDULERS else registry.detect()
             if inner is None and deadline is None:
                 raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset); "
                            "give --deadline (and --scheduler none) to adopt outside one")
@@ -205,7 +202,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt adopt") -> int:
                    compress=cfg.compress, stdio_pid=os.getpid())
         store.atomic_write(os.path.join(ckptdir, EVER_COMPLETED), b"")
         sched = Adopted(inner, deadline, ckptdir, args.config, cfg, shlex.split(args.submit_options), pids[0])
-        driver = AdoptDriver(sched, cfg, [os.path.join(ckptdir, "adopted-job.sh")], fail_rc=env_fail_rc())
+        driver = JobDriver(sched, cfg, [os.path.join(ckptdir, "adopted-job.sh")], fail_rc=env_fail_rc(),
+                           computation=AdoptComputation)
         try:
             code = driver.run()
         except AdoptFailed as e:

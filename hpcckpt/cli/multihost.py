@@ -118,7 +118,7 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
             except BrokenPipeError:
                 pass
         return p
-    from ..sched.base import remote_launcher
+    from ..sched.registry import remote_launcher
     way = remote_launcher(launcher)
     if not way.remote_stdin:
         # pbs_tmrsh hands the task no standard input: the secret goes through a file of the (shared)
@@ -127,6 +127,7 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     full = way.remote_command(host, cmd)
     log.info("restarting %d image(s) on %s", len(images), host)
     p = subprocess.Popen(full, stdin=subprocess.PIPE)
+    assert p.stdin is not None                  # stdin=PIPE
     try:
         p.stdin.write(secret.hex().encode() + b"\n")
         p.stdin.close()

@@ -24,7 +24,7 @@ from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, rele
 from ..image import auth, levels, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
-from ..sched.base import LAUNCHERS
+from ..sched.registry import LAUNCHERS
 from . import applevel_restart, dmtcpopts, jobrun, levelopts, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job

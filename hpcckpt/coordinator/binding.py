@@ -64,7 +64,7 @@ def address_towards(host: str | None) -> str:
 
 def allocation_address() -> str | None:
     """The interface towards the other nodes when we run inside a batch job over several nodes, else None."""
-    from ..sched.base import detect
+    from ..sched.registry import detect
     try:
         sched = detect()
         if sched is None:

@@ -1,30 +1,57 @@
-"""One interface for batch schedulers: Slurm, PBS and Grid Engine differ only in their adapter modules; the
-deadline -> checkpoint -> requeue policy (driver.py) is written once, above them."""
+"""One interface for batch schedulers: Slurm, PBS, Grid Engine and the local scheduler differ only in their
+adapter modules, listed in registry.py; the deadline -> checkpoint -> requeue policy (driver.py) is written once,
+above them, and so is the submit side (cli/batch.py), which asks the adapter for everything scheduler-specific:
+the wrapper's directives and environment, how its options split, how a job is submitted.
+
+This module is the ground of sched/: it imports no adapter (registry.py does) and nothing above sched/."""
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import JobConfig
 
 CANCELLED_MARK = ".hpcckpt-cancelled"     # in the checkpoint dir: the ids of runs the user cancelled
+
+# qsub options without a value (PBS's and Grid Engine's, as `hpcckpt qsub` has always split them)
+QSUB_FLAGS = frozenset({"-V", "-h", "-I", "-z", "-f", "-X", "-cwd", "-notify", "-now"})
 
 
 class SchedulerError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Requeued:
+    """What Scheduler.requeue() did. exit_code: what this run ends with now (None: the scheduler stops this run
+    itself, as Slurm's requeue does); continuation: the id of the job that carries on (a PBS continuation),
+    None when the same job runs again."""
+    exit_code: int | None
+    continuation: str | None = None
+
+
 class Scheduler(ABC):
     name = "base"
     directive = "#"                 # prefix of in-script options (#SBATCH, #PBS, #$)
+    launcher: str | None = None     # its name as a --launcher (registry.LAUNCHERS), if it starts remote commands
+    warns_every_process = False     # does its warning signal reach every process of the job (Grid Engine)?
+    keeps_wrapper = True            # submit: keep the generated wrapper (a PBS continuation submits it again)
+    wrapper_commands: tuple[str, ...] = ()   # scheduler commands the job must find where the submit did
+    option_flags: frozenset[str] = frozenset()     # submit options without a value
+    option_pairs: frozenset[str] = frozenset()     # submit options with two values (Grid Engine's -pe)
 
-    def __init__(self, env: dict | None = None):
-        self.env = dict(os.environ if env is None else env)
+    def __init__(self, env: dict[str, str] | None = None):
+        self.env: dict[str, str] = dict(os.environ if env is None else env)
 
     # -- inside a job -----------------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def detect(cls, env: dict) -> bool:
+    def detect(cls, env: dict[str, str]) -> bool:
         """Is this process running inside a job of this scheduler?"""
 
     @abstractmethod
@@ -40,9 +67,8 @@ class Scheduler(ABC):
         """Epoch seconds at which the scheduler will end this run (None: no limit)."""
 
     @abstractmethod
-    def requeue(self) -> int | None:
-        """Make the job run again later. Returns the exit code this run should end with now, or None when the
-        scheduler itself stops this run (Slurm's requeue kills it)."""
+    def requeue(self) -> Requeued:
+        """Make the job run again later; says what happened (Requeued)."""
 
     def cancelled(self) -> bool:
         """Was the job cancelled by its user (as opposed to preempted)?"""
@@ -63,6 +89,15 @@ class Scheduler(ABC):
                 return n
         return nodes[0] if nodes else me
 
+    def predecessor_stopped(self, ckptdir: str) -> str | None:
+        """Why this run must not go on although the scheduler started it (a PBS continuation whose
+        predecessor the user deleted), else None."""
+        return None
+
+    def cancel_continuation(self, continuation: str) -> None:  # noqa: B027 - optional: no continuations by default
+        """The user cancelled this run after its continuation (Requeued.continuation) was submitted: withdraw
+        it."""
+
     # -- starting a command on another node of the job ----------------------------------------------------------
     remote_stdin = True             # does remote_command hand the command our standard input?
 
@@ -71,18 +106,67 @@ class Scheduler(ABC):
         computation's part there). Default: ssh."""
         return ssh_command(host, argv)
 
-    # -- submitting -------------------------------------------------------------------------------------------
+    # -- the submit side --------------------------------------------------------------------------------------
+    @classmethod
+    def installed(cls, env: dict[str, str]) -> bool:
+        """Does the environment point at this scheduler (for a submit that does not name one)?"""
+        return False
+
+    def split_options(self, args: list[str]) -> tuple[list[str], list[str]]:
+        """(the scheduler's submit options, [job script, its args...]) of a submit command line: options in
+        option_flags take no value, those in option_pairs two, every other one the next word."""
+        opts: list[str] = []
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                return opts, args[i + 1:]
+            if not a.startswith("-") or a == "-":
+                return opts, args[i:]
+            opts.append(a)
+            take = 0 if a in self.option_flags else (2 if a in self.option_pairs else 1)
+            opts.extend(args[i + 1:i + 1 + take])
+            i += 1 + take
+        return opts, []
+
+    def script_directives(self, script: str) -> list[str]:
+        """The script's own directive lines (#SBATCH ...), verbatim: they go into the wrapper."""
+        return read_directives(script, self.directive)
+
+    def wrapper_directives(self, cfg: JobConfig) -> list[str]:
+        """Directives the wrapper adds after the script's own (requeue on, the warning signal, ...)."""
+        return []
+
+    def wrapper_env(self) -> dict[str, str]:
+        """Variables the wrapper exports before the driver starts: the scheduler's commands at the paths the
+        submit found them (the job's PATH may lack them)."""
+        import shutil
+        out: dict[str, str] = {}
+        for c in self.wrapper_commands:
+            path: str | None = self.command(c)
+            if path and not os.path.isabs(path):
+                path = shutil.which(path)
+            if path:
+                out[f"HPCCKPT_{c.upper()}"] = path
+        return out
+
+    def submit_options(self, opts: list[str], wrapper: str) -> list[str]:
+        """The options the wrapper is submitted with (the user's, adjusted where the scheduler needs it)."""
+        return list(opts)
+
+    def after_job_options(self, job_id: str) -> list[str]:
+        """Submit options that hold a job until job_id has ended, whatever its state (hpcckpt adopt's
+        continuation job)."""
+        raise SchedulerError(f"{self.name}: cannot hold a job until another one ends")
+
     @abstractmethod
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
         """Submit a batch script; returns the job id."""
 
-    def predecessor_stopped(self, ckptdir: str) -> str | None:
-        """Why this run must not go on although the scheduler started it (a PBS continuation whose
-        predecessor the user deleted), else None."""
-        return None
-
-    def cancel_continuation(self) -> None:
-        """The user cancelled this run after its continuation was submitted: withdraw the continuation."""
+    # -- running the scheduler's commands ---------------------------------------------------------------------
+    def command(self, name: str) -> str:
+        """The path or name of one of the scheduler's commands (HPCCKPT_<NAME> overrides)."""
+        return self.env.get(f"HPCCKPT_{name.upper()}") or name
 
     def run(self, cmd: list[str], timeout: float = 30, cwd: str | None = None) -> str:
         env = self.env if cwd is None else dict(self.env, PWD=cwd)
@@ -106,40 +190,35 @@ class Ssh:
     name = "ssh"
     remote_stdin = True
 
-    def __init__(self, env: dict | None = None):
+    def __init__(self, env: dict[str, str] | None = None):
         self.env = dict(os.environ if env is None else env)
 
     def remote_command(self, host: str, argv: list[str]) -> list[str]:
         return ssh_command(host, argv)
 
 
-LAUNCHERS = ("ssh", "srun", "pbs", "sge")
+def read_directives(script: str, prefix: str) -> list[str]:
+    """The scheduler's in-script option lines (#SBATCH ...) at the top of the script, verbatim."""
+    out = []
+    with open(script, errors="replace") as f:
+        for n, line in enumerate(f):
+            s = line.strip()
+            if n == 0 and s.startswith("#!"):
+                continue
+            if s.startswith(prefix):
+                out.append(s)
+            elif s and not s.startswith("#"):
+                break                 # like sbatch: directives end at the first command
+    return out
 
 
-def remote_launcher(name: str | None = None, env: dict | None = None) -> Scheduler | Ssh:
-    """The way to run a command on another node: name is one of LAUNCHERS ("srun": Slurm's, "pbs": pbs_tmrsh,
-    "sge": qrsh -inherit), or None for the scheduler whose job this process runs in (ssh outside any job)."""
-    env = dict(os.environ if env is None else env)
-    if name is None:
-        return detect(env) or Ssh()
-    from .pbs import PBS
-    from .sge import SGE
-    from .slurm import Slurm
-    try:
-        return {"ssh": Ssh, "srun": Slurm, "slurm": Slurm, "pbs": PBS, "sge": SGE}[name](env)
-    except KeyError:
-        raise ValueError(f"unknown launcher {name!r} (known: {', '.join(LAUNCHERS)})") from None
-
-
-def detect(env: dict | None = None) -> Scheduler | None:
-    env = dict(os.environ if env is None else env)
-    from .pbs import PBS
-    from .sge import SGE
-    from .slurm import Slurm
-    for cls in (Slurm, PBS, SGE):
-        if cls.detect(env):
-            return cls(env)
-    return None
+def hms(text: str) -> int:
+    """[[H:]M:]S in seconds (PBS walltime, Grid Engine h_rt)."""
+    parts = [int(p) for p in text.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts
+    return h * 3600 + m * 60 + s
 
 
 def process_start(pid: int | str = "self") -> float | None:

@@ -7,10 +7,8 @@ It runs as the job's batch script (after `exec`), in the allocation:
      rerun whose checkpoints are gone would silently redo work); a restart maps the checkpoint's nodes to this
      run's allocation (nodes.py: the nodes it still has keep their part, the others' parts move), stopping with
      an error when the allocation is too small (unless the config's gather);
-  2. starts a coordinator and the computation (`hpcckpt launch` or `hpcckpt restart`) in sessions of their own,
-     tied to the driver's life (PR_SET_PDEATHSIG), so signals the scheduler sends to the job reach the driver,
-     which decides; they start with the schedulers' warning signals ignored (Grid Engine may send them to every
-     process of the job), so a warning never kills the coordinator, the agent or the program;
+  2. starts the computation (computation.py: a coordinator and `hpcckpt launch` or `hpcckpt restart`, in
+     sessions of their own, so signals the scheduler sends to the job reach the driver, which decides);
   3. watches: the deadline (end time from the scheduler, minus the lead), the early-warning signal, SIGTERM
      (a cancel, or a preemption), and the computation's end;
   4. at the deadline / on the signal / on preemption: takes a blocking checkpoint; if it completed, kills the
@@ -28,17 +26,16 @@ import os
 import select
 import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 
 from ..agent.sigfd import SignalFd
-from ..applevel import config as applevel_config
-from ..coordinator.client import CoordinatorUnreachable, command
-from ..engine.linux import PR_SET_PDEATHSIG, prctl
+from ..coordinator.client import CoordinatorUnreachable
 from ..faults import fault
 from ..image import journal, levels, store
 from . import nodes as allocation
-from .base import CANCELLED_MARK, Scheduler, SchedulerError
+from .base import CANCELLED_MARK, Requeued, Scheduler, SchedulerError
+from .computation import Computation, ComputationError
 from .config import JobConfig
 
 log = logging.getLogger("hpcckpt.batch")
@@ -57,22 +54,16 @@ class DriverError(RuntimeError):
 WARNING_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
-def _tie_to_parent(ignore: tuple[int, ...] = ()):
-    """preexec_fn for a child: own session (the scheduler's signals to the job's process group miss it), death
-    with the driver (so nothing outlives the job), and the scheduler's warning signals ignored. SIG_IGN survives
-    exec: the coordinator and our launch process stay ignoring them, the agent reads them through its signalfd
-    (blocked signals are queued, not ignored) and passes them on to the program, which starts with them ignored
-    - unless it installs a handler of its own, which then gets them as the user asked."""
-    def preexec() -> None:
-        os.setsid()
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        for sig in ignore:
-            signal.signal(sig, signal.SIG_IGN)
-    return preexec
-
-
 class JobDriver:
-    def __init__(self, sched: Scheduler, cfg: JobConfig, command_line: list[str], fail_rc: int = 99):
+    """The policy. computation(ckptdir, cfg, warning signals): makes what runs and checkpoints the computation
+    (default: the transparent engine, computation.Computation); is_local(host): is host this machine (a restart
+    keeps this machine's part here)."""
+
+    poll_s = 1.0          # how often the deadline and the computation are looked at between signals
+
+    def __init__(self, sched: Scheduler, cfg: JobConfig, command_line: list[str], fail_rc: int = 99,
+                 computation: Callable[[str, JobConfig, tuple[int, ...]], Computation] = Computation,
+                 is_local: Callable[[str], bool] | None = None):
         self.sched = sched
         self.cfg = cfg
         self.command = command_line
@@ -85,15 +76,14 @@ class JobDriver:
         sched.env["HPCCKPT_CKPTDIR"] = self.ckptdir
         self.run_no = sched.run_count()
         self.exit_now: int | None = None
-        self.coord: subprocess.Popen | None = None
-        self.child: subprocess.Popen | None = None
-        self.port = 0
+        self.comp = computation(self.ckptdir, cfg, self._warnings())
+        self.is_local = is_local or (lambda host: False)
         self.last_logged_gen = 0
         self.last_ckpt_s: float | None = None
         self.end: float | None = None
         self.end_checked = 0.0
         self.journal_end: float | None = None     # the deadline last written to the event journal
-        self.requeued = False
+        self.requeued: Requeued | None = None
         self.cancelled = False
         self.status_warned = 0.0
         # when this run began, recorded once: an adapter that cannot learn the run's start from the scheduler
@@ -102,84 +92,13 @@ class JobDriver:
         sched.env["HPCCKPT_STARTED"] = os.environ["HPCCKPT_STARTED"] = f"{self.started:.3f}"
 
     # ------------------------------------------------------------------------------------------ helpers --
-    def _python(self) -> list[str]:
-        return [sys.executable, "-m", "hpcckpt.cli.main"]
-
-    def _env(self) -> dict:
-        env = dict(os.environ)
-        env["HPCCKPT_BATCH"] = "1"                       # launch/agent: the driver handles signals
-        env["HPCCKPT_RUNDIR"] = os.path.join(self.ckptdir, ".run")
-        env.update(applevel_config.job_environment(self.cfg.engine, self.cfg.application))   # engine: signal
-        return env
-
-    def _cmd(self, cmd: str, timeout: float = 30, **kw) -> dict:
-        """Every request has a timeout: the driver must never hang on a coordinator that died or stalled."""
-        return command("127.0.0.1", self.port, cmd, timeout=timeout, **kw)
-
     def _warnings(self) -> tuple[int, ...]:
         own = getattr(signal, "SIG" + self.cfg.signal)
         stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD)
         return tuple(dict.fromkeys(WARNING_SIGNALS + (() if own in stops else (own,))))
 
     def _latest(self) -> store.Manifest | None:
-        comps = store.computations_in(self.ckptdir)
-        best = None
-        for c in comps:
-            m = store.latest_manifest(self.ckptdir, c)
-            if m and (best is None or m.created > best.created):
-                best = m
-        return best
-
-    # -------------------------------------------------------------------------------------------- start --
-    def _start_coordinator(self) -> None:
-        run = os.path.join(self.ckptdir, ".run")
-        os.makedirs(run, mode=0o700, exist_ok=True)
-        port_file = os.path.join(run, "coord.port")
-        if os.path.exists(port_file):
-            os.unlink(port_file)
-        self.coord = subprocess.Popen(
-            self._python() + ["coordinator", "-p", "0", "--port-file", port_file, "--ckptdir", self.ckptdir,
-                              "-i", str(self.cfg.interval), "--keep", str(self.cfg.keep), "-q"],
-            stdin=subprocess.DEVNULL, env=self._env(), preexec_fn=_tie_to_parent(self._warnings()))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if os.path.exists(port_file):
-                try:
-                    self.port = int(open(port_file).read().strip())
-                    return
-                except ValueError:
-                    pass
-            if self.coord.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise DriverError("the coordinator did not start")
-
-    def _start_computation(self, restart: bool, hostfile: str | None = None) -> None:
-        base = self._python()
-        common = ["-j", "-p", str(self.port), "--ckptdir", self.ckptdir] + ([] if self.cfg.compress else
-                                                                            ["--no-gzip"])
-        if restart:
-            argv = base + ["restart", *common, "--from", self.ckptdir] + (["--hostfile", hostfile] if hostfile
-                                                                           else [])
-        else:
-            script = self.command[0]
-            prog = [script] if os.access(script, os.X_OK) else ["/bin/bash", script]
-            argv = base + ["launch", *common, *prog, *self.command[1:]]
-        ignore = () if self.cfg.forward_warning_signal else self._warnings()
-        self.child = subprocess.Popen(argv, env=self._env(), preexec_fn=_tie_to_parent(ignore))
-
-    def _wait_joined(self, timeout: float = 120) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.child.poll() is not None:
-                return False
-            try:
-                if self._cmd("status", timeout=5).get("num_peers", 0) > 0:
-                    return True
-            except CoordinatorUnreachable:
-                pass
-            time.sleep(0.2)
-        return False
+        return self.comp.latest()
 
     # ---------------------------------------------------------------------------------------------- run --
     def _count_run(self) -> None:
@@ -229,21 +148,23 @@ class JobDriver:
         restart = latest is not None
         hostfile = None
         try:
-            if restart:
+            if latest is not None:
                 hostfile = self._place(latest)           # which node restarts which part
             else:
                 self._record_nodes()
         except allocation.NodeError as e:
             log.error("cannot restart on this allocation: %s", e)
             return self.fail_rc
-        self._start_coordinator()
-        if restart:
+        if latest is not None:
             log.info("restarting from checkpoint generation %d of %s (%s)", latest.generation,
                      time.strftime("%H:%M:%S", time.localtime(latest.created)), latest.computation)
         elif self.run_no > 0:
             log.info("no checkpoint completed in the earlier run(s): starting afresh")
-        self._start_computation(restart, hostfile)
-        if restart and self._wait_joined() and self.cfg.post_restart:
+        try:
+            self.comp.start(restart, self.command, hostfile)
+        except ComputationError as e:
+            raise DriverError(str(e)) from None
+        if restart and self.comp.wait_joined() and self.cfg.post_restart:
             self._hook("post_restart", self.cfg.post_restart)
         return self._watch()
 
@@ -264,10 +185,9 @@ class JobDriver:
     def _place(self, latest: store.Manifest) -> str | None:
         """Map the checkpoint's hosts to this run's nodes (sched/nodes.py); a host file for the restart when
         any part moves, else None."""
-        from ..cli.multihost import is_local
         old = allocation.ordered_hosts([i.host for i in latest.images], allocation.read_allocation(self.ckptdir))
         new = self._nodes()
-        here = next((h for h in old if is_local(h)), None)
+        here = next((h for h in old if self.is_local(h)), None)
         mapping = allocation.plan(old, new, self.cfg.gather, here, self.sched.this_node(new))
         self._record_nodes(new)
         moves = {o: n for o, n in mapping.items() if allocation.short(o) != allocation.short(n)}
@@ -287,12 +207,12 @@ class JobDriver:
                        ([notify] if notify else []))
         try:
             while True:
-                code = self.child.poll()
+                code = self.comp.poll()
                 if code is not None:
                     rc = self._finished(code)
                     self._late_signals(sfd)
                     return rc
-                ready = select.select([sfd.fd], [], [], 1.0)[0]
+                ready = select.select([sfd.fd], [], [], self.poll_s)[0]
                 if ready:
                     for signo, _, sender in sfd.read():
                         if signo == warn:
@@ -327,12 +247,8 @@ class JobDriver:
         """forward_warning_signal: the program gets the warning too. Grid Engine already sent it to every
         process of the job; Slurm's B: and PBS reach only the batch script (us): pass it to our launch process,
         which hands it to the agent, which signals the program."""
-        if not self.cfg.forward_warning_signal or self.sched.name == "sge":
-            return
-        try:
-            os.kill(self.child.pid, signo)
-        except ProcessLookupError:
-            pass
+        if self.cfg.forward_warning_signal and not self.sched.warns_every_process:
+            self.comp.signal(signo)
 
     def _finished(self, code: int) -> int:
         self._log_checkpoints()
@@ -373,10 +289,11 @@ class JobDriver:
         if self.requeued:
             # the scheduler stops this run after our requeue; but a cancel that lands after a PBS continuation
             # was submitted must stop the chain too
-            if getattr(self.sched, "continuation", None) and self.sched.cancelled():
+            nxt = self.requeued.continuation
+            if nxt and self.sched.cancelled():
                 log.info("%s: the job was cancelled after its continuation was submitted; withdrawing it", name)
                 self._mark_cancelled()
-                self.sched.cancel_continuation()
+                self.sched.cancel_continuation(nxt)
             return
         if self.sched.cancelled():
             log.info("%s: the job was cancelled; stopping the computation without requeue", name)
@@ -428,18 +345,18 @@ class JobDriver:
         levels.wait_drained(self.ckptdir, self._checkpoint_timeout())   # the next run may be on other nodes
         self._kill_computation()
         try:
-            code = self.sched.requeue()
+            done = self.sched.requeue()
         except SchedulerError as e:
             log.error("requeue failed: %s", e)
             return
-        self.requeued = True
-        how = getattr(self.sched, "continuation", None)
+        self.requeued = done
+        how = done.continuation
         journal.record(self.ckptdir, "requeue", job=self.job, continuation=how, generation=reply.get("generation"))
         log.info("job %s %s; the next run restarts from generation %s", self.job,
                  f"continues as job {how}" if how else "requeued", reply.get("generation"))
         fault("batch.after_requeue")
-        if code is not None:
-            self.exit_now = code
+        if done.exit_code is not None:
+            self.exit_now = done.exit_code
 
     def _checkpoint_timeout(self) -> float:
         """How long a deadline checkpoint may take: the config's checkpoint_timeout, else until 5 s before the
@@ -451,49 +368,18 @@ class JobDriver:
         return 900.0
 
     def _checkpoint(self) -> dict:
-        limit = self._checkpoint_timeout()
-        give_up = time.monotonic() + limit
-        while True:
-            left = give_up - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                reply = self._cmd("bcheckpoint", timeout=left)
-            except CoordinatorUnreachable as e:
-                if "no answer" in str(e):
-                    log.error("checkpoint request timed out: the coordinator (pid %s) gave no answer within "
-                              "%.0f s", self.coord.pid if self.coord else "?", limit)
-                return {"ok": False, "error": str(e)}
-            if reply.get("ok") or "already in progress" not in str(reply.get("error")):
-                if reply.get("ok"):
-                    store.atomic_write(os.path.join(self.ckptdir, EVER_COMPLETED), b"")
-                return reply
-            time.sleep(0.5)          # an interval checkpoint is running: wait for it, then take ours
-        log.error("checkpoint request timed out: an earlier checkpoint was still in progress after %.0f s", limit)
-        return {"ok": False, "error": f"no checkpoint could start within {limit:.0f} s"}
+        """Take the deadline checkpoint (the one place: the computation says how), and remember that one
+        completed."""
+        reply = self.comp.checkpoint(self._checkpoint_timeout())
+        if reply.get("ok"):
+            store.atomic_write(os.path.join(self.ckptdir, EVER_COMPLETED), b"")
+        return reply
 
     def _kill_computation(self) -> None:
-        try:
-            self._cmd("kill", timeout=10)
-        except CoordinatorUnreachable as e:
-            log.warning("kill request: %s; killing our launch process instead", e)
-        try:
-            self.child.wait(30)
-        except subprocess.TimeoutExpired:
-            log.warning("the computation did not stop within 30 s of the kill request; killing it")
-            self.child.kill()
-            try:
-                self.child.wait(10)
-            except subprocess.TimeoutExpired:
-                log.error("the launch process (pid %d) survives SIGKILL; going on without it", self.child.pid)
+        self.comp.kill()
 
     def _stop_coordinator(self) -> None:
-        if self.coord and self.coord.poll() is None:
-            self.coord.terminate()
-            try:
-                self.coord.wait(10)
-            except subprocess.TimeoutExpired:
-                self.coord.kill()
+        self.comp.stop()
 
     def _hook(self, name: str, cmd: str) -> None:
         log.info("running %s hook: %s", name, cmd)
@@ -501,7 +387,7 @@ class JobDriver:
         if self.end is not None:
             limit = max(10.0, min(limit, (self.end - time.time()) / 2))   # leave time for the checkpoint
         try:
-            r = subprocess.run(cmd, shell=True, env=self._env(), timeout=limit)
+            r = subprocess.run(cmd, shell=True, env=self.comp.env(), timeout=limit)
         except subprocess.TimeoutExpired:
             log.warning("%s hook did not finish within %.0f s; going on without it", name, limit)
             return
@@ -510,7 +396,7 @@ class JobDriver:
 
     def _log_checkpoints(self, final: bool = False) -> None:
         try:
-            st = self._cmd("status", timeout=5)
+            st = self.comp.status()
         except CoordinatorUnreachable as e:
             if final or time.monotonic() - self.status_warned > 60:
                 log.warning("status request: %s", e)

@@ -16,8 +16,12 @@ import json
 import os
 import shlex
 import time
+from typing import TYPE_CHECKING
 
-from .base import CANCELLED_MARK, Scheduler, SchedulerError
+from .base import CANCELLED_MARK, QSUB_FLAGS, Requeued, Scheduler, SchedulerError, hms, read_directives
+
+if TYPE_CHECKING:
+    from .config import JobConfig
 
 
 def parse_qstat_f(text: str) -> dict[str, str]:
@@ -46,10 +50,9 @@ def split_v(text: str) -> list[str]:
 
 def directive_v(script: str) -> list[str]:
     """The -v items of a script's #PBS lines (qsub reads directives up to the first command)."""
-    from ..cli.batch import directives
     items: list[str] = []
     try:
-        lines = directives(script, "#PBS")
+        lines = read_directives(script, "#PBS")
     except OSError:
         return items
     for line in lines:
@@ -100,17 +103,13 @@ def _v_item(item: str) -> str:
     return item
 
 
-def hms(text: str) -> int:
-    parts = [int(p) for p in text.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    h, m, s = parts
-    return h * 3600 + m * 60 + s
-
-
 class PBS(Scheduler):
     name = "pbs"
     directive = "#PBS"
+    launcher = "pbs"
+    wrapper_commands = ("qsub", "qstat")
+    option_flags = QSUB_FLAGS
+    option_pairs = frozenset({"-pe"})
 
     @classmethod
     def detect(cls, env: dict) -> bool:
@@ -126,9 +125,9 @@ class PBS(Scheduler):
             return 0
 
     def _qstat(self) -> dict[str, str]:
-        return parse_qstat_f(self.run([self._cmd("qstat"), "-f", self.job_id()]))
+        return parse_qstat_f(self.run([self.command("qstat"), "-f", self.job_id()]))
 
-    def _cmd(self, name: str) -> str:
+    def command(self, name: str) -> str:
         exec_dir = self.env.get("PBS_EXEC")
         return os.path.join(exec_dir, "bin", name) if exec_dir else self.env.get(f"HPCCKPT_{name.upper()}", name)
 
@@ -164,7 +163,7 @@ class PBS(Scheduler):
         except OSError:
             pass
         try:
-            a = parse_qstat_f(self.run([self._cmd("qstat"), "-x", "-f", prev]))
+            a = parse_qstat_f(self.run([self.command("qstat"), "-x", "-f", prev]))
         except SchedulerError:
             return None                  # no job history on this server: the mark is what we have
         comment = a.get("comment", "")
@@ -172,13 +171,11 @@ class PBS(Scheduler):
             return f"job {prev} was deleted by its user ({comment or 'Exit_status 271'})"
         return None
 
-    def cancel_continuation(self) -> None:
-        nxt = getattr(self, "continuation", None)
-        if nxt:
-            try:
-                self.run([self._cmd("qdel"), nxt])
-            except SchedulerError:
-                pass                     # it checks how we ended (predecessor_stopped) anyway
+    def cancel_continuation(self, continuation: str) -> None:
+        try:
+            self.run([self.command("qdel"), continuation])
+        except SchedulerError:
+            pass                         # it checks how we ended (predecessor_stopped) anyway
 
     def submit_dir(self) -> str:
         return self.env.get("PBS_O_WORKDIR") or os.getcwd()
@@ -196,10 +193,10 @@ class PBS(Scheduler):
     def remote_command(self, host: str, argv: list[str]) -> list[str]:
         """pbs_tmrsh (the Task Manager's rsh): the command runs as a task of this job on host, which must be
         in $PBS_NODEFILE."""
-        return [self._cmd("pbs_tmrsh"), host, *argv]
+        return [self.command("pbs_tmrsh"), host, *argv]
 
-    def requeue(self) -> int | None:
-        """Submit the continuation (our own wrapper again, after this job) and return 0: this run ends."""
+    def requeue(self) -> Requeued:
+        """Submit the continuation (our own wrapper again, after this job); this run then ends with 0."""
         wrapper = self.env.get("HPCCKPT_WRAPPER")
         if not wrapper or not os.path.exists(wrapper):
             raise SchedulerError("cannot continue: the wrapper script (HPCCKPT_WRAPPER) is gone")
@@ -213,10 +210,24 @@ class PBS(Scheduler):
         opts = merge_v(opts, wrapper, {k: v for k, v in carry.items() if v})
         # from the submit directory, like the first job: relative -o/-e paths and the default .o/.e files land
         # there, and PBS_O_WORKDIR stays the same
-        out = self.run([self._cmd("qsub"), *opts, "-W", f"depend=afterany:{self.job_id()}", wrapper],
+        out = self.run([self.command("qsub"), *opts, "-W", f"depend=afterany:{self.job_id()}", wrapper],
                        cwd=self.submit_dir())
-        self.continuation = out.strip()
-        return 0
+        return Requeued(exit_code=0, continuation=out.strip())
+
+    # -- the submit side --------------------------------------------------------------------------------------
+    @classmethod
+    def installed(cls, env: dict[str, str]) -> bool:
+        return bool(env.get("PBS_EXEC"))
+
+    def wrapper_directives(self, cfg: JobConfig) -> list[str]:
+        return ["#PBS -r n"]                     # we continue with our own follow-up job, not a rerun
+
+    def submit_options(self, opts: list[str], wrapper: str) -> list[str]:
+        """One -v (qsub keeps only the last): the user's, with the wrapper's path for the continuations."""
+        return merge_v(opts, wrapper, {"HPCCKPT_WRAPPER": wrapper})
+
+    def after_job_options(self, job_id: str) -> list[str]:
+        return ["-W", f"depend=afterany:{job_id}"]
 
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
-        return self.run([self._cmd("qsub"), *options, script_path], cwd=cwd).strip()
+        return self.run([self.command("qsub"), *options, script_path], cwd=cwd).strip()

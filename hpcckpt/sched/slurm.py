@@ -11,8 +11,18 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import TYPE_CHECKING
 
-from .base import Scheduler, SchedulerError
+from .base import Requeued, Scheduler, SchedulerError
+
+if TYPE_CHECKING:
+    from .config import JobConfig
+
+# sbatch options that take no value (everything else starting with "-" and without "=" takes the next word)
+SBATCH_FLAGS = frozenset({
+    "--requeue", "--no-requeue", "--exclusive", "-H", "--hold", "--parsable", "-W", "--wait", "--test-only", "-v",
+    "--verbose", "-Q", "--quiet", "-O", "--overcommit", "--contiguous", "--spread-job", "--use-min-nodes",
+    "--ignore-pbs", "--no-kill", "-k", "--oversubscribe", "-s", "--get-user-env", "--reboot", "--thread-spec"})
 
 
 def parse_duration(text: str) -> int | None:
@@ -37,6 +47,9 @@ def parse_duration(text: str) -> int | None:
 class Slurm(Scheduler):
     name = "slurm"
     directive = "#SBATCH"
+    launcher = "srun"
+    keeps_wrapper = False           # sbatch keeps its own copy of the script; a requeue reruns that
+    option_flags = SBATCH_FLAGS
 
     @classmethod
     def detect(cls, env: dict) -> bool:
@@ -55,7 +68,7 @@ class Slurm(Scheduler):
 
     def _show(self) -> dict[str, str]:
         out = self.run(["scontrol", "show", "job", "-o", self.env["SLURM_JOB_ID"]])
-        fields = {}
+        fields: dict[str, str] = {}
         for m in re.finditer(r"(\S+?)=(\S*)", out):
             fields.setdefault(m.group(1), m.group(2))
         return fields
@@ -75,9 +88,9 @@ class Slurm(Scheduler):
             return None
         return time.time() + left
 
-    def requeue(self) -> int | None:
+    def requeue(self) -> Requeued:
         self.run(["scontrol", "requeue", self.job_id()])
-        return None              # Slurm stops this run itself
+        return Requeued(exit_code=None)          # Slurm stops this run itself
 
     def cancelled(self) -> bool:
         """scancel shows as COMPLETING (then CANCELLED) by the time the job gets its SIGTERM; a preemption
@@ -104,6 +117,37 @@ class Slurm(Scheduler):
 
     def this_node(self, nodes: list[str]) -> str:
         return self.env.get("SLURMD_NODENAME") or super().this_node(nodes)
+
+    # -- the submit side --------------------------------------------------------------------------------------
+    def split_options(self, args: list[str]) -> tuple[list[str], list[str]]:
+        """sbatch's way: --opt=value and bundled short options (-N2) are one word; the flags none; every other
+        option takes the next word."""
+        opts: list[str] = []
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a == "--":
+                return opts, args[i + 1:]
+            if not a.startswith("-") or a == "-":
+                return opts, args[i:]
+            opts.append(a)
+            bundled = not a.startswith("--") and len(a) > 2
+            if "=" not in a and a not in self.option_flags and not bundled and i + 1 < len(args):
+                opts.append(args[i + 1])
+                i += 1
+            i += 1
+        return opts, []
+
+    def wrapper_directives(self, cfg: JobConfig) -> list[str]:
+        """Requeue on, the output appended across reruns, and the warning signal as the backup trigger:
+        slurmctld sends it up to 30 s late (it checks limits every 30 s), so it is asked for with a shorter lead
+        than the driver's own deadline."""
+        lead = cfg.lead if cfg.lead != "auto" else cfg.min_lead
+        return ["#SBATCH --requeue", "#SBATCH --open-mode=append",
+                f"#SBATCH --signal=B:{cfg.signal}@{max(10, int(lead) // 3)}"]
+
+    def after_job_options(self, job_id: str) -> list[str]:
+        return [f"--dependency=afterany:{job_id}", "--open-mode=append"]
 
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
         out = self.run(["sbatch", "--parsable", *options, script_path])
