@@ -13,12 +13,31 @@ any installation restores any image.
 """
 from __future__ import annotations
 
+import os
 import threading
 
-try:
-    import numpy as _np
-except ImportError:   # pragma: no cover - numpy is a dependency; without it nothing is shuffled
-    _np = None
+
+def _import_numpy():
+    """numpy without its BLAS thread pool: the shuffle is a transpose, no BLAS, and a native thread started at
+    import does not have the signals our processes take through signalfd blocked (the batch driver's warning
+    signal went to that thread and killed the driver). The variables are put back: the job must not see them."""
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    saved = {n: os.environ.get(n) for n in names}
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        import numpy
+        return numpy
+    except ImportError:   # pragma: no cover - numpy is a dependency; without it nothing is shuffled
+        return None
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+_np = _import_numpy()
 
 CODEC_ZSTD = "zstd"
 CODEC_ZSTD_SHUFFLE8 = "zstd-shuffle8"     # zstd of the chunk byte-shuffled in 8-byte words
