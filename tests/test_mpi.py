@@ -273,8 +273,8 @@ def test_listener_port_reclaimed_from_time_wait():
     import socket
     if os.geteuid() != 0:
         pytest.skip("clearing TIME_WAIT connections needs CAP_NET_ADMIN (unprivileged restores wait them out)")
-    from hpcckpt.engine import tcp
-    from hpcckpt.engine.tcpinfo import time_wait_holders
+    from hpcckpt.engine.fds.tcp import kind as tcp
+    from hpcckpt.engine.fds.tcp.info import time_wait_holders
     lsk = socket.socket()
     lsk.bind(("127.0.0.1", 0))
     lsk.listen()

@@ -20,8 +20,9 @@ import zmq
 from .. import plugins
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..engine import dump as engine_dump
-from ..engine import tcpdrain, tree, wptrack
-from ..engine.fdtable import FdTable
+from ..engine import tree, wptrack
+from ..engine.fds.fdtable import FdTable
+from ..engine.fds.tcp import drain as tcpdrain
 from ..engine.forker import left_snapshot
 from ..engine.maps import vmflags_hint
 from ..faults import fault

@@ -6,7 +6,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
-from ..engine import procattrs, tcpdrain, tree
+from ..engine import procattrs, tree
+from ..engine.fds.tcp import drain as tcpdrain
 from ..engine.freeze import FrozenProcess
 
 log = logging.getLogger("hpcckpt.agent")

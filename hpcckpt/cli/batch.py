@@ -305,7 +305,7 @@ def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run
         sched = {"slurm": Slurm, "pbs": PBS, "sge": SGE}.get(args.scheduler, lambda: detect())()
         if sched is None:
             raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset)")
-        from ..image.store import ManifestError
+        from ..image.manifest_check import ManifestError
         from ..sched.driver import JobDriver
         from .common import env_fail_rc
         try:

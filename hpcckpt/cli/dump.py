@@ -23,9 +23,8 @@ from ..agent.procs import new_agent_id, new_unique_id, program_of
 from ..coordinator.script import write_restart_script
 from ..engine import dump as engine_dump
 from ..engine import tree
-from ..engine.fdtable import FdTable, UnsupportedFd
-from ..engine.freeze import FreezeError
-from ..engine.inject import ProcessGone
+from ..engine.errors import FreezeError, ProcessGone, UnsupportedFd
+from ..engine.fds.fdtable import FdTable
 from ..engine.procattrs import children_of
 from ..image import journal, safefs, store
 from .common import Fail, Parser, run_main, settings_from, setup_logging
@@ -105,7 +104,7 @@ def _problems(pids: list[int], root: int) -> list[str]:
     """Every descriptor that cannot be saved, one line each (a dry run of the descriptor scan, which otherwise
     stops at the first); nothing is frozen or changed."""
     t = FdTable(pids, stdio_pid=root, force=True)
-    quiet = logging.getLogger("hpcckpt.engine.fdtable")
+    quiet = logging.getLogger("hpcckpt.engine.fds.fdtable")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:

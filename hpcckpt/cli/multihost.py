@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
 
+from ..hostnames import is_local
 from ..settings import SettingsError, read_config_text
 from .common import Fail
 
@@ -59,21 +59,6 @@ def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, st
     else:
         raise Fail(f"host file {path}: give one host per line, or 'OLD NEW' per line")
     return [(mapping.get(h, h), img, h) for h, img in rows]
-
-
-def is_local(host: str) -> bool:
-    names = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
-    try:
-        names.add(socket.getfqdn())
-    except OSError:
-        pass
-    if host in names or host.split(".")[0] in names:
-        return True
-    try:
-        from ..engine.tcpinfo import local_ipv4s
-        return socket.gethostbyname(host) in local_ipv4s() and not socket.gethostbyname(host).startswith("127.")
-    except OSError:
-        return False
 
 
 def address_towards(host: str) -> str:
@@ -199,7 +184,6 @@ def stop_remote(procs: list[tuple[str, subprocess.Popen]]) -> None:
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
-
 
 
 class Watcher:

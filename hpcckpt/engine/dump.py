@@ -13,15 +13,19 @@ import time
 from dataclasses import dataclass
 
 from .. import __version__
+from ..image.blobs import write_blobs
 from ..image.format import ImageError, ImageReader, ImageWriter
+from ..image.incremental import previous_hashes
+from ..image.pagehash import HASH_ALGO
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import forker, memory, procattrs, ptrace, signals, sysvshm, threads, timers, wptrack
-from . import incremental as incremental_mod
-from .fdtable import FdTable
+from . import forker, memory, procattrs, ptrace, signals, threads, timers, wptrack
+from .errors import SnapshotError
+from .fds.fdtable import FdTable
 from .freeze import FrozenProcess
 from .linux import SYS
 from .maps import read_maps_fast
 from .remote import Scratch
+from .shm import sysvshm
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ def snapshot(cap: Capture, parent_is_agent: bool, preread_limit: int = 1 << 30) 
         return 0
     try:
         cap.snapshot_pid = forker.fork_snapshot(cap.fp, parent_is_agent)
-    except (forker.SnapshotError, OSError) as e:
+    except (SnapshotError, OSError) as e:
         log.warning("pid %d: no copy-on-write snapshot (%s); writing its image while it is stopped", cap.fp.pid, e)
         _undefer(cap)
         return 0
@@ -176,7 +180,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
     previous, base_meta = {}, None
     if incremental and base:
         try:
-            previous = incremental_mod.previous_hashes(base)
+            previous = previous_hashes(base)
             with ImageReader(base) as br:
                 base_meta = br.meta
         except (ImageError, OSError) as e:
@@ -190,8 +194,8 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
     dumper = memory.MemoryDumper(source, writer, progress, snapshot=bool(cap.snapshot_pid))
     try:
         proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous, tracked=tracked)
-        blobs = memory.write_blobs(writer, cap.blobs)
-        hash_blobs = memory.write_blobs(writer, {f"hashes:{i}": bytes(p.hashes) for i, p in enumerate(cap.plans)
+        blobs = write_blobs(writer, cap.blobs)
+        hash_blobs = write_blobs(writer, {f"hashes:{i}": bytes(p.hashes) for i, p in enumerate(cap.plans)
                                                  if p.hashes is not None})
         t_mem = time.monotonic()
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
@@ -203,7 +207,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         proc.blobs = blobs
         for i, p in enumerate(cap.plans):
             if p.hashes is not None:
-                p.rec.hashes = {**hash_blobs[f"hashes:{i}"], "algo": incremental_mod.HASH_ALGO}
+                p.rec.hashes = {**hash_blobs[f"hashes:{i}"], "algo": HASH_ALGO}
         if base_meta is not None and previous:
             meta.base = os.path.relpath(base, os.path.dirname(os.path.abspath(path)))
             meta.needs = sorted(set(base_meta.get("needs") or [base_meta["generation"]]) | {generation})

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, RegionRecord
-from .eventfds import register_epoll_items
-from .fdtable import ObjectFactory
+from .errors import RestoreError
+from .fds.eventfds import register_epoll_items
+from .fds.fdtable import ObjectFactory
+from .fds.locks import posix_for
+from .fds.terminals.ttys import plan_session, session_terminal
 from .linux import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -34,12 +37,11 @@ from .linux import (
     PROT_WRITE,
     TASK_SIZE,
     mmap,
+    set_next_pid,
 )
-from .locks import posix_for
 from .maps import read_maps
 from .pidfork import fork_at
-from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE, RestoreError
-from .ttys import plan_session, session_terminal
+from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE
 
 
 @dataclass
@@ -213,7 +215,6 @@ def park_pid_cursor(ids: set[int], free: set[int]) -> None:
     move the cursor).
     Allocation is cyclic up to pid_max: an image whose PIDs reach the top gets the cursor at its largest gap.
     free: those of ids that must not exist yet."""
-    from ..agent.namespaces import set_next_pid
     for pid in sorted(free):
         if os.path.exists(f"/proc/{pid}"):
             raise RestoreError(f"PID {pid} is already taken in this PID namespace by {_holder(pid)}; "

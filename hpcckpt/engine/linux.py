@@ -205,3 +205,9 @@ def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, off: int =
 
 def errno_name(e: int) -> str:
     return errno.errorcode.get(e, str(e))
+
+
+def set_next_pid(pid: int) -> None:
+    """The next process or thread this PID namespace creates gets `pid` (nothing else may fork meanwhile)."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))

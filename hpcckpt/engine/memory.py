@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
 from ..image.records import RegionRecord
+from .errors import UnsupportedMapping
 from .inject import Injector
 from .linux import (
     MAP_ANONYMOUS,
@@ -45,10 +46,6 @@ from .linux import (
 from .maps import Mapping, populated_runs, read_maps, sparse_reservation
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedMapping(RuntimeError):
-    pass
 
 
 def _file_identity(path: str, inode: int) -> tuple[int, int] | None:
@@ -102,7 +99,7 @@ class RegionPlan:
         """The HashSpec for pages [first, first+n) (None when not hashing)."""
         if self.hashes is None:
             return None
-        from .incremental import HASH_SIZE, HashSpec
+        from ..image.pagehash import HASH_SIZE, HashSpec
         lo, hi = first * HASH_SIZE, (first + n) * HASH_SIZE
         return HashSpec(memoryview(self.hashes)[lo:hi], self.prev[lo:hi] if self.prev is not None else None)
 
@@ -224,7 +221,8 @@ class MemoryDumper:
                 os.close(pagemap)
         for p in plans:
             if hashes and not sparse_reservation(p.m, p.runs):   # a reservation's few pages: stored as they are
-                from .incremental import HASH_SIZE, region_key
+                from ..image.incremental import region_key
+                from ..image.pagehash import HASH_SIZE
                 p.hashes = bytearray(HASH_SIZE * p.m.npages)
                 prev = (previous or {}).get(region_key(p.rec))
                 p.prev = prev if prev is not None and len(prev) == len(p.hashes) else None
@@ -350,24 +348,6 @@ class MemoryDumper:
             self.pages_dumped += 1
 
 
-def write_blobs(writer: ImageWriter, blobs: dict[str, bytes]) -> dict[str, dict]:
-    """Store objects' bulk data (e.g. a deleted file's content) as chunks; returns the blob table."""
-    out = {}
-    for oid, data in blobs.items():
-        padded = data + b"\0" * ((-len(data)) % PAGE)
-        chunks = []
-        for off in range(0, len(padded), CHUNK_PAGES * PAGE):
-            piece = padded[off:off + CHUNK_PAGES * PAGE]
-            chunks.append(writer.add_chunk(off // PAGE, len(piece) // PAGE, piece))
-        out[oid] = {"length": len(data), "chunks": chunks}
-    return out
-
-
-def read_blob(reader: ImageReader, spec: dict) -> bytes:
-    parts = [reader.read_chunk(Chunk.from_json(c)) for c in spec["chunks"]]
-    return b"".join(parts)[: spec["length"]]
-
-
 def _filler(data: bytes):
     def produce(buf, data=data):
         buf[:len(data)] = data
@@ -488,7 +468,7 @@ class MemoryFiller:
 
     def _fill_chain(self, regions: list[RegionRecord]) -> None:
         """An incremental image: each page from the newest image of the chain that holds its content."""
-        from .incremental import open_chain, region_key, resolve
+        from ..image.incremental import open_chain, region_key, resolve
         chain = open_chain(self.reader)
         try:
             self._run([(reader, c, runs, r.start) for r in regions if r.hashes

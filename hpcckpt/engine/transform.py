@@ -22,11 +22,14 @@ import time
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, ProcessRecord, RegionRecord, unb64
-from . import locks, memory, ptrace, signals, sysvshm, threads, timers
+from . import memory, ptrace, signals, threads, timers
+from .errors import RestoreError, SysvError
+from .fds import locks
 from .inject import Injector
 from .linux import MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS, TASK_SIZE
 from .maps import SPECIAL, read_maps
 from .procattrs import RLIMITS, pack_mm_map
+from .shm import sysvshm
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +39,6 @@ SCRATCH_SIZE = 31 * PAGE
 PARK_OFF = 32 * PAGE
 CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000   # VM|FS|FILES|SIGHAND|THREAD|SYSVSEM
 TRAMPOLINE_CODE = b"\x0f\x05\xcc"  # syscall; int3
-
-
-class RestoreError(RuntimeError):
-    """Restore failed; the message says why (the helper processes have been killed)."""
 
 
 class Scratch:
@@ -173,7 +172,7 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
     t = time.monotonic()
     try:
         sysvshm.attach_all(inj, proc.regions, plan.sysv)
-    except sysvshm.SysvError as e:
+    except SysvError as e:
         raise RestoreError(str(e)) from None
     for reg in proc.regions:
         if reg.backing == "sysv":

@@ -18,8 +18,8 @@ WALL = 0x40000000
 VFORK_WAIT_S = float(os.environ.get("HPCCKPT_VFORK_WAIT", "5"))
 
 from . import freeze as freezing
-from .freeze import FreezeError, FrozenProcess, VforkBusy, freeze
-from .inject import ProcessGone
+from .errors import FreezeError, ProcessGone, VforkBusy
+from .freeze import FrozenProcess, freeze
 from .procattrs import children_of
 
 log = logging.getLogger(__name__)

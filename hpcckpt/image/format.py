@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..faults import fault
 from . import auth
 from .codec import CODECS, Compressor, decompress
+from .pagehash import changed_runs, changed_runs_scattered
 
 try:                  # the same CRC-32 as zlib's, ~10x faster (ISA-L, carry-less multiply): 0.03 s/GiB, not 0.3
     from isal.isal_zlib import crc32
@@ -146,11 +147,9 @@ class ImageWriter:
         view = memoryview(raw)[:npages * PAGE_SIZE]
         produce(view)
         if scattered is not None:        # (write tracking: one hashing call for all the runs, not one a run)
-            from ..engine.incremental import changed_runs_scattered
             runs = changed_runs_scattered(view, *scattered, zero_skip)     # (page in the buffer, pages, in region)
         else:
             if hashing is not None:      # incremental images: hash pages, store the changed ones
-                from ..engine.incremental import changed_runs
                 found = changed_runs(view, npages, hashing, zero_skip)
             else:
                 found = _nonzero_runs(view, npages) if zero_skip else [(0, npages)]

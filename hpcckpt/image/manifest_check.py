@@ -10,10 +10,13 @@ import stat
 MAX_MANIFEST = 64 << 20
 
 
+class ManifestError(ValueError):
+    """A manifest that is not authentic or not well formed; the message is one line naming it."""
+
+
 def read_regular(path: str) -> bytes:
     """A manifest file's bytes. OSError if it cannot be read; ManifestError if it is not a regular file (a FIFO
     would block the reader forever; O_NONBLOCK lets the open return so fstat can refuse it)."""
-    from .store import ManifestError
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         st = os.fstat(fd)
@@ -31,8 +34,7 @@ def read_regular(path: str) -> bytes:
 
 def _want(cond: bool, what: str) -> None:
     if not cond:
-        from .store import ManifestError
-        raise ManifestError(f"not a checkpoint manifest: {what}")
+            raise ManifestError(f"not a checkpoint manifest: {what}")
 
 
 def _is_int(v) -> bool:
@@ -46,7 +48,6 @@ def _is_num(v) -> bool:
 def parse_manifest(manifest_cls, entry_cls, data: bytes):
     """A Manifest from JSON bytes, every field checked for its type; keys this version does not know are
     ignored (a newer writer may add some)."""
-    from .store import ManifestError
     try:
         d = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -19,6 +19,7 @@ import re
 
 from .codec import CODECS
 from .format import ALIGN, CHUNK_PAGES, CODEC_RAW, HEADER_SIZE, PAGE_SIZE, ImageError
+from .records import FD_KINDS
 
 USER_END = 0x00FF_FFFF_FFFF_F000          # the top of user space with 5-level paging (47-bit machines: lower)
 VSYSCALL = (0xFFFF_FFFF_FF60_0000, 0xFFFF_FFFF_FF60_1000)
@@ -57,8 +58,7 @@ def _nr_open() -> int:
 
 
 def _known_fd_kinds() -> set[str]:
-    from ..engine.kinds import KINDS  # the handler registry: a new kind is known as soon as it is added
-    return {k.KIND for k in KINDS} | {"stdio"}
+    return set(FD_KINDS)
 
 
 class _Extents:

@@ -262,7 +262,7 @@ class JobDriver:
     def _place(self, latest: store.Manifest) -> str | None:
         """Map the checkpoint's hosts to this run's nodes (sched/nodes.py); a host file for the restart when
         any part moves, else None."""
-        from ..cli.multihost import is_local
+        from ..hostnames import is_local
         old = allocation.ordered_hosts([i.host for i in latest.images], allocation.read_allocation(self.ckptdir))
         new = self._nodes()
         here = next((h for h in old if is_local(h)), None)

@@ -49,7 +49,7 @@ def parse(info_text: str, pid: int) -> list[dict]:
 
 def dump_into(state: dict, ofd: list) -> None:
     """Record the locks held through one open file description (FdEntry list) into its object state."""
-    from .fdtable import UnsupportedFd
+    from ..errors import UnsupportedFd
     seen = []
     for e in ofd:
         try:
@@ -91,7 +91,7 @@ def _holder(fd: int, lk: dict) -> str:
 
 def take_on_description(fd: int, state: dict) -> None:
     """flock and OFD locks of a description the agent just recreated (fd)."""
-    from .fdtable import UnsupportedFd
+    from ..errors import UnsupportedFd
     path = state.get("path", "?")
     for lk in state.get("locks", ()):
         try:
@@ -123,8 +123,8 @@ def posix_for(proc, objects: dict[str, dict]) -> list[tuple[int, dict, str]]:
 
 def restore_posix(inj, scratch, pid: int, locks: list[tuple[int, dict, str]]) -> None:
     """Take the process's POSIX locks by injected fcntl(F_SETLK): the lock owner must be the process itself."""
-    from .linux import SYS
-    from .transform import RestoreError
+    from ..errors import RestoreError
+    from ..linux import SYS
     for fd, lk, path in locks:
         scratch.write(0, _flock_struct(lk))
         r = inj.call(SYS.fcntl, fd, F_SETLK, scratch.addr)

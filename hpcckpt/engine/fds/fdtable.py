@@ -17,75 +17,13 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 
-from ..image.records import FdRecord
-from .linux import SYS, syscall
+from ...image.records import FdRecord
+from ..errors import UnsupportedFd
+from .entry import DumpContext, FdEntry, kcmp_same_file, list_fds, read_fd
 
 log = logging.getLogger(__name__)
 
-O_CLOEXEC = 0o2000000
-KCMP_FILE = 0
-
-
-class UnsupportedFd(RuntimeError):
-    """A descriptor this engine cannot checkpoint; the message names process, fd and kind."""
-
-
-@dataclass
-class FdEntry:
-    """One descriptor of one frozen process, as /proc shows it."""
-    pid: int
-    fd: int
-    target: str
-    dev: int
-    ino: int
-    mode: int
-    flags: int               # open flags without O_CLOEXEC
-    pos: int
-    cloexec: bool
-    info: dict
-    info_text: str
-
-    def where(self) -> str:
-        return f"pid {self.pid} fd {self.fd}"
-
-
-def read_fd(pid: int, fd: int) -> FdEntry | None:
-    link = f"/proc/{pid}/fd/{fd}"
-    try:
-        target = os.readlink(link)
-        st = os.stat(link)
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    info = {}
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        info.setdefault(k.strip(), v.strip())
-    flags = int(info.get("flags", "0"), 8)
-    return FdEntry(pid, fd, target, st.st_dev, st.st_ino, st.st_mode, flags & ~O_CLOEXEC,
-                   int(info.get("pos", "0")), bool(flags & O_CLOEXEC), info, text)
-
-
-def list_fds(pid: int) -> list[FdEntry]:
-    """The process's descriptors ([] if it has exited meanwhile)."""
-    out = []
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, ProcessLookupError):
-        return out
-    from .wptrack import is_ours
-    for name in sorted(names, key=int):
-        e = read_fd(pid, int(name))
-        if e is not None and not is_ours(e.fd, e.target, e.info_text):     # our write tracking's descriptor
-            out.append(e)
-    return out
-
-
-def kcmp_same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
-    return syscall(SYS.kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0
 
 
 def describe_kind(e: FdEntry) -> str:
@@ -93,7 +31,7 @@ def describe_kind(e: FdEntry) -> str:
     if t.startswith("pipe:"):
         return "pipe"
     if t.startswith("socket:"):
-        from .tcp import describe_inet
+        from .tcp.kind import describe_inet
         return describe_inet(e) or "socket"
     if t.startswith("anon_inode:"):
         return t[len("anon_inode:"):].strip("[]")
@@ -106,33 +44,12 @@ def describe_kind(e: FdEntry) -> str:
     return "file"
 
 
-@dataclass
-class DumpContext:
-    """What handlers may use while dumping: the agent's own stdio, a place for bulk data, all entries."""
-    entries: dict[tuple[int, int], FdEntry]
-    blobs: dict[str, bytes] = field(default_factory=dict)       # object id -> data to store as image chunks
-    objects: dict[str, dict] = field(default_factory=dict)      # object id -> state
-    owners: dict[str, int] = field(default_factory=dict)        # object id -> pid whose image stores it
-    drained: dict = field(default_factory=dict)                 # socket inode -> bytes drained (tcp.Drained)
-    counter: int = 0
-    stdio_pid: int = 0                                          # whose stdio is the launching command's
-
-    def new_id(self, prefix: str = "o") -> str:
-        self.counter += 1
-        return f"{prefix}{self.counter}"
-
-    def add(self, oid: str, state: dict, owner: int) -> None:
-        state["id"] = oid
-        self.objects[oid] = state
-        self.owners[oid] = owner
-
-
 class FdTable:
     """Scans the descriptors of a set of frozen processes (dump side)."""
 
     def __init__(self, pids: list[int], stdio_pid: int | None = None, drained: dict | None = None,
                  force: bool = False):
-        from . import kinds
+        from . import registry as kinds
         self.kinds = kinds.KINDS
         for k in self.kinds:
             if hasattr(k, "reset"):
@@ -216,9 +133,9 @@ class FdTable:
                 self._give_up(str(e), ofd, ofd_of)
                 self.ctx.objects.pop(oid, None)
                 self.ctx.blobs.pop(oid, None)
-        from . import sysvshm  # shared by processes without a descriptor; stored like the objects above
+        from ..shm import sysvshm  # shared by processes without a descriptor; stored like the objects above
         sysvshm.scan(self.ctx, self.pids)
-        from . import shmfiles  # named POSIX shared memory files: saved whole, put back at restart
+        from ..shm import shmfiles  # named POSIX shared memory files: saved whole, put back at restart
         shmfiles.scan(self.ctx, self.pids)
         for (pid, fd), e in sorted(entries.items()):
             oid = ofd_of[(pid, fd)]
@@ -250,7 +167,7 @@ class ObjectFactory:
     """Creates the computation's objects in the agent, once each (restore side)."""
 
     def __init__(self, objects: dict[str, dict], read_blob, base: int = 10):
-        from . import kinds
+        from . import registry as kinds
         self.by_kind = {k.KIND: k for k in kinds.KINDS}
         self.objects = objects
         self.base = base                     # every fd we hand out is at or above this (above the job's fds)

@@ -33,8 +33,9 @@ import struct
 import tempfile
 from collections import deque
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc, pidfd_getfd, syscall
+from ..errors import UnsupportedFd
+from ..linux import check, libc, pidfd_getfd, syscall
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 

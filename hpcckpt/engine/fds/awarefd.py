@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import stat
 
-from .fdtable import FdEntry
+from .entry import FdEntry
 
 SERVER = None       # the agent's AwareServer (set by the agent; None in any other process)
 

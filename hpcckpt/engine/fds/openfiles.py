@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from .fdtable import UnsupportedFd
+from ..errors import UnsupportedFd
 
 log = logging.getLogger(__name__)
 

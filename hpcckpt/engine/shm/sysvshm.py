@@ -35,8 +35,9 @@ import errno
 import logging
 import os
 
+from ..errors import IpcError, SysvError
+from ..linux import PAGE, libc
 from . import sysvipc
-from .linux import PAGE, libc
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,6 @@ libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _FAILED = ctypes.c_void_p(-1).value
-
-
-class SysvError(RuntimeError):
-    """A segment cannot be saved or recreated; the message names it."""
 
 
 class ipc_perm(ctypes.Structure):
@@ -264,7 +261,7 @@ class Segments:
         self._check_keys()
         try:
             self.ipc.create()
-        except sysvipc.IpcError as e:
+        except IpcError as e:
             raise SysvError(str(e)) from None
         for st in self.objects:
             self._create_one(st)
@@ -383,8 +380,8 @@ def attach_all(inj, regions, ids: dict[int, tuple[int, int]]) -> None:
     """shmat every attachment of the image at its address by an injected call, before any other mapping exists
     (an attachment may have been partly unmapped: the parts no longer there are unmapped again), then give
     each part its protection."""
-    from .linux import SYS
-    from .memory import prot_of
+    from ..linux import SYS
+    from ..memory import prot_of
     groups: dict[tuple[int, int], list] = {}
     for r in regions:
         if r.backing == "sysv":

@@ -17,8 +17,9 @@ import logging
 import os
 import re
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc
+from ..errors import UnsupportedFd
+from ..linux import check, libc
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import termios
 import time
 from dataclasses import dataclass
 
-from .fdtable import UnsupportedFd
-from .linux import pidfd_getfd
+from ...errors import UnsupportedFd
+from ...linux import pidfd_getfd
 
 # kernel TCP states (include/net/tcp_states.h)
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, \
@@ -221,22 +221,6 @@ def set_lock(sk: socket.socket, lock: int) -> None:
             sk.setsockopt(socket.SOL_SOCKET, SO_BUF_LOCK, lock)
         except OSError:
             pass
-
-
-def local_ipv4s() -> list[str]:
-    """This host's (network namespace's) IPv4 addresses, loopback last."""
-    found: list[str] = []
-    try:
-        with open("/proc/net/fib_trie") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ["127.0.0.1"]
-    for prev, line in zip(lines, lines[1:]):
-        if "/32 host LOCAL" in line:
-            ip = prev.strip().lstrip("|-+` ").strip()
-            if ip not in found:
-                found.append(ip)
-    return sorted(found, key=lambda ip: ipaddress.ip_address(ip).is_loopback) or ["127.0.0.1"]
 
 
 def unread(sk: socket.socket) -> int:

@@ -18,8 +18,9 @@ import logging
 import os
 import stat
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc, pidfd_getfd
+from ..errors import UnsupportedFd
+from ..linux import check, libc, pidfd_getfd
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 

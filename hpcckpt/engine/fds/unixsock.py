@@ -21,8 +21,9 @@ import socket
 import stat
 import struct
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import pidfd_getfd
+from ..errors import UnsupportedFd
+from ..linux import pidfd_getfd
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ import logging
 import os
 import re
 
-from .fdtable import FdEntry, UnsupportedFd
-from .inject import Injector, find_syscall_insn
-from .linux import SYS
-from .maps import read_maps
+from ..errors import UnsupportedFd
+from ..inject import Injector, find_syscall_insn
+from ..linux import SYS
+from ..maps import read_maps
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def reopen(restored: list) -> None:
 
 
 def _reopen_in(rp, recs: list, pids: dict[int, int], tids: dict[int, int]) -> None:
-    from .remote import Scratch
+    from ..remote import Scratch
     vdso = next(m for m in read_maps(rp.pid, with_flags=False) if m.path == "[vdso]")
     inj = Injector(rp.pid, rp.pid, find_syscall_insn(rp.pid, vdso.start, vdso.end))
     scratch = Scratch(inj)

@@ -8,9 +8,9 @@ from .files import Device, Directory, RegularFile
 from .inotify import Inotify
 from .pipes import Index, PipeEnd, PipeInode
 from .procfiles import ProcFile
-from .ptys import PtyMaster, PtyPair, PtySlave
-from .tcp import TcpSocket
-from .ttys import DevTty, Terminal
+from .tcp.kind import TcpSocket
+from .terminals.ptys import PtyMaster, PtyPair, PtySlave
+from .terminals.ttys import DevTty, Terminal
 from .unixsock import UnixSocket
 
 KINDS = [ProcFile, RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd,

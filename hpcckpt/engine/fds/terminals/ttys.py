@@ -27,9 +27,10 @@ import signal
 import stat
 import struct
 
-from ..image.records import b64, unb64
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import pidfd_getfd
+from ....image.records import b64, unb64
+from ...errors import UnsupportedFd
+from ...linux import pidfd_getfd
+from ..entry import FdEntry
 from .ptys import (
     PTS_MAJORS,
     TIOCGDEV,

@@ -44,8 +44,9 @@ import struct
 import termios
 import time
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc, pidfd_getfd
+from ...errors import UnsupportedFd
+from ...linux import check, libc, pidfd_getfd
+from ..entry import FdEntry
 
 log = logging.getLogger(__name__)
 

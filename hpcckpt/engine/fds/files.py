@@ -14,9 +14,10 @@ import os
 import stat
 import tempfile
 
-from ..image.records import FdRecord
+from ...image.records import FdRecord
+from ..errors import UnsupportedFd
 from . import locks, openfiles
-from .fdtable import FdEntry, UnsupportedFd
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ import logging
 import os
 import stat
 
-from .linux import libc
-from .maps import read_maps
+from ..errors import ShmFileError
+from ..linux import libc
+from ..maps import read_maps
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ TMPFS_MAGIC = 0x01021994
 MAX_FILE_BYTES = 8 << 30
 MAX_DISK_FILE_BYTES = 1 << 30      # a larger ordinary file mapped shared+writable is left to the file system
 SEEK_DATA, SEEK_HOLE = 3, 4
-
-
-class ShmFileError(RuntimeError):
-    """A shared memory file cannot be saved or put back; the message names it."""
 
 
 class _statfs(ctypes.Structure):

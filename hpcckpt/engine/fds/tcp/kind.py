@@ -23,20 +23,18 @@ import os
 import select
 import socket
 import stat
-import struct
 import time
 
-from . import tcpwire
-from .fdtable import FdEntry, UnsupportedFd
-from .tcpdrain import Drained
-from .tcpinfo import (
-    BOOL_OPTS,
+from ....hostnames import local_ipv4s
+from ...errors import UnsupportedFd
+from ..entry import FdEntry
+from . import wire as tcpwire
+from .drain import Drained
+from .info import (
     CLOSE,
     CONNECTED,
     DRAIN_TIMEOUT,
-    INT_OPTS,
     LISTEN,
-    SO_SNDBUFFORCE,
     SYN_RECV,
     SYN_SENT,
     WE_WRITE,
@@ -44,7 +42,6 @@ from .tcpinfo import (
     clear_time_wait,
     copy_socket,
     find_peer,
-    local_ipv4s,
     norm,
     peek_all,
     send_all,
@@ -52,6 +49,7 @@ from .tcpinfo import (
     tcp_table,
     time_wait_holders,
 )
+from .rebuild import buf_after, finish, new_socket, saved_data
 
 log = logging.getLogger(__name__)
 TIME_WAIT_SECONDS = 65        # TCP_TIMEWAIT_LEN is 60 s
@@ -142,17 +140,17 @@ class TcpSocket:
                 return wired.pop(s["ino"])
             log.warning("%s: its other end is on another host, and this restart has no coordinator to find it",
                         s["where"])
-            return _finish(_closed_by_peer(factory, s), s)
+            return finish(_closed_by_peer(factory, s), s)
         if s["state"] == LISTEN:
-            sk = _new(s)
+            sk = new_socket(s)
             _bind(sk, s, required=True)
             sk.listen(socket.SOMAXCONN)
-            return _finish(sk, s)
+            return finish(sk, s)
         if s["state"] not in CONNECTED:            # created, maybe bound, never connected (or reset)
-            sk = _new(s)
+            sk = new_socket(s)
             if s["bound"]:
                 _bind(sk, s, required=False)
-            return _finish(sk, s)
+            return finish(sk, s)
         peer = None
         if s["peer"] is not None:
             peer = next((o for o in factory.objects.values() if o.get("kind") == "tcp"
@@ -161,16 +159,16 @@ class TcpSocket:
                 raise UnsupportedFd(f"{s['where']}: the other end of its connection (socket {s['peer']}) is in no "
                                     f"image given (restart needs every image of the checkpoint)")
         if peer is None:
-            return _finish(_closed_by_peer(factory, s), s)
+            return finish(_closed_by_peer(factory, s), s)
         mine, theirs = _connect_pair(factory, s, peer)
         # each end's unread bytes come again from the other end; shut-down sides are shut again after
-        send_all([(theirs, mine, _data(factory, s)), (mine, theirs, _data(factory, peer))], DRAIN_TIMEOUT,
-                  after={mine.fileno(): _buf_after(s), theirs.fileno(): _buf_after(peer)})
+        send_all([(theirs, mine, saved_data(factory, s)), (mine, theirs, saved_data(factory, peer))], DRAIN_TIMEOUT,
+                  after={mine.fileno(): buf_after(s), theirs.fileno(): buf_after(peer)})
         for sk, st in ((mine, s), (theirs, peer)):
             if st["state"] not in WE_WRITE:
                 sk.shutdown(socket.SHUT_WR)
-        made[peer["ino"]] = factory.high(_finish(theirs, peer))
-        return _finish(mine, s)
+        made[peer["ino"]] = factory.high(finish(theirs, peer))
+        return finish(mine, s)
 
 
     @staticmethod
@@ -179,20 +177,6 @@ class TcpSocket:
         remote = [o for o in factory.objects.values() if o.get("kind") == "tcp" and o.get("remote_end")]
         if remote and factory.rendezvous is not None:
             tcpwire.wire(factory, remote)
-
-
-def _data(factory, s: dict) -> bytes:
-    """The bytes the socket had not read at the checkpoint."""
-    if s.get("data_blob"):
-        return factory.read_blob(s["id"])
-    return base64.b64decode(s.get("data") or "")
-
-
-def _new(s: dict) -> socket.socket:
-    sk = socket.socket(s["family"], socket.SOCK_STREAM)
-    if s["family"] == socket.AF_INET6 and "v6only" in s["opts"]:
-        sk.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, s["opts"]["v6only"])
-    return sk
 
 
 def _sockaddr(s: dict, addr) -> tuple:
@@ -262,44 +246,6 @@ def _wait_out_time_wait(sk: socket.socket, s: dict, addr) -> bool:
         time.sleep(0.5)
 
 
-def _finish(sk: socket.socket, s: dict) -> int:
-    """Options and flags as they were; returns the fd."""
-    _lock_sndbuf(sk, s)
-    for level, name, key in BOOL_OPTS + INT_OPTS:
-        if key in s["opts"]:
-            try:
-                sk.setsockopt(level, name, s["opts"][key])
-            except OSError:
-                pass
-    if "linger" in s["opts"]:
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, s["opts"]["linger"]))
-    import fcntl
-    fd = sk.detach()
-    fcntl.fcntl(fd, fcntl.F_SETFL, s["flags"] & os.O_NONBLOCK)
-    os.set_inheritable(fd, False)
-    return fd
-
-
-def _buf_after(s: dict) -> tuple[int, int]:
-    """Receive buffer size and lock for a restored socket: the original's size only where the program had
-    fixed it (SO_RCVBUF locks it); else the default, left to autotuning as the original was."""
-    lock = s["opts"].get("buf_lock", -1)
-    if lock > 0 and lock & 2:
-        return s["opts"]["rcvbuf"], lock
-    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
-        return int(f.read().split()[1]), max(lock, 0)
-
-
-def _lock_sndbuf(sk: socket.socket, s: dict) -> None:
-    """A send buffer size the program had fixed (SO_SNDBUF) is fixed again."""
-    lock = s["opts"].get("buf_lock", -1)
-    if lock > 0 and lock & 1 and "sndbuf" in s["opts"]:
-        try:
-            sk.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, s["opts"]["sndbuf"] // 2)
-        except OSError:
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s["opts"]["sndbuf"] // 2)
-
-
 def _connect_pair(factory, s: dict, peer: dict) -> tuple[socket.socket, socket.socket]:
     """Two connected sockets standing for s and its peer (mine, theirs): the client end connects to the
     server end's address - through the job's listener there if it has one, else a stand-in."""
@@ -320,12 +266,12 @@ def _connect_pair(factory, s: dict, peer: dict) -> tuple[socket.socket, socket.s
     if lst is not None:
         lsk = socket.socket(fileno=os.dup(factory.fd_for(lst["id"])))
     else:
-        temp = lsk = _new(server)
+        temp = lsk = new_socket(server)
         if not _bind(lsk, server, required=False):
             lsk.bind(_sockaddr(server, (server["local"][0], 0)))
         lsk.listen(1)
     try:
-        csk = _new(client)
+        csk = new_socket(client)
         if client["bound"]:
             _bind(csk, client, required=False)
         target = lsk.getsockname()
@@ -359,13 +305,13 @@ def _closed_by_peer(factory, s: dict) -> socket.socket:
     lsk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsk.bind(("127.0.0.1", 0))
     lsk.listen(1)
-    csk = _new({"family": socket.AF_INET, "opts": {}})
+    csk = new_socket({"family": socket.AF_INET, "opts": {}})
     try:
         csk.connect(lsk.getsockname())
         ssk, _ = lsk.accept()
     finally:
         lsk.close()
-    send_all([(ssk, csk, _data(factory, s))], DRAIN_TIMEOUT, after={csk.fileno(): _buf_after(s)})
+    send_all([(ssk, csk, saved_data(factory, s))], DRAIN_TIMEOUT, after={csk.fileno(): buf_after(s)})
     ssk.close()
     log.warning("%s: its peer %s:%d was outside the computation; restored as closed by that peer",
                 s["where"], *s["remote"])

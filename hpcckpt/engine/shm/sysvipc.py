@@ -33,7 +33,8 @@ import os
 import struct
 import time
 
-from .linux import libc
+from ..errors import IpcError
+from ..linux import libc
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,6 @@ MSG_NEXT_ID = "/proc/sys/kernel/msg_next_id"
 SYS_SEMOP, SYS_SEMTIMEDOP, SYS_MSGSND, SYS_MSGRCV = 65, 220, 69, 70
 KINDS = ("sysvsem", "sysvmsg")
 MAX_MSG = 1 << 20            # no message is bigger than msgmax, which cannot exceed this by default settings
-
-
-class IpcError(RuntimeError):
-    """An object cannot be saved or recreated; the message names it."""
 
 
 class ipc_perm(ctypes.Structure):

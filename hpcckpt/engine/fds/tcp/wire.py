@@ -20,8 +20,10 @@ import select
 import socket
 import time
 
-from .fdtable import UnsupportedFd
-from .tcpinfo import LISTEN, WE_WRITE, Exchange, local_ipv4s, norm, run_exchanges, set_lock, set_rcvbuf
+from ....hostnames import local_ipv4s
+from ...errors import UnsupportedFd
+from .info import LISTEN, WE_WRITE, Exchange, norm, run_exchanges, set_lock, set_rcvbuf
+from .rebuild import buf_after, finish, new_socket, saved_data
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,6 @@ WIRE_TIMEOUT = float(os.environ.get("HPCCKPT_RESTART_TIMEOUT", 120.0))
 def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
     """Make every connection of `objects` (this host's ends of connections to other hosts); the sockets go to
     factory.extra["tcp-wired"][inode]."""
-    from .tcp import _buf_after, _data, _finish, _new  # (tcp.py imports this module)
     rv = factory.rendezvous
     ips = local_ipv4s()
     listeners: dict[int, socket.socket] = {}
@@ -71,7 +72,7 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
         for o in (o for o in objects if o["server"]):
             port = o["local"][1]
             if port not in listeners:
-                listeners[port] = _listener(factory, o, _new)
+                listeners[port] = _listener(factory, o, new_socket)
             mine = [ip for ip in ips if ip == o["local"][0]] + [ip for ip in ips if ip != o["local"][0]]
             rv.put(f"tcp/{o['conn']}", {"ips": mine, "port": listeners[port].getsockname()[1]})
             expect[_token(o["conn"])] = o
@@ -84,7 +85,7 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
                 raise UnsupportedFd(f"{o['where']}: the other end of connection {o['conn']} (on {_host_of(ip)} at "
                                     f"the checkpoint, port {port}) was not restored on any host within "
                                     f"{timeout:.0f} s: is that host's part of the restart running?")
-            socks[o["ino"]] = _connect(o, addr, ips, _new, keep_port=o["local"][1] not in job_ports)
+            socks[o["ino"]] = _connect(o, addr, ips, new_socket, keep_port=o["local"][1] not in job_ports)
         deadline = time.monotonic() + timeout
         while expect:
             left = deadline - time.monotonic()
@@ -110,16 +111,16 @@ def wire(factory, objects: list[dict], timeout: float = WIRE_TIMEOUT) -> None:
                     log.warning("a connection to a restored listener did not name a connection we expected")
                     continue
                 socks[o["ino"]] = sk
-        run_exchanges([Exchange(socks[o["ino"]], _data(factory, o), o["where"],
+        run_exchanges([Exchange(socks[o["ino"]], saved_data(factory, o), o["where"],
                                 shut_after=o["state"] not in WE_WRITE) for o in objects], timeout)
         wired = factory.extra.setdefault("tcp-wired", {})
         for o in objects:
             sk = socks.pop(o["ino"])
-            size, lock = _buf_after(o)
+            size, lock = buf_after(o)
             if lock > 0:
                 set_rcvbuf(sk, size, grow_only=False)
                 set_lock(sk, lock)
-            wired[o["ino"]] = factory.high(_finish(sk, o))
+            wired[o["ino"]] = factory.high(finish(sk, o))
         log.info("reconnected %d TCP connection(s) to other hosts", len(objects))
     finally:
         for sk in list(socks.values()) + list(listeners.values()):

@@ -1,0 +1,101 @@
+"""The engine's rooms (issue 18): the fd kinds in engine/fds/, shared memory in engine/shm/, the image layer
+below the engine, every import pointing down; one rule for which host is this one. Seconds, no processes."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("check_structure", ROOT / "tools" / "check_structure.py")
+assert spec and spec.loader
+structure = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(structure)
+
+MODS = structure.module_files()
+GRAPH = structure.edges(MODS)
+OURS = ("hpcckpt.engine", "hpcckpt.image")
+ABOVE_ENGINE = ("hpcckpt.agent", "hpcckpt.cli", "hpcckpt.coordinator", "hpcckpt.sched", "hpcckpt.plugins",
+                "hpcckpt.aware")
+
+
+def _in(mod: str, prefixes: tuple[str, ...]) -> bool:
+    return any(mod == p or mod.startswith(p + ".") for p in prefixes)
+
+
+def test_no_import_cycle_in_engine_or_image():
+    bad = [c for c in structure.cycles(GRAPH) if any(_in(m, OURS) for m in c)]
+    assert not bad, bad
+
+
+def test_layers_import_downward():
+    """image/ imports nothing of the engine; the engine nothing of the layers above it; the fd ground
+    (fds/entry.py) and the engine's errors nothing of fds/."""
+    for mod, targets in GRAPH.items():
+        if _in(mod, ("hpcckpt.image",)):
+            assert not [t for t in targets if _in(t, ("hpcckpt.engine",) + ABOVE_ENGINE)], mod
+        if _in(mod, ("hpcckpt.engine",)):
+            assert not [t for t in targets if _in(t, ABOVE_ENGINE)], mod
+    for ground in ("hpcckpt.engine.fds.entry", "hpcckpt.engine.errors", "hpcckpt.engine.linux"):
+        assert not [t for t in GRAPH[ground] if _in(t, ("hpcckpt.engine.fds",))], ground
+
+
+def test_no_private_names_imported_across_modules():
+    """A module never reaches into another's private names (tcpwire once imported tcp's _new, _data, ...)."""
+    found = []
+    for mod, path in MODS.items():
+        if not _in(mod, OURS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("hpcckpt")):
+                found += [f"{mod}: {a.name}" for a in node.names if a.name.startswith("_")
+                          and not a.name.startswith("__")]
+    assert not found, found
+
+
+def test_no_long_module_in_engine_or_image():
+    assert not [m for m in structure.long_modules(MODS) if _in(m[0], OURS)]
+
+
+def test_every_fd_kind_is_known_to_the_image_checks():
+    """The kinds of the registry are exactly the kinds image/validate.py accepts (besides the launcher's stdio):
+    an image of a new kind is not refused, an unknown kind still is."""
+    from hpcckpt.engine.fds.registry import KINDS
+    from hpcckpt.image.records import FD_KINDS
+    names = [k.KIND for k in KINDS]
+    assert len(names) == len(set(names))
+    assert set(names) == FD_KINDS - {"stdio"}
+
+
+def test_one_rule_for_this_host():
+    from hpcckpt.hostnames import is_local, local_ipv4s
+    name = socket.gethostname()
+    for host in ("", "localhost", "127.0.0.1", "127.0.0.2", "::1", "0.0.0.0", name, name.split(".")[0],
+                 f"{name.split('.')[0]}.some.domain"):
+        assert is_local(host), host
+    for ip in local_ipv4s():
+        assert is_local(ip), ip
+    for host in ("192.0.2.1", "no-such-host.invalid"):        # TEST-NET-1: never an address of this machine
+        assert not is_local(host), host
+
+
+def test_a_name_resolving_to_loopback_is_not_this_host(monkeypatch):
+    """A checkpoint's host name found on the restarting host as a loopback address (a stale /etc/hosts line, or
+    Debian's 127.0.1.1 for a host's own name) does not make that host this one; a name resolving to one of this
+    host's own addresses does."""
+    from hpcckpt import hostnames
+    own = [ip for ip in hostnames.local_ipv4s() if not ipaddress.ip_address(ip).is_loopback]
+    table = {"otherhost": "127.0.1.1", "alias-of-me": own[0] if own else "192.0.2.7"}
+    monkeypatch.setattr(socket, "gethostbyname", lambda h: table.get(h, "192.0.2.9"))
+    assert not hostnames.is_local("otherhost")
+    assert hostnames.is_local("alias-of-me") == bool(own)
+
+
+@pytest.mark.parametrize("old", ["fdtable", "kinds", "tcp", "tcpwire", "tcpdrain", "tcpinfo", "ptys", "ttys",
+                                 "sysvshm", "sysvipc", "shmfiles", "incremental"])
+def test_no_module_left_at_its_old_place(old):
+    assert not (ROOT / "hpcckpt" / "engine" / f"{old}.py").exists()
