@@ -99,3 +99,20 @@ def test_a_name_resolving_to_loopback_is_not_this_host(monkeypatch):
                                  "sysvshm", "sysvipc", "shmfiles", "incremental"])
 def test_no_module_left_at_its_old_place(old):
     assert not (ROOT / "hpcckpt" / "engine" / f"{old}.py").exists()
+
+
+def test_kind_contract_is_declared_and_enforced():
+    """Every kind follows the contract of fds/base.py; a kind missing a required method is refused when it is
+    defined, and the fd table calls optional hooks without probing for them."""
+    from hpcckpt.engine.fds.base import FdKind
+    from hpcckpt.engine.fds.registry import KINDS
+    assert all(issubclass(k, FdKind) for k in KINDS)
+    with pytest.raises(TypeError, match="does not define dump"):
+        type("NoDump", (FdKind,), {"KIND": "x", "matches": staticmethod(lambda e: True),
+                                   "create": staticmethod(lambda f, s: -1)})
+    with pytest.raises(TypeError, match="has no KIND"):
+        type("NoName", (FdKind,), {})
+    derived = type("Derived", (FdKind,), {"KIND": "y", "DERIVED": True, "create": staticmethod(lambda f, s: -1)})
+    assert derived.matches(None) is False
+    src = (ROOT / "hpcckpt" / "engine" / "fds" / "fdtable.py").read_text()
+    assert "hasattr(" not in src and "getattr(" not in src

@@ -110,7 +110,7 @@ class RegionRecord(Record):
 # (the launching command's own stdin/out/err).
 FD_KINDS = frozenset({
     "procfile", "file", "dir", "dev", "pipe-inode", "pipe", "aware", "unix", "tcp", "eventfd", "timerfd", "signalfd",
-    "epoll", "inotify", "pty", "ptmx", "pts", "devtty", "terminal", "index", "stdio"})
+    "epoll", "inotify", "pty", "ptmx", "pts", "devtty", "terminal", "stdio"})
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 import stat
 
+from .base import FdKind
 from .entry import FdEntry
 
 SERVER = None       # the agent's AwareServer (set by the agent; None in any other process)
@@ -26,7 +27,7 @@ def _conn_of(e: FdEntry):
     return SERVER.agent_inodes().get(d["peer"])
 
 
-class AwareConnection:
+class AwareConnection(FdKind):
     KIND = "aware"
 
     @staticmethod

@@ -76,6 +76,7 @@ class DumpContext:
     objects: dict[str, dict] = field(default_factory=dict)      # object id -> state
     owners: dict[str, int] = field(default_factory=dict)        # object id -> pid whose image stores it
     drained: dict = field(default_factory=dict)                 # socket inode -> bytes drained (tcp.Drained)
+    index: dict[str, str] = field(default_factory=dict)        # e.g. "pipe-inode:dev:ino" -> its object id
     counter: int = 0
     stdio_pid: int = 0                                          # whose stdio is the launching command's
 

@@ -19,6 +19,7 @@ import re
 
 from ..errors import UnsupportedFd
 from ..linux import check, libc
+from .base import FdKind
 from .entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _keep_flags(flags: int) -> int:
     return flags & os.O_NONBLOCK
 
 
-class EventFd:
+class EventFd(FdKind):
     KIND = "eventfd"
 
     @staticmethod
@@ -69,7 +70,7 @@ def _pair(text: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-class TimerFd:
+class TimerFd(FdKind):
     KIND = "timerfd"
 
     @staticmethod
@@ -103,7 +104,7 @@ class TimerFd:
         return fd
 
 
-class SignalFd:
+class SignalFd(FdKind):
     KIND = "signalfd"
 
     @staticmethod
@@ -126,7 +127,7 @@ _TFD = re.compile(r"tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)\s
                   r"\s+sdev:\s*([0-9a-f]+)")
 
 
-class Epoll:
+class Epoll(FdKind):
     KIND = "epoll"
 
     @staticmethod

@@ -6,7 +6,8 @@ Dump: every fd of every frozen process is looked at once. fds that refer to the 
 *object* with one id, stored in the image of the first process (lowest PID) that holds it; every FdRecord
 names its object. Descriptors that are the agent's own standard input/output/error (the launching command's)
 are `stdio` and reconnect to the restarting command's. Each kind of object has a small handler module (files,
-pipes, ...) with a `dump` and a `create`, listed in KINDS in the order restore needs.
+pipes, ...) with a class following the kind contract (base.py), listed in registry.KINDS in the order restore
+needs.
 
 Restore: the agent creates every object once (holding an fd of its own, above every fd number the
 computation uses), and the restore helpers, forked from the agent, duplicate the ones they need into place
@@ -20,19 +21,25 @@ import stat
 
 from ...image.records import FdRecord
 from ..errors import UnsupportedFd
+from ..shm import shmfiles, sysvshm
+from .base import FdKind
 from .entry import DumpContext, FdEntry, kcmp_same_file, list_fds, read_fd
+from .registry import KINDS
 
 log = logging.getLogger(__name__)
 
 
-
 def describe_kind(e: FdEntry) -> str:
+    """What a descriptor is, for the message refusing it: a kind may know (a UDP socket), else its type."""
+    for k in KINDS:
+        said = k.describe(e)
+        if said:
+            return said
     t = e.target
     if t.startswith("pipe:"):
         return "pipe"
     if t.startswith("socket:"):
-        from .tcp.kind import describe_inet
-        return describe_inet(e) or "socket"
+        return "socket"
     if t.startswith("anon_inode:"):
         return t[len("anon_inode:"):].strip("[]")
     if stat.S_ISCHR(e.mode):
@@ -49,11 +56,9 @@ class FdTable:
 
     def __init__(self, pids: list[int], stdio_pid: int | None = None, drained: dict | None = None,
                  force: bool = False):
-        from . import registry as kinds
-        self.kinds = kinds.KINDS
+        self.kinds: list[type[FdKind]] = KINDS
         for k in self.kinds:
-            if hasattr(k, "reset"):
-                k.reset()                    # per-scan caches (e.g. the sock_diag table)
+            k.reset()                        # per-scan caches (e.g. the sock_diag table)
         self.pids = sorted(pids)
         self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
         self.force = force        # descriptors no kind can save are recorded as "null" (/dev/null at restore)
@@ -133,10 +138,8 @@ class FdTable:
                 self._give_up(str(e), ofd, ofd_of)
                 self.ctx.objects.pop(oid, None)
                 self.ctx.blobs.pop(oid, None)
-        from ..shm import sysvshm  # shared by processes without a descriptor; stored like the objects above
-        sysvshm.scan(self.ctx, self.pids)
-        from ..shm import shmfiles  # named POSIX shared memory files: saved whole, put back at restart
-        shmfiles.scan(self.ctx, self.pids)
+        sysvshm.scan(self.ctx, self.pids)    # shared by processes without a descriptor; stored like the objects above
+        shmfiles.scan(self.ctx, self.pids)   # named POSIX shared memory files: saved whole, put back at restart
         for (pid, fd), e in sorted(entries.items()):
             oid = ofd_of[(pid, fd)]
             kind = "stdio" if oid.startswith("stdio:") else "null" if oid == "null:" else self.ctx.objects[oid]["kind"]
@@ -144,9 +147,8 @@ class FdTable:
             self.records.setdefault(pid, []).append(
                 FdRecord(fd=fd, kind=kind, path=path, flags=e.flags, pos=e.pos, cloexec=e.cloexec, ofd=oid,
                          size=self.ctx.objects.get(oid, {}).get("size", -1)))
-        for k in self.kinds:
-            if hasattr(k, "dump_computation"):      # state not behind any one descriptor (the launching terminal)
-                k.dump_computation(self.ctx, self.pids, self.stdio, self.records)
+        for k in self.kinds:                 # state not behind any one descriptor (the launching terminal)
+            k.dump_computation(self.ctx, self.pids, self.stdio, self.records)
 
     def _give_up(self, why: str, ofd: list, ofd_of: dict) -> None:
         """(force) A descriptor no kind can save: recorded as "null", /dev/null after a restart."""
@@ -167,8 +169,7 @@ class ObjectFactory:
     """Creates the computation's objects in the agent, once each (restore side)."""
 
     def __init__(self, objects: dict[str, dict], read_blob, base: int = 10):
-        from . import registry as kinds
-        self.by_kind = {k.KIND: k for k in kinds.KINDS}
+        self.by_kind: dict[str, type[FdKind]] = {k.KIND: k for k in KINDS}
         self.objects = objects
         self.base = base                     # every fd we hand out is at or above this (above the job's fds)
         self.read_blob = read_blob           # object id -> bytes (from the owner's image)
@@ -180,8 +181,7 @@ class ObjectFactory:
     def prepare(self) -> None:
         """Kinds whose objects must be made all at once, before any is handed out (`prepare(factory)`)."""
         for k in self.by_kind.values():
-            if hasattr(k, "prepare"):
-                k.prepare(self)
+            k.prepare(self)
 
     def fd_for(self, oid: str) -> int:
         """The agent's fd for an object (or for "stdio:N": a copy of our own fd N), created on first use."""
@@ -232,6 +232,4 @@ class ObjectFactory:
             except OSError:
                 pass
         for k in self.by_kind.values():
-            cleanup = getattr(k, "cleanup", None)
-            if cleanup:
-                cleanup(self)
+            k.cleanup(self)

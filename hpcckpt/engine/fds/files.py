@@ -17,6 +17,7 @@ import tempfile
 from ...image.records import FdRecord
 from ..errors import UnsupportedFd
 from . import locks, openfiles
+from .base import FdKind
 from .entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def _open(path: str, flags: int, what: str) -> int:
         raise UnsupportedFd(f"cannot reopen {what} {path}: {e.strerror}") from None
 
 
-class RegularFile:
+class RegularFile(FdKind):
     KIND = "file"
 
     @staticmethod
@@ -97,7 +98,7 @@ class RegularFile:
         return _locked(fd, state)
 
 
-class Directory:
+class Directory(FdKind):
     KIND = "dir"
 
     @staticmethod
@@ -126,7 +127,7 @@ def _locked(fd: int, state: dict) -> int:
     return fd
 
 
-class Device:
+class Device(FdKind):
     KIND = "dev"
 
     @staticmethod

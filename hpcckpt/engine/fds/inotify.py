@@ -35,6 +35,7 @@ from collections import deque
 
 from ..errors import UnsupportedFd
 from ..linux import check, libc, pidfd_getfd, syscall
+from .base import FdKind
 from .entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def _resolve(w: dict, starts: list[str]) -> tuple[str | None, bool]:
     return path, bool(path) and os.path.islink(path)
 
 
-class Inotify:
+class Inotify(FdKind):
     KIND = "inotify"
 
     @staticmethod

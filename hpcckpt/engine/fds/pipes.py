@@ -20,6 +20,7 @@ import stat
 
 from ..errors import UnsupportedFd
 from ..linux import check, libc, pidfd_getfd
+from .base import FdKind
 from .entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _peek_pipe(pid: int, fd: int) -> tuple[bytes, int]:
         os.close(mine)
 
 
-class PipeEnd:
+class PipeEnd(FdKind):
     """An open end of a pipe (anonymous or a FIFO); the pipe itself is a separate `pipe-inode` object."""
     KIND = "pipe"
 
@@ -89,7 +90,7 @@ class PipeEnd:
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
         key = f"pipe-inode:{e.dev}:{e.ino}"
-        inode_id = ctx.objects.get(key, {}).get("ref")
+        inode_id = ctx.index.get(key)
         if inode_id is None:
             inode_id = ctx.new_id("p")
             fifo = None if e.target.startswith("pipe:") else e.target
@@ -103,8 +104,7 @@ class PipeEnd:
             ctx.add(inode_id, {"kind": "pipe-inode", "fifo": fifo, "capacity": capacity,
                                "data": base64.b64encode(data).decode(), "bytes": len(data)},
                     min(x.pid for x in same))
-            ctx.objects[key] = {"ref": inode_id, "kind": "index"}
-            ctx.owners[key] = -1
+            ctx.index[key] = inode_id
         mode = e.flags & O_ACCMODE
         end = "rw" if mode == os.O_RDWR else ("r" if mode == os.O_RDONLY else "w")
         ctx.add(oid, {"kind": "pipe", "pipe": inode_id, "end": end, "flags": e.flags}, min(x.pid for x in ofd))
@@ -138,26 +138,14 @@ class PipeEnd:
                         pass
 
 
-class PipeInode:
+class PipeInode(FdKind):
     """Only referred to by PipeEnd objects; created on first use (see _pipe)."""
     KIND = "pipe-inode"
-
-    @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
+    DERIVED = True
 
     @staticmethod
     def create(factory, state: dict) -> int:
         raise UnsupportedFd("internal: a pipe inode has no descriptor of its own")
-
-
-class Index:
-    """Bookkeeping entries in the dump context (never stored in images)."""
-    KIND = "index"
-
-    @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
 
 
 def _pipe(factory, inode_id: str) -> tuple[int, int]:

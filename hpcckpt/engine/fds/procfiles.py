@@ -21,6 +21,7 @@ from ..errors import UnsupportedFd
 from ..inject import Injector, find_syscall_insn
 from ..linux import SYS
 from ..maps import read_maps
+from .base import FdKind
 from .entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def parse(path: str) -> tuple[int, int | None, str] | None:
     return int(m[1]), int(m[2]) if m[2] else None, m[3] or ""
 
 
-class ProcFile:
+class ProcFile(FdKind):
     KIND = "procfile"
 
     @staticmethod

@@ -6,7 +6,7 @@ from .awarefd import AwareConnection
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .inotify import Inotify
-from .pipes import Index, PipeEnd, PipeInode
+from .pipes import PipeEnd, PipeInode
 from .procfiles import ProcFile
 from .tcp.kind import TcpSocket
 from .terminals.ptys import PtyMaster, PtyPair, PtySlave
@@ -14,4 +14,4 @@ from .terminals.ttys import DevTty, Terminal
 from .unixsock import UnixSocket
 
 KINDS = [ProcFile, RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd,
-         TimerFd, SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]
+         TimerFd, SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal]

@@ -23,6 +23,7 @@ import struct
 
 from ..errors import UnsupportedFd
 from ..linux import pidfd_getfd
+from .base import FdKind
 from .entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _addr(text: str) -> str | bytes:
     return b"\0" + text[1:].encode("utf-8", "surrogateescape") if text.startswith("@") else text
 
 
-class UnixSocket:
+class UnixSocket(FdKind):
     KIND = "unix"
 
     @staticmethod

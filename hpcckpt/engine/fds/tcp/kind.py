@@ -27,6 +27,7 @@ import time
 
 from ....hostnames import local_ipv4s
 from ...errors import UnsupportedFd
+from ..base import FdKind
 from ..entry import FdEntry
 from . import wire as tcpwire
 from .drain import Drained
@@ -54,7 +55,7 @@ from .rebuild import buf_after, finish, new_socket, saved_data
 log = logging.getLogger(__name__)
 TIME_WAIT_SECONDS = 65        # TCP_TIMEWAIT_LEN is 60 s
 
-class TcpSocket:
+class TcpSocket(FdKind):
     KIND = "tcp"
     _cache: dict = {}
 
@@ -68,6 +69,10 @@ class TcpSocket:
         if t is None:
             t = TcpSocket._cache["table"] = tcp_table(pid)
         return t
+
+    @staticmethod
+    def describe(e: FdEntry) -> str | None:
+        return describe_inet(e) if e.target.startswith("socket:") else None
 
     @staticmethod
     def matches(e: FdEntry) -> bool:

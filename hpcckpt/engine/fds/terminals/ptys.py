@@ -46,6 +46,7 @@ import time
 
 from ...errors import UnsupportedFd
 from ...linux import check, libc, pidfd_getfd
+from ..base import FdKind
 from ..entry import FdEntry
 
 log = logging.getLogger(__name__)
@@ -342,8 +343,8 @@ def _drain_and_put_back(mfd: int, sfd: int, t: dict) -> tuple[list[list], int, b
 def pair_dump(ctx, index: int, where: str) -> str:
     """The pty object of the pair with this index (dumped on first use); its id."""
     key = f"pty-index:{index}"
-    if key in ctx.objects:
-        return ctx.objects[key]["ref"]
+    if key in ctx.index:
+        return ctx.index[key]
     masters = [x for x in ctx.entries.values() if is_master(x) and int(x.info.get("tty-index", -1)) == index]
     slaves = [x for x in ctx.entries.values() if is_slave(x) and pty_index(rdev_of(x)) == index]
     if len({x.dev for x in slaves}) > 1:
@@ -388,8 +389,7 @@ def pair_dump(ctx, index: int, where: str) -> str:
             if s >= 0:
                 os.close(s)
     ctx.add(pid, state, min(holders))
-    ctx.objects[key] = {"ref": pid, "kind": "index"}
-    ctx.owners[key] = -1
+    ctx.index[key] = pid
     return pid
 
 
@@ -453,13 +453,10 @@ def open_flags(flags: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- handlers --
-class PtyPair:
+class PtyPair(FdKind):
     """A pseudo-terminal pair: settings, session, queued bytes. Only referred to by PtyMaster/PtySlave/DevTty."""
     KIND = "pty"
-
-    @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
+    DERIVED = True
 
     @staticmethod
     def create(factory, state: dict) -> int:
@@ -476,7 +473,7 @@ class PtyPair:
                         pass
 
 
-class PtyMaster:
+class PtyMaster(FdKind):
     KIND = "ptmx"
 
     @staticmethod
@@ -497,7 +494,7 @@ class PtyMaster:
         return fd
 
 
-class PtySlave:
+class PtySlave(FdKind):
     KIND = "pts"
 
     @staticmethod

@@ -30,6 +30,7 @@ import struct
 from ....image.records import b64, unb64
 from ...errors import UnsupportedFd
 from ...linux import pidfd_getfd
+from ..base import FdKind
 from ..entry import FdEntry
 from .ptys import (
     PTS_MAJORS,
@@ -207,7 +208,7 @@ def session_terminal(ctty: int, fg: int, winch: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------- handlers --
-class DevTty:
+class DevTty(FdKind):
     KIND = "devtty"
 
     @staticmethod
@@ -251,14 +252,11 @@ class DevTty:
             return os.open(os.devnull, (flags & os.O_ACCMODE) | os.O_CLOEXEC)
 
 
-class Terminal:
+class Terminal(FdKind):
     """The launching command's terminal: settings the computation made, its foreground group, and which
     processes have it as controlling terminal. Never referred to by a descriptor (those are `stdio`)."""
     KIND = "terminal"
-
-    @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
+    DERIVED = True
 
     @staticmethod
     def create(factory, state: dict) -> int:
