@@ -65,7 +65,7 @@ def test_every_fd_kind_is_known_to_the_image_checks():
     """The kinds of the registry are exactly the kinds image/validate.py accepts (besides the launcher's stdio):
     an image of a new kind is not refused, an unknown kind still is."""
     from hpcckpt.engine.fds.registry import KINDS
-    from hpcckpt.image.records import FD_KINDS
+    from hpcckpt.image.fdstate import FD_KINDS, FD_STATES
     names = [k.KIND for k in KINDS]
     assert len(names) == len(set(names))
     assert set(names) == FD_KINDS - {"stdio"}
@@ -116,3 +116,60 @@ def test_kind_contract_is_declared_and_enforced():
     assert derived.matches(None) is False
     src = (ROOT / "hpcckpt" / "engine" / "fds" / "fdtable.py").read_text()
     assert "hasattr(" not in src and "getattr(" not in src
+
+
+_MANY_KINDS = r"""
+import os, select, socket, sys, time
+keep = []
+f = open(sys.argv[1] + "/data.txt", "w"); f.write("x" * 100); f.flush(); keep.append(f)
+keep.append(os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
+keep.append(os.open("/dev/null", os.O_RDWR))
+r, w = os.pipe(); os.write(w, b"in the pipe"); keep += [r, w]
+a, b = socket.socketpair(); a.send(b"queued"); keep += [a, b]
+ev = os.eventfd(3); keep.append(ev)
+ep = select.epoll(); ep.register(ev, select.EPOLLIN); keep.append(ep)
+m, s = os.openpty(); os.write(m, b"typed\n"); keep += [m, s]
+lsk = socket.socket(); lsk.bind(("127.0.0.1", 0)); lsk.listen()
+c = socket.create_connection(lsk.getsockname()); srv, _ = lsk.accept(); c.send(b"tcp bytes")
+keep += [lsk, c, srv]
+open(sys.argv[1] + "/ready", "w").close()
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_object_records_round_trip_real_images(env, tmp_path):
+    """Every object a real dump writes reads back into its typed record (image/fdstate.py) and out again as the
+    very same row, key order included: images keep their bytes, and rows of earlier versions (the same keys)
+    load into the records."""
+    import json
+    import subprocess
+    import time
+
+    from hpcckpt.image.fdstate import FD_STATES
+    from hpcckpt.image.format import ImageReader
+    p = subprocess.Popen(["python3", "-c", _MANY_KINDS, str(tmp_path)], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists():
+            assert time.monotonic() < deadline and p.poll() is None, "the program did not start"
+            time.sleep(0.05)
+        r = subprocess.run(["hpcckpt", "dump", str(p.pid), "--kill", "--ckptdir", str(tmp_path / "ck")], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+    seen = set()
+    for image in (tmp_path / "ck").glob("ckpt_*/gen*/*.dmtcp"):
+        with ImageReader(str(image)) as reader:
+            for row in reader.meta["process"]["objects"]:
+                cls = FD_STATES.get(row["kind"])
+                if cls is None:
+                    continue                           # shared memory objects (engine/shm/)
+                seen.add(row["kind"])
+                assert json.dumps(cls.from_dict(row).to_dict()) == json.dumps(row)
+    assert {"file", "dir", "pipe", "pipe-inode", "unix", "eventfd", "epoll", "tcp", "pty", "ptmx",
+            "pts"} <= seen, seen

@@ -275,6 +275,7 @@ def test_listener_port_reclaimed_from_time_wait():
         pytest.skip("clearing TIME_WAIT connections needs CAP_NET_ADMIN (unprivileged restores wait them out)")
     from hpcckpt.engine.fds.tcp import kind as tcp
     from hpcckpt.engine.fds.tcp.info import time_wait_holders
+    from hpcckpt.image.fdstate import TcpState
     lsk = socket.socket()
     lsk.bind(("127.0.0.1", 0))
     lsk.listen()
@@ -292,7 +293,8 @@ def test_listener_port_reclaimed_from_time_wait():
     plain.close()
     again = socket.socket()
     try:
-        state = {"family": socket.AF_INET, "where": "test listener", "local": ("127.0.0.1", port)}
+        state = TcpState(ino=0, family=socket.AF_INET, state=0, state_name="LISTEN", local=["127.0.0.1", port],
+                         remote=["0.0.0.0", 0], bound=True, flags=0, opts={}, where="test listener")
         assert tcp._bind(again, state, required=True)
         assert again.getsockname() == ("127.0.0.1", port)
         assert not time_wait_holders(socket.AF_INET, ("127.0.0.1", port))

@@ -120,10 +120,9 @@ def make_plans(metas: list[tuple[ImageMeta, ImageReader]], factory: ObjectFactor
         for rec in proc.fds:
             plan.fds.append((rec.fd, factory.fd_for(rec.ofd), rec.cloexec))
         for oid in {rec.ofd for rec in proc.fds}:
-            obj = factory.objects.get(oid, {})
-            if obj.get("kind") == "epoll":
+            if factory.objects.get(oid, {}).get("kind") == "epoll":
                 epfd = min(r.fd for r in proc.fds if r.ofd == oid)
-                plan.epoll_regs += [(epfd, i["tfd"], i["events"], i["data"]) for i in obj["items"]
+                plan.epoll_regs += [(epfd, i["tfd"], i["events"], i["data"]) for i in factory.state(oid).items
                                     if i["pid"] == proc.pid]
         for r in proc.regions:
             if r.backing == "shared-anon":

@@ -105,18 +105,10 @@ class RegionRecord(Record):
     hashes: dict | None = None      # incremental images: page hashes, 8 bytes per page ({"length", "chunks", "algo"})
 
 
-# Every kind a file descriptor (FdRecord.kind) and the object it names may have: the engine's fd kinds (one
-# handler each, engine/fds/registry.py; tests/test_image_format.py checks that the two lists agree) and "stdio"
-# (the launching command's own stdin/out/err).
-FD_KINDS = frozenset({
-    "procfile", "file", "dir", "dev", "pipe-inode", "pipe", "aware", "unix", "tcp", "eventfd", "timerfd", "signalfd",
-    "epoll", "inotify", "pty", "ptmx", "pts", "devtty", "terminal", "stdio"})
-
-
 @dataclass
 class FdRecord(Record):
     fd: int
-    kind: str                       # one of FD_KINDS
+    kind: str                       # one of fdstate.FD_KINDS
     path: str = ""
     flags: int = 0                  # open flags (fdinfo)
     pos: int = 0

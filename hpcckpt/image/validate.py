@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 
 from .codec import CODECS
+from .fdstate import FD_KINDS
 from .format import ALIGN, CHUNK_PAGES, CODEC_RAW, HEADER_SIZE, PAGE_SIZE, ImageError
-from .records import FD_KINDS
 
 USER_END = 0x00FF_FFFF_FFFF_F000          # the top of user space with 5-level paging (47-bit machines: lower)
 VSYSCALL = (0xFFFF_FFFF_FF60_0000, 0xFFFF_FFFF_FF60_1000)

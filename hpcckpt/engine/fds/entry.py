@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from ...image.fdstate import ObjectState
 from ..linux import SYS, syscall
 from ..uffd import is_ours
 
@@ -84,7 +85,11 @@ class DumpContext:
         self.counter += 1
         return f"{prefix}{self.counter}"
 
-    def add(self, oid: str, state: dict, owner: int) -> None:
+    def add(self, oid: str, state: ObjectState | dict, owner: int) -> None:
+        """Store an object's typed record (as its image row) in the image of `owner`."""
+        if isinstance(state, ObjectState):
+            state.id = oid
+            state = state.to_dict()
         state["id"] = oid
         self.objects[oid] = state
         self.owners[oid] = owner

@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from typing import Any
 
+from ...image.fdstate import FD_STATES, ObjectState
 from ...image.records import FdRecord
 from ..errors import UnsupportedFd
 from ..shm import shmfiles, sysvshm
@@ -170,7 +172,8 @@ class ObjectFactory:
 
     def __init__(self, objects: dict[str, dict], read_blob, base: int = 10):
         self.by_kind: dict[str, type[FdKind]] = {k.KIND: k for k in KINDS}
-        self.objects = objects
+        self.objects = objects               # object id -> its image row (every kind, shm ones too)
+        self._states: dict[str, ObjectState] = {}
         self.base = base                     # every fd we hand out is at or above this (above the job's fds)
         self.read_blob = read_blob           # object id -> bytes (from the owner's image)
         self.fds: dict[str, int] = {}        # object id -> fd in the agent
@@ -199,9 +202,20 @@ class ObjectFactory:
                 if state is None:
                     raise UnsupportedFd(f"object {oid} is not in any image given (restart needs every image "
                                         f"of the checkpoint)")
-                fd = self.by_kind[state["kind"]].create(self, state)
+                fd = self.by_kind[state["kind"]].create(self, self.state(oid))
             self.fds[oid] = self.high(fd)
         return self.fds[oid]
+
+    def state(self, oid: str) -> Any:
+        """The typed record (image/fdstate.py) of an fd kind's object, read from its image row once."""
+        if oid not in self._states:
+            row = self.objects[oid]
+            self._states[oid] = FD_STATES[row["kind"]].from_dict(row)
+        return self._states[oid]
+
+    def states_of(self, kind: str) -> list[Any]:
+        """Every object of one fd kind, as typed records, in id order of the images."""
+        return [self.state(oid) for oid, row in self.objects.items() if row.get("kind") == kind]
 
     def shm_fd(self, key: str, size: int) -> int:
         """The memfd standing for shared memory object `key` (MAP_SHARED anonymous memory, a memfd, a deleted

@@ -33,6 +33,7 @@ import struct
 import tempfile
 from collections import deque
 
+from ...image.fdstate import InotifyState
 from ..errors import UnsupportedFd
 from ..linux import check, libc, pidfd_getfd, syscall
 from .base import FdKind
@@ -178,15 +179,15 @@ class Inotify(FdKind):
         if queued:
             log.warning("%s: %d bytes of inotify events not read yet are not part of the checkpoint; a restart "
                         "from it loses them", e.where(), queued)
-        ctx.add(oid, {"kind": "inotify", "flags": e.flags, "watches": sorted(watches, key=lambda w: w["wd"]),
-                      "queued": queued}, min(holders))
+        ctx.add(oid, InotifyState(flags=e.flags, watches=sorted(watches, key=lambda w: w["wd"]), queued=queued),
+                min(holders))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: InotifyState) -> int:
         fd = check(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
         try:
-            _arm(fd, s["watches"])
-            fcntl.fcntl(fd, fcntl.F_SETFL, s["flags"] & os.O_NONBLOCK)
+            _arm(fd, s.watches)
+            fcntl.fcntl(fd, fcntl.F_SETFL, s.flags & os.O_NONBLOCK)
         except BaseException:
             os.close(fd)
             raise

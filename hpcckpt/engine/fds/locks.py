@@ -24,6 +24,8 @@ import os
 import re
 import struct
 
+from ...image.fdstate import DirState, FileState
+
 F_GETLK, F_SETLK = 5, 6
 F_OFD_GETLK, F_OFD_SETLK = 36, 37
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -47,8 +49,8 @@ def parse(info_text: str, pid: int) -> list[dict]:
     return out
 
 
-def dump_into(state: dict, ofd: list) -> None:
-    """Record the locks held through one open file description (FdEntry list) into its object state."""
+def dump_into(state: FileState | DirState, ofd: list) -> None:
+    """Record the locks held through one open file description (FdEntry list) into its object's record."""
     from ..errors import UnsupportedFd
     seen = []
     for e in ofd:
@@ -60,7 +62,7 @@ def dump_into(state: dict, ofd: list) -> None:
             if lk not in seen:
                 seen.append(lk)
     if seen:
-        state["locks"] = seen
+        state.locks = seen
 
 
 def _describe(lk: dict, path: str) -> str:
@@ -89,11 +91,11 @@ def _holder(fd: int, lk: dict) -> str:
     return f" (pid {pid})" if pid > 0 else ""
 
 
-def take_on_description(fd: int, state: dict) -> None:
+def take_on_description(fd: int, state: FileState | DirState) -> None:
     """flock and OFD locks of a description the agent just recreated (fd)."""
     from ..errors import UnsupportedFd
-    path = state.get("path", "?")
-    for lk in state.get("locks", ()):
+    path = state.path or "?"
+    for lk in state.locks or ():
         try:
             if lk["type"] == "flock":
                 fcntl.flock(fd, (fcntl.LOCK_EX if lk["write"] else fcntl.LOCK_SH) | fcntl.LOCK_NB)

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 
+from ...image.fdstate import ProcFileState
 from ..errors import UnsupportedFd
 from ..inject import Injector, find_syscall_insn
 from ..linux import SYS
@@ -57,11 +58,10 @@ class ProcFile(FdKind):
         if not ours or (tid is not None and not os.path.exists(f"/proc/{pid}/task/{tid}")):
             raise UnsupportedFd(f"{e.where()}: {e.target} belongs to a process outside the computation; after a "
                                 f"restart that PID is another process or none (close it before checkpointing)")
-        ctx.add(oid, {"kind": ProcFile.KIND, "path": e.target, "flags": e.flags, "pos": e.pos},
-                min(x.pid for x in ofd))
+        ctx.add(oid, ProcFileState(path=e.target, flags=e.flags, pos=e.pos), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
+    def create(factory, state: ProcFileState) -> int:
         # a stand-in holding the fd number: reopen() replaces it once the processes exist
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
