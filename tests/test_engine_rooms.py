@@ -65,7 +65,7 @@ def test_every_fd_kind_is_known_to_the_image_checks():
     """The kinds of the registry are exactly the kinds image/validate.py accepts (besides the launcher's stdio):
     an image of a new kind is not refused, an unknown kind still is."""
     from hpcckpt.engine.fds.registry import KINDS
-    from hpcckpt.image.fdstate import FD_KINDS, FD_STATES
+    from hpcckpt.image.fdstate import FD_KINDS
     names = [k.KIND for k in KINDS]
     assert len(names) == len(set(names))
     assert set(names) == FD_KINDS - {"stdio"}
@@ -119,7 +119,7 @@ def test_kind_contract_is_declared_and_enforced():
 
 
 _MANY_KINDS = r"""
-import os, select, socket, sys, time
+import mmap, os, select, socket, sys, time
 keep = []
 f = open(sys.argv[1] + "/data.txt", "w"); f.write("x" * 100); f.flush(); keep.append(f)
 keep.append(os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY))
@@ -129,6 +129,8 @@ a, b = socket.socketpair(); a.send(b"queued"); keep += [a, b]
 ev = os.eventfd(3); keep.append(ev)
 ep = select.epoll(); ep.register(ev, select.EPOLLIN); keep.append(ep)
 m, s = os.openpty(); os.write(m, b"typed\n"); keep += [m, s]
+shm = open("/dev/shm/hpcckpt-rooms-%d" % os.getpid(), "w+b"); shm.truncate(8192); keep.append(shm)
+keep.append(mmap.mmap(shm.fileno(), 8192)); keep[-1][:5] = b"hello"
 lsk = socket.socket(); lsk.bind(("127.0.0.1", 0)); lsk.listen()
 c = socket.create_connection(lsk.getsockname()); srv, _ = lsk.accept(); c.send(b"tcp bytes")
 keep += [lsk, c, srv]
@@ -146,7 +148,7 @@ def test_object_records_round_trip_real_images(env, tmp_path):
     import subprocess
     import time
 
-    from hpcckpt.image.fdstate import FD_STATES
+    from hpcckpt.image.fdstate import FD_STATES, SHM_STATES
     from hpcckpt.image.format import ImageReader
     p = subprocess.Popen(["python3", "-c", _MANY_KINDS, str(tmp_path)], stdin=subprocess.DEVNULL,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,14 +164,14 @@ def test_object_records_round_trip_real_images(env, tmp_path):
         if p.poll() is None:
             p.kill()
         p.wait(10)
+        for leftover in Path("/dev/shm").glob(f"hpcckpt-rooms-{p.pid}"):
+            leftover.unlink()
     seen = set()
     for image in (tmp_path / "ck").glob("ckpt_*/gen*/*.dmtcp"):
         with ImageReader(str(image)) as reader:
             for row in reader.meta["process"]["objects"]:
-                cls = FD_STATES.get(row["kind"])
-                if cls is None:
-                    continue                           # shared memory objects (engine/shm/)
+                cls = FD_STATES.get(row["kind"]) or SHM_STATES[row["kind"]]
                 seen.add(row["kind"])
                 assert json.dumps(cls.from_dict(row).to_dict()) == json.dumps(row)
-    assert {"file", "dir", "pipe", "pipe-inode", "unix", "eventfd", "epoll", "tcp", "pty", "ptmx",
-            "pts"} <= seen, seen
+    assert {"file", "dir", "pipe", "pipe-inode", "unix", "eventfd", "epoll", "tcp", "pty", "ptmx", "pts",
+            "shmfile"} <= seen, seen

@@ -245,6 +245,60 @@ class TerminalState(ObjectState):
     fg: int
 
 
+# ------------------------------------------------------------------------------- shared memory (engine/shm/) --
+@dataclass(kw_only=True)
+class ShmFileState(ObjectState):
+    """A named shared memory file (/dev/shm, tmpfs, or a regular file mapped shared): written back at its path."""
+    KIND = "shmfile"
+    path: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    extents: list                           # [file offset, length] of the data extents, whose bytes are the blob
+
+
+@dataclass(kw_only=True)
+class SysvShmState(ObjectState):
+    KIND = "sysvshm"
+    shmid: int
+    key: int
+    size: int
+    mode: int
+    rmid: bool                              # marked IPC_RMID
+    locked: bool                            # SHM_LOCK
+    uid: int
+    gid: int
+    runs: list                              # [first page, npages] of the non-zero pages, whose bytes are the blob
+    attached: int = 0                       # attachments in the job
+
+
+@dataclass(kw_only=True)
+class SysvSemState(ObjectState):
+    KIND = "sysvsem"
+    semid: int
+    key: int
+    nsems: int
+    mode: int
+    uid: int
+    gid: int
+    values: list
+
+
+@dataclass(kw_only=True)
+class SysvMsgState(ObjectState):
+    KIND = "sysvmsg"
+    msqid: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    qbytes: int
+    messages: list                          # [mtype, length] in queue order; the bytes are the blob
+
+
 FD_STATES: dict[str, type[ObjectState]] = {c.KIND: c for c in (
     ProcFileState, FileState, DirState, DeviceState, PipeInodeState, PipeEndState, AwareState, UnixState, TcpState,
     EventFdState, TimerFdState, SignalFdState, EpollState, InotifyState, PtyState, PtyMasterState, PtySlaveState,
@@ -253,3 +307,6 @@ FD_STATES: dict[str, type[ObjectState]] = {c.KIND: c for c in (
 # Every kind a file descriptor (FdRecord.kind) may have: the fd kinds above (one handler each in
 # engine/fds/registry.py; tests/test_engine_rooms.py checks the two agree) and the launcher's "stdio".
 FD_KINDS = frozenset(FD_STATES) | {"stdio"}
+
+SHM_STATES: dict[str, type[ObjectState]] = {c.KIND: c for c in (ShmFileState, SysvShmState, SysvSemState,
+                                                                 SysvMsgState)}
