@@ -229,10 +229,3 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
     return meta
 
 
-def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
-                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False,
-                 place: Placement | None = None) -> ImageMeta:
-    """Capture and write the image of a frozen process in one go; the process stays frozen throughout."""
-    cap = capture(fp, place, pid_namespace)
-    return write_image(cap, path, computation=computation, generation=generation, unique_id=unique_id,
-                       compress=compress, level=level, progress=progress)

@@ -57,7 +57,7 @@ class ProcPlan:
     children: list[int] = field(default_factory=list)                # live children (image PIDs)
     new_pid: int = 0
     sync_fds: tuple[int, ...] = ()
-    epoll_regs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (epfd, tfd, events, data)                                   # hold/info pipe ends (closed by injection)
+    epoll_regs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (epfd, tfd, events, data)
     posix_locks: list = field(default_factory=list)                  # (fd, lock, path): taken by the process
     sysv: dict[int, tuple[int, int]] = field(default_factory=dict)   # image shmid -> (shmid now, size)
     tty: tuple[int, int, bool] = (-1, -1, False)                     # ttys.plan_session

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import os
 import platform
 
@@ -201,10 +200,6 @@ def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, off: int =
         err = ctypes.get_errno()
         raise PosixError(err, f"mmap({addr:#x}, {length:#x}): {os.strerror(err)}")
     return r
-
-
-def errno_name(e: int) -> str:
-    return errno.errorcode.get(e, str(e))
 
 
 def set_next_pid(pid: int) -> None:

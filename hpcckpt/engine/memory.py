@@ -253,7 +253,7 @@ class MemoryDumper:
         hashes = memoryview(p.hashes)
 
         def flush():
-            def produce(buf, runs=list(batch)):
+            def produce(buf, runs=tuple(batch)):
                 pos = 0
                 for first, n in runs:
                     self._read(m, m.start + first * PAGE, n * PAGE, buf[pos * PAGE:(pos + n) * PAGE])

@@ -101,10 +101,6 @@ def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
     return r
 
 
-def traceme() -> None:
-    _ptrace(TRACEME, 0)
-
-
 def seize(tid: int, options: int) -> None:
     _ptrace(SEIZE, tid, 0, options)
 
@@ -283,11 +279,4 @@ def wait(pid: int, nohang: bool = False) -> WaitStatus | None:
             return None
         return WaitStatus(wpid, status)
 
-
-def tid_exists(tid: int) -> bool:
-    try:
-        os.stat(f"/proc/{tid}")
-        return True
-    except FileNotFoundError:
-        return False
 

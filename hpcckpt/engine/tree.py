@@ -12,15 +12,15 @@ import os
 import time
 from dataclasses import dataclass
 
-WALL = 0x40000000
-# How long a checkpoint waits for a process in vfork() whose child has neither exec'd nor exited (the child
-# shares the parent's memory and the parent cannot be stopped meanwhile); past it the checkpoint fails.
-VFORK_WAIT_S = float(os.environ.get("HPCCKPT_VFORK_WAIT", "5"))
-
 from . import freeze as freezing
 from .errors import FreezeError, ProcessGone, VforkBusy
 from .freeze import FrozenProcess, freeze
 from .procattrs import children_of
+
+WALL = 0x40000000
+# How long a checkpoint waits for a process in vfork() whose child has neither exec'd nor exited (the child
+# shares the parent's memory and the parent cannot be stopped meanwhile); past it the checkpoint fails.
+VFORK_WAIT_S = float(os.environ.get("HPCCKPT_VFORK_WAIT", "5"))
 
 log = logging.getLogger(__name__)
 

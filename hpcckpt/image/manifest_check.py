@@ -4,37 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import stat
-
-MAX_MANIFEST = 64 << 20
 
 
 class ManifestError(ValueError):
     """A manifest that is not authentic or not well formed; the message is one line naming it."""
 
 
-def read_regular(path: str) -> bytes:
-    """A manifest file's bytes. OSError if it cannot be read; ManifestError if it is not a regular file (a FIFO
-    would block the reader forever; O_NONBLOCK lets the open return so fstat can refuse it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{path}: not a regular file")
-        if st.st_size > MAX_MANIFEST:
-            raise ManifestError(f"{path}: {st.st_size} bytes is too large for a manifest")
-        parts = []
-        while chunk := os.read(fd, 1 << 20):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
 def _want(cond: bool, what: str) -> None:
     if not cond:
-            raise ManifestError(f"not a checkpoint manifest: {what}")
+        raise ManifestError(f"not a checkpoint manifest: {what}")
 
 
 def _is_int(v) -> bool:

@@ -98,7 +98,8 @@ def _chunk(row, where: str, extents: _Extents, limit_pages: int) -> tuple[int, i
     if codec != CODEC_RAW and codec not in CODECS:
         raise Invalid(f"{where}: unknown codec {codec!r}")
     if page + npages > limit_pages:
-        raise Invalid(f"{where}: pages {page}..{page + npages - 1} lie outside its region or blob ({limit_pages} page(s))")
+        raise Invalid(f"{where}: pages {page}..{page + npages - 1} lie outside its region or blob "
+                      f"({limit_pages} page(s))")
     if codec == CODEC_RAW and length != npages * PAGE_SIZE:
         raise Invalid(f"{where}: a raw chunk of {npages} page(s) stored in {length} bytes")
     extents.add(off, length, where)

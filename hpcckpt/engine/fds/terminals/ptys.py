@@ -156,7 +156,8 @@ def _line_ends(t: dict) -> set[int]:
     return ends
 
 
-_ECHO_L = termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL | termios.ECHOPRT | termios.ECHOKE
+_ECHO_L = (termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL | termios.ECHOPRT
+           | termios.ECHOKE)
 N_TTY_ROOM = 4095                       # bytes the line discipline holds; more input waits in the flip buffers
 
 
