@@ -164,8 +164,8 @@ def _undefer(cap: Capture) -> None:
     pagemap = os.open(f"/proc/{cap.fp.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for p in cap.plans:
-            if p.runs is None:
-                p.runs = memory._runs(pagemap, p.m, p.mode)
+            if p.deferred:
+                p.runs, p.deferred = memory._runs(pagemap, p.m, p.mode), False
     finally:
         os.close(pagemap)
 
@@ -187,7 +187,8 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
             log.warning("pid %d: previous image %s unusable (%s); writing a full image", cap.fp.pid, base, e)
             previous, base_meta = {}, None
     # pages written since the base's checkpoint are known exactly if tracking was armed at that very checkpoint
-    tracked = bool(previous) and cap.tracked_since > 0 and base_meta.get("generation") == cap.tracked_since
+    tracked = base_meta is not None and bool(previous) and cap.tracked_since > 0 and \
+        base_meta.get("generation") == cap.tracked_since
     source = cap.snapshot_pid or cap.fp.pid
     t_mem0 = time.monotonic()
     writer = ImageWriter(path, compress=compress, level=level)
@@ -208,7 +209,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         for i, p in enumerate(cap.plans):
             if p.hashes is not None:
                 p.rec.hashes = {**hash_blobs[f"hashes:{i}"], "algo": HASH_ALGO}
-        if base_meta is not None and previous:
+        if base_meta is not None and previous and base:
             meta.base = os.path.relpath(base, os.path.dirname(os.path.abspath(path)))
             meta.needs = sorted(set(base_meta.get("needs") or [base_meta["generation"]]) | {generation})
         else:

@@ -177,7 +177,7 @@ class FrozenProcess:
 
 def _tids(pid: int) -> set[int]:
     """Live threads of pid (a zombie leader whose other threads still run cannot be stopped and is skipped)."""
-    out = set()
+    out: set[int] = set()
     try:
         names = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:

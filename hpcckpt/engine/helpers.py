@@ -321,8 +321,8 @@ class Spawner:
                 if kind == "err":
                     raise RestoreError(f"restoring pid {old}: {rest}")
                 mapping[int(old)] = int(rest)
-        for old, new in mapping.items():
-            self.plans[old].new_pid = new
+        for old_pid, new_pid in mapping.items():
+            self.plans[old_pid].new_pid = new_pid
         return mapping
 
     def close(self) -> None:

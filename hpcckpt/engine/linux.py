@@ -138,7 +138,7 @@ def buffer_address(buf) -> int:
     """Address of a buffer without copying: bytes, or any writable buffer (bytearray, memoryview, an mmap
     opened with ACCESS_WRITE or ACCESS_COPY). The caller keeps the buffer alive while the address is used."""
     if isinstance(buf, bytes):
-        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value or 0     # (None only for b"")
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 

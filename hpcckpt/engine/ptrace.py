@@ -9,6 +9,7 @@ import ctypes
 import os
 import signal
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from .linux import SYS, PosixError, iovec, syscall
 
@@ -268,6 +269,10 @@ class WaitStatus:
         return f"status {self.status:#x}"
 
 
+@overload
+def wait(pid: int, nohang: Literal[False] = False) -> WaitStatus: ...
+@overload
+def wait(pid: int, nohang: Literal[True]) -> WaitStatus | None: ...
 def wait(pid: int, nohang: bool = False) -> WaitStatus | None:
     """waitpid(pid, __WALL); EINTR is retried. Returns None for WNOHANG with nothing to report."""
     while True:

@@ -22,7 +22,7 @@ import time
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, ProcessRecord, RegionRecord, unb64
-from . import memory, ptrace, signals, threads, timers
+from . import memory, ptrace, remote, signals, threads, timers
 from .errors import RestoreError, SysvError
 from .fds import locks
 from .inject import Injector
@@ -41,22 +41,17 @@ CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000   # VM|FS
 TRAMPOLINE_CODE = b"\x0f\x05\xcc"  # syscall; int3
 
 
-class Scratch:
-    """The scratch pages inside the reserved area (same interface as remote.Scratch)."""
+class Scratch(remote.Scratch):
+    """The scratch pages inside the reserved area (mapped by the helper itself, not by an injected mmap)."""
 
-    def __init__(self, pid: int, addr: int):
-        from . import remote
-        self._remote = remote
+    def __init__(self, pid: int, addr: int):      # (no remote.Scratch.__init__: nothing to map)
         self.pid = pid
         self.addr = addr
-
-    def read(self, off: int, n: int) -> bytes:
-        return self._remote.read(self.pid, self.addr + off, n)
 
     def write(self, off: int, data: bytes) -> None:
         if off + len(data) > SCRATCH_SIZE:
             raise RestoreError("internal: scratch area too small")
-        self._remote.write(self.pid, self.addr + off, data)
+        remote.write(self.pid, self.addr + off, data)
 
 
 def _merge_rows(rows):
@@ -179,6 +174,8 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
             continue
         if reg.backing == "special":
             src = parked.get(reg.path)
+            if src is None:
+                raise RestoreError(f"the restoring kernel has no {reg.path} to put at {reg.start:#x}")
             inj.check(f"mremap({reg.path} -> {reg.start:#x})", SYS.mremap, src, reg.end - reg.start,
                       reg.end - reg.start, MREMAP_MAYMOVE | MREMAP_FIXED, reg.start)
         else:
@@ -254,7 +251,6 @@ def _fix_cached_tids(pid: int, proc: ProcessRecord, injectors: dict[int, Injecto
     descriptor, at the very address the thread registered with set_tid_address (clear_child_tid): glibc and
     others hand the kernel &descriptor->tid. Where that word still holds the old TID, write the new one, so
     pthread_kill(), raise() and mutex owner checks keep working."""
-    from . import remote
     fixed = 0
     for rec in proc.threads:
         new = injectors[rec.tid].tid

@@ -13,10 +13,13 @@ any installation restores any image.
 """
 from __future__ import annotations
 
+import importlib
 import threading
+from typing import Any
 
+_np: Any
 try:
-    import numpy as _np
+    _np = importlib.import_module("numpy")
 except ImportError:   # pragma: no cover - numpy is a dependency; without it nothing is shuffled
     _np = None
 
@@ -34,7 +37,7 @@ class Compressor:
         import zstandard
         self._z = zstandard.ZstdCompressor(level=level)
         self.shuffle = shuffle and _np is not None
-        self._buf = None
+        self._buf: Any = None             # numpy array, reused
 
     def compress(self, view: memoryview) -> tuple[bytes, str]:
         """(stored bytes, codec) for one chunk of page data (a multiple of 8 bytes)."""

@@ -121,7 +121,7 @@ class UnixState(ObjectState):
     ino: int
     type: str                               # "stream", "dgram" or "seqpacket"
     listening: bool
-    name: str                               # bound name ("" unbound, "@..." abstract)
+    name: str | None                        # bound name (None: unbound; "@..." abstract)
     peer: int                               # the peer's inode (0: none)
     shutdown: int
     flags: int

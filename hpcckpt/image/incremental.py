@@ -44,7 +44,7 @@ def previous_hashes(path: str | None) -> dict[tuple, bytes]:
 @dataclass
 class ChainLink:
     reader: ImageReader
-    regions: dict[tuple, object]      # key -> RegionRecord
+    regions: dict[tuple, RegionRecord]
     hashes: dict[tuple, bytes]
 
 

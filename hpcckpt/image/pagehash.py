@@ -69,7 +69,7 @@ def changed_runs_scattered(view: memoryview, runs: list, hashes, prev: bytes,
     out = bytearray(npages * HASH_SIZE)
     joined_prev = b"".join([prev[f * HASH_SIZE:(f + n) * HASH_SIZE] for f, n in runs])
     found = changed_runs(view, npages, HashSpec(memoryview(out), joined_prev), zero_skip)
-    where = []                                 # region page of every buffer page
+    where: list[int] = []                      # region page of every buffer page
     pos = 0
     for first, n in runs:
         hashes[first * HASH_SIZE:(first + n) * HASH_SIZE] = out[pos * HASH_SIZE:(pos + n) * HASH_SIZE]

@@ -42,7 +42,7 @@ def read_fd(pid: int, fd: int) -> FdEntry | None:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    info = {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
         k, _, v = line.partition(":")
         info.setdefault(k.strip(), v.strip())
@@ -53,7 +53,7 @@ def read_fd(pid: int, fd: int) -> FdEntry | None:
 
 def list_fds(pid: int) -> list[FdEntry]:
     """The process's descriptors ([] if it has exited meanwhile)."""
-    out = []
+    out: list[FdEntry] = []
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except (FileNotFoundError, ProcessLookupError):

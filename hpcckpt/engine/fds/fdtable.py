@@ -134,10 +134,10 @@ class FdTable:
         for h, oid, ofd in sorted(handled, key=lambda t: order[t[0]]):
             try:
                 h.dump(self.ctx, oid, ofd)
-            except UnsupportedFd as e:
+            except UnsupportedFd as err:
                 if not self.force:
                     raise
-                self._give_up(str(e), ofd, ofd_of)
+                self._give_up(str(err), ofd, ofd_of)
                 self.ctx.objects.pop(oid, None)
                 self.ctx.blobs.pop(oid, None)
         sysvshm.scan(self.ctx, self.pids)    # shared by processes without a descriptor; stored like the objects above
@@ -177,9 +177,9 @@ class ObjectFactory:
         self.base = base                     # every fd we hand out is at or above this (above the job's fds)
         self.read_blob = read_blob           # object id -> bytes (from the owner's image)
         self.fds: dict[str, int] = {}        # object id -> fd in the agent
-        self.extra: dict[str, object] = {}   # handler scratch (e.g. pipe inode -> (r, w))
+        self.extra: dict[str, Any] = {}   # handler scratch (e.g. pipe inode -> (r, w))
         self.after: list = []                # callables run once every process is restored and stopped
-        self.rendezvous = None               # the coordinator's key-value store, for objects spanning hosts
+        self.rendezvous: Any = None              # the coordinator's key-value store, for objects spanning hosts
 
     def prepare(self) -> None:
         """Kinds whose objects must be made all at once, before any is handed out (`prepare(factory)`)."""

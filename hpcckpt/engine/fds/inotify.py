@@ -143,8 +143,8 @@ def _resolve(w: dict, starts: list[str]) -> tuple[str | None, bool]:
             if not path.endswith(" (deleted)"):
                 return path, link
             return None, False
-    path = _search(dev, w["ino"], starts)
-    return path, bool(path) and os.path.islink(path)
+    found = _search(dev, w["ino"], starts)
+    return found, found is not None and os.path.islink(found)
 
 
 class Inotify(FdKind):

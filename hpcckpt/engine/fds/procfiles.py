@@ -51,7 +51,10 @@ class ProcFile(FdKind):
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        pid, tid, rest = parse(e.target)
+        parsed = parse(e.target)
+        if parsed is None:
+            raise UnsupportedFd(f"{e.where()}: {e.target} is not a /proc path")
+        pid, tid, rest = parsed
         job = {p for p, _ in ctx.entries}
         # /proc/<tid>/... of a job thread works too (not listed in /proc, but opened by number)
         ours = pid in job or any(os.path.exists(f"/proc/{p}/task/{pid}") for p in job)
@@ -92,7 +95,10 @@ def _reopen_in(rp, recs: list, pids: dict[int, int], tids: dict[int, int]) -> No
     scratch = Scratch(inj)
     try:
         for rec in recs:
-            pid, tid, rest = parse(rec.path)
+            parsed = parse(rec.path)
+            if parsed is None:
+                raise OSError(f"pid {rp.meta.process.pid} fd {rec.fd}: {rec.path} is not a /proc path")
+            pid, tid, rest = parsed
             new = pids.get(pid) or tids.get(pid)
             if new is None or (tid is not None and tid not in tids):
                 raise OSError(f"pid {rp.meta.process.pid} fd {rec.fd}: {rec.path} names a process not restored")

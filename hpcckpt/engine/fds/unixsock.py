@@ -190,6 +190,8 @@ class UnixSocket(FdKind):
             return made.pop(s.ino)
         typ = STYPE[s.type]
         if s.listening:
+            if not s.name:
+                raise UnsupportedFd(f"listening UNIX socket (inode {s.ino}) without a name: nothing to bind again")
             sk = socket.socket(socket.AF_UNIX, typ)
             _bind(sk, s.name)
             sk.listen(128)
@@ -248,6 +250,8 @@ def _connect_pair(factory, s: UnixState, peer: UnixState, typ: int) -> tuple[soc
         return a, b
     # a connection to a named listening socket: connect to it (or to a stand-in) and accept
     path = s.name if server_side else s.peer_name
+    if not path:
+        raise UnsupportedFd(f"UNIX socket {named}: the listening end of its connection has no name")
     listener_state = next((o for o in factory.states_of("unix") if o.listening and o.name == path), None)
     temp = None
     if listener_state is not None:

@@ -257,10 +257,10 @@ class IpcObjects:
 
     def create(self) -> None:
         self._check_keys()
-        for st in self.sems:
-            self._create_sem(st)
-        for st in self.msgs:
-            self._create_msg(st)
+        for sem in self.sems:
+            self._create_sem(sem)
+        for msg in self.msgs:
+            self._create_msg(msg)
 
     def _check_keys(self) -> None:
         for kind, objs in (("sem", self.sems), ("msg", self.msgs)):
@@ -272,7 +272,7 @@ class IpcObjects:
                     what = "semaphore set" if kind == "sem" else "message queue"
                     raise IpcError(f"SysV {what} key {st.key:#010x} is in use by another {what} (id {other}) "
                                    f"that a live process uses; cannot restore the job's {what} "
-                                   f"{st['semid' if kind == 'sem' else 'msqid']}")
+                                   f"{st.semid if isinstance(st, SysvSemState) else st.msqid}")
 
     @staticmethod
     def _get(kind: str, key: int) -> int:

@@ -244,8 +244,8 @@ class Segments:
 
     def __init__(self, objects: list[dict], read_blob, own_namespace: bool):
         self.ipc = sysvipc.IpcObjects(objects, read_blob)         # semaphore sets and message queues
-        objects = [SysvShmState.from_dict(o) for o in objects if o.get("kind", "sysvshm") == "sysvshm"]
-        self.objects = sorted(objects, key=lambda s: (not s.rmid, s.shmid))
+        segments = [SysvShmState.from_dict(o) for o in objects if o.get("kind", "sysvshm") == "sysvshm"]
+        self.objects = sorted(segments, key=lambda s: (not s.rmid, s.shmid))
         self.read_blob = read_blob
         self.own_namespace = own_namespace
         self.ids: dict[int, tuple[int, int]] = {}      # image shmid -> (shmid now, size)
@@ -279,7 +279,7 @@ class Segments:
                                 f"{st.shmid}")
 
     @staticmethod
-    def _leftover(shmid: int, st: dict) -> bool:
+    def _leftover(shmid: int, st: SysvShmState) -> bool:
         """The segment left behind by the killed original: nobody attached, same size, its creator gone."""
         ds = _stat(shmid)
         if ds is None or ds.nattch or ds.segsz != st.size:
@@ -341,7 +341,7 @@ class Segments:
         self._set_owner(got, st)
 
     @staticmethod
-    def _set_owner(shmid: int, st: dict) -> None:
+    def _set_owner(shmid: int, st: SysvShmState) -> None:
         ds = _stat(shmid)
         if ds is not None and (ds.perm.uid, ds.perm.gid) != (st.uid, st.gid):
             ds.perm.uid, ds.perm.gid = st.uid, st.gid

@@ -42,8 +42,11 @@ def is_server(local, remote) -> bool:
     return (lo[1], lo[0]) < (re[1], re[0])
 
 
-def _token(key: str) -> bytes:
-    return hashlib.sha256(key.encode()).digest()[:16]
+def _token(o: TcpState) -> bytes:
+    """What the connecting end sends first: names the connection (the same key on both hosts)."""
+    if o.conn is None:
+        raise UnsupportedFd(f"{o.where}: an end of a connection to another host without its connection key")
+    return hashlib.sha256(o.conn.encode()).digest()[:16]
 
 
 def _host_of(ip: str) -> str:
@@ -75,10 +78,10 @@ def wire(factory, objects: list[TcpState], timeout: float = WIRE_TIMEOUT) -> Non
                 listeners[port] = _listener(factory, o, new_socket)
             mine = [ip for ip in ips if ip == o.local[0]] + [ip for ip in ips if ip != o.local[0]]
             rv.put(f"tcp/{o.conn}", {"ips": mine, "port": listeners[port].getsockname()[1]})
-            expect[_token(o.conn)] = o
+            expect[_token(o)] = o
         for o in (o for o in objects if not o.server):
             addr = rv.get(f"tcp/{o.conn}", timeout)
-            if addr is None and getattr(rv, "abandoned", ""):
+            if addr is None and getattr(rv, "abandoned", None):
                 raise UnsupportedFd(f"restart abandoned: {rv.abandoned}")
             if addr is None:
                 ip, port = o.remote[0], o.remote[1]
@@ -105,12 +108,12 @@ def wire(factory, objects: list[TcpState], timeout: float = WIRE_TIMEOUT) -> Non
                 sk.settimeout(CONNECT_TIMEOUT)
                 tok = _read_exactly(sk, 16)
                 sk.settimeout(None)
-                o = expect.pop(tok, None)
-                if o is None:
+                came = expect.pop(tok, None)
+                if came is None:
                     sk.close()
                     log.warning("a connection to a restored listener did not name a connection we expected")
                     continue
-                socks[o.ino] = sk
+                socks[came.ino] = sk
         run_exchanges([Exchange(socks[o.ino], saved_data(factory, o), o.where,
                                 shut_after=o.state not in WE_WRITE) for o in objects], timeout)
         wired = factory.extra.setdefault("tcp-wired", {})
@@ -160,7 +163,7 @@ def _connect(o: TcpState, addr: dict, ips: list[str], new, keep_port: bool = Tru
         sk.settimeout(CONNECT_TIMEOUT)
         try:
             sk.connect((ip, addr["port"]))
-            sk.sendall(_token(o.conn))
+            sk.sendall(_token(o))
             sk.settimeout(None)
             return sk
         except OSError as e:

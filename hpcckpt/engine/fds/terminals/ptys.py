@@ -321,7 +321,8 @@ def _drain_and_put_back(mfd: int, sfd: int, t: dict) -> tuple[list[list], int, b
     packet = get_int(mfd, TIOCGPKT)
     if packet:
         set_int(mfd, TIOCPKT, 0)           # plain reads, and no status bytes from our settings changes
-    inp, direct, out = [], 0, b""
+    inp: list[list] = []
+    direct, out = 0, b""
     try:
         if sfd >= 0:
             inp, direct = _read_input(sfd, t)

@@ -142,7 +142,8 @@ def apply_terminals(factory) -> dict:
     done = factory.extra.get("terminals")
     if done is not None:
         return done
-    done = factory.extra["terminals"] = {}
+    done = {}
+    factory.extra["terminals"] = done
     for st in factory.states_of("terminal"):
         fd = _restart_terminal(factory, st)
         if fd < 0:
