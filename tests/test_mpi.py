@@ -117,7 +117,7 @@ def cleanup(launch, tmp_path):
 
 
 def shm_files(ckptdir: Path) -> set[str]:
-    """Paths of the named shared memory files (hpcckpt/engine/shmfiles.py) saved in every image under ckptdir."""
+    """Paths of the named shared memory files (hpcckpt/engine/shm/shmfiles.py) saved in every image under ckptdir."""
     from hpcckpt.image.format import ImageReader
     paths = set()
     for img in ckptdir.glob("ckpt_*/gen*/*.dmtcp"):
