@@ -6,6 +6,7 @@ import ast
 import importlib.util
 import ipaddress
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_every_fd_kind_is_known_to_the_image_checks():
     from hpcckpt.image.fdstate import FD_KINDS
     names = [k.KIND for k in KINDS]
     assert len(names) == len(set(names))
-    assert set(names) == FD_KINDS - {"stdio"}
+    assert set(names) == FD_KINDS - {"stdio", "null"}
 
 
 def test_one_rule_for_this_host():
@@ -175,3 +176,33 @@ def test_object_records_round_trip_real_images(env, tmp_path):
                 assert json.dumps(cls.from_dict(row).to_dict()) == json.dumps(row)
     assert {"file", "dir", "pipe", "pipe-inode", "unix", "eventfd", "epoll", "tcp", "pty", "ptmx", "pts",
             "shmfile"} <= seen, seen
+
+
+def test_forced_dump_restarts_with_dev_null(env, tmp_path):
+    """`hpcckpt dump --force` saves a socket to a process outside as kind "null"; the image checks accept that
+    kind (they refused it: "unknown kind 'null'") and the restarted process finds /dev/null there. (A dumped
+    process's stdin/out/err are the restarting command's, like DMTCP's: the answer goes to a file.)"""
+    import socket
+    import subprocess
+    a, b = socket.socketpair()
+    out = tmp_path / "out.txt"
+    prog = "import os, sys, time\nfd = int(sys.argv[1])\nfor i in range(40):\n    time.sleep(0.05)\n" \
+           "open(sys.argv[2], 'w').write(os.readlink(f'/proc/self/fd/{fd}'))"
+    p = subprocess.Popen(["python3", "-c", prog, str(b.fileno()), str(out)], pass_fds=(b.fileno(),),
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    b.close()
+    try:
+        time.sleep(0.5)
+        ck = tmp_path / "ck"
+        r = subprocess.run(["hpcckpt", "dump", str(p.pid), "--force", "--kill", "--ckptdir", str(ck)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "/dev/null" in r.stderr, r.stderr
+        p.wait(10)
+        r = subprocess.run(["hpcckpt", "restart", "-p", "0", "--ckptdir", str(ck), "--from", str(ck)], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert out.read_text() == "/dev/null"
+    finally:
+        a.close()
+        if p.poll() is None:
+            p.kill()

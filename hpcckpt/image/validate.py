@@ -206,6 +206,9 @@ def _fds(proc: dict, kinds: set[str], nr_open: int) -> list[str]:
         if ofd.startswith("stdio:"):
             if ofd not in ("stdio:0", "stdio:1", "stdio:2"):
                 raise Invalid(f"file descriptor {fd}: {ofd!r} is not one of the launcher's stdio")
+        elif kind == "null" or ofd == "null:":
+            if (kind, ofd) != ("null", "null:"):
+                raise Invalid(f"file descriptor {fd}: kind {kind!r} with open file description {ofd!r}")
         elif ofd:
             refs.append(ofd)
         elif kind != "stdio":
