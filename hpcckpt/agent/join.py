@@ -38,7 +38,7 @@ def start_coordinator(s: Settings, port: int) -> int:
            "--keep", str(s.keep_generations), "--timeout", "120"]   # gone if nobody ever joins
     if s.quiet:
         cmd.append("-q")
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
     if r.returncode != 0:
         raise CoordinatorUnreachable((r.stderr.strip().splitlines() or ["coordinator failed to start"])[-1])
     got = read_port_file(port_file)

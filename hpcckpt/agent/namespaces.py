@@ -125,7 +125,7 @@ def supervise(child: int, forward: list[int], root_exit_fd: int | None = None) -
                 if text.lstrip("-").isdigit():
                     return int(text), True
                 root_exit_fd = None           # (closed without a word: the agent ends as usual)
-            for signo, code, sender in sfd.read():
+            for signo, code, _sender in sfd.read():
                 if signo in forward and sfd.sent_by_process(code):
                     try:
                         os.kill(child, signo)

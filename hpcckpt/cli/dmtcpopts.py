@@ -121,7 +121,7 @@ def flags(args: argparse.Namespace) -> dict:
     """The DMTCP options given, as Settings flags (None: not given)."""
     out = {k: getattr(args, k, None) for k in NAMES}
     if out.get("path_prefixes"):
-        out["path_prefixes"] = list(out["path_prefixes"])
+        out["path_prefixes"] = list(out["path_prefixes"] or ())
         out["pathvirt"] = True
     if getattr(args, "disable_all", False) or \
             os.environ.get("DMTCP_DISABLE_ALL_PLUGINS", "").strip().lower() in ("1", "yes", "true"):

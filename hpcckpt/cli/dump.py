@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import time
+from typing import Any
 
 from ..agent.procs import new_agent_id, new_unique_id, program_of
 from ..coordinator.script import write_restart_script
@@ -150,7 +151,7 @@ def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bo
     except (FreezeError, ProcessGone, OSError) as e:
         raise Fail(f"cannot freeze the processes: {e}") from None
     images: list[store.ImageEntry] = []
-    stats = {"bytes_in": 0, "bytes_out": 0}
+    stats: dict[str, Any] = {"bytes_in": 0, "bytes_out": 0}
     try:
         fps = [frozen[p] for p in sorted(frozen)]
         infos = {p: tree.read_proc(p) for p in frozen}

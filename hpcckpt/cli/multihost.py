@@ -110,9 +110,12 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     full = way.remote_command(host, cmd)
     log.info("restarting %d image(s) on %s", len(images), host)
     p = subprocess.Popen(full, stdin=subprocess.PIPE)
+    stdin = p.stdin
+    if stdin is None:                          # (never: stdin=PIPE)
+        raise Fail(f"cannot hand the coordinator's secret to the restart on {host}")
     try:
-        p.stdin.write(secret.hex().encode() + b"\n")
-        p.stdin.close()
+        stdin.write(secret.hex().encode() + b"\n")
+        stdin.close()
     except BrokenPipeError:
         pass
     return p
