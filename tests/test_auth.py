@@ -207,7 +207,8 @@ def test_manifest_naming_another_computations_image_refused(checkpointed, env, t
 def test_recorded_credentials_checked(tmp_path):
     """What root may become for an image (engine/identity.py): one consistent identity, the signer's own when a
     user signed it, no capabilities for a non-root process, only groups the user is in."""
-    from hpcckpt.engine.identity import IdentityError, owner_of
+    from hpcckpt.engine.errors import IdentityError
+    from hpcckpt.engine.identity import owner_of
 
     def meta(**creds):
         base = {"uid": 65534, "gid": 65534, "uids": [65534] * 4, "gids": [65534] * 4, "groups": [], "cap_prm": 0}

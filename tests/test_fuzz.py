@@ -24,7 +24,8 @@ from craft import synthetic_meta, write_synthetic                          # noq
 from hpcckpt.cli.inspect import main as inspect_main                      # noqa: E402
 from hpcckpt.image import format as fmt                                    # noqa: E402
 from hpcckpt.image.format import ImageError, ImageReader, ImageWriter     # noqa: E402
-from hpcckpt.image.store import ImageEntry, Manifest, ManifestError       # noqa: E402
+from hpcckpt.image.store import ImageEntry, Manifest                      # noqa: E402
+from hpcckpt.image.manifest_check import ManifestError                    # noqa: E402
 from hpcckpt.image.validate import check_image, check_images                            # noqa: E402
 
 EXAMPLES = int(os.environ.get("HPCCKPT_FUZZ_EXAMPLES", "60"))

@@ -96,7 +96,7 @@ def test_zero_pages_cost_nothing(tmp_path, compress):
 def test_incremental_page_hashes_find_changed_pages():
     """changed_runs hashes every page and returns the runs to store: all non-zero pages without a previous
     generation; then only pages whose content changed (a page that became zero is not stored either)."""
-    from hpcckpt.engine.incremental import HASH_SIZE, HashSpec, changed_runs, page_hash
+    from hpcckpt.image.pagehash import HASH_SIZE, HashSpec, changed_runs, page_hash
     pages = [os.urandom(4096) for _ in range(16)]
     pages[3] = pages[4] = bytes(4096)
     out = bytearray(HASH_SIZE * 16)
@@ -116,8 +116,8 @@ def test_written_pages_packed_into_one_job():
     """With write tracking only the written runs of a region are read, packed into one buffer: their pages are
     hashed in place (hashes land at each run's own position) and the changed ones come back as runs of the
     region; the runs to read are the populated pages that were written."""
-    from hpcckpt.engine.incremental import changed_runs_scattered, page_hash
     from hpcckpt.engine.memory import intersect_runs
+    from hpcckpt.image.pagehash import changed_runs_scattered, page_hash
     assert intersect_runs([(0, 10), (20, 5)], [(2, 3), (8, 14), (30, 1)]) == [(2, 3), (8, 2), (20, 2)]
     assert intersect_runs([(0, 4)], []) == [] and intersect_runs([], [(0, 4)]) == []
     region = [os.urandom(4096) for _ in range(32)]
@@ -134,8 +134,9 @@ def test_written_pages_packed_into_one_job():
 def test_previous_hashes_only_of_the_same_algorithm(tmp_path, algo):
     """The previous generation's page hashes are used only if they were made with today's algorithm; hashes
     without a tag (SHA-256, older versions) are ignored, so the next generation is a full image."""
-    from hpcckpt.engine.incremental import HASH_ALGO, page_hash, previous_hashes
-    from hpcckpt.engine.memory import write_blobs
+    from hpcckpt.image.blobs import write_blobs
+    from hpcckpt.image.incremental import previous_hashes
+    from hpcckpt.image.pagehash import HASH_ALGO, page_hash
     from hpcckpt.image.records import RegionRecord
     path = str(tmp_path / "prev.dmtcp")
     w = ImageWriter(path)
@@ -156,8 +157,10 @@ def test_chain_resolution_takes_each_page_from_the_newest_image_holding_it():
     content; unpopulated and all-zero pages from none; a page whose content no image holds is an error naming
     it (a base image was replaced)."""
     from types import SimpleNamespace
-    from hpcckpt.engine.incremental import HASH_SIZE, ZERO_HASH, ChainLink, page_hash, resolve
+
     from hpcckpt.image.format import ImageError
+    from hpcckpt.image.incremental import ChainLink, resolve
+    from hpcckpt.image.pagehash import HASH_SIZE, ZERO_HASH, page_hash
     key = (0x1000, 0x9000, "rw-p", "anon", "")
     base_h = [page_hash(bytes([i]) * 4096) for i in range(8)]
     base_h[5] = bytes(HASH_SIZE)                                      # never touched
@@ -187,6 +190,7 @@ def test_numeric_chunks_are_byte_shuffled_before_zstd(tmp_path, monkeypatch):
     back exactly, also into a caller's buffer and without numpy."""
     import math
     import struct
+
     from hpcckpt.image import codec
     doubles = struct.pack("<262144d", *(math.sin(i * 1e-3) * 1e3 for i in range(262144)))     # 2 MiB
     text = b"".join(b"line %d of a log file, status ok\n" % i for i in range(60000))[:2 << 20]

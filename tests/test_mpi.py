@@ -117,7 +117,7 @@ def cleanup(launch, tmp_path):
 
 
 def shm_files(ckptdir: Path) -> set[str]:
-    """Paths of the named shared memory files (hpcckpt/engine/shmfiles.py) saved in every image under ckptdir."""
+    """Paths of the named shared memory files (hpcckpt/engine/shm/shmfiles.py) saved in every image under ckptdir."""
     from hpcckpt.image.format import ImageReader
     paths = set()
     for img in ckptdir.glob("ckpt_*/gen*/*.dmtcp"):
@@ -273,8 +273,9 @@ def test_listener_port_reclaimed_from_time_wait():
     import socket
     if os.geteuid() != 0:
         pytest.skip("clearing TIME_WAIT connections needs CAP_NET_ADMIN (unprivileged restores wait them out)")
-    from hpcckpt.engine import tcp
-    from hpcckpt.engine.tcpinfo import time_wait_holders
+    from hpcckpt.engine.fds.tcp import kind as tcp
+    from hpcckpt.engine.fds.tcp.info import time_wait_holders
+    from hpcckpt.image.fdstate import TcpState
     lsk = socket.socket()
     lsk.bind(("127.0.0.1", 0))
     lsk.listen()
@@ -292,7 +293,8 @@ def test_listener_port_reclaimed_from_time_wait():
     plain.close()
     again = socket.socket()
     try:
-        state = {"family": socket.AF_INET, "where": "test listener", "local": ("127.0.0.1", port)}
+        state = TcpState(ino=0, family=socket.AF_INET, state=0, state_name="LISTEN", local=["127.0.0.1", port],
+                         remote=["0.0.0.0", 0], bound=True, flags=0, opts={}, where="test listener")
         assert tcp._bind(again, state, required=True)
         assert again.getsockname() == ("127.0.0.1", port)
         assert not time_wait_holders(socket.AF_INET, ("127.0.0.1", port))

@@ -172,7 +172,7 @@ def test_launched_job_coordinator_listens_on_loopback_only(launch, env, tmp_path
 def test_listen_opens_only_an_address_of_this_host(coordinator, env, tmp_path, monkeypatch):
     from hpcckpt.coordinator.binding import open_towards
     from hpcckpt.coordinator.client import CoordinatorUnreachable
-    from hpcckpt.engine.tcpinfo import local_ipv4s
+    from hpcckpt.hostnames import local_ipv4s
     proc, port, _ = coordinator
     monkeypatch.setenv("HPCCKPT_RUNDIR", env["HPCCKPT_RUNDIR"])
     for bad, why in (("192.0.2.7", "not an address of this host"), ("0.0.0.0", "every interface needs --bind"),
@@ -203,7 +203,7 @@ def test_bind_option_and_coord_host(env, tmp_path):
 def test_batch_job_over_several_nodes_listens_towards_the_other_nodes(nodes, env, tmp_path):
     """Inside a PBS job (the same code path for Slurm and Grid Engine: the scheduler's node list) over several
     nodes, the coordinator also listens on the interface towards the other nodes; over one node, loopback only."""
-    from hpcckpt.engine.tcpinfo import local_ipv4s
+    from hpcckpt.hostnames import local_ipv4s
     nodefile = tmp_path / "nodefile"
     nodefile.write_text(f"{os.uname().nodename}\n" + ("192.0.2.1\n" if nodes == 2 else ""))
     port_file = tmp_path / "p"

@@ -155,7 +155,7 @@ def test_ptypair_as_unprivileged_user(sandbox, build_dir):
 _SNIPPET = r"""
 import base64, json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-from hpcckpt.engine import ptys
+from hpcckpt.engine.fds.terminals import ptys
 m, s = os.openpty()
 t = ptys.get_termios(m)
 os.write(m, base64.b64decode(sys.argv[2]))           # typed at the terminal
@@ -201,7 +201,7 @@ def test_pty_queues_put_back_exactly(tiocsti):
 _BIG_SNIPPET = r"""
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from hpcckpt.engine import ptys
+from hpcckpt.engine.fds.terminals import ptys
 m, s = os.openpty()
 t = ptys.get_termios(m)
 os.set_blocking(m, False)

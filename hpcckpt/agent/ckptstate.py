@@ -7,7 +7,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..engine import procattrs, tcpdrain, tree
+from ..engine import procattrs, tree
+from ..engine.fds.tcp import drain as tcpdrain
 from ..engine.freeze import FrozenProcess
 
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@ agent/aware_server.py) and plugins (hpcckpt.plugins) called at the protocol's ev
 from __future__ import annotations
 
 from .. import plugins
-from ..engine import awarefd
+from ..engine.fds import awarefd
 from .aware_server import AwareServer
 from .base import AgentBase
 

@@ -3,29 +3,19 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 
 from ..coordinator import protocol
 from ..coordinator.client import CoordinatorUnreachable, command, port_is_open
+from ..hostnames import is_local
 from ..image import store
 from ..settings import Settings
 
 log = logging.getLogger("hpcckpt.agent")
 
 JOIN, NEW, ANY = "join", "new", "any"
-
-
-def is_local(host: str) -> bool:
-    if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0", ""):
-        return True
-    try:
-        return host in (socket.gethostname(), socket.getfqdn()) or \
-            socket.gethostbyname(host) in ("127.0.0.1", socket.gethostbyname(socket.gethostname()))
-    except OSError:
-        return False
 
 
 def checkpoint_agents(readers: list) -> dict[str, str]:

@@ -101,11 +101,6 @@ def install_init_handlers(signals: list[int]) -> None:
         signal.signal(sig, lambda *_: None)
 
 
-def set_next_pid(pid: int) -> None:
-    """The next process or thread this namespace creates gets `pid` (nothing else may fork meanwhile)."""
-    _write("/proc/sys/kernel/ns_last_pid", str(pid - 1))
-
-
 def supervise(child: int, forward: list[int], root_exit_fd: int | None = None) -> tuple[int, bool]:
     """The outer process: wait for the agent, forwarding the signals someone sends us; return (its status,
     False). If the agent reports on root_exit_fd that the launched process ended while others of the job go on,

@@ -17,8 +17,9 @@ from ..applevel import phases as applevel
 from ..coordinator import protocol
 from ..coordinator.protocol import Phase, PhaseMsg
 from ..engine import dump as engine_dump
-from ..engine import pathvirt, tcpdrain, tree, wptrack
-from ..engine.fdtable import FdTable
+from ..engine import pathvirt, tree, wptrack
+from ..engine.fds.fdtable import FdTable
+from ..engine.fds.tcp import drain as tcpdrain
 from ..engine.maps import vmflags_hint
 from ..faults import fault
 from ..image import runlock, store

@@ -194,7 +194,7 @@ def batch_run_main(argv: list[str] | None = None, prog: str = "hpcckpt batch-run
         sched = registry.get(args.scheduler) if args.scheduler in registry.SCHEDULERS else registry.detect()
         if sched is None:
             raise Fail("not inside a batch job of a known scheduler (SLURM_JOB_ID, PBS_JOBID, JOB_ID unset)")
-        from ..image.store import ManifestError
+        from ..image.manifest_check import ManifestError
         from ..sched.driver import JobDriver
         from .common import env_fail_rc
         from .multihost import is_local

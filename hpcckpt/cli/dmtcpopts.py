@@ -171,7 +171,7 @@ def prepare(s, args: argparse.Namespace | None = None) -> None:
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)
     if s.coord_logfile:
         os.environ["DMTCP_COORD_LOG_FILENAME"] = os.path.abspath(s.coord_logfile)
-    from ..engine import openfiles
+    from ..engine.fds import openfiles
     openfiles.configure(s.ckpt_open_files, s.open_file_max_bytes, s.allow_file_overwrite)
     if s.ckpt_open_files:          # agents started on other hosts and by ssh/srun inside the job
         os.environ["DMTCP_CHECKPOINT_OPEN_FILES"] = "1"

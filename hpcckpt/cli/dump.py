@@ -19,14 +19,14 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ..agent.procs import new_agent_id, new_unique_id, program_of
 from ..coordinator.script import write_restart_script
 from ..engine import dump as engine_dump
 from ..engine import tree
-from ..engine.fdtable import FdTable, UnsupportedFd
-from ..engine.freeze import FreezeError
-from ..engine.inject import ProcessGone
+from ..engine.errors import FreezeError, ProcessGone, UnsupportedFd
+from ..engine.fds.fdtable import FdTable
 from ..engine.procattrs import children_of
 from ..image import journal, safefs, store
 from .common import Fail, Parser, run_main, settings_from, setup_logging
@@ -106,7 +106,7 @@ def _problems(pids: list[int], stdio_pid: int) -> list[str]:
     """Every descriptor that cannot be saved, one line each (a dry run of the descriptor scan, which otherwise
     stops at the first); nothing is frozen or changed."""
     t = FdTable(pids, stdio_pid=stdio_pid, force=True)
-    quiet = logging.getLogger("hpcckpt.engine.fdtable")
+    quiet = logging.getLogger("hpcckpt.engine.fds.fdtable")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
@@ -164,7 +164,7 @@ def dump(pids: list[int], ckptdir: str, *, tree_too: bool, force: bool, kill: bo
     except (FreezeError, ProcessGone, OSError) as e:
         raise Fail(f"cannot freeze the processes: {e}") from None
     images: list[store.ImageEntry] = []
-    stats: dict = {"bytes_in": 0, "bytes_out": 0}
+    stats: dict[str, Any] = {"bytes_in": 0, "bytes_out": 0}
     try:
         fps = [frozen[p] for p in sorted(frozen)]
         infos = {p: tree.read_proc(p) for p in frozen}

@@ -13,12 +13,11 @@ from ..agent.agent import Agent
 from ..agent.aware_server import AwareServer
 from ..agent.aware_server import new_name as new_aware_name
 from ..agent.join import ANY, JOIN, NEW, find_or_start
-from ..agent.namespaces import set_next_pid
 from ..agent.procs import JobProcess, new_agent_id, new_unique_id
 from ..coordinator import protocol
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.protocol import SecretError
-from ..engine.linux import SYS, syscall
+from ..engine.linux import SYS, set_next_pid, syscall
 from ..image import safefs, store
 from ..plugins import PluginError
 from . import dmtcpopts, jobrun, levelopts

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import threading
 
 from .. import installprefix
+from ..hostnames import is_local
 from ..settings import SettingsError, read_config_text
 from . import levelopts
 from .common import Fail
@@ -60,21 +60,6 @@ def apply_hostfile(rows: list[tuple[str, str]], path: str) -> list[tuple[str, st
     else:
         raise Fail(f"host file {path}: give one host per line, or 'OLD NEW' per line")
     return [(mapping.get(h, h), img, h) for h, img in rows]
-
-
-def is_local(host: str) -> bool:
-    names = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
-    try:
-        names.add(socket.getfqdn())
-    except OSError:
-        pass
-    if host in names or host.split(".")[0] in names:
-        return True
-    try:
-        from ..engine.tcpinfo import local_ipv4s
-        return socket.gethostbyname(host) in local_ipv4s() and not socket.gethostbyname(host).startswith("127.")
-    except OSError:
-        return False
 
 
 def address_towards(host: str) -> str:
@@ -127,10 +112,12 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
     full = way.remote_command(host, cmd)
     log.info("restarting %d image(s) on %s", len(images), host)
     p = subprocess.Popen(full, stdin=subprocess.PIPE)
-    assert p.stdin is not None                  # stdin=PIPE
+    stdin = p.stdin
+    if stdin is None:                          # (never: stdin=PIPE)
+        raise Fail(f"cannot hand the coordinator's secret to the restart on {host}")
     try:
-        p.stdin.write(secret.hex().encode() + b"\n")
-        p.stdin.close()
+        stdin.write(secret.hex().encode() + b"\n")
+        stdin.close()
     except BrokenPipeError:
         pass
     return p
@@ -202,7 +189,6 @@ def stop_remote(procs: list[tuple[str, subprocess.Popen]]) -> None:
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
-
 
 
 class Watcher:

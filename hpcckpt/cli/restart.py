@@ -19,7 +19,8 @@ from ..agent.rendezvous import Rendezvous
 from ..coordinator import protocol
 from ..coordinator.client import Connection, CoordinatorUnreachable
 from ..coordinator.protocol import SecretError
-from ..engine import awarefd, identity, pathvirt
+from ..engine import identity, pathvirt
+from ..engine.fds import awarefd
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
 from ..image import auth, levels, runlock, safefs, store
 from ..image.format import ImageError, ImageReader

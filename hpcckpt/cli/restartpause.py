@@ -10,7 +10,8 @@ import signal
 import sys
 import time
 
-from ..engine import files, ptrace
+from ..engine import ptrace
+from ..engine.fds import files
 
 log = logging.getLogger("hpcckpt")
 

@@ -58,7 +58,7 @@ def address_towards(host: str | None) -> str:
                     return ip
         except OSError:
             continue
-    from ..engine.tcpinfo import local_ipv4s
+    from ..hostnames import local_ipv4s
     return local_ipv4s()[0]
 
 
@@ -107,7 +107,7 @@ def plan(coord_host: str, explicit: list[str] | None) -> list[tuple[str, str, bo
 
 def bindable(addr: str) -> str | None:
     """Why the coordinator must not listen on addr when asked at run time (None: it may)."""
-    from ..engine.tcpinfo import local_ipv4s
+    from ..hostnames import local_ipv4s
     try:
         ip = ipaddress.ip_address(addr)
     except ValueError:

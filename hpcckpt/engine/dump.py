@@ -13,15 +13,19 @@ import time
 from dataclasses import dataclass
 
 from .. import __version__
+from ..image.blobs import write_blobs
 from ..image.format import ImageError, ImageReader, ImageWriter
+from ..image.incremental import previous_hashes
+from ..image.pagehash import HASH_ALGO
 from ..image.records import SCHEMA, ImageMeta, ProcessRecord, b64
-from . import forker, memory, procattrs, ptrace, signals, sysvshm, threads, timers, wptrack
-from . import incremental as incremental_mod
-from .fdtable import FdTable
+from . import forker, memory, procattrs, ptrace, signals, threads, timers, wptrack
+from .errors import SnapshotError
+from .fds.fdtable import FdTable
 from .freeze import FrozenProcess
 from .linux import SYS
 from .maps import read_maps_fast
 from .remote import Scratch
+from .shm import sysvshm
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +137,7 @@ def snapshot(cap: Capture, parent_is_agent: bool, preread_limit: int = 1 << 30) 
         return 0
     try:
         cap.snapshot_pid = forker.fork_snapshot(cap.fp, parent_is_agent)
-    except (forker.SnapshotError, OSError) as e:
+    except (SnapshotError, OSError) as e:
         log.warning("pid %d: no copy-on-write snapshot (%s); writing its image while it is stopped", cap.fp.pid, e)
         _undefer(cap)
         return 0
@@ -160,8 +164,8 @@ def _undefer(cap: Capture) -> None:
     pagemap = os.open(f"/proc/{cap.fp.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
         for p in cap.plans:
-            if p.runs is None:
-                p.runs = memory._runs(pagemap, p.m, p.mode)
+            if p.deferred:
+                p.runs, p.deferred = memory._runs(pagemap, p.m, p.mode), False
     finally:
         os.close(pagemap)
 
@@ -176,22 +180,23 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
     previous, base_meta = {}, None
     if incremental and base:
         try:
-            previous = incremental_mod.previous_hashes(base)
+            previous = previous_hashes(base)
             with ImageReader(base) as br:
                 base_meta = br.meta
         except (ImageError, OSError) as e:
             log.warning("pid %d: previous image %s unusable (%s); writing a full image", cap.fp.pid, base, e)
             previous, base_meta = {}, None
     # pages written since the base's checkpoint are known exactly if tracking was armed at that very checkpoint
-    tracked = bool(previous) and cap.tracked_since > 0 and base_meta.get("generation") == cap.tracked_since
+    tracked = base_meta is not None and bool(previous) and cap.tracked_since > 0 and \
+        base_meta.get("generation") == cap.tracked_since
     source = cap.snapshot_pid or cap.fp.pid
     t_mem0 = time.monotonic()
     writer = ImageWriter(path, compress=compress, level=level)
     dumper = memory.MemoryDumper(source, writer, progress, snapshot=bool(cap.snapshot_pid))
     try:
         proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous, tracked=tracked)
-        blobs = memory.write_blobs(writer, cap.blobs)
-        hash_blobs = memory.write_blobs(writer, {f"hashes:{i}": bytes(p.hashes) for i, p in enumerate(cap.plans)
+        blobs = write_blobs(writer, cap.blobs)
+        hash_blobs = write_blobs(writer, {f"hashes:{i}": bytes(p.hashes) for i, p in enumerate(cap.plans)
                                                  if p.hashes is not None})
         t_mem = time.monotonic()
         meta = ImageMeta(schema=SCHEMA, hpcckpt_version=__version__, computation=computation,
@@ -203,8 +208,8 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         proc.blobs = blobs
         for i, p in enumerate(cap.plans):
             if p.hashes is not None:
-                p.rec.hashes = {**hash_blobs[f"hashes:{i}"], "algo": incremental_mod.HASH_ALGO}
-        if base_meta is not None and previous:
+                p.rec.hashes = {**hash_blobs[f"hashes:{i}"], "algo": HASH_ALGO}
+        if base_meta is not None and previous and base:
             meta.base = os.path.relpath(base, os.path.dirname(os.path.abspath(path)))
             meta.needs = sorted(set(base_meta.get("needs") or [base_meta["generation"]]) | {generation})
         else:
@@ -225,10 +230,3 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
     return meta
 
 
-def dump_process(fp: FrozenProcess, path: str, *, computation: str, generation: int, unique_id: str,
-                 compress: bool = False, level: int = 1, progress=None, pid_namespace: bool = False,
-                 place: Placement | None = None) -> ImageMeta:
-    """Capture and write the image of a frozen process in one go; the process stays frozen throughout."""
-    cap = capture(fp, place, pid_namespace)
-    return write_image(cap, path, computation=computation, generation=generation, unique_id=unique_id,
-                       compress=compress, level=level, progress=progress)

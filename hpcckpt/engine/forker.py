@@ -21,6 +21,7 @@ import os
 import signal
 
 from . import ptrace
+from .errors import SnapshotError
 from .freeze import FrozenProcess
 from .inject import Injector
 from .linux import SYS
@@ -33,10 +34,6 @@ WNOHANG, WALL = 1, 0x40000000
 
 # zombie snapshots under job processes: snapshot pid -> its parent (a job process)
 _left: dict[int, int] = {}
-
-
-class SnapshotError(RuntimeError):
-    pass
 
 
 def fork_snapshot(fp: FrozenProcess, parent_is_agent: bool) -> int:

@@ -20,24 +20,13 @@ from dataclasses import dataclass, field
 
 from ..faults import fault
 from . import ptrace
-from .inject import Injector, ProcessGone, claim_interrupted_call, find_syscall_insn
+from .errors import FreezeError, ProcessGone, VforkBusy
+from .inject import Injector, claim_interrupted_call, find_syscall_insn
 from .linux import SYS, syscall
 from .maps import read_maps
 from .ptrace import Regs
 
 log = logging.getLogger(__name__)
-
-
-class FreezeError(RuntimeError):
-    pass
-
-
-class VforkBusy(FreezeError):
-    """A thread is blocked in vfork() until its child execs or exits: it cannot be stopped meanwhile."""
-
-    def __init__(self, pid: int, tid: int, child: int):
-        self.pid, self.tid, self.child = pid, tid, child
-        super().__init__(f"pid {pid} ({_comm(pid)}) is in vfork(), waiting for its child {child} to exec or exit")
 
 
 KCMP_VM = 1
@@ -87,7 +76,7 @@ def in_vfork(pid: int) -> VforkBusy | None:
     for tid in tids:
         child = vfork_child(pid, tid)
         if child:
-            return VforkBusy(pid, tid, child)
+            return VforkBusy(pid, tid, child, _comm(pid))
     return None
 
 
@@ -188,7 +177,7 @@ class FrozenProcess:
 
 def _tids(pid: int) -> set[int]:
     """Live threads of pid (a zombie leader whose other threads still run cannot be stopped and is skipped)."""
-    out = set()
+    out: set[int] = set()
     try:
         names = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
@@ -218,7 +207,7 @@ def _wait_stopped(pid: int, tid: int, deadline: float) -> Regs | None:
                 checked_vfork = now + 0.05
                 child = vfork_child(pid, tid)
                 if child:
-                    raise VforkBusy(pid, tid, child)
+                    raise VforkBusy(pid, tid, child, _comm(pid))
             if now > deadline:
                 raise FreezeError(f"pid {pid} ({_comm(pid)}) tid {tid} did not stop within the freeze timeout "
                                   f"(state {_state(pid, tid)}: uninterruptible I/O?); try again")
@@ -256,7 +245,7 @@ def freeze(pid: int, timeout: float = 10.0) -> FrozenProcess:
                     continue
                 child = vfork_child(pid, tid)
                 if child:
-                    raise VforkBusy(pid, tid, child)
+                    raise VforkBusy(pid, tid, child, _comm(pid))
                 try:
                     ptrace.seize(tid, ptrace.O_TRACESYSGOOD)
                     waiting.add(tid)

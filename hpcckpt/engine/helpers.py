@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, RegionRecord
-from .eventfds import register_epoll_items
-from .fdtable import ObjectFactory
+from .errors import RestoreError
+from .fds.eventfds import register_epoll_items
+from .fds.fdtable import ObjectFactory
+from .fds.locks import posix_for
+from .fds.terminals.ttys import plan_session, session_terminal
 from .linux import (
     MAP_ANONYMOUS,
     MAP_FIXED,
@@ -34,12 +37,11 @@ from .linux import (
     PROT_WRITE,
     TASK_SIZE,
     mmap,
+    set_next_pid,
 )
-from .locks import posix_for
 from .maps import read_maps
 from .pidfork import fork_at
-from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE, RestoreError
-from .ttys import plan_session, session_terminal
+from .transform import RESERVE_PAGES, SCRATCH_OFF, SCRATCH_SIZE, TRAMPOLINE_CODE
 
 
 @dataclass
@@ -55,7 +57,7 @@ class ProcPlan:
     children: list[int] = field(default_factory=list)                # live children (image PIDs)
     new_pid: int = 0
     sync_fds: tuple[int, ...] = ()
-    epoll_regs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (epfd, tfd, events, data)                                   # hold/info pipe ends (closed by injection)
+    epoll_regs: list[tuple[int, int, int, int]] = field(default_factory=list)  # (epfd, tfd, events, data)
     posix_locks: list = field(default_factory=list)                  # (fd, lock, path): taken by the process
     sysv: dict[int, tuple[int, int]] = field(default_factory=dict)   # image shmid -> (shmid now, size)
     tty: tuple[int, int, bool] = (-1, -1, False)                     # ttys.plan_session
@@ -118,10 +120,9 @@ def make_plans(metas: list[tuple[ImageMeta, ImageReader]], factory: ObjectFactor
         for rec in proc.fds:
             plan.fds.append((rec.fd, factory.fd_for(rec.ofd), rec.cloexec))
         for oid in {rec.ofd for rec in proc.fds}:
-            obj = factory.objects.get(oid, {})
-            if obj.get("kind") == "epoll":
+            if factory.objects.get(oid, {}).get("kind") == "epoll":
                 epfd = min(r.fd for r in proc.fds if r.ofd == oid)
-                plan.epoll_regs += [(epfd, i["tfd"], i["events"], i["data"]) for i in obj["items"]
+                plan.epoll_regs += [(epfd, i["tfd"], i["events"], i["data"]) for i in factory.state(oid).items
                                     if i["pid"] == proc.pid]
         for r in proc.regions:
             if r.backing == "shared-anon":
@@ -213,7 +214,6 @@ def park_pid_cursor(ids: set[int], free: set[int]) -> None:
     move the cursor).
     Allocation is cyclic up to pid_max: an image whose PIDs reach the top gets the cursor at its largest gap.
     free: those of ids that must not exist yet."""
-    from ..agent.namespaces import set_next_pid
     for pid in sorted(free):
         if os.path.exists(f"/proc/{pid}"):
             raise RestoreError(f"PID {pid} is already taken in this PID namespace by {_holder(pid)}; "
@@ -321,8 +321,8 @@ class Spawner:
                 if kind == "err":
                     raise RestoreError(f"restoring pid {old}: {rest}")
                 mapping[int(old)] = int(rest)
-        for old, new in mapping.items():
-            self.plans[old].new_pid = new
+        for old_pid, new_pid in mapping.items():
+            self.plans[old_pid].new_pid = new_pid
         return mapping
 
     def close(self) -> None:

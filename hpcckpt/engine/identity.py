@@ -15,11 +15,9 @@ import os
 import pwd
 from dataclasses import dataclass
 
+from .errors import IdentityError
+
 PR_SET_DUMPABLE = 4
-
-
-class IdentityError(Exception):
-    """Credentials that cannot be restored safely; one line naming the image and what to do."""
 
 
 @dataclass

@@ -12,18 +12,11 @@ import logging
 import os
 
 from . import ptrace
+from .errors import InjectionError, ProcessGone
 from .linux import ERESTART_RESTARTBLOCK, ERESTARTNOHAND, RESTART_CODES, SYS
 from .ptrace import Regs, signed
 
 log = logging.getLogger(__name__)
-
-
-class ProcessGone(RuntimeError):
-    """The traced thread or process exited (or was killed) while we worked on it."""
-
-
-class InjectionError(RuntimeError):
-    pass
 
 
 # (pid, tid) -> the system call a thread was in when we last resumed it through restart_syscall: a thread

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import os
 import platform
 
@@ -139,7 +138,7 @@ def buffer_address(buf) -> int:
     """Address of a buffer without copying: bytes, or any writable buffer (bytearray, memoryview, an mmap
     opened with ACCESS_WRITE or ACCESS_COPY). The caller keeps the buffer alive while the address is used."""
     if isinstance(buf, bytes):
-        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
+        return ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value or 0     # (None only for b"")
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
@@ -203,5 +202,7 @@ def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, off: int =
     return r
 
 
-def errno_name(e: int) -> str:
-    return errno.errorcode.get(e, str(e))
+def set_next_pid(pid: int) -> None:
+    """The next process or thread this PID namespace creates gets `pid` (nothing else may fork meanwhile)."""
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))

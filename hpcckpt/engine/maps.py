@@ -52,10 +52,6 @@ class Mapping:
     def deleted(self) -> bool:
         return self.path.endswith(" (deleted)")
 
-    @property
-    def file_backed(self) -> bool:
-        return self.inode != 0 and self.path.startswith("/")
-
 
 _LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from ..faults import fault
 from ..image.format import CHUNK_PAGES, CODEC_RAW, Chunk, ImageError, ImageReader, ImageWriter
 from ..image.records import RegionRecord
+from .errors import UnsupportedMapping
 from .inject import Injector
 from .linux import (
     MAP_ANONYMOUS,
@@ -45,10 +46,6 @@ from .linux import (
 from .maps import Mapping, populated_runs, read_maps, sparse_reservation
 
 log = logging.getLogger(__name__)
-
-
-class UnsupportedMapping(RuntimeError):
-    pass
 
 
 def _file_identity(path: str, inode: int) -> tuple[int, int] | None:
@@ -89,7 +86,7 @@ class RegionPlan:
     """What to save of one mapping, decided while the process is frozen."""
     m: Mapping
     rec: RegionRecord
-    runs: list[tuple[int, int]]          # (first page, pages) holding data
+    runs: list[tuple[int, int]]          # (first page, pages) holding data (see deferred)
     mode: str                            # touched | written | all | none
     live: bool                           # must be read from the process itself, not from a fork of it
     zero_skip: bool                      # all-zero pages need not be stored (anonymous memory)
@@ -97,12 +94,13 @@ class RegionPlan:
     hashes: bytearray | None = None      # incremental images: 8 bytes per page of the region
     prev: bytes | None = None            # the previous generation's hashes of this region
     written: list[tuple[int, int]] | None = None    # pages written since the last checkpoint (wptrack.py)
+    deferred: bool = False               # runs not read yet: planned from a fork later (plan_memory's defer)
 
     def hashing(self, first: int, n: int):
         """The HashSpec for pages [first, first+n) (None when not hashing)."""
         if self.hashes is None:
             return None
-        from .incremental import HASH_SIZE, HashSpec
+        from ..image.pagehash import HASH_SIZE, HashSpec
         lo, hi = first * HASH_SIZE, (first + n) * HASH_SIZE
         return HashSpec(memoryview(self.hashes)[lo:hi], self.prev[lo:hi] if self.prev is not None else None)
 
@@ -130,7 +128,7 @@ def plan_memory(pid: int, maps: list[Mapping] | None = None, defer: bool = False
             live = m.shared or "dc" in m.vmflags or "wf" in m.vmflags
             plan = RegionPlan(m, rec, [], mode, live, zero_skip=backing in ("anon", "shared-anon"))
             if defer and not live and mode in ("touched", "written"):
-                plan.runs = None
+                plan.deferred = True
             else:
                 plan.runs = _runs(pagemap, m, mode)
             out.append(plan)
@@ -204,6 +202,12 @@ class MemoryDumper:
         self._mem_fd = -1
         self._mem_lock = threading.Lock()
 
+    @property
+    def out(self) -> ImageWriter:
+        if self.writer is None:
+            raise RuntimeError("internal: this MemoryDumper only reads pages")
+        return self.writer
+
     def dump(self, maps: list[Mapping] | None = None) -> list[RegionRecord]:
         """Plan and write in one go (the process stays frozen throughout)."""
         return self.write(plan_memory(self.pid, maps))
@@ -214,17 +218,18 @@ class MemoryDumper:
         previous: the last generation's hashes by region, to store only pages that changed; tracked: the
         previous generation is the one plan.written counts from, so only those pages are read and hashed."""
         out = []
-        if any(p.runs is None for p in plans):
+        if any(p.deferred for p in plans):
             pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             try:
                 for p in plans:
-                    if p.runs is None:
-                        p.runs = _runs(pagemap, p.m, p.mode)
+                    if p.deferred:
+                        p.runs, p.deferred = _runs(pagemap, p.m, p.mode), False
             finally:
                 os.close(pagemap)
         for p in plans:
             if hashes and not sparse_reservation(p.m, p.runs):   # a reservation's few pages: stored as they are
-                from .incremental import HASH_SIZE, region_key
+                from ..image.incremental import region_key
+                from ..image.pagehash import HASH_SIZE
                 p.hashes = bytearray(HASH_SIZE * p.m.npages)
                 prev = (previous or {}).get(region_key(p.rec))
                 p.prev = prev if prev is not None and len(prev) == len(p.hashes) else None
@@ -245,22 +250,25 @@ class MemoryDumper:
                     self._dump_run(p, first, n)
             self.pages_skipped += p.m.npages - sum(n for _, n in p.runs)
             out.append(p.rec)
-        self.writer.drain()
+        self.out.drain()
         return out
 
     def _dump_scattered(self, p: RegionPlan) -> None:
         """Runs of written pages, scattered over the region: packed together up to a chunk's worth per job (one
         read per run, one write per job), not a job per page."""
-        m, batch, size = p.m, [], 0
+        batch: list[tuple[int, int]] = []
+        m, size = p.m, 0
+        if p.hashes is None:
+            raise RuntimeError("internal: a scattered dump is for hashed (incremental) regions only")
         hashes = memoryview(p.hashes)
 
         def flush():
-            def produce(buf, runs=list(batch)):
+            def produce(buf, runs=tuple(batch)):
                 pos = 0
                 for first, n in runs:
                     self._read(m, m.start + first * PAGE, n * PAGE, buf[pos * PAGE:(pos + n) * PAGE])
                     pos += n
-            p.rec.chunks.append(self.writer.submit(0, size, produce, zero_skip=p.zero_skip,
+            p.rec.chunks.append(self.out.submit(0, size, produce, zero_skip=p.zero_skip,
                                                    scattered=(list(batch), hashes, p.prev)))
             self.pages_dumped += size
             if self.progress:
@@ -282,7 +290,7 @@ class MemoryDumper:
         for off in range(0, n, CHUNK_PAGES):
             cnt = min(CHUNK_PAGES, n - off)
             piece = data[off * PAGE:(off + cnt) * PAGE]
-            p.rec.chunks.append(self.writer.submit(first + off, cnt, _filler(piece), zero_skip=p.zero_skip,
+            p.rec.chunks.append(self.out.submit(first + off, cnt, _filler(piece), zero_skip=p.zero_skip,
                                                    hashing=p.hashing(first + off, cnt)))
             self.pages_dumped += cnt
 
@@ -326,10 +334,10 @@ class MemoryDumper:
                     self._dump_pagewise(p, page, cnt)
                     page += cnt
                     continue
-                rec.chunks.append(self.writer.submit(page, cnt, _filler(bytes(buf)), zero_skip=p.zero_skip,
+                rec.chunks.append(self.out.submit(page, cnt, _filler(bytes(buf)), zero_skip=p.zero_skip,
                                                      hashing=p.hashing(page, cnt)))
             else:
-                rec.chunks.append(self.writer.submit(
+                rec.chunks.append(self.out.submit(
                     page, cnt, lambda buf, m=m, addr=addr, length=cnt * PAGE: self._read(m, addr, length, buf),
                     zero_skip=p.zero_skip, hashing=p.hashing(page, cnt)))
             self.pages_dumped += cnt
@@ -345,27 +353,9 @@ class MemoryDumper:
                 self._read(p.m, p.m.start + pg * PAGE, PAGE, memoryview(b))
             except OSError:
                 continue
-            p.rec.chunks.append(self.writer.submit(pg, 1, _filler(bytes(b)), zero_skip=p.zero_skip,
+            p.rec.chunks.append(self.out.submit(pg, 1, _filler(bytes(b)), zero_skip=p.zero_skip,
                                                    hashing=p.hashing(pg, 1)))
             self.pages_dumped += 1
-
-
-def write_blobs(writer: ImageWriter, blobs: dict[str, bytes]) -> dict[str, dict]:
-    """Store objects' bulk data (e.g. a deleted file's content) as chunks; returns the blob table."""
-    out = {}
-    for oid, data in blobs.items():
-        padded = data + b"\0" * ((-len(data)) % PAGE)
-        chunks = []
-        for off in range(0, len(padded), CHUNK_PAGES * PAGE):
-            piece = padded[off:off + CHUNK_PAGES * PAGE]
-            chunks.append(writer.add_chunk(off // PAGE, len(piece) // PAGE, piece))
-        out[oid] = {"length": len(data), "chunks": chunks}
-    return out
-
-
-def read_blob(reader: ImageReader, spec: dict) -> bytes:
-    parts = [reader.read_chunk(Chunk.from_json(c)) for c in spec["chunks"]]
-    return b"".join(parts)[: spec["length"]]
 
 
 def _filler(data: bytes):
@@ -488,7 +478,7 @@ class MemoryFiller:
 
     def _fill_chain(self, regions: list[RegionRecord]) -> None:
         """An incremental image: each page from the newest image of the chain that holds its content."""
-        from .incremental import open_chain, region_key, resolve
+        from ..image.incremental import open_chain, region_key, resolve
         chain = open_chain(self.reader)
         try:
             self._run([(reader, c, runs, r.start) for r in regions if r.hashes
@@ -541,7 +531,8 @@ class MemoryFiller:
         # small chunks (an incremental image stores a chunk per run of changed pages, often a single page) go
         # to a thread together, up to a chunk's worth of pages: a job and a system call per page cost more
         # than the page
-        tasks, size = [], CHUNK_PAGES
+        tasks: list = []
+        size = CHUNK_PAGES
         for job in jobs:
             n = sum(k for _, k in job[2])
             if size + n > CHUNK_PAGES:

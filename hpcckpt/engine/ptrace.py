@@ -9,6 +9,7 @@ import ctypes
 import os
 import signal
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from .linux import SYS, PosixError, iovec, syscall
 
@@ -99,10 +100,6 @@ def _ptrace(req: int, pid: int, addr: int = 0, data: int = 0) -> int:
         err = ctypes.get_errno()
         raise PtraceError(err, f"ptrace({req:#x}, tid {pid}): {os.strerror(err)}")
     return r
-
-
-def traceme() -> None:
-    _ptrace(TRACEME, 0)
 
 
 def seize(tid: int, options: int) -> None:
@@ -272,6 +269,10 @@ class WaitStatus:
         return f"status {self.status:#x}"
 
 
+@overload
+def wait(pid: int, nohang: Literal[False] = False) -> WaitStatus: ...
+@overload
+def wait(pid: int, nohang: Literal[True]) -> WaitStatus | None: ...
 def wait(pid: int, nohang: bool = False) -> WaitStatus | None:
     """waitpid(pid, __WALL); EINTR is retried. Returns None for WNOHANG with nothing to report."""
     while True:
@@ -283,11 +284,4 @@ def wait(pid: int, nohang: bool = False) -> WaitStatus | None:
             return None
         return WaitStatus(wpid, status)
 
-
-def tid_exists(tid: int) -> bool:
-    try:
-        os.stat(f"/proc/{tid}")
-        return True
-    except FileNotFoundError:
-        return False
 

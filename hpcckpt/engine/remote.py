@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 
 from .inject import Injector
 from .linux import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE, SYS, process_vm_readv, process_vm_writev
@@ -17,15 +16,6 @@ def read(pid: int, addr: int, n: int) -> bytes:
 def write(pid: int, addr: int, data: bytes) -> None:
     buf = ctypes.create_string_buffer(data, len(data))
     process_vm_writev(pid, ctypes.addressof(buf), len(data), addr)
-
-
-def write_forced(pid: int, addr: int, data: bytes) -> None:
-    """Write through /proc/PID/mem, which (like a debugger) may write pages the process cannot."""
-    fd = os.open(f"/proc/{pid}/mem", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.pwrite(fd, data, addr)
-    finally:
-        os.close(fd)
 
 
 class Scratch:

@@ -19,13 +19,16 @@ from dataclasses import dataclass, field
 
 from ..faults import fault
 from ..image import validate
+from ..image.blobs import read_blob
 from ..image.format import ImageError, ImageReader
 from ..image.records import ImageMeta
-from . import files, identity, memory, procfiles, ptrace, shmfiles, sysvshm
-from .fdtable import ObjectFactory, UnsupportedFd
+from . import identity, memory, ptrace
+from .errors import IdentityError, ProcessGone, RestoreError, ShmFileError, SysvError, UnsupportedFd
+from .fds import files, procfiles
+from .fds.fdtable import ObjectFactory
 from .helpers import Spawner, close_plans, image_ids, make_plans, park_pid_cursor
-from .inject import ProcessGone
-from .transform import RestoreError, check_specials, transform
+from .shm import shmfiles, sysvshm
+from .transform import check_specials, transform
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def _blob_reader(metas: list[tuple[ImageMeta, ImageReader]]):
 
     def read(oid: str) -> bytes:
         reader, spec = where[oid]
-        return memory.read_blob(reader, spec)
+        return read_blob(reader, spec)
     return read
 
 
@@ -129,14 +132,14 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
     metas = _load(readers)
     try:
         identity.check_processes(metas)      # never a process restored as another user (engine/identity.py)
-    except identity.IdentityError as e:
+    except IdentityError as e:
         raise RestoreError(str(e)) from None
     objects = {o["id"]: o for meta, _ in metas for o in meta.process.objects}
     read_blob = _blob_reader(metas)
     try:
         # named shared memory files as they were (before the mappings' backing files are checked)
         shmfiles.restore([o for o in objects.values() if o.get("kind") == "shmfile"], read_blob)
-    except shmfiles.ShmFileError as e:
+    except ShmFileError as e:
         raise RestoreError(str(e)) from None
     for meta, _ in metas:
         memory.check_backing_files(meta.process.regions)
@@ -159,7 +162,7 @@ def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None 
             factory.rendezvous = opts.rendezvous
             factory.prepare()             # objects made together (e.g. TCP connections between hosts)
             plans = make_plans(metas, factory, base)
-        except (UnsupportedFd, sysvshm.SysvError, OSError) as e:
+        except (UnsupportedFd, SysvError, OSError) as e:
             raise RestoreError(str(e)) from None
         for plan in plans.values():
             plan.sysv = segments.ids

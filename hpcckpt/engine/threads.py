@@ -6,6 +6,7 @@ import struct
 
 from ..image.records import ThreadRecord, b64, unb64
 from . import ptrace, signals
+from .errors import XstateMismatch
 from .inject import Injector, normalize_restart, original_syscall
 from .linux import PR_GET_TID_ADDRESS, PR_SET_NAME, SYS, get_robust_list
 from .ptrace import Regs
@@ -13,10 +14,6 @@ from .remote import Scratch
 
 _STACK_T = struct.Struct("<QiiQ")   # stack_t: ss_sp, ss_flags, (pad), ss_size
 SS_ONSTACK, SS_DISABLE = 1, 2
-
-
-class XstateMismatch(RuntimeError):
-    pass
 
 
 def dump_thread(inj: Injector, regs: Regs, scratch: Scratch, pid: int) -> ThreadRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from typing import Any
 
 from .inject import Injector
 from .linux import SYS
@@ -39,7 +40,8 @@ def restore_itimers(inj: Injector, scratch, rows: list[list[int]]) -> None:
 
 
 def _parse_proc_timers(pid: int) -> list[dict]:
-    timers, cur = [], None
+    timers: list[dict] = []
+    cur: dict[str, Any] | None = None
     try:
         with open(f"/proc/{pid}/timers") as f:
             lines = f.read().splitlines()

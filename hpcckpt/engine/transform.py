@@ -22,11 +22,14 @@ import time
 
 from ..image.format import ImageReader
 from ..image.records import ImageMeta, ProcessRecord, RegionRecord, unb64
-from . import locks, memory, ptrace, signals, sysvshm, threads, timers
+from . import memory, ptrace, remote, signals, threads, timers
+from .errors import RestoreError, SysvError
+from .fds import locks
 from .inject import Injector
 from .linux import MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS, TASK_SIZE
 from .maps import SPECIAL, read_maps
 from .procattrs import RLIMITS, pack_mm_map
+from .shm import sysvshm
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +41,17 @@ CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000   # VM|FS
 TRAMPOLINE_CODE = b"\x0f\x05\xcc"  # syscall; int3
 
 
-class RestoreError(RuntimeError):
-    """Restore failed; the message says why (the helper processes have been killed)."""
+class Scratch(remote.Scratch):
+    """The scratch pages inside the reserved area (mapped by the helper itself, not by an injected mmap)."""
 
-
-class Scratch:
-    """The scratch pages inside the reserved area (same interface as remote.Scratch)."""
-
-    def __init__(self, pid: int, addr: int):
-        from . import remote
-        self._remote = remote
+    def __init__(self, pid: int, addr: int):      # (no remote.Scratch.__init__: nothing to map)
         self.pid = pid
         self.addr = addr
-
-    def read(self, off: int, n: int) -> bytes:
-        return self._remote.read(self.pid, self.addr + off, n)
 
     def write(self, off: int, data: bytes) -> None:
         if off + len(data) > SCRATCH_SIZE:
             raise RestoreError("internal: scratch area too small")
-        self._remote.write(self.pid, self.addr + off, data)
+        remote.write(self.pid, self.addr + off, data)
 
 
 def _merge_rows(rows):
@@ -173,13 +167,15 @@ def transform(pid: int, meta: ImageMeta, reader: ImageReader, plan, opts, tids: 
     t = time.monotonic()
     try:
         sysvshm.attach_all(inj, proc.regions, plan.sysv)
-    except sysvshm.SysvError as e:
+    except SysvError as e:
         raise RestoreError(str(e)) from None
     for reg in proc.regions:
         if reg.backing == "sysv":
             continue
         if reg.backing == "special":
             src = parked.get(reg.path)
+            if src is None:
+                raise RestoreError(f"the restoring kernel has no {reg.path} to put at {reg.start:#x}")
             inj.check(f"mremap({reg.path} -> {reg.start:#x})", SYS.mremap, src, reg.end - reg.start,
                       reg.end - reg.start, MREMAP_MAYMOVE | MREMAP_FIXED, reg.start)
         else:
@@ -255,7 +251,6 @@ def _fix_cached_tids(pid: int, proc: ProcessRecord, injectors: dict[int, Injecto
     descriptor, at the very address the thread registered with set_tid_address (clear_child_tid): glibc and
     others hand the kernel &descriptor->tid. Where that word still holds the old TID, write the new one, so
     pthread_kill(), raise() and mutex owner checks keep working."""
-    from . import remote
     fixed = 0
     for rec in proc.threads:
         new = injectors[rec.tid].tid

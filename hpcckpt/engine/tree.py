@@ -12,15 +12,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from . import freeze as freezing
+from .errors import FreezeError, ProcessGone, VforkBusy
+from .freeze import FrozenProcess, freeze
+from .procattrs import children_of
+
 WALL = 0x40000000
 # How long a checkpoint waits for a process in vfork() whose child has neither exec'd nor exited (the child
 # shares the parent's memory and the parent cannot be stopped meanwhile); past it the checkpoint fails.
 VFORK_WAIT_S = float(os.environ.get("HPCCKPT_VFORK_WAIT", "5"))
-
-from . import freeze as freezing
-from .freeze import FreezeError, FrozenProcess, VforkBusy, freeze
-from .inject import ProcessGone
-from .procattrs import children_of
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class ProcInfo:
 
 def read_proc(pid: int) -> ProcInfo | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("utf-8", "replace")
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            raw = stat_file.read().decode("utf-8", "replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
     head, _, rest = raw.rpartition(")")
@@ -54,7 +54,8 @@ def read_proc(pid: int) -> ProcInfo | None:
     return ProcInfo(pid, int(f[1]), int(f[2]), int(f[3]), f[0], exit_code, comm)
 
 
-def job_processes(agent_pid: int, in_namespace: bool, not_job: set[int] = frozenset()) -> list[ProcInfo]:
+def job_processes(agent_pid: int, in_namespace: bool,
+                  not_job: set[int] | frozenset[int] = frozenset()) -> list[ProcInfo]:
     """Every process of the job (zombies included), sorted by PID; not_job are the agent's own helpers."""
     if in_namespace:
         pids = [int(n) for n in os.listdir("/proc") if n.isdigit() and int(n) != agent_pid]
@@ -112,7 +113,7 @@ def wait_for_vforks(list_processes, until: float) -> None:
         if busy is None:
             return
         if time.monotonic() >= until:
-            raise VforkBusy(busy.pid, busy.tid, busy.child)
+            raise busy
         time.sleep(0.01)
 
 
@@ -172,7 +173,7 @@ def reap_exits() -> list[Exit]:
     """Collect every child that has exited (without blocking). A traced process's ptrace stops are reported
     to its tracer by the same wait, whatever the flags: they are not exits. A stop of a thread a failed
     freeze left seized (engine/freeze.py) lets it go; any other stop is left as it was."""
-    out = []
+    out: list[Exit] = []
     while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | WALL)

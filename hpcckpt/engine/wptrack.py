@@ -28,44 +28,29 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from . import uffd
 from .linux import SYS
 from .maps import PAGE_IS_WRITTEN, scan_runs, sparse_reservation
+from .uffd import (
+    F_DUPFD_CLOEXEC,
+    FEATURE_WP_ASYNC,
+    FEATURE_WP_UNPOPULATED,
+    IOCTL,
+    O_CLOEXEC,
+    REGISTER_MODE_WP,
+    SCAN_CHECK_WPASYNC,
+    SCAN_WP_MATCHING,
+    UFFD_API,
+    UFFD_USER_MODE_ONLY,
+    UFFDIO_API,
+    UFFDIO_REGISTER,
+    USERFAULTFD,
+    is_ours,
+)
 
 log = logging.getLogger(__name__)
 
 FD_MIN = 1000                     # where the descriptor goes in the process, out of the way of its own
-UFFD_USER_MODE_ONLY = 1
-UFFD_API = 0xAA
-FEATURE_WP_UNPOPULATED = 1 << 13
-FEATURE_WP_ASYNC = 1 << 15
-UFFDIO_API = 0xC018AA3F           # _IOWR(0xAA, 0x3F, struct uffdio_api)
-UFFDIO_REGISTER = 0xC020AA00      # _IOWR(0xAA, 0x00, struct uffdio_register)
-REGISTER_MODE_WP = 1 << 1
-SCAN_WP_MATCHING = 1 << 0
-SCAN_CHECK_WPASYNC = 1 << 1
-O_CLOEXEC = 0o2000000
-F_DUPFD_CLOEXEC = 1030
-USERFAULTFD = 323                 # x86_64 system call numbers
-IOCTL = 16
-
-_our_fds: set[int] = set()        # numbers of the descriptors we made (children inherit them at the same number)
-
-
-def is_ours(fd: int, target: str, info_text: str) -> bool:
-    """A descriptor of ours in a process (or inherited from one by a child): not part of what it saves."""
-    return fd in _our_fds and target == "anon_inode:[userfaultfd]" and _has_our_features(info_text)
-
-
-def _has_our_features(info_text: str) -> bool:
-    for line in info_text.splitlines():
-        if line.startswith("API:"):                    # "API:\tAAh:FEATURESh:IOCTLSh"
-            try:
-                features = int(line.split(":")[2].rstrip("h"), 16)
-            except (IndexError, ValueError):
-                return False
-            return features & FEATURE_WP_ASYNC == FEATURE_WP_ASYNC
-    return False
-
 
 @dataclass
 class Tracker:
@@ -99,7 +84,7 @@ def _key(m) -> tuple:
 
 
 def _descriptor_is_ours(t: Tracker) -> bool:
-    from .fdtable import read_fd
+    from .fds.entry import read_fd
     e = read_fd(t.pid, t.fd)
     return e is not None and is_ours(e.fd, e.target, e.info_text)
 
@@ -115,7 +100,7 @@ def _start_time(pid: int) -> int:
 def register(fp, plans: list, t: Tracker) -> None:
     """(frozen) Give the process our userfaultfd if it has none, and register the regions not registered yet.
     Injects system calls through a scratch page of its own; failures turn tracking off, never the checkpoint."""
-    from .inject import InjectionError
+    from .errors import InjectionError
     from .remote import Scratch
     started = _start_time(t.pid)
     if started != t.started:
@@ -171,7 +156,7 @@ def _create(inj, scratch, t: Tracker) -> None:
             t.off = f"no descriptor number >= {FD_MIN} ({os.strerror(-high)}; RLIMIT_NOFILE too low?)"
             return
         t.fd = high
-        _our_fds.add(high)
+        uffd.our_fds.add(high)
     finally:
         inj.call(SYS.close, fd)
         if t.off:

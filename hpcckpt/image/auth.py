@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib
 import os
 import pwd
 import stat
 import threading
+from typing import Any
 
+_blake3: Any
 try:
-    import blake3 as _blake3
+    _blake3 = importlib.import_module("blake3")
 except ImportError:      # pragma: no cover - blake3 is a dependency; HMAC-SHA256 tags are 4x slower, as secure
     _blake3 = None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 
 def _import_numpy():
@@ -53,7 +54,7 @@ class Compressor:
         import zstandard
         self._z = zstandard.ZstdCompressor(level=level)
         self.shuffle = shuffle and _np is not None
-        self._buf = None
+        self._buf: Any = None             # numpy array, reused
 
     def compress(self, view: memoryview) -> tuple[bytes, str]:
         """(stored bytes, codec) for one chunk of page data (a multiple of 8 bytes)."""

@@ -4,34 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import stat
-
-MAX_MANIFEST = 64 << 20
 
 
-def read_regular(path: str) -> bytes:
-    """A manifest file's bytes. OSError if it cannot be read; ManifestError if it is not a regular file (a FIFO
-    would block the reader forever; O_NONBLOCK lets the open return so fstat can refuse it)."""
-    from .store import ManifestError
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ManifestError(f"{path}: not a regular file")
-        if st.st_size > MAX_MANIFEST:
-            raise ManifestError(f"{path}: {st.st_size} bytes is too large for a manifest")
-        parts = []
-        while chunk := os.read(fd, 1 << 20):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+class ManifestError(ValueError):
+    """A manifest that is not authentic or not well formed; the message is one line naming it."""
 
 
 def _want(cond: bool, what: str) -> None:
     if not cond:
-        from .store import ManifestError
         raise ManifestError(f"not a checkpoint manifest: {what}")
 
 
@@ -46,7 +26,6 @@ def _is_num(v) -> bool:
 def parse_manifest(manifest_cls, entry_cls, data: bytes):
     """A Manifest from JSON bytes, every field checked for its type; keys this version does not know are
     ignored (a newer writer may add some)."""
-    from .store import ManifestError
     try:
         d = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -108,7 +108,7 @@ class RegionRecord(Record):
 @dataclass
 class FdRecord(Record):
     fd: int
-    kind: str                       # file | dir | dev | stdio
+    kind: str                       # one of fdstate.FD_KINDS
     path: str = ""
     flags: int = 0                  # open flags (fdinfo)
     pos: int = 0

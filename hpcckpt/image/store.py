@@ -22,6 +22,7 @@ import stat
 from dataclasses import asdict, dataclass, field
 
 from . import auth, safefs
+from .manifest_check import ManifestError, parse_manifest
 
 log = logging.getLogger("hpcckpt.store")
 
@@ -85,10 +86,6 @@ class ImageEntry:
     agent_id: str = ""                             # the agent that wrote it (a restart waits for every agent)
 
 
-class ManifestError(ValueError):
-    """A manifest that is not authentic or not well formed; the message is one line naming it."""
-
-
 @dataclass
 class Manifest:
     """A complete generation. On disk it carries the uid that wrote it and an HMAC-SHA256 (image/auth.py) of
@@ -118,7 +115,6 @@ class Manifest:
         trust = auth.trust_unsigned() if trust is None else trust
         if not trust:
             _verify_manifest(name, d, signer, mac)
-        from .manifest_check import parse_manifest  # every field checked for its type
         try:
             return parse_manifest(cls, ImageEntry, json.dumps(d).encode())
         except ManifestError as e:

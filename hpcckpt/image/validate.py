@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 
 from .codec import CODECS
+from .fdstate import FD_KINDS
 from .format import ALIGN, CHUNK_PAGES, CODEC_RAW, HEADER_SIZE, PAGE_SIZE, ImageError
 
 USER_END = 0x00FF_FFFF_FFFF_F000          # the top of user space with 5-level paging (47-bit machines: lower)
@@ -57,8 +58,7 @@ def _nr_open() -> int:
 
 
 def _known_fd_kinds() -> set[str]:
-    from ..engine.kinds import KINDS  # the handler registry: a new kind is known as soon as it is added
-    return {k.KIND for k in KINDS} | {"stdio"}
+    return set(FD_KINDS)
 
 
 class _Extents:
@@ -98,7 +98,8 @@ def _chunk(row, where: str, extents: _Extents, limit_pages: int) -> tuple[int, i
     if codec != CODEC_RAW and codec not in CODECS:
         raise Invalid(f"{where}: unknown codec {codec!r}")
     if page + npages > limit_pages:
-        raise Invalid(f"{where}: pages {page}..{page + npages - 1} lie outside its region or blob ({limit_pages} page(s))")
+        raise Invalid(f"{where}: pages {page}..{page + npages - 1} lie outside its region or blob "
+                      f"({limit_pages} page(s))")
     if codec == CODEC_RAW and length != npages * PAGE_SIZE:
         raise Invalid(f"{where}: a raw chunk of {npages} page(s) stored in {length} bytes")
     extents.add(off, length, where)
@@ -205,6 +206,9 @@ def _fds(proc: dict, kinds: set[str], nr_open: int) -> list[str]:
         if ofd.startswith("stdio:"):
             if ofd not in ("stdio:0", "stdio:1", "stdio:2"):
                 raise Invalid(f"file descriptor {fd}: {ofd!r} is not one of the launcher's stdio")
+        elif kind == "null" or ofd == "null:":
+            if (kind, ofd) != ("null", "null:"):
+                raise Invalid(f"file descriptor {fd}: kind {kind!r} with open file description {ofd!r}")
         elif ofd:
             refs.append(ofd)
         elif kind != "stdio":

@@ -17,8 +17,11 @@ import logging
 import os
 import re
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc
+from ...image.fdstate import EpollState, EventFdState, SignalFdState, TimerFdState
+from ..errors import UnsupportedFd
+from ..linux import check, libc
+from .base import FdKind
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ def _keep_flags(flags: int) -> int:
     return flags & os.O_NONBLOCK
 
 
-class EventFd:
+class EventFd(FdKind):
     KIND = "eventfd"
 
     @staticmethod
@@ -45,14 +48,14 @@ class EventFd:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        ctx.add(oid, {"kind": "eventfd", "count": int(e.info.get("eventfd-count", "0"), 16),
-                      "semaphore": e.info.get("eventfd-semaphore", "0") == "1", "flags": e.flags},
+        ctx.add(oid, EventFdState(count=int(e.info.get("eventfd-count", "0"), 16),
+                                  semaphore=e.info.get("eventfd-semaphore", "0") == "1", flags=e.flags),
                 min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
-        flags = os.EFD_CLOEXEC | (EFD_SEMAPHORE if s["semaphore"] else 0) | _keep_flags(s["flags"])
-        return os.eventfd(s["count"], flags)
+    def create(factory, s: EventFdState) -> int:
+        flags = os.EFD_CLOEXEC | (EFD_SEMAPHORE if s.semaphore else 0) | _keep_flags(s.flags)
+        return os.eventfd(s.count, flags)
 
 
 class _Timespec(ctypes.Structure):
@@ -68,7 +71,7 @@ def _pair(text: str) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
-class TimerFd:
+class TimerFd(FdKind):
     KIND = "timerfd"
 
     @staticmethod
@@ -78,31 +81,31 @@ class TimerFd:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        ctx.add(oid, {"kind": "timerfd", "clock": int(e.info.get("clockid", "1")),
-                      "ticks": int(e.info.get("ticks", "0")), "value": _pair(e.info.get("it_value", "(0, 0)")),
-                      "interval": _pair(e.info.get("it_interval", "(0, 0)")), "flags": e.flags},
+        ctx.add(oid, TimerFdState(clock=int(e.info.get("clockid", "1")), ticks=int(e.info.get("ticks", "0")),
+                                  value=_pair(e.info.get("it_value", "(0, 0)")),
+                                  interval=_pair(e.info.get("it_interval", "(0, 0)")), flags=e.flags),
                 min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: TimerFdState) -> int:
         libc.timerfd_create.restype = ctypes.c_int
-        fd = check(libc.timerfd_create(s["clock"], os.O_CLOEXEC | _keep_flags(s["flags"])), "timerfd_create")
-        value = tuple(s["value"])
-        if value == (0, 0) and tuple(s["interval"]) != (0, 0):
+        fd = check(libc.timerfd_create(s.clock, os.O_CLOEXEC | _keep_flags(s.flags)), "timerfd_create")
+        value = tuple(s.value)
+        if value == (0, 0) and tuple(s.interval) != (0, 0):
             value = (0, 1)                    # due right away (it was due while we were checkpointed)
-        spec = _Itimerspec(_Timespec(*s["interval"]), _Timespec(*value))
+        spec = _Itimerspec(_Timespec(*s.interval), _Timespec(*value))
         if value != (0, 0):
             check(libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "timerfd_settime")
-        if s["ticks"]:
-            ticks = ctypes.c_uint64(s["ticks"])
+        if s.ticks:
+            ticks = ctypes.c_uint64(s.ticks)
             try:
                 fcntl.ioctl(fd, TFD_IOC_SET_TICKS, ticks)
             except OSError as e:
-                log.warning("timerfd: %d unread expirations not restored (%s)", s["ticks"], e.strerror)
+                log.warning("timerfd: %d unread expirations not restored (%s)", s.ticks, e.strerror)
         return fd
 
 
-class SignalFd:
+class SignalFd(FdKind):
     KIND = "signalfd"
 
     @staticmethod
@@ -112,20 +115,19 @@ class SignalFd:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        ctx.add(oid, {"kind": "signalfd", "mask": int(e.info.get("sigmask", "0"), 16), "flags": e.flags},
-                min(x.pid for x in ofd))
+        ctx.add(oid, SignalFdState(mask=int(e.info.get("sigmask", "0"), 16), flags=e.flags), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
-        mask = ctypes.c_uint64(s["mask"])
-        return check(libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC | _keep_flags(s["flags"])), "signalfd")
+    def create(factory, s: SignalFdState) -> int:
+        mask = ctypes.c_uint64(s.mask)
+        return check(libc.signalfd(-1, ctypes.byref(mask), os.O_CLOEXEC | _keep_flags(s.flags)), "signalfd")
 
 
 _TFD = re.compile(r"tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)\s+pos:\s*\d+\s+ino:\s*([0-9a-f]+)"
                   r"\s+sdev:\s*([0-9a-f]+)")
 
 
-class Epoll:
+class Epoll(FdKind):
     KIND = "epoll"
 
     @staticmethod
@@ -147,10 +149,10 @@ class Epoll:
                 raise UnsupportedFd(f"{e.where()}: epoll watches fd {tfd}, which is no longer open as the watched "
                                     f"file in any process of the computation")
             items.append({"tfd": tfd, "events": events, "data": data, "pid": registrar})
-        ctx.add(oid, {"kind": "epoll", "flags": e.flags, "items": items}, min(holders))
+        ctx.add(oid, EpollState(flags=e.flags, items=items), min(holders))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: EpollState) -> int:
         return check(libc.epoll_create1(os.O_CLOEXEC), "epoll_create1")
 
 

@@ -6,12 +6,12 @@ from .awarefd import AwareConnection
 from .eventfds import Epoll, EventFd, SignalFd, TimerFd
 from .files import Device, Directory, RegularFile
 from .inotify import Inotify
-from .pipes import Index, PipeEnd, PipeInode
+from .pipes import PipeEnd, PipeInode
 from .procfiles import ProcFile
-from .ptys import PtyMaster, PtyPair, PtySlave
-from .tcp import TcpSocket
-from .ttys import DevTty, Terminal
+from .tcp.kind import TcpSocket
+from .terminals.ptys import PtyMaster, PtyPair, PtySlave
+from .terminals.ttys import DevTty, Terminal
 from .unixsock import UnixSocket
 
 KINDS = [ProcFile, RegularFile, Directory, Device, PipeInode, PipeEnd, AwareConnection, UnixSocket, TcpSocket, EventFd,
-         TimerFd, SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal, Index]
+         TimerFd, SignalFd, Epoll, Inotify, PtyPair, PtyMaster, PtySlave, DevTty, Terminal]

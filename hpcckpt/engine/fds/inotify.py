@@ -33,8 +33,11 @@ import struct
 import tempfile
 from collections import deque
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc, pidfd_getfd, syscall
+from ...image.fdstate import InotifyState
+from ..errors import UnsupportedFd
+from ..linux import check, libc, pidfd_getfd, syscall
+from .base import FdKind
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +143,11 @@ def _resolve(w: dict, starts: list[str]) -> tuple[str | None, bool]:
             if not path.endswith(" (deleted)"):
                 return path, link
             return None, False
-    path = _search(dev, w["ino"], starts)
-    return path, bool(path) and os.path.islink(path)
+    found = _search(dev, w["ino"], starts)
+    return found, found is not None and os.path.islink(found)
 
 
-class Inotify:
+class Inotify(FdKind):
     KIND = "inotify"
 
     @staticmethod
@@ -176,15 +179,15 @@ class Inotify:
         if queued:
             log.warning("%s: %d bytes of inotify events not read yet are not part of the checkpoint; a restart "
                         "from it loses them", e.where(), queued)
-        ctx.add(oid, {"kind": "inotify", "flags": e.flags, "watches": sorted(watches, key=lambda w: w["wd"]),
-                      "queued": queued}, min(holders))
+        ctx.add(oid, InotifyState(flags=e.flags, watches=sorted(watches, key=lambda w: w["wd"]), queued=queued),
+                min(holders))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: InotifyState) -> int:
         fd = check(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC), "inotify_init1")
         try:
-            _arm(fd, s["watches"])
-            fcntl.fcntl(fd, fcntl.F_SETFL, s["flags"] & os.O_NONBLOCK)
+            _arm(fd, s.watches)
+            fcntl.fcntl(fd, fcntl.F_SETFL, s.flags & os.O_NONBLOCK)
         except BaseException:
             os.close(fd)
             raise

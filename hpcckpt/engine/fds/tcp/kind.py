@@ -23,20 +23,20 @@ import os
 import select
 import socket
 import stat
-import struct
 import time
 
-from . import tcpwire
-from .fdtable import FdEntry, UnsupportedFd
-from .tcpdrain import Drained
-from .tcpinfo import (
-    BOOL_OPTS,
+from ....hostnames import local_ipv4s
+from ....image.fdstate import TcpState
+from ...errors import UnsupportedFd
+from ..base import FdKind
+from ..entry import FdEntry
+from . import wire as tcpwire
+from .drain import Drained
+from .info import (
     CLOSE,
     CONNECTED,
     DRAIN_TIMEOUT,
-    INT_OPTS,
     LISTEN,
-    SO_SNDBUFFORCE,
     SYN_RECV,
     SYN_SENT,
     WE_WRITE,
@@ -44,7 +44,6 @@ from .tcpinfo import (
     clear_time_wait,
     copy_socket,
     find_peer,
-    local_ipv4s,
     norm,
     peek_all,
     send_all,
@@ -52,11 +51,12 @@ from .tcpinfo import (
     tcp_table,
     time_wait_holders,
 )
+from .rebuild import buf_after, finish, new_socket, saved_data
 
 log = logging.getLogger(__name__)
 TIME_WAIT_SECONDS = 65        # TCP_TIMEWAIT_LEN is 60 s
 
-class TcpSocket:
+class TcpSocket(FdKind):
     KIND = "tcp"
     _cache: dict = {}
 
@@ -70,6 +70,10 @@ class TcpSocket:
         if t is None:
             t = TcpSocket._cache["table"] = tcp_table(pid)
         return t
+
+    @staticmethod
+    def describe(e: FdEntry) -> str | None:
+        return describe_inet(e) if e.target.startswith("socket:") else None
 
     @staticmethod
     def matches(e: FdEntry) -> bool:
@@ -100,9 +104,9 @@ class TcpSocket:
                     bound = name[1] != 0
                 except OSError:
                     pass
-            state = {"kind": "tcp", "ino": e.ino, "family": info.family, "state": info.state,
-                     "state_name": info.state_name, "local": list(info.local), "remote": list(info.remote),
-                     "bound": bound, "flags": e.flags, "opts": opts, "peer": None, "data": "", "where": where}
+            state = TcpState(ino=e.ino, family=info.family, state=info.state, state_name=info.state_name,
+                             local=list(info.local), remote=list(info.remote), bound=bound, flags=e.flags, opts=opts,
+                             peer=None, data="", where=where)
             if info.state in CONNECTED:
                 drained = (getattr(ctx, "drained", None) or {}).get(e.ino)
                 if drained is None:            # dumped without a drain (a lone process): what is queued here
@@ -113,16 +117,16 @@ class TcpSocket:
                     drained = Drained(peek_all(sk, False, 0), False, peer)
                 elif drained.late:             # the other host made sure all it sent is in our queue
                     drained = Drained(peek_all(sk, False, 0), False, None, remote=True)
-                state["peer"] = drained.peer
+                state.peer = drained.peer
                 if drained.remote:             # the other end is on another host of the computation
-                    state["remote_end"] = True
-                    state["conn"] = tcpwire.conn_key(info.local, info.remote)
-                    state["server"] = tcpwire.is_server(info.local, info.remote)
+                    state.remote_end = True
+                    state.conn = tcpwire.conn_key(info.local, info.remote)
+                    state.server = tcpwire.is_server(info.local, info.remote)
                 if len(drained.data) > 4096:       # bulk data goes into image chunks, not the metadata
                     ctx.blobs[oid] = drained.data
-                    state["data_blob"] = True
+                    state.data_blob = True
                 else:
-                    state["data"] = base64.b64encode(drained.data).decode()
+                    state.data = base64.b64encode(drained.data).decode()
                 if drained.peer is None and not drained.remote:
                     log.warning("%s is connected to %s:%d outside the computation: after a restart it will be a "
                                 "connection that peer has closed", where, *info.remote)
@@ -132,78 +136,63 @@ class TcpSocket:
 
     # -------------------------------------------------------------------------------------------- restore --
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: TcpState) -> int:
         made = factory.extra.setdefault("tcp-by-ino", {})
-        if s["ino"] in made:
-            return made.pop(s["ino"])
-        if s.get("remote_end"):
+        if s.ino in made:
+            return made.pop(s.ino)
+        if s.remote_end:
             wired = factory.extra.get("tcp-wired", {})
-            if s["ino"] in wired:
-                return wired.pop(s["ino"])
+            if s.ino in wired:
+                return wired.pop(s.ino)
             log.warning("%s: its other end is on another host, and this restart has no coordinator to find it",
-                        s["where"])
-            return _finish(_closed_by_peer(factory, s), s)
-        if s["state"] == LISTEN:
-            sk = _new(s)
+                        s.where)
+            return finish(_closed_by_peer(factory, s), s)
+        if s.state == LISTEN:
+            sk = new_socket(s)
             _bind(sk, s, required=True)
             sk.listen(socket.SOMAXCONN)
-            return _finish(sk, s)
-        if s["state"] not in CONNECTED:            # created, maybe bound, never connected (or reset)
-            sk = _new(s)
-            if s["bound"]:
+            return finish(sk, s)
+        if s.state not in CONNECTED:            # created, maybe bound, never connected (or reset)
+            sk = new_socket(s)
+            if s.bound:
                 _bind(sk, s, required=False)
-            return _finish(sk, s)
+            return finish(sk, s)
         peer = None
-        if s["peer"] is not None:
-            peer = next((o for o in factory.objects.values() if o.get("kind") == "tcp"
-                         and o.get("ino") == s["peer"]), None)
+        if s.peer is not None:
+            peer = next((o for o in factory.states_of("tcp") if o.ino == s.peer), None)
             if peer is None:
-                raise UnsupportedFd(f"{s['where']}: the other end of its connection (socket {s['peer']}) is in no "
+                raise UnsupportedFd(f"{s.where}: the other end of its connection (socket {s.peer}) is in no "
                                     f"image given (restart needs every image of the checkpoint)")
         if peer is None:
-            return _finish(_closed_by_peer(factory, s), s)
+            return finish(_closed_by_peer(factory, s), s)
         mine, theirs = _connect_pair(factory, s, peer)
         # each end's unread bytes come again from the other end; shut-down sides are shut again after
-        send_all([(theirs, mine, _data(factory, s)), (mine, theirs, _data(factory, peer))], DRAIN_TIMEOUT,
-                  after={mine.fileno(): _buf_after(s), theirs.fileno(): _buf_after(peer)})
+        send_all([(theirs, mine, saved_data(factory, s)), (mine, theirs, saved_data(factory, peer))], DRAIN_TIMEOUT,
+                  after={mine.fileno(): buf_after(s), theirs.fileno(): buf_after(peer)})
         for sk, st in ((mine, s), (theirs, peer)):
-            if st["state"] not in WE_WRITE:
+            if st.state not in WE_WRITE:
                 sk.shutdown(socket.SHUT_WR)
-        made[peer["ino"]] = factory.high(_finish(theirs, peer))
-        return _finish(mine, s)
+        made[peer.ino] = factory.high(finish(theirs, peer))
+        return finish(mine, s)
 
 
     @staticmethod
     def prepare(factory) -> None:
         """Connections to other hosts are made all at once, before any object is handed out (tcpwire.py)."""
-        remote = [o for o in factory.objects.values() if o.get("kind") == "tcp" and o.get("remote_end")]
+        remote = [o for o in factory.states_of("tcp") if o.remote_end]
         if remote and factory.rendezvous is not None:
             tcpwire.wire(factory, remote)
 
 
-def _data(factory, s: dict) -> bytes:
-    """The bytes the socket had not read at the checkpoint."""
-    if s.get("data_blob"):
-        return factory.read_blob(s["id"])
-    return base64.b64decode(s.get("data") or "")
-
-
-def _new(s: dict) -> socket.socket:
-    sk = socket.socket(s["family"], socket.SOCK_STREAM)
-    if s["family"] == socket.AF_INET6 and "v6only" in s["opts"]:
-        sk.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, s["opts"]["v6only"])
-    return sk
-
-
-def _sockaddr(s: dict, addr) -> tuple:
+def _sockaddr(s: TcpState, addr) -> tuple:
     host, port = addr
-    return (host, port, 0, 0) if s["family"] == socket.AF_INET6 else (host, port)
+    return (host, port, 0, 0) if s.family == socket.AF_INET6 else (host, port)
 
 
-def _bind(sk: socket.socket, s: dict, required: bool, addr=None) -> bool:
+def _bind(sk: socket.socket, s: TcpState, required: bool, addr=None) -> bool:
     """Bind to the socket's original address. A listener must get it back (its clients know it); a client's
     own port is kept when it is free."""
-    addr = addr or s["local"]
+    addr = addr or s.local
     sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # old connections may linger in TIME_WAIT
     try:
         sk.bind(_sockaddr(s, addr))
@@ -211,28 +200,28 @@ def _bind(sk: socket.socket, s: dict, required: bool, addr=None) -> bool:
     except OSError as e:
         if e.errno == errno.EADDRNOTAVAIL and (moved := _moved_address(s, addr)) is not None:
             log.info("%s: %s is not an address of this host (restarted on another one): bound to %s instead",
-                     s["where"], addr[0], moved[0])
+                     s.where, addr[0], moved[0])
             return _bind(sk, s, required, moved)
         if required and e.errno == errno.EADDRINUSE and _wait_out_time_wait(sk, s, addr):
             return True
         if required:
-            raise UnsupportedFd(f"{s['where']}: cannot bind to {addr[0]}:{addr[1]} again: {e.strerror}") from None
-        log.info("%s: port %d is taken; restored on another port", s["where"], addr[1])
+            raise UnsupportedFd(f"{s.where}: cannot bind to {addr[0]}:{addr[1]} again: {e.strerror}") from None
+        log.info("%s: port %d is taken; restored on another port", s.where, addr[1])
         return False
 
 
-def _moved_address(s: dict, addr) -> tuple | None:
+def _moved_address(s: TcpState, addr) -> tuple | None:
     """The address on this host that stands for `addr`, an address of the host the socket was on at the
     checkpoint: loopback for loopback, else this host's first address of the same family (connections to other
     hosts come back through tcpwire.py whatever the address; new ones must find the new host by other means)."""
     ip = ipaddress.ip_address(addr[0].split("%")[0])
-    if s["family"] != socket.AF_INET or ip.is_loopback or ip.is_unspecified:
+    if s.family != socket.AF_INET or ip.is_loopback or ip.is_unspecified:
         return None
     ours = [a for a in local_ipv4s() if not ipaddress.ip_address(a).is_loopback]
     return (ours[0], addr[1]) if ours else None
 
 
-def _wait_out_time_wait(sk: socket.socket, s: dict, addr) -> bool:
+def _wait_out_time_wait(sk: socket.socket, s: TcpState, addr) -> bool:
     """A listener's port held only by TIME_WAIT connections - the killed original's, when its listener did
     not set SO_REUSEADDR (which TIME_WAIT keeps from the accepted sockets): clear them (SOCK_DESTROY, with
     CAP_NET_ADMIN), else wait until they expire (TCP's 60 s). True once bound."""
@@ -240,12 +229,12 @@ def _wait_out_time_wait(sk: socket.socket, s: dict, addr) -> bool:
     warned = False
     while True:
         try:
-            destroyed, left = clear_time_wait(s["family"], addr)
+            destroyed, left = clear_time_wait(s.family, addr)
         except OSError:
-            destroyed, left = 0, len(time_wait_holders(s["family"], addr))
+            destroyed, left = 0, len(time_wait_holders(s.family, addr))
         if destroyed:
             log.info("%s: port %d was held by %d TIME_WAIT connection(s) of the previous run; cleared",
-                     s["where"], addr[1], destroyed)
+                     s.where, addr[1], destroyed)
         try:
             sk.bind(_sockaddr(s, addr))
             return True
@@ -256,77 +245,39 @@ def _wait_out_time_wait(sk: socket.socket, s: dict, addr) -> bool:
             return False                     # something else has the port
         if not warned:
             log.warning("%s: port %d is held by %d TIME_WAIT connection(s) of the previous run (clearing them "
-                        "needs CAP_NET_ADMIN); waiting up to %d s for them to expire", s["where"], addr[1], left,
+                        "needs CAP_NET_ADMIN); waiting up to %d s for them to expire", s.where, addr[1], left,
                         TIME_WAIT_SECONDS)
             warned = True
         time.sleep(0.5)
 
 
-def _finish(sk: socket.socket, s: dict) -> int:
-    """Options and flags as they were; returns the fd."""
-    _lock_sndbuf(sk, s)
-    for level, name, key in BOOL_OPTS + INT_OPTS:
-        if key in s["opts"]:
-            try:
-                sk.setsockopt(level, name, s["opts"][key])
-            except OSError:
-                pass
-    if "linger" in s["opts"]:
-        sk.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, s["opts"]["linger"]))
-    import fcntl
-    fd = sk.detach()
-    fcntl.fcntl(fd, fcntl.F_SETFL, s["flags"] & os.O_NONBLOCK)
-    os.set_inheritable(fd, False)
-    return fd
-
-
-def _buf_after(s: dict) -> tuple[int, int]:
-    """Receive buffer size and lock for a restored socket: the original's size only where the program had
-    fixed it (SO_RCVBUF locks it); else the default, left to autotuning as the original was."""
-    lock = s["opts"].get("buf_lock", -1)
-    if lock > 0 and lock & 2:
-        return s["opts"]["rcvbuf"], lock
-    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
-        return int(f.read().split()[1]), max(lock, 0)
-
-
-def _lock_sndbuf(sk: socket.socket, s: dict) -> None:
-    """A send buffer size the program had fixed (SO_SNDBUF) is fixed again."""
-    lock = s["opts"].get("buf_lock", -1)
-    if lock > 0 and lock & 1 and "sndbuf" in s["opts"]:
-        try:
-            sk.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, s["opts"]["sndbuf"] // 2)
-        except OSError:
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, s["opts"]["sndbuf"] // 2)
-
-
-def _connect_pair(factory, s: dict, peer: dict) -> tuple[socket.socket, socket.socket]:
+def _connect_pair(factory, s: TcpState, peer: TcpState) -> tuple[socket.socket, socket.socket]:
     """Two connected sockets standing for s and its peer (mine, theirs): the client end connects to the
     server end's address - through the job's listener there if it has one, else a stand-in."""
     def listener_at(addr):
         a = norm(tuple(addr))
-        return next((o for o in factory.objects.values() if o.get("kind") == "tcp" and o["state"] == LISTEN
-                     and (norm(tuple(o["local"])) == a
-                          or (o["local"][1] == a[1] and ipaddress.ip_address(o["local"][0]).is_unspecified))),
+        return next((o for o in factory.states_of("tcp") if o.state == LISTEN
+                     and (norm(tuple(o.local)) == a
+                          or (o.local[1] == a[1] and ipaddress.ip_address(o.local[0]).is_unspecified))),
                     None)
-    if listener_at(s["local"]) is not None:
+    if listener_at(s.local) is not None:
         server, client = s, peer
-    elif listener_at(peer["local"]) is not None:
+    elif listener_at(peer.local) is not None:
         server, client = peer, s
     else:          # no listener left: the end with the lower port was most likely the server
-        server, client = (s, peer) if s["local"][1] <= peer["local"][1] else (peer, s)
-    lst = listener_at(server["local"])
+        server, client = (s, peer) if s.local[1] <= peer.local[1] else (peer, s)
+    lst = listener_at(server.local)
     temp = None
     if lst is not None:
-        lsk = socket.socket(fileno=os.dup(factory.fd_for(lst["id"])))
+        lsk = socket.socket(fileno=os.dup(factory.fd_for(lst.id)))
     else:
-        temp = lsk = _new(server)
+        temp = lsk = new_socket(server)
         if not _bind(lsk, server, required=False):
-            lsk.bind(_sockaddr(server, (server["local"][0], 0)))
+            lsk.bind(_sockaddr(server, (server.local[0], 0)))
         lsk.listen(1)
     try:
-        csk = _new(client)
-        if client["bound"]:
+        csk = new_socket(client)
+        if client.bound:
             _bind(csk, client, required=False)
         target = lsk.getsockname()
         csk.connect(target)
@@ -334,7 +285,7 @@ def _connect_pair(factory, s: dict, peer: dict) -> tuple[socket.socket, socket.s
         ssk, _ = _accept_from(lsk, csk)
     finally:
         if lst is not None:
-            lsk.setblocking(not (lst["flags"] & os.O_NONBLOCK))   # the shared file's flags as they were
+            lsk.setblocking(not (lst.flags & os.O_NONBLOCK))   # the shared file's flags as they were
         lsk.close()
     del temp
     return (ssk, csk) if server is s else (csk, ssk)
@@ -354,21 +305,21 @@ def _accept_from(lsk: socket.socket, csk: socket.socket) -> tuple[socket.socket,
     return ssk, addr
 
 
-def _closed_by_peer(factory, s: dict) -> socket.socket:
+def _closed_by_peer(factory, s: TcpState) -> socket.socket:
     """A connection whose (outside) peer has closed: the bytes it had not read, then end of file."""
     lsk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsk.bind(("127.0.0.1", 0))
     lsk.listen(1)
-    csk = _new({"family": socket.AF_INET, "opts": {}})
+    csk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         csk.connect(lsk.getsockname())
         ssk, _ = lsk.accept()
     finally:
         lsk.close()
-    send_all([(ssk, csk, _data(factory, s))], DRAIN_TIMEOUT, after={csk.fileno(): _buf_after(s)})
+    send_all([(ssk, csk, saved_data(factory, s))], DRAIN_TIMEOUT, after={csk.fileno(): buf_after(s)})
     ssk.close()
     log.warning("%s: its peer %s:%d was outside the computation; restored as closed by that peer",
-                s["where"], *s["remote"])
+                s.where, *s.remote)
     return csk
 
 

@@ -25,8 +25,10 @@ import logging
 import os
 import stat
 
-from .linux import libc
-from .maps import read_maps
+from ...image.fdstate import ShmFileState
+from ..errors import ShmFileError
+from ..linux import libc
+from ..maps import read_maps
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,6 @@ TMPFS_MAGIC = 0x01021994
 MAX_FILE_BYTES = 8 << 30
 MAX_DISK_FILE_BYTES = 1 << 30      # a larger ordinary file mapped shared+writable is left to the file system
 SEEK_DATA, SEEK_HOLE = 3, 4
-
-
-class ShmFileError(RuntimeError):
-    """A shared memory file cannot be saved or put back; the message names it."""
 
 
 class _statfs(ctypes.Structure):
@@ -153,16 +151,16 @@ def scan(ctx, pids: list[int]) -> None:
         finally:
             os.close(fd)
         oid = ctx.new_id("shmf")
-        ctx.add(oid, {"kind": "shmfile", "path": path, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
-                      "uid": st.st_uid, "gid": st.st_gid, "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns,
-                      "extents": extents}, owner)
+        ctx.add(oid, ShmFileState(path=path, size=st.st_size, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid,
+                                  gid=st.st_gid, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns, extents=extents),
+                owner)
         ctx.blobs[oid] = b"".join(parts)
 
 
 def restore(objects: list[dict], read_blob) -> None:
     """Put every saved shared memory file back at its path, as it was at the checkpoint."""
-    for s in objects:
-        path = s["path"]
+    for s in map(ShmFileState.from_dict, objects):
+        path = s.path
         d = os.path.dirname(path)
         try:
             os.makedirs(d, mode=0o700, exist_ok=True)
@@ -174,21 +172,21 @@ def restore(objects: list[dict], read_blob) -> None:
         except OSError as e:
             raise ShmFileError(f"cannot recreate shared memory file {path}: {e.strerror}") from None
         try:
-            data = memoryview(read_blob(s["id"]))
-            os.ftruncate(fd, s["size"])
+            data = memoryview(read_blob(s.id))
+            os.ftruncate(fd, s.size)
             at = 0
-            for off, n in s["extents"]:
+            for off, n in s.extents:
                 part = data[at:at + n]
                 while part:
                     w = os.pwrite(fd, part, off)
                     part, off = part[w:], off + w
                 at += n
             try:
-                os.fchown(fd, s["uid"], s["gid"])
+                os.fchown(fd, s.uid, s.gid)
             except PermissionError:
                 pass                           # (an unprivileged restart: our own uid, as it was)
-            os.fchmod(fd, s["mode"])
-            os.utime(fd, ns=(s["atime_ns"], s["mtime_ns"]))
+            os.fchmod(fd, s.mode)
+            os.utime(fd, ns=(s.atime_ns, s.mtime_ns))
             os.rename(tmp, path)
         except OSError as e:
             try:
@@ -198,4 +196,4 @@ def restore(objects: list[dict], read_blob) -> None:
             raise ShmFileError(f"cannot recreate shared memory file {path}: {e.strerror}") from None
         finally:
             os.close(fd)
-        log.debug("shared memory file %s put back (%d bytes)", path, s["size"])
+        log.debug("shared memory file %s put back (%d bytes)", path, s.size)

@@ -6,7 +6,8 @@ Dump: every fd of every frozen process is looked at once. fds that refer to the 
 *object* with one id, stored in the image of the first process (lowest PID) that holds it; every FdRecord
 names its object. Descriptors that are the agent's own standard input/output/error (the launching command's)
 are `stdio` and reconnect to the restarting command's. Each kind of object has a small handler module (files,
-pipes, ...) with a `dump` and a `create`, listed in KINDS in the order restore needs.
+pipes, ...) with a class following the kind contract (base.py), listed in registry.KINDS in the order restore
+needs.
 
 Restore: the agent creates every object once (holding an fd of its own, above every fd number the
 computation uses), and the restore helpers, forked from the agent, duplicate the ones they need into place
@@ -17,84 +18,30 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
+from typing import Any
 
-from ..image.records import FdRecord
-from .linux import SYS, syscall
+from ...image.fdstate import FD_STATES, ObjectState
+from ...image.records import FdRecord
+from ..errors import UnsupportedFd
+from ..shm import shmfiles, sysvshm
+from .base import FdKind
+from .entry import DumpContext, FdEntry, kcmp_same_file, list_fds, read_fd
+from .registry import KINDS
 
 log = logging.getLogger(__name__)
 
-O_CLOEXEC = 0o2000000
-KCMP_FILE = 0
-
-
-class UnsupportedFd(RuntimeError):
-    """A descriptor this engine cannot checkpoint; the message names process, fd and kind."""
-
-
-@dataclass
-class FdEntry:
-    """One descriptor of one frozen process, as /proc shows it."""
-    pid: int
-    fd: int
-    target: str
-    dev: int
-    ino: int
-    mode: int
-    flags: int               # open flags without O_CLOEXEC
-    pos: int
-    cloexec: bool
-    info: dict
-    info_text: str
-
-    def where(self) -> str:
-        return f"pid {self.pid} fd {self.fd}"
-
-
-def read_fd(pid: int, fd: int) -> FdEntry | None:
-    link = f"/proc/{pid}/fd/{fd}"
-    try:
-        target = os.readlink(link)
-        st = os.stat(link)
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    info = {}
-    for line in text.splitlines():
-        k, _, v = line.partition(":")
-        info.setdefault(k.strip(), v.strip())
-    flags = int(info.get("flags", "0"), 8)
-    return FdEntry(pid, fd, target, st.st_dev, st.st_ino, st.st_mode, flags & ~O_CLOEXEC,
-                   int(info.get("pos", "0")), bool(flags & O_CLOEXEC), info, text)
-
-
-def list_fds(pid: int) -> list[FdEntry]:
-    """The process's descriptors ([] if it has exited meanwhile)."""
-    out = []
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except (FileNotFoundError, ProcessLookupError):
-        return out
-    from .wptrack import is_ours
-    for name in sorted(names, key=int):
-        e = read_fd(pid, int(name))
-        if e is not None and not is_ours(e.fd, e.target, e.info_text):     # our write tracking's descriptor
-            out.append(e)
-    return out
-
-
-def kcmp_same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
-    return syscall(SYS.kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) == 0
-
 
 def describe_kind(e: FdEntry) -> str:
+    """What a descriptor is, for the message refusing it: a kind may know (a UDP socket), else its type."""
+    for k in KINDS:
+        said = k.describe(e)
+        if said:
+            return said
     t = e.target
     if t.startswith("pipe:"):
         return "pipe"
     if t.startswith("socket:"):
-        from .tcp import describe_inet
-        return describe_inet(e) or "socket"
+        return "socket"
     if t.startswith("anon_inode:"):
         return t[len("anon_inode:"):].strip("[]")
     if stat.S_ISCHR(e.mode):
@@ -106,37 +53,14 @@ def describe_kind(e: FdEntry) -> str:
     return "file"
 
 
-@dataclass
-class DumpContext:
-    """What handlers may use while dumping: the agent's own stdio, a place for bulk data, all entries."""
-    entries: dict[tuple[int, int], FdEntry]
-    blobs: dict[str, bytes] = field(default_factory=dict)       # object id -> data to store as image chunks
-    objects: dict[str, dict] = field(default_factory=dict)      # object id -> state
-    owners: dict[str, int] = field(default_factory=dict)        # object id -> pid whose image stores it
-    drained: dict = field(default_factory=dict)                 # socket inode -> bytes drained (tcp.Drained)
-    counter: int = 0
-    stdio_pid: int = 0                                          # whose stdio is the launching command's
-
-    def new_id(self, prefix: str = "o") -> str:
-        self.counter += 1
-        return f"{prefix}{self.counter}"
-
-    def add(self, oid: str, state: dict, owner: int) -> None:
-        state["id"] = oid
-        self.objects[oid] = state
-        self.owners[oid] = owner
-
-
 class FdTable:
     """Scans the descriptors of a set of frozen processes (dump side)."""
 
     def __init__(self, pids: list[int], stdio_pid: int | None = None, drained: dict | None = None,
                  force: bool = False):
-        from . import kinds
-        self.kinds = kinds.KINDS
+        self.kinds: list[type[FdKind]] = KINDS
         for k in self.kinds:
-            if hasattr(k, "reset"):
-                k.reset()                    # per-scan caches (e.g. the sock_diag table)
+            k.reset()                        # per-scan caches (e.g. the sock_diag table)
         self.pids = sorted(pids)
         self.stdio_pid = stdio_pid if stdio_pid is not None else os.getpid()
         self.force = force        # descriptors no kind can save are recorded as "null" (/dev/null at restore)
@@ -210,16 +134,14 @@ class FdTable:
         for h, oid, ofd in sorted(handled, key=lambda t: order[t[0]]):
             try:
                 h.dump(self.ctx, oid, ofd)
-            except UnsupportedFd as e:
+            except UnsupportedFd as err:
                 if not self.force:
                     raise
-                self._give_up(str(e), ofd, ofd_of)
+                self._give_up(str(err), ofd, ofd_of)
                 self.ctx.objects.pop(oid, None)
                 self.ctx.blobs.pop(oid, None)
-        from . import sysvshm  # shared by processes without a descriptor; stored like the objects above
-        sysvshm.scan(self.ctx, self.pids)
-        from . import shmfiles  # named POSIX shared memory files: saved whole, put back at restart
-        shmfiles.scan(self.ctx, self.pids)
+        sysvshm.scan(self.ctx, self.pids)    # shared by processes without a descriptor; stored like the objects above
+        shmfiles.scan(self.ctx, self.pids)   # named POSIX shared memory files: saved whole, put back at restart
         for (pid, fd), e in sorted(entries.items()):
             oid = ofd_of[(pid, fd)]
             kind = "stdio" if oid.startswith("stdio:") else "null" if oid == "null:" else self.ctx.objects[oid]["kind"]
@@ -227,9 +149,8 @@ class FdTable:
             self.records.setdefault(pid, []).append(
                 FdRecord(fd=fd, kind=kind, path=path, flags=e.flags, pos=e.pos, cloexec=e.cloexec, ofd=oid,
                          size=self.ctx.objects.get(oid, {}).get("size", -1)))
-        for k in self.kinds:
-            if hasattr(k, "dump_computation"):      # state not behind any one descriptor (the launching terminal)
-                k.dump_computation(self.ctx, self.pids, self.stdio, self.records)
+        for k in self.kinds:                 # state not behind any one descriptor (the launching terminal)
+            k.dump_computation(self.ctx, self.pids, self.stdio, self.records)
 
     def _give_up(self, why: str, ofd: list, ofd_of: dict) -> None:
         """(force) A descriptor no kind can save: recorded as "null", /dev/null after a restart."""
@@ -250,21 +171,20 @@ class ObjectFactory:
     """Creates the computation's objects in the agent, once each (restore side)."""
 
     def __init__(self, objects: dict[str, dict], read_blob, base: int = 10):
-        from . import kinds
-        self.by_kind = {k.KIND: k for k in kinds.KINDS}
-        self.objects = objects
+        self.by_kind: dict[str, type[FdKind]] = {k.KIND: k for k in KINDS}
+        self.objects = objects               # object id -> its image row (every kind, shm ones too)
+        self._states: dict[str, ObjectState] = {}
         self.base = base                     # every fd we hand out is at or above this (above the job's fds)
         self.read_blob = read_blob           # object id -> bytes (from the owner's image)
         self.fds: dict[str, int] = {}        # object id -> fd in the agent
-        self.extra: dict[str, object] = {}   # handler scratch (e.g. pipe inode -> (r, w))
+        self.extra: dict[str, Any] = {}   # handler scratch (e.g. pipe inode -> (r, w))
         self.after: list = []                # callables run once every process is restored and stopped
-        self.rendezvous = None               # the coordinator's key-value store, for objects spanning hosts
+        self.rendezvous: Any = None              # the coordinator's key-value store, for objects spanning hosts
 
     def prepare(self) -> None:
         """Kinds whose objects must be made all at once, before any is handed out (`prepare(factory)`)."""
         for k in self.by_kind.values():
-            if hasattr(k, "prepare"):
-                k.prepare(self)
+            k.prepare(self)
 
     def fd_for(self, oid: str) -> int:
         """The agent's fd for an object (or for "stdio:N": a copy of our own fd N), created on first use."""
@@ -282,9 +202,20 @@ class ObjectFactory:
                 if state is None:
                     raise UnsupportedFd(f"object {oid} is not in any image given (restart needs every image "
                                         f"of the checkpoint)")
-                fd = self.by_kind[state["kind"]].create(self, state)
+                fd = self.by_kind[state["kind"]].create(self, self.state(oid))
             self.fds[oid] = self.high(fd)
         return self.fds[oid]
+
+    def state(self, oid: str) -> Any:
+        """The typed record (image/fdstate.py) of an fd kind's object, read from its image row once."""
+        if oid not in self._states:
+            row = self.objects[oid]
+            self._states[oid] = FD_STATES[row["kind"]].from_dict(row)
+        return self._states[oid]
+
+    def states_of(self, kind: str) -> list[Any]:
+        """Every object of one fd kind, as typed records, in id order of the images."""
+        return [self.state(oid) for oid, row in self.objects.items() if row.get("kind") == kind]
 
     def shm_fd(self, key: str, size: int) -> int:
         """The memfd standing for shared memory object `key` (MAP_SHARED anonymous memory, a memfd, a deleted
@@ -315,6 +246,4 @@ class ObjectFactory:
             except OSError:
                 pass
         for k in self.by_kind.values():
-            cleanup = getattr(k, "cleanup", None)
-            if cleanup:
-                cleanup(self)
+            k.cleanup(self)

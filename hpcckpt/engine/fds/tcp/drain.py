@@ -27,8 +27,9 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from .fdtable import UnsupportedFd, list_fds
-from .tcpinfo import (
+from ...errors import UnsupportedFd
+from ..entry import list_fds
+from .info import (
     CONNECTED,
     DRAIN_TIMEOUT,
     ESTABLISHED,

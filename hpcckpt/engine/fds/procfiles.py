@@ -17,10 +17,13 @@ import logging
 import os
 import re
 
-from .fdtable import FdEntry, UnsupportedFd
-from .inject import Injector, find_syscall_insn
-from .linux import SYS
-from .maps import read_maps
+from ...image.fdstate import ProcFileState
+from ..errors import UnsupportedFd
+from ..inject import Injector, find_syscall_insn
+from ..linux import SYS
+from ..maps import read_maps
+from .base import FdKind
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def parse(path: str) -> tuple[int, int | None, str] | None:
     return int(m[1]), int(m[2]) if m[2] else None, m[3] or ""
 
 
-class ProcFile:
+class ProcFile(FdKind):
     KIND = "procfile"
 
     @staticmethod
@@ -48,18 +51,20 @@ class ProcFile:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        pid, tid, rest = parse(e.target)
+        parsed = parse(e.target)
+        if parsed is None:
+            raise UnsupportedFd(f"{e.where()}: {e.target} is not a /proc path")
+        pid, tid, rest = parsed
         job = {p for p, _ in ctx.entries}
         # /proc/<tid>/... of a job thread works too (not listed in /proc, but opened by number)
         ours = pid in job or any(os.path.exists(f"/proc/{p}/task/{pid}") for p in job)
         if not ours or (tid is not None and not os.path.exists(f"/proc/{pid}/task/{tid}")):
             raise UnsupportedFd(f"{e.where()}: {e.target} belongs to a process outside the computation; after a "
                                 f"restart that PID is another process or none (close it before checkpointing)")
-        ctx.add(oid, {"kind": ProcFile.KIND, "path": e.target, "flags": e.flags, "pos": e.pos},
-                min(x.pid for x in ofd))
+        ctx.add(oid, ProcFileState(path=e.target, flags=e.flags, pos=e.pos), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
+    def create(factory, state: ProcFileState) -> int:
         # a stand-in holding the fd number: reopen() replaces it once the processes exist
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
@@ -84,13 +89,16 @@ def reopen(restored: list) -> None:
 
 
 def _reopen_in(rp, recs: list, pids: dict[int, int], tids: dict[int, int]) -> None:
-    from .remote import Scratch
+    from ..remote import Scratch
     vdso = next(m for m in read_maps(rp.pid, with_flags=False) if m.path == "[vdso]")
     inj = Injector(rp.pid, rp.pid, find_syscall_insn(rp.pid, vdso.start, vdso.end))
     scratch = Scratch(inj)
     try:
         for rec in recs:
-            pid, tid, rest = parse(rec.path)
+            parsed = parse(rec.path)
+            if parsed is None:
+                raise OSError(f"pid {rp.meta.process.pid} fd {rec.fd}: {rec.path} is not a /proc path")
+            pid, tid, rest = parsed
             new = pids.get(pid) or tids.get(pid)
             if new is None or (tid is not None and tid not in tids):
                 raise OSError(f"pid {rp.meta.process.pid} fd {rec.fd}: {rec.path} names a process not restored")

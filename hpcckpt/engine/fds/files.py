@@ -14,9 +14,12 @@ import os
 import stat
 import tempfile
 
-from ..image.records import FdRecord
+from ...image.fdstate import DeviceState, DirState, FileState
+from ...image.records import FdRecord
+from ..errors import UnsupportedFd
 from . import locks, openfiles
-from .fdtable import FdEntry, UnsupportedFd
+from .base import FdKind
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ def _open(path: str, flags: int, what: str) -> int:
         raise UnsupportedFd(f"cannot reopen {what} {path}: {e.strerror}") from None
 
 
-class RegularFile:
+class RegularFile(FdKind):
     KIND = "file"
 
     @staticmethod
@@ -47,56 +50,56 @@ class RegularFile:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        state = {"kind": "file", "path": e.target, "flags": e.flags, "pos": e.pos, "deleted": False,
-                 "size": os.stat(f"/proc/{e.pid}/fd/{e.fd}").st_size}
+        state = FileState(path=e.target, flags=e.flags, pos=e.pos, deleted=False,
+                          size=os.stat(f"/proc/{e.pid}/fd/{e.fd}").st_size)
         if e.target.endswith(DELETED):
             # unlinked while open: only the open file keeps the data; save it
-            state["deleted"] = True
-            state["path"] = e.target[: -len(DELETED)]
-            if state["path"].startswith(("/memfd:", "/dev/shm/")):
+            state.deleted = True
+            state.path = e.target[: -len(DELETED)]
+            if state.path.startswith(("/memfd:", "/dev/shm/")):
                 # shared memory that processes may also map: one object with the mappings (memory.py)
-                state["shm"] = f"{os.major(e.dev):02x}:{os.minor(e.dev):02x}:{e.ino}"
+                state.shm = f"{os.major(e.dev):02x}:{os.minor(e.dev):02x}:{e.ino}"
             st = os.stat(f"/proc/{e.pid}/fd/{e.fd}")
             if st.st_size > MAX_DELETED_BYTES:
                 raise UnsupportedFd(f"{e.where()}: deleted file {e.target} is {st.st_size} bytes; only up to "
                                     f"{MAX_DELETED_BYTES} are saved")
             with open(f"/proc/{e.pid}/fd/{e.fd}", "rb") as f:
                 ctx.blobs[oid] = f.read()
-            state["mode"] = stat.S_IMODE(st.st_mode)
+            state.mode = stat.S_IMODE(st.st_mode)
         else:
             openfiles.save(ctx, oid, state, e.pid, e.fd)      # --checkpoint-open-files
         locks.dump_into(state, ofd)
         ctx.add(oid, state, min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        if state.get("shm"):
-            data = factory.read_blob(state["id"])
-            shm = factory.shm_fd(state["shm"], max(len(data), state.get("size", 0)))
+    def create(factory, state: FileState) -> int:
+        if state.shm:
+            data = factory.read_blob(state.id)
+            shm = factory.shm_fd(state.shm, max(len(data), state.size or 0))
             os.pwrite(shm, data, 0)
-            fd = _open(f"/proc/self/fd/{shm}", state["flags"], "shared memory file")
-        elif state.get("deleted"):
-            d = os.path.dirname(state["path"])
+            fd = _open(f"/proc/self/fd/{shm}", state.flags, "shared memory file")
+        elif state.deleted:
+            d = os.path.dirname(state.path)
             d = d if os.path.isdir(d) and os.access(d, os.W_OK) else tempfile.gettempdir()
             fd, tmp = tempfile.mkstemp(prefix=".hpcckpt-deleted-", dir=d)
             try:
-                data = factory.read_blob(state["id"])
+                data = factory.read_blob(state.id)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fchmod(fd, state.get("mode", 0o600))
+                os.fchmod(fd, state.mode if state.mode is not None else 0o600)
                 os.close(fd)
-                fd = _open(tmp, state["flags"], "deleted file")
+                fd = _open(tmp, state.flags, "deleted file")
             finally:
                 os.unlink(tmp)              # deleted again, as it was
         else:
             openfiles.restore(factory, state)                   # --checkpoint-open-files
-            fd = _open(state["path"], state["flags"], "file")
-        os.lseek(fd, state["pos"], os.SEEK_SET)
+            fd = _open(state.path, state.flags, "file")
+        os.lseek(fd, state.pos, os.SEEK_SET)
         return _locked(fd, state)
 
 
-class Directory:
+class Directory(FdKind):
     KIND = "dir"
 
     @staticmethod
@@ -106,16 +109,16 @@ class Directory:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        state = {"kind": "dir", "path": e.target, "flags": e.flags, "pos": e.pos}
+        state = DirState(path=e.target, flags=e.flags, pos=e.pos)
         locks.dump_into(state, ofd)
         ctx.add(oid, state, min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        return _locked(_open(state["path"], state["flags"] | os.O_DIRECTORY, "directory"), state)
+    def create(factory, state: DirState) -> int:
+        return _locked(_open(state.path, state.flags | os.O_DIRECTORY, "directory"), state)
 
 
-def _locked(fd: int, state: dict) -> int:
+def _locked(fd: int, state: FileState | DirState) -> int:
     """The description's own locks (flock, OFD) taken again on the new description."""
     try:
         locks.take_on_description(fd, state)
@@ -125,7 +128,7 @@ def _locked(fd: int, state: dict) -> int:
     return fd
 
 
-class Device:
+class Device(FdKind):
     KIND = "dev"
 
     @staticmethod
@@ -135,11 +138,11 @@ class Device:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        ctx.add(oid, {"kind": "dev", "path": e.target, "flags": e.flags}, min(x.pid for x in ofd))
+        ctx.add(oid, DeviceState(path=e.target, flags=e.flags), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        return _open(state["path"], state["flags"], "device")
+    def create(factory, state: DeviceState) -> int:
+        return _open(state.path, state.flags, "device")
 
 
 def cut_back(records: list[FdRecord]) -> None:

@@ -33,7 +33,9 @@ import os
 import struct
 import time
 
-from .linux import libc
+from ...image.fdstate import SysvMsgState, SysvSemState
+from ..errors import IpcError
+from ..linux import libc
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,6 @@ MSG_NEXT_ID = "/proc/sys/kernel/msg_next_id"
 SYS_SEMOP, SYS_SEMTIMEDOP, SYS_MSGSND, SYS_MSGRCV = 65, 220, 69, 70
 KINDS = ("sysvsem", "sysvmsg")
 MAX_MSG = 1 << 20            # no message is bigger than msgmax, which cannot exceed this by default settings
-
-
-class IpcError(RuntimeError):
-    """An object cannot be saved or recreated; the message names it."""
 
 
 class ipc_perm(ctypes.Structure):
@@ -177,9 +175,9 @@ def scan(ctx, pids: list[int]) -> None:
             raise IpcError(f"cannot read SysV semaphore set {semid} (key {row['key'] & 0xFFFFFFFF:#010x}): "
                            f"{_err()}")
         oid = ctx.new_id("sem")
-        ctx.add(oid, {"kind": "sysvsem", "semid": semid, "key": row["key"] & 0xFFFFFFFF, "nsems": row["nsems"],
-                      "mode": row["perms"] & 0o777, "uid": row["uid"], "gid": row["gid"],
-                      "values": list(values)[:row["nsems"]]}, owner)
+        ctx.add(oid, SysvSemState(semid=semid, key=row["key"] & 0xFFFFFFFF, nsems=row["nsems"],
+                                  mode=row["perms"] & 0o777, uid=row["uid"], gid=row["gid"],
+                                  values=list(values)[:row["nsems"]]), owner)
     for msqid, row in sorted(msgs.items()):
         if not _member([row["lspid"], row["lrpid"]], ours, row["cuid"], row["ctime"], since,
                        msqid in blocked["msg"]):
@@ -189,9 +187,8 @@ def scan(ctx, pids: list[int]) -> None:
             raise IpcError(f"cannot read SysV message queue {msqid}: {_err()}")
         messages, data = _read_messages(msqid, ds.qnum)
         oid = ctx.new_id("msq")
-        ctx.add(oid, {"kind": "sysvmsg", "msqid": msqid, "key": row["key"] & 0xFFFFFFFF,
-                      "mode": row["perms"] & 0o777, "uid": row["uid"], "gid": row["gid"], "qbytes": ds.qbytes,
-                      "messages": messages}, owner)
+        ctx.add(oid, SysvMsgState(msqid=msqid, key=row["key"] & 0xFFFFFFFF, mode=row["perms"] & 0o777,
+                                  uid=row["uid"], gid=row["gid"], qbytes=ds.qbytes, messages=messages), owner)
         ctx.blobs[oid] = data
 
 
@@ -250,30 +247,32 @@ class IpcObjects:
     """The computation's semaphore sets and message queues at restore, created in the agent."""
 
     def __init__(self, objects: list[dict], read_blob):
-        self.sems = sorted((o for o in objects if o.get("kind") == "sysvsem"), key=lambda o: o["semid"])
-        self.msgs = sorted((o for o in objects if o.get("kind") == "sysvmsg"), key=lambda o: o["msqid"])
+        self.sems = sorted((SysvSemState.from_dict(o) for o in objects if o.get("kind") == "sysvsem"),
+                           key=lambda o: o.semid)
+        self.msgs = sorted((SysvMsgState.from_dict(o) for o in objects if o.get("kind") == "sysvmsg"),
+                           key=lambda o: o.msqid)
         self.read_blob = read_blob
         self.created: list[tuple[str, int]] = []        # ("sem"|"msg", id now)
         self._next_ok: dict[str, bool | None] = {"sem": None, "msg": None}
 
     def create(self) -> None:
         self._check_keys()
-        for st in self.sems:
-            self._create_sem(st)
-        for st in self.msgs:
-            self._create_msg(st)
+        for sem in self.sems:
+            self._create_sem(sem)
+        for msg in self.msgs:
+            self._create_msg(msg)
 
     def _check_keys(self) -> None:
         for kind, objs in (("sem", self.sems), ("msg", self.msgs)):
             for st in objs:
-                if st["key"] == IPC_PRIVATE:
+                if st.key == IPC_PRIVATE:
                     continue
-                other = self._get(kind, st["key"])
+                other = self._get(kind, st.key)
                 if other >= 0 and not (_leftover_sem(other) if kind == "sem" else _leftover_msg(other)):
                     what = "semaphore set" if kind == "sem" else "message queue"
-                    raise IpcError(f"SysV {what} key {st['key']:#010x} is in use by another {what} (id {other}) "
+                    raise IpcError(f"SysV {what} key {st.key:#010x} is in use by another {what} (id {other}) "
                                    f"that a live process uses; cannot restore the job's {what} "
-                                   f"{st['semid' if kind == 'sem' else 'msqid']}")
+                                   f"{st.semid if isinstance(st, SysvSemState) else st.msqid}")
 
     @staticmethod
     def _get(kind: str, key: int) -> int:
@@ -308,46 +307,46 @@ class IpcObjects:
                         "will fail", kind, want, key, got)
         return got
 
-    def _create_sem(self, st: dict) -> None:
-        flags = IPC_CREAT | IPC_EXCL | (st["mode"] & 0o777)
-        got = self._make("sem", st["key"], st["semid"],
-                         lambda: libc.semget(_signed(st["key"]), st["nsems"], flags))
-        values = (ctypes.c_ushort * max(1, st["nsems"]))(*st["values"])
+    def _create_sem(self, st: SysvSemState) -> None:
+        flags = IPC_CREAT | IPC_EXCL | (st.mode & 0o777)
+        got = self._make("sem", st.key, st.semid,
+                         lambda: libc.semget(_signed(st.key), st.nsems, flags))
+        values = (ctypes.c_ushort * max(1, st.nsems))(*st.values)
         if libc.semctl(got, 0, SETALL, ctypes.cast(values, ctypes.c_void_p)) != 0:
             raise IpcError(f"cannot set the values of SysV semaphore set {got}: {_err()}")
         ds = semid_ds()
         if libc.semctl(got, 0, IPC_STAT, ctypes.cast(ctypes.pointer(ds), ctypes.c_void_p)) == 0 and \
-                (ds.perm.uid, ds.perm.gid) != (st["uid"], st["gid"]):
-            ds.perm.uid, ds.perm.gid = st["uid"], st["gid"]
+                (ds.perm.uid, ds.perm.gid) != (st.uid, st.gid):
+            ds.perm.uid, ds.perm.gid = st.uid, st.gid
             if libc.semctl(got, 0, IPC_SET, ctypes.cast(ctypes.pointer(ds), ctypes.c_void_p)) != 0:
-                log.info("SysV semaphore set %d: owner %d:%d not restored (%s)", got, st["uid"], st["gid"], _err())
+                log.info("SysV semaphore set %d: owner %d:%d not restored (%s)", got, st.uid, st.gid, _err())
 
-    def _create_msg(self, st: dict) -> None:
-        flags = IPC_CREAT | IPC_EXCL | (st["mode"] & 0o777)
-        got = self._make("msg", st["key"], st["msqid"], lambda: libc.msgget(_signed(st["key"]), flags))
+    def _create_msg(self, st: SysvMsgState) -> None:
+        flags = IPC_CREAT | IPC_EXCL | (st.mode & 0o777)
+        got = self._make("msg", st.key, st.msqid, lambda: libc.msgget(_signed(st.key), flags))
         ds = msqid_ds()
         if libc.msgctl(got, IPC_STAT, ctypes.byref(ds)) == 0:
-            total = sum(n for _, n in st["messages"])
-            if ds.qbytes < max(st["qbytes"], total):
+            total = sum(n for _, n in st.messages)
+            if ds.qbytes < max(st.qbytes, total):
                 # a limit the program raised (or messages that need it): a limit above msgmnb needs
                 # CAP_SYS_RESOURCE, which the job's own IPC namespace gives us over itself
-                ds.qbytes = max(st["qbytes"], total)
+                ds.qbytes = max(st.qbytes, total)
                 if libc.msgctl(got, IPC_SET, ctypes.byref(ds)) != 0:
                     log.info("SysV queue %d: byte limit %d not restored (%s)", got, ds.qbytes, _err())
-        data = self.read_blob(st["id"]) if st["messages"] else b""
+        data = self.read_blob(st.id) if st.messages else b""
         off = 0
         buf = ctypes.create_string_buffer(8 + MAX_MSG)
-        for mtype, n in st["messages"]:
+        for mtype, n in st.messages:
             struct.pack_into("l", buf, 0, mtype)
             ctypes.memmove(ctypes.addressof(buf) + 8, data[off:off + n], n)
             off += n
             if libc.msgsnd(got, buf, n, IPC_NOWAIT) != 0:
                 raise IpcError(f"cannot put a message back into SysV queue {got}: {_err()}")
         ds = msqid_ds()
-        if libc.msgctl(got, IPC_STAT, ctypes.byref(ds)) == 0 and (ds.perm.uid, ds.perm.gid) != (st["uid"], st["gid"]):
-            ds.perm.uid, ds.perm.gid = st["uid"], st["gid"]
+        if libc.msgctl(got, IPC_STAT, ctypes.byref(ds)) == 0 and (ds.perm.uid, ds.perm.gid) != (st.uid, st.gid):
+            ds.perm.uid, ds.perm.gid = st.uid, st.gid
             if libc.msgctl(got, IPC_SET, ctypes.byref(ds)) != 0:
-                log.info("SysV queue %d: owner %d:%d not restored (%s)", got, st["uid"], st["gid"], _err())
+                log.info("SysV queue %d: owner %d:%d not restored (%s)", got, st.uid, st.gid, _err())
 
     def abort(self) -> None:
         for kind, got in self.created:

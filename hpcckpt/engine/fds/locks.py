@@ -24,6 +24,8 @@ import os
 import re
 import struct
 
+from ...image.fdstate import DirState, FileState
+
 F_GETLK, F_SETLK = 5, 6
 F_OFD_GETLK, F_OFD_SETLK = 36, 37
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
@@ -47,9 +49,9 @@ def parse(info_text: str, pid: int) -> list[dict]:
     return out
 
 
-def dump_into(state: dict, ofd: list) -> None:
-    """Record the locks held through one open file description (FdEntry list) into its object state."""
-    from .fdtable import UnsupportedFd
+def dump_into(state: FileState | DirState, ofd: list) -> None:
+    """Record the locks held through one open file description (FdEntry list) into its object's record."""
+    from ..errors import UnsupportedFd
     seen = []
     for e in ofd:
         try:
@@ -60,7 +62,7 @@ def dump_into(state: dict, ofd: list) -> None:
             if lk not in seen:
                 seen.append(lk)
     if seen:
-        state["locks"] = seen
+        state.locks = seen
 
 
 def _describe(lk: dict, path: str) -> str:
@@ -89,11 +91,11 @@ def _holder(fd: int, lk: dict) -> str:
     return f" (pid {pid})" if pid > 0 else ""
 
 
-def take_on_description(fd: int, state: dict) -> None:
+def take_on_description(fd: int, state: FileState | DirState) -> None:
     """flock and OFD locks of a description the agent just recreated (fd)."""
-    from .fdtable import UnsupportedFd
-    path = state.get("path", "?")
-    for lk in state.get("locks", ()):
+    from ..errors import UnsupportedFd
+    path = state.path or "?"
+    for lk in state.locks or ():
         try:
             if lk["type"] == "flock":
                 fcntl.flock(fd, (fcntl.LOCK_EX if lk["write"] else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -123,8 +125,8 @@ def posix_for(proc, objects: dict[str, dict]) -> list[tuple[int, dict, str]]:
 
 def restore_posix(inj, scratch, pid: int, locks: list[tuple[int, dict, str]]) -> None:
     """Take the process's POSIX locks by injected fcntl(F_SETLK): the lock owner must be the process itself."""
-    from .linux import SYS
-    from .transform import RestoreError
+    from ..errors import RestoreError
+    from ..linux import SYS
     for fd, lk, path in locks:
         scratch.write(0, _flock_struct(lk))
         r = inj.call(SYS.fcntl, fd, F_SETLK, scratch.addr)

@@ -35,8 +35,10 @@ import errno
 import logging
 import os
 
+from ...image.fdstate import SysvShmState
+from ..errors import IpcError, SysvError
+from ..linux import PAGE, libc
 from . import sysvipc
-from .linux import PAGE, libc
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +65,6 @@ libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _FAILED = ctypes.c_void_p(-1).value
-
-
-class SysvError(RuntimeError):
-    """A segment cannot be saved or recreated; the message names it."""
 
 
 class ipc_perm(ctypes.Structure):
@@ -164,10 +162,9 @@ def scan(ctx, pids: list[int]) -> None:
             raise SysvError(f"SysV segment {shmid} is {row['size']} bytes; only up to {MAX_SEGMENT_BYTES} are saved")
         runs, data = _read_contents(shmid, row["size"], swapped=row.get("swap", 0) > 0)
         oid = ctx.new_id("sysv")
-        ctx.add(oid, {"kind": "sysvshm", "shmid": shmid, "key": key, "size": row["size"],
-                      "mode": row["perms"] & 0o777, "rmid": dest, "locked": bool(row["perms"] & SHM_LOCKED),
-                      "uid": row["uid"], "gid": row["gid"], "runs": runs,
-                      "attached": len(users.get(shmid, ()))}, owner)
+        ctx.add(oid, SysvShmState(shmid=shmid, key=key, size=row["size"], mode=row["perms"] & 0o777, rmid=dest,
+                                  locked=bool(row["perms"] & SHM_LOCKED), uid=row["uid"], gid=row["gid"], runs=runs,
+                                  attached=len(users.get(shmid, ()))), owner)
         ctx.blobs[oid] = data
     sysvipc.scan(ctx, pids)
 
@@ -247,8 +244,8 @@ class Segments:
 
     def __init__(self, objects: list[dict], read_blob, own_namespace: bool):
         self.ipc = sysvipc.IpcObjects(objects, read_blob)         # semaphore sets and message queues
-        objects = [o for o in objects if o.get("kind", "sysvshm") == "sysvshm"]
-        self.objects = sorted(objects, key=lambda s: (not s["rmid"], s["shmid"]))
+        segments = [SysvShmState.from_dict(o) for o in objects if o.get("kind", "sysvshm") == "sysvshm"]
+        self.objects = sorted(segments, key=lambda s: (not s.rmid, s.shmid))
         self.read_blob = read_blob
         self.own_namespace = own_namespace
         self.ids: dict[int, tuple[int, int]] = {}      # image shmid -> (shmid now, size)
@@ -264,7 +261,7 @@ class Segments:
         self._check_keys()
         try:
             self.ipc.create()
-        except sysvipc.IpcError as e:
+        except IpcError as e:
             raise SysvError(str(e)) from None
         for st in self.objects:
             self._create_one(st)
@@ -272,20 +269,20 @@ class Segments:
     def _check_keys(self) -> None:
         """Fail before changing anything if a key we need belongs to someone else."""
         for st in self.objects:
-            if st["rmid"] or st["key"] == IPC_PRIVATE:
+            if st.rmid or st.key == IPC_PRIVATE:
                 continue
-            other = libc.shmget(_signed(st["key"]), 0, 0)
+            other = libc.shmget(_signed(st.key), 0, 0)
             if other >= 0 and not self._leftover(other, st):
                 ds = _stat(other)
-                raise SysvError(f"SysV shared memory key {st['key']:#010x} is in use by another segment (shmid "
+                raise SysvError(f"SysV shared memory key {st.key:#010x} is in use by another segment (shmid "
                                 f"{other}, {ds.nattch if ds else '?'} attached); cannot restore the job's segment "
-                                f"{st['shmid']}")
+                                f"{st.shmid}")
 
     @staticmethod
-    def _leftover(shmid: int, st: dict) -> bool:
+    def _leftover(shmid: int, st: SysvShmState) -> bool:
         """The segment left behind by the killed original: nobody attached, same size, its creator gone."""
         ds = _stat(shmid)
-        if ds is None or ds.nattch or ds.segsz != st["size"]:
+        if ds is None or ds.nattch or ds.segsz != st.size:
             return False
         return ds.cpid <= 0 or not os.path.exists(f"/proc/{ds.cpid}")
 
@@ -301,11 +298,11 @@ class Segments:
             sysvipc.write_sysctl(NEXT_ID, -1)     # not consumed when shmget failed before allocating an id
         return got if got >= 0 else -err
 
-    def _create_one(self, st: dict) -> None:
-        key, size, want = st["key"], st["size"], st["shmid"]
-        flags = IPC_CREAT | IPC_EXCL | (st["mode"] & 0o777)
+    def _create_one(self, st: SysvShmState) -> None:
+        key, size, want = st.key, st.size, st.shmid
+        flags = IPC_CREAT | IPC_EXCL | (st.mode & 0o777)
         got = self._shmget(key, size, flags, want)
-        if got == -errno.EEXIST and st["rmid"]:
+        if got == -errno.EEXIST and st.rmid:
             key = IPC_PRIVATE                # marked for removal: nobody finds it by key anyway
             got = self._shmget(key, size, flags, want)
         elif got == -errno.EEXIST:
@@ -325,15 +322,15 @@ class Segments:
         if addr is None or addr == _FAILED:
             raise SysvError(f"cannot attach the restored SysV segment {got}: {os.strerror(ctypes.get_errno())}")
         try:
-            data = self.read_blob(st["id"])
+            data = self.read_blob(st.id)
             off = 0
-            for first, n in st["runs"]:
+            for first, n in st.runs:
                 ctypes.memmove(addr + first * PAGE, data[off:off + n * PAGE], n * PAGE)
                 off += n * PAGE
         except BaseException:
             libc.shmdt(addr)
             raise
-        if st["rmid"]:
+        if st.rmid:
             # we stay attached until the processes are (else marking it would destroy it); helpers forked
             # meanwhile need not inherit our attachment
             libc.madvise(addr, pages(size) * PAGE, MADV_DONTFORK)
@@ -344,14 +341,14 @@ class Segments:
         self._set_owner(got, st)
 
     @staticmethod
-    def _set_owner(shmid: int, st: dict) -> None:
+    def _set_owner(shmid: int, st: SysvShmState) -> None:
         ds = _stat(shmid)
-        if ds is not None and (ds.perm.uid, ds.perm.gid) != (st["uid"], st["gid"]):
-            ds.perm.uid, ds.perm.gid = st["uid"], st["gid"]
+        if ds is not None and (ds.perm.uid, ds.perm.gid) != (st.uid, st.gid):
+            ds.perm.uid, ds.perm.gid = st.uid, st.gid
             if libc.shmctl(shmid, IPC_SET, ctypes.byref(ds)) < 0:
-                log.info("SysV segment %d: owner %d:%d not restored (%s)", shmid, st["uid"], st["gid"],
+                log.info("SysV segment %d: owner %d:%d not restored (%s)", shmid, st.uid, st.gid,
                          os.strerror(ctypes.get_errno()))
-        if st.get("locked") and libc.shmctl(shmid, SHM_LOCK, None) < 0:
+        if st.locked and libc.shmctl(shmid, SHM_LOCK, None) < 0:
             log.info("SysV segment %d: SHM_LOCK not restored (%s)", shmid, os.strerror(ctypes.get_errno()))
 
     def finish(self) -> None:
@@ -383,8 +380,8 @@ def attach_all(inj, regions, ids: dict[int, tuple[int, int]]) -> None:
     """shmat every attachment of the image at its address by an injected call, before any other mapping exists
     (an attachment may have been partly unmapped: the parts no longer there are unmapped again), then give
     each part its protection."""
-    from .linux import SYS
-    from .memory import prot_of
+    from ..linux import SYS
+    from ..memory import prot_of
     groups: dict[tuple[int, int], list] = {}
     for r in regions:
         if r.backing == "sysv":

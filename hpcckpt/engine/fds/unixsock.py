@@ -21,8 +21,11 @@ import socket
 import stat
 import struct
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import pidfd_getfd
+from ...image.fdstate import UnixState
+from ..errors import UnsupportedFd
+from ..linux import pidfd_getfd
+from .base import FdKind
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ def _addr(text: str) -> str | bytes:
     return b"\0" + text[1:].encode("utf-8", "surrogateescape") if text.startswith("@") else text
 
 
-class UnixSocket:
+class UnixSocket(FdKind):
     KIND = "unix"
 
     @staticmethod
@@ -158,12 +161,11 @@ class UnixSocket:
         if e.info.get("scm_fds", "0") != "0":
             raise UnsupportedFd(f"{e.where()}: UNIX socket has file descriptors in flight (SCM_RIGHTS); "
                                 f"cannot be checkpointed")
-        state = {"kind": "unix", "ino": e.ino, "type": d["type"], "listening": d["state"] == TCP_LISTEN,
-                 "name": _name_text(d["name"]), "peer": d["peer"], "shutdown": d["shutdown"], "flags": e.flags,
-                 "queue": []}
-        if state["listening"]:
+        state = UnixState(ino=e.ino, type=d["type"], listening=d["state"] == TCP_LISTEN, name=_name_text(d["name"]),
+                          peer=d["peer"], shutdown=d["shutdown"], flags=e.flags, queue=[])
+        if state.listening:
             if d["icons"]:
-                raise UnsupportedFd(f"{e.where()}: listening UNIX socket {state['name']} has "
+                raise UnsupportedFd(f"{e.where()}: listening UNIX socket {state.name} has "
                                     f"{len(d['icons'])} connection(s) not yet accepted; cannot be checkpointed")
         else:
             peer_in_job = d["peer"] == 0 or any(x.ino == d["peer"] and UnixSocket.matches(x)
@@ -171,58 +173,59 @@ class UnixSocket:
             if not peer_in_job:
                 # the other end may be a socket only the kernel holds (e.g. a connection not yet accepted);
                 # either way it is outside the computation
-                raise UnsupportedFd(f"{e.where()}: UNIX socket {state['name'] or ''} is connected to a process "
+                raise UnsupportedFd(f"{e.where()}: UNIX socket {state.name or ''} is connected to a process "
                                     f"outside the computation")
             if d["rqlen"][0]:
-                state["queue"] = [base64.b64encode(m).decode() for m in _peek_queue(e.pid, e.fd, d["type"])]
+                state.queue = [base64.b64encode(m).decode() for m in _peek_queue(e.pid, e.fd, d["type"])]
             if d["peer"]:
                 peer = UnixSocket._cache["table"].get(d["peer"], {})
-                state["peer_name"] = _name_text(peer.get("name"))
+                state.peer_name = _name_text(peer.get("name"))
         ctx.add(oid, state, min(x.pid for x in ofd))
 
     # ---------------------------------------------------------------------------------------------- restore --
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: UnixState) -> int:
         made = factory.extra.setdefault("unix-by-ino", {})
-        if s["ino"] in made:
-            return made.pop(s["ino"])
-        typ = STYPE[s["type"]]
-        if s["listening"]:
+        if s.ino in made:
+            return made.pop(s.ino)
+        typ = STYPE[s.type]
+        if s.listening:
+            if not s.name:
+                raise UnsupportedFd(f"listening UNIX socket (inode {s.ino}) without a name: nothing to bind again")
             sk = socket.socket(socket.AF_UNIX, typ)
-            _bind(sk, s["name"])
+            _bind(sk, s.name)
             sk.listen(128)
             fd = sk.detach()
-            _flags(fd, s["flags"])
+            _flags(fd, s.flags)
             return fd
         peer = _peer_state(factory, s)
         if peer is None:                     # unconnected (or its peer closed): a lone socket, maybe bound
             sk = socket.socket(socket.AF_UNIX, typ)
-            if s["name"]:
-                _bind(sk, s["name"])
+            if s.name:
+                _bind(sk, s.name)
             _refill(sk, sk, s)
             fd = sk.detach()
-            _flags(fd, s["flags"])
+            _flags(fd, s.flags)
             return fd
         mine, theirs = _connect_pair(factory, s, peer, typ)
         # queued data of each end is sent again from the other end
         _refill(theirs, mine, s)
         _refill(mine, theirs, peer)
         for sk, st in ((mine, s), (theirs, peer)):
-            if st.get("shutdown"):
-                sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(st["shutdown"], 0))
+            if st.shutdown:
+                sk.shutdown({1: socket.SHUT_RD, 2: socket.SHUT_WR, 3: socket.SHUT_RDWR}.get(st.shutdown, 0))
         peer_fd = theirs.detach()
-        _flags(peer_fd, peer["flags"])
-        made[peer["ino"]] = factory.high(peer_fd)
+        _flags(peer_fd, peer.flags)
+        made[peer.ino] = factory.high(peer_fd)
         fd = mine.detach()
-        _flags(fd, s["flags"])
+        _flags(fd, s.flags)
         return fd
 
 
-def _peer_state(factory, s: dict) -> dict | None:
-    if not s["peer"]:
+def _peer_state(factory, s: UnixState) -> UnixState | None:
+    if not s.peer:
         return None
-    return next((o for o in factory.objects.values() if o.get("kind") == "unix" and o.get("ino") == s["peer"]),
-                None)
+    return next((o for o in factory.states_of("unix") if o.ino == s.peer), None)
 
 
 def _bind(sk: socket.socket, name: str) -> None:
@@ -238,20 +241,21 @@ def _bind(sk: socket.socket, name: str) -> None:
         raise UnsupportedFd(f"cannot bind UNIX socket to {name}: {e.strerror}") from None
 
 
-def _connect_pair(factory, s: dict, peer: dict, typ: int) -> tuple[socket.socket, socket.socket]:
+def _connect_pair(factory, s: UnixState, peer: UnixState, typ: int) -> tuple[socket.socket, socket.socket]:
     """Two connected sockets standing for s and its peer (mine, theirs)."""
-    server_side = bool(s["name"]) and not peer.get("name")
-    named = s.get("peer_name") or s["name"]
+    server_side = bool(s.name) and not peer.name
+    named = s.peer_name or s.name
     if not named or typ == socket.SOCK_DGRAM:
         a, b = socket.socketpair(socket.AF_UNIX, typ)
         return a, b
     # a connection to a named listening socket: connect to it (or to a stand-in) and accept
-    path = s["name"] if server_side else s.get("peer_name")
-    listener_state = next((o for o in factory.objects.values() if o.get("kind") == "unix" and o.get("listening")
-                           and o.get("name") == path), None)
+    path = s.name if server_side else s.peer_name
+    if not path:
+        raise UnsupportedFd(f"UNIX socket {named}: the listening end of its connection has no name")
+    listener_state = next((o for o in factory.states_of("unix") if o.listening and o.name == path), None)
     temp = None
     if listener_state is not None:
-        lfd = factory.fd_for(listener_state["id"])
+        lfd = factory.fd_for(listener_state.id)
         listener = socket.socket(fileno=os.dup(lfd))
     else:
         temp = socket.socket(socket.AF_UNIX, typ)
@@ -261,8 +265,8 @@ def _connect_pair(factory, s: dict, peer: dict, typ: int) -> tuple[socket.socket
     try:
         client = socket.socket(socket.AF_UNIX, typ)
         client_state = peer if server_side else s
-        if client_state.get("name"):
-            _bind(client, client_state["name"])
+        if client_state.name:
+            _bind(client, client_state.name)
         blocking = listener.getblocking()
         listener.setblocking(True)
         client.connect(_addr(path))
@@ -275,15 +279,15 @@ def _connect_pair(factory, s: dict, peer: dict, typ: int) -> tuple[socket.socket
     return (server, client) if server_side else (client, server)
 
 
-def _refill(sender: socket.socket, receiver: socket.socket, state: dict) -> None:
+def _refill(sender: socket.socket, receiver: socket.socket, state: UnixState) -> None:
     """Queue state's saved data at `receiver` by sending it from `sender`."""
-    for m in state.get("queue", []):
+    for m in state.queue:
         data = base64.b64decode(m)
         if sender is receiver:
             log.warning("UNIX socket %s: %d queued bytes had no sender to send them again; dropped",
-                        state.get("name"), len(data))
+                        state.name, len(data))
             continue
-        sender.sendall(data) if state["type"] == "stream" else sender.send(data)
+        sender.sendall(data) if state.type == "stream" else sender.send(data)
 
 
 def _flags(fd: int, flags: int) -> None:

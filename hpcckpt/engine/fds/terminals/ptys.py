@@ -44,8 +44,11 @@ import struct
 import termios
 import time
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc, pidfd_getfd
+from ....image.fdstate import PtyMasterState, PtySlaveState, PtyState
+from ...errors import UnsupportedFd
+from ...linux import check, libc, pidfd_getfd
+from ..base import FdKind
+from ..entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +156,8 @@ def _line_ends(t: dict) -> set[int]:
     return ends
 
 
-_ECHO_L = termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL | termios.ECHOPRT | termios.ECHOKE
+_ECHO_L = (termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ECHOCTL | termios.ECHOPRT
+           | termios.ECHOKE)
 N_TTY_ROOM = 4095                       # bytes the line discipline holds; more input waits in the flip buffers
 
 
@@ -317,7 +321,8 @@ def _drain_and_put_back(mfd: int, sfd: int, t: dict) -> tuple[list[list], int, b
     packet = get_int(mfd, TIOCGPKT)
     if packet:
         set_int(mfd, TIOCPKT, 0)           # plain reads, and no status bytes from our settings changes
-    inp, direct, out = [], 0, b""
+    inp: list[list] = []
+    direct, out = 0, b""
     try:
         if sfd >= 0:
             inp, direct = _read_input(sfd, t)
@@ -341,14 +346,14 @@ def _drain_and_put_back(mfd: int, sfd: int, t: dict) -> tuple[list[list], int, b
 def pair_dump(ctx, index: int, where: str) -> str:
     """The pty object of the pair with this index (dumped on first use); its id."""
     key = f"pty-index:{index}"
-    if key in ctx.objects:
-        return ctx.objects[key]["ref"]
+    if key in ctx.index:
+        return ctx.index[key]
     masters = [x for x in ctx.entries.values() if is_master(x) and int(x.info.get("tty-index", -1)) == index]
     slaves = [x for x in ctx.entries.values() if is_slave(x) and pty_index(rdev_of(x)) == index]
     if len({x.dev for x in slaves}) > 1:
         raise UnsupportedFd(f"{where}: pseudo-terminals with index {index} from several devpts instances")
     pid = ctx.new_id("t")
-    state = {"kind": "pty", "index": index, "hung": False, "input": [], "output": ""}
+    state = PtyState(index=index, hung=False, input=[], output="")
     holders = [x.pid for x in masters + slaves]
     if not masters:
         s = copy_fd(slaves[0]) if slaves else -1
@@ -357,11 +362,11 @@ def pair_dump(ctx, index: int, where: str) -> str:
         except OSError as e:
             if e.errno != errno.EIO:
                 raise
-            state["hung"] = True            # its master was closed: reads see end of file, writes fail
+            state.hung = True               # its master was closed: reads see end of file, writes fail
         finally:
             if s >= 0:
                 os.close(s)
-        if not state["hung"]:
+        if not state.hung:
             raise UnsupportedFd(f"{where}: terminal /dev/pts/{index} is not the computation's: its master is held "
                                 f"by a process outside it")
     else:
@@ -369,27 +374,30 @@ def pair_dump(ctx, index: int, where: str) -> str:
         s = copy_fd(slaves[0]) if slaves else -1
         try:
             t = get_termios(m)              # through the master: the slave's settings
-            state.update(termios=t, winsize=get_winsize(m), packet=bool(get_int(m, TIOCGPKT)),
-                         locked=bool(get_int(m, TIOCGPTLCK)), path=masters[0].target,
-                         exclusive=bool(get_int(s, TIOCGEXCL)) if s >= 0 else False)
-            for field, req in (("sid", TIOCGSID), ("fg", TIOCGPGRP)):
-                try:
-                    state[field] = get_int(m, req)      # in our PID namespace: the job's own numbers
-                except OSError:
-                    state[field] = 0                     # no session has it as controlling terminal
+            state.termios, state.winsize, state.packet = t, get_winsize(m), bool(get_int(m, TIOCGPKT))
+            state.locked, state.path = bool(get_int(m, TIOCGPTLCK)), masters[0].target
+            state.exclusive = bool(get_int(s, TIOCGEXCL)) if s >= 0 else False
+            state.sid = _int_or_zero(m, TIOCGSID)    # in our PID namespace: the job's own numbers
+            state.fg = _int_or_zero(m, TIOCGPGRP)
             inp, direct, out = _drain_and_put_back(m, s, t)
-            state["input"] = [[base64.b64encode(c).decode(), e] for c, e in inp]
-            state["input_held"] = direct
-            state["output"] = base64.b64encode(out).decode()
-            state["bytes"] = [sum(len(c) for c, _ in inp), len(out)]
+            state.input = [[base64.b64encode(c).decode(), e] for c, e in inp]
+            state.input_held = direct
+            state.output = base64.b64encode(out).decode()
+            state.bytes = [sum(len(c) for c, _ in inp), len(out)]
         finally:
             os.close(m)
             if s >= 0:
                 os.close(s)
     ctx.add(pid, state, min(holders))
-    ctx.objects[key] = {"ref": pid, "kind": "index"}
-    ctx.owners[key] = -1
+    ctx.index[key] = pid
     return pid
+
+
+def _int_or_zero(fd: int, req: int) -> int:
+    try:
+        return get_int(fd, req)
+    except OSError:
+        return 0                            # no session has it as controlling terminal
 
 
 # ----------------------------------------------------------------------------------------- restore --
@@ -419,28 +427,27 @@ def pair(factory, pty_id: str) -> tuple[int, int]:
     pairs = factory.extra.setdefault("ptys", {})
     if pty_id in pairs:
         return pairs[pty_id]
-    st = factory.objects[pty_id]
-    master = factory.high(_open_ptmx(st["index"], st.get("path", "/dev/ptmx")))
+    st = factory.state(pty_id)
+    master = factory.high(_open_ptmx(st.index, st.path or "/dev/ptmx"))
     set_int(master, TIOCSPTLCK, 0)
     slave = factory.high(fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC))
     pairs[pty_id] = (master, slave)
-    t = st.get("termios")
+    t = st.termios
     if t:
         set_termios(master, t)
-        set_winsize(master, st["winsize"])
-        _put_input(master, slave, t, [[base64.b64decode(c), e] for c, e in st.get("input", [])],
-                   st.get("input_held"))
-        _put_output(master, slave, t, base64.b64decode(st.get("output", "")))
-    for oid, o in factory.objects.items():
-        if o.get("kind") == "pts" and o["pty"] == pty_id:
-            factory.fds[oid] = factory.high(fcntl.ioctl(master, TIOCGPTPEER, open_flags(o["flags"])))
-    if st.get("exclusive"):
+        set_winsize(master, st.winsize)
+        _put_input(master, slave, t, [[base64.b64decode(c), e] for c, e in st.input], st.input_held)
+        _put_output(master, slave, t, base64.b64decode(st.output))
+    for o in factory.states_of("pts"):
+        if o.pty == pty_id:
+            factory.fds[o.id] = factory.high(fcntl.ioctl(master, TIOCGPTPEER, open_flags(o.flags)))
+    if st.exclusive:
         fcntl.ioctl(slave, TIOCEXCL)
-    if st.get("packet"):
+    if st.packet:
         set_int(master, TIOCPKT, 1)
-    if st.get("locked"):
+    if st.locked:
         set_int(master, TIOCSPTLCK, 1)
-    if st.get("hung"):
+    if st.hung:
         # no process had the master any more: closing ours hangs the slave up, as it was
         os.close(master)
         pairs[pty_id] = (-1, slave)
@@ -452,16 +459,13 @@ def open_flags(flags: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- handlers --
-class PtyPair:
+class PtyPair(FdKind):
     """A pseudo-terminal pair: settings, session, queued bytes. Only referred to by PtyMaster/PtySlave/DevTty."""
     KIND = "pty"
+    DERIVED = True
 
     @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
-
-    @staticmethod
-    def create(factory, state: dict) -> int:
+    def create(factory, state: PtyState) -> int:
         raise UnsupportedFd("internal: a pty pair has no descriptor of its own")
 
     @staticmethod
@@ -475,7 +479,7 @@ class PtyPair:
                         pass
 
 
-class PtyMaster:
+class PtyMaster(FdKind):
     KIND = "ptmx"
 
     @staticmethod
@@ -486,17 +490,17 @@ class PtyMaster:
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
         pty = pair_dump(ctx, int(e.info.get("tty-index", -1)), e.where())
-        ctx.add(oid, {"kind": "ptmx", "pty": pty, "flags": e.flags}, min(x.pid for x in ofd))
+        ctx.add(oid, PtyMasterState(pty=pty, flags=e.flags), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        master = pair(factory, state["pty"])[0]
+    def create(factory, state: PtyMasterState) -> int:
+        master = pair(factory, state.pty)[0]
         fd = fcntl.fcntl(master, fcntl.F_DUPFD_CLOEXEC, factory.base)   # a master has one description
-        fcntl.fcntl(fd, fcntl.F_SETFL, state["flags"] & os.O_NONBLOCK)
+        fcntl.fcntl(fd, fcntl.F_SETFL, state.flags & os.O_NONBLOCK)
         return fd
 
 
-class PtySlave:
+class PtySlave(FdKind):
     KIND = "pts"
 
     @staticmethod
@@ -507,11 +511,11 @@ class PtySlave:
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
         pty = pair_dump(ctx, pty_index(rdev_of(e)), e.where())
-        ctx.add(oid, {"kind": "pts", "pty": pty, "flags": e.flags, "path": e.target}, min(x.pid for x in ofd))
+        ctx.add(oid, PtySlaveState(pty=pty, flags=e.flags, path=e.target), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        pair(factory, state["pty"])                 # opens every description of the slave
-        return factory.fds[state["id"]]
+    def create(factory, state: PtySlaveState) -> int:
+        pair(factory, state.pty)                    # opens every description of the slave
+        return factory.fds[state.id]
 
 

@@ -18,8 +18,11 @@ import logging
 import os
 import stat
 
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import check, libc, pidfd_getfd
+from ...image.fdstate import PipeEndState, PipeInodeState
+from ..errors import UnsupportedFd
+from ..linux import check, libc, pidfd_getfd
+from .base import FdKind
+from .entry import FdEntry
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ def _peek_pipe(pid: int, fd: int) -> tuple[bytes, int]:
         os.close(mine)
 
 
-class PipeEnd:
+class PipeEnd(FdKind):
     """An open end of a pipe (anonymous or a FIFO); the pipe itself is a separate `pipe-inode` object."""
     KIND = "pipe"
 
@@ -88,7 +91,7 @@ class PipeEnd:
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
         key = f"pipe-inode:{e.dev}:{e.ino}"
-        inode_id = ctx.objects.get(key, {}).get("ref")
+        inode_id = ctx.index.get(key)
         if inode_id is None:
             inode_id = ctx.new_id("p")
             fifo = None if e.target.startswith("pipe:") else e.target
@@ -99,30 +102,28 @@ class PipeEnd:
                 data, capacity = _peek_pipe(readers[0].pid, readers[0].fd)
             elif any((x.flags & O_ACCMODE) != os.O_RDONLY for x in same) and not fifo:
                 log.info("pipe %s has no reader in the computation; its buffered bytes are not saved", e.target)
-            ctx.add(inode_id, {"kind": "pipe-inode", "fifo": fifo, "capacity": capacity,
-                               "data": base64.b64encode(data).decode(), "bytes": len(data)},
-                    min(x.pid for x in same))
-            ctx.objects[key] = {"ref": inode_id, "kind": "index"}
-            ctx.owners[key] = -1
+            ctx.add(inode_id, PipeInodeState(fifo=fifo, capacity=capacity, data=base64.b64encode(data).decode(),
+                                             bytes=len(data)), min(x.pid for x in same))
+            ctx.index[key] = inode_id
         mode = e.flags & O_ACCMODE
         end = "rw" if mode == os.O_RDWR else ("r" if mode == os.O_RDONLY else "w")
-        ctx.add(oid, {"kind": "pipe", "pipe": inode_id, "end": end, "flags": e.flags}, min(x.pid for x in ofd))
+        ctx.add(oid, PipeEndState(pipe=inode_id, end=end, flags=e.flags), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        r, w = _pipe(factory, state["pipe"])
-        end = state["end"]
+    def create(factory, state: PipeEndState) -> int:
+        r, w = _pipe(factory, state.pipe)
+        end = state.end
         src = r if end == "r" else w if end == "w" else None
         used = factory.extra.setdefault("pipe-ends-used", set())
         if src is not None and src not in used:
             used.add(src)
             fd = src                       # the first description of this end is the pipe's own
         else:
-            inode = factory.objects[state["pipe"]]
-            path = inode["fifo"] or f"/proc/self/fd/{src if src is not None else r}"
+            inode = factory.state(state.pipe)
+            path = inode.fifo or f"/proc/self/fd/{src if src is not None else r}"
             mode = os.O_RDWR if end == "rw" else (os.O_RDONLY if end == "r" else os.O_WRONLY)
             fd = check(os.open(path, mode | os.O_NONBLOCK | os.O_CLOEXEC), "reopen pipe")
-        fcntl.fcntl(fd, fcntl.F_SETFL, state["flags"] & ~O_ACCMODE)
+        fcntl.fcntl(fd, fcntl.F_SETFL, state.flags & ~O_ACCMODE)
         return fd
 
     @staticmethod
@@ -137,26 +138,14 @@ class PipeEnd:
                         pass
 
 
-class PipeInode:
+class PipeInode(FdKind):
     """Only referred to by PipeEnd objects; created on first use (see _pipe)."""
     KIND = "pipe-inode"
+    DERIVED = True
 
     @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
-
-    @staticmethod
-    def create(factory, state: dict) -> int:
+    def create(factory, state: PipeInodeState) -> int:
         raise UnsupportedFd("internal: a pipe inode has no descriptor of its own")
-
-
-class Index:
-    """Bookkeeping entries in the dump context (never stored in images)."""
-    KIND = "index"
-
-    @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
 
 
 def _pipe(factory, inode_id: str) -> tuple[int, int]:
@@ -164,10 +153,10 @@ def _pipe(factory, inode_id: str) -> tuple[int, int]:
     pipes = factory.extra.setdefault("pipes", {})
     if inode_id in pipes:
         return pipes[inode_id]
-    inode = factory.objects[inode_id]
-    data = base64.b64decode(inode.get("data", ""))
-    if inode.get("fifo"):
-        path = inode["fifo"]
+    inode = factory.state(inode_id)
+    data = base64.b64decode(inode.data)
+    if inode.fifo:
+        path = inode.fifo
         if not os.path.exists(path):
             log.warning("FIFO %s is gone; creating it again", path)
             os.mkfifo(path, 0o600)
@@ -177,9 +166,9 @@ def _pipe(factory, inode_id: str) -> tuple[int, int]:
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     r, w = factory.high(r), factory.high(w)
     try:
-        fcntl.fcntl(w, F_SETPIPE_SZ, max(inode.get("capacity", 65536), len(data)))
+        fcntl.fcntl(w, F_SETPIPE_SZ, max(inode.capacity, len(data)))
     except OSError as e:
-        log.warning("pipe %s: cannot set its capacity to %s bytes (%s)", inode_id, inode.get("capacity"), e)
+        log.warning("pipe %s: cannot set its capacity to %s bytes (%s)", inode_id, inode.capacity, e)
     view = memoryview(data)
     while view:
         view = view[os.write(w, view):]

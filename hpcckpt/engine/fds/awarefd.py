@@ -12,7 +12,9 @@ import socket
 import stat
 from typing import Any
 
-from .fdtable import FdEntry
+from ...image.fdstate import AwareState
+from .base import FdKind
+from .entry import FdEntry
 
 SERVER: Any = None  # the agent's AwareServer (set by the agent; None in any other process)
 
@@ -27,7 +29,7 @@ def _conn_of(e: FdEntry):
     return SERVER.agent_inodes().get(d["peer"])
 
 
-class AwareConnection:
+class AwareConnection(FdKind):
     KIND = "aware"
 
     @staticmethod
@@ -38,15 +40,15 @@ class AwareConnection:
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
         c = _conn_of(e)
-        ctx.add(oid, {"kind": "aware", "flags": e.flags, "pid": c.pid, "events": sorted(c.events),
-                      "delay": c.delay, "pending": list(c.pending)}, min(x.pid for x in ofd))
+        ctx.add(oid, AwareState(flags=e.flags, pid=c.pid, events=sorted(c.events), delay=c.delay,
+                                pending=list(c.pending)), min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, s: dict) -> int:
+    def create(factory, s: AwareState) -> int:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if SERVER is not None:
-            SERVER.adopt(ours, s)
+            SERVER.adopt(ours, s.to_dict())
         else:                      # restored without an agent serving the API: the program's calls fail at once
             ours.close()
-        theirs.setblocking(not (s.get("flags", 0) & 0o4000))
+        theirs.setblocking(not (s.flags & 0o4000))
         return theirs.detach()

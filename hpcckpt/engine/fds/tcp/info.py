@@ -13,9 +13,10 @@ import struct
 import termios
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from .fdtable import UnsupportedFd
-from .linux import pidfd_getfd
+from ...errors import UnsupportedFd
+from ...linux import pidfd_getfd
 
 # kernel TCP states (include/net/tcp_states.h)
 ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT1, FIN_WAIT2, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, \
@@ -168,7 +169,7 @@ def send_all(jobs: list[tuple[socket.socket, socket.socket, bytes]], timeout: fl
         if rcv.fileno() not in before:
             before[rcv.fileno()] = (after or {}).get(rcv.fileno()) or buf_state(rcv)
         set_rcvbuf(rcv, len(data) * 2 + 262144, grow_only=True)
-    pending = [[snd, memoryview(data)] for snd, _, data in jobs if data]
+    pending: list[list[Any]] = [[snd, memoryview(data)] for snd, _, data in jobs if data]   # [socket, left]
     deadline = time.monotonic() + timeout
     try:
         while pending:
@@ -223,22 +224,6 @@ def set_lock(sk: socket.socket, lock: int) -> None:
             pass
 
 
-def local_ipv4s() -> list[str]:
-    """This host's (network namespace's) IPv4 addresses, loopback last."""
-    found: list[str] = []
-    try:
-        with open("/proc/net/fib_trie") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ["127.0.0.1"]
-    for prev, line in zip(lines, lines[1:]):
-        if "/32 host LOCAL" in line:
-            ip = prev.strip().lstrip("|-+` ").strip()
-            if ip not in found:
-                found.append(ip)
-    return sorted(found, key=lambda ip: ipaddress.ip_address(ip).is_loopback) or ["127.0.0.1"]
-
-
 def unread(sk: socket.socket) -> int:
     """Bytes in the socket's receive queue (SIOCINQ)."""
     return struct.unpack("i", fcntl.ioctl(sk.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
@@ -283,6 +268,8 @@ class Exchange:
 
     def on_write(self) -> None:
         view = self.out if len(self.out) else self.echo    # ours first: the other end reads it before the echo
+        if view is None:
+            return
         try:
             n = self.sk.send(view, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
         except BlockingIOError:
@@ -290,7 +277,7 @@ class Exchange:
         if view is self.out:
             self.out = self.out[n:]
         else:
-            self.echo = self.echo[n:]
+            self.echo = view[n:]
 
     def sent(self) -> bool:
         return not self.wants_read() and not self.wants_write()
@@ -372,7 +359,8 @@ def _lookups(family: int, host: str) -> list[tuple[int, str | None]]:
     """(family, address or None for any) to look for TIME_WAIT connections in: an IPv6 wildcard or
     v4-mapped listener also conflicts with IPv4 connections (dual stack)."""
     if host in ("0.0.0.0", "::", ""):
-        return [(family, None)] + ([(socket.AF_INET, None)] if family == socket.AF_INET6 else [])
+        anywhere: list[tuple[int, str | None]] = [(family, None)]
+        return anywhere + ([(socket.AF_INET, None)] if family == socket.AF_INET6 else [])
     if family == socket.AF_INET6 and ipaddress.IPv6Address(host).ipv4_mapped:
         return [(socket.AF_INET, str(ipaddress.IPv6Address(host).ipv4_mapped)), (family, host)]
     return [(family, host)]

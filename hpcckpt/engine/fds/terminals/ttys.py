@@ -27,9 +27,12 @@ import signal
 import stat
 import struct
 
-from ..image.records import b64, unb64
-from .fdtable import FdEntry, UnsupportedFd
-from .linux import pidfd_getfd
+from ....image.fdstate import DevTtyState, TerminalState
+from ....image.records import b64, unb64
+from ...errors import UnsupportedFd
+from ...linux import pidfd_getfd
+from ..base import FdKind
+from ..entry import FdEntry
 from .ptys import (
     PTS_MAJORS,
     TIOCGDEV,
@@ -120,12 +123,12 @@ def _hung_tty(flags: int) -> int:
         os.close(master)
 
 
-def _restart_terminal(factory, st: dict) -> int:
+def _restart_terminal(factory, st: TerminalState) -> int:
     """The agent's descriptor of the restarting terminal standing for a saved one (-1: none)."""
-    for n in st.get("stdio", []):
+    for n in st.stdio:
         if os.isatty(n):
             return factory.fd_for(f"stdio:{n}")
-    if st.get("ctty"):
+    if st.ctty:
         try:
             return factory.high(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
         except OSError:
@@ -139,23 +142,22 @@ def apply_terminals(factory) -> dict:
     done = factory.extra.get("terminals")
     if done is not None:
         return done
-    done = factory.extra["terminals"] = {}
-    for st in factory.objects.values():
-        if st.get("kind") != "terminal":
-            continue
+    done = {}
+    factory.extra["terminals"] = done
+    for st in factory.states_of("terminal"):
         fd = _restart_terminal(factory, st)
         if fd < 0:
             log.info("not restarted from a terminal: the saved terminal settings are not applied")
             continue
         try:
-            set_termios(fd, st["termios"])
-            differs = get_winsize(fd)[:2] != st["winsize"][:2]
+            set_termios(fd, st.termios)
+            differs = get_winsize(fd)[:2] != st.winsize[:2]
         except OSError as e:
             log.warning("could not apply the saved terminal settings: %s", e.strerror)
             continue
         if fd not in factory.fds.values():
-            factory.fds[f"terminal:{st['id']}"] = fd        # closed with the other objects
-        done[st["id"]] = (fd, differs)
+            factory.fds[f"terminal:{st.id}"] = fd           # closed with the other objects
+        done[st.id] = (fd, differs)
     return done
 
 
@@ -166,18 +168,22 @@ def plan_session(factory, proc) -> tuple[int, int, bool]:
     ctty = fg = -1
     winch = False
     leads_group = proc.pgid == proc.pid
-    for st in factory.objects.values():
-        kind = st.get("kind")
-        if kind == "pty" and not st.get("hung"):
-            if st.get("sid") == proc.pid:
-                ctty = pair(factory, st["id"])[1]
-            if st.get("fg") == proc.pid and leads_group and st.get("sid") != proc.pid:
-                fg = pair(factory, st["id"])[1]
-        elif kind == "terminal" and st["id"] in applied:
-            fd, differs = applied[st["id"]]
-            if st.get("fg") and st["fg"] == proc.pid and leads_group:
+    for oid, row in factory.objects.items():
+        kind = row.get("kind")
+        if kind == "pty":
+            pty = factory.state(oid)
+            if pty.hung:
+                continue
+            if pty.sid == proc.pid:
+                ctty = pair(factory, oid)[1]
+            if pty.fg == proc.pid and leads_group and pty.sid != proc.pid:
+                fg = pair(factory, oid)[1]
+        elif kind == "terminal" and oid in applied:
+            term = factory.state(oid)
+            fd, differs = applied[oid]
+            if term.fg and term.fg == proc.pid and leads_group:
                 fg = fd
-            if differs and proc.pid in st.get("members", []) and proc.pgid == st.get("fg", 0):
+            if differs and proc.pid in term.members and proc.pgid == term.fg:
                 winch = True
     if winch and not any(int.from_bytes(unb64(p)[:4], "little") == signal.SIGWINCH for p in proc.pending):
         # made pending by the restore after the signal dispositions are set: raised any earlier, it would be
@@ -206,7 +212,7 @@ def session_terminal(ctty: int, fg: int, winch: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------- handlers --
-class DevTty:
+class DevTty(FdKind):
     KIND = "devtty"
 
     @staticmethod
@@ -216,7 +222,7 @@ class DevTty:
     @staticmethod
     def dump(ctx, oid: str, ofd: list[FdEntry]) -> None:
         e = ofd[0]
-        state = {"kind": "devtty", "flags": e.flags, "of": "hung"}
+        state = DevTtyState(flags=e.flags, of="hung")
         fd = copy_fd(e)
         try:
             dev = get_int(fd, TIOCGDEV)
@@ -226,17 +232,17 @@ class DevTty:
             os.close(fd)
         if dev >= 0:
             if dev == _launch_tty_rdev(ctx.stdio_pid):
-                state["of"] = "launch"
+                state.of = "launch"
             elif os.major(dev) in PTS_MAJORS:
-                state["of"] = pair_dump(ctx, pty_index(dev), e.where())
+                state.of = pair_dump(ctx, pty_index(dev), e.where())
             else:
                 raise UnsupportedFd(f"{e.where()}: /dev/tty is terminal {os.major(dev)}:{os.minor(dev)}, neither "
                                     f"the launching command's nor one the computation created")
         ctx.add(oid, state, min(x.pid for x in ofd))
 
     @staticmethod
-    def create(factory, state: dict) -> int:
-        of, flags = state["of"], state["flags"]
+    def create(factory, state: DevTtyState) -> int:
+        of, flags = state.of, state.flags
         if of == "hung":
             return _hung_tty(flags)
         if of != "launch":
@@ -250,17 +256,14 @@ class DevTty:
             return os.open(os.devnull, (flags & os.O_ACCMODE) | os.O_CLOEXEC)
 
 
-class Terminal:
+class Terminal(FdKind):
     """The launching command's terminal: settings the computation made, its foreground group, and which
     processes have it as controlling terminal. Never referred to by a descriptor (those are `stdio`)."""
     KIND = "terminal"
+    DERIVED = True
 
     @staticmethod
-    def matches(e: FdEntry) -> bool:
-        return False
-
-    @staticmethod
-    def create(factory, state: dict) -> int:
+    def create(factory, state: TerminalState) -> int:
         raise UnsupportedFd("internal: the launching terminal has no descriptor of its own")
 
     @staticmethod
@@ -293,9 +296,8 @@ class Terminal:
             if fd < 0:
                 continue
             try:
-                state = {"kind": "terminal", "stdio": t["stdio"], "ctty": bool(t.get("ctty")), "rdev": rdev,
-                         "termios": get_termios(fd), "winsize": get_winsize(fd), "members": members,
-                         "fg": fg if fg in pids else 0}
+                state = TerminalState(stdio=t["stdio"], ctty=bool(t.get("ctty")), rdev=rdev, termios=get_termios(fd),
+                                      winsize=get_winsize(fd), members=members, fg=fg if fg in pids else 0)
             except OSError:
                 continue                          # not a terminal after all
             finally:

@@ -17,7 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from .fdtable import UnsupportedFd
+from ...image.fdstate import FileState
+from ..errors import UnsupportedFd
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def configure(enabled: bool, max_bytes: int, allow_overwrite: bool) -> None:
     POLICY.enabled, POLICY.max_bytes, POLICY.allow_overwrite = enabled, max_bytes, allow_overwrite
 
 
-def save(ctx, oid: str, state: dict, pid: int, fd: int) -> None:
+def save(ctx, oid: str, state: FileState, pid: int, fd: int) -> None:
     """Put the file's contents into the image (blob `oid`), if the policy says so."""
-    path = state["path"]
+    path = state.path
     if not POLICY.enabled or path.startswith(_PSEUDO):
         return
     link = f"/proc/{pid}/fd/{fd}"
@@ -69,7 +70,7 @@ def save(ctx, oid: str, state: dict, pid: int, fd: int) -> None:
         log.warning("cannot save the contents of open file %s (pid %d fd %d): %s", path, pid, fd, e.strerror)
         return
     ctx.blobs[oid] = data
-    state["saved"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+    state.saved = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
                       "mode": os.stat(link).st_mode & 0o7777}
     log.info("saved the %d bytes of open file %s (pid %d fd %d)", len(data), path, pid, fd)
 
@@ -102,18 +103,18 @@ def _write(path: str, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def restore(factory, state: dict) -> None:
+def restore(factory, state: FileState) -> None:
     """Before the file is reopened: make it hold its saved contents (the rules above)."""
-    saved = state.get("saved")
+    saved = state.saved
     if not saved:
         return
-    path = state["path"]
+    path = state.path
     try:
         if os.path.exists(path) and _same(path, saved["sha256"], saved["size"]):
             return
     except OSError as e:
         raise UnsupportedFd(f"cannot read {path} to compare it with its checkpointed copy: {e.strerror}") from None
-    data = factory.read_blob(state["id"])
+    data = factory.read_blob(state.id)
     try:
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
