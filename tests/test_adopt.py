@@ -84,11 +84,11 @@ def test_continuation_job_restarts_from_the_checkpoint_after_this_one(tmp_path):
     nothing of hpcckpt, so a requeue would start the program afresh): the batch wrapper of hpcckpt sbatch,
     restarting from the adoption's checkpoint directory."""
     from hpcckpt.cli.adopt import Adopted
-    from hpcckpt.sched.base import Scheduler
+    from hpcckpt.sched.base import Requeued
     from hpcckpt.sched.config import JobConfig
+    from hpcckpt.sched.slurm import Slurm
 
-    class Slurmish(Scheduler):
-        name = "slurm"
+    class Slurmish(Slurm):            # the real adapter's submit side (directives, dependency), a stub job
         submitted: list = []
 
         @classmethod
@@ -106,7 +106,7 @@ def test_continuation_job_restarts_from_the_checkpoint_after_this_one(tmp_path):
     d.mkdir()
     inner = Slurmish({})
     a = Adopted(inner, None, str(d), None, JobConfig(interval=600), ["--time=1:00:00"], 1234)
-    assert a.requeue() == 0 and a.continuation == "78"
+    assert a.requeue() == Requeued(0, "78") and a.continuation == "78"
     text, opts = inner.submitted[0]
     assert opts == ["--dependency=afterany:77", "--open-mode=append", "--time=1:00:00"]
     assert "batch-run --scheduler slurm --config" in text and str(d / "adopted-job.yaml") in text
