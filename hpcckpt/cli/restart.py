@@ -22,6 +22,7 @@ from ..coordinator.gather import RESTART_TIMEOUT_S
 from ..coordinator.protocol import SecretError
 from ..engine import awarefd, identity, pathvirt
 from ..engine.restore import RestoredProcess, RestoreError, RestoreOptions, release_all, restore_computation
+from ..faults import fault
 from ..image import auth, runlock, safefs, store
 from ..image.format import ImageError, ImageReader
 from ..image.validate import check_image
@@ -30,6 +31,7 @@ from . import dmtcpopts, jobrun, multihost, restartpause, strictcheck
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
 from .launch import store_secret
+from .restartcoord import EarlyCoordinator
 
 log = logging.getLogger("hpcckpt")
 
@@ -68,8 +70,9 @@ def parser(prog: str) -> Parser:
     dmtcpopts.add_restart_options(p)
     p.add_argument("--table", metavar="FILE", help="restart the images FILE lists as 'HOST IMAGE' lines (the restart "
                                                   "script passes itself): each host restarts its own")
-    p.add_argument("--hostfile", metavar="FILE", help="with --table or --from: move the computation to these hosts (one "
-                                                     "per line, in the order of the checkpoint's hosts; or 'OLD NEW' lines)")
+    p.add_argument("--hostfile", metavar="FILE",
+                   help="with --table or --from: move the computation to these hosts (one per line, in the order "
+                        "of the checkpoint's hosts; or 'OLD NEW' lines)")
     p.add_argument("--launcher", choices=LAUNCHERS, help="how other hosts are reached (default: inside a batch job the "
                                                         "scheduler's way - srun, pbs_tmrsh, qrsh -inherit - else ssh)")
     p.add_argument("--force", action="store_true", help="restart even if the computation still runs with this "
@@ -95,6 +98,8 @@ def images_from_dir(d: str) -> tuple[list[tuple[str, str]], store.Manifest]:
         if len(comps) > 1:
             raise Fail(f"{d} holds checkpoints of several computations ({', '.join(comps)}); give the images")
         m = store.latest_manifest(d, comps[0])
+        if m is None:
+            raise Fail(f"no complete checkpoint in {d}")
     except store.ManifestError as e:
         raise Fail(str(e)) from None
     except (OSError, ValueError, TypeError) as e:
@@ -187,7 +192,7 @@ def open_images(paths: list[str]) -> list[ImageReader]:
                        f"restart one computation at a time")
         gens = {r.meta.get("generation") for r in readers}
         if len(gens) > 1:
-            raise Fail(f"the images come from different checkpoints (generations {sorted(gens)})")
+            raise Fail(f"the images come from different checkpoints (generations {sorted(gens, key=str)})")
     except ImageError as e:
         for r in readers:
             r.close()
@@ -284,8 +289,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None
             try:
-                code = run_job(s, prog, find, lambda in_ns, get, not_job: _agent(s, get, readers, in_ns,
-                                                                                 not args.no_verify, not_job))
+                # the coordinator is found or started at once, while the agent restores (cli/restartcoord.py);
+                # with other hosts it is there already
+                early = EarlyCoordinator(find, s.coord_host, s.coord_port, s.port_file) if not others else None
+                code = run_job(s, prog, early.ask if early else find,
+                               lambda in_ns, get, not_job: _agent(s, get, readers, in_ns, not args.no_verify,
+                                                                  not_job),
+                               service_hooks=early.hooks if early else None)
             finally:
                 if watcher:
                     watcher.stop()
@@ -322,12 +332,13 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
     agents: dict = {}
     for r in readers:
         agents.update(r.meta.get("agents") or {})
-    ids = sorted({r.meta.get("agent_id") for r in readers if r.meta.get("agent_id")})
+    ids = sorted({str(r.meta["agent_id"]) for r in readers if r.meta.get("agent_id")})
     # connections to other hosts are made during the restore, through the coordinator: join it first then;
-    # else restore first, so that a bad image fails before any coordinator is started
+    # else restore first and join after (the coordinator is being started meanwhile: cli/jobrun.py's early)
     spans_hosts = any(o.get("remote_end") for r in readers for o in r.meta["process"].get("objects", []))
     restored: list[RestoredProcess] = []
-    conn = agent = None
+    conn: Connection | None = None
+    agent: Agent | None = None
     api = AwareServer(lambda: set(), lambda: None, lambda: {})
     try:
         host_plugins = plugins.PluginHost.load(plugins.specs_from(s))
@@ -337,29 +348,33 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
                 ids[0] if ids else "", [], s.ckptdir, images=[r.meta for r in readers]))
     except plugins.PluginError as e:
         raise Fail(str(e)) from None
-    awarefd.SERVER = api          # restored program-API connections lead to us (engine/awarefd.py)
+    # restored program-API connections lead to us (engine/awarefd.py; its SERVER is declared None there)
+    awarefd.SERVER = api  # type: ignore[assignment]
 
-    def join():
+    def join():        # -> (Connection, Agent)
         nonlocal conn, agent
         try:
             host, port = get_coordinator()
-            conn = Connection(host, port)
+            conn = c = Connection(host, port)
             # the root (the process the computation was launched as) first: its exit ends the job
             procs = [JobProcess(m["process"]["pid"], m["unique_id"], m["program"]) for m in metas]
-            agent = Agent(s, conn, procs, computation=meta["computation"], restarted_generation=meta["generation"],
+            agent = a = Agent(s, c, procs, computation=meta["computation"], restarted_generation=meta["generation"],
                           pid_namespace=in_namespace, not_job=not_job, agent_id=ids[0] if ids else None,
                           agents=agents)
-            agent.restart_ids = ids
-            agent.link.find = get_coordinator      # a fallback when the coordinator is gone for good
-            agent.on_root_exit = jobrun.root_exited   # children that outlive it go on
-            agent.hello()
+            a.restart_ids = ids
+            a.link.find = get_coordinator      # a fallback when the coordinator is gone for good
+            a.on_root_exit = jobrun.root_exited   # children that outlive it go on
+            a.hello()
+            return c, a
         except (CoordinatorUnreachable, SecretError) as e:
             raise Fail(str(e)) from None
 
     try:
+        rv = None
         if spans_hosts:
-            join()
-        rv = Rendezvous(conn, meta["computation"], meta["generation"]) if spans_hosts else None
+            conn, agent = join()
+            rv = Rendezvous(conn, meta["computation"], meta["generation"])
+        fault("restart.before_restore")
         try:
             restored = restore_computation(readers, RestoreOptions(verify_checksums=verify, same_pids=in_namespace,
                                                                    rendezvous=rv))
@@ -369,9 +384,9 @@ def _agent(s, get_coordinator, readers: list[ImageReader], in_namespace: bool, v
             raise Fail(str(e)) from None
         if s.restart_pause:
             restartpause.pause(restored, s.restart_pause)     # --debug-restart-pause: a debugger's turn first
-        if agent is None:
-            join()
-        else:
+        if agent is None or conn is None:
+            conn, agent = join()
+        elif rv is not None:
             agent.stash.extend(rv.stash)
         go, why = agent.restore_done(None, RESTART_TIMEOUT_S + 30)
         if not go:
