@@ -14,6 +14,9 @@ Rows:
   program, bench/ticker.c, writes a byte every millisecond), median of --runs; beside it the restore time the
   restart logs ("restored ... in X s") and a raw read of the image's bytes (page cache warm, as for the restore).
 - DMTCP's dmtcp_command and restart where a real DMTCP is installed (an ELF dmtcp_launch on PATH besides ours).
+- with --baseline DIR (a source tree of an older hpcckpt, e.g. `git archive COMMIT hpcckpt | tar -x -C DIR`),
+  the same rows for it, interleaved with ours (PYTHONPATH=DIR in front of the installed package): before and
+  after in one run, under the same load.
 
 The machine may be shared: medians of several runs, and the load average before and after is printed."""
 from __future__ import annotations
@@ -73,11 +76,15 @@ def real_dmtcp() -> str | None:
 
 
 class Session:
-    """A scratch directory, run directory and the compiled workload."""
+    """A scratch directory, run directory and the compiled workload; baseline: the source tree to run instead of
+    the installed package (PYTHONPATH)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, baseline: str | None = None):
         self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("DMTCP_", "HPCCKPT_")) and k != "PYTHONPATH"}
+        if baseline:
+            self.env["PYTHONPATH"] = baseline
         self.env["HPCCKPT_RUNDIR"] = str(root / "run")
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env.get('PATH', '')}"
         self.ticker = root / "ticker"
@@ -105,7 +112,7 @@ class Session:
         return r
 
 
-def bench_command(s: Session, calls: int) -> list[tuple[str, float, float]]:
+def bench_command(s: Session, calls: int, baseline: str | None = None) -> list[tuple[str, float, float]]:
     """Each variant once per round, calls rounds: a load that comes and goes hits every row alike."""
     py = str(BIN / "python")
     job, port = s.launch(1, s.root / "cmd")
@@ -121,6 +128,11 @@ def bench_command(s: Session, calls: int) -> list[tuple[str, float, float]]:
         ("dmtcp_command -c (a checkpoint started, not waited for)", cmd + ["-c"], s.env),
         ("dmtcp_command -s, full path (argparse, settings; forced by DMTCP_QUIET=0)", cmd + ["-s"], full),
         ("dmtcp_command -l, full path", cmd + ["-l"], full)]
+    if baseline:
+        old = {**s.env, "PYTHONPATH": baseline}
+        variants += [(f"baseline ({baseline}) dmtcp_command -s", cmd + ["-s"], old),
+                     (f"baseline ({baseline}) dmtcp_command -l", cmd + ["-l"], old),
+                     (f"baseline ({baseline}) dmtcp_command -c", cmd + ["-c"], old)]
     times: dict[str, list[float]] = {v[0]: [] for v in variants}
     cpu: dict[str, list[float]] = {v[0]: [] for v in variants}
     try:
@@ -155,12 +167,12 @@ def checkpoint(s: Session, mb: int, bindir: Path = BIN) -> Path:
     return images[-1]
 
 
-def restart_once(s: Session, image: Path, bindir: Path = BIN) -> tuple[float, float | None]:
+def restart_once(s: Session, image: Path, bindir: Path = BIN, env: dict | None = None) -> tuple[float, float | None]:
     """(restart-to-running s, restore s as logged) for one restart with its own coordinator."""
     port = free_port()
     t0 = time.perf_counter()
     p = subprocess.Popen([str(bindir / "dmtcp_restart"), "-p", str(port), "--ckptdir", str(image.parent.parent.parent),
-                          str(image)], env=s.env, cwd=s.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          str(image)], env=env or s.env, cwd=s.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL)
     assert p.stdout is not None and p.stderr is not None
     first = p.stdout.read(1)
@@ -185,17 +197,25 @@ def raw_read(path: Path) -> float:
     return time.perf_counter() - t
 
 
-def bench_restart(s: Session, sizes: list[int], runs: int, bindir: Path = BIN) -> list[dict]:
+def bench_restart(s: Session, sizes: list[int], runs: int, bindir: Path = BIN,
+                  baseline: str | None = None) -> list[dict]:
+    """Per size: ours (and the baseline's, run alternately with ours) restarted `runs` times from one image."""
     rows = []
     for mb in sizes:
         image = checkpoint(s, mb, bindir)
-        results = [restart_once(s, image, bindir) for _ in range(runs)]
-        rtr = statistics.median(r[0] for r in results)
-        restores = [r[1] for r in results if r[1] is not None]
-        rows.append({"mb": mb, "image_mb": image.stat().st_size / 2**20, "restart_to_running": rtr,
-                     "runs": sorted(round(r[0], 3) for r in results),
-                     "restore": statistics.median(restores) if restores else None,
-                     "raw_read": statistics.median(raw_read(image) for _ in range(3))})
+        kinds = [("", s.env)] + ([(f"baseline ({baseline}) ", {**s.env, "PYTHONPATH": baseline})] if baseline else [])
+        results: dict[str, list[tuple[float, float | None]]] = {k: [] for k, _ in kinds}
+        for _ in range(runs):
+            for label, env in kinds:
+                results[label].append(restart_once(s, image, bindir, env))
+        read = statistics.median(raw_read(image) for _ in range(3))
+        for label, _ in kinds:
+            res = results[label]
+            restores = [r[1] for r in res if r[1] is not None]
+            rows.append({"mb": f"{label}{mb}", "image_mb": image.stat().st_size / 2**20,
+                         "restart_to_running": statistics.median(r[0] for r in res),
+                         "runs": sorted(round(r[0], 3) for r in res),
+                         "restore": statistics.median(restores) if restores else None, "raw_read": read})
     return rows
 
 
@@ -234,12 +254,18 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=21, help="dmtcp_command calls per row (median)")
     ap.add_argument("--big-mb", type=int, default=1024, help="the larger program's memory in MiB")
     ap.add_argument("--write", metavar="FILE", help="also write the tables (markdown) to FILE")
+    ap.add_argument("--baseline", metavar="DIR", help="also run an older hpcckpt source tree (its hpcckpt/ in DIR)")
     args = ap.parse_args()
+    # byte-compiled, as `make install` leaves them (with PYTHONDONTWRITEBYTECODE set, nothing would be cached)
+    import hpcckpt
+    trees = [str(Path(hpcckpt.__file__).parent)] + ([str(Path(args.baseline) / "hpcckpt")] if args.baseline else [])
+    for tree in trees:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", tree], check=True)
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="hpcckpt-latency-") as tmp:
         s = Session(Path(tmp))
-        cmd_rows: list[tuple[str, float, float | None]] = list(bench_command(s, args.calls))
-        restart_rows = bench_restart(s, [1, args.big_mb], args.runs)
+        cmd_rows: list[tuple[str, float, float | None]] = list(bench_command(s, args.calls, args.baseline))
+        restart_rows = bench_restart(s, [1, args.big_mb], args.runs, baseline=args.baseline)
         dmtcp = real_dmtcp()
         if dmtcp:
             d = Path(dmtcp)

@@ -68,3 +68,16 @@ def test_failed_check_stops_before_the_program_runs_and_leaves_no_coordinator(ch
     assert line_count(out) == lines
     # the coordinator started for this restart while it restored is stopped with it
     wait_for(lambda: not port_is_open("127.0.0.1", port), 10, "the unused coordinator to quit")
+
+
+def test_restart_refused_before_restoring_leaves_no_coordinator(env, tmp_path):
+    """The coordinator is on its way from the restart's first moments; a restart refused right after (an image
+    that is not one) says its one line alone and the coordinator started for it goes away."""
+    bad = tmp_path / "ckpt_not_an_image.dmtcp"
+    bad.write_bytes(b"not an image at all\n" * 100)
+    port = _free_port()
+    r = run(["dmtcp_restart", "-p", str(port), "--ckptdir", str(tmp_path), str(bad)], env, tmp_path)
+    assert r.returncode == FAIL and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    time.sleep(0.5)
+    wait_for(lambda: not port_is_open("127.0.0.1", port), 15, "the unused coordinator to quit")
+    assert not list((tmp_path / "run").glob(f"coord-{port}.secret"))

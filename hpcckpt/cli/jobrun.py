@@ -37,19 +37,17 @@ def root_exited(code: int) -> None:
 
 
 def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, int]],
-            agent_body: Callable[[bool, Callable[[], tuple[str, int]], set[int]], int],
-            service_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None) -> int:
+            agent_body: Callable[[bool, Callable[[], tuple[str, int]], set[int]], int]) -> int:
     """agent_body(in_namespace, get_coordinator, not_job) runs the agent and returns the job's exit status;
     not_job are PIDs of our own helpers among the agent's children (never part of the job). It calls
     get_coordinator() when it is ready to join; the coordinator is found or started by a small service process
     that stays outside the job's namespaces (a process that created a PID namespace cannot start threads, and a
-    coordinator started inside the namespace would die with the job). service_hooks: (start, end) called in the
-    service process before it serves and after (cli/restart.py finds its coordinator early that way)."""
+    coordinator started inside the namespace would die with the job)."""
     svc_agent, svc = socket.socketpair()
     service = os.fork()
     if service == 0:
         svc_agent.close()
-        _serve_coordinator_requests(svc, find_coordinator, service_hooks)
+        _serve_coordinator_requests(svc, find_coordinator)
     svc.close()
     detached = False
     try:
@@ -94,13 +92,11 @@ def run_job(s: Settings, prog: str, find_coordinator: Callable[[], tuple[str, in
             os.waitpid(service, 0)
 
 
-def _serve_coordinator_requests(sock: socket.socket, find_coordinator, hooks=None) -> None:
+def _serve_coordinator_requests(sock: socket.socket, find_coordinator) -> None:
     """The service process: answers 'coordinator?' with 'ok HOST PORT' or 'error MESSAGE'. Never returns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     code = 0
     try:
-        if hooks:
-            hooks[0]()
         with sock:
             f = sock.makefile("rw")
             for _ in f:
@@ -110,8 +106,6 @@ def _serve_coordinator_requests(sock: socket.socket, find_coordinator, hooks=Non
                 except Fail as e:
                     f.write(f"error {e}\n")
                 f.flush()
-        if hooks:
-            hooks[1]()
     except BaseException:
         code = 1
     os._exit(code)
