@@ -113,7 +113,8 @@ class FakeRouter:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.key, self.answer, self.got = key, answer, []
+        self.key, self.answer = key, answer
+        self.got: list[tuple[bytes, list[bytes]]] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
