@@ -69,6 +69,11 @@ class EarlyCoordinator:
 
     def _starter(self, result_w: int, verdict_r: int) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)      # the restart's Ctrl-C is the restart's to handle
+        # not the restart's terminal or pipes: whoever reads the restart's output sees its end when it ends
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
         held = _Held()
         root = logging.getLogger()
         root.handlers = [held]
