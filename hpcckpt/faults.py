@@ -13,7 +13,8 @@ but not yet renamed), coordinator.script (restart script in place, its link not 
 (restart script in place, before the manifest is written), batch.after_requeue (batch driver, right after the
 requeue / continuation was submitted), agent.after_suspend (agent, the job's processes just frozen and the
 suspend acknowledged), freeze.after_claim (agent, a process
-just frozen, before anything is injected).
+just frozen, before anything is injected), restart.before_restore (restarting agent, before its first process is
+restored).
 """
 from __future__ import annotations
 

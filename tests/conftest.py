@@ -196,6 +196,9 @@ def restart_in_background(script_or_images, env, cwd: Path, extra=(), stdin=None
     wait_for(lambda: port_file.exists() and port_file.read_text().strip() or proc.poll() is not None, 60,
              "the restart's coordinator")
     assert proc.poll() is None, (cwd / f"restart.{port_file.suffix[1:]}.err").read_text()
+    # the coordinator comes up while the restart restores (cli/restartcoord.py): restored once an agent joined
+    wait_for(lambda: proc.poll() is not None or '"num_agents": 0' not in job.command("-s", "--json").stdout, 60,
+             "the restart's agent")
     return job
 
 

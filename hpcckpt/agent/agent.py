@@ -84,7 +84,8 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
         self.stash: list[dict] = []            # messages that came while we waited for something else
         self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
         self.job_file: str | None = None       # where the job's ssh/srun shims find the coordinator
-        self.on_root_exit = None               # called with the root's status when others live on (cli/jobrun.py)
+        # called with the root's status when others live on (cli/jobrun.py)
+        self.on_root_exit: Callable[[int], None] | None = None
         self.root_gone_told = False
         self.aware: AwareServer | None = None  # the program API (agent/aware_server.py), once serve_api() ran
         self.plugins = plugins.PluginHost.load(plugins.specs_from(settings))
@@ -279,7 +280,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
             self.root_gone_told = True
             log.info("%s ended; %d process(es) of the computation go on (%s)", self.root.program, len(alive),
                      ", ".join(f"{program_of(p.pid)}[{p.pid}]" for p in alive[:4]))
-            if self.on_root_exit is not None:
+            if self.on_root_exit is not None and self.root.exit_status is not None:   # (it ended: a status)
                 self.on_root_exit(self.root.exit_status)
         return bool(alive) and not self.killed
 

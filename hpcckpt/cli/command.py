@@ -5,13 +5,12 @@ import json
 import sys
 
 from .. import __version__
-from ..agent.join import read_port_file
 from ..coordinator.client import BLOCKING, CoordinatorLost, CoordinatorUnreachable, command, command_watched
-from . import dmtcpjson, dmtcpopts
+from . import cmdquick, dmtcpjson, dmtcpopts
 from .common import DMTCP_COMPAT, Fail, Parser, add_coord_options, run_main, settings_from
 
-EXIT_FAILED = 1
-EXIT_UNREACHABLE = 2
+EXIT_FAILED = cmdquick.EXIT_FAILED
+EXIT_UNREACHABLE = cmdquick.EXIT_UNREACHABLE
 
 DESCRIPTION = """Sends one command to the coordinator. Exit status: 0 on success, 1 if the coordinator carried
 out the command and it failed (e.g. a blocking checkpoint failed, or the coordinator died or stopped answering
@@ -44,43 +43,6 @@ def parser(prog: str) -> Parser:
     c.add_argument("-i", "--interval", dest="interval_value", metavar="N", type=int,
                    help="checkpoint every N seconds from now on (0 = off)")
     return p
-
-
-def _print_text(cmd: str, r: dict) -> None:
-    if cmd in ("status", "list"):
-        print(f"Coordinator:\n  Host: {r.get('coordinator_host')}\n  Port: {r.get('coordinator_port')}")
-        print(f"Status...\nNUM_PEERS={r.get('num_peers')}\nRUNNING={'yes' if r.get('running') else 'no'}")
-        print(f"CKPT_INTERVAL={r.get('checkpoint_interval')}")
-        if r.get("computation"):
-            print(f"COMPUTATION={r['computation']}\nGENERATION={r.get('generation')}")
-        last = r.get("last_checkpoint")
-        if last:
-            ratio = f", {last['ratio']:.2f} of the memory read" if last.get("ratio") else ""
-            print(f"LAST_CHECKPOINT=generation {last['generation']}, {last.get('bytes_out', 0) / 1e6:.1f} MB in "
-                  f"{last.get('duration_s', 0):.2f} s, processes frozen {last.get('frozen_s', 0):.3f} s{ratio}, "
-                  f"{last.get('pages_skipped', 0)} untouched and {last.get('zero_pages', 0)} zero pages left out")
-        if any(g.get("local") for g in r.get("levels") or []):     # multi-level storage (docs/storage.md)
-            print("LEVELS=" + ", ".join(f"{g['generation']}:" + "+".join(k for k in ("local", "shared") if g.get(k))
-                                        for g in r["levels"]))
-        if cmd == "list":
-            for row in r.get("peers", []):
-                rank = f", rank {row['rank']}" if row.get("rank") is not None else ""
-                print(f"{row['peer']}, {row['program']}[{row['pid']}]@{row['host']}, {row['unique_id']}, "
-                      f"{row['state']}{rank}")
-    elif cmd in ("bcheckpoint", "kcheckpoint"):
-        if r.get("ok"):
-            ck = r.get("checkpoint") or {}
-            print(f"checkpoint generation {r.get('generation')} complete: {ck.get('images', 0)} image(s), "
-                  f"{ck.get('bytes_out', 0) / 1e6:.1f} MB in {ck.get('duration_s', 0):.2f} s")
-        else:
-            print(f"checkpoint failed: {r.get('error')}", file=sys.stderr)
-    elif cmd == "checkpoint":
-        print(f"checkpoint generation {r.get('generation')} started" if r.get("ok") else
-              f"checkpoint not started: {r.get('error')}", file=sys.stdout if r.get("ok") else sys.stderr)
-    elif cmd == "interval":
-        print(f"CKPT_INTERVAL={r.get('checkpoint_interval')}")
-    elif not r.get("ok"):
-        print(f"{cmd} failed: {r.get('error')}", file=sys.stderr)
 
 
 class Progress:
@@ -134,6 +96,8 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
         s = settings_from(args)
         port = s.coord_port
         if s.port_file:
+            # (only here: it brings the agent's imports)
+            from ..agent.join import read_port_file
             port = read_port_file(s.port_file)
             if port is None:
                 raise Fail(f"cannot read the coordinator port from {s.port_file}", EXIT_UNREACHABLE)
@@ -159,15 +123,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt command") -> int:
                 print(json.dumps(dmtcpjson.not_found(cmd, s.coord_host, port, str(e))))
                 return EXIT_UNREACHABLE
             raise Fail(str(e), EXIT_UNREACHABLE) from None
-        status = dmtcpjson.status_of(cmd, r)
-        if args.json:
-            print(json.dumps(dmtcpjson.convert(cmd, r, s.coord_host, port)))
-        else:
-            _print_text(cmd, r)
-        if status != dmtcpjson.SUCCESS:
-            # refused outright (nothing to checkpoint, one in progress, bad value) vs. tried and failed
-            return 1 if status == dmtcpjson.CKPT_FAILED else EXIT_UNREACHABLE
-        return 0
+        return cmdquick.finish(cmd, r, s.coord_host, port, args.json)
     return run_main(prog, body, argv, fail_code=EXIT_UNREACHABLE)
 
 

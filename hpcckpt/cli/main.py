@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in SUBCOMMANDS:
         print(f"hpcckpt: error: unknown subcommand {argv[0]!r} (see hpcckpt --help)", file=sys.stderr)
         return 2
+    if argv[0] == "command":
+        return _command(argv[1:], "hpcckpt command")
     entry = {"sbatch": "sbatch_main", "qsub": "qsub_main", "batch-run": "batch_run_main"}.get(argv[0], "main")
     return _start(argv[0], argv[1:], f"hpcckpt {argv[0]}", entry)
 
@@ -74,7 +76,17 @@ def dmtcp_restart() -> int:
 
 
 def dmtcp_command() -> int:
-    return _start("command", sys.argv[1:], "dmtcp_command")
+    return _command(sys.argv[1:], "dmtcp_command")
+
+
+def _command(argv: list[str], prog: str) -> int:
+    """dmtcp_command: the common calls go the quick way (cli/cmdquick.py: no settings, argparse or libzmq to
+    import), the others through the full parser."""
+    import os
+
+    from . import cmdquick
+    q = cmdquick.parse(argv, os.environ)
+    return cmdquick.run(q, prog) if q is not None else _start("command", argv, prog)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Talking to a coordinator: a DEALER connection used by agents (peers) and by dmtcp_command."""
+"""Talking to a coordinator: Connection, libzmq's DEALER, for agents (peers) that stay connected for a
+computation's life; command() and command_watched(), one command's conversation over zmtp.DealerSocket (plain
+Python, no libzmq) for dmtcp_command and the other one-shot clients.
+
+libzmq (pyzmq) is imported only when a Connection is made: its import alone (~25 ms, with asyncio) cost more than
+a whole dmtcp_command request (docs/design.md, "Latency"). Both speak the same authenticated, fresh protocol
+(protocol.py): every request is stamped with a nonce and the time and MACed; a reply is taken only when its MAC
+checks and it names our request's nonce."""
 from __future__ import annotations
 
 import json
@@ -6,10 +13,11 @@ import secrets
 import socket
 import time
 
-import zmq
-from zmq.utils import monitor as zmq_monitor
+from . import protocol, zmtp
 
-from . import protocol
+TYPE_CHECKING = False       # (not typing's: importing typing costs a command ~2 ms; mypy knows the name)
+if TYPE_CHECKING:
+    import zmq
 
 
 class CoordinatorUnreachable(Exception):
@@ -31,9 +39,11 @@ class CoordinatorLost(CoordinatorUnreachable):
 class Connection:
     def __init__(self, host: str, port: int, key: bytes | None = None, ctx: zmq.Context | None = None,
                  routing_id: bytes | None = None, peer_timeout: float = 90.0):
-        """routing_id: a stable identity (default: a random one for this connection), so that after a reconnection the coordinator (ROUTER with
-        handover) still knows which peer this is. peer_timeout: ZeroMQ drops the connection (and reconnects) only
-        after the other side has been silent that long: a paused coordinator is not a dead one."""
+        """routing_id: a stable identity (default: a random one for this connection), so that after a
+        reconnection the coordinator (ROUTER with handover) still knows which peer this is. peer_timeout: ZeroMQ
+        drops the connection (and reconnects) only after the other side has been silent that long: a paused
+        coordinator is not a dead one."""
+        import zmq
         self.host = host
         self.port = port
         self.key = key if key is not None else protocol.read_secret(port)
@@ -56,6 +66,7 @@ class Connection:
 
     def retarget(self, host: str, port: int) -> None:
         """Talk to a coordinator at another address from now on (one started elsewhere after ours died)."""
+        import zmq
         if (host, port) == (self.host, self.port):
             return
         try:
@@ -67,6 +78,8 @@ class Connection:
 
     def link_events(self) -> list[str]:
         """Connection events since the last call: "up" (a handshake succeeded) or "down" (disconnected)."""
+        import zmq
+        from zmq.utils import monitor as zmq_monitor
         out = []
         while self.monitor.poll(0):
             ev = zmq_monitor.recv_monitor_message(self.monitor)["event"]
@@ -77,6 +90,7 @@ class Connection:
         """Queue one message; returns its nonce (the coordinator's reply names it), "" if it had to be dropped (no
         coordinator for a long while: queue full). Never blocks: an agent must go on serving its job when its
         coordinator is gone."""
+        import zmq
         frames, nonce = protocol.encode_request(self.key, msg)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
@@ -119,7 +133,8 @@ class Connection:
         return reply
 
     def fileno(self) -> int:
-        return self.sock.getsockopt(zmq.FD)
+        import zmq
+        return int(self.sock.getsockopt(zmq.FD))
 
     def close(self) -> None:
         self.monitor.close(0)
@@ -128,19 +143,79 @@ class Connection:
             self.ctx.term()
 
 
-def _connect(host: str, port: int) -> Connection:
-    """A connection for one client command; raises CoordinatorUnreachable if nobody (authorised) listens."""
-    if not port_is_open(host, port):
-        raise CoordinatorUnreachable(f"no coordinator listening on {host}:{port}")
-    try:
-        conn = Connection(host, port)
-    except protocol.SecretError as e:
-        raise CoordinatorUnreachable(str(e)) from None
-    conn.sock.setsockopt(zmq.LINGER, 0)
-    # never reconnect: a coordinator answering on this port later is another one, which knows nothing of our
-    # request
-    conn.sock.setsockopt(zmq.RECONNECT_IVL, -1)
-    return conn
+class CommandConnection:
+    """One command's conversation with a coordinator over a plain TCP socket (zmtp.DealerSocket): requests are
+    encoded, MACed and stamped exactly as a Connection's are; replies are authenticated the same way. It never
+    reconnects: a coordinator answering on this port later is another one, which knows nothing of our request."""
+
+    HANDSHAKE_S = 5.0
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.where = f"{host}:{port}"
+        try:
+            # (an ASCII name as bytes: a str would import the idna codec first)
+            # (getaddrinfo takes bytes; typeshed's create_connection says str only)
+            raw = socket.create_connection((host.encode() if host.isascii() else host, port),  # type: ignore[arg-type]
+                                           timeout=self.HANDSHAKE_S)
+        except OSError:
+            raise CoordinatorUnreachable(f"no coordinator listening on {self.where}") from None
+        try:
+            self.key = protocol.read_secret(port)
+        except protocol.SecretError as e:
+            raw.close()
+            raise CoordinatorUnreachable(str(e)) from None
+        try:
+            self.sock = zmtp.DealerSocket(raw, routing_id=b"c" + secrets.token_bytes(12), timeout=self.HANDSHAKE_S)
+        except (OSError, TimeoutError) as e:
+            raw.close()
+            raise CoordinatorUnreachable(f"{self.where} does not answer as a coordinator ({e})") from None
+
+    def send(self, msg: dict) -> str:
+        """Send one request; returns its nonce (the coordinator's reply names it)."""
+        frames, nonce = protocol.encode_request(self.key, msg)
+        try:
+            self.sock.send_multipart(frames)
+        except OSError as e:
+            raise CoordinatorLost(f"lost the coordinator {self.where} (connection closed: {e})") from None
+        return nonce
+
+    def recv(self, timeout: float | None, reply_to: str | None = None) -> dict | None:
+        """One authenticated message (with reply_to: the reply to that request only), or None on timeout; raises
+        CoordinatorLost when the coordinator closes the connection (after every message it sent was read)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                if not self.sock.poll(None if left is None else int(left * 1000)):
+                    return None
+                # a message once begun is read whole; a coordinator that stalls mid-message for long is lost
+                frames = self.sock.recv_multipart(timeout=max(left or 0.0, 30.0))
+            except TimeoutError:
+                raise CoordinatorLost(f"coordinator {self.where} stopped in the middle of a message") from None
+            except OSError:
+                raise CoordinatorLost(f"lost the coordinator {self.where} (connection closed: it died or "
+                                      f"quit)") from None
+            if len(frames) == 3 and frames[0] == protocol.PROTO_TAG and frames[1] == b"":
+                # an unauthenticated refusal: the coordinator could not verify us
+                try:
+                    reason = json.loads(frames[2]).get("reason", "refused")
+                except (ValueError, AttributeError):
+                    reason = "refused"
+                raise CoordinatorUnreachable(f"coordinator {self.where} refused us: {reason}")
+            try:
+                msg = protocol.decode(self.key, frames)
+            except protocol.ProtocolError:
+                continue                        # not authentic (or not for us): ignored, as a Connection does
+            if reply_to is None:
+                return msg
+            if protocol.answers(msg, reply_to):
+                if msg.get("type") == "reject":     # authentic but refused (stale: clocks apart?)
+                    raise CoordinatorUnreachable(f"coordinator {self.where} refused us: {msg.get('reason')}")
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 BLOCKING = ("bcheckpoint", "kcheckpoint")
@@ -151,11 +226,17 @@ def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, silenc
     watched (command_watched): it never waits for a coordinator that died or went silent."""
     if cmd in BLOCKING:
         return command_watched(host, port, cmd, None, timeout=timeout, silence=silence, **args)
-    conn = _connect(host, port)
+    conn = CommandConnection(host, port)
     try:
-        return conn.request({"type": "command", "cmd": cmd, **args}, timeout)
+        reply = conn.recv(timeout, reply_to=conn.send({"type": "command", "cmd": cmd, **args}))
+    except CoordinatorLost as e:
+        # not a checkpoint that was lost half-way: the command simply got no answer
+        raise CoordinatorUnreachable(f"no answer from coordinator {conn.where}: {e}") from None
     finally:
         conn.close()
+    if reply is None:
+        raise CoordinatorUnreachable(f"no answer from coordinator {host}:{port} within {timeout:.0f} s")
+    return reply
 
 
 def command_watched(host: str, port: int, cmd: str, on_status=None, interval: float = 1.0,
@@ -164,11 +245,12 @@ def command_watched(host: str, port: int, cmd: str, on_status=None, interval: fl
     each to on_status (progress on a terminal). Both go over one connection: the coordinator answers a status
     at once, the command when it is done; replies name their command.
 
-    Never waits for ever: raises CoordinatorLost when the connection closes (the coordinator died), when no
-    answer at all comes for `silence` seconds, or when the coordinator's status shows it no longer runs our
-    request (it answers in order, so the reply would have come first); CoordinatorUnreachable after `timeout`."""
-    conn = _connect(host, port)
-    where = f"{host}:{port}"
+    Never waits for ever: raises CoordinatorLost when the connection closes (the coordinator died; a reply sent
+    just before the close - a kcheckpoint's coordinator quitting - is still read first), when no answer at all
+    comes for `silence` seconds, or when the coordinator's status shows it no longer runs our request (it answers
+    in order, so the reply would have come first); CoordinatorUnreachable after `timeout`."""
+    conn = CommandConnection(host, port)
+    where = conn.where
     try:
         nonce = conn.send({"type": "command", "cmd": cmd, **args})
         asked: set[str] = set()
@@ -177,26 +259,19 @@ def command_watched(host: str, port: int, cmd: str, on_status=None, interval: fl
         forgotten = 0
         while True:
             now = time.monotonic()
-            if "down" in conn.link_events():
-                # (a reply that came just before the close - a kcheckpoint's coordinator quitting - still counts)
-                while (reply := conn.recv(0.1)) is not None:
-                    if protocol.answers(reply, nonce):
-                        return reply
-                raise CoordinatorLost(f"lost the coordinator {where} (connection closed: it died or quit)")
             if timeout is not None and now - start > timeout:
                 raise CoordinatorUnreachable(f"no answer from coordinator {where} within {timeout:.0f} s")
             if now - last_answer > silence:
                 raise CoordinatorLost(f"coordinator {where} has not answered for {now - last_answer:.0f} s")
-            reply = conn.recv(min(interval, 0.25))
+            reply = conn.recv(max(0.0, min(interval, next_status - now)))
             if reply is None:
                 if time.monotonic() >= next_status:
                     asked.add(conn.send({"type": "command", "cmd": "status"}))
                     next_status = time.monotonic() + interval
                 continue
             if protocol.answers(reply, nonce):
-                last_answer = time.monotonic()
                 if reply.get("type") == "reject":
-                    raise CoordinatorUnreachable(f"coordinator {host}:{port} refused us: {reply.get('reason')}")
+                    raise CoordinatorUnreachable(f"coordinator {where} refused us: {reply.get('reason')}")
                 return reply
             if reply.get("re") not in asked or reply.get("command") != "status":
                 continue                      # not an answer to us

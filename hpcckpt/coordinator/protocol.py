@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import stat
@@ -43,8 +42,6 @@ MAX_MESSAGE_BYTES = int(os.environ.get("HPCCKPT_MAX_MESSAGE") or 32 << 20)
 # this close (NTP; Slurm's MUNGE credentials already need the same, their default TTL is 300 s).
 FRESHNESS_S = float(os.environ.get("HPCCKPT_FRESHNESS") or 300.0)
 MAX_NONCES = 1_000_000               # nonces remembered within the window: ~1000 agents' heartbeats, 300 times over
-
-log = logging.getLogger("hpcckpt.coordinator")
 
 
 class ProtocolError(Exception):
@@ -128,6 +125,8 @@ def encode(key: bytes, msg: dict, nonce: str | None = None) -> list[bytes]:
     body = json.dumps({**msg, "nonce": nonce or new_nonce(), "ts": round(time.time(), 3)},
                       separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE_BYTES:
+        import logging  # (here: a dmtcp_command need not import logging, ~5 ms)
+        log = logging.getLogger("hpcckpt.coordinator")
         log.error("a %s message of %d bytes exceeds the coordinator's limit of %d bytes and will be dropped; "
                   "raise HPCCKPT_MAX_MESSAGE (for the coordinator and every agent)", msg.get("type"), len(body),
                   MAX_MESSAGE_BYTES)

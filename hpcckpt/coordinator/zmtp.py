@@ -1,6 +1,6 @@
 """A ZeroMQ DEALER for one short conversation with the coordinator, in plain Python over a TCP socket (ZMTP 3,
 NULL mechanism): `dmtcp_command` uses it instead of libzmq, whose import alone costs more than the whole request
-(docs/design.md, "Latency"). Long-lived connections (agents) keep libzmq, which reconnects and heartbeats.
+(bench/RESULTS-latency.md). Long-lived connections (agents) keep libzmq, which reconnects and heartbeats.
 
 Only what a DEALER talking to our ROUTER needs: the greeting, READY with Socket-Type DEALER, multipart messages,
 and PING answered with PONG. Authentication stays where it always is, in the frames (protocol.py)."""
@@ -25,22 +25,30 @@ def _command(name: bytes, body: bytes = b"") -> bytes:
             struct.pack(">Q", len(data))) + data
 
 
-class DealerSocket:
-    """send_multipart / recv_multipart / poll / close, as much of zmq.Socket as client.Connection uses."""
+def _property(name: bytes, value: bytes) -> bytes:
+    return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+
+class DealerSocket:
+    """send_multipart / recv_multipart / poll / close: as much of zmq.Socket as one command needs
+    (client.CommandConnection). It never reconnects."""
+
+    def __init__(self, sock: socket.socket, routing_id: bytes = b"", timeout: float = 5.0):
+        """Greet the ROUTER at the other end of the connected sock and say READY as a DEALER (with routing_id as
+        its Identity, if given); raises ZmtpError (an OSError) or TimeoutError when it does not answer so."""
+        self.sock = sock
+        self.where = "{}:{}".format(*sock.getpeername()[:2])
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.sock.sendall(GREETING)
         greeting = self._read(64, timeout)
         if greeting[0] != 0xFF or greeting[9] != 0x7F or greeting[10] < 3 or greeting[12:16] != b"NULL":
-            raise ZmtpError(f"{host}:{port} does not speak ZMTP 3 with the NULL mechanism")
-        prop = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+            raise ZmtpError(f"{self.where} does not speak ZMTP 3 with the NULL mechanism")
+        prop = _property(b"Socket-Type", b"DEALER") + (_property(b"Identity", routing_id) if routing_id else b"")
         self.sock.sendall(_command(b"READY", prop))
         flags, body = self._frame(timeout)
         if not flags & COMMAND or not body.startswith(b"\x05READY"):
-            raise ZmtpError(f"{host}:{port}: no READY from the coordinator")
+            raise ZmtpError(f"{self.where}: no READY from the coordinator")
         self.sock.settimeout(None)
 
     def _read(self, n: int, timeout: float | None) -> bytes:
@@ -90,5 +98,5 @@ class DealerSocket:
         r, _, _ = select.select([self.sock], [], [], None if timeout_ms is None else timeout_ms / 1000)
         return bool(r)
 
-    def close(self, linger=None) -> None:
+    def close(self, linger: int | None = None) -> None:
         self.sock.close()
