@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo demo-local test test-fast test-slurm test-pbs bench clean system-deps
+.PHONY: install demo demo-local lint test test-fast test-slurm test-pbs bench clean system-deps
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,16 @@ demo: install
 demo-local: install
 	bash examples/demo.sh
 
-test: install
+# lint, types and structure (issue 18): ruff, mypy (pyproject.toml), no import cycle, no module over 600 lines
+lint: install
+	$(VENV)/bin/ruff check hpcckpt tools
+	$(VENV)/bin/mypy
+	$(PY) tools/check_structure.py
+
+test: install lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-slurm: install
