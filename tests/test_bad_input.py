@@ -396,7 +396,7 @@ def test_daemon_with_a_foreign_run_directory(env, tmp_path):
     assert r.returncode == FAIL and "not a directory owned by you" in _one_line(r.stderr)
 
 
-@pytest.mark.parametrize("manifest", [       # (tests/test_fuzz.py tries many more against the parser itself)
+@pytest.mark.parametrize("manifest", [       # (tests/unit/image/test_fuzz.py tries many more against the parser itself)
     b"[]",
     b'{"computation": "c", "generation": 1, "created": 0, "images": [{"host": "h", "path": "/p", '
     b'"program": "p", "unique_id": "u", "pid": -4}]}',

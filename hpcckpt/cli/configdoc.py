@@ -3,7 +3,7 @@ environment variables, command-line flags, default, what it is for) and every ba
 
     python -m hpcckpt.cli.configdoc > docs/configuration.md
 
-tests/test_settings.py checks that docs/configuration.md is what this prints (regenerate after a change)."""
+tests/unit/test_settings.py checks that docs/configuration.md is what this prints (regenerate after a change)."""
 from __future__ import annotations
 
 import dataclasses

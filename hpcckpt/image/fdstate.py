@@ -305,7 +305,7 @@ FD_STATES: dict[str, type[ObjectState]] = {c.KIND: c for c in (
     DevTtyState, TerminalState)}
 
 # Every kind a file descriptor (FdRecord.kind) may have: the fd kinds above (one handler each in
-# engine/fds/registry.py; tests/test_engine_rooms.py checks the two agree), the launcher's "stdio", and "null"
+# engine/fds/registry.py; tests/unit/engine/test_rooms.py checks the two agree), the launcher's "stdio", and "null"
 # (`hpcckpt dump --force`: a descriptor no kind could save, /dev/null after a restart; its ofd is "null:").
 FD_KINDS = frozenset(FD_STATES) | {"stdio", "null"}
 

@@ -3,7 +3,7 @@ semantic checks of image/validate.py, chunk checksums) gives a result or an Imag
 Manifest or a ManifestError - never another exception - and corrupted input is never accepted as valid.
 
 Bounded for the default suite (HPCCKPT_FUZZ_EXAMPLES examples per test, default 60: a few seconds in all). By
-hand, longer (no per-test timeout): HPCCKPT_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest --timeout=0 tests/test_fuzz.py
+hand, longer (no per-test timeout): HPCCKPT_FUZZ_EXAMPLES=20000 .venv/bin/python -m pytest --timeout=0 tests/unit/image/test_fuzz.py
 """
 from __future__ import annotations
 

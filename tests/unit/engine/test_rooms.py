@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 spec = importlib.util.spec_from_file_location("check_structure", ROOT / "tools" / "check_structure.py")
 assert spec and spec.loader
 structure = importlib.util.module_from_spec(spec)
