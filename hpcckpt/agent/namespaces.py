@@ -20,7 +20,6 @@ import ctypes
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass
 
 from ..engine.linux import libc
@@ -135,10 +134,3 @@ def supervise(child: int, forward: list[int], root_exit_fd: int | None = None) -
         sfd.close()
 
 
-def wait_for_pid_free(pid: int, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while os.path.exists(f"/proc/{pid}"):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True

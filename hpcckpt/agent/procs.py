@@ -84,10 +84,6 @@ def mpi_identity(pid: int) -> dict | None:
     return {"rank": rank, "world": world, "world_size": size}
 
 
-def mpi_rank_of(pid: int) -> int | None:
-    """The MPI rank (or srun task number) a process was started as, from its environment; None if not one."""
-    ident = mpi_identity(pid)
-    return None if ident is None else ident["rank"]
 
 
 def environ_var(pid: int, name: str) -> str | None:

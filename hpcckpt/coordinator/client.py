@@ -125,13 +125,6 @@ class Connection:
                                                  f"{msg.get('reason')}")
                 return msg
 
-    def request(self, msg: dict, timeout: float | None) -> dict:
-        reply = self.recv(timeout, reply_to=self.send(msg))
-        if reply is None:
-            raise CoordinatorUnreachable(f"no answer from coordinator {self.host}:{self.port} within "
-                                         f"{timeout:.0f} s")
-        return reply
-
     def fileno(self) -> int:
         import zmq
         return int(self.sock.getsockopt(zmq.FD))
