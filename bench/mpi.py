@@ -118,7 +118,7 @@ def floor(directory: Path, nbytes: int) -> dict:
     from hpcckpt.image.format import write_behind
     path = directory / "floor.bin"
     block = os.urandom(16 * MiB)
-    best = None
+    best: tuple[float, float] | None = None
     for behind in (False, True):
         warm(directory, nbytes)
         t = time.perf_counter()
@@ -141,6 +141,7 @@ def floor(directory: Path, nbytes: int) -> dict:
             pass
     rd = time.perf_counter() - t
     path.unlink()
+    assert best is not None
     return {"write": best[0], "fsync": best[1], "read": rd}
 
 

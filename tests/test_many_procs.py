@@ -5,7 +5,9 @@ state (memory, pid, parent, the sequence of records in each pipe). bench/many.py
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,13 @@ N = 48
 def _lines(out: Path, kind: str) -> set[int]:
     text = out.read_text() if out.exists() else ""
     return {int(m.group(1)) for m in re.finditer(rf"^{kind} (\d+)", text, re.M)}
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().split("\0")[:-1]
+    except OSError:
+        return []
 
 
 def _bad(out: Path) -> list[str]:
@@ -49,3 +58,27 @@ def test_tree_of_48_processes_with_pipes_restarts(launch, env, tmp_path, build_d
     exits = {int(m.group(1)) for m in re.finditer(r"^exit (\d+) ok", text[start:], re.M)}
     assert exits == set(range(N)), f"processes that did not exit cleanly: {sorted(set(range(N)) - exits)}"
     assert text.rstrip().endswith(f"done {N}")
+
+
+def test_signal_dispositions_survive_with_fewer_injected_calls(launch, env, tmp_path, build_dir):
+    """Only caught and ignored signals (and SIGCHLD) are read from inside the process at a checkpoint and only
+    those that differ from the restore helper's are written back: a caught handler with its flags and mask,
+    ignored signals, SIGCHLD's SA_NOCLDWAIT under SIG_DFL and every other signal at SIG_DFL (not the helper's
+    inherited SIG_IGN) all come back."""
+    prog = compile_c(build_dir, "sigdisp")
+    out = tmp_path / "out.txt"
+    job = launch(prog, out)
+    wait_for(lambda: out.exists() and out.read_text().count("ok ") >= 3, 30, "the program's first checks")
+    checkpoint_and_kill(job)
+    start = len(out.read_text())
+    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    wait_for(lambda: out.read_text()[start:].count("ok ") + out.read_text()[start:].count("BAD") >= 3, 30,
+             "checks after the restart")
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) == [str(prog), str(out)]]
+    assert len(pids) == 1, pids           # (its pid in our namespace: the job has its own)
+    os.kill(pids[0], signal.SIGUSR1)
+    wait_for(lambda: "usr1" in out.read_text()[start:], 10, "the restored SIGUSR1 handler to run")
+    job2.command("-k")
+    job2.wait(30)
+    after = out.read_text()[start:]
+    assert "BAD" not in after, [x for x in after.splitlines() if "BAD" in x][:5]
