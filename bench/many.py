@@ -35,12 +35,19 @@ from mpi import floor, wait, warm  # noqa: E402
 MiB = 1 << 20
 
 
-def seen(out: Path, kind: str, start: int = 0) -> set[int]:
+def seen(out: Path, kind: str) -> set[int]:
     try:
-        text = out.read_text()[start:]
+        text = out.read_text()
     except OSError:
         return set()
     return {int(m.group(1)) for m in re.finditer(rf"^{kind} (\d+)", text, re.M)}
+
+
+def ticked_since(out: Path, t0_ms: int) -> int:
+    """How many processes wrote a tick at or after t0_ms (the restart cuts the file back to its size at the
+    checkpoint, so a tick is told restored by its wall time)."""
+    return len({int(m.group(1)) for m in re.finditer(r"^tick (\d+) \d+ (\d+)", out.read_text(), re.M)
+                if int(m.group(2)) >= t0_ms})
 
 
 def command(env: dict, port_file: Path, *args: str) -> subprocess.CompletedProcess:
@@ -74,14 +81,14 @@ def one_run(env: dict, work: Path, prog: Path, procs: int, kb: int) -> dict:
     finally:
         if job.poll() is None:
             job.kill()
-    start = len(out.read_text())
     rport = work / "port.restart"
     t = time.perf_counter()
+    t0_ms = int(time.time() * 1000)
     rjob = subprocess.Popen(["bash", str(work / "dmtcp_restart_script.sh"), "--coord-port", "0", "--port-file",
                              str(rport)], env=env, cwd=work, stdout=subprocess.DEVNULL,
                             stderr=open(work / "restart.err", "w"))
     try:
-        wait(lambda: len(seen(out, "tick", start)) == procs or rjob.poll() is not None, 300,
+        wait(lambda: ticked_since(out, t0_ms) == procs or rjob.poll() is not None, 300,
              "every restored process to run again")
         restart = time.perf_counter() - t
         if rjob.poll() is not None:
@@ -93,7 +100,7 @@ def one_run(env: dict, work: Path, prog: Path, procs: int, kb: int) -> dict:
             rjob.kill()
     text = out.read_text()
     bad = [x for x in text.splitlines() if x.startswith("BAD")]
-    if rc != 0 or bad or len(seen(out, "exit", start)) != procs:
+    if rc != 0 or bad or len(seen(out, "exit")) != procs:
         raise SystemExit(f"bench: the restored computation went wrong (rc {rc}): {bad[:5]}")
     return {"launch": launch, "ckpt": ckpt_wall, "frozen": c.get("frozen_s", 0.0), "bytes": c.get("bytes_out", 0),
             "images": c.get("images", 0), "restart": restart}

@@ -6,7 +6,7 @@
  *   Each non-root process writes a record (index, sequence number) into the pipe to its parent every step
  *   (MS milliseconds); the parent checks the sequence of each child has no gap and no repeat, so a record
  *   lost or replayed in a pipe across a checkpoint shows.
- *   Every TICK steps a process appends "tick i step" to OUT; any mismatch appends "BAD i what".
+ *   Every TICK steps a process appends "tick i step wall-ms" to OUT; any mismatch appends "BAD i what".
  *   When the file OUT.stop exists, every process stops sending, drains and reaps its children, appends
  *   "exit i ok" and exits; the root appends "done N" last.
  * All lines go through O_APPEND descriptors, one write each, so they never overwrite each other.
@@ -147,7 +147,12 @@ int main(int argc, char **argv) {
             if (!check(buf, words, me)) say("BAD %ld memory %ld\n", me, step);
             if (getpid() != mypid) say("BAD %ld pid %ld\n", me, (long)getpid());
             if (me > 0 && getppid() != parent) say("BAD %ld ppid %ld\n", me, (long)getppid());
-            say("tick %ld %ld\n", me, step);
+            struct timespec wall;
+            clock_gettime(CLOCK_REALTIME, &wall);
+            char line[128];                 /* the wall time tells ticks of a restored process from older ones */
+            int k = snprintf(line, sizeof line, "tick %ld %ld %lld\n", me, step,
+                             (long long)wall.tv_sec * 1000 + wall.tv_nsec / 1000000);
+            if (write(out, line, k) != k) _exit(9);
             if (access(stop, F_OK) == 0) stopping = 1;
         }
     }
