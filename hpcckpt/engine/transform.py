@@ -26,7 +26,7 @@ from . import locks, memory, ptrace, signals, sysvshm, threads, timers
 from .inject import Injector
 from .linux import MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS, TASK_SIZE
 from .maps import SPECIAL, read_maps
-from .procattrs import RLIMITS, pack_mm_map
+from .procattrs import RLIMITS, pack_mm_map, read_rlimits
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +272,13 @@ def _fix_cached_tids(pid: int, proc: ProcessRecord, injectors: dict[int, Injecto
 
 
 def _restore_rlimits(inj: Injector, scratch: Scratch, proc: ProcessRecord) -> None:
+    try:       # the helper's own limits, read from outside: those already right need no injected call (most)
+        now = read_rlimits(inj.tgid)
+    except OSError:
+        now = {}
     for name, (cur, mx) in proc.rlimits.items():
         res = RLIMITS.get(name)
-        if res is None:
+        if res is None or now.get(name) == [cur, mx]:
             continue
         scratch.write(0, struct.pack("<QQ", cur, mx))
         r = inj.call(SYS.prlimit64, 0, res, scratch.addr, 0)
