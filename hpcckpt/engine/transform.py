@@ -15,6 +15,7 @@ everything happens by injection through the trampoline:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import struct
@@ -97,8 +98,16 @@ def check_layout(pid: int, regions: list[RegionRecord]) -> None:
         raise RestoreError(f"restored address space differs from the image: {text}")
 
 
+@functools.cache
+def _own_specials() -> tuple[tuple[str, int], ...]:
+    """Our vdso/vvar layout: fixed for the life of this process (read once, not once per image: our own maps
+    are long, ~1 ms of parsing each)."""
+    return tuple(sorted((m.path, m.size) for m in read_maps("self", with_flags=False)
+                        if m.special and m.path != "[vsyscall]"))
+
+
 def check_specials(regions: list[RegionRecord]) -> None:
-    mine = {m.path: m.size for m in read_maps("self", with_flags=False) if m.special and m.path != "[vsyscall]"}
+    mine = dict(_own_specials())
     theirs = {r.path: r.end - r.start for r in regions if r.backing == "special"}
     if mine != theirs:
         raise RestoreError(f"this kernel's vdso layout {sorted(mine.items())} differs from the image's "
