@@ -4,10 +4,12 @@ state (memory, pid, parent, the sequence of records in each pipe). bench/many.py
 256 processes and times it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +22,21 @@ N = 48
 def _lines(out: Path, kind: str) -> set[int]:
     text = out.read_text() if out.exists() else ""
     return {int(m.group(1)) for m in re.finditer(rf"^{kind} (\d+)", text, re.M)}
+
+
+@contextlib.contextmanager
+def _restarted(env, tmp_path: Path):
+    """The restart script in the background; whatever happens, the restored computation is killed after."""
+    job = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
+    try:
+        yield job
+    finally:
+        if job.proc.poll() is None:
+            job.command("-k")
+            try:
+                job.wait(30)
+            except subprocess.TimeoutExpired:
+                job.kill()
 
 
 def _ticked_since(out: Path, t0_ms: int) -> set[int]:
@@ -59,12 +76,12 @@ def test_tree_of_48_processes_with_pipes_restarts(launch, env, tmp_path, build_d
     assert not _bad(out), _bad(out)
 
     t0 = int(time.time() * 1000)
-    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
-    # (the restart cuts out.txt back to its size at the checkpoint: restored ticks are told by their wall time)
-    wait_for(lambda: _ticked_since(out, t0) == set(range(N)), 60,
-             f"every one of the {N} restored processes to run again")
-    (tmp_path / "out.txt.stop").touch()
-    assert job2.wait(60) == 0
+    with _restarted(env, tmp_path) as job2:
+        # (the restart cuts out.txt back to its size at the checkpoint: restored ticks are told by wall time)
+        wait_for(lambda: _ticked_since(out, t0) == set(range(N)), 60,
+                 f"every one of the {N} restored processes to run again")
+        (tmp_path / "out.txt.stop").touch()
+        assert job2.wait(60) == 0
     text = out.read_text()
     assert not _bad(out), _bad(out)
     exits = {int(m.group(1)) for m in re.finditer(r"^exit (\d+) ok", text, re.M)}
@@ -82,14 +99,12 @@ def test_signal_dispositions_survive_with_fewer_injected_calls(launch, env, tmp_
     job = launch(prog, out)
     wait_for(lambda: out.exists() and out.read_text().count("ok ") >= 3, 30, "the program's first checks")
     checkpoint_and_kill(job)
-    job2 = restart_in_background(tmp_path / "dmtcp_restart_script.sh", env, tmp_path)
-    pids = wait_for(lambda: [int(p) for p in os.listdir("/proc") if p.isdigit()
-                             and _cmdline(int(p)) == [str(prog), str(out)] and _untraced(int(p))], 30,
-                    "the restored process, let go by the restart")
-    assert len(pids) == 1, pids           # (its pid in our namespace: the job has its own)
-    os.kill(pids[0], signal.SIGUSR1)
-    # (the restart cuts out.txt back to its checkpoint size: "usr1" and what follows are the restored process's)
-    wait_for(lambda: "usr1\nok " in out.read_text(), 10, "the restored SIGUSR1 handler to run, then a check")
-    job2.command("-k")
-    job2.wait(30)
+    with _restarted(env, tmp_path):
+        pids = wait_for(lambda: [int(p) for p in os.listdir("/proc") if p.isdigit()
+                                 and _cmdline(int(p)) == [str(prog), str(out)] and _untraced(int(p))], 30,
+                        "the restored process, let go by the restart")
+        assert len(pids) == 1, pids           # (its pid in our namespace: the job has its own)
+        os.kill(pids[0], signal.SIGUSR1)
+        # (the restart cuts out.txt back to its checkpoint size: "usr1" and what follows are the restored one's)
+        wait_for(lambda: "usr1\nok " in out.read_text(), 10, "the restored SIGUSR1 handler to run, then a check")
     assert not _bad(out), _bad(out)
