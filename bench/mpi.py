@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """MPI checkpoint/restart benchmark: a 4-rank job on one host and on two hosts, against its ranks' memory.
 
-    .venv/bin/python bench/mpi.py [--ranks 4] [--mb 256] [--runs 3] [--out bench/RESULTS-mpi.md]
+    .venv/bin/python bench/mpi.py [--ranks 4] [--mb 256] [--runs 3] [--layouts 1,2] [--modes forked,frozen]
+                                  [--out bench/RESULTS-mpi.md]
 
 The job is tests/programs/mpiring.c (built with the mpich wheel's mpicc) under `dmtcp_launch mpiexec`, each rank
 filling --mb MiB with data that does not compress. Two hosts are simulated hosts of tests/hosts.py (network,
@@ -31,6 +32,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 MiB = 1 << 20
+MODES = {"forked": (), "frozen": ("--no-forked-checkpoint",)}
 
 
 def lines(path: Path) -> int:
@@ -55,13 +57,14 @@ def command(env: dict, port_file: Path, *args: str) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=600)
 
 
-def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: int, mb: int) -> dict:
+def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: int, mb: int,
+            launch_args: tuple[str, ...] = ()) -> dict:
     out = work / "out.txt"
     port = work / "port.launch"
     log = open(work / "launch.err", "w")
     job = subprocess.Popen([str(BIN / "dmtcp_launch"), "-p", "0", "--port-file", str(port), "--ckptdir", str(work),
-                            str(BIN / "mpiexec"), *mpiexec_args, "-n", str(ranks), str(prog), str(out), "1000000",
-                            "20", str(mb)], env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=log)
+                            *launch_args, str(BIN / "mpiexec"), *mpiexec_args, "-n", str(ranks), str(prog), str(out),
+                            "1000000", "20", str(mb)], env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait(lambda: lines(out) >= 20, 300, "the job's first steps")
         warm(work, ranks * mb * MiB)
@@ -94,7 +97,8 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
         if rjob.poll() is None:
             rjob.kill()
     return {"ckpt": ckpt_wall, "frozen": c.get("frozen_s", 0.0), "bytes": c.get("bytes_out", 0),
-            "images": c.get("images", 0), "restart": restart}
+            "images": c.get("images", 0), "restart": restart, "phases": c.get("phase_s", {}),
+            "capture": c.get("capture_s", 0.0), "image_s": c.get("write_s", 0.0), "duration": c.get("duration_s", 0.0)}
 
 
 def warm(directory: Path, nbytes: int) -> None:
@@ -118,7 +122,7 @@ def floor(directory: Path, nbytes: int) -> dict:
     from hpcckpt.image.format import write_behind
     path = directory / "floor.bin"
     block = os.urandom(16 * MiB)
-    best = None
+    best: tuple[float, float] | None = None
     for behind in (False, True):
         warm(directory, nbytes)
         t = time.perf_counter()
@@ -141,6 +145,7 @@ def floor(directory: Path, nbytes: int) -> dict:
             pass
     rd = time.perf_counter() - t
     path.unlink()
+    assert best is not None
     return {"write": best[0], "fsync": best[1], "read": rd}
 
 
@@ -151,12 +156,14 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layouts", default="1,2", help="host counts to run on (default 1,2)")
     ap.add_argument("--dir", default="/var/tmp", help="where images go (default /var/tmp: a disk)")
+    ap.add_argument("--modes", default="forked,frozen", help="forked and/or frozen checkpoints (default both)")
     ap.add_argument("--out", default=str(HERE / "RESULTS-mpi.md"))
     a = ap.parse_args()
     if not (BIN / "mpicc").exists():
         print("bench: needs the PyPI mpich wheel in this venv (pip install mpich mpi4py)", file=sys.stderr)
         return 2
     layouts = [int(x) for x in a.layouts.split(",")]
+    load = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="hpcckpt-bench-mpi-", dir=a.dir))
     prog = tmp / "mpiring"
     subprocess.run([str(BIN / "mpicc"), "-O2", "-o", str(prog), str(REPO / "tests" / "programs" / "mpiring.c")],
@@ -175,18 +182,23 @@ def main() -> int:
                     per = a.ranks // nhosts
                     args = ["-localhost", hosts.root_name, "-hosts", ",".join(f"{h.name}:{per}" for h in hosts)]
                     e = hosts.ssh_env(env)
-                runs = []
-                for i in range(a.runs):
-                    work = tmp / f"h{nhosts}-{i}"
-                    work.mkdir()
-                    r = one_run(e, work, args, prog, a.ranks, a.mb)
-                    r.update(floor(work, r["bytes"]))
-                    print(f"{nhosts} host(s) run {i + 1}: checkpoint {r['ckpt']:.2f} s (stopped {r['frozen']:.3f} s), "
-                          f"restart {r['restart']:.2f} s, {r['bytes'] / MiB:.0f} MiB in {r['images']} images; floor "
-                          f"write {r['write']:.2f} + fsync {r['fsync']:.2f}, read {r['read']:.2f}", flush=True)
-                    runs.append(r)
-                    shutil.rmtree(work, ignore_errors=True)
-                rows.append((nhosts, runs))
+                for mode in a.modes.split(","):
+                    runs = []
+                    for i in range(a.runs):
+                        work = tmp / f"h{nhosts}-{mode}-{i}"
+                        work.mkdir()
+                        r = one_run(e, work, args, prog, a.ranks, a.mb, MODES[mode])
+                        r.update(floor(work, r["bytes"]))
+                        r["floor"] = r["write"] + r["fsync"]
+                        r["before"] = sum(r["phases"].values())
+                        print(f"{nhosts} host(s) {mode} run {i + 1}: checkpoint {r['ckpt']:.2f} s (stopped "
+                              f"{r['frozen']:.3f} s), restart {r['restart']:.2f} s, {r['bytes'] / MiB:.0f} MiB in "
+                              f"{r['images']} images; floor write {r['write']:.2f} + fsync {r['fsync']:.2f}, read "
+                              f"{r['read']:.2f}; coordinator: {r['duration']:.2f} s, phases {r['phases']}, capture "
+                              f"{r['capture']:.2f} s, longest image {r['image_s']:.2f} s", flush=True)
+                        runs.append(r)
+                        shutil.rmtree(work, ignore_errors=True)
+                    rows.append((nhosts, mode, runs))
             finally:
                 if hosts is not None:
                     hosts.close()
@@ -199,21 +211,27 @@ def main() -> int:
 
     cmd = "python bench/mpi.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     text = [f"# MPI benchmark\n\nCommand: `{cmd.strip()}` ({time.strftime('%Y-%m-%d %H:%M')}, "
-            f"{platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, images in {a.dir}).\n",
+            f"{platform.node()}, {os.cpu_count()} cores, kernel {platform.release()}, images in {a.dir}, load average "
+            f"{load[0]:.2f} at the start).\n",
             f"{a.ranks} ranks of tests/programs/mpiring.c under the mpich wheel's mpiexec, {a.mb} MiB of "
             f"incompressible data each ({a.ranks * a.mb} MiB in all); two hosts = simulated hosts (tests/hosts.py) "
             f"on this one machine, so both share its 2 cores and its disk. Seconds, min / median of {a.runs} runs. "
-            "*checkpoint*: `dmtcp_command -bc` until every image is durable; *stopped*: how long the ranks did "
-            "not run; *restart*: restart script until the job writes again; *floor*: writing the same bytes + "
-            "fsync (the better of plain and written-behind), and reading them back from the page cache. Page-cache "
-            "memory is warmed (a file as large written and deleted) right before the checkpoint and each floor.\n",
-            "| hosts | checkpoint | stopped | restart | images | floor write+fsync | floor read | "
-            "checkpoint vs floor |", "|---|---|---|---|---|---|---|---|"]
-    for nhosts, runs in rows:
-        fl = min(r["write"] + r["fsync"] for r in runs)
-        text.append(f"| {nhosts} | {mm(runs, 'ckpt')} | {mm(runs, 'frozen')} | {mm(runs, 'restart')} | "
-                    f"{runs[0]['images']}, {runs[0]['bytes'] / MiB:.0f} MiB | {fl:.2f} | {mm(runs, 'read')} | "
-                    f"{min(r['ckpt'] for r in runs) / fl:.2f}× |")
+            "*forked*: the default (images written from copy-on-write snapshots while the ranks run on); *frozen*: "
+            "`--no-forked-checkpoint` (images written while the ranks are stopped). *checkpoint*: `dmtcp_command "
+            "-bc` until every image is durable; *in the coordinator*: the same round as the coordinator timed it "
+            "(without the command's own start); *phases*: suspend, drain, checkpoint (capture, snapshots), refill, "
+            "resume; *stopped*: how long the ranks did not run; *restart*: restart script until the job writes "
+            "again; *floor*: writing the same bytes + fsync (the better of plain and written-behind) in the same "
+            "run, right after the checkpoint, and reading them back from the page cache. *vs floor*: median over "
+            "the runs of each run's checkpoint over its own floor. Page-cache memory is warmed (a file as large "
+            "written and deleted) right before the checkpoint and each floor.\n",
+            "| hosts | mode | checkpoint | in the coordinator | phases | stopped | restart | images | floor "
+            "write+fsync | floor read | checkpoint vs floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for nhosts, mode, runs in rows:
+        ratio = statistics.median(r["ckpt"] / r["floor"] for r in runs)
+        text.append(f"| {nhosts} | {mode} | {mm(runs, 'ckpt')} | {mm(runs, 'duration')} | {mm(runs, 'before')} | "
+                    f"{mm(runs, 'frozen')} | {mm(runs, 'restart')} | {runs[0]['images']}, "
+                    f"{runs[0]['bytes'] / MiB:.0f} MiB | {mm(runs, 'floor')} | {mm(runs, 'read')} | {ratio:.2f}× |")
     Path(a.out).write_text("\n".join(text) + "\n")
     print("\n".join(text))
     return 0

@@ -99,11 +99,12 @@ def kill_helper(pid: int, tids: list[int]) -> None:
                 break
 
 
-def _load(readers: list[ImageReader]) -> list[tuple[ImageMeta, ImageReader]]:
+def _load(readers: list[ImageReader], parsed: list[ImageMeta]) -> list[tuple[ImageMeta, ImageReader]]:
+    """The images' typed metadata: as validation parsed it (parsed, in the readers' order), else parsed here."""
     metas = []
-    for r in readers:
+    for i, r in enumerate(readers):
         try:
-            metas.append((ImageMeta.from_dict(r.meta), r))
+            metas.append((parsed[i] if len(parsed) == len(readers) else ImageMeta.from_dict(r.meta), r))
         except (KeyError, TypeError, ValueError) as e:
             raise ImageError(f"{r.path}: unreadable image metadata ({e})") from None
     pids = [m.process.pid for m, _ in metas]
@@ -126,10 +127,10 @@ def _blob_reader(metas: list[tuple[ImageMeta, ImageReader]]):
 
 def restore_computation(readers: list[ImageReader], opts: RestoreOptions | None = None) -> list[RestoredProcess]:
     """Recreate every process of the images as descendants of the caller, stopped; release() each to run."""
-    validate.check_images(readers)     # the whole metadata, before anything is created
+    parsed = validate.check_images(readers)     # the whole metadata, before anything is created
     opts = opts or RestoreOptions()
     t0 = time.monotonic()
-    metas = _load(readers)
+    metas = _load(readers, parsed)
     try:
         identity.check_processes(metas)      # never a process restored as another user (engine/identity.py)
     except IdentityError as e:

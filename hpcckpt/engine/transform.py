@@ -15,6 +15,7 @@ everything happens by injection through the trampoline:
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import struct
@@ -28,7 +29,7 @@ from .fds import locks
 from .inject import Injector
 from .linux import MREMAP_FIXED, MREMAP_MAYMOVE, PAGE, PR_SET_MM, PR_SET_MM_MAP, RSEQ_FLAG_UNREGISTER, SYS, TASK_SIZE
 from .maps import SPECIAL, read_maps
-from .procattrs import RLIMITS, pack_mm_map
+from .procattrs import RLIMITS, pack_mm_map, read_rlimits
 from .shm import sysvshm
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,16 @@ def check_layout(pid: int, regions: list[RegionRecord]) -> None:
         raise RestoreError(f"restored address space differs from the image: {text}")
 
 
+@functools.cache
+def _own_specials() -> tuple[tuple[str, int], ...]:
+    """Our vdso/vvar layout: fixed for the life of this process (read once, not once per image: our own maps
+    are long, ~1 ms of parsing each)."""
+    return tuple(sorted((m.path, m.size) for m in read_maps("self", with_flags=False)
+                        if m.special and m.path != "[vsyscall]"))
+
+
 def check_specials(regions: list[RegionRecord]) -> None:
-    mine = {m.path: m.size for m in read_maps("self", with_flags=False) if m.special and m.path != "[vsyscall]"}
+    mine = dict(_own_specials())
     theirs = {r.path: r.end - r.start for r in regions if r.backing == "special"}
     if mine != theirs:
         raise RestoreError(f"this kernel's vdso layout {sorted(mine.items())} differs from the image's "
@@ -267,9 +276,13 @@ def _fix_cached_tids(pid: int, proc: ProcessRecord, injectors: dict[int, Injecto
 
 
 def _restore_rlimits(inj: Injector, scratch: Scratch, proc: ProcessRecord) -> None:
+    try:       # the helper's own limits, read from outside: those already right need no injected call (most)
+        now = read_rlimits(inj.tgid)
+    except OSError:
+        now = {}
     for name, (cur, mx) in proc.rlimits.items():
         res = RLIMITS.get(name)
-        if res is None:
+        if res is None or now.get(name) == [cur, mx]:
             continue
         scratch.write(0, struct.pack("<QQ", cur, mx))
         r = inj.call(SYS.prlimit64, 0, res, scratch.addr, 0)
