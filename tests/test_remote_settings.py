@@ -31,6 +31,7 @@ def test_settings_env_round_trips_every_forwarded_field_and_keeps_host_bound_one
     there = S.load({}, environ=env)
     for name in remoteio.forwarded_fields():
         assert getattr(there, name) == getattr(s, name), name
+    assert S.load({"compress": False}, environ=env).compress is False      # the remote command's flags win
     # a job file edited by hand: unknown names and NULs are not passed on
     assert remoteio.env_prefix({"LD_PRELOAD": "/x.so", "DMTCP_GZIP": "1", "HPCCKPT_DRAIN": "a\0b"}) == \
         ["env", "DMTCP_GZIP=1"]
