@@ -84,3 +84,14 @@ def test_launch_and_restart_settings_reach_the_agents_on_other_hosts(mark, hosts
     finally:
         r.command("-k")
         r.wait(30)
+
+
+def test_a_job_file_others_may_write_is_not_trusted(tmp_path, capsys):
+    d = tmp_path / "run"
+    path = str(d / "job.json")
+    remoteio.write_job_file(path, "127.0.0.1", 7779, "comp", str(tmp_path), S.load({"forked": False}, environ={}))
+    job = remoteio.read_job_file(path)
+    assert job and job["settings"] == {"DMTCP_FORKED_CHECKPOINT": "0"}
+    os.chmod(path, 0o666)
+    assert remoteio.read_job_file(path) is None
+    assert "writable by other users" in capsys.readouterr().err

@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import struct
+import sys
 from typing import Any
 
 from ..image import safefs
@@ -50,7 +51,7 @@ def job_environment(job_file: str, env: dict | None = None) -> dict:
     env = dict(os.environ if env is None else env)
     env["PATH"] = SHIM_DIR + os.pathsep + env.get("PATH", "/usr/bin:/bin")
     env["HPCCKPT_JOB_FILE"] = job_file
-    env["HPCCKPT_PYTHON"] = env.get("HPCCKPT_PYTHON") or __import__("sys").executable
+    env["HPCCKPT_PYTHON"] = env.get("HPCCKPT_PYTHON") or sys.executable
     return env
 
 
@@ -108,12 +109,24 @@ def write_job_file(path: str, coord_host: str, coord_port: int, computation: str
 
 
 def read_job_file(path: str) -> dict | None:
-    """The job file, read only from a checked directory and never through a symlink (it says which coordinator
-    and checkpoint directory a job's ssh/srun use)."""
+    """The job file, read only from a checked directory, never through a symlink, and only a file of ours that
+    nobody else may write (it says which coordinator, checkpoint directory and settings a job's ssh/srun use)."""
+    path = os.path.abspath(path)
     try:
-        return json.loads(safefs.read_file(path))
+        dfd = safefs.open_dir(os.path.dirname(path))
+        try:
+            fd = safefs.open_file(dfd, os.path.basename(path), os.path.dirname(path))
+        finally:
+            os.close(dfd)
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_mode & 0o022:        # (we write it 0600)
+                print(f"hpcckpt: job file {path} is writable by other users: ignored (chmod go-w it); the command "
+                      f"runs outside the checkpointed computation", file=sys.stderr)
+                return None
+            job = json.loads(f.read())
     except (OSError, ValueError):
         return None
+    return job if isinstance(job, dict) else None
 
 
 def job_file_of(pid: int) -> str | None:
