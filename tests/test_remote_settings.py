@@ -15,9 +15,6 @@ from hpcckpt import settings as S
 from hpcckpt.agent import remoteio
 from hpcckpt.image.format import ImageReader, iter_chunks
 
-MULTIHOST = [pytest.mark.slow, pytest.mark.multihost,
-             pytest.mark.skipif(os.geteuid() != 0, reason="the multi-host harness needs root")]
-
 
 def test_settings_env_round_trips_every_forwarded_field_and_keeps_host_bound_ones_here():
     s = S.load({"forked": False, "compress": True, "compress_level": 5, "incremental": True, "write_tracking": False,
@@ -58,8 +55,10 @@ def images_by_host(ckptdir: Path) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.parametrize("mark", [pytest.param(None, marks=MULTIHOST)], ids=["ssh"])
-def test_launch_and_restart_settings_reach_the_agents_on_other_hosts(mark, hosts2, env, tmp_path, launch):
+@pytest.mark.slow
+@pytest.mark.multihost
+@pytest.mark.skipif(os.geteuid() != 0, reason="the multi-host harness needs root")
+def test_launch_and_restart_settings_reach_the_agents_on_other_hosts(hosts2, env, tmp_path, launch):
     h1 = hosts2[0]
     job = launch(*job_cmd(hosts2, h1.name, tmp_path), extra=("--no-forked-checkpoint", "--gzip"))
     out = tmp_path / "launch.0.out"
