@@ -158,7 +158,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
         if self.job_file:
             try:
                 remoteio.write_job_file(self.job_file, self.conn.host, self.conn.port, self.computation or "",
-                                        self.ckptdir)
+                                        self.ckptdir, self.s)    # (its settings reach agents on other hosts)
             except OSError as e:
                 log.warning("cannot write %s (ssh/srun inside the job will not find the coordinator): %s",
                             self.job_file, e)

@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
         if not args.command[0].strip():
             raise Fail(f"the command to run is an empty name {args.command[0]!r}")
         s = settings_from(args)
-        levelopts.export(s)              # the storage levels reach agents on other hosts (cli/shim.py)
         setup_logging("launch", s.quiet, s.log_level)
         dmtcpopts.note_layerless(args)
         dmtcpopts.prepare(s, args)

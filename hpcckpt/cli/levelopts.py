@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..settings import DRAIN_MODES
 
@@ -26,20 +25,3 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def flags(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k, None) for k in NAMES}
 
-
-ENV = {"local_dir": "HPCCKPT_LOCAL_DIR", "drain": "HPCCKPT_DRAIN", "partner": "HPCCKPT_PARTNER",
-       "keep_local": "HPCCKPT_KEEP_LOCAL", "drain_rate": "HPCCKPT_DRAIN_RATE"}
-
-
-def export(s) -> None:
-    """Put the storage settings in our environment, whatever gave them (flag, YAML, env): the job's ssh/srun shim
-    and a restart's remote parts start agents on other hosts, which must write to the same levels."""
-    if s.local_dir:
-        os.environ.update({var: str(int(v) if isinstance(v, bool) else v)
-                           for name, var in ENV.items() if (v := getattr(s, name)) is not None})
-
-
-def forwarded() -> list[str]:
-    """`env NAME=VALUE ...` arguments carrying the storage settings to a command run on another host (ssh does
-    not pass the environment)."""
-    return [f"{var}={os.environ[var]}" for var in ENV.values() if os.environ.get(var)]

@@ -15,9 +15,9 @@ import subprocess
 import threading
 
 from .. import installprefix
+from ..agent import remoteio
 from ..hostnames import is_local
-from ..settings import SettingsError, read_config_text
-from . import levelopts
+from ..settings import Settings, SettingsError, read_config_text
 from .common import Fail
 
 log = logging.getLogger("hpcckpt")
@@ -68,10 +68,11 @@ def address_towards(host: str) -> str:
 
 
 def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, ckptdir: str, launcher: str | None,
-                 extra: list[str]) -> subprocess.Popen:
+                 extra: list[str], settings: Settings | None = None) -> subprocess.Popen:
     """`hpcckpt restart --join` of host's images, run on host; the coordinator's secret goes on its stdin.
     launcher: "ssh", "srun", "pbs", "sge" (sched/base.py LAUNCHERS), or None for the scheduler whose job this
-    is (ssh outside a job)."""
+    is (ssh outside a job). settings: the restarting command's, which the restart there inherits (its
+    --incremental, --no-forked-checkpoint, storage levels, ...: agent/remoteio.py settings_env)."""
     local = is_local(host)
     coord_host = "127.0.0.1" if local else address_towards(host)
     if not local:         # the coordinator (on this host) listens on loopback: have it listen towards host too
@@ -85,7 +86,7 @@ def start_remote(host: str, images: list[str], coord_port: int, secret: bytes, c
            "--coord-port", str(coord_port), "--ckptdir", ckptdir, "--secret-stdin", *extra, *images]
     if os.environ.get("HPCCKPT_KEY_FILE"):       # the same key file there (image/auth.py); ssh does not pass it
         cmd = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *cmd]
-    cmd = ["env", *levelopts.forwarded(), *cmd] if levelopts.forwarded() else cmd      # storage levels
+    cmd = [*remoteio.env_prefix(remoteio.settings_env(settings) if settings else {}), *cmd]
     if local:
         # another agent's share, restarted on this host: its processes keep our standard input, as they would
         # under one restart (a pipe or terminal they read from must not turn into EOF); the secret goes

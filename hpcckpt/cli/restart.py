@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
     def body(argv):
         args = parser(prog).parse_args(argv)
         s = settings_from(args)
-        levelopts.export(s)              # ... and the parts restarted on other hosts (cli/multihost.py)
         setup_logging("restart", s.quiet, s.log_level)
         dmtcpopts.note_layerless(args)
         dmtcpopts.prepare(s)
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
                     others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
                                                                  args.launcher, (["-q"] if s.quiet else []) +
                                                                  (["--trust-unsigned"] if args.trust_unsigned
-                                                                  else []))))
+                                                                  else []), s)))
             if not readers:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None

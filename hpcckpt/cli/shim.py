@@ -25,7 +25,6 @@ from ..agent import remoteio
 from ..coordinator import protocol
 from ..coordinator.binding import address_towards, is_loopback, open_towards
 from ..coordinator.client import CoordinatorUnreachable
-from . import levelopts
 
 # ssh options that take a value (OpenSSH 9)
 SSH_VALUE_OPTS = set("BbcDEeFIiJLlmOoPpQRSWw")
@@ -299,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         # the key our images are signed with, the same file there (ssh does not pass the environment; a
         # cluster shares it through the home directory: image/auth.py)
         launch = ["env", f"HPCCKPT_KEY_FILE={os.environ['HPCCKPT_KEY_FILE']}", *launch]
-    launch = ["env", *levelopts.forwarded(), *launch] if levelopts.forwarded() else launch   # storage levels
+    # the launching agent's settings (--no-forked-checkpoint, --gzip, storage levels, ...: agent/remoteio.py);
+    # the flags above still win
+    settings = job.get("settings")
+    launch = [*remoteio.env_prefix(settings if isinstance(settings, dict) else {}), *launch]
     if kind == "ssh":
         assert dest is not None                  # a login session exec'ed the real ssh above
         full = [real, *opts, dest, shlex.join(launch)]
