@@ -25,8 +25,10 @@ STALL_S = 1.0        # a main-loop gap this long (the loop polls every 0.25 s) m
 class Liveness(CoordinatorBase):
     last_tick: float = 0.0
     last_heartbeat: float = 0.0
+    complete_cache: tuple[str, list[int]] | None = None     # (computation, its committed generations)
 
     def _liveness_tick(self, now: float) -> None:
+        self.complete_cache = None
         gap = now - self.last_tick if self.last_tick else 0.0
         self.last_tick = now
         if gap > STALL_S:
@@ -108,9 +110,15 @@ class Liveness(CoordinatorBase):
         return True
 
     def _complete_generations(self) -> list[int]:
+        # read from the checkpoint directory once per batch of messages (_liveness_tick forgets it), not once per
+        # hello: thousands of agents join at once, and a commit or prune (_finish_round) forgets it too
         if not self.computation:
             return []
-        return store.complete_generations(self.ckptdir, self.computation)
+        cached = self.complete_cache
+        if cached is None or cached[0] != self.computation:
+            cached = self.complete_cache = (self.computation,
+                                            store.complete_generations(self.ckptdir, self.computation))
+        return list(cached[1])
 
     def _on_abandon(self, ident: bytes, msg: dict) -> None:
         """An agent gave up a round on its own (lost us, or its job got a termination signal while frozen): its
