@@ -53,6 +53,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.console = console
         self.ckptdir = os.path.abspath(settings.ckptdir)     # ours: agents write their images where we say
         self.peers = {}
+        self.agent_index = {}                                 # agent id -> connection (liveness.py _add_peer)
         self.lost_peers = {}
         self.next_peer_id = 1
         self.computation = None
@@ -312,7 +313,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         if self.gate is not None and ident in self.gate.joined:
             peer.state = "RESTORING"
         self.next_peer_id += 1
-        self.peers[ident] = peer
+        self._add_peer(ident, peer)
         self.ranks.update(peer.processes, peer.restarted)
         self.ever_had_peers = True
         self._welcome(ident, peer)

@@ -101,3 +101,18 @@ def test_freshness_never_forgets_a_nonce_whose_message_is_still_fresh():
     assert all(t >= now - 2 for t in f.seen.values()), "a stale nonce is still remembered"
     assert len(f.seen) == sum(map(len, f.expiring.values()))
     assert min(f.expiring) >= int(now)
+
+
+def test_an_agent_back_on_a_new_connection_is_found_by_its_id(tmp_path):
+    """A hello is matched to a known agent through an index, not a scan of every peer (O(peers^2) joining);
+    the agent on a new connection keeps its peer number, and the old connection is forgotten."""
+    sim = Sim(str(tmp_path))
+    sim.join(50)
+    old = sim.agents[7]
+    number = sim.c.peers[old].peer_id
+    sim.deliver(b"new-connection", protocol.Hello(host="node0", agent_pid=1007, processes=[], agent_id="a000007")
+                .to_dict())
+    assert old not in sim.c.peers and sim.c.peers[b"new-connection"].peer_id == number
+    assert len(sim.c.peers) == 50
+    sim.deliver(b"other", protocol.Hello(host="node9", agent_pid=9, processes=[], agent_id="a999999").to_dict())
+    assert sim.c.peers[b"other"].peer_id == 51                 # a new agent id: a new peer
