@@ -391,18 +391,17 @@ def plot(results: list[dict], tree: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def tree_rows(n: int, relay: int, rounds: int, work: Path) -> list[dict]:
-    """A tree of n agents behind n / relay per-node relays: the coordinator's stage (relays answer at once), one
-    node's stage (one relay and its agents: every node does this at the same time on a cluster), their sum (the
-    critical path of a barrier on a cluster), and every node emulated at once on this machine."""
+def tree_rows(n: int, relay: int, rounds: int, work: Path, node: dict) -> list[dict]:
+    """A tree of n agents behind n / relay per-node relays: the coordinator's stage (relays answer at once); with
+    node, one node's stage measured alone (one relay and its agents: every node does this at the same time on a
+    cluster), their sum (the critical path of a barrier on a cluster); and every node emulated at once here."""
     coord = {**one(n, rounds, work, relay, local=False), "mode": "coordinator stage"}
-    node = {**one(relay, rounds, work, relay, local=True), "mode": "one node's stage", "peers": relay}
     full = {**one(n, rounds, work, relay, local=True), "mode": "all on this machine"}
     crit = {"peers": n, "relay": relay, "mode": "critical path", "join_s": None, "cpu_s": coord["cpu_s"],
             "rss": coord["rss"], "wall_s": None, "floor_s": None,
             "barrier_s": coord["barrier_s"] + node["barrier_s"], "duration_s": coord["duration_s"] +
             node["duration_s"]}
-    return [coord, node, full, crit]
+    return [coord, full, crit]
 
 
 def _ms(v: float | None, fmt: str = ".1f") -> str:
@@ -430,8 +429,14 @@ def main() -> int:
                   f"{r['duration_s'] * 1e3:.0f} ms (wall {r['wall_s'] * 1e3:.0f} ms), coordinator CPU "
                   f"{r['cpu_s']:.2f} s/round, RSS {r['rss'] / 1e6:.0f} MB, floor {r['floor_s'] * 1e3:.1f} ms",
                   flush=True)
-        for n in [int(x) for x in args.tree.split(",") if x]:
-            rows = tree_rows(n, args.relay, args.rounds, Path(d))
+        tree_ns = [int(x) for x in args.tree.split(",") if x]
+        if tree_ns:     # one node: one relay and its agents (every node of a cluster does this at the same time)
+            node = {**one(args.relay, args.rounds, Path(d), args.relay, local=True), "mode": "one node's stage"}
+            tree.append(node)
+            print(f"tree: one node ({args.relay} agents, one relay): barrier {node['barrier_s'] * 1e3:.1f} ms, "
+                  f"round {node['duration_s'] * 1e3:.0f} ms", flush=True)
+        for n in tree_ns:
+            rows = tree_rows(n, args.relay, args.rounds, Path(d), node)
             tree += rows
             for t in rows:
                 print(f"tree {n:5d} agents / {args.relay} per relay, {t['mode']}: barrier "
