@@ -27,6 +27,7 @@ class Liveness(CoordinatorBase):
     last_heartbeat: float = 0.0
     complete_cache: tuple[str, list[int]] | None = None     # (computation, its committed generations)
     agent_index: dict[str, bytes]                            # agent id -> its connection (server.py creates it)
+    fresh: protocol.Freshness                                # the replay memory (server.py bind)
 
     def _liveness_tick(self, now: float) -> None:
         self.complete_cache = None
@@ -76,6 +77,9 @@ class Liveness(CoordinatorBase):
         self.peers[ident] = peer
         if peer.agent_id:
             self.agent_index[peer.agent_id] = ident
+        # the replay memory's bound grows with the agents: each one's heartbeats fill window / heartbeat of it
+        per_agent = protocol.NONCES_PER_AGENT_HEARTBEATS * self.fresh.window / self.s.heartbeat_s() + 64
+        self.fresh.max_nonces = max(self.fresh.max_nonces, int(len(self.peers) * per_agent))
 
     def _known_agent(self, ident: bytes, agent_id: str) -> bytes | None:
         if ident in self.peers:

@@ -42,6 +42,9 @@ MAX_MESSAGE_BYTES = int(os.environ.get("HPCCKPT_MAX_MESSAGE") or 32 << 20)
 # this close (NTP; Slurm's MUNGE credentials already need the same, their default TTL is 300 s).
 FRESHNESS_S = float(os.environ.get("HPCCKPT_FRESHNESS") or 300.0)
 MAX_NONCES = 1_000_000               # nonces remembered within the window: ~1000 agents' heartbeats, 300 times over
+# ... and at least this many per connected agent (Coordinator._add_peer raises the bound): an agent's heartbeats
+# alone fill window / heartbeat (150 by default), so a fixed million refused every message past ~6600 agents
+NONCES_PER_AGENT_HEARTBEATS = 3
 
 
 class ProtocolError(Exception):
@@ -180,7 +183,7 @@ class Freshness:
     def __init__(self, window: float | None = None, max_nonces: int = MAX_NONCES):
         self.window = FRESHNESS_S if window is None else window
         self.max_nonces = max_nonces
-        self.seen: dict[str, float] = {}      # nonce -> when its message becomes stale (our clock)
+        self.seen: set[str] = set()           # the nonces remembered (a set: ~170 bytes a nonce, not ~200)
         self.expiring: dict[int, list[str]] = {}   # whole second after which they are stale -> those nonces
         self.purged = 0                       # every second before this one has been forgotten
 
@@ -194,7 +197,7 @@ class Freshness:
             due = [s for s in range(self.purged, second) if s in self.expiring]
         for s in due:
             for nonce in self.expiring.pop(s):
-                self.seen.pop(nonce, None)
+                self.seen.discard(nonce)
         self.purged = second
 
     def check(self, nonce: str, ts: float, now: float | None = None) -> None:
@@ -212,7 +215,7 @@ class Freshness:
         if len(self.seen) >= self.max_nonces:
             raise Refused(f"more than {self.max_nonces} messages within {self.window:.0f} s", nonce)
         stale_at = ts + self.window
-        self.seen[nonce] = stale_at
+        self.seen.add(nonce)
         # filed under the second after stale_at: forgotten only once now > stale_at, when the age check refuses it
         self.expiring.setdefault(int(stale_at) + 1, []).append(nonce)
 

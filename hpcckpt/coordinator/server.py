@@ -54,6 +54,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.ckptdir = os.path.abspath(settings.ckptdir)     # ours: agents write their images where we say
         self.peers = {}
         self.agent_index = {}                                 # agent id -> connection (liveness.py _add_peer)
+        self.fresh = protocol.Freshness()                     # (a new one for each bind)
         self.lost_peers = {}
         self.next_peer_id = 1
         self.computation = None
