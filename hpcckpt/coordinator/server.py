@@ -36,6 +36,7 @@ Handler = Callable[[bytes, dict], None]
 # peers (bench/RESULTS-scale.md). ROUTER_MANDATORY is off: a send to a gone peer is dropped, not an error.
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
+LISTEN_BACKLOG = 4096  # (the kernel caps it at net.core.somaxconn)
 DRAIN_BATCH = 4096   # messages taken per wakeup before the timers run again (a whole barrier's acks at 4096 peers)
 __all__ = ["Coordinator", "Peer", "new_computation_id"]
 
@@ -114,6 +115,9 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.RCVHWM, 100)
+        # thousands of agents connect at once when a job starts: ZeroMQ's listen backlog of 100 dropped the rest's
+        # SYNs, which the kernel retries after 1 s, then 3 s (bench/scale.py: joining 256 agents took 1.1 s)
+        self.sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         first = plan[0][0]
         if self.s.coord_port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{first}", min_port=20000, max_port=60000)
