@@ -117,6 +117,8 @@ def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int,
                 d.setsockopt(zmq.LINGER, 0)
                 d.setsockopt(zmq.IDENTITY, a.encode())
                 d.connect(f"tcp://127.0.0.1:{lport}")
+                # (its relay can only send to it once it has heard from it: a ROUTER drops what it cannot route)
+                d.send_multipart(protocol.encode(key, {"type": "hello", "role": "peer", "agent_id": a}))
                 poller.register(d, zmq.POLLIN)
                 mine.append(d)
         agents.append(mine)
@@ -125,6 +127,7 @@ def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int,
     agent_socks = {d for mine in agents for d in mine}
     current: list[dict | None] = [None] * count        # the phase each relay awaits its agents' acks for
     acks: list[dict] = [{} for _ in range(count)]
+    present: list[set[bytes]] = [set() for _ in range(count)]    # the agents each relay has heard from
     welcomed = 0
     told = False
     last_hb = time.monotonic()
@@ -154,7 +157,10 @@ def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int,
                     elif t == "phase" and msg["phase"] != "abort":
                         s.send_multipart(protocol.encode(key, agent_ack(msg)))
                     continue
-                ident, msg = frames[0], protocol.decode(key, frames[1:], fresh)     # an agent's ack, checked
+                ident, msg = frames[0], protocol.decode(key, frames[1:], fresh)     # an agent's, checked
+                if msg.get("type") == "hello":
+                    present[r].add(ident)
+                    continue
                 cur = current[r]
                 if msg.get("type") != "ack" or cur is None or msg.get("phase") != cur["phase"]:
                     continue
@@ -163,7 +169,7 @@ def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int,
                     current[r] = None
                     if cur["phase"] != "abort":
                         ups[r].send_multipart(protocol.encode(key, aggregate(cur, list(acks[r].values()))))
-        if welcomed == count and not told:
+        if welcomed == count and not told and (not local or all(len(p) == per_relay for p in present)):
             ready.put(count)
             told = True
         if time.monotonic() - last_hb > 2.0:
