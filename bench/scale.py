@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -41,11 +42,154 @@ def _raise_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def agent_ack(msg: dict) -> dict:
+    """What an agent with no processes answers to a phase message."""
+    reply = {"type": "ack", "phase": msg["phase"], "generation": msg["generation"], "ok": True, "error": None}
+    if msg["phase"] == "suspend":
+        reply["tcp_ends"] = []
+    elif msg["phase"] == "checkpoint":
+        reply.update(images=[], stats={"bytes_in": 0, "bytes_out": 0}, pending=False)
+    elif msg["phase"] == "resume":
+        reply["stats"] = {"frozen_s": 0.0}
+    return reply
+
+
+def aggregate(phase: dict, acks: list[dict]) -> dict:
+    """A relay's one ack for its agents' acks of a phase: ok only if all are; the lists the coordinator keeps
+    (TCP ends, images) concatenated; the stats summed, frozen_s the longest; the first error, naming its agent."""
+    up = {"type": "ack", "phase": phase["phase"], "generation": phase["generation"],
+          "ok": all(a.get("ok") for a in acks), "error": next((a.get("error") for a in acks if not a.get("ok")), None)}
+    if phase["phase"] == "suspend":
+        up["tcp_ends"] = [e for a in acks for e in a.get("tcp_ends") or []]
+    elif phase["phase"] == "checkpoint":
+        stats: dict = {}
+        for a in acks:
+            for k, v in (a.get("stats") or {}).items():
+                stats[k] = stats.get(k, 0) + v
+        up.update(images=[i for a in acks for i in a.get("images") or []], stats=stats,
+                  pending=any(a.get("pending") for a in acks))
+    elif phase["phase"] == "resume":
+        up["stats"] = {"frozen_s": max((a.get("stats") or {}).get("frozen_s", 0.0) for a in acks)}
+    return up
+
+
+def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int, local: bool, ready, stop) -> None:
+    """count relays in one process, each one peer of the coordinator standing for per_relay agents of its node.
+
+    local=True: each relay has its per_relay agents as real connections (a ROUTER of its own on loopback, the
+    agents DEALERs in this process, the same authenticated framing: the relay checks MAC and freshness as the
+    coordinator does), forwards each phase to them (encoded once) and acks upward once all have answered.
+    local=False: the agents' side is left out (the relay answers at once): what the coordinator alone costs in a
+    tree, its part of the critical path on a cluster where each node's relay runs on that node."""
+    os.environ["HPCCKPT_RUNDIR"] = rundir
+    _raise_nofile()
+    import zmq
+
+    from hpcckpt.coordinator import protocol
+    key = protocol.read_secret(port)
+    ctx = zmq.Context()
+    ctx.MAX_SOCKETS = count * (per_relay + 2) + 64
+    poller = zmq.Poller()
+    ups, downs, agents = [], [], []          # per relay: the coordinator side, its ROUTER, its agents' DEALERs
+    fresh = protocol.Freshness()
+    for i in range(count):
+        n = first + i
+        up = ctx.socket(zmq.DEALER)
+        up.setsockopt(zmq.LINGER, 0)
+        up.connect(f"tcp://127.0.0.1:{port}")
+        ids = [f"a{n * per_relay + j:06d}" for j in range(per_relay)]
+        up.send_multipart(protocol.encode(key, {
+            "type": "hello", "role": "peer", "host": f"node{n}", "agent_pid": 100000 + n,
+            "processes": [{"pid": 1000 + j, "unique_id": f"sim-{a}", "program": "sim"} for j, a in enumerate(ids)],
+            "computation": "scale", "restart": False, "generation": None, "agent_id": f"relay{n:05d}",
+            "agents": {}, "agent_ids": ids}))
+        poller.register(up, zmq.POLLIN)
+        ups.append(up)
+        mine = []
+        if local:
+            down = ctx.socket(zmq.ROUTER)
+            down.setsockopt(zmq.LINGER, 0)
+            lport = down.bind_to_random_port("tcp://127.0.0.1")
+            poller.register(down, zmq.POLLIN)
+            downs.append(down)
+            for a in ids:
+                d = ctx.socket(zmq.DEALER)
+                d.setsockopt(zmq.LINGER, 0)
+                d.setsockopt(zmq.IDENTITY, a.encode())
+                d.connect(f"tcp://127.0.0.1:{lport}")
+                # (its relay can only send to it once it has heard from it: a ROUTER drops what it cannot route)
+                d.send_multipart(protocol.encode(key, {"type": "hello", "role": "peer", "agent_id": a}))
+                poller.register(d, zmq.POLLIN)
+                mine.append(d)
+        agents.append(mine)
+    ids_of = [[f"a{(first + i) * per_relay + j:06d}".encode() for j in range(per_relay)] for i in range(count)]
+    relay_of = {s: i for i, s in enumerate(ups)} | {s: i for i, s in enumerate(downs)}
+    agent_socks = {d for mine in agents for d in mine}
+    current: list[dict | None] = [None] * count        # the phase each relay awaits its agents' acks for
+    acks: list[dict] = [{} for _ in range(count)]
+    present: list[set[bytes]] = [set() for _ in range(count)]    # the agents each relay has heard from
+    welcomed = 0
+    told = False
+    last_hb = time.monotonic()
+    while not stop.is_set():
+        for s in dict(poller.poll(100)):
+            while True:
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if s in agent_socks:                     # an agent: answer its relay's phase
+                    msg = protocol.decode(key, frames)
+                    if msg.get("type") == "phase" and msg["phase"] != "abort":
+                        s.send_multipart(protocol.encode(key, agent_ack(msg)))
+                    continue
+                r = relay_of[s]
+                if s is ups[r]:                          # the coordinator
+                    msg = protocol.decode(key, frames)
+                    t = msg.get("type")
+                    if t == "welcome":
+                        welcomed += 1
+                    elif t == "phase" and local:
+                        current[r], acks[r] = msg, {}
+                        fwd = protocol.encode(key, {k: v for k, v in msg.items() if k not in ("nonce", "ts")})
+                        for ident in ids_of[r]:
+                            downs[r].send_multipart([ident, *fwd])
+                    elif t == "phase" and msg["phase"] != "abort":
+                        s.send_multipart(protocol.encode(key, agent_ack(msg)))
+                    continue
+                ident, msg = frames[0], protocol.decode(key, frames[1:], fresh)     # an agent's, checked
+                if msg.get("type") == "hello":
+                    present[r].add(ident)
+                    continue
+                cur = current[r]
+                if msg.get("type") != "ack" or cur is None or msg.get("phase") != cur["phase"]:
+                    continue
+                acks[r][ident] = msg
+                if len(acks[r]) == per_relay:
+                    current[r] = None
+                    if cur["phase"] != "abort":
+                        ups[r].send_multipart(protocol.encode(key, aggregate(cur, list(acks[r].values()))))
+        if welcomed == count and not told and (not local or all(len(p) == per_relay for p in present)):
+            ready.put(count)
+            told = True
+        if time.monotonic() - last_hb > 2.0:
+            for s in ups:
+                s.send_multipart(protocol.encode(key, {"type": "heartbeat"}))
+            for mine in agents:
+                for d in mine:
+                    d.send_multipart(protocol.encode(key, {"type": "heartbeat"}))
+            last_hb = time.monotonic()
+    for s in [*ups, *downs, *agent_socks]:
+        s.close(0)
+    ctx.term()
+
+
 def worker(port: int, rundir: str, first: int, count: int, ready, stop) -> None:
     """count simulated peers (agents without processes) in one process."""
     os.environ["HPCCKPT_RUNDIR"] = rundir
     _raise_nofile()
     import zmq
+
     from hpcckpt.coordinator import protocol
     key = protocol.read_secret(port)
     ctx = zmq.Context()
@@ -82,17 +226,8 @@ def worker(port: int, rundir: str, first: int, count: int, ready, stop) -> None:
                 t = msg.get("type")
                 if t == "welcome":
                     welcomed += 1
-                elif t == "phase":
-                    reply = {"type": "ack", "phase": msg["phase"], "generation": msg["generation"], "ok": True,
-                             "error": None}
-                    if msg["phase"] == "suspend":
-                        reply["tcp_ends"] = []
-                    elif msg["phase"] == "checkpoint":
-                        reply.update(images=[], stats={"bytes_in": 0, "bytes_out": 0}, pending=False)
-                    elif msg["phase"] == "resume":
-                        reply["stats"] = {"frozen_s": 0.0}
-                    if msg["phase"] != "abort":
-                        s.send_multipart(protocol.encode(key, reply))
+                elif t == "phase" and msg["phase"] != "abort":
+                    s.send_multipart(protocol.encode(key, agent_ack(msg)))
         if welcomed == count and not told:
             ready.put(count)
             told = True
@@ -108,6 +243,7 @@ def worker(port: int, rundir: str, first: int, count: int, ready, stop) -> None:
 def zmq_floor(n: int, rounds: int = 5) -> float:
     """One broadcast to n DEALERs and n replies through a bare ROUTER (no JSON, no MAC): the transport's floor."""
     import threading
+
     import zmq
     ctx = zmq.Context()
     ctx.MAX_SOCKETS = n + 64
@@ -163,18 +299,20 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def one(n: int, rounds: int, work: Path) -> dict:
-    rundir = work / f"run{n}"
-    ck = work / f"ck{n}"
+def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> dict:
+    """n peers; relay > 0: behind n / relay relays of relay agents each (relay_worker)."""
+    tag = f"{n}" + (f"r{relay}{'l' if local else 'v'}" if relay else "")
+    rundir = work / f"run{tag}"
+    ck = work / f"ck{tag}"
     ck.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DMTCP_", "HPCCKPT_"))}
     env["HPCCKPT_RUNDIR"] = str(rundir)
-    port_file = work / f"port{n}"
+    port_file = work / f"port{tag}"
     prof = os.environ.get("HPCCKPT_BENCH_COORD_WRAPPER")       # e.g. a script that profiles the coordinator
     head = [sys.executable, prof] if prof else [str(BIN / "dmtcp_coordinator")]
     coord = subprocess.Popen([*head, "-p", "0", "--port-file", str(port_file), "--ckptdir",
                               str(ck), "-q"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=open(work / f"coord{n}.err", "w"), preexec_fn=_raise_nofile)
+                             stderr=open(work / f"coord{tag}.err", "w"), preexec_fn=_raise_nofile)
     try:
         t0 = time.monotonic()
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -182,21 +320,25 @@ def one(n: int, rounds: int, work: Path) -> dict:
                 raise SystemExit("bench: the coordinator did not start")
             time.sleep(0.02)
         port = int(port_file.read_text())
-        workers = max(1, min(4, n // 16))
-        ready, stop = mp.Queue(), mp.Event()
+        units = n // relay if relay else n              # the coordinator's peers
+        workers = max(1, min(4, units // 16 if not relay else units))
+        ready: mp.Queue[int] = mp.Queue()
+        stop = mp.Event()
         procs = []
         t_join = time.monotonic()
-        per = [n // workers + (1 if i < n % workers else 0) for i in range(workers)]
+        per = [units // workers + (1 if i < units % workers else 0) for i in range(workers)]
         first = 0
         for c in per:
-            p = mp.Process(target=worker, args=(port, str(rundir), first, c, ready, stop))
+            args = (port, str(rundir), first, c, relay, local, ready, stop) if relay else \
+                (port, str(rundir), first, c, ready, stop)
+            p = mp.Process(target=relay_worker if relay else worker, args=args)
             p.start()
             procs.append(p)
             first += c
         for _ in procs:
             ready.get(timeout=300)
         join_s = time.monotonic() - t_join
-        rows = []
+        rows: list[dict[str, Any]] = []
         for _ in range(rounds):
             cpu0, _ = proc_stats(coord.pid)
             t0 = time.monotonic()
@@ -214,9 +356,10 @@ def one(n: int, rounds: int, work: Path) -> dict:
         stop.set()
         for p in procs:
             p.join(30)
-        med = {k: statistics.median(r[k] for r in rows if r[k] is not None)
+        med = {k: statistics.median(float(r[k]) for r in rows if r[k] is not None)
                for k in ("wall_s", "duration_s", "cpu_s", "barrier_s", "rss")}
-        return {"peers": n, "join_s": join_s, **med, "floor_s": zmq_floor(n), "rounds": rows}
+        return {"peers": n, "relay": relay, "local": local, "join_s": join_s, **med,
+                "floor_s": zmq_floor(units), "rounds": rows}
     finally:
         subprocess.run([str(BIN / "dmtcp_command"), "--port-file", str(port_file), "-q"], env=env,
                        capture_output=True, timeout=60)
@@ -226,35 +369,64 @@ def one(n: int, rounds: int, work: Path) -> dict:
             coord.kill()
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], tree: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ns = [r["peers"] for r in results]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.loglog(ns, [r["barrier_s"] * 1e3 for r in results], "o-", label="one barrier (median phase)")
+    ax.loglog(ns, [r["barrier_s"] * 1e3 for r in results], "o-", label="one barrier (median phase), one coordinator")
     ax.loglog(ns, [r["duration_s"] * 1e3 for r in results], "s-", label="checkpoint round (5 barriers + commit)")
     ax.loglog(ns, [r["floor_s"] * 1e3 for r in results], "^--", label="floor: bare ZeroMQ broadcast + replies")
     ax.loglog(ns, [ns[0] and results[0]["barrier_s"] * 1e3 * n / ns[0] for n in ns], ":", color="grey",
               label="linear from the smallest N")
+    crit = [t for t in tree if t["mode"] == "critical path"]
+    if crit:
+        ax.loglog([t["peers"] for t in crit], [t["barrier_s"] * 1e3 for t in crit], "D-", color="tab:green",
+                  label=f"tree: coordinator + one node's relay ({crit[0]['relay']} agents each)")
+    full = [t for t in tree if t["mode"] == "all on this machine"]
+    if full:
+        ax.loglog([t["peers"] for t in full], [t["barrier_s"] * 1e3 for t in full], "x:", color="tab:green",
+                  label="tree, every node emulated on this machine")
     ax.axhline(50, color="tab:red", linewidth=0.8, linestyle="--", label="goal: 50 ms per barrier at 4096")
     ax.set_xlabel("peers")
     ax.set_ylabel("ms")
     ax.set_title(f"coordinator at scale ({platform.node()}, {os.cpu_count()} cores)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def tree_rows(n: int, relay: int, rounds: int, work: Path, node: dict) -> list[dict]:
+    """A tree of n agents behind n / relay per-node relays: the coordinator's stage (relays answer at once); with
+    node, one node's stage measured alone (one relay and its agents: every node does this at the same time on a
+    cluster), their sum (the critical path of a barrier on a cluster); and every node emulated at once here."""
+    coord = {**one(n, rounds, work, relay, local=False), "mode": "coordinator stage"}
+    full = {**one(n, rounds, work, relay, local=True), "mode": "all on this machine"}
+    crit = {"peers": n, "relay": relay, "mode": "critical path", "join_s": None, "cpu_s": coord["cpu_s"],
+            "rss": coord["rss"], "wall_s": None, "floor_s": None,
+            "barrier_s": coord["barrier_s"] + node["barrier_s"], "duration_s": coord["duration_s"] +
+            node["duration_s"]}
+    return [coord, full, crit]
+
+
+def _ms(v: float | None, fmt: str = ".1f") -> str:
+    return "-" if v is None else format(v * 1e3, fmt)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--peers", default="16,64,256,1024,4096")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tree", default="1024,4096", help="peer counts to measure behind relays too ('' for none)")
+    ap.add_argument("--relay", type=int, default=64, help="agents per relay (per node) in the tree")
     ap.add_argument("--out", default=str(HERE / "RESULTS-scale.md"))
     args = ap.parse_args()
     _raise_nofile()
     ns = [int(x) for x in args.peers.split(",")]
-    results = []
+    results: list[dict] = []
+    tree: list[dict] = []
+    load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hpcckpt-scale-") as d:
         for n in ns:
             r = one(n, args.rounds, Path(d))
@@ -263,16 +435,33 @@ def main() -> int:
                   f"{r['duration_s'] * 1e3:.0f} ms (wall {r['wall_s'] * 1e3:.0f} ms), coordinator CPU "
                   f"{r['cpu_s']:.2f} s/round, RSS {r['rss'] / 1e6:.0f} MB, floor {r['floor_s'] * 1e3:.1f} ms",
                   flush=True)
+        tree_ns = [int(x) for x in args.tree.split(",") if x]
+        if tree_ns:     # one node: one relay and its agents (every node of a cluster does this at the same time)
+            node = {**one(args.relay, args.rounds, Path(d), args.relay, local=True), "mode": "one node's stage"}
+            tree.append(node)
+            print(f"tree: one node ({args.relay} agents, one relay): barrier {node['barrier_s'] * 1e3:.1f} ms, "
+                  f"round {node['duration_s'] * 1e3:.0f} ms", flush=True)
+        for n in tree_ns:
+            rows = tree_rows(n, args.relay, args.rounds, Path(d), node)
+            tree += rows
+            for t in rows:
+                print(f"tree {n:5d} agents / {args.relay} per relay, {t['mode']}: barrier "
+                      f"{t['barrier_s'] * 1e3:.1f} ms, round {t['duration_s'] * 1e3:.0f} ms", flush=True)
+    load1 = os.getloadavg()
     out = Path(args.out)
-    png = out.with_suffix(".png")
+    png: Path | None = out.with_suffix(".png")
     try:
-        plot(results, png)
+        assert png is not None
+        plot(results, tree, png)
     except ImportError:
         png = None
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:])
-    lines = [f"# The coordinator at scale\n",
-             f"`{cmd.strip()}` on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores. "
-             f"Simulated peers (bench/scale.py docstring): real ZeroMQ connections and protocol, no processes.\n",
+    lines = ["# The coordinator at scale\n",
+             f"`{cmd.strip()}` on {platform.node()}, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
+             f"load average {load0[0]:.2f} at the start and {load1[0]:.2f} at the end (other work running). "
+             f"Medians of {args.rounds} rounds. Simulated peers (bench/scale.py docstring): real ZeroMQ connections "
+             f"and protocol, no processes.\n",
+             "## One coordinator\n",
              "| peers | join (s) | one barrier (ms) | checkpoint round (ms) | `-bc` wall (ms) | coordinator CPU per "
              "round (s) | coordinator RSS (MB) | floor: bare ZeroMQ round trip (ms) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -283,6 +472,16 @@ def main() -> int:
         lines.append(f"\n![scaling]({png.name})\n")
     lines.append("\nPer-phase times of the last round at the largest N: " +
                  ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in results[-1]["rounds"][-1]["phases"].items()))
+    if tree:
+        lines += ["\n## A tree: per-node relays (bench/scale.py relay_worker)\n",
+                  f"Agents behind relays of {args.relay} agents (one relay per node); the coordinator sees one peer "
+                  "per relay.\n",
+                  "| agents | relays | stage | one barrier (ms) | checkpoint round (ms) | coordinator CPU per "
+                  "round (s) |",
+                  "|---|---|---|---|---|---|"]
+        for t in tree:
+            lines.append(f"| {t['peers']} | {max(1, t['peers'] // t['relay'])} | {t['mode']} | {_ms(t['barrier_s'])} | "
+                         f"{_ms(t['duration_s'], '.0f')} | {t['cpu_s']:.2f} |")
     notes = ""
     if out.exists() and "## Notes" in out.read_text():
         notes = out.read_text()[out.read_text().index("## Notes"):]

@@ -14,7 +14,7 @@ import time
 
 from ..image import store
 from . import protocol
-from .base import CoordinatorBase
+from .base import CoordinatorBase, Peer
 
 log = logging.getLogger("hpcckpt.coordinator")
 
@@ -25,8 +25,12 @@ STALL_S = 1.0        # a main-loop gap this long (the loop polls every 0.25 s) m
 class Liveness(CoordinatorBase):
     last_tick: float = 0.0
     last_heartbeat: float = 0.0
+    complete_cache: tuple[str, list[int]] | None = None     # (computation, its committed generations)
+    agent_index: dict[str, bytes]                            # agent id -> its connection (server.py creates it)
+    fresh: protocol.Freshness                                # the replay memory (server.py bind)
 
     def _liveness_tick(self, now: float) -> None:
+        self.complete_cache = None
         gap = now - self.last_tick if self.last_tick else 0.0
         self.last_tick = now
         if gap > STALL_S:
@@ -68,12 +72,25 @@ class Liveness(CoordinatorBase):
         """Just started and no agent yet: those of a computation whose coordinator was restarted are reconnecting."""
         return not self.ever_had_peers and time.monotonic() - self.started < JOIN_GRACE_S
 
+    def _add_peer(self, ident: bytes, peer: Peer) -> None:
+        """Every peer goes in through here, so that agent_index stays complete."""
+        self.peers[ident] = peer
+        if peer.agent_id:
+            self.agent_index[peer.agent_id] = ident
+        # the replay memory's bound grows with the agents: each one's heartbeats fill window / heartbeat of it
+        per_agent = protocol.NONCES_PER_AGENT_HEARTBEATS * self.fresh.window / self.s.heartbeat_s() + 64
+        self.fresh.max_nonces = max(self.fresh.max_nonces, int(len(self.peers) * per_agent))
+
     def _known_agent(self, ident: bytes, agent_id: str) -> bytes | None:
         if ident in self.peers:
             return ident
         if not agent_id:
             return None
-        return next((i for i, p in self.peers.items() if p.agent_id == agent_id), None)
+        # the index, not a scan of every peer per hello (O(peers^2) for thousands joining: 1.6 s at 4096);
+        # an entry of a peer gone since is ignored (agent ids are unique among the peers: _rejoin)
+        i = self.agent_index.get(agent_id)
+        p = self.peers.get(i) if i is not None else None
+        return i if p is not None and p.agent_id == agent_id else None
 
     def _rejoin(self, ident: bytes, msg: dict) -> bool:
         """A hello from an agent we know (same connection or same agent id: it lost us for a while and comes
@@ -85,7 +102,7 @@ class Liveness(CoordinatorBase):
         away = old != ident or agent_id in self.lost_peers     # (else: a repeated hello of a peer we still have)
         if old is None and agent_id in self.lost_peers and msg.get("computation") == self.computation:
             old = ident                                   # given up for its silence: it was only slow
-            self.peers[ident] = self.lost_peers[agent_id]
+            self._add_peer(ident, self.lost_peers[agent_id])
         if old is None:
             return False
         self.lost_peers.pop(agent_id, None)
@@ -99,7 +116,7 @@ class Liveness(CoordinatorBase):
         peer.ident = ident
         peer.last_seen = time.monotonic()
         peer.processes = list(msg.get("processes", peer.processes))
-        self.peers[ident] = peer
+        self._add_peer(ident, peer)
         self.ranks.update(peer.processes, peer.restarted)
         self.generation = max(self.generation, int(msg.get("generation") or 0))
         (log.info if away else log.debug)("peer %d on %s is back (agent %s)", peer.peer_id, peer.host,
@@ -108,9 +125,15 @@ class Liveness(CoordinatorBase):
         return True
 
     def _complete_generations(self) -> list[int]:
+        # read from the checkpoint directory once per batch of messages (_liveness_tick forgets it), not once per
+        # hello: thousands of agents join at once, and a commit or prune (_finish_round) forgets it too
         if not self.computation:
             return []
-        return store.complete_generations(self.ckptdir, self.computation)
+        cached = self.complete_cache
+        if cached is None or cached[0] != self.computation:
+            cached = self.complete_cache = (self.computation,
+                                            store.complete_generations(self.ckptdir, self.computation))
+        return list(cached[1])
 
     def _on_abandon(self, ident: bytes, msg: dict) -> None:
         """An agent gave up a round on its own (lost us, or its job got a termination signal while frozen): its

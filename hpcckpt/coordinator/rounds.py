@@ -16,6 +16,8 @@ log = logging.getLogger("hpcckpt.coordinator")
 
 
 class Rounds(CoordinatorBase):
+    complete_cache: tuple[str, list[int]] | None = None     # liveness.py's: forgotten once a round ends
+
     def start_checkpoint(self, kill_after: bool = False, waiter: Waiter | None = None) -> str | None:
         """Begin a checkpoint round; returns an error text if one cannot start now."""
         if self.round is not None:
@@ -85,7 +87,7 @@ class Rounds(CoordinatorBase):
             peer.state = reached.value
         if not msg.get("ok", False):
             log.error("peer %d failed %s: %s", peer.peer_id, r.acks_text(), msg.get("error"))
-        else:
+        elif log.isEnabledFor(logging.DEBUG):      # (not the text per ack when it is not logged: 4096 a phase)
             log.debug("%s peer=%d", r.acks_text(), peer.peer_id)
         self._check_round()
 
@@ -186,6 +188,7 @@ class Rounds(CoordinatorBase):
         r = self.round
         assert r is not None
         self.round = None
+        self.complete_cache = None                # a generation committed or pruned
         journal.record(self.ckptdir, "checkpoint", computation=self.computation, generation=r.generation, ok=ok,
                        phase=None if ok else r.phase, error=None if ok else r.error,
                        duration_s=round(time.time() - r.started, 3))

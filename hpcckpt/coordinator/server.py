@@ -32,6 +32,12 @@ from .rounds import Rounds
 
 log = logging.getLogger("hpcckpt.coordinator")
 Handler = Callable[[bytes, dict], None]
+# Raw int flags: pyzmq's send_multipart ORs IntFlag enums per frame, half the cost of a send with thousands of
+# peers (bench/RESULTS-scale.md). ROUTER_MANDATORY is off: a send to a gone peer is dropped, not an error.
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+LISTEN_BACKLOG = 4096  # (the kernel caps it at net.core.somaxconn)
+DRAIN_BATCH = 4096   # messages taken per wakeup before the timers run again (a whole barrier's acks at 4096 peers)
 __all__ = ["Coordinator", "Peer", "new_computation_id"]
 
 
@@ -48,6 +54,8 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.console = console
         self.ckptdir = os.path.abspath(settings.ckptdir)     # ours: agents write their images where we say
         self.peers = {}
+        self.agent_index = {}                                 # agent id -> connection (liveness.py _add_peer)
+        self.fresh = protocol.Freshness()                     # (a new one for each bind)
         self.lost_peers = {}
         self.next_peer_id = 1
         self.computation = None
@@ -74,6 +82,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.ctx: zmq.Context = zmq.Context.instance()
         self.sock = None
         self.handlers = self.protocol_table()
+        self.status_dirty = False
 
     def protocol_table(self) -> dict[str, Handler]:
         """Every message a peer (or a client) sends, and what handles it: the table of docs/protocol.md
@@ -106,6 +115,9 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.RCVHWM, 100)
+        # thousands of agents connect at once when a job starts: ZeroMQ's listen backlog of 100 dropped the rest's
+        # SYNs, which the kernel retries after 1 s, then 3 s (bench/scale.py: joining 256 agents took 1.1 s)
+        self.sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
         first = plan[0][0]
         if self.s.coord_port == 0:
             self.port = self.sock.bind_to_random_port(f"tcp://{first}", min_port=20000, max_port=60000)
@@ -130,6 +142,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
                  ", ".join(self.bound), self.port, self.ckptdir, self.interval or "off")
         self._reset_interval()
         self._write_status()
+        self._flush_status()
         return self.port
 
     @property
@@ -172,12 +185,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         while not self.quit:
             events = dict(poller.poll(timeout=250))
             if self.sock in events:
-                for _ in range(1000):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_frames(frames)
+                self.drain()
             if stdin_open and sys.stdin.fileno() in events:
                 line = sys.stdin.readline()
                 if not line:
@@ -186,22 +194,56 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
                 else:
                     self._console(line.strip())
             self._tick()
+            self._flush_status()
         self._shutdown()
+
+    def drain(self, limit: int = DRAIN_BATCH) -> int:
+        """Handle what is queued on the socket, up to limit messages, without polling between them (one wakeup
+        takes a whole burst of acks); the status file is written once for the batch. Returns how many."""
+        recv = self.socket.recv_multipart
+        n = 0
+        while n < limit:
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._on_frames(frames)
+            n += 1
+        self._flush_status()
+        return n
+
+    def _write_status(self) -> None:
+        # marked, written once per batch of messages (_flush_status): per hello or per phase it was O(peers) of
+        # JSON each time, O(peers^2) for thousands of peers joining
+        self.status_dirty = True
+
+    def _flush_status(self) -> None:
+        if self.status_dirty:
+            self.status_dirty = False
+            Commands._write_status(self)
 
     def _on_signal(self, signum, frame) -> None:
         log.info("coordinator: signal %s, quitting", signal.Signals(signum).name)
         self.quit = True
 
     def _shutdown(self) -> None:
+        self._flush_status()
         self.close()
         log.info("coordinator exits")
 
     # ---------------------------------------------------------------------------------------- messaging --
     def send(self, ident: bytes, msg: dict) -> None:
         try:
-            self.socket.send_multipart([ident] + protocol.encode(self.key, msg), zmq.NOBLOCK)
+            self._send_frames(ident, protocol.encode(self.key, msg))
         except zmq.ZMQError as e:
             log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
+
+    def _send_frames(self, ident: bytes, frames: list[bytes]) -> None:
+        send = self.socket.send
+        send(ident, _MORE)
+        for f in frames[:-1]:
+            send(f, _MORE)
+        send(frames[-1], _LAST)
 
     def broadcast(self, msg: dict, idents=None) -> None:
         # encoded once for every peer: a phase message can carry O(peers) data (the agents, the TCP ends), and
@@ -210,7 +252,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         frames = protocol.encode(self.key, msg)
         for ident in list(idents if idents is not None else self.peers):
             try:
-                self.socket.send_multipart([ident] + frames, zmq.NOBLOCK)
+                self._send_frames(ident, frames)
             except zmq.ZMQError as e:
                 log.warning("could not send %s to %r: %s", msg.get("type"), ident, e)
 
@@ -232,8 +274,8 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         except protocol.ProtocolError as e:
             self.rejects.warning("rejected a message from connection %s: %s", ident.hex(), e)
             if rest[0] == protocol.PROTO_TAG:      # unauthenticated: the reason only, so a user can see why
-                self.socket.send_multipart([ident, protocol.PROTO_TAG, b"", json.dumps(
-                    {"type": "reject", "reason": str(e)}).encode()], zmq.NOBLOCK)
+                self._send_frames(ident, [protocol.PROTO_TAG, b"", json.dumps(
+                    {"type": "reject", "reason": str(e)}).encode()])
             return
         kind = msg["type"]
         peer = self.peers.get(ident)
@@ -276,7 +318,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         if self.gate is not None and ident in self.gate.joined:
             peer.state = "RESTORING"
         self.next_peer_id += 1
-        self.peers[ident] = peer
+        self._add_peer(ident, peer)
         self.ranks.update(peer.processes, peer.restarted)
         self.ever_had_peers = True
         self._welcome(ident, peer)

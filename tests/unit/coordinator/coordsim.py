@@ -7,6 +7,8 @@ import json
 import logging
 import os
 
+import zmq
+
 from hpcckpt.coordinator import protocol
 from hpcckpt.coordinator.ratelog import RateLimitedLog
 from hpcckpt.coordinator.server import Coordinator
@@ -17,9 +19,16 @@ from hpcckpt.settings import Settings
 class FakeSocket:
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
+        self.partial: list[bytes] = []
 
     def send_multipart(self, frames: list[bytes], flags: int = 0) -> None:
         self.sent.append(list(frames))
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        self.partial.append(frame)
+        if not flags & zmq.SNDMORE:
+            self.sent.append(self.partial)
+            self.partial = []
 
 
 class Sim:
