@@ -151,7 +151,7 @@ def test_settings_are_checked_in_one_line(appckpt, env, tmp_path):
 
 DRIVER = r'''
 import json, logging, os, sys, time
-from hpcckpt.sched.base import Scheduler
+from hpcckpt.sched.base import Requeued, Scheduler
 from hpcckpt.sched.config import load
 from hpcckpt.sched.driver import JobDriver
 
@@ -166,7 +166,7 @@ class FakeSched(Scheduler):
         return float(self.env["FAKE_END"]) if self.env.get("FAKE_END") else None
     def requeue(self):
         open("requeued", "a").write(self.env["FAKE_RUN"] + "\n")
-        return 0
+        return Requeued(0)
     def submit(self, *a): raise NotImplementedError
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)

@@ -149,6 +149,7 @@ def test_command_json_is_dmtcps(launch, counter, env, tmp_path):
     assert _json(run(["dmtcp_command", "--json", "--version"], env, tmp_path))["command"] == "DMT_VERSION"
 
     job = launch(counter, tmp_path / "out.txt", 4, 100000, 10000)
+    wait_for(lambda: _json(job.command("--json", "s")).get("num_peers") == 1, 20, "the program to join")
     st = _json(job.command("--json", "s"))
     assert st["command"] == "DMT_STATUS" and st["command_status"] == "DMT_COORD_SUCCESS"
     assert st["num_peers"] == 1 and st["running"] is True and st["checkpoint_interval"] == 0
