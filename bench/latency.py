@@ -170,7 +170,8 @@ def bench_coordinator_start(s: Session, calls: int, baselines: list[str]) -> lis
             u0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "hpcckpt.cli.main", "coordinator", "--daemon", "--exit-on-last",
                                 "--timeout", "30", "-q", "-p", str(port), "--ckptdir", str(s.root)], env=env,
-                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                               cwd=s.root, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            # (cwd: with -m, the current directory comes first in sys.path, before a baseline's PYTHONPATH)
             times[label].append(time.perf_counter() - t)
             u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu[label].append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
