@@ -117,7 +117,7 @@ def test_the_coordinator_process_imports_no_numpy_codec_or_engine(env, tmp_path)
     assert got == {"rc": 0, "heavy": []}, err
 
 
-def test_the_daemon_coordinator_reports_its_port_and_its_starter_returns_at_once(env, tmp_path):
+def test_the_daemon_coordinators_starting_process_still_reports_its_port(env, tmp_path):
     # the path a restart's starter takes (agent/join.start_coordinator): the starting process exits as soon as
     # the daemon listens, without the interpreter's teardown, and still says where it listens
     port = _free_port()
