@@ -14,9 +14,11 @@ Rows:
   program, bench/ticker.c, writes a byte every millisecond), median of --runs; beside it the restore time the
   restart logs ("restored ... in X s") and a raw read of the image's bytes (page cache warm, as for the restore).
 - DMTCP's dmtcp_command and restart where a real DMTCP is installed (an ELF dmtcp_launch on PATH besides ours).
-- with --baseline DIR (a source tree of an older hpcckpt, e.g. `git archive COMMIT hpcckpt | tar -x -C DIR`),
-  the same rows for it, interleaved with ours (PYTHONPATH=DIR in front of the installed package): before and
-  after in one run, under the same load.
+- the coordinator's start as a restart's starter makes it (`hpcckpt coordinator --daemon`, until the command
+  returns with the daemon listening): on the critical path of every restart that starts its own coordinator.
+- with --baseline DIR (a source tree of an older hpcckpt, e.g. `git archive COMMIT hpcckpt | tar -x -C DIR`;
+  repeatable), the same rows for it, interleaved with ours (PYTHONPATH=DIR in front of the installed package):
+  before and after in one run, under the same load.
 
 The machine may be shared: medians of several runs, and the load average before and after is printed."""
 from __future__ import annotations
@@ -112,7 +114,7 @@ class Session:
         return r
 
 
-def bench_command(s: Session, calls: int, baseline: str | None = None) -> list[tuple[str, float, float]]:
+def bench_command(s: Session, calls: int, baselines: list[str]) -> list[tuple[str, float, float]]:
     """Each variant once per round, calls rounds: a load that comes and goes hits every row alike."""
     py = str(BIN / "python")
     job, port = s.launch(1, s.root / "cmd")
@@ -122,13 +124,15 @@ def bench_command(s: Session, calls: int, baseline: str | None = None) -> list[t
         ("python -c pass (interpreter start)", [py, "-c", "pass"], s.env),
         ("python -c 'import json, socket, hmac, secrets' (a Python client's floor)",
          [py, "-c", "import json, socket, hmac, secrets"], s.env),
+        ("python -c 'import hpcckpt.coordinator.protocol' (the wire protocol and its message table)",
+         [py, "-c", "import hpcckpt.coordinator.protocol"], s.env),
         ("dmtcp_command -s", cmd + ["-s"], s.env),
         ("dmtcp_command -l", cmd + ["-l"], s.env),
         ("dmtcp_command -s --json", cmd + ["-s", "--json"], s.env),
         ("dmtcp_command -c (a checkpoint started, not waited for)", cmd + ["-c"], s.env),
         ("dmtcp_command -s, full path (argparse, settings; forced by DMTCP_QUIET=0)", cmd + ["-s"], full),
         ("dmtcp_command -l, full path", cmd + ["-l"], full)]
-    if baseline:
+    for baseline in baselines:
         old = {**s.env, "PYTHONPATH": baseline}
         variants += [(f"baseline ({baseline}) dmtcp_command -s", cmd + ["-s"], old),
                      (f"baseline ({baseline}) dmtcp_command -l", cmd + ["-l"], old),
@@ -145,13 +149,37 @@ def bench_command(s: Session, calls: int, baseline: str | None = None) -> list[t
                 cpu[what].append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
                 if r.returncode != 0:
                     raise RuntimeError(f"{' '.join(argv)} failed ({r.returncode})")
-                if "-c" in argv:       # let that checkpoint end before the next call
+                if argv[0].endswith("dmtcp_command") and "-c" in argv:   # let that checkpoint end first
                     wait_for(lambda: '"checkpoint_progress": null' in s.command(port, "-s", "--json").stdout, 60,
                              "the checkpoint to end")
     finally:
         s.command(port, "-q", check=False)
         job.wait(30)
     return [(what, statistics.median(ts) * 1000, statistics.median(cpu[what]) * 1000) for what, ts in times.items()]
+
+
+def bench_coordinator_start(s: Session, calls: int, baselines: list[str]) -> list[tuple[str, float, float]]:
+    """`hpcckpt coordinator --daemon` as agent/join.start_coordinator runs it, until it returns (the daemon then
+    listens); CPU: the starting process's (imports, settings, bind; the daemon's own share is not counted)."""
+    kinds = [("", s.env)] + [(f"baseline ({b}) ", {**s.env, "PYTHONPATH": b}) for b in baselines]
+    times: dict[str, list[float]] = {k: [] for k, _ in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k, _ in kinds}
+    for _ in range(calls):
+        for label, env in kinds:
+            port = free_port()
+            u0, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "hpcckpt.cli.main", "coordinator", "--daemon", "--exit-on-last",
+                                "--timeout", "30", "-q", "-p", str(port), "--ckptdir", str(s.root)], env=env,
+                               cwd=s.root, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+            # (cwd: with -m, the current directory comes first in sys.path, before a baseline's PYTHONPATH)
+            times[label].append(time.perf_counter() - t)
+            u1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[label].append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
+            if r.returncode != 0:
+                raise RuntimeError(f"coordinator start failed: {r.stderr.strip()}")
+            s.command(port, "-q", check=False)
+    return [(f"{label}hpcckpt coordinator --daemon (start until listening)", statistics.median(times[label]) * 1000,
+             statistics.median(cpu[label]) * 1000) for label, _ in kinds]
 
 
 def checkpoint(s: Session, mb: int, bindir: Path = BIN) -> Path:
@@ -198,12 +226,12 @@ def raw_read(path: Path) -> float:
 
 
 def bench_restart(s: Session, sizes: list[int], runs: int, bindir: Path = BIN,
-                  baseline: str | None = None) -> list[dict]:
+                  baselines: list[str] | None = None) -> list[dict]:
     """Per size: ours (and the baseline's, run alternately with ours) restarted `runs` times from one image."""
     rows = []
     for mb in sizes:
         image = checkpoint(s, mb, bindir)
-        kinds = [("", s.env)] + ([(f"baseline ({baseline}) ", {**s.env, "PYTHONPATH": baseline})] if baseline else [])
+        kinds = [("", s.env)] + [(f"baseline ({b}) ", {**s.env, "PYTHONPATH": b}) for b in baselines or []]
         results: dict[str, list[tuple[float, float | None]]] = {k: [] for k, _ in kinds}
         for _ in range(runs):
             for label, env in kinds:
@@ -229,7 +257,7 @@ def report(cmd_rows: list[tuple[str, float, float | None]], restart_rows, dmtcp_
            f"Machine: {platform.node()}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
            f"{platform.python_version()}; load average (1, 5, 15 min) before {load_before}, after {load_after}.",
            f"DMTCP: {dmtcp_note}", "",
-           "## dmtcp_command, one call (whole process, median)", "",
+           "## dmtcp_command, one call, and the coordinator's start (whole process, median)", "",
            "Wall: from start to exit as a script sees it. CPU: user + system time of the process (less moved by "
            "other helpers' load than wall time).", "", "| what | wall ms | CPU ms |", "|---|---:|---:|"]
     out += [f"| {what} | {ms:.1f} | {'-' if c is None else format(c, '.1f')} |" for what, ms, c in cmd_rows]
@@ -254,18 +282,20 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=21, help="dmtcp_command calls per row (median)")
     ap.add_argument("--big-mb", type=int, default=1024, help="the larger program's memory in MiB")
     ap.add_argument("--write", metavar="FILE", help="also write the tables (markdown) to FILE")
-    ap.add_argument("--baseline", metavar="DIR", help="also run an older hpcckpt source tree (its hpcckpt/ in DIR)")
+    ap.add_argument("--baseline", metavar="DIR", action="append", default=[],
+                    help="also run an older hpcckpt source tree (its hpcckpt/ in DIR); repeatable")
     args = ap.parse_args()
     # byte-compiled, as `make install` leaves them (with PYTHONDONTWRITEBYTECODE set, nothing would be cached)
     import hpcckpt
-    trees = [str(Path(hpcckpt.__file__).parent)] + ([str(Path(args.baseline) / "hpcckpt")] if args.baseline else [])
+    trees = [str(Path(hpcckpt.__file__).parent)] + [str(Path(b) / "hpcckpt") for b in args.baseline]
     for tree in trees:
         subprocess.run([sys.executable, "-m", "compileall", "-q", tree], check=True)
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="hpcckpt-latency-") as tmp:
         s = Session(Path(tmp))
         cmd_rows: list[tuple[str, float, float | None]] = list(bench_command(s, args.calls, args.baseline))
-        restart_rows = bench_restart(s, [1, args.big_mb], args.runs, baseline=args.baseline)
+        cmd_rows += bench_coordinator_start(s, max(5, args.calls // 2), args.baseline)
+        restart_rows = bench_restart(s, [1, args.big_mb], args.runs, baselines=args.baseline)
         dmtcp = real_dmtcp()
         if dmtcp:
             d = Path(dmtcp)

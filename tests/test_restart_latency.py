@@ -81,3 +81,51 @@ def test_restart_refused_before_restoring_leaves_no_coordinator(env, tmp_path):
     time.sleep(0.5)
     wait_for(lambda: not port_is_open("127.0.0.1", port), 15, "the unused coordinator to quit")
     assert not list((tmp_path / "run").glob(f"coord-{port}.secret"))
+
+
+# what the coordinator process imports, checked after it served and quit: its start is on the critical path of
+# every restart (a new interpreter started by the restart's starter), so it must not pay for numpy, the image
+# codec or the engine, none of which it uses (issue 20: ~60 ms of its ~105 ms of imports were those)
+COORDINATOR_MODULES = """
+import json, sys
+from hpcckpt.cli.main import main
+rc = main(["coordinator", "-p", "0", "--port-file", sys.argv[1], "--exit-on-last"])
+heavy = sorted(m for m in sys.modules if m == "numpy" or m.startswith(("hpcckpt.engine", "hpcckpt.agent.agent"))
+               or m in ("hpcckpt.image.codec", "hpcckpt.image.format", "hpcckpt.image.fdstate"))
+print(json.dumps({"rc": rc, "heavy": heavy}))
+"""
+
+
+def test_the_coordinator_process_imports_no_numpy_codec_or_engine(env, tmp_path):
+    import json
+    import sys
+    port_file = tmp_path / "coord.port"
+    proc = subprocess.Popen([sys.executable, "-c", COORDINATOR_MODULES, str(port_file)], env=env, cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip() or proc.poll() is not None, 20,
+                 "the coordinator's port file")
+        port = int(port_file.read_text())
+        run(["dmtcp_command", "-p", str(port), "-s"], env, tmp_path)       # it serves a request first
+        run(["dmtcp_command", "-p", str(port), "-q"], env, tmp_path)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got == {"rc": 0, "heavy": []}, err
+
+
+def test_the_daemon_coordinators_starting_process_still_reports_its_port(env, tmp_path):
+    # the path a restart's starter takes (agent/join.start_coordinator): the starting process exits as soon as
+    # the daemon listens, without the interpreter's teardown, and still says where it listens
+    port = _free_port()
+    r = subprocess.run(["hpcckpt", "coordinator", "--daemon", "--exit-on-last", "--timeout", "30", "-p", str(port)],
+                       env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert f"listening on port {port} (daemon)" in r.stderr
+        assert port_is_open("127.0.0.1", port)
+    finally:
+        run(["dmtcp_command", "-p", str(port), "-q"], env, tmp_path)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt coordinator") -> in
             args.coord_port = args.port
         s = settings_from(args, keep_generations=args.keep_generations)
         setup_logging("coordinator", s.quiet, s.log_level)
-        dmtcpopts.prepare(s)
+        dmtcpopts.prepare(s, engine=False)         # (no engine here: its imports would slow every start)
         dmtcpopts.make_ckptdir(s.ckptdir)
         if s.coord_logfile and not args.daemon:
             _log_to(s.coord_logfile)
@@ -146,5 +146,9 @@ def _daemonize(s, bind: list[str] | None = None) -> int:
     if line.startswith("ok "):
         if not s.quiet:
             print(f"hpcckpt coordinator listening on port {line[3:]} (daemon)", file=sys.stderr)
-        return 0
+        # gone at once: whoever started us (a restart's starter, dmtcp_launch) waits for this exit, and the
+        # interpreter's teardown (modules, libzmq) cost ~20 ms on that path (issue 20: restart-to-running)
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(0)
     raise Fail(line[6:] if line.startswith("error ") else "coordinator failed to start")

@@ -161,9 +161,11 @@ def note_layerless(args: argparse.Namespace) -> None:
             log.info("--disable-%s-plugin: nothing to disable here: %s", name, why)
 
 
-def prepare(s, args: argparse.Namespace | None = None) -> None:
+def prepare(s, args: argparse.Namespace | None = None, engine: bool = True) -> None:
     """What the options mean for processes we start: the tmpdir exists, and a coordinator we start finds its log
-    file and tmpdir in the environment it inherits (so do the job's shims: --prefix)."""
+    file and tmpdir in the environment it inherits (so do the job's shims: --prefix). engine=False: the engine's
+    part (configure_engine) is left out - the coordinator has no engine, and a restart configures it later, off
+    the path of its coordinator's start (issue 20)."""
     if args is not None and getattr(args, "install_prefix", None):
         os.environ["DMTCP_PREFIX_PATH"] = os.path.abspath(args.install_prefix)
     if s.tmpdir:
@@ -171,12 +173,18 @@ def prepare(s, args: argparse.Namespace | None = None) -> None:
         os.environ["DMTCP_TMPDIR"] = os.path.abspath(s.tmpdir)
     if s.coord_logfile:
         os.environ["DMTCP_COORD_LOG_FILENAME"] = os.path.abspath(s.coord_logfile)
-    from ..engine.fds import openfiles
-    openfiles.configure(s.ckpt_open_files, s.open_file_max_bytes, s.allow_file_overwrite)
+    if engine:
+        configure_engine(s)
     if s.ckpt_open_files:          # agents started on other hosts and by ssh/srun inside the job
         os.environ["DMTCP_CHECKPOINT_OPEN_FILES"] = "1"
     if s.allow_file_overwrite:
         os.environ["DMTCP_ALLOW_FILE_OVERWRITE"] = "1"
+
+
+def configure_engine(s) -> None:
+    """The engine's share of the options (which open files a checkpoint saves)."""
+    from ..engine.fds import openfiles
+    openfiles.configure(s.ckpt_open_files, s.open_file_max_bytes, s.allow_file_overwrite)
 
 
 def make_ckptdir(path: str) -> None:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         s = settings_from(args)
         setup_logging("restart", s.quiet, s.log_level)
         dmtcpopts.note_layerless(args)
-        dmtcpopts.prepare(s)
+        dmtcpopts.prepare(s, engine=False)      # (the engine's part after the starter is forked, below)
         dmtcpopts.make_ckptdir(s.ckptdir)
         if args.restartdir and not args.from_dir:
             args.from_dir = args.restartdir
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         from . import applevel_restart, strictcheck
         from . import restartwork as work
         from .jobrun import run_job
+        dmtcpopts.configure_engine(s)
         if args.trust_unsigned:
             os.environ[auth.TRUST_ENV] = "1"       # every image and manifest read from here on (image/auth.py)
         remote: list[tuple[str, list[str]]] = []

@@ -10,6 +10,10 @@ each chunk takes the encoding that compresses a 64 KiB sample of it better (~5 %
 Shuffling needs numpy (a transpose at memory speed; a pure-Python shuffle holds the GIL at ~0.6 GB/s and
 would make dumps slower): without it chunks are plain zstd. Unshuffling works without numpy (1.6 GB/s), so
 any installation restores any image.
+
+numpy is imported on first use (the first shuffled chunk, written or read), not with this module: importing it
+costs ~50 ms, which every process that merely reads image metadata (the coordinator, `dmtcp_command`, the
+restart of an image without shuffled chunks) would pay (issue 20: restart-to-running).
 """
 from __future__ import annotations
 
@@ -17,11 +21,28 @@ import os
 import threading
 from typing import Any
 
+_NOT_YET: Any = object()
+_np: Any = _NOT_YET             # numpy once imported, None without it
+_np_lock = threading.Lock()
+
+
+def _numpy():
+    """numpy (or None), imported the first time a chunk needs it: by a writer or restore thread, so under a lock
+    (one import, and the environment below changed by one thread at a time)."""
+    global _np
+    if _np is _NOT_YET:
+        with _np_lock:
+            if _np is _NOT_YET:
+                _np = _import_numpy()
+    return _np
+
 
 def _import_numpy():
     """numpy without its BLAS thread pool: the shuffle is a transpose, no BLAS, and a native thread started at
     import does not have the signals our processes take through signalfd blocked (the batch driver's warning
-    signal went to that thread and killed the driver). The variables are put back: the job must not see them."""
+    signal went to that thread and killed the driver). The variables are put back: the job must not see them
+    (they are set for the ~50 ms of the import only; a child started by another thread in that window would
+    inherit them)."""
     names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
     saved = {n: os.environ.get(n) for n in names}
     os.environ.update(dict.fromkeys(names, "1"))
@@ -38,8 +59,6 @@ def _import_numpy():
                 os.environ[n] = v
 
 
-_np = _import_numpy()
-
 CODEC_ZSTD = "zstd"
 CODEC_ZSTD_SHUFFLE8 = "zstd-shuffle8"     # zstd of the chunk byte-shuffled in 8-byte words
 CODECS = (CODEC_ZSTD, CODEC_ZSTD_SHUFFLE8)
@@ -53,7 +72,7 @@ class Compressor:
     def __init__(self, level: int = 1, shuffle: bool = True):
         import zstandard
         self._z = zstandard.ZstdCompressor(level=level)
-        self.shuffle = shuffle and _np is not None
+        self.shuffle = shuffle and _numpy() is not None
         self._buf: Any = None             # numpy array, reused
 
     def compress(self, view: memoryview) -> tuple[bytes, str]:
@@ -69,10 +88,11 @@ class Compressor:
     def _shuffled(self, view: memoryview):
         """The bytes of view grouped by their position in each 8-byte word (into a reused buffer)."""
         n = len(view) // WORD
+        np = _numpy()
         if self._buf is None or self._buf.size < n * WORD:
-            self._buf = _np.empty(max(n * WORD, 4 << 20), _np.uint8)
+            self._buf = np.empty(max(n * WORD, 4 << 20), np.uint8)
         out = self._buf[:n * WORD].reshape(WORD, n)
-        out[...] = _np.frombuffer(view, _np.uint8).reshape(n, WORD).T
+        out[...] = np.frombuffer(view, np.uint8).reshape(n, WORD).T
         return out
 
 
@@ -94,13 +114,14 @@ def decompress(stored: bytes, codec: str, length: int, out=None):
 
 def unshuffle(data: bytes, out=None):
     n = len(data) // WORD
-    src = None if _np is None else _np.frombuffer(data, _np.uint8).reshape(WORD, n)
+    np = _numpy()
+    src = None if np is None else np.frombuffer(data, np.uint8).reshape(WORD, n)
     if src is not None and out is not None and len(out) >= len(data):
         # into the caller's buffer: a fresh 4 MiB array per chunk costs its page faults at every restore
-        _np.frombuffer(out, _np.uint8)[:n * WORD].reshape(n, WORD).T[...] = src
+        np.frombuffer(out, np.uint8)[:n * WORD].reshape(n, WORD).T[...] = src
         return memoryview(out)[:n * WORD]
     if src is not None:
-        dst = _np.empty((n, WORD), _np.uint8)
+        dst = np.empty((n, WORD), np.uint8)
         dst.T[...] = src
         return memoryview(dst).cast("B")
     buf = bytearray(len(data))

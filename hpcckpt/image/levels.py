@@ -22,8 +22,6 @@ import time
 from dataclasses import dataclass, replace
 
 from . import journal, safefs, store
-from .format import ImageError, ImageReader
-from .validate import check_image
 
 log = logging.getLogger("hpcckpt.levels")
 
@@ -231,6 +229,9 @@ def candidates(path: str, s) -> list[tuple[str, str]]:
 def valid_copy(path: str, want: ImageName | None) -> str | None:
     """None if the copy at path is usable (authentic metadata of the same image, all its data there), else why
     not. Chunk checksums are checked as the restore reads them."""
+    # (imported here: the coordinator imports this module and reads no image)
+    from .format import ImageError, ImageReader
+    from .validate import check_image
     try:
         with ImageReader(path) as r:
             check_image(path, r.meta, r.size)
