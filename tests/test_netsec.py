@@ -316,7 +316,8 @@ def test_a_client_whose_clock_is_off_is_told_why(coordinator, env, tmp_path, mon
     proc, port, _ = coordinator
     monkeypatch.setenv("HPCCKPT_RUNDIR", env["HPCCKPT_RUNDIR"])
     real = time.time
-    monkeypatch.setattr(protocol, "time", types.SimpleNamespace(time=lambda: real() + 1200))
+    from hpcckpt.coordinator import wire
+    monkeypatch.setattr(wire, "time", types.SimpleNamespace(time=lambda: real() + 1200))
     with pytest.raises(CoordinatorUnreachable, match=r"refused us: message dated 1[12]\d\d s in the future \(clocks"):
         command("127.0.0.1", port, "status", timeout=5)
 
@@ -339,7 +340,8 @@ def test_client_takes_only_the_reply_to_its_own_request(env, tmp_path, monkeypat
                 srv.send_multipart([ident] + protocol.encode(key, msg))
         t = threading.Thread(target=serve)
         t.start()
-        assert conn.request({"type": "command", "cmd": "status"}, timeout=5)["which"] == "ours"
+        reply = conn.recv(5, reply_to=conn.send({"type": "command", "cmd": "status"}))
+        assert reply is not None and reply["which"] == "ours"
         t.join()
     finally:
         conn.sock.setsockopt(zmq.LINGER, 0)
@@ -382,12 +384,13 @@ def test_oversize_frames_do_not_grow_the_coordinator(coordinator, env, tmp_path,
 def test_a_message_over_the_limit_is_refused_by_its_sender_and_dropped(env, tmp_path, caplog):
     """The sender logs that its message exceeds HPCCKPT_MAX_MESSAGE (it would be dropped on the way)."""
     big = {"type": "ack", "tcp_ends": [["10.0.0.1", 1, "10.0.0.2", 2, 1]] * 10}
-    old = protocol.MAX_MESSAGE_BYTES
-    protocol.MAX_MESSAGE_BYTES = 100
+    from hpcckpt.coordinator import wire
+    old = wire.MAX_MESSAGE_BYTES
+    wire.MAX_MESSAGE_BYTES = 100
     try:
         protocol.encode(b"k", big)
     finally:
-        protocol.MAX_MESSAGE_BYTES = old
+        wire.MAX_MESSAGE_BYTES = old
     assert "exceeds the coordinator's limit" in caplog.text and "HPCCKPT_MAX_MESSAGE" in caplog.text
 
 

@@ -4,7 +4,7 @@ Python, no libzmq) for dmtcp_command and the other one-shot clients.
 
 libzmq (pyzmq) is imported only when a Connection is made: its import alone (~25 ms, with asyncio) cost more than
 a whole dmtcp_command request (docs/design.md, "Latency"). Both speak the same authenticated, fresh protocol
-(protocol.py): every request is stamped with a nonce and the time and MACed; a reply is taken only when its MAC
+(wire.py): every request is stamped with a nonce and the time and MACed; a reply is taken only when its MAC
 checks and it names our request's nonce."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import secrets
 import socket
 import time
 
-from . import protocol, zmtp
+from . import wire, zmtp
 
 TYPE_CHECKING = False       # (not typing's: importing typing costs a command ~2 ms; mypy knows the name)
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ class Connection:
         import zmq
         self.host = host
         self.port = port
-        self.key = key if key is not None else protocol.read_secret(port)
+        self.key = key if key is not None else wire.read_secret(port)
         self.own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -91,7 +91,7 @@ class Connection:
         coordinator for a long while: queue full). Never blocks: an agent must go on serving its job when its
         coordinator is gone."""
         import zmq
-        frames, nonce = protocol.encode_request(self.key, msg)
+        frames, nonce = wire.encode_request(self.key, msg)
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK)
             return nonce
@@ -106,7 +106,7 @@ class Connection:
             if not self.sock.poll(None if left is None else int(left * 1000)):
                 return None
             frames = self.sock.recv_multipart()
-            if len(frames) == 3 and frames[0] == protocol.PROTO_TAG and frames[1] == b"":
+            if len(frames) == 3 and frames[0] == wire.PROTO_TAG and frames[1] == b"":
                 # an unauthenticated refusal: the coordinator could not verify us
                 try:
                     reason = json.loads(frames[2]).get("reason", "refused")
@@ -114,12 +114,12 @@ class Connection:
                     reason = "refused"
                 raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: {reason}")
             try:
-                msg = protocol.decode(self.key, frames)
-            except protocol.ProtocolError:
+                msg = wire.decode(self.key, frames)
+            except wire.ProtocolError:
                 continue
             if reply_to is None:
                 return msg
-            if protocol.answers(msg, reply_to):
+            if wire.answers(msg, reply_to):
                 if msg.get("type") == "reject":     # authentic but refused (stale: clocks apart?)
                     raise CoordinatorUnreachable(f"coordinator {self.host}:{self.port} refused us: "
                                                  f"{msg.get('reason')}")
@@ -154,8 +154,8 @@ class CommandConnection:
         except OSError:
             raise CoordinatorUnreachable(f"no coordinator listening on {self.where}") from None
         try:
-            self.key = protocol.read_secret(port)
-        except protocol.SecretError as e:
+            self.key = wire.read_secret(port)
+        except wire.SecretError as e:
             raw.close()
             raise CoordinatorUnreachable(str(e)) from None
         try:
@@ -166,7 +166,7 @@ class CommandConnection:
 
     def send(self, msg: dict) -> str:
         """Send one request; returns its nonce (the coordinator's reply names it)."""
-        frames, nonce = protocol.encode_request(self.key, msg)
+        frames, nonce = wire.encode_request(self.key, msg)
         try:
             self.sock.send_multipart(frames)
         except OSError as e:
@@ -189,7 +189,7 @@ class CommandConnection:
             except OSError:
                 raise CoordinatorLost(f"lost the coordinator {self.where} (connection closed: it died or "
                                       f"quit)") from None
-            if len(frames) == 3 and frames[0] == protocol.PROTO_TAG and frames[1] == b"":
+            if len(frames) == 3 and frames[0] == wire.PROTO_TAG and frames[1] == b"":
                 # an unauthenticated refusal: the coordinator could not verify us
                 try:
                     reason = json.loads(frames[2]).get("reason", "refused")
@@ -197,12 +197,12 @@ class CommandConnection:
                     reason = "refused"
                 raise CoordinatorUnreachable(f"coordinator {self.where} refused us: {reason}")
             try:
-                msg = protocol.decode(self.key, frames)
-            except protocol.ProtocolError:
+                msg = wire.decode(self.key, frames)
+            except wire.ProtocolError:
                 continue                        # not authentic (or not for us): ignored, as a Connection does
             if reply_to is None:
                 return msg
-            if protocol.answers(msg, reply_to):
+            if wire.answers(msg, reply_to):
                 if msg.get("type") == "reject":     # authentic but refused (stale: clocks apart?)
                     raise CoordinatorUnreachable(f"coordinator {self.where} refused us: {msg.get('reason')}")
                 return msg
@@ -262,7 +262,7 @@ def command_watched(host: str, port: int, cmd: str, on_status=None, interval: fl
                     asked.add(conn.send({"type": "command", "cmd": "status"}))
                     next_status = time.monotonic() + interval
                 continue
-            if protocol.answers(reply, nonce):
+            if wire.answers(reply, nonce):
                 if reply.get("type") == "reject":
                     raise CoordinatorUnreachable(f"coordinator {where} refused us: {reply.get('reason')}")
                 return reply
