@@ -174,3 +174,27 @@ def test_a_coordinator_that_closes_without_answering_is_reported(tmp_path, monke
         client.command("127.0.0.1", srv.getsockname()[1], "status", timeout=5)
     t.join(5)
     srv.close()
+
+
+def test_a_coordinator_that_accepts_but_never_greets_times_out_within_the_command_s_timeout(tmp_path, monkeypatch):
+    """A stopped coordinator's connections are still accepted by the kernel: the command's timeout bounds the
+    greeting too, and the error says it got no answer (the batch driver's timeout message depends on it)."""
+    import socket
+    import time
+
+    from hpcckpt.coordinator import wire
+    from hpcckpt.coordinator.client import CoordinatorUnreachable, command
+    monkeypatch.setenv("HPCCKPT_RUNDIR", str(tmp_path / "run"))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)                      # never accepts, never greets
+    port = silent.getsockname()[1]
+    wire.create_secret(port)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CoordinatorUnreachable, match="no answer from coordinator"):
+            command("127.0.0.1", port, "status", timeout=1.0)
+        assert time.monotonic() - t0 < 3
+    finally:
+        silent.close()
+        wire.remove_secret(port)

@@ -143,14 +143,17 @@ class CommandConnection:
 
     HANDSHAKE_S = 5.0
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, timeout: float | None = None):
+        """timeout: the command's; the connection and the greeting take no longer (a coordinator that is stopped
+        still has its connections accepted by the kernel, but never greets)."""
         self.host, self.port = host, port
         self.where = f"{host}:{port}"
+        handshake = self.HANDSHAKE_S if timeout is None else max(0.1, min(self.HANDSHAKE_S, timeout))
         try:
             # (an ASCII name as bytes: a str would import the idna codec first)
             # (getaddrinfo takes bytes; typeshed's create_connection says str only)
             raw = socket.create_connection((host.encode() if host.isascii() else host, port),  # type: ignore[arg-type]
-                                           timeout=self.HANDSHAKE_S)
+                                           timeout=handshake)
         except OSError:
             raise CoordinatorUnreachable(f"no coordinator listening on {self.where}") from None
         try:
@@ -159,8 +162,12 @@ class CommandConnection:
             raw.close()
             raise CoordinatorUnreachable(str(e)) from None
         try:
-            self.sock = zmtp.DealerSocket(raw, routing_id=b"c" + secrets.token_bytes(12), timeout=self.HANDSHAKE_S)
-        except (OSError, TimeoutError) as e:
+            self.sock = zmtp.DealerSocket(raw, routing_id=b"c" + secrets.token_bytes(12), timeout=handshake)
+        except TimeoutError:
+            raw.close()
+            raise CoordinatorUnreachable(f"no answer from coordinator {self.where} within {handshake:.0f} s (it "
+                                         f"took the connection but never greeted: stopped or stalled?)") from None
+        except OSError as e:
             raw.close()
             raise CoordinatorUnreachable(f"{self.where} does not answer as a coordinator ({e})") from None
 
@@ -219,9 +226,11 @@ def command(host: str, port: int, cmd: str, timeout: float | None = 10.0, silenc
     watched (command_watched): it never waits for a coordinator that died or went silent."""
     if cmd in BLOCKING:
         return command_watched(host, port, cmd, None, timeout=timeout, silence=silence, **args)
-    conn = CommandConnection(host, port)
+    start = time.monotonic()
+    conn = CommandConnection(host, port, timeout)
+    left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
     try:
-        reply = conn.recv(timeout, reply_to=conn.send({"type": "command", "cmd": cmd, **args}))
+        reply = conn.recv(left, reply_to=conn.send({"type": "command", "cmd": cmd, **args}))
     except CoordinatorLost as e:
         # not a checkpoint that was lost half-way: the command simply got no answer
         raise CoordinatorUnreachable(f"no answer from coordinator {conn.where}: {e}") from None
@@ -242,7 +251,7 @@ def command_watched(host: str, port: int, cmd: str, on_status=None, interval: fl
     just before the close - a kcheckpoint's coordinator quitting - is still read first), when no answer at all
     comes for `silence` seconds, or when the coordinator's status shows it no longer runs our request (it answers
     in order, so the reply would have come first); CoordinatorUnreachable after `timeout`."""
-    conn = CommandConnection(host, port)
+    conn = CommandConnection(host, port, timeout)
     where = conn.where
     try:
         nonce = conn.send({"type": "command", "cmd": cmd, **args})
