@@ -112,9 +112,14 @@ class Scheduler(ABC):
         """Does the environment point at this scheduler (for a submit that does not name one)?"""
         return False
 
+    def option_values(self, opt: str) -> int:
+        """How many following words are the value of a submit option: none for option_flags, two for
+        option_pairs, else one (a scheduler with --opt=value or bundled short options says so here)."""
+        return 0 if opt in self.option_flags else (2 if opt in self.option_pairs else 1)
+
     def split_options(self, args: list[str]) -> tuple[list[str], list[str]]:
-        """(the scheduler's submit options, [job script, its args...]) of a submit command line: options in
-        option_flags take no value, those in option_pairs two, every other one the next word."""
+        """(the scheduler's submit options, [job script, its args...]) of a submit command line; how many words
+        each option takes: option_values()."""
         opts: list[str] = []
         i = 0
         while i < len(args):
@@ -124,7 +129,7 @@ class Scheduler(ABC):
             if not a.startswith("-") or a == "-":
                 return opts, args[i:]
             opts.append(a)
-            take = 0 if a in self.option_flags else (2 if a in self.option_pairs else 1)
+            take = self.option_values(a)
             opts.extend(args[i + 1:i + 1 + take])
             i += 1 + take
         return opts, []

@@ -86,21 +86,8 @@ class Local(Scheduler):
         return nodes or super().node_list()
 
     # -- the submit side --------------------------------------------------------------------------------------
-    def split_options(self, args: list[str]) -> tuple[list[str], list[str]]:
-        opts: list[str] = []
-        i = 0
-        while i < len(args):
-            a = args[i]
-            if a == "--":
-                return opts, args[i + 1:]
-            if not a.startswith("-") or a == "-":
-                return opts, args[i:]
-            opts.append(a)
-            if "=" not in a and i + 1 < len(args):
-                opts.append(args[i + 1])
-                i += 1
-            i += 1
-        return opts, []
+    def option_values(self, opt: str) -> int:
+        return 0 if "=" in opt else 1
 
     def submit(self, script_path: str, options: list[str], cwd: str) -> str:
         words = [w for line in self.script_directives(script_path) for w in line[len(self.directive):].split()]

@@ -119,24 +119,11 @@ class Slurm(Scheduler):
         return self.env.get("SLURMD_NODENAME") or super().this_node(nodes)
 
     # -- the submit side --------------------------------------------------------------------------------------
-    def split_options(self, args: list[str]) -> tuple[list[str], list[str]]:
+    def option_values(self, opt: str) -> int:
         """sbatch's way: --opt=value and bundled short options (-N2) are one word; the flags none; every other
         option takes the next word."""
-        opts: list[str] = []
-        i = 0
-        while i < len(args):
-            a = args[i]
-            if a == "--":
-                return opts, args[i + 1:]
-            if not a.startswith("-") or a == "-":
-                return opts, args[i:]
-            opts.append(a)
-            bundled = not a.startswith("--") and len(a) > 2
-            if "=" not in a and a not in self.option_flags and not bundled and i + 1 < len(args):
-                opts.append(args[i + 1])
-                i += 1
-            i += 1
-        return opts, []
+        bundled = not opt.startswith("--") and len(opt) > 2
+        return 0 if "=" in opt or opt in self.option_flags or bundled else 1
 
     def wrapper_directives(self, cfg: JobConfig) -> list[str]:
         """Requeue on, the output appended across reruns, and the warning signal as the backup trigger:
