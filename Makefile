@@ -51,7 +51,7 @@ lint: install
 	$(PY) tools/check_structure.py
 
 test: install lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-fast: install lint
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
