@@ -184,6 +184,91 @@ def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int,
     ctx.term()
 
 
+def real_relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int, local: bool, ready,
+                      stop) -> None:
+    """count REAL relays (hpcckpt/relay/relay.py: the code `hpcckpt relay` runs, its handlers and aggregation) in
+    one process, driven by one poll loop instead of one process each.
+
+    local=True: each relay has per_relay simulated agents (DEALERs in this process, the real framing) that say
+    hello to it and answer each phase as an agent without processes would. local=False: relays without agents
+    (each phase is answered at once by the relay code, its round having no members): the coordinator's stage."""
+    os.environ["HPCCKPT_RUNDIR"] = rundir
+    _raise_nofile()
+    import zmq
+
+    from hpcckpt.coordinator import protocol
+    from hpcckpt.relay.relay import Relay
+    from hpcckpt.settings import Settings
+    key = protocol.read_secret(port)
+    ctx = zmq.Context()
+    ctx.MAX_SOCKETS = count * (per_relay + 4) + 64
+    poller = zmq.Poller()
+    relays = []
+    agents: list = []
+    for i in range(count):
+        n = first + i
+        r = Relay(Settings(), "127.0.0.1", port, ctx=ctx)
+        r.host = f"node{n}"
+        r.idle_exit_s = float("inf")
+        relays.append(r)
+        poller.register(r.down, zmq.POLLIN)
+        poller.register(r.up.sock, zmq.POLLIN)
+        if not local:
+            r.send_hello()
+            continue
+        for j in range(per_relay):
+            a = f"a{n * per_relay + j:06d}"
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.setsockopt(zmq.IDENTITY, a.encode())
+            d.connect(f"tcp://127.0.0.1:{r.port}")
+            d.send_multipart(protocol.encode(key, protocol.Hello(f"node{n}", 100000 + j, [
+                {"pid": 1000 + j, "unique_id": f"sim-{a}", "program": "sim"}], "scale", agent_id=a).to_dict()))
+            poller.register(d, zmq.POLLIN)
+            agents.append(d)
+    by_sock = {r.down: r for r in relays} | {r.up.sock: r for r in relays}
+    agent_socks = set(agents)
+    welcomed = 0
+    told = False
+    last_hb = time.monotonic()
+    while not stop.is_set():
+        for s in dict(poller.poll(100)):
+            if s in agent_socks:                     # an agent: answer its relay's phase
+                while True:
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    msg = protocol.decode(key, frames)
+                    if msg.get("type") == "welcome":
+                        welcomed += 1
+                    elif msg.get("type") == "phase" and msg["phase"] != "abort":
+                        s.send_multipart(protocol.encode(key, agent_ack(msg)))
+                continue
+            r = by_sock[s]
+            if s is r.down:
+                r.drain_down()
+            else:
+                r.drain_up()
+        now = time.monotonic()
+        for r in relays:
+            r.tick(now)
+        if not told and all(r.welcome is not None for r in relays) and (not local or welcomed == len(agents)):
+            ready.put(count)
+            told = True
+        if now - last_hb > 2.0:
+            for d in agents:
+                d.send_multipart(protocol.encode(key, {"type": "heartbeat"}))
+            last_hb = now
+    for d in agents:
+        d.close(0)
+    for r in relays:
+        r.down.close(0)
+        r.up.sock.close(0)
+        r.up.monitor.close(0)
+    ctx.term()
+
+
 def worker(port: int, rundir: str, first: int, count: int, ready, stop) -> None:
     """count simulated peers (agents without processes) in one process."""
     os.environ["HPCCKPT_RUNDIR"] = rundir
@@ -299,9 +384,10 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> dict:
-    """n peers; relay > 0: behind n / relay relays of relay agents each (relay_worker)."""
-    tag = f"{n}" + (f"r{relay}{'l' if local else 'v'}" if relay else "")
+def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True, real: bool = False) -> dict:
+    """n peers; relay > 0: behind n / relay relays of relay agents each (relay_worker, or real=True:
+    real_relay_worker, the relay module's own code)."""
+    tag = f"{n}" + (f"{'R' if real else 'r'}{relay}{'l' if local else 'v'}" if relay else "")
     rundir = work / f"run{tag}"
     ck = work / f"ck{tag}"
     ck.mkdir()
@@ -331,7 +417,7 @@ def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> 
         for c in per:
             args = (port, str(rundir), first, c, relay, local, ready, stop) if relay else \
                 (port, str(rundir), first, c, ready, stop)
-            p = mp.Process(target=relay_worker if relay else worker, args=args)
+            p = mp.Process(target=(real_relay_worker if real else relay_worker) if relay else worker, args=args)
             p.start()
             procs.append(p)
             first += c
@@ -358,7 +444,7 @@ def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> 
             p.join(30)
         med = {k: statistics.median(float(r[k]) for r in rows if r[k] is not None)
                for k in ("wall_s", "duration_s", "cpu_s", "barrier_s", "rss")}
-        return {"peers": n, "relay": relay, "local": local, "join_s": join_s, **med,
+        return {"peers": n, "relay": relay, "local": local, "real": real, "join_s": join_s, **med,
                 "floor_s": zmq_floor(units), "rounds": rows}
     finally:
         subprocess.run([str(BIN / "dmtcp_command"), "--port-file", str(port_file), "-q"], env=env,
@@ -369,7 +455,7 @@ def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> 
             coord.kill()
 
 
-def plot(results: list[dict], tree: list[dict], path: Path) -> None:
+def plot(results: list[dict], tree: list[dict], path: Path, real: list[dict] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -388,6 +474,14 @@ def plot(results: list[dict], tree: list[dict], path: Path) -> None:
     if full:
         ax.loglog([t["peers"] for t in full], [t["barrier_s"] * 1e3 for t in full], "x:", color="tab:green",
                   label="tree, every node emulated on this machine")
+    rcrit = [t for t in real or [] if t["mode"] == "critical path"]
+    if rcrit:
+        ax.loglog([t["peers"] for t in rcrit], [t["barrier_s"] * 1e3 for t in rcrit], "P-", color="tab:purple",
+                  label=f"REAL relay code: coordinator + one node ({rcrit[0]['relay']} agents each)")
+    rfull = [t for t in real or [] if t["mode"] == "all on this machine"]
+    if rfull:
+        ax.loglog([t["peers"] for t in rfull], [t["barrier_s"] * 1e3 for t in rfull], "+:", color="tab:purple",
+                  label="REAL relay code, every node emulated on this machine")
     ax.axhline(50, color="tab:red", linewidth=0.8, linestyle="--", label="goal: 50 ms per barrier at 4096")
     ax.set_xlabel("peers")
     ax.set_ylabel("ms")
@@ -410,6 +504,18 @@ def tree_rows(n: int, relay: int, rounds: int, work: Path, node: dict) -> list[d
     return [coord, full, crit]
 
 
+def real_tree_rows(n: int, relay: int, rounds: int, work: Path, node: dict) -> list[dict]:
+    """The same stages with the real relay code (real_relay_worker): the coordinator's stage (relays without
+    agents), every node at once on this machine, and the critical path (coordinator stage + one node's stage)."""
+    coord = {**one(n, rounds, work, relay, local=False, real=True), "mode": "coordinator stage"}
+    full = {**one(n, rounds, work, relay, local=True, real=True), "mode": "all on this machine"}
+    crit = {"peers": n, "relay": relay, "real": True, "mode": "critical path", "join_s": None,
+            "cpu_s": coord["cpu_s"], "rss": coord["rss"], "wall_s": None, "floor_s": None,
+            "barrier_s": coord["barrier_s"] + node["barrier_s"], "duration_s": coord["duration_s"] +
+            node["duration_s"]}
+    return [coord, full, crit]
+
+
 def _ms(v: float | None, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v * 1e3, fmt)
 
@@ -420,12 +526,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tree", default="1024,4096", help="peer counts to measure behind relays too ('' for none)")
     ap.add_argument("--relay", type=int, default=64, help="agents per relay (per node) in the tree")
+    ap.add_argument("--real-tree", default="1024,4096", help="agent counts behind the REAL relay code "
+                    "(hpcckpt/relay/) too ('' for none)")
     ap.add_argument("--out", default=str(HERE / "RESULTS-scale.md"))
     args = ap.parse_args()
     _raise_nofile()
     ns = [int(x) for x in args.peers.split(",")]
     results: list[dict] = []
     tree: list[dict] = []
+    real: list[dict] = []
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hpcckpt-scale-") as d:
         for n in ns:
@@ -447,12 +556,24 @@ def main() -> int:
             for t in rows:
                 print(f"tree {n:5d} agents / {args.relay} per relay, {t['mode']}: barrier "
                       f"{t['barrier_s'] * 1e3:.1f} ms, round {t['duration_s'] * 1e3:.0f} ms", flush=True)
+        real_ns = [int(x) for x in args.real_tree.split(",") if x]
+        if real_ns:
+            rnode = {**one(args.relay, args.rounds, Path(d), args.relay, local=True, real=True),
+                     "mode": "one node's stage"}
+            real.append(rnode)
+        for n in real_ns:
+            rows = real_tree_rows(n, args.relay, args.rounds, Path(d), rnode)
+            real += rows
+            for t in [rnode] + rows:
+                print(f"REAL relay {t['peers']:5d} agents / {args.relay} per relay, {t['mode']}: barrier "
+                      f"{t['barrier_s'] * 1e3:.1f} ms, round {t['duration_s'] * 1e3:.0f} ms, coordinator CPU "
+                      f"{t['cpu_s']:.2f} s", flush=True)
     load1 = os.getloadavg()
     out = Path(args.out)
     png: Path | None = out.with_suffix(".png")
     try:
         assert png is not None
-        plot(results, tree, png)
+        plot(results, tree, png, real)
     except ImportError:
         png = None
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:])
@@ -480,6 +601,17 @@ def main() -> int:
                   "round (s) |",
                   "|---|---|---|---|---|---|"]
         for t in tree:
+            lines.append(f"| {t['peers']} | {max(1, t['peers'] // t['relay'])} | {t['mode']} | {_ms(t['barrier_s'])} | "
+                         f"{_ms(t['duration_s'], '.0f')} | {t['cpu_s']:.2f} |")
+    if real:
+        lines += ["\n## The real relay (hpcckpt/relay/, bench/scale.py real_relay_worker)\n",
+                  f"The relay module's own code (the `hpcckpt relay` process's Relay class: its handlers, tally.py's "
+                  f"aggregation, its MAC/freshness checks and re-signing), {args.relay} simulated agents per relay; "
+                  "several relays per bench process, one poll loop.\n",
+                  "| agents | relays | stage | one barrier (ms) | checkpoint round (ms) | coordinator CPU per "
+                  "round (s) |",
+                  "|---|---|---|---|---|---|"]
+        for t in real:
             lines.append(f"| {t['peers']} | {max(1, t['peers'] // t['relay'])} | {t['mode']} | {_ms(t['barrier_s'])} | "
                          f"{_ms(t['duration_s'], '.0f')} | {t['cpu_s']:.2f} |")
     notes = ""

@@ -35,10 +35,12 @@ PASSED_UP = ("request", "abandon", "restored", "kv_put", "kv_get")
 
 
 class Relay:
-    def __init__(self, s: Settings, coord_host: str, coord_port: int, bind_host: str = "127.0.0.1"):
+    def __init__(self, s: Settings, coord_host: str, coord_port: int, bind_host: str = "127.0.0.1",
+                 ctx: zmq.Context | None = None):
+        """ctx: a ZeroMQ context to share (bench/scale.py runs many relays in one process)."""
         self.s = s
         self.relay_id = secrets.token_hex(6)
-        self.up = Connection(coord_host, coord_port, routing_id=f"relay-{self.relay_id}".encode(),
+        self.up = Connection(coord_host, coord_port, ctx=ctx, routing_id=f"relay-{self.relay_id}".encode(),
                              peer_timeout=s.peer_timeout)
         self.key = self.up.key
         self.ctx = self.up.ctx
@@ -63,6 +65,7 @@ class Relay:
         self.last_heard = time.monotonic()
         self.down_since: float | None = None
         self.idle_since = time.monotonic()
+        self.idle_exit_s = IDLE_EXIT_S
         self.next_scan = 0.0
         self.quit = False
         self.secret_file: str | None = None
@@ -396,6 +399,6 @@ class Relay:
                              {"type": "written", "generation": r.generation, "ok": False, "error": why})
                 if r.acked:
                     r.written_sent = True
-        if not self.agents and now - self.idle_since > IDLE_EXIT_S:
+        if not self.agents and now - self.idle_since > self.idle_exit_s:
             log.info("no agents for %.0f s; the relay exits", now - self.idle_since)
             self.quit = True
