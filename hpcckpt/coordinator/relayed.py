@@ -111,6 +111,11 @@ class Relayed(CoordinatorBase):
         if self.agent_index.get(agent_id) == ident:
             del self.agent_index[agent_id]
         log.info("agent %s behind relay %d on %s left: %s", agent_id, peer.peer_id, peer.host, why)
+        if not peer.members:
+            # as a plain agent's last bye (--exit-on-last); the relay says hello again if another agent comes
+            del self.peers[ident]
+            self._peer_gone(ident, f"relay {peer.peer_id} on {peer.host}: its last agent left ({why})")
+            return
         self._relay_processes(peer)
         self._write_status()
 

@@ -286,7 +286,8 @@ class Relay:
             self._on_welcome(body)
         elif kind == "reject":
             if msg.get("rejoin"):
-                self.send_hello()          # the coordinator does not know us (restarted, or gave us up)
+                if self.agents:            # the coordinator does not know us (restarted, or gave us up)
+                    self.send_hello()
             else:
                 log.error("coordinator refused: %s", msg.get("reason"))
                 self.send_down([a.ident for a in self.agents.values() if a.welcome_due], body)

@@ -111,3 +111,12 @@ def test_a_relay_during_a_round_waits_and_a_restart_is_refused(tmp_path):
     sim2.deliver(RELAY, protocol.Hello("node9", 77, [], restart=True, role="relay", members=members(1)).to_dict())
     (_, msg, _), = sim2.take()
     assert msg["type"] == "reject" and "directly" in msg["reason"]
+
+
+def test_the_last_agent_of_a_relay_leaving_is_the_last_peer_leaving(tmp_path):
+    sim = Sim(str(tmp_path), exit_on_last=True)
+    relay_hello(sim, 2)
+    sim.deliver(RELAY, protocol.Bye("exited", agent_id="r0").to_dict())
+    assert RELAY in sim.c.peers and not sim.c.quit
+    sim.deliver(RELAY, protocol.Bye("exited", agent_id="r1").to_dict())
+    assert RELAY not in sim.c.peers and sim.c.quit
