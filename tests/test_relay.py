@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
-from conftest import line_count, restart_in_background, wait_for
+from conftest import line_count, restart_in_background, run, wait_for
 
 from hpcckpt.coordinator import protocol
 
@@ -170,3 +170,38 @@ def test_a_relay_without_the_secret_is_refused(launch, counter, tmp_path, env):
     time.sleep(0.2)
     st = status(job)
     assert st["num_agents"] == 1 and "intruder" not in job.command("-l", "--json").stdout
+
+
+@pytest.mark.slow
+def test_a_tcp_connection_between_two_agents_behind_the_relay_survives_checkpoint_and_restart(
+        launch, tmp_path, env):
+    """A client and a server, each under its own launch behind the node's relay, talk TCP: the relay gives each
+    agent the other end of its connection at the drain (only the ends it needs); checkpointed mid-exchange, killed
+    and restarted, the client goes on from where it was with every answer right."""
+    import sys
+    prog = Path(__file__).parent / "programs" / "pingpong.py"
+    env["HPCCKPT_RELAY"] = "on"
+    portfile = tmp_path / "pp.port"
+    server = launch(sys.executable, prog, "server", portfile)
+    client_out = tmp_path / "client.out"
+    client = subprocess.Popen(
+        ["dmtcp_launch", "-j", "-p", str(server.port), "--ckptdir", str(tmp_path), sys.executable, str(prog),
+         "client", "127.0.0.1", str(portfile), "120"], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        stdout=open(client_out, "w"), stderr=open(tmp_path / "client.err", "w"))
+    try:
+        wait_for(lambda: line_count(client_out) >= 10, 30, "the client to talk")
+        assert len(relay_processes(server.port)) == 1 and status(server).get("num_agents") == 2
+        r = server.command("-bc", "--json")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        script = next(tmp_path.glob("dmtcp_restart_script_*.sh"))
+        server.command("-k", check=True)
+        server.wait(30)
+        client.wait(30)
+    finally:
+        stop([client])
+    # (the restarted processes' standard output is the restart command's)
+    r = run(["bash", str(script), "--coord-port", "0"], env, tmp_path, timeout=90)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    got = [int(x.split()[1]) for x in (client_out.read_text() + r.stdout).splitlines() if x.startswith("ok ")]
+    assert r.stdout.rstrip().endswith("done") and "bad answer" not in r.stdout, r.stdout
+    assert got[-1] == 120 and sorted(set(got)) == list(range(1, 121)), "a number skipped"

@@ -24,7 +24,7 @@ from ..coordinator import protocol
 from ..coordinator.client import Connection
 from ..image import safefs
 from ..settings import Settings
-from .tally import Agent, Tally
+from .tally import Agent, Tally, ends_needed, index_ends
 
 log = logging.getLogger("hpcckpt.relay")
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -336,7 +336,15 @@ class Relay:
             self.round = None                # (agents do not acknowledge an abort)
         else:
             r.begin(str(phase))
-        self.send_down(targets, msg)
+        if phase == "drain" and msg.get("tcp_ends"):
+            # each agent gets the other ends of its own connections only, not every end of the computation
+            # (O(ends) to every agent was the drain's cost for an all-to-all job of thousands of ranks)
+            index = index_ends(msg["tcp_ends"])
+            for i in targets:
+                self.send_down([i], {**msg, "tcp_ends": ends_needed(index, r.ends.get(i, []),
+                                                                    r.members[i].agent_id)})
+        else:
+            self.send_down(targets, msg)
         if phase != "abort" and not targets:
             self._up_if(r.aggregate())       # (no agent of ours takes part: nothing to wait for)
 

@@ -51,6 +51,26 @@ def merge_stats(rows: list[dict]) -> dict:
     return out
 
 
+def ends_needed(index: dict[tuple, list[list]], own: list[list], agent_id: str) -> list[list]:
+    """Of the drain's list of every agent's TCP ends ([agent id, lip, lport, rip, rport, state]), the rows an agent
+    needs: the other ends of its own connections (own: its suspend ack's [lip, lport, rip, rport, state]), held by
+    other agents - what agent/phases.py matches them against (engine/fds/tcp/drain.py _remote_state). index: the
+    rows by (lip, lport, rip, rport) (index_ends)."""
+    out = []
+    for e in own:
+        if len(e) >= 4:
+            out += [r for r in index.get((e[2], e[3], e[0], e[1]), []) if r[0] != agent_id]
+    return out
+
+
+def index_ends(rows: list[list]) -> dict[tuple, list[list]]:
+    index: dict[tuple, list[list]] = {}
+    for r in rows:
+        if len(r) >= 5:
+            index.setdefault((r[1], r[2], r[3], r[4]), []).append(r)
+    return index
+
+
 def named(a: Agent, msg: dict) -> list[dict]:
     """An agent's image entries, each naming its agent (the coordinator names a plain agent's itself; a restart's
     gate waits for every agent the manifest names)."""
@@ -65,6 +85,7 @@ class Tally:
     acks: dict[bytes, dict] = field(default_factory=dict)
     acked: bool = False                   # the phase's aggregate went up
     pending: set[bytes] = field(default_factory=set)        # forked: images still being written
+    ends: dict[bytes, list] = field(default_factory=dict)   # each agent's own TCP ends (its suspend ack)
     durable: dict[bytes, dict] = field(default_factory=dict)   # agent -> its images and stats once on disk
     written_sent: bool = False
     last_progress: float = field(default_factory=time.monotonic)
@@ -82,6 +103,8 @@ class Tally:
             return None
         self.acks[ident] = msg
         self.last_progress = time.monotonic()
+        if self.phase == "suspend":
+            self.ends[ident] = list(msg.get("tcp_ends") or [])
         if self.phase == "checkpoint" and msg.get("ok"):
             if msg.get("pending"):
                 self.pending.add(ident)

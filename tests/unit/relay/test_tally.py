@@ -105,3 +105,26 @@ def test_merge_stats_flags_and_words():
         {"drained": False, "drain": "off"}
     assert merge_stats([{"drained": True}, {}])["drained"] is False
     assert merge_stats([{"drain": "async"}, {"drain": "off"}])["drain"] is None
+
+
+def test_each_agent_gets_only_the_other_ends_of_its_own_connections():
+    from hpcckpt.relay.tally import ends_needed, index_ends
+    rows = [["a0", "10.0.0.1", 5000, "10.0.0.2", 6000, 1],      # a0 <-> a1
+            ["a1", "10.0.0.2", 6000, "10.0.0.1", 5000, 1],
+            ["a2", "10.0.0.3", 7000, "10.0.0.4", 8000, 1],      # a2 <-> a3 (another node)
+            ["a3", "10.0.0.4", 8000, "10.0.0.3", 7000, 1]]
+    index = index_ends(rows)
+    assert ends_needed(index, [["10.0.0.1", 5000, "10.0.0.2", 6000, 1]], "a0") == [rows[1]]
+    assert ends_needed(index, [["10.0.0.3", 7000, "10.0.0.4", 8000, 1]], "a2") == [rows[3]]
+    assert ends_needed(index, [["10.0.0.9", 1, "10.0.0.8", 2, 1]], "a5") == []     # (its peer is outside)
+    # a connection within one agent: both ends its own, nothing to match from others
+    assert ends_needed(index_ends([["a0", "h", 1, "h", 2, 1], ["a0", "h", 2, "h", 1, 1]]), [["h", 1, "h", 2, 1]],
+                       "a0") == []
+
+
+def test_the_suspend_acks_ends_are_kept_per_agent():
+    t = tally(2)
+    t.begin("suspend")
+    t.ack(b"i0", ack("suspend", tcp_ends=[["x", 1, "y", 2, 1]]))
+    t.ack(b"i1", ack("suspend", tcp_ends=[]))
+    assert t.ends == {b"i0": [["x", 1, "y", 2, 1]], b"i1": []}
