@@ -205,3 +205,19 @@ def test_a_tcp_connection_between_two_agents_behind_the_relay_survives_checkpoin
     got = [int(x.split()[1]) for x in (client_out.read_text() + r.stdout).splitlines() if x.startswith("ok ")]
     assert r.stdout.rstrip().endswith("done") and "bad answer" not in r.stdout, r.stdout
     assert got[-1] == 120 and sorted(set(got)) == list(range(1, 121)), "a number skipped"
+
+
+@pytest.mark.slow
+def test_a_slow_agent_is_named_by_its_relay_before_the_coordinators_timeout(launch, counter, tmp_path, env):
+    """One agent hangs after its suspend (fault point): the relay fails the drain after 0.8 x the phase timeout,
+    naming that agent and its host (the coordinator's own timeout could only name the relay); the others go on."""
+    job, others, outs = start(launch, counter, tmp_path, env, faults={2: "agent.after_suspend:sleep=20"},
+                              HPCCKPT_PHASE_TIMEOUT="3")
+    try:
+        r = job.command("-bc", "--json", timeout=60)
+        err = json.loads(r.stdout).get("error") or ""
+        assert r.returncode != 0 and "relay on" in err and "waiting for agent" in err and "timed out" not in err, err
+        assert not list(tmp_path.glob("ckpt_*/gen*.json"))
+        grows([outs[0], outs[1]])
+    finally:
+        stop(others)

@@ -86,6 +86,12 @@ class Relayed(CoordinatorBase):
             del self.peers[p.ident]
             self._peer_gone(p.ident, f"peer {p.peer_id} on {p.host} moved behind its node's relay")
             old = p
+        elif p is not None and agent_id in p.members:          # from another relay (a new one for its node)
+            m = p.members.pop(agent_id)
+            if not p.members:
+                del self.peers[p.ident]
+                self._peer_gone(p.ident, f"relay {p.peer_id} on {p.host} has no agents left", lost=True)
+            return m
         return Member(old.peer_id, old.agent_pid, old.processes) if old is not None else None
 
     def _relay_processes(self, peer: Peer) -> None:

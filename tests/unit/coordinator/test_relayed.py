@@ -120,3 +120,12 @@ def test_the_last_agent_of_a_relay_leaving_is_the_last_peer_leaving(tmp_path):
     assert RELAY in sim.c.peers and not sim.c.quit
     sim.deliver(RELAY, protocol.Bye("exited", agent_id="r1").to_dict())
     assert RELAY not in sim.c.peers and sim.c.quit
+
+
+def test_an_agent_behind_a_new_relay_moves_with_its_number(tmp_path):
+    sim = Sim(str(tmp_path))
+    relay_hello(sim, 2)
+    sim.deliver(b"relay-2", protocol.Hello("node9", 78, [], role="relay", members=members(2)).to_dict())
+    (_, w, _), = sim.take()
+    assert w["peer_ids"] == {"r0": 2, "r1": 3}
+    assert RELAY not in sim.c.peers and sorted(r["peer"] for r in sim.c.listing()) == [2, 3]
