@@ -150,26 +150,29 @@ def test_a_killed_relay_leaves_its_agents_to_the_coordinator(launch, counter, tm
 
 
 def test_a_relay_without_the_secret_is_refused(launch, counter, tmp_path, env):
-    """A process posing as a relay with another key: its hello is refused unauthenticated and joins nothing."""
+    """A process posing as a relay with another key: its hello is refused unauthenticated and joins nothing; the
+    same for one posing as an agent at the node's relay."""
+    env["HPCCKPT_RELAY"] = "on"
     job = launch(counter, tmp_path / "out.txt", 4, 100000, 10000)
     wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
+    relay_port = int(next((tmp_path / "run").glob("relay-*.port")).read_text())
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(f"tcp://127.0.0.1:{job.port}")
     try:
-        sock.send_multipart(protocol.encode(b"x" * 32, protocol.Hello(
-            "evil", 1, [{"pid": 1, "program": "x"}], role="relay",
-            members=[{"agent_id": "intruder", "agent_pid": 1, "processes": []}]).to_dict()))
-        assert sock.poll(5000), "no answer"
-        tag, mac, body = sock.recv_multipart()
-        assert mac == b"" and "authentication failed" in json.loads(body)["reason"]
+        for port, hello in ((job.port, protocol.Hello("evil", 1, [{"pid": 1, "program": "x"}], role="relay", members=[
+                {"agent_id": "intruder", "agent_pid": 1, "processes": []}])),
+                            (relay_port, protocol.Hello("evil", 1, [{"pid": 1, "program": "x"}], agent_id="intruder"))):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{port}")
+            sock.send_multipart(protocol.encode(b"x" * 32, hello.to_dict()))
+            assert sock.poll(5000), f"no answer from port {port}"
+            tag, mac, body = sock.recv_multipart()
+            assert mac == b"" and "authentication failed" in json.loads(body)["reason"]
+            sock.close()
     finally:
-        sock.close()
         ctx.term()
-    time.sleep(0.2)
-    st = status(job)
-    assert st["num_agents"] == 1 and "intruder" not in job.command("-l", "--json").stdout
+    time.sleep(0.3)
+    assert status(job)["num_agents"] == 1 and "intruder" not in job.command("-l", "--json").stdout
 
 
 @pytest.mark.slow

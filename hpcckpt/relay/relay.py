@@ -12,6 +12,7 @@ which fails the round before its commit); a coordinator lost (silent, or its con
 and its agents fall back to the coordinator directly (agent/liveness.py's fallback)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -165,8 +166,8 @@ class Relay:
         except protocol.ProtocolError as e:
             log.warning("rejected a message from connection %s: %s", ident.hex(), e)
             if rest[0] == protocol.PROTO_TAG:
-                self.down.send_multipart([ident, protocol.PROTO_TAG, b"", b'{"type":"reject","reason":"%s"}'
-                                          % str(e).encode()])
+                self.down.send_multipart([ident, protocol.PROTO_TAG, b"",
+                                          json.dumps({"type": "reject", "reason": str(e)}).encode()])
             return
         a = self.agents.get(ident)
         if a is not None:
