@@ -23,6 +23,7 @@ import zmq
 
 from ..coordinator import protocol
 from ..coordinator.client import Connection
+from ..coordinator.ratelog import RateLimitedLog
 from ..image import safefs
 from ..settings import Settings
 from .tally import Agent, Tally, ends_needed, index_ends
@@ -53,6 +54,7 @@ class Relay:
         self.port = self.down.bind_to_random_port(f"tcp://{bind_host}", min_port=20000, max_port=60000)
         self.bind_host = bind_host
         self.fresh = protocol.Freshness()
+        self.rejects = RateLimitedLog(log, "rejected messages")     # (strangers on the node can send at will)
         self.host = os.uname().nodename
         self.agents: dict[bytes, Agent] = {}
         self.by_id: dict[str, bytes] = {}
@@ -156,7 +158,7 @@ class Relay:
     def on_agent_frames(self, frames: list[bytes]) -> None:
         ident, rest = frames[0], frames[1:]
         if len(rest) != 3:
-            log.warning("rejected a message from connection %s: %d frame(s)", ident.hex(), len(rest))
+            self.rejects.warning("rejected a message from connection %s: %d frame(s)", ident.hex(), len(rest))
             return
         try:
             msg = protocol.decode(self.key, rest, self.fresh)
@@ -164,7 +166,7 @@ class Relay:
             self.send_down([ident], {"type": "reject", "reason": str(e), "re": e.nonce})
             return
         except protocol.ProtocolError as e:
-            log.warning("rejected a message from connection %s: %s", ident.hex(), e)
+            self.rejects.warning("rejected a message from connection %s: %s", ident.hex(), e)
             if rest[0] == protocol.PROTO_TAG:
                 self.down.send_multipart([ident, protocol.PROTO_TAG, b"",
                                           json.dumps({"type": "reject", "reason": str(e)}).encode()])
@@ -369,6 +371,7 @@ class Relay:
 
     # ------------------------------------------------------------------------------------------- timers --
     def tick(self, now: float) -> None:
+        self.rejects.flush(now)
         for ev in self.up.link_events():
             self.down_since = (self.down_since or now) if ev == "down" else None
         hb = self.s.heartbeat_s()
