@@ -157,8 +157,9 @@ class Relay:
     # ------------------------------------------------------------------------------------- from agents --
     def on_agent_frames(self, frames: list[bytes]) -> None:
         ident, rest = frames[0], frames[1:]
-        if len(rest) != 3:
-            self.rejects.warning("rejected a message from connection %s: %d frame(s)", ident.hex(), len(rest))
+        if len(rest) != 3 or sum(map(len, rest)) > protocol.MAX_MESSAGE_BYTES:
+            self.rejects.warning("rejected a message from connection %s: %d frame(s), %d bytes", ident.hex(),
+                                 len(rest), sum(map(len, rest)))
             return
         try:
             msg = protocol.decode(self.key, rest, self.fresh)
