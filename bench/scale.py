@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,153 +34,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def agent_ack(msg: dict) -> dict:
-    """What an agent with no processes answers to a phase message."""
-    reply = {"type": "ack", "phase": msg["phase"], "generation": msg["generation"], "ok": True, "error": None}
-    if msg["phase"] == "suspend":
-        reply["tcp_ends"] = []
-    elif msg["phase"] == "checkpoint":
-        reply.update(images=[], stats={"bytes_in": 0, "bytes_out": 0}, pending=False)
-    elif msg["phase"] == "resume":
-        reply["stats"] = {"frozen_s": 0.0}
-    return reply
-
-
-def aggregate(phase: dict, acks: list[dict]) -> dict:
-    """A relay's one ack for its agents' acks of a phase: ok only if all are; the lists the coordinator keeps
-    (TCP ends, images) concatenated; the stats summed, frozen_s the longest; the first error, naming its agent."""
-    up = {"type": "ack", "phase": phase["phase"], "generation": phase["generation"],
-          "ok": all(a.get("ok") for a in acks), "error": next((a.get("error") for a in acks if not a.get("ok")), None)}
-    if phase["phase"] == "suspend":
-        up["tcp_ends"] = [e for a in acks for e in a.get("tcp_ends") or []]
-    elif phase["phase"] == "checkpoint":
-        stats: dict = {}
-        for a in acks:
-            for k, v in (a.get("stats") or {}).items():
-                stats[k] = stats.get(k, 0) + v
-        up.update(images=[i for a in acks for i in a.get("images") or []], stats=stats,
-                  pending=any(a.get("pending") for a in acks))
-    elif phase["phase"] == "resume":
-        up["stats"] = {"frozen_s": max((a.get("stats") or {}).get("frozen_s", 0.0) for a in acks)}
-    return up
-
-
-def relay_worker(port: int, rundir: str, first: int, count: int, per_relay: int, local: bool, ready, stop) -> None:
-    """count relays in one process, each one peer of the coordinator standing for per_relay agents of its node.
-
-    local=True: each relay has its per_relay agents as real connections (a ROUTER of its own on loopback, the
-    agents DEALERs in this process, the same authenticated framing: the relay checks MAC and freshness as the
-    coordinator does), forwards each phase to them (encoded once) and acks upward once all have answered.
-    local=False: the agents' side is left out (the relay answers at once): what the coordinator alone costs in a
-    tree, its part of the critical path on a cluster where each node's relay runs on that node."""
-    os.environ["HPCCKPT_RUNDIR"] = rundir
-    _raise_nofile()
-    import zmq
-
-    from hpcckpt.coordinator import protocol
-    key = protocol.read_secret(port)
-    ctx = zmq.Context()
-    ctx.MAX_SOCKETS = count * (per_relay + 2) + 64
-    poller = zmq.Poller()
-    ups, downs, agents = [], [], []          # per relay: the coordinator side, its ROUTER, its agents' DEALERs
-    fresh = protocol.Freshness()
-    for i in range(count):
-        n = first + i
-        up = ctx.socket(zmq.DEALER)
-        up.setsockopt(zmq.LINGER, 0)
-        up.connect(f"tcp://127.0.0.1:{port}")
-        ids = [f"a{n * per_relay + j:06d}" for j in range(per_relay)]
-        up.send_multipart(protocol.encode(key, {
-            "type": "hello", "role": "peer", "host": f"node{n}", "agent_pid": 100000 + n,
-            "processes": [{"pid": 1000 + j, "unique_id": f"sim-{a}", "program": "sim"} for j, a in enumerate(ids)],
-            "computation": "scale", "restart": False, "generation": None, "agent_id": f"relay{n:05d}",
-            "agents": {}, "agent_ids": ids}))
-        poller.register(up, zmq.POLLIN)
-        ups.append(up)
-        mine = []
-        if local:
-            down = ctx.socket(zmq.ROUTER)
-            down.setsockopt(zmq.LINGER, 0)
-            lport = down.bind_to_random_port("tcp://127.0.0.1")
-            poller.register(down, zmq.POLLIN)
-            downs.append(down)
-            for a in ids:
-                d = ctx.socket(zmq.DEALER)
-                d.setsockopt(zmq.LINGER, 0)
-                d.setsockopt(zmq.IDENTITY, a.encode())
-                d.connect(f"tcp://127.0.0.1:{lport}")
-                # (its relay can only send to it once it has heard from it: a ROUTER drops what it cannot route)
-                d.send_multipart(protocol.encode(key, {"type": "hello", "role": "peer", "agent_id": a}))
-                poller.register(d, zmq.POLLIN)
-                mine.append(d)
-        agents.append(mine)
-    ids_of = [[f"a{(first + i) * per_relay + j:06d}".encode() for j in range(per_relay)] for i in range(count)]
-    relay_of = {s: i for i, s in enumerate(ups)} | {s: i for i, s in enumerate(downs)}
-    agent_socks = {d for mine in agents for d in mine}
-    current: list[dict | None] = [None] * count        # the phase each relay awaits its agents' acks for
-    acks: list[dict] = [{} for _ in range(count)]
-    present: list[set[bytes]] = [set() for _ in range(count)]    # the agents each relay has heard from
-    welcomed = 0
-    told = False
-    last_hb = time.monotonic()
-    while not stop.is_set():
-        for s in dict(poller.poll(100)):
-            while True:
-                try:
-                    frames = s.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if s in agent_socks:                     # an agent: answer its relay's phase
-                    msg = protocol.decode(key, frames)
-                    if msg.get("type") == "phase" and msg["phase"] != "abort":
-                        s.send_multipart(protocol.encode(key, agent_ack(msg)))
-                    continue
-                r = relay_of[s]
-                if s is ups[r]:                          # the coordinator
-                    msg = protocol.decode(key, frames)
-                    t = msg.get("type")
-                    if t == "welcome":
-                        welcomed += 1
-                    elif t == "phase" and local:
-                        current[r], acks[r] = msg, {}
-                        fwd = protocol.encode(key, {k: v for k, v in msg.items() if k not in ("nonce", "ts")})
-                        for ident in ids_of[r]:
-                            downs[r].send_multipart([ident, *fwd])
-                    elif t == "phase" and msg["phase"] != "abort":
-                        s.send_multipart(protocol.encode(key, agent_ack(msg)))
-                    continue
-                ident, msg = frames[0], protocol.decode(key, frames[1:], fresh)     # an agent's, checked
-                if msg.get("type") == "hello":
-                    present[r].add(ident)
-                    continue
-                cur = current[r]
-                if msg.get("type") != "ack" or cur is None or msg.get("phase") != cur["phase"]:
-                    continue
-                acks[r][ident] = msg
-                if len(acks[r]) == per_relay:
-                    current[r] = None
-                    if cur["phase"] != "abort":
-                        ups[r].send_multipart(protocol.encode(key, aggregate(cur, list(acks[r].values()))))
-        if welcomed == count and not told and (not local or all(len(p) == per_relay for p in present)):
-            ready.put(count)
-            told = True
-        if time.monotonic() - last_hb > 2.0:
-            for s in ups:
-                s.send_multipart(protocol.encode(key, {"type": "heartbeat"}))
-            for mine in agents:
-                for d in mine:
-                    d.send_multipart(protocol.encode(key, {"type": "heartbeat"}))
-            last_hb = time.monotonic()
-    for s in [*ups, *downs, *agent_socks]:
-        s.close(0)
-    ctx.term()
+from scale_workers import _raise_nofile, agent_ack, real_relay_worker, relay_worker  # noqa: E402
 
 
 def worker(port: int, rundir: str, first: int, count: int, ready, stop) -> None:
@@ -299,9 +152,10 @@ def proc_stats(pid: int) -> tuple[float, int]:
     return cpu, rss
 
 
-def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> dict:
-    """n peers; relay > 0: behind n / relay relays of relay agents each (relay_worker)."""
-    tag = f"{n}" + (f"r{relay}{'l' if local else 'v'}" if relay else "")
+def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True, real: bool = False) -> dict:
+    """n peers; relay > 0: behind n / relay relays of relay agents each (relay_worker, or real=True:
+    real_relay_worker, the relay module's own code)."""
+    tag = f"{n}" + (f"{'R' if real else 'r'}{relay}{'l' if local else 'v'}" if relay else "")
     rundir = work / f"run{tag}"
     ck = work / f"ck{tag}"
     ck.mkdir()
@@ -331,7 +185,7 @@ def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> 
         for c in per:
             args = (port, str(rundir), first, c, relay, local, ready, stop) if relay else \
                 (port, str(rundir), first, c, ready, stop)
-            p = mp.Process(target=relay_worker if relay else worker, args=args)
+            p = mp.Process(target=(real_relay_worker if real else relay_worker) if relay else worker, args=args)
             p.start()
             procs.append(p)
             first += c
@@ -358,7 +212,7 @@ def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> 
             p.join(30)
         med = {k: statistics.median(float(r[k]) for r in rows if r[k] is not None)
                for k in ("wall_s", "duration_s", "cpu_s", "barrier_s", "rss")}
-        return {"peers": n, "relay": relay, "local": local, "join_s": join_s, **med,
+        return {"peers": n, "relay": relay, "local": local, "real": real, "join_s": join_s, **med,
                 "floor_s": zmq_floor(units), "rounds": rows}
     finally:
         subprocess.run([str(BIN / "dmtcp_command"), "--port-file", str(port_file), "-q"], env=env,
@@ -369,7 +223,7 @@ def one(n: int, rounds: int, work: Path, relay: int = 0, local: bool = True) -> 
             coord.kill()
 
 
-def plot(results: list[dict], tree: list[dict], path: Path) -> None:
+def plot(results: list[dict], tree: list[dict], path: Path, real: list[dict] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -388,6 +242,14 @@ def plot(results: list[dict], tree: list[dict], path: Path) -> None:
     if full:
         ax.loglog([t["peers"] for t in full], [t["barrier_s"] * 1e3 for t in full], "x:", color="tab:green",
                   label="tree, every node emulated on this machine")
+    rcrit = [t for t in real or [] if t["mode"] == "critical path"]
+    if rcrit:
+        ax.loglog([t["peers"] for t in rcrit], [t["barrier_s"] * 1e3 for t in rcrit], "P-", color="tab:purple",
+                  label=f"REAL relay code: coordinator + one node ({rcrit[0]['relay']} agents each)")
+    rfull = [t for t in real or [] if t["mode"] == "all on this machine"]
+    if rfull:
+        ax.loglog([t["peers"] for t in rfull], [t["barrier_s"] * 1e3 for t in rfull], "+:", color="tab:purple",
+                  label="REAL relay code, every node emulated on this machine")
     ax.axhline(50, color="tab:red", linewidth=0.8, linestyle="--", label="goal: 50 ms per barrier at 4096")
     ax.set_xlabel("peers")
     ax.set_ylabel("ms")
@@ -410,6 +272,18 @@ def tree_rows(n: int, relay: int, rounds: int, work: Path, node: dict) -> list[d
     return [coord, full, crit]
 
 
+def real_tree_rows(n: int, relay: int, rounds: int, work: Path, node: dict) -> list[dict]:
+    """The same stages with the real relay code (real_relay_worker): the coordinator's stage (relays without
+    agents), every node at once on this machine, and the critical path (coordinator stage + one node's stage)."""
+    coord = {**one(n, rounds, work, relay, local=False, real=True), "mode": "coordinator stage"}
+    full = {**one(n, rounds, work, relay, local=True, real=True), "mode": "all on this machine"}
+    crit = {"peers": n, "relay": relay, "real": True, "mode": "critical path", "join_s": None,
+            "cpu_s": coord["cpu_s"], "rss": coord["rss"], "wall_s": None, "floor_s": None,
+            "barrier_s": coord["barrier_s"] + node["barrier_s"], "duration_s": coord["duration_s"] +
+            node["duration_s"]}
+    return [coord, full, crit]
+
+
 def _ms(v: float | None, fmt: str = ".1f") -> str:
     return "-" if v is None else format(v * 1e3, fmt)
 
@@ -420,12 +294,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tree", default="1024,4096", help="peer counts to measure behind relays too ('' for none)")
     ap.add_argument("--relay", type=int, default=64, help="agents per relay (per node) in the tree")
+    ap.add_argument("--real-tree", default="1024,4096", help="agent counts behind the REAL relay code "
+                    "(hpcckpt/relay/) too ('' for none)")
     ap.add_argument("--out", default=str(HERE / "RESULTS-scale.md"))
     args = ap.parse_args()
     _raise_nofile()
     ns = [int(x) for x in args.peers.split(",")]
     results: list[dict] = []
     tree: list[dict] = []
+    real: list[dict] = []
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hpcckpt-scale-") as d:
         for n in ns:
@@ -447,12 +324,24 @@ def main() -> int:
             for t in rows:
                 print(f"tree {n:5d} agents / {args.relay} per relay, {t['mode']}: barrier "
                       f"{t['barrier_s'] * 1e3:.1f} ms, round {t['duration_s'] * 1e3:.0f} ms", flush=True)
+        real_ns = [int(x) for x in args.real_tree.split(",") if x]
+        if real_ns:
+            rnode = {**one(args.relay, args.rounds, Path(d), args.relay, local=True, real=True),
+                     "mode": "one node's stage"}
+            real.append(rnode)
+        for n in real_ns:
+            rows = real_tree_rows(n, args.relay, args.rounds, Path(d), rnode)
+            real += rows
+            for t in ([rnode] if n == real_ns[0] else []) + rows:
+                print(f"REAL relay {t['peers']:5d} agents / {args.relay} per relay, {t['mode']}: barrier "
+                      f"{t['barrier_s'] * 1e3:.1f} ms, round {t['duration_s'] * 1e3:.0f} ms, coordinator CPU "
+                      f"{t['cpu_s']:.2f} s", flush=True)
     load1 = os.getloadavg()
     out = Path(args.out)
     png: Path | None = out.with_suffix(".png")
     try:
         assert png is not None
-        plot(results, tree, png)
+        plot(results, tree, png, real)
     except ImportError:
         png = None
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:])
@@ -473,13 +362,24 @@ def main() -> int:
     lines.append("\nPer-phase times of the last round at the largest N: " +
                  ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in results[-1]["rounds"][-1]["phases"].items()))
     if tree:
-        lines += ["\n## A tree: per-node relays (bench/scale.py relay_worker)\n",
+        lines += ["\n## A tree: per-node relays (bench/scale_workers.py relay_worker)\n",
                   f"Agents behind relays of {args.relay} agents (one relay per node); the coordinator sees one peer "
                   "per relay.\n",
                   "| agents | relays | stage | one barrier (ms) | checkpoint round (ms) | coordinator CPU per "
                   "round (s) |",
                   "|---|---|---|---|---|---|"]
         for t in tree:
+            lines.append(f"| {t['peers']} | {max(1, t['peers'] // t['relay'])} | {t['mode']} | {_ms(t['barrier_s'])} | "
+                         f"{_ms(t['duration_s'], '.0f')} | {t['cpu_s']:.2f} |")
+    if real:
+        lines += ["\n## The real relay (hpcckpt/relay/, bench/scale_workers.py real_relay_worker)\n",
+                  f"The relay module's own code (the `hpcckpt relay` process's Relay class: its handlers, tally.py's "
+                  f"aggregation, its MAC/freshness checks and re-signing), {args.relay} simulated agents per relay; "
+                  "several relays per bench process, one poll loop.\n",
+                  "| agents | relays | stage | one barrier (ms) | checkpoint round (ms) | coordinator CPU per "
+                  "round (s) |",
+                  "|---|---|---|---|---|---|"]
+        for t in real:
             lines.append(f"| {t['peers']} | {max(1, t['peers'] // t['relay'])} | {t['mode']} | {_ms(t['barrier_s'])} | "
                          f"{_ms(t['duration_s'], '.0f')} | {t['cpu_s']:.2f} |")
     notes = ""

@@ -72,6 +72,10 @@ class Settings:
     peer_timeout: float = field(default=90.0, metadata=_env("HPCCKPT_PEER_TIMEOUT"))
     heartbeat: float = field(default=2.0, metadata=_env("HPCCKPT_HEARTBEAT"))   # seconds between heartbeats
     coord_fallback: float = field(default=20.0, metadata=_env("HPCCKPT_COORD_FALLBACK"))   # 0: never
+    # a per-node relay (hpcckpt/relay/, docs/design.md "Relays"): "on" - the agents of a node talk to one relay,
+    # which is one peer of the coordinator for all of them (started by the node's first launch); "off": each agent
+    # is a peer of the coordinator itself (the default)
+    relay: str = field(default="off", metadata=_env("HPCCKPT_RELAY"))
 
     def heartbeat_s(self) -> float:
         """How often to send a heartbeat: several per peer_timeout, even when that is set short."""
@@ -274,11 +278,14 @@ def _validate(s: Settings) -> Settings:
     if s.coord_fallback < 0:
         raise SettingsError(f"coord_fallback must be >= 0 seconds, got {s.coord_fallback}")
     _validate_storage(s)
+    if s.relay not in RELAY_MODES:
+        raise SettingsError(f"relay must be one of {', '.join(RELAY_MODES)}, got {s.relay!r}")
     return _validate_input(s)
 
 
 # -- storage block: multi-level storage settings (docs/storage.md) ---------------------------------------------
 DRAIN_MODES = ("async", "sync", "off")
+RELAY_MODES = ("off", "on")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 

@@ -84,6 +84,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
         self.stash: list[dict] = []            # messages that came while we waited for something else
         self.restart_ids: list[str] = []       # a restart: the agents (of the checkpoint) whose images we restore
         self.job_file: str | None = None       # where the job's ssh/srun shims find the coordinator
+        self.coord_address: tuple[str, int] | None = None   # the coordinator's, when we talk to a relay
         # called with the root's status when others live on (cli/jobrun.py)
         self.on_root_exit: Callable[[int], None] | None = None
         self.root_gone_told = False
@@ -157,7 +158,8 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
     def publish_job_file(self) -> None:
         if self.job_file:
             try:
-                remoteio.write_job_file(self.job_file, self.conn.host, self.conn.port, self.computation or "",
+                host, port = self.coord_address or (self.conn.host, self.conn.port)
+                remoteio.write_job_file(self.job_file, host, port, self.computation or "",
                                         self.ckptdir, self.s)    # (its settings reach agents on other hosts)
             except OSError as e:
                 log.warning("cannot write %s (ssh/srun inside the job will not find the coordinator): %s",

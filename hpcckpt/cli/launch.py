@@ -20,6 +20,8 @@ from ..coordinator.protocol import SecretError
 from ..engine.linux import SYS, set_next_pid, syscall
 from ..image import safefs, store
 from ..plugins import PluginError
+from ..relay import find as relays
+from ..settings import RELAY_MODES
 from . import dmtcpopts, jobrun, levelopts
 from .common import Fail, Parser, add_coord_options, run_main, settings_from, setup_logging
 from .jobrun import run_job
@@ -69,6 +71,8 @@ def parser(prog: str) -> Parser:
                         "env HPCCKPT_PID_NAMESPACE=0)")
     p.add_argument("-q", "--quiet", action="count", default=None,
                    help="only warnings and errors; twice: only errors (env DMTCP_QUIET=0|1|2)")
+    p.add_argument("--relay", choices=RELAY_MODES, help="on: the agents of this node talk to the coordinator through "
+                   "one relay (many agents per node; env HPCCKPT_RELAY; default off)")
     dmtcpopts.add_launch_options(p)
     # used by our ssh/srun inside a job (cli/shim.py) to start the remote part of a computation
     p.add_argument("--remote-io", metavar="HOST:PORT:TOKEN", help=argparse.SUPPRESS)
@@ -152,7 +156,10 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt launch") -> int:
         def coordinator():
             # the agent asks again only when its coordinator is gone for good: find (or start) one again
             if found:
-                return found.pop()
+                addr = found.pop()
+                if s.relay == "on":       # (here, outside the job's namespaces: the relay is no part of the job)
+                    relays.ensure_relay(s, *addr)
+                return addr
             return find_or_start(s, JOIN if args.policy == JOIN else ANY)
         return run_job(s, prog, lambda: _fail_on_unreachable(coordinator),
                        lambda in_ns, get, not_job: _agent(s, get, args.command, in_ns, not_job, args.remote_io))
@@ -190,6 +197,10 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
            remote_io: str | None = None, computation: str | None = None) -> int:
     """The agent: start the program held before exec, join the coordinator, let the program go, serve."""
     host, port = get_coordinator()
+    coordinator = (host, port)
+    relay = relays.running_relay(host, port) if s.relay == "on" else None
+    if relay is not None:
+        host, port = relay              # this node's relay stands for us at the coordinator (hpcckpt/relay/)
     agent_id = new_agent_id()
     try:
         conn = Connection(host, port, routing_id=f"agent-{agent_id}".encode(), peer_timeout=s.peer_timeout)
@@ -229,6 +240,7 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
         conn.close()
         raise Fail(str(e)) from None
     agent.job_file = job_file
+    agent.coord_address = coordinator         # (the job file names the coordinator, not our relay)
     agent.link.find = get_coordinator          # a fallback when the coordinator is gone for good
     agent.serve_api(api)
     agent.on_root_exit = jobrun.root_exited   # children that outlive it go on

@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "inspect": ("inspect", "print what a checkpoint image holds"),
     "dump": ("dump", "checkpoint processes that were not started under hpcckpt (attach with ptrace)"),
     "adopt": ("adopt", "(inside a job) take over processes started without hpcckpt: deadline checkpoints from then on"),
+    "relay": ("relay", "(started by launch) a node's relay between its agents and the coordinator"),
     "status": ("status", "show the checkpoints in a checkpoint directory (generations, sizes, batch runs)"),
     "sbatch": ("batch", "submit a batch script to Slurm that checkpoints, requeues and restarts itself"),
     "qsub": ("batch", "submit a batch script to PBS or Grid Engine that checkpoints and carries on itself"),

@@ -34,6 +34,16 @@ class Peer:
     state: str = "RUNNING"
     progress: dict = field(default_factory=dict)
     agent_id: str = ""
+    # a node's relay (hpcckpt/relay/) stands for several agents: agent id -> its Member (empty: a plain agent)
+    members: dict[str, Member] = field(default_factory=dict)
+
+
+@dataclass
+class Member:
+    """One agent behind a relay: what the status lists of it."""
+    peer_id: int
+    agent_pid: int
+    processes: list[dict]
 
 
 @dataclass
@@ -119,6 +129,18 @@ class CoordinatorBase:
         raise NotImplementedError
 
     def _complete_generations(self) -> list[int]:
+        raise NotImplementedError
+
+    def _members_lost(self, peer: Peer) -> None:
+        raise NotImplementedError
+
+    def _member_returns(self, ident: bytes, agent_id: str) -> bool:
+        raise NotImplementedError
+
+    def _listed_peers(self) -> Any:
+        raise NotImplementedError
+
+    def _agent_count(self) -> int:
         raise NotImplementedError
 
     def _commit(self, r: Round) -> None:

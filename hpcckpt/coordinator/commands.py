@@ -24,7 +24,7 @@ class Commands(CoordinatorBase):
             "coordinator_host": self.s.coord_host, "coordinator_port": self.port,
             "coordinator_version": __version__, "computation": self.computation,
             "listening": list(self.bound),
-            "num_peers": nprocs, "num_agents": len(self.peers),
+            "num_peers": nprocs, "num_agents": self._agent_count(),
             "running": bool(self.peers) and r is None,
             "state": r.state.value if r else State.RUNNING.value,
             "phase": r.phase.value if r and r.phase else None,
@@ -46,7 +46,7 @@ class Commands(CoordinatorBase):
 
     def listing(self) -> list[dict]:
         out = []
-        for p in sorted(self.peers.values(), key=lambda p: p.peer_id):
+        for p in sorted(self._listed_peers(), key=lambda p: p.peer_id):     # (a relay's agents each: relayed.py)
             for proc in p.processes or [{}]:
                 out.append({"peer": p.peer_id, "host": p.host, "agent_pid": p.agent_pid, "pid": proc.get("pid"),
                             "program": proc.get("program"), "unique_id": proc.get("unique_id"),

@@ -66,6 +66,7 @@ class Liveness(CoordinatorBase):
                 del self.peers[ident]
                 if peer.agent_id:
                     self.lost_peers[peer.agent_id] = peer
+                self._members_lost(peer)          # a relay's agents (relayed.py)
                 self._peer_gone(ident, f"peer {peer.peer_id} on {peer.host} stopped responding", lost=True)
 
     def _rejoin_grace(self) -> bool:
@@ -98,6 +99,7 @@ class Liveness(CoordinatorBase):
         if msg.get("restart"):
             return False
         agent_id = str(msg.get("agent_id") or "")
+        self._member_returns(ident, agent_id)     # straight from an agent its relay stood for (relayed.py)
         old = self._known_agent(ident, agent_id)
         away = old != ident or agent_id in self.lost_peers     # (else: a repeated hello of a peer we still have)
         if old is None and agent_id in self.lost_peers and msg.get("computation") == self.computation:
@@ -147,6 +149,6 @@ class Liveness(CoordinatorBase):
             return
         if not r.committed:
             self._fail_round(f"{what} abandoned it: {msg.get('reason')}")
-        elif not r.resumed:
+        elif not r.resumed and not (peer and peer.members):    # (a relay counts its agents itself)
             r.acks[who] = {"ok": True, "phase": r.phase}      # its processes already run
             self._check_round()

@@ -106,7 +106,8 @@ class Hello(Message):
     agent_id: str = ""
     agents: dict[str, str] = _dict()          # restart: every agent (id -> host) of the checkpoint
     agent_ids: list[str] = _list()            # restart: the agents whose images this one restores
-    role: str = "peer"
+    role: str = "peer"                        # "relay": a node's relay, which stands for the agents in members
+    members: list[dict] | None = _opt()       # relay: its agents [{agent_id, agent_pid, processes}]
 
 
 @dataclass
@@ -114,6 +115,7 @@ class AgentHeartbeat(Message):
     TYPE = "heartbeat"
     processes: list[dict] | None = _opt()
     progress: dict | None = _opt()            # {"bytes": written so far}, while images are written
+    members: dict | None = _opt()             # relay: its agents' processes {agent id: processes} when they changed
 
 
 @dataclass
@@ -157,6 +159,7 @@ class Request(Message):
 class Bye(Message):
     TYPE = "bye"
     reason: str = ""
+    agent_id: str | None = _opt()             # relay: one of its agents left (without: the relay itself)
 
 
 @dataclass
@@ -200,6 +203,7 @@ class Welcome(Message):
     complete: list[int] = _list()              # the computation's committed generations
     round: int | None = None                   # the round in progress this agent takes part in
     protocol: int = PROTOCOL_VERSION
+    peer_ids: dict | None = _opt()             # to a relay: the peer number of each of its agents
 
 
 @dataclass

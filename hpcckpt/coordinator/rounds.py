@@ -77,7 +77,8 @@ class Rounds(CoordinatorBase):
             return
         r.ack(ident, msg)
         if r.phase == Phase.SUSPEND and msg.get("tcp_ends"):
-            r.endpoints.extend([peer.agent_id] + list(e) for e in msg["tcp_ends"])
+            # (a relay's rows already name their agent)
+            r.endpoints.extend(list(e) if peer.members else [peer.agent_id] + list(e) for e in msg["tcp_ends"])
         if r.phase == Phase.RESUME:
             r.frozen_s = max(r.frozen_s, (msg.get("stats") or {}).get("frozen_s", 0.0))
             if self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
@@ -222,6 +223,8 @@ class Rounds(CoordinatorBase):
         for ident, peer in self.peers.items():
             on_host.setdefault(peer.host, []).append(ident)
             by_agent[(peer.host, peer.agent_id)] = ident
+            for aid in peer.members:          # a relay: its agents' images, which it splits among them
+                by_agent[(peer.host, aid)] = ident
         mine: dict[bytes, list[dict]] = {}
         for e in prune:
             writer = by_agent.get((e["host"], e.get("agent_id") or ""))

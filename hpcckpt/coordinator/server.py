@@ -28,6 +28,7 @@ from .gather import Restarts
 from .liveness import Liveness
 from .ranks import RankBook
 from .ratelog import RateLimitedLog
+from .relayed import Relayed
 from .rounds import Rounds
 
 log = logging.getLogger("hpcckpt.coordinator")
@@ -46,7 +47,7 @@ def new_computation_id() -> str:
     return f"{store.safe_name(host)}-{os.getpid()}-{int(time.time()):x}{secrets.token_hex(2)}"
 
 
-class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
+class Coordinator(Restarts, Commands, Liveness, Rounds, Commits, Relayed):
     """The parts and the state they share: base.py."""
 
     def __init__(self, settings: Settings, console: bool = False):
@@ -289,6 +290,9 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
 
     # ------------------------------------------------------------------------------------------- peers --
     def _on_hello(self, ident: bytes, msg: dict) -> None:
+        if msg.get("role") == "relay":
+            self._on_relay_hello(ident, msg)      # a node's relay, for all its agents (relayed.py)
+            return
         if self._rejoin(ident, msg):
             return
         if self.round is not None:
@@ -302,9 +306,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
             log.warning("rejected peer from computation %s (running %s)", comp, self.computation)
             return
         if not self.peers:
-            self.computation = comp or self.computation or new_computation_id()
-            self.generation = max([self.generation] + store.complete_generations(self.ckptdir, self.computation)
-                                  + levels.local_generations(self.ckptdir, self.computation))   # never reused
+            self._adopt_computation(comp)
         restarted_gen = int(msg.get("generation") or 0)
         if msg.get("restart") and msg.get("agent_id"):
             why = self._gate_join(ident, msg, restarted_gen)
@@ -327,6 +329,12 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
                  "restarted" if peer.restarted else "new")
         self._write_status()
 
+    def _adopt_computation(self, comp: str | None) -> None:
+        """The first peer names the computation (or a new one is made)."""
+        self.computation = comp or self.computation or new_computation_id()
+        self.generation = max([self.generation] + store.complete_generations(self.ckptdir, self.computation)
+                              + levels.local_generations(self.ckptdir, self.computation))   # never reused
+
     def _welcome(self, ident: bytes, peer: Peer) -> None:
         self.send(ident, protocol.Welcome(
             peer.peer_id, self.computation, self.interval, self.generation, self.ckptdir, self.s.heartbeat_s(),
@@ -342,6 +350,8 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
         if "processes" in msg:
             peer.processes = msg["processes"]
             self.ranks.update(peer.processes, peer.restarted)
+        if "members" in msg:
+            self._members_heard(peer, msg["members"])      # a relay's agents (relayed.py)
         if "progress" in msg:
             grew = int(msg["progress"].get("bytes", 0)) > int(peer.progress.get("bytes", 0))
             peer.progress = msg["progress"]
@@ -351,6 +361,9 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits):
                 self.round.last_progress = time.monotonic()
 
     def _on_bye(self, ident: bytes, msg: dict) -> None:
+        if msg.get("agent_id") and ident in self.peers and self.peers[ident].members:
+            self._member_left(ident, str(msg["agent_id"]), msg.get("reason", "exited"))   # relayed.py
+            return
         peer = self.peers.pop(ident, None)
         if peer is None:
             return
