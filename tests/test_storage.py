@@ -58,7 +58,9 @@ def test_local_level_first_then_verified_drain_and_restart_picks_the_fastest_cop
     copy = Path(store.generation_dir(str(shared), comp, 1)) / img.name
     assert copy.read_bytes() == img.read_bytes()
     st = json.loads(job.command("-s", "--json").stdout)
-    assert st["levels"] == [{"generation": 1, "local": True, "shared": True}]
+    # both levels per generation, with the drain's state; no partner copies asked for ("off")
+    assert st["levels"] == [{"generation": 1, "local": True, "shared": True, "partner": "off", "drain": "done",
+                             "complete": True}]
     assert "LEVELS=1:local+shared" in job.command("-s").stdout
     events = [(e["event"], e.get("level") or e.get("ok")) for e in map(json.loads,
                                                                        (shared / "hpcckpt-events.jsonl").open())]

@@ -42,11 +42,16 @@ def test_a_host_lost_before_the_drain_restarts_from_its_partner_s_copy(hosts2, e
     job, out = start(launch, hosts2, env, tmp_path, h1.name)
     r = job.command("-bc", "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["last_checkpoint"]["levels"] == "local"
+    # the blocking checkpoint returns once the generation is complete: each host keeps the other's images (over a
+    # direct connection between the agents, to the address the coordinator passed: no shared directory)
+    assert json.loads(r.stdout)["last_checkpoint"]["levels"] == "local+partner", r.stdout
     (comp,) = store.computations_in(str(tmp_path))
     mine, theirs = tmp_path / f"local-{here}", tmp_path / f"local-{h1.name}"
-    # each host keeps the other's images (over a direct connection between the agents, not the shared directory)
-    wait_for(lambda: partner_copies(mine, comp, 1) and partner_copies(theirs, comp, 1), 30, "the partner copies")
+    assert partner_copies(mine, comp, 1) and partner_copies(theirs, comp, 1)
+    assert not (tmp_path / f"ckpt_{comp}" / "partners").exists()
+    (row,) = json.loads(job.command("-s", "--json").stdout)["levels"]
+    assert row == {"generation": 1, "local": True, "partner": "done", "shared": False, "drain": "running",
+                   "complete": True}, row
     assert store.complete_generations(str(tmp_path), comp) == []          # the drain has not reached it
     # host h1 is lost, with its disk: the computation ends with it
     job.command("-k")
@@ -85,3 +90,33 @@ def test_a_drain_killed_on_one_host_leaves_the_previous_shared_generation_for_a_
              str(hostfile)], rerun, tmp_path, timeout=120)
     assert "restarting generation 1 from" in r.stderr, r.stderr[-3000:]
     assert_finished_on(r, here)
+
+
+def test_a_host_lost_before_its_partner_copy_restarts_the_newest_generation_complete(hosts2, env, tmp_path, launch):
+    """Generation 2 is durable on both hosts' local level (the program ran on at once) but this host's partner
+    copy hangs (a fault point): generation 2 is never reported complete - the restart script, last_checkpoint and
+    -s stay at generation 1. This host is lost with its disk: the restart script brings the computation back on
+    the other host from generation 1 (this host's part from its partner copy there), saying why not 2."""
+    env["HPCCKPT_FAULT"] = "partner.before_send:sleep=120@2"      # (this host's agent only: see above)
+    h1, here = hosts2[0], socket.gethostname()
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    assert json.loads(job.command("-bc", "--json").stdout)["last_checkpoint"]["levels"] == "local+partner"
+    (comp,) = store.computations_in(str(tmp_path))
+    mine, theirs = tmp_path / f"local-{here}", tmp_path / f"local-{h1.name}"
+    assert job.command("-c").returncode == 0
+    # h1's copy of generation 2 arrives here; ours never leaves
+    wait_for(lambda: partner_copies(mine, comp, 2), 30, "the other host's partner copy of generation 2")
+    st = json.loads(job.command("-s", "--json").stdout)
+    assert st["last_checkpoint"]["generation"] == 1, st["last_checkpoint"]
+    row = st["levels"][-1]
+    assert (row["generation"], row["local"], row["partner"], row["complete"]) == (2, True, "running", False), row
+    assert "LEVELS=1:local+partner, 2:local" in job.command("-s").stdout
+    assert "checkpoint generation 1," in (tmp_path / "dmtcp_restart_script.sh").read_text()
+    assert not partner_copies(theirs, comp, 2)
+    job.command("-k")
+    job.wait(30)
+    shutil.rmtree(mine)                                   # this host is lost, with its disk
+    r = restart_script(tmp_path, env, {here: h1.name})
+    assert "using the partner copy" in r.stderr, r.stderr[-3000:]
+    assert "generation 2 of" in r.stderr and "never complete" in r.stderr, r.stderr[-3000:]
+    assert_finished_on(r, h1.name)

@@ -236,6 +236,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
                     except BlockingIOError:
                         pass
                     self._writes_done()
+                    self._storage_flush()          # the drain's and the partner copy's reports (storage.py)
                 if self.aware is not None and self.aware.fileno() in events:
                     self.aware.handle(0)
                 if self.conn.sock in events:
@@ -331,7 +332,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
     def _on_committed(self, msg: dict) -> None:
         # the generation is complete everywhere: its images are the bases of the next incremental ones
         m = protocol.Committed.from_dict(msg)
-        self._storage_committed(int(m.generation or 0))     # the partner copy and the drain to the shared level
+        self._storage_committed(int(m.generation or 0), m.partner)   # the partner copy, the drain to the shared level
         self.prev_images.update(self.pending_prev.pop(m.generation, {}))
         self.last_generation = max(self.last_generation, int(m.generation or 0))
         if self.aware is not None:

@@ -5,9 +5,10 @@ loses no generation even before the drain reached the shared directory (docs/sto
 Transport: a direct TCP connection from agent to agent, not the coordinator's ZeroMQ socket: images are large
 and the coordinator is one process for thousands of agents, so relaying them through it would make it the
 bottleneck the local level exists to avoid (and its protocol is a fixed table of small messages). Each agent
-with `partner: true` listens on an ephemeral port and publishes its addresses in a small signed file,
-<ckptdir>/ckpt_<c>/partners/<agent_id>.json (HMAC with the user's key: a forged file could send the program's
-memory elsewhere). The image data never goes through that directory.
+with `partner: true` listens on an ephemeral port and announces its addresses in its checkpoint stats (over the
+coordinator's authenticated connection); the coordinator pairs the agents and tells each, in the `committed`
+message, where to send (coordinator/storagestate.py). Nothing goes through the checkpoint directory: partner
+copies work between nodes that share no filesystem.
 
 Both ends prove they hold the user's key (image/auth.py) before any byte of an image moves: nonces from both
 sides, an HMAC each way, and a session key that authenticates every file header. The receiver writes to a
@@ -29,7 +30,8 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import psutil
 
@@ -40,7 +42,6 @@ from .drain import Pacer
 
 log = logging.getLogger("hpcckpt.partner")
 
-ADDR_DIR = "partners"
 _NAME = re.compile(r"^ckpt_[A-Za-z0-9._+-]+\.dmtcp$")
 _MAX_FRAME = 1 << 16
 CONNECT_S = 3.0
@@ -52,10 +53,6 @@ class PartnerError(Exception):
 
 class NoPartner(PartnerError):
     """Every agent of the computation is on this host: no other node to keep a copy."""
-
-
-class NoAddress(PartnerError):
-    """The partner has not published its address (yet)."""
 
 
 def _key(purpose: str) -> bytes:
@@ -119,46 +116,8 @@ def local_addresses() -> list[str]:
     return sorted(set(out), key=lambda a: (a.startswith("127."), a))
 
 
-# ---------------------------------------------------------------------------------------------- addresses --
-def publish(ckptdir: str, computation: str, agent_id: str, host: str, port: int) -> None:
-    d = {"agent_id": agent_id, "host": host, "addresses": local_addresses(), "port": port}
-    body = json.dumps(d, sort_keys=True).encode()
-    d["mac"] = _mac(_key("partner address"), body).hex()
-    fd = safefs.open_dirs(ckptdir, [f"ckpt_{computation}", ADDR_DIR], create=True)
-    try:
-        safefs.write_at(fd, f"{agent_id}.json", json.dumps(d).encode())
-    finally:
-        os.close(fd)
-
-
-def lookup(ckptdir: str, computation: str, agent_id: str) -> dict:
-    """The signed address of an agent's partner server; PartnerError if absent or not authentic."""
-    where = os.path.join(store.computation_dir(ckptdir, computation), ADDR_DIR)
-    try:
-        fd = safefs.open_dirs(ckptdir, [f"ckpt_{computation}", ADDR_DIR])
-        try:
-            d = json.loads(safefs.read_at(fd, f"{agent_id}.json", where))
-        finally:
-            os.close(fd)
-    except (OSError, ValueError) as e:
-        raise NoAddress(f"no address of agent {agent_id} in {where}: {e}") from None
-    mac = d.pop("mac", "") if isinstance(d, dict) else ""
-    body = json.dumps(d, sort_keys=True).encode()
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(_key("partner address"), body).hex()):
-        raise PartnerError(f"address of agent {agent_id} in {where} is not authentic; not sending images there")
-    return d
-
-
 def partner_of(agent_id: str, agents: dict[str, str]) -> str | None:
-    """The next agent (by id, a ring) on another host than ours; None if every agent is on our host."""
-    ids = sorted(agents)
-    if agent_id not in ids:
-        return None
-    i = ids.index(agent_id)
-    for other in ids[i + 1:] + ids[:i]:
-        if agents[other] != agents[agent_id]:
-            return other
-    return None
+    return levels.partner_of(agent_id, agents)      # (the coordinator pairs the agents: image/levels.py)
 
 
 # ------------------------------------------------------------------------------------------------- server --
@@ -255,14 +214,20 @@ class PartnerJob:
     computation: str
     generation: int
     paths: list[str]
-    agents: dict[str, str] = field(default_factory=dict)
+    partner: dict | None = None        # {agent_id, host, addresses, port}: from the coordinator's committed message
+
+
+Report = Callable[..., None]
 
 
 class PartnerSender:
-    """A thread sending each committed generation's images of this agent to its partner, one at a time."""
+    """A thread sending each committed generation's images of this agent to its partner, one at a time; each
+    outcome goes to report(generation, level="partner", ok, error, bytes, seconds, partner) (agent/storage.py
+    passes it on to the coordinator)."""
 
-    def __init__(self, ckptdir: str, agent_id: str, host: str, pacer: Pacer):
+    def __init__(self, ckptdir: str, agent_id: str, host: str, pacer: Pacer, report: Report | None = None):
         self.ckptdir, self.agent_id, self.host, self.pacer = ckptdir, agent_id, host, pacer
+        self.report = report or (lambda *a, **k: None)
         self.jobs: queue.Queue[PartnerJob] = queue.Queue()
         self.state: dict[int, str] = {}
         self.told = False
@@ -273,9 +238,13 @@ class PartnerSender:
         self.state[job.generation] = "queued"
         self.jobs.put(job)
 
+    def idle(self) -> bool:
+        return self.jobs.empty() and all(not v.startswith(("queued", "sending")) for v in self.state.values())
+
     def _run(self) -> None:
         while True:
             job = self.jobs.get()
+            self.state[job.generation] = "sending"
             try:
                 where = self.send(job)
                 self.state[job.generation] = f"sent to {where}"
@@ -289,38 +258,33 @@ class PartnerSender:
                 log.error("partner copy of checkpoint generation %d failed: %s", job.generation, e)
                 journal.record(self.ckptdir, "partner", computation=job.computation, generation=job.generation,
                                host=self.host, ok=False, error=str(e))
+                self.report(job.generation, "partner", False, error=str(e))
 
     def send(self, job: PartnerJob) -> str:
-        other = partner_of(self.agent_id, job.agents)
-        if other is None:
+        addr = job.partner
+        if not addr:
             raise NoPartner("no agent of the computation on another host to be the partner")
         fault("partner.before_send")
-        addr = None
-        for _ in range(20):           # (its server starts with its first image: it may not be published yet)
-            try:
-                addr = lookup(self.ckptdir, job.computation, other)
-                break
-            except NoAddress:
-                time.sleep(0.5)
-        if addr is None:
-            addr = lookup(self.ckptdir, job.computation, other)
-        sock = self._connect(addr)
         t0 = time.monotonic()
+        sock = self._connect(addr)
         nbytes = 0
         with sock:
             session = handshake(sock, job.computation, server=False)
             for p in job.paths:
                 nbytes += self._send_file(sock, session, job, p)
             _send(sock, b"bye")
+        took = time.monotonic() - t0
         log.info("checkpoint generation %d: %d image(s), %.1f MB copied to partner %s (%s) in %.2f s",
-                 job.generation, len(job.paths), nbytes / 1e6, addr.get("host"), other, time.monotonic() - t0)
+                 job.generation, len(job.paths), nbytes / 1e6, addr.get("host"), addr.get("agent_id"), took)
         journal.record(self.ckptdir, "partner", computation=job.computation, generation=job.generation,
                        host=self.host, partner=addr.get("host"), ok=True, bytes=nbytes)
+        self.report(job.generation, "partner", True, bytes=nbytes, seconds=round(took, 3),
+                    partner=str(addr.get("host")))
         return str(addr.get("host"))
 
     def _connect(self, addr: dict) -> socket.socket:
         errors = []
-        for a in addr.get("addresses", []):
+        for a in addr.get("addresses") or []:
             try:
                 return socket.create_connection((a, int(addr["port"])), timeout=CONNECT_S)
             except OSError as e:

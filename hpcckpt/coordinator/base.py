@@ -129,3 +129,12 @@ class CoordinatorBase:
 
     def _prune_list(self) -> list[int]:
         raise NotImplementedError
+
+    def _partner_for(self, generation: int, agent_id: str) -> dict | None:
+        raise NotImplementedError
+
+    def _wait_complete(self, generation: int, waiters: list[Waiter]) -> bool:
+        raise NotImplementedError
+
+    def storage_levels(self) -> list[dict]:
+        raise NotImplementedError

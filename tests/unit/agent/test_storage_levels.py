@@ -145,42 +145,70 @@ def test_restart_chooses_local_then_partner_then_shared_and_skips_bad_copies(tmp
 
 @pytest.fixture
 def partner_pair(tmp_path):
-    shared, node_b = tmp_path / "shared", tmp_path / "local-b"
+    node_b = tmp_path / "local-b"
     server = partner.PartnerServer(str(node_b), COMP)
-    partner.publish(str(shared), COMP, "agent-b", "host-b", server.port)
-    yield shared, node_b, server
+    # (the coordinator passes this in the committed message: nothing goes through a shared directory)
+    addr = {"agent_id": "agent-b", "host": "host-b", "addresses": ["127.0.0.1"], "port": server.port}
+    (tmp_path / "shared").mkdir()
+    yield tmp_path / "shared", node_b, server, addr
     server.close()
 
 
 def test_partner_copy_goes_to_the_other_host_over_an_authenticated_connection(tmp_path, partner_pair):
-    shared, node_b, _ = partner_pair
-    assert partner.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a", "agent-b": "host-b"}) == \
+    shared, node_b, _, addr = partner_pair
+    assert levels.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a", "agent-b": "host-b"}) == \
         "agent-b"
-    assert partner.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a"}) is None
+    assert levels.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a"}) is None
     img = image(tmp_path / "local-a", 4, "ua")
-    sender = partner.PartnerSender(str(shared), "agent-a", "host-a", drain.Pacer())
-    assert sender.send(partner.PartnerJob(COMP, 4, [str(img)], {"agent-a": "host-a", "agent-b": "host-b"})) == \
-        "host-b"
+    reports: list = []
+    sender = partner.PartnerSender(str(shared), "agent-a", "host-a", drain.Pacer(),
+                                   lambda *a, **k: reports.append((a, k)))
+    assert sender.send(partner.PartnerJob(COMP, 4, [str(img)], addr)) == "host-b"
     copy = Path(levels.copy_path(str(node_b), levels.ImageName(COMP, 4, img.name), "partner"))
     assert copy.read_bytes() == img.read_bytes()
     assert [e.get("partner") for e in journal.read(str(shared)) if e["event"] == "partner"] == ["host-b"]
+    assert reports[0][0] == (4, "partner", True) and reports[0][1]["partner"] == "host-b"
+    assert not (shared / f"ckpt_{COMP}" / "partners").exists()
 
 
-def test_partner_refuses_a_sender_without_the_key_and_a_forged_address(tmp_path, partner_pair, monkeypatch):
-    shared, node_b, server = partner_pair
+def test_partner_refuses_a_sender_without_the_key_and_a_listener_without_it(tmp_path, partner_pair, monkeypatch):
+    shared, node_b, server, addr = partner_pair
     img = image(tmp_path / "local-a", 5, "ua")
     real = partner._key
-    job = partner.PartnerJob(COMP, 5, [str(img)], {"agent-a": "host-a", "agent-b": "host-b"})
+    job = partner.PartnerJob(COMP, 5, [str(img)], addr)
     sender = partner.PartnerSender(str(shared), "agent-a", "host-a", drain.Pacer())
-    monkeypatch.setattr(partner, "_key", lambda purpose: real(purpose) if "address" in purpose else b"x" * 32)
+    monkeypatch.setattr(partner, "_key", lambda purpose: b"x" * 32)
     with pytest.raises(partner.PartnerError, match="closed by the other side"):   # refused by the server
         sender.send(job)
     assert not Path(levels.copy_path(str(node_b), levels.ImageName(COMP, 5, img.name), "partner")).exists()
+    # a listener at the address that does not hold the user's key (a forged or stale address) but plays along:
+    # it cannot prove the key, so no byte of the image goes to it
     monkeypatch.setattr(partner, "_key", real)
-    f = shared / f"ckpt_{COMP}" / "partners" / "agent-b.json"
-    f.write_text(f.read_text().replace(f'"port": {server.port}', '"port": 1'))
-    with pytest.raises(partner.PartnerError, match="not authentic"):
-        sender.send(job)
+    rogue = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def play_along():
+        conn, _ = rogue.accept()
+        with conn:
+            partner._send(conn, os.urandom(16))
+            got.append(partner._recv(conn) + partner._recv(conn))
+            partner._send(conn, os.urandom(32))         # a proof it cannot make
+            conn.settimeout(2)
+            try:
+                while chunk := conn.recv(1 << 16):
+                    got.append(chunk)
+            except OSError:
+                pass
+    t = threading.Thread(target=play_along, daemon=True)
+    t.start()
+    with pytest.raises(partner.PartnerError, match="did not prove the user's key"):
+        sender.send(partner.PartnerJob(COMP, 5, [str(img)], {**addr, "port": rogue.getsockname()[1]}))
+    t.join(5)
+    rogue.close()
+    assert len(got) == 1 and len(got[0]) == 16 + 32          # its nonce and our proof: nothing of the image
+    # no partner named (every agent on one host): said once, nothing sent
+    with pytest.raises(partner.NoPartner):
+        sender.send(partner.PartnerJob(COMP, 5, [str(img)], None))
 
 
 def test_a_failing_drain_is_journaled_leaves_nothing_and_the_next_generation_drains(tmp_path, monkeypatch):
