@@ -170,3 +170,29 @@ def test_batch_requeue_waits_for_the_drain_and_a_rerun_on_new_nodes_reads_the_sh
     assert "restarting from checkpoint generation 1" in log and "using the shared copy" in log, log
     subprocess.run([str(counter), str(d / "plain.txt"), "8", str(steps), "0"], check=True, stdout=subprocess.DEVNULL)
     assert (d / "out.txt").read_text() == (d / "plain.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_drain_keeps_its_rate_limit_under_a_competing_writer(launch, counter, tmp_path):
+    """The drain under load: a `dd` writing (and fsyncing) to the same filesystem all along; the drain's rate
+    (bytes over its journaled time, which counts its fsync and read-back verification) stays within 20 % of the
+    limit: never much above it (the program's bandwidth), and not starved far below it."""
+    rate = 6 << 20
+    job, out = start(launch, counter, tmp_path, steps=100000, extra=["--drain-rate", "6M", "--no-gzip"])
+    shared = tmp_path / "shared"
+    dd = subprocess.Popen(["bash", "-c", f"while :; do dd if=/dev/zero of={tmp_path}/dd.out bs=1M count=64 "
+                           "conv=fsync status=none; done"])
+    try:
+        checkpoint(job)
+        comp = computation_of(shared)
+        wait_for(lambda: store.complete_generations(str(shared), comp) == [1], 60, "the paced drain")
+    finally:
+        dd.kill()
+        dd.wait()
+    (ev,) = [e for e in map(json.loads, (shared / "hpcckpt-events.jsonl").open()) if e["event"] == "drain"]
+    assert ev["bytes"] >= MB << 20, ev                       # (the image is about the program's memory)
+    got = ev["bytes"] / ev["seconds"]
+    print(f"drain: {ev['bytes'] / 2**20:.1f} MiB in {ev['seconds']:.2f} s under dd: {got / 2**20:.2f} MiB/s")
+    assert 0.8 * rate <= got <= 1.2 * rate, f"{got / 2**20:.2f} MiB/s against a limit of 6 MiB/s ({ev})"
+    job.command("-k")
+    job.wait(30)

@@ -45,6 +45,8 @@ log = logging.getLogger("hpcckpt.partner")
 _NAME = re.compile(r"^ckpt_[A-Za-z0-9._+-]+\.dmtcp$")
 _MAX_FRAME = 1 << 16
 CONNECT_S = 3.0
+HANDSHAKE_S = 10.0
+MAX_CONNECTIONS = 16      # partner connections served at once (each node has one sender: a ring)
 
 
 class PartnerError(Exception):
@@ -128,6 +130,7 @@ class PartnerServer:
         self.root = root
         self.computation = computation
         self.key = _key("partner connection")
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.sock = socket.create_server(("0.0.0.0", 0), backlog=16)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._accept, name="partner-server", daemon=True)
@@ -145,13 +148,25 @@ class PartnerServer:
                 conn, peer = self.sock.accept()
             except OSError:
                 return
+            if not self.slots.acquire(blocking=False):
+                # (anyone may connect before the handshake: a flood must not pile up threads and memory)
+                log.warning("partner connection from %s refused: %d already open", peer[0], MAX_CONNECTIONS)
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn, peer), name="partner-recv", daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer) -> None:
+        try:
+            self._serve_one(conn, peer)
+        finally:
+            self.slots.release()
+
+    def _serve_one(self, conn: socket.socket, peer) -> None:
         with conn:
             try:
-                conn.settimeout(60)
+                conn.settimeout(HANDSHAKE_S)        # (a stranger holding a slot without a word: not for long)
                 session = handshake(conn, self.computation, server=True, key=self.key)
+                conn.settimeout(60)
                 while True:
                     head = _recv(conn)
                     if head == b"bye":

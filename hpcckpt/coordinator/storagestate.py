@@ -148,6 +148,9 @@ class StorageState(CoordinatorBase):
         log.info("checkpoint generation %d is complete on levels %s: losing one node loses none of it%s",
                  gl.generation, lv, f"; restart script {script}" if script else "")
         self._answer_waiters(gl, None)
+        for older in self.storage.values():          # (their copies no longer matter)
+            if older.generation < gl.generation and not older.complete:
+                self._give_up(older, f"superseded by generation {gl.generation}")
 
     def _give_up(self, gl: GenLevels, why: str) -> None:
         if gl.complete or gl.error:

@@ -249,3 +249,26 @@ def test_a_drain_behind_skips_superseded_generations_unless_a_newer_one_needs_th
     assert d.state[1].startswith("skipped") and d.state[2].startswith("skipped")
     assert d.state[3] == d.state[4] == "drained"                 # 4 is incremental on 3: 3 is drained too
     assert store.complete_generations(str(shared), COMP) == [3, 4]
+
+
+def test_partner_server_bounds_the_connections_a_stranger_can_hold_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(partner, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(partner, "HANDSHAKE_S", 0.5)
+    server = partner.PartnerServer(str(tmp_path / "local-b"), COMP)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        extra.settimeout(5)
+        assert extra.recv(64) == b""                       # closed at once: no thread, no buffer for it
+        for s in idle:                                     # the silent ones are dropped after the handshake time
+            s.settimeout(5)
+            assert len(s.recv(64)) <= 4 + 16 and s.recv(64) == b""
+        # and the slots are free again: a real partner gets through
+        img = image(tmp_path / "local-a", 6, "ua")
+        addr = {"agent_id": "b", "host": "host-b", "addresses": ["127.0.0.1"], "port": server.port}
+        (tmp_path / "shared").mkdir()
+        sender = partner.PartnerSender(str(tmp_path / "shared"), "a", "host-a", drain.Pacer())
+        assert sender.send(partner.PartnerJob(COMP, 6, [str(img)], addr)) == "host-b"
+    finally:
+        server.close()
