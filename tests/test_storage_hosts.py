@@ -120,3 +120,25 @@ def test_a_host_lost_before_its_partner_copy_restarts_the_newest_generation_comp
     assert "using the partner copy" in r.stderr, r.stderr[-3000:]
     assert "generation 2 of" in r.stderr and "never complete" in r.stderr, r.stderr[-3000:]
     assert_finished_on(r, h1.name)
+
+
+def test_a_rerun_on_a_new_host_fetches_the_lost_host_s_images_from_its_surviving_partner(hosts2, env, tmp_path,
+                                                                                          launch):
+    """This host is lost after generation 1 was made complete by its partner copies, before the drain reached the
+    shared level. The rerun puts its part on a new host (h2, which has no copy at all) and keeps h1's on h1: h2
+    fetches the images from h1, which keeps them as partner copies, over the computation's own connections (the
+    coordinator's rendezvous and the authenticated partner connection; no ssh between the nodes, nothing through
+    the checkpoint directory), and the computation ends as it would have."""
+    h1, h2, here = hosts2[0], hosts2[1], socket.gethostname()
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    assert json.loads(job.command("-bc", "--json").stdout)["last_checkpoint"]["levels"] == "local+partner"
+    (comp,) = store.computations_in(str(tmp_path))
+    job.command("-k")
+    job.wait(30)
+    shutil.rmtree(tmp_path / f"local-{here}")             # lost with its disk
+    assert store.complete_generations(str(tmp_path), comp) == []       # (not on the shared level either)
+    r = restart_script(tmp_path, env, {here: h2.name, h1.name: h1.name})
+    assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
+    fetched = partner_copies(tmp_path / f"local-{h2.name}", comp, 1)
+    assert fetched and all(p.name in r.stderr for p in fetched), r.stderr[-3000:]
+    assert_finished_on(r, h1.name)

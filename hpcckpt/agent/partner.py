@@ -171,8 +171,7 @@ class PartnerServer:
                     head = _recv(conn)
                     if head == b"bye":
                         return
-                    mac = _recv(conn)
-                    if not hmac.compare_digest(mac, _mac(session, head)):
+                    if not hmac.compare_digest(_recv(conn), _mac(session, head)):
                         raise PartnerError("a file header that does not verify")
                     h = json.loads(head)
                     try:
@@ -187,40 +186,86 @@ class PartnerServer:
                 log.warning("partner connection from %s: %s", peer[0], e)
 
     def _receive(self, conn: socket.socket, h: dict) -> str:
-        name, gen, size = h["name"], int(h["generation"]), int(h["size"])
-        if not _NAME.match(name) or h.get("computation") != self.computation or size < 0:
-            raise PartnerError(f"refused file {name!r} of {h.get('computation')!r}")
-        d = store.generation_dir(levels.partner_root(self.root), self.computation, gen)
-        dfd = safefs.open_dirs(self.root, [levels.PARTNER_DIR, f"ckpt_{self.computation}", f"gen{gen:06d}"],
-                               create=True)
-        tmp = safefs.temp_name(name)
+        return receive_image(conn, self.root, self.computation, h)
+
+
+def receive_image(conn: socket.socket, root: str, computation: str, h: dict) -> str:
+    """Receive the image a (verified) header h announces into the partner tree under root: a temporary name,
+    fsync, the image's own verification (metadata MAC, every chunk's tag), then its name. Returns its path."""
+    name, gen, size = h["name"], int(h["generation"]), int(h["size"])
+    if not _NAME.match(name) or h.get("computation") != computation or size < 0:
+        raise PartnerError(f"refused file {name!r} of {h.get('computation')!r}")
+    d = store.generation_dir(levels.partner_root(root), computation, gen)
+    dfd = safefs.open_dirs(root, [levels.PARTNER_DIR, f"ckpt_{computation}", f"gen{gen:06d}"], create=True)
+    tmp = safefs.temp_name(name)
+    try:
+        out = safefs.create_file(dfd, tmp)
         try:
-            out = safefs.create_file(dfd, tmp)
-            try:
-                left = size
-                while left:
-                    chunk = conn.recv(min(left, 1 << 20))
-                    if not chunk:
-                        raise PartnerError(f"{name}: connection closed after {size - left} of {size} bytes")
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view):]
-                    left -= len(chunk)
-                os.fsync(out)
-            finally:
-                os.close(out)
-            with ImageReader(os.path.join(d, tmp)) as r:
-                if (r.meta.get("computation"), r.meta.get("generation")) != (self.computation, gen):
-                    raise PartnerError(f"{name}: holds computation {r.meta.get('computation')} generation "
-                                       f"{r.meta.get('generation')}, not what its header says")
-                r.verify()
-            safefs.replace(dfd, tmp, name)
-            return os.path.join(d, name)
-        except BaseException:
-            safefs.unlink(dfd, tmp)
-            raise
+            left = size
+            while left:
+                chunk = conn.recv(min(left, 1 << 20))
+                if not chunk:
+                    raise PartnerError(f"{name}: connection closed after {size - left} of {size} bytes")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                left -= len(chunk)
+            os.fsync(out)
         finally:
-            os.close(dfd)
+            os.close(out)
+        with ImageReader(os.path.join(d, tmp)) as r:
+            if (r.meta.get("computation"), r.meta.get("generation")) != (computation, gen):
+                raise PartnerError(f"{name}: holds computation {r.meta.get('computation')} generation "
+                                   f"{r.meta.get('generation')}, not what its header says")
+            r.verify()
+        safefs.replace(dfd, tmp, name)
+        return os.path.join(d, name)
+    except BaseException:
+        safefs.unlink(dfd, tmp)
+        raise
+    finally:
+        os.close(dfd)
+
+
+def send_image(sock: socket.socket, session: bytes, path: str, head: dict, pacer: Pacer | None = None) -> int:
+    """Send the header (authenticated with the session key) and the bytes of the image at path; returns its size."""
+    size = os.path.getsize(path)
+    raw = json.dumps({**head, "name": os.path.basename(path), "size": size}).encode()
+    _send(sock, raw)
+    _send(sock, _mac(session, raw))
+    with open(path, "rb", buffering=0) as f:
+        sent = 0
+        while sent < size:
+            t0 = time.monotonic()
+            buf = f.read(min(1 << 20, size - sent))
+            if not buf:
+                raise PartnerError(f"{path} shrank while being sent")
+            sock.sendall(buf)
+            sent += len(buf)
+            if pacer is not None:
+                pacer.pace(len(buf), time.monotonic() - t0)
+    return size
+
+
+def recv_header(sock: socket.socket, session: bytes) -> dict:
+    head = _recv(sock)
+    if not hmac.compare_digest(_recv(sock), _mac(session, head)):
+        raise PartnerError("a file header that does not verify")
+    h = json.loads(head)
+    if not isinstance(h, dict):
+        raise PartnerError("a malformed file header")
+    return h
+
+
+def connect(addr: dict) -> socket.socket:
+    """A connection to the first of addr's addresses that answers (addr: {host, addresses, port})."""
+    errors = []
+    for a in addr.get("addresses") or []:
+        try:
+            return socket.create_connection((a, int(addr["port"])), timeout=CONNECT_S)
+        except OSError as e:
+            errors.append(f"{a}: {e.strerror or e}")
+    raise PartnerError(f"partner {addr.get('host')} port {addr.get('port')} unreachable ({'; '.join(errors)})")
 
 
 # ------------------------------------------------------------------------------------------------- sender --
@@ -298,30 +343,11 @@ class PartnerSender:
         return str(addr.get("host"))
 
     def _connect(self, addr: dict) -> socket.socket:
-        errors = []
-        for a in addr.get("addresses") or []:
-            try:
-                return socket.create_connection((a, int(addr["port"])), timeout=CONNECT_S)
-            except OSError as e:
-                errors.append(f"{a}: {e.strerror or e}")
-        raise PartnerError(f"partner {addr.get('host')} port {addr.get('port')} unreachable ({'; '.join(errors)})")
+        return connect(addr)
 
     def _send_file(self, sock: socket.socket, session: bytes, job: PartnerJob, path: str) -> int:
-        size = os.path.getsize(path)
-        head = json.dumps({"computation": job.computation, "generation": job.generation,
-                           "name": os.path.basename(path), "size": size, "host": self.host}).encode()
-        _send(sock, head)
-        _send(sock, _mac(session, head))
-        with open(path, "rb", buffering=0) as f:
-            sent = 0
-            while sent < size:
-                t0 = time.monotonic()
-                buf = f.read(min(1 << 20, size - sent))
-                if not buf:
-                    raise PartnerError(f"{path} shrank while being sent")
-                sock.sendall(buf)
-                sent += len(buf)
-                self.pacer.pace(len(buf), time.monotonic() - t0)
+        size = send_image(sock, session, path, {"computation": job.computation, "generation": job.generation,
+                                                "host": self.host}, self.pacer)
         reply = _recv(sock)
         if reply != b"ok":
             raise PartnerError(f"partner refused {os.path.basename(path)}: {reply.decode(errors='replace')}")
