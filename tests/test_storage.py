@@ -168,6 +168,7 @@ def test_batch_requeue_waits_for_the_drain_and_a_rerun_on_new_nodes_reads_the_sh
             drv.kill()
     log = (d / "job.log").read_text()
     assert "restarting from checkpoint generation 1" in log and "using the shared copy" in log, log
+    assert "checkpoint generation 1: levels local [drain running]" in log, log     # both levels in the job log
     subprocess.run([str(counter), str(d / "plain.txt"), "8", str(steps), "0"], check=True, stdout=subprocess.DEVNULL)
     assert (d / "out.txt").read_text() == (d / "plain.txt").read_text()
 

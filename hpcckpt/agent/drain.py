@@ -179,8 +179,6 @@ class Drain:
                 nbytes += copy_verified(p, dst, self.pacer)
         fault("drain.before_manifest")
         took = time.monotonic() - t0
-        with self.lock:
-            self.state[job.generation] = "drained"
         log.info("checkpoint generation %d: %d image(s), %.1f MB drained to %s in %.2f s", job.generation,
                  len(job.paths), nbytes / 1e6, self.ckptdir, took)
         journal.record(self.ckptdir, "drain", computation=job.computation, generation=job.generation,
@@ -188,6 +186,7 @@ class Drain:
         levels.finish_shared(self.ckptdir, job.computation, job.generation)
         self.report(job.generation, "shared", True, bytes=nbytes, seconds=round(took, 3))
         with self.lock:
+            self.state[job.generation] = "drained"      # (after the shared manifest: wait_idle means it is there)
             self._prune_local(job.computation)
 
     # -- sync --

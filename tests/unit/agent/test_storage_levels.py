@@ -272,3 +272,23 @@ def test_partner_server_bounds_the_connections_a_stranger_can_hold_open(tmp_path
         assert sender.send(partner.PartnerJob(COMP, 6, [str(img)], addr)) == "host-b"
     finally:
         server.close()
+
+
+def test_levels_in_words_for_the_job_log_and_dmtcp_command_s(caplog):
+    rows = [{"generation": 1, "local": True, "partner": "done", "shared": True, "drain": "done", "complete": True},
+            {"generation": 2, "local": True, "partner": "running", "shared": False, "drain": "running",
+             "complete": False},
+            {"generation": 3, "local": True, "partner": "failed: n2: unreachable", "shared": False,
+             "drain": "off", "complete": False, "error": "the partner copy of n2 failed"}]
+    assert [levels.describe(r) for r in rows] == [
+        "local+partner+shared", "local [partner running, drain running]", "local [partner failed: n2: unreachable]"]
+    seen: dict[int, str] = {}
+    caplog.set_level("INFO")
+    levels.log_changes(rows, seen)
+    levels.log_changes(rows, seen)                      # once per change, not per poll
+    lines = [r.getMessage() for r in caplog.records if "levels" in r.getMessage()]
+    assert lines == ["checkpoint generation 1: levels local+partner+shared",
+                     "checkpoint generation 2: levels local [partner running, drain running] (not yet complete: "
+                     "its partner copies are running)",
+                     "checkpoint generation 3: levels local [partner failed: n2: unreachable] (never complete: "
+                     "the partner copy of n2 failed)"]
