@@ -115,6 +115,8 @@ def test_a_host_lost_before_its_partner_copy_restarts_the_newest_generation_comp
     assert not partner_copies(theirs, comp, 2)
     job.command("-k")
     job.wait(30)
+    r = run(["hpcckpt", "status", str(tmp_path)], env, tmp_path)
+    assert "local+partner: complete" in r.stdout and "local only" in r.stdout, r.stdout
     shutil.rmtree(mine)                                   # this host is lost, with its disk
     r = restart_script(tmp_path, env, {here: h1.name})
     assert "using the partner copy" in r.stderr, r.stderr[-3000:]

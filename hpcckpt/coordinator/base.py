@@ -62,6 +62,7 @@ class CoordinatorBase:
     next_interval_ckpt: float | None
     last_checkpoint: dict | None
     last_failure: dict | None
+    storage: dict[int, Any]              # generation -> its copies beyond the local level (storagestate.py)
     ever_had_peers: bool
     idle_since: float
     started: float

@@ -80,8 +80,10 @@ class Rounds(CoordinatorBase):
             r.endpoints.extend([peer.agent_id] + list(e) for e in msg["tcp_ends"])
         if r.phase == Phase.RESUME:
             r.frozen_s = max(r.frozen_s, (msg.get("stats") or {}).get("frozen_s", 0.0))
-            if self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
-                self.last_checkpoint["frozen_s"] = r.frozen_s
+            pending = self.storage.get(r.generation)         # (complete later: its partner copies)
+            for rec in (self.last_checkpoint, pending.record if pending else None):
+                if rec and rec.get("generation") == r.generation:
+                    rec["frozen_s"] = r.frozen_s
         reached = REACHED.get(r.phase) if r.phase is not None else None
         if reached is not None:
             peer.state = reached.value

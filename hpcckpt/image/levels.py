@@ -308,12 +308,17 @@ def choose(paths: list[str], s) -> list[Choice]:
     return out
 
 
-def annotate(ckptdir: str, computation: str, rows: dict[int, dict]) -> None:
+def annotate(ckptdir: str, computation: str, rows: dict[int, dict], events: list[dict] | None = None) -> None:
     """(hpcckpt status) Add each generation's levels to its row; a generation complete on the local level only
-    gets a row of its own (state "local": `restart --from` does not use it, the restart script does)."""
+    gets a row of its own (state "local": `restart --from` does not use it, the restart script may); the
+    coordinator's `level` events say whether its partner copies made it complete, or why not."""
     local = local_generations(ckptdir, computation)
     if not local:
         return
+    said: dict[int, dict] = {}
+    for e in events or []:
+        if e.get("event") == "level" and e.get("computation") == computation and isinstance(e.get("generation"), int):
+            said[e["generation"]] = e
     for g in local:
         row = rows.get(g)
         if row is not None and row.get("state") == "complete":
@@ -328,10 +333,18 @@ def annotate(ckptdir: str, computation: str, rows: dict[int, dict]) -> None:
                    "stored_bytes": sum(i.size for i in m.images), "memory_bytes": m.stats.get("bytes_in"),
                    "duration_s": m.stats.get("duration_s"), "frozen_s": m.stats.get("frozen_s"),
                    "hosts": sorted({i.host for i in m.images}), "processes": len(m.images),
-                   "levels": "local only: drain running, failed or off"}
+                   "levels": _local_levels(said.get(g))}
     for row in rows.values():
         if row.get("state") == "complete" and "levels" not in row:
             row["levels"] = "shared"
+
+
+def _local_levels(event: dict | None) -> str:
+    if event and event.get("error"):
+        return f"local only, never complete: {event['error']}"
+    if event and event.get("level") == "local+partner":
+        return "local+partner: complete; drain running, failed or off"
+    return "local only: drain running, failed or off"
 
 
 def with_drain(ckptdir: str, generation: int, duration_s: float | None) -> float | None:

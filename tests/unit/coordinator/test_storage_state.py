@@ -88,6 +88,7 @@ def test_partners_are_paired_by_the_coordinator_and_the_generation_completes_onc
     sim.stored(N - 1, 1)
     (reply,) = replies(sim.take())
     assert reply["ok"] and reply["checkpoint"]["levels"] == "local+partner", reply
+    assert reply["checkpoint"]["frozen_s"] == 0.01          # (the resume's, which came after the commit)
     assert "checkpoint generation 1" in (shared / "dmtcp_restart_script.sh").read_text()
     assert sim.c.status()["levels"][0]["complete"] and sim.c.status()["levels"][0]["partner"] == "done"
 
