@@ -8,12 +8,13 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import run, wait_for
 from hosts import Hosts
-from test_multihost import assert_finished_on, restart_script, start
+from test_multihost import assert_finished_on, job_cmd, ok_lines, restart_script, start
 
 from hpcckpt.image import levels, store
 
@@ -144,3 +145,33 @@ def test_a_rerun_on_a_new_host_fetches_the_lost_host_s_images_from_its_surviving
     fetched = partner_copies(tmp_path / f"local-{h2.name}", comp, 1)
     assert fetched and all(p.name in r.stderr for p in fetched), r.stderr[-3000:]
     assert_finished_on(r, h1.name)
+
+
+hosts2m = Hosts.fixture(n=2, scope="module", subnet=None, mount=True)      # each host its own /dev/shm
+
+
+def test_partner_copies_work_when_the_checkpoint_directory_is_not_shared(hosts2m, env, tmp_path, launch):
+    """The checkpoint directory is in /dev/shm, which each simulated host has to itself: the coordinator's and
+    the other host's are different directories. The partner addresses go through the coordinator, so each host
+    still gets the other's images (with drain: off: there is no shared level to drain to)."""
+    env.update(hosts2m.ssh_env(env), HPCCKPT_DRAIN="off")     # (in place: the launch fixture's too)
+    h1, here = hosts2m[0], socket.gethostname()
+    ckptdir = Path(tempfile.mkdtemp(prefix="hpcckpt-private-", dir="/dev/shm"))
+    try:
+        job = launch(*job_cmd(hosts2m, h1.name, tmp_path), extra=["--ckptdir", str(ckptdir)])
+        wait_for(lambda: len(ok_lines((tmp_path / "launch.0.out").read_text())) >= 20, 30, "the client's answers")
+        r = job.command("-bc", "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["last_checkpoint"]["levels"] == "local+partner", \
+            r.stdout + r.stderr
+        (comp,) = store.computations_in(str(ckptdir))
+        mine, theirs = tmp_path / f"local-{here}", tmp_path / f"local-{h1.name}"
+        assert partner_copies(mine, comp, 1) and partner_copies(theirs, comp, 1)
+        # (h1 sees its own directory of that name: not the coordinator's manifests, only what its agent made)
+        manifest = ckptdir / f"ckpt_{comp}" / levels.local_manifest_name(1)
+        assert manifest.exists()
+        seen_by_h1 = h1.run(["ls", "-A", str(manifest.parent)], capture_output=True, text=True)
+        assert manifest.name not in seen_by_h1.stdout and "partners" not in seen_by_h1.stdout, seen_by_h1
+        job.command("-k")
+        job.wait(30)
+    finally:
+        shutil.rmtree(ckptdir, ignore_errors=True)
