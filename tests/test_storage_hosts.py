@@ -21,7 +21,8 @@ from hpcckpt.image import levels, store
 pytestmark = [pytest.mark.slow, pytest.mark.multihost,
               pytest.mark.skipif(os.geteuid() != 0, reason="the multi-host harness needs root")]
 
-hosts2 = Hosts.fixture(n=2, scope="module", subnet=None)
+# (mount: each host has its own /dev/shm, where one test puts a checkpoint directory the hosts do not share)
+hosts2 = Hosts.fixture(n=2, scope="module", subnet=None, mount=True)
 
 
 @pytest.fixture
@@ -147,18 +148,15 @@ def test_a_rerun_on_a_new_host_fetches_the_lost_host_s_images_from_its_surviving
     assert_finished_on(r, h1.name)
 
 
-hosts2m = Hosts.fixture(n=2, scope="module", subnet=None, mount=True)      # each host its own /dev/shm
-
-
-def test_partner_copies_work_when_the_checkpoint_directory_is_not_shared(hosts2m, env, tmp_path, launch):
+def test_partner_copies_work_when_the_checkpoint_directory_is_not_shared(hosts2, env, tmp_path, launch):
     """The checkpoint directory is in /dev/shm, which each simulated host has to itself: the coordinator's and
     the other host's are different directories. The partner addresses go through the coordinator, so each host
     still gets the other's images (with drain: off: there is no shared level to drain to)."""
-    env.update(hosts2m.ssh_env(env), HPCCKPT_DRAIN="off")     # (in place: the launch fixture's too)
-    h1, here = hosts2m[0], socket.gethostname()
+    env["HPCCKPT_DRAIN"] = "off"
+    h1, here = hosts2[0], socket.gethostname()
     ckptdir = Path(tempfile.mkdtemp(prefix="hpcckpt-private-", dir="/dev/shm"))
     try:
-        job = launch(*job_cmd(hosts2m, h1.name, tmp_path), extra=["--ckptdir", str(ckptdir)])
+        job = launch(*job_cmd(hosts2, h1.name, tmp_path), extra=["--ckptdir", str(ckptdir)])
         wait_for(lambda: len(ok_lines((tmp_path / "launch.0.out").read_text())) >= 20, 30, "the client's answers")
         r = job.command("-bc", "--json")
         assert r.returncode == 0 and json.loads(r.stdout)["last_checkpoint"]["levels"] == "local+partner", \

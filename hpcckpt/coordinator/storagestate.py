@@ -89,7 +89,9 @@ class StorageState(CoordinatorBase):
             if other is not None:
                 gl.partner_of[a] = offered[other]
                 gl.hosts[a] = hosts[a]
-        gl.complete = not gl.partner_of
+        # (drain: sync: every image is on the shared level already at the commit: complete whatever the partners)
+        synced = bool(durable) and all((res.get("stats") or {}).get("drained") for res in durable.values())
+        gl.complete = not gl.partner_of or synced
         self.storage[generation] = gl
         for old in sorted(self.storage)[:-KEEP]:
             self._give_up(self.storage.pop(old), "superseded")

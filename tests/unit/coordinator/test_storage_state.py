@@ -130,3 +130,26 @@ def test_an_agent_lost_before_its_partner_copy_leaves_the_generation_incomplete(
     (reply,) = replies(sim.take())
     assert not reply["ok"] and "node1" in reply["error"] and "left before" in reply["error"], reply
     assert not (tmp_path / "shared" / "dmtcp_restart_script.sh").exists()
+
+
+def test_with_a_sync_drain_the_generation_is_complete_at_the_commit(tmp_path):
+    sim = LocalSim(tmp_path)
+    sim.join2()
+    ack = sim.ack
+
+    def synced(ident, phase, ok=True, error=None):         # (each image copied to the shared level when written)
+        if phase["phase"] == "checkpoint":
+            k = sim.agents.index(ident)
+            gdir = store.generation_dir(str(sim.local / f"node{k % 2}"), sim.c.computation or "", phase["generation"])
+            stats = {"bytes_in": 1, "bytes_out": 1, "drain": "sync", "drained": True,
+                     "partner_addr": {"addresses": ["10.0.0.1"], "port": 5000}}
+            img = {"host": f"node{k % 2}", "path": os.path.join(gdir, f"s-u{k}.dmtcp"), "program": "s",
+                   "unique_id": f"u{k}", "pid": 1, "size": 0, "needs": [], "rank": None, "agent_id": f"a{k:06d}"}
+            sim.deliver(ident, protocol.Ack("checkpoint", phase["generation"], True, None, pending=False, stats=stats,
+                                            images=[img]).to_dict())
+            return None
+        return ack(ident, phase, ok, error)
+    sim.ack = synced            # type: ignore[method-assign]
+    (reply,) = replies(sim.blocking_round())
+    assert reply["ok"] and reply["checkpoint"]["levels"] == "local+shared", reply
+    assert (tmp_path / "shared" / "dmtcp_restart_script.sh").exists()
