@@ -197,3 +197,19 @@ def test_the_drain_keeps_its_rate_limit_under_a_competing_writer(launch, counter
     assert 0.8 * rate <= got <= 1.2 * rate, f"{got / 2**20:.2f} MiB/s against a limit of 6 MiB/s ({ev})"
     job.command("-k")
     job.wait(30)
+
+
+def test_a_kcheckpoint_finishes_its_drain_before_the_agent_exits(launch, counter, tmp_path):
+    """dmtcp_command -kc: checkpoint, then kill the job (a batch job's last act). The node-local level does not
+    outlive the job ($TMPDIR goes with it), so the agent finishes the (paced, ~1 s) drain before it exits: when
+    dmtcp_launch returns, the generation is complete on the shared level."""
+    job, out = start(launch, counter, tmp_path, steps=100000, extra=["--drain-rate", "8M"])
+    shared = tmp_path / "shared"
+    r = job.command("-kc")
+    assert r.returncode == 0, r.stderr
+    job.wait(60)
+    comp = computation_of(shared)
+    assert store.complete_generations(str(shared), comp) == [1]        # no waiting: there at the exit
+    assert levels.wait_drained(str(shared), 0.1, comp)
+    err = (tmp_path / "launch.0.err").read_text()
+    assert "finishing the drain" in err and "drain finished" in err, err[-2000:]

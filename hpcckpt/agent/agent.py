@@ -269,6 +269,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
             if not clean:
                 # the agent itself failed: never leave the job running without its owner
                 self._kill_job("agent failed; killing the job it owns")
+            self._storage_finish()              # a kcheckpoint's drain (storage.py)
             self.send({"type": "bye", "reason": self._exit_text()})
             self.sigfd.close()
         return self.root.exit_status

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from ..coordinator import protocol
 from ..image import levels
@@ -25,6 +26,8 @@ class StorageLevels(AgentBase):
     partner_server: PartnerServer | None
     partner_sender: PartnerSender | None
     storage_reports: list[dict]
+    storage_started: list[int]
+    storage_finish: bool
 
     def _storage_setup(self) -> None:
         self.imgdir = levels.image_root(self.s)         # where this node writes its images
@@ -33,6 +36,8 @@ class StorageLevels(AgentBase):
         self.partner_server = self.partner_sender = None
         self.storage_lock = threading.Lock()
         self.storage_reports = []
+        self.storage_started: list[int] = []       # generations whose copies started (a kcheckpoint's: twice)
+        self.storage_finish = False
 
     def _storage_retarget(self) -> None:
         """The coordinator's welcome named another checkpoint directory (base.adopt_ckptdir)."""
@@ -54,20 +59,41 @@ class StorageLevels(AgentBase):
             self.drain.copy_now(self.computation or "", c.generation, path)
             c.stats["drained"] = True
 
-    def _storage_committed(self, gen: int, partner: dict | None = None) -> None:
+    def _storage_committed(self, gen: int, partner: dict | None = None, partner_copy: bool = True) -> None:
         """The generation is complete on the local level everywhere: the partner copy (to the agent the
-        coordinator named), the drain (async), keep_local."""
-        if self.drain is None or not self.computation:
+        coordinator named), the drain (async), keep_local. Once per generation."""
+        if self.drain is None or not self.computation or gen in self.storage_started:
             return
+        self.storage_started = self.storage_started[-15:] + [gen]
         written = list(self.pending_prev.get(gen, {}).values())          # [(path, needs)]
         mine = [p for p, _ in written]
-        if self.s.partner and mine:
+        if self.s.partner and mine and partner_copy:
             if self.partner_sender is None:
                 # (not paced by drain_rate: that protects the shared filesystem; this goes over the network)
                 self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host, Pacer(),
                                                     self._storage_report)
             self.partner_sender.submit(PartnerJob(self.computation, gen, mine, partner))
         self.drain.submit(DrainJob(self.computation, gen, mine, {n for _, needs in written for n in needs}))
+
+    def _storage_kill(self, gen: int) -> None:
+        """(kcheckpoint) The generation is committed and the job is about to be killed: its drain starts now, and
+        the agent finishes it before it exits (_storage_finish), because the node-local level alone does not
+        outlive a batch job ($TMPDIR goes with it). No partner copy: every agent is being killed."""
+        self._storage_committed(gen, partner_copy=False)
+        self.storage_finish = self.drain is not None and self.s.drain == "async"
+
+    def _storage_finish(self) -> None:
+        """(the agent exits) After a kcheckpoint, wait (up to the phase timeout) for the drain to finish."""
+        if not self.storage_finish or self.drain is None:
+            return
+        t0 = time.monotonic()
+        log.info("the job was killed after its checkpoint: finishing the drain to %s first (up to %.0f s)",
+                 self.ckptdir, self.s.phase_timeout)
+        if self.drain.wait_idle(self.s.phase_timeout):
+            log.info("drain finished in %.1f s", time.monotonic() - t0)
+        else:
+            log.error("the drain to %s did not finish within %.0f s; the shared level keeps the previous generation",
+                      self.ckptdir, self.s.phase_timeout)
 
     def _storage_report(self, generation: int, level: str, ok: bool, **extra) -> None:
         """(drain and partner threads) Queue a `stored` report and wake the main loop (_storage_flush)."""
