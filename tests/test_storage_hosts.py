@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -171,5 +172,12 @@ def test_partner_copies_work_when_the_checkpoint_directory_is_not_shared(hosts2,
         assert manifest.name not in seen_by_h1.stdout and "partners" not in seen_by_h1.stdout, seen_by_h1
         job.command("-k")
         job.wait(30)
+        # the same nodes restart from their local copies; each keeps the other's partner copies, which nobody
+        # needs: the restart is not held up waiting for a fetch that never comes (at most 60 s each)
+        t0 = time.monotonic()
+        r = run(["bash", str(ckptdir / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
+        assert_finished_on(r, h1.name)
+        assert time.monotonic() - t0 < 40, r.stderr[-2000:]
+        assert "using the partner copy" not in r.stderr and "fetched" not in r.stderr, r.stderr[-2000:]
     finally:
         shutil.rmtree(ckptdir, ignore_errors=True)

@@ -49,21 +49,19 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]]) -> l
     if not held and not need:
         return [c.path for c in choices]
     host, port = coordinator()
-    conn = Connection(host, port)
     wait = min(WAIT_S, float(s.restart_timeout))
-    server = None
+    if held:                   # (first: the server process is forked while this one has no thread or socket)
+        _serve_detached(root, comp, gen, held, (host, port), wait)
+    if not choices:
+        return []
+    conn = Connection(host, port)
+    got = {}
     try:
         rv = Rendezvous(conn, comp, gen, wait)
         needed = {os.path.basename(c.given) for c in need}
-        for c in choices:
+        for c in choices:        # (what the keepers wait for: a part that has its copy lets them go at once)
             name = os.path.basename(c.given)
             rv.put(f"copy-state/{name}", "need" if name in needed else "have")
-        if held:
-            server = CopyServer(root, comp, gen, held)
-            for name in held:
-                rv.put(f"copy-at/{name}", {"host": socket.gethostname(), "addresses": partner.local_addresses(),
-                                           "port": server.port})
-        got = {}
         for c in need:
             name = os.path.basename(c.given)
             addr = rv.get(f"copy-at/{name}", wait)
@@ -76,13 +74,48 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]]) -> l
             except (partner.PartnerError, FetchError, OSError, ValueError) as e:
                 log.error("image %s: fetching the partner copy kept on %s failed: %s", name, addr.get("host"), e)
             rv.put(f"copy-fetched/{name}", socket.gethostname())     # (or gave up: the keeper need not wait)
-        if server is not None:
-            _serve_until_fetched(rv, server, held, wait)
     finally:
-        if server is not None:
-            server.close()
         conn.close()
     return [got.get(c.given, c.path) for c in choices]
+
+
+def _serve_detached(root: str, comp: str, gen: int, held: list[str], coordinator: tuple[str, int],
+                    wait: float) -> None:
+    """Serve this host's partner copies from a detached process (double fork: not a child of the restart, so
+    neither part of the job nor waited for), for at most `wait` seconds: the restart goes on restoring at once,
+    and a process that must next create namespaces may have no thread. Its stdio goes to /dev/null (a pipe
+    kept open would hold up whoever reads the restart's output)."""
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    code = 0
+    try:
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 65536)        # (the restart's pipes and locks are not ours to hold)
+        _serve(root, comp, gen, held, coordinator, wait)
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _serve(root: str, comp: str, gen: int, held: list[str], coordinator: tuple[str, int], wait: float) -> None:
+    server = CopyServer(root, comp, gen, held)
+    conn = Connection(*coordinator)
+    try:
+        rv = Rendezvous(conn, comp, gen, wait)
+        for name in held:
+            rv.put(f"copy-at/{name}", {"host": socket.gethostname(), "addresses": partner.local_addresses(),
+                                       "port": server.port})
+        _serve_until_fetched(rv, server, held, wait)
+    finally:
+        server.close()
+        conn.close()
 
 
 def _held(root: str, comp: str, gen: int) -> list[str]:
@@ -94,13 +127,26 @@ def _held(root: str, comp: str, gen: int) -> list[str]:
 
 
 def _serve_until_fetched(rv: Rendezvous, server: CopyServer, held: list[str], wait: float) -> None:
+    """Until, for each kept image, the part restoring it said it has its own copy, or fetched ours; `wait`
+    seconds at most (a part that never says: one not in this restart)."""
+    give_up = time.monotonic() + wait
+    state_key, fetched_key = rv.prefix + "copy-state/", rv.prefix + "copy-fetched/"
     for name in held:
-        state = rv.get(f"copy-state/{name}", wait)
-        if state == "need":
-            if rv.get(f"copy-fetched/{name}", wait) is None:
-                log.warning("partner copy %s: the host that needed it did not fetch it within %.0f s", name, wait)
-        elif state is None:
-            log.debug("partner copy %s: not part of this restart", name)
+        rv.conn.send({"type": "kv_get", "key": state_key + name, "wait": True})
+    left = set(held)
+    while left and time.monotonic() < give_up:
+        msg = rv.conn.recv(give_up - time.monotonic())
+        if msg is None:
+            break
+        key = str(msg.get("key") or "")
+        if msg.get("type") != "kv":
+            continue
+        if key.startswith(state_key) and msg.get("value") == "need":
+            rv.conn.send({"type": "kv_get", "key": fetched_key + key[len(state_key):], "wait": True})
+        elif key.startswith((state_key, fetched_key)):
+            left.discard(key.rsplit("/", 1)[-1])
+    if left:
+        log.info("partner copies kept here that no part of this restart asked about: %s", ", ".join(sorted(left)))
 
 
 def fetch(addr: dict, root: str, comp: str, gen: int, name: str) -> str:
