@@ -35,15 +35,17 @@ class FetchError(Exception):
     """An image no host of the restart has a valid copy of; one line naming it."""
 
 
-def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]]) -> list[str]:
+def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], first: bool = False) -> list[str]:
     """The restart's choice of copies (levels.choose); with partner copies on, images with no valid copy on this
-    host are fetched from the host that keeps their partner copy, and this host's partner copies are served."""
+    host are fetched from the host that keeps their partner copy, and this host's partner copies are served.
+    first: this is the restart command (not a part it started with --join), which starts the other hosts' parts
+    only after it chose its own copies: it cannot fetch from them (it says so at once instead of waiting)."""
     choices = levels.choose(paths, s)
     root = levels.local_root(s)
-    first = levels.parse(paths[0]) if paths else None
-    if not s.partner or root is None or first is None:
+    one = levels.parse(paths[0]) if paths else None
+    if not s.partner or root is None or one is None:
         return [c.path for c in choices]
-    comp, gen = first.computation, first.generation
+    comp, gen = one.computation, one.generation
     held = _held(root, comp, gen)
     need = [c for c in choices if c.level == "given" and levels.valid_copy(c.path, levels.parse(c.given)) is not None]
     if not held and not need:
@@ -54,6 +56,12 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]]) -> l
         _serve_detached(root, comp, gen, held, (host, port), wait)
     if not choices:
         return []
+    if need and first:
+        log.error("image %s: no valid copy on this host; a partner copy kept on another host of this restart cannot be "
+                  "fetched by the host that runs the restart command (it starts the others after choosing its own "
+                  "copies): run the restart from another host, or move this part elsewhere with --hostfile",
+                  os.path.basename(need[0].given))
+        need = []
     conn = Connection(host, port)
     got = {}
     try:

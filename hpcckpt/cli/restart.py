@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         # the fastest valid copy of each (image/levels.py), or one fetched from a surviving partner (agent/fetch.py)
         # (fetch may ask for the coordinator first: its answer is the one the next ask() gets, as early.ask's first)
         asked: list[tuple[str, int]] = []
-        paths = fetch.choose(paths, s, lambda: asked.append(early.ask()) or asked[-1])
+        paths = fetch.choose(paths, s, lambda: asked.append(early.ask()) or asked[-1], first=args.policy != JOIN)
 
         def ask() -> tuple[str, int]:
             return asked.pop() if asked else early.ask()

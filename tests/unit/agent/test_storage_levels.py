@@ -292,3 +292,44 @@ def test_levels_in_words_for_the_job_log_and_dmtcp_command_s(caplog):
                      "its partner copies are running)",
                      "checkpoint generation 3: levels local [partner failed: n2: unreachable] (never complete: "
                      "the partner copy of n2 failed)"]
+
+
+@pytest.fixture
+def coordinator(tmp_path, monkeypatch):
+    """A real coordinator process, and this process set to find its secret (the restart's kv rendezvous)."""
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    monkeypatch.setenv("HPCCKPT_RUNDIR", str(run))
+    env = dict(os.environ, HPCCKPT_RUNDIR=str(run))
+    pf = tmp_path / "coord.port"
+    p = subprocess.Popen([str(Path(sys.executable).parent / "dmtcp_coordinator"), "-p", "0", "--port-file", str(pf),
+                          "--ckptdir", str(tmp_path / "shared")], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (pf.exists() and pf.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield "127.0.0.1", int(pf.read_text())
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_a_restart_part_without_a_copy_says_why_when_no_host_keeps_one(tmp_path, coordinator, caplog):
+    """(agent/fetch.py) The image is on no level of this host: a part started by the restart waits (here 1 s) for
+    a host that keeps a partner copy, then names the image and what to do; the restart command itself (which
+    starts the other parts only after choosing its own copies) says so at once."""
+    from hpcckpt.agent import fetch
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    s = S.load({"local_dir": str(local), "ckptdir": str(shared), "partner": True, "restart_timeout": 1},
+               environ={})
+    given = f"/elsewhere/ckpt_{COMP}/gen000003/ckpt_prog_u9.dmtcp"
+    caplog.set_level("INFO")
+    t0 = time.monotonic()
+    assert fetch.choose([given], s, lambda: coordinator, first=True) == [given]
+    assert time.monotonic() - t0 < 1.0 and "run the restart from another host" in caplog.text
+    caplog.clear()
+    t0 = time.monotonic()
+    assert fetch.choose([given], s, lambda: coordinator) == [given]
+    assert 1.0 <= time.monotonic() - t0 < 5 and "no host of the restart keeps a partner copy" in caplog.text
