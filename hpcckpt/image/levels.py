@@ -357,15 +357,15 @@ def with_drain(ckptdir: str, generation: int, duration_s: float | None) -> float
     return duration_s + max(drains)
 
 
-_noted: set[tuple[str, str, int]] = set()
+_noted: set[tuple[str, int]] = set()       # (said once per restart: --from says it first, in its own words)
 
 
 def note_newer_local(ckptdir: str, computation: str, generation: int, script: bool = False) -> None:
     """(restart --from, and a restart script's restart: choose) Say so when a newer generation is on the nodes'
     local level only, and why it is not the one restarted."""
-    if (ckptdir, computation, generation) in _noted:
+    if (computation, generation) in _noted:
         return
-    _noted.add((ckptdir, computation, generation))
+    _noted.add((computation, generation))
     newer = [g for g in local_generations(ckptdir, computation) if g > generation]
     if newer and script:          # (the restart script names the newest generation that was complete)
         why = [e.get("error") for e in journal.read(ckptdir) if e.get("event") == "level" and
