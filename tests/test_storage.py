@@ -58,7 +58,9 @@ def test_local_level_first_then_verified_drain_and_restart_picks_the_fastest_cop
     copy = Path(store.generation_dir(str(shared), comp, 1)) / img.name
     assert copy.read_bytes() == img.read_bytes()
     st = json.loads(job.command("-s", "--json").stdout)
-    assert st["levels"] == [{"generation": 1, "local": True, "shared": True}]
+    # both levels per generation, with the drain's state; no partner copies asked for ("off")
+    assert st["levels"] == [{"generation": 1, "local": True, "shared": True, "partner": "off", "drain": "done",
+                             "complete": True}]
     assert "LEVELS=1:local+shared" in job.command("-s").stdout
     events = [(e["event"], e.get("level") or e.get("ok")) for e in map(json.loads,
                                                                        (shared / "hpcckpt-events.jsonl").open())]
@@ -166,5 +168,48 @@ def test_batch_requeue_waits_for_the_drain_and_a_rerun_on_new_nodes_reads_the_sh
             drv.kill()
     log = (d / "job.log").read_text()
     assert "restarting from checkpoint generation 1" in log and "using the shared copy" in log, log
+    assert "checkpoint generation 1: levels local [drain running]" in log, log     # both levels in the job log
     subprocess.run([str(counter), str(d / "plain.txt"), "8", str(steps), "0"], check=True, stdout=subprocess.DEVNULL)
     assert (d / "out.txt").read_text() == (d / "plain.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_drain_keeps_its_rate_limit_under_a_competing_writer(launch, counter, tmp_path):
+    """The drain under load: a `dd` writing (and fsyncing) to the same filesystem all along; the drain's rate
+    (bytes over its journaled time, which counts its fsync and read-back verification) stays within 20 % of the
+    limit: never much above it (the program's bandwidth), and not starved far below it."""
+    rate = 6 << 20
+    job, out = start(launch, counter, tmp_path, steps=100000, extra=["--drain-rate", "6M", "--no-gzip"])
+    shared = tmp_path / "shared"
+    dd = subprocess.Popen(["bash", "-c", f"while :; do dd if=/dev/zero of={tmp_path}/dd.out bs=1M count=64 "
+                           "conv=fsync status=none; done"])
+    try:
+        checkpoint(job)
+        comp = computation_of(shared)
+        wait_for(lambda: store.complete_generations(str(shared), comp) == [1], 60, "the paced drain")
+    finally:
+        dd.kill()
+        dd.wait()
+    (ev,) = [e for e in map(json.loads, (shared / "hpcckpt-events.jsonl").open()) if e["event"] == "drain"]
+    assert ev["bytes"] >= MB << 20, ev                       # (the image is about the program's memory)
+    got = ev["bytes"] / ev["seconds"]
+    print(f"drain: {ev['bytes'] / 2**20:.1f} MiB in {ev['seconds']:.2f} s under dd: {got / 2**20:.2f} MiB/s")
+    assert 0.8 * rate <= got <= 1.2 * rate, f"{got / 2**20:.2f} MiB/s against a limit of 6 MiB/s ({ev})"
+    job.command("-k")
+    job.wait(30)
+
+
+def test_a_kcheckpoint_finishes_its_drain_before_the_agent_exits(launch, counter, tmp_path):
+    """dmtcp_command -kc: checkpoint, then kill the job (a batch job's last act). The node-local level does not
+    outlive the job ($TMPDIR goes with it), so the agent finishes the (paced, ~1 s) drain before it exits: when
+    dmtcp_launch returns, the generation is complete on the shared level."""
+    job, out = start(launch, counter, tmp_path, steps=100000, extra=["--drain-rate", "8M"])
+    shared = tmp_path / "shared"
+    r = job.command("-kc")
+    assert r.returncode == 0, r.stderr
+    job.wait(60)
+    comp = computation_of(shared)
+    assert store.complete_generations(str(shared), comp) == [1]        # no waiting: there at the exit
+    assert levels.wait_drained(str(shared), 0.1, comp)
+    err = (tmp_path / "launch.0.err").read_text()
+    assert "finishing the drain" in err and "drain finished" in err, err[-2000:]

@@ -238,6 +238,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
                     except BlockingIOError:
                         pass
                     self._writes_done()
+                    self._storage_flush()          # the drain's and the partner copy's reports (storage.py)
                 if self.aware is not None and self.aware.fileno() in events:
                     self.aware.handle(0)
                 if self.conn.sock in events:
@@ -270,6 +271,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
             if not clean:
                 # the agent itself failed: never leave the job running without its owner
                 self._kill_job("agent failed; killing the job it owns")
+            self._storage_finish()              # a kcheckpoint's drain (storage.py)
             self.send({"type": "bye", "reason": self._exit_text()})
             self.sigfd.close()
         return self.root.exit_status
@@ -333,7 +335,7 @@ class Agent(Phases, AgentLiveness, BackgroundWrites, Extensions, StorageLevels):
     def _on_committed(self, msg: dict) -> None:
         # the generation is complete everywhere: its images are the bases of the next incremental ones
         m = protocol.Committed.from_dict(msg)
-        self._storage_committed(int(m.generation or 0))     # the partner copy and the drain to the shared level
+        self._storage_committed(int(m.generation or 0), m.partner)   # the partner copy, the drain to the shared level
         self.prev_images.update(self.pending_prev.pop(m.generation, {}))
         self.last_generation = max(self.last_generation, int(m.generation or 0))
         if self.aware is not None:

@@ -78,6 +78,9 @@ class AgentBase:
     def _kill_job(self, why: str) -> None:
         raise NotImplementedError
 
+    def _storage_kill(self, gen: int) -> None:
+        raise NotImplementedError
+
     def plugin_event(self, event: str, gen: int, **extra: Any) -> None:
         raise NotImplementedError
 

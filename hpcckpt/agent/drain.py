@@ -109,8 +109,10 @@ class Drain:
     arrives is skipped unless the newer one needs it (incremental): only the newest shared generation matters
     for a rerun, and a drain slower than the checkpoint interval must not fall ever further behind."""
 
-    def __init__(self, s, ckptdir: str, host: str):
+    def __init__(self, s, ckptdir: str, host: str, report=None):
         self.s = s
+        # report(generation, level="shared", ok, error=, bytes=, seconds=): each outcome, for the coordinator
+        self.report = report or (lambda *a, **k: None)
         self.ckptdir = ckptdir
         self.host = host
         self.pacer = Pacer(*parse_rate(s.drain_rate))
@@ -149,6 +151,7 @@ class Drain:
                 self.state[job.generation] = f"skipped: generation {later[-1].generation} is newer"
                 log.info("drain: generation %d skipped, generation %d is newer", job.generation,
                          later[-1].generation)
+                self.report(job.generation, "shared", False, error=self.state[job.generation])
 
     def _run(self) -> None:
         while True:
@@ -162,6 +165,7 @@ class Drain:
                           job.generation, e, _newest(store.complete_generations(self.ckptdir, job.computation)))
                 journal.record(self.ckptdir, "drain", computation=job.computation, generation=job.generation,
                                host=self.host, ok=False, error=str(e))
+                self.report(job.generation, "shared", False, error=f"{self.host}: {e}")
 
     def drain(self, job: DrainJob) -> None:
         with self.lock:
@@ -175,14 +179,14 @@ class Drain:
                 nbytes += copy_verified(p, dst, self.pacer)
         fault("drain.before_manifest")
         took = time.monotonic() - t0
-        with self.lock:
-            self.state[job.generation] = "drained"
         log.info("checkpoint generation %d: %d image(s), %.1f MB drained to %s in %.2f s", job.generation,
                  len(job.paths), nbytes / 1e6, self.ckptdir, took)
         journal.record(self.ckptdir, "drain", computation=job.computation, generation=job.generation,
                        host=self.host, ok=True, bytes=nbytes, seconds=round(took, 3))
         levels.finish_shared(self.ckptdir, job.computation, job.generation)
+        self.report(job.generation, "shared", True, bytes=nbytes, seconds=round(took, 3))
         with self.lock:
+            self.state[job.generation] = "drained"      # (after the shared manifest: wait_idle means it is there)
             self._prune_local(job.computation)
 
     # -- sync --

@@ -5,9 +5,10 @@ loses no generation even before the drain reached the shared directory (docs/sto
 Transport: a direct TCP connection from agent to agent, not the coordinator's ZeroMQ socket: images are large
 and the coordinator is one process for thousands of agents, so relaying them through it would make it the
 bottleneck the local level exists to avoid (and its protocol is a fixed table of small messages). Each agent
-with `partner: true` listens on an ephemeral port and publishes its addresses in a small signed file,
-<ckptdir>/ckpt_<c>/partners/<agent_id>.json (HMAC with the user's key: a forged file could send the program's
-memory elsewhere). The image data never goes through that directory.
+with `partner: true` listens on an ephemeral port and announces its addresses in its checkpoint stats (over the
+coordinator's authenticated connection); the coordinator pairs the agents and tells each, in the `committed`
+message, where to send (coordinator/storagestate.py). Nothing goes through the checkpoint directory: partner
+copies work between nodes that share no filesystem.
 
 Both ends prove they hold the user's key (image/auth.py) before any byte of an image moves: nonces from both
 sides, an HMAC each way, and a session key that authenticates every file header. The receiver writes to a
@@ -29,7 +30,8 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import psutil
 
@@ -40,10 +42,11 @@ from .drain import Pacer
 
 log = logging.getLogger("hpcckpt.partner")
 
-ADDR_DIR = "partners"
 _NAME = re.compile(r"^ckpt_[A-Za-z0-9._+-]+\.dmtcp$")
 _MAX_FRAME = 1 << 16
 CONNECT_S = 3.0
+HANDSHAKE_S = 10.0
+MAX_CONNECTIONS = 16      # partner connections served at once (each node has one sender: a ring)
 
 
 class PartnerError(Exception):
@@ -52,10 +55,6 @@ class PartnerError(Exception):
 
 class NoPartner(PartnerError):
     """Every agent of the computation is on this host: no other node to keep a copy."""
-
-
-class NoAddress(PartnerError):
-    """The partner has not published its address (yet)."""
 
 
 def _key(purpose: str) -> bytes:
@@ -119,46 +118,8 @@ def local_addresses() -> list[str]:
     return sorted(set(out), key=lambda a: (a.startswith("127."), a))
 
 
-# ---------------------------------------------------------------------------------------------- addresses --
-def publish(ckptdir: str, computation: str, agent_id: str, host: str, port: int) -> None:
-    d = {"agent_id": agent_id, "host": host, "addresses": local_addresses(), "port": port}
-    body = json.dumps(d, sort_keys=True).encode()
-    d["mac"] = _mac(_key("partner address"), body).hex()
-    fd = safefs.open_dirs(ckptdir, [f"ckpt_{computation}", ADDR_DIR], create=True)
-    try:
-        safefs.write_at(fd, f"{agent_id}.json", json.dumps(d).encode())
-    finally:
-        os.close(fd)
-
-
-def lookup(ckptdir: str, computation: str, agent_id: str) -> dict:
-    """The signed address of an agent's partner server; PartnerError if absent or not authentic."""
-    where = os.path.join(store.computation_dir(ckptdir, computation), ADDR_DIR)
-    try:
-        fd = safefs.open_dirs(ckptdir, [f"ckpt_{computation}", ADDR_DIR])
-        try:
-            d = json.loads(safefs.read_at(fd, f"{agent_id}.json", where))
-        finally:
-            os.close(fd)
-    except (OSError, ValueError) as e:
-        raise NoAddress(f"no address of agent {agent_id} in {where}: {e}") from None
-    mac = d.pop("mac", "") if isinstance(d, dict) else ""
-    body = json.dumps(d, sort_keys=True).encode()
-    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(_key("partner address"), body).hex()):
-        raise PartnerError(f"address of agent {agent_id} in {where} is not authentic; not sending images there")
-    return d
-
-
 def partner_of(agent_id: str, agents: dict[str, str]) -> str | None:
-    """The next agent (by id, a ring) on another host than ours; None if every agent is on our host."""
-    ids = sorted(agents)
-    if agent_id not in ids:
-        return None
-    i = ids.index(agent_id)
-    for other in ids[i + 1:] + ids[:i]:
-        if agents[other] != agents[agent_id]:
-            return other
-    return None
+    return levels.partner_of(agent_id, agents)      # (the coordinator pairs the agents: image/levels.py)
 
 
 # ------------------------------------------------------------------------------------------------- server --
@@ -169,6 +130,7 @@ class PartnerServer:
         self.root = root
         self.computation = computation
         self.key = _key("partner connection")
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.sock = socket.create_server(("0.0.0.0", 0), backlog=16)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._accept, name="partner-server", daemon=True)
@@ -186,19 +148,30 @@ class PartnerServer:
                 conn, peer = self.sock.accept()
             except OSError:
                 return
+            if not self.slots.acquire(blocking=False):
+                # (anyone may connect before the handshake: a flood must not pile up threads and memory)
+                log.warning("partner connection from %s refused: %d already open", peer[0], MAX_CONNECTIONS)
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn, peer), name="partner-recv", daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer) -> None:
+        try:
+            self._serve_one(conn, peer)
+        finally:
+            self.slots.release()
+
+    def _serve_one(self, conn: socket.socket, peer) -> None:
         with conn:
             try:
-                conn.settimeout(60)
+                conn.settimeout(HANDSHAKE_S)        # (a stranger holding a slot without a word: not for long)
                 session = handshake(conn, self.computation, server=True, key=self.key)
+                conn.settimeout(60)
                 while True:
                     head = _recv(conn)
                     if head == b"bye":
                         return
-                    mac = _recv(conn)
-                    if not hmac.compare_digest(mac, _mac(session, head)):
+                    if not hmac.compare_digest(_recv(conn), _mac(session, head)):
                         raise PartnerError("a file header that does not verify")
                     h = json.loads(head)
                     try:
@@ -213,40 +186,86 @@ class PartnerServer:
                 log.warning("partner connection from %s: %s", peer[0], e)
 
     def _receive(self, conn: socket.socket, h: dict) -> str:
-        name, gen, size = h["name"], int(h["generation"]), int(h["size"])
-        if not _NAME.match(name) or h.get("computation") != self.computation or size < 0:
-            raise PartnerError(f"refused file {name!r} of {h.get('computation')!r}")
-        d = store.generation_dir(levels.partner_root(self.root), self.computation, gen)
-        dfd = safefs.open_dirs(self.root, [levels.PARTNER_DIR, f"ckpt_{self.computation}", f"gen{gen:06d}"],
-                               create=True)
-        tmp = safefs.temp_name(name)
+        return receive_image(conn, self.root, self.computation, h)
+
+
+def receive_image(conn: socket.socket, root: str, computation: str, h: dict) -> str:
+    """Receive the image a (verified) header h announces into the partner tree under root: a temporary name,
+    fsync, the image's own verification (metadata MAC, every chunk's tag), then its name. Returns its path."""
+    name, gen, size = h["name"], int(h["generation"]), int(h["size"])
+    if not _NAME.match(name) or h.get("computation") != computation or size < 0:
+        raise PartnerError(f"refused file {name!r} of {h.get('computation')!r}")
+    d = store.generation_dir(levels.partner_root(root), computation, gen)
+    dfd = safefs.open_dirs(root, [levels.PARTNER_DIR, f"ckpt_{computation}", f"gen{gen:06d}"], create=True)
+    tmp = safefs.temp_name(name)
+    try:
+        out = safefs.create_file(dfd, tmp)
         try:
-            out = safefs.create_file(dfd, tmp)
-            try:
-                left = size
-                while left:
-                    chunk = conn.recv(min(left, 1 << 20))
-                    if not chunk:
-                        raise PartnerError(f"{name}: connection closed after {size - left} of {size} bytes")
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(out, view):]
-                    left -= len(chunk)
-                os.fsync(out)
-            finally:
-                os.close(out)
-            with ImageReader(os.path.join(d, tmp)) as r:
-                if (r.meta.get("computation"), r.meta.get("generation")) != (self.computation, gen):
-                    raise PartnerError(f"{name}: holds computation {r.meta.get('computation')} generation "
-                                       f"{r.meta.get('generation')}, not what its header says")
-                r.verify()
-            safefs.replace(dfd, tmp, name)
-            return os.path.join(d, name)
-        except BaseException:
-            safefs.unlink(dfd, tmp)
-            raise
+            left = size
+            while left:
+                chunk = conn.recv(min(left, 1 << 20))
+                if not chunk:
+                    raise PartnerError(f"{name}: connection closed after {size - left} of {size} bytes")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                left -= len(chunk)
+            os.fsync(out)
         finally:
-            os.close(dfd)
+            os.close(out)
+        with ImageReader(os.path.join(d, tmp)) as r:
+            if (r.meta.get("computation"), r.meta.get("generation")) != (computation, gen):
+                raise PartnerError(f"{name}: holds computation {r.meta.get('computation')} generation "
+                                   f"{r.meta.get('generation')}, not what its header says")
+            r.verify()
+        safefs.replace(dfd, tmp, name)
+        return os.path.join(d, name)
+    except BaseException:
+        safefs.unlink(dfd, tmp)
+        raise
+    finally:
+        os.close(dfd)
+
+
+def send_image(sock: socket.socket, session: bytes, path: str, head: dict, pacer: Pacer | None = None) -> int:
+    """Send the header (authenticated with the session key) and the bytes of the image at path; returns its size."""
+    size = os.path.getsize(path)
+    raw = json.dumps({**head, "name": os.path.basename(path), "size": size}).encode()
+    _send(sock, raw)
+    _send(sock, _mac(session, raw))
+    with open(path, "rb", buffering=0) as f:
+        sent = 0
+        while sent < size:
+            t0 = time.monotonic()
+            buf = f.read(min(1 << 20, size - sent))
+            if not buf:
+                raise PartnerError(f"{path} shrank while being sent")
+            sock.sendall(buf)
+            sent += len(buf)
+            if pacer is not None:
+                pacer.pace(len(buf), time.monotonic() - t0)
+    return size
+
+
+def recv_header(sock: socket.socket, session: bytes) -> dict:
+    head = _recv(sock)
+    if not hmac.compare_digest(_recv(sock), _mac(session, head)):
+        raise PartnerError("a file header that does not verify")
+    h = json.loads(head)
+    if not isinstance(h, dict):
+        raise PartnerError("a malformed file header")
+    return h
+
+
+def connect(addr: dict) -> socket.socket:
+    """A connection to the first of addr's addresses that answers (addr: {host, addresses, port})."""
+    errors = []
+    for a in addr.get("addresses") or []:
+        try:
+            return socket.create_connection((a, int(addr["port"])), timeout=CONNECT_S)
+        except OSError as e:
+            errors.append(f"{a}: {e.strerror or e}")
+    raise PartnerError(f"partner {addr.get('host')} port {addr.get('port')} unreachable ({'; '.join(errors)})")
 
 
 # ------------------------------------------------------------------------------------------------- sender --
@@ -255,14 +274,20 @@ class PartnerJob:
     computation: str
     generation: int
     paths: list[str]
-    agents: dict[str, str] = field(default_factory=dict)
+    partner: dict | None = None        # {agent_id, host, addresses, port}: from the coordinator's committed message
+
+
+Report = Callable[..., None]
 
 
 class PartnerSender:
-    """A thread sending each committed generation's images of this agent to its partner, one at a time."""
+    """A thread sending each committed generation's images of this agent to its partner, one at a time; each
+    outcome goes to report(generation, level="partner", ok, error, bytes, seconds, partner) (agent/storage.py
+    passes it on to the coordinator)."""
 
-    def __init__(self, ckptdir: str, agent_id: str, host: str, pacer: Pacer):
+    def __init__(self, ckptdir: str, agent_id: str, host: str, pacer: Pacer, report: Report | None = None):
         self.ckptdir, self.agent_id, self.host, self.pacer = ckptdir, agent_id, host, pacer
+        self.report = report or (lambda *a, **k: None)
         self.jobs: queue.Queue[PartnerJob] = queue.Queue()
         self.state: dict[int, str] = {}
         self.told = False
@@ -273,9 +298,13 @@ class PartnerSender:
         self.state[job.generation] = "queued"
         self.jobs.put(job)
 
+    def idle(self) -> bool:
+        return self.jobs.empty() and all(not v.startswith(("queued", "sending")) for v in self.state.values())
+
     def _run(self) -> None:
         while True:
             job = self.jobs.get()
+            self.state[job.generation] = "sending"
             try:
                 where = self.send(job)
                 self.state[job.generation] = f"sent to {where}"
@@ -289,60 +318,36 @@ class PartnerSender:
                 log.error("partner copy of checkpoint generation %d failed: %s", job.generation, e)
                 journal.record(self.ckptdir, "partner", computation=job.computation, generation=job.generation,
                                host=self.host, ok=False, error=str(e))
+                self.report(job.generation, "partner", False, error=str(e))
 
     def send(self, job: PartnerJob) -> str:
-        other = partner_of(self.agent_id, job.agents)
-        if other is None:
+        addr = job.partner
+        if not addr:
             raise NoPartner("no agent of the computation on another host to be the partner")
         fault("partner.before_send")
-        addr = None
-        for _ in range(20):           # (its server starts with its first image: it may not be published yet)
-            try:
-                addr = lookup(self.ckptdir, job.computation, other)
-                break
-            except NoAddress:
-                time.sleep(0.5)
-        if addr is None:
-            addr = lookup(self.ckptdir, job.computation, other)
-        sock = self._connect(addr)
         t0 = time.monotonic()
+        sock = self._connect(addr)
         nbytes = 0
         with sock:
             session = handshake(sock, job.computation, server=False)
             for p in job.paths:
                 nbytes += self._send_file(sock, session, job, p)
             _send(sock, b"bye")
+        took = time.monotonic() - t0
         log.info("checkpoint generation %d: %d image(s), %.1f MB copied to partner %s (%s) in %.2f s",
-                 job.generation, len(job.paths), nbytes / 1e6, addr.get("host"), other, time.monotonic() - t0)
+                 job.generation, len(job.paths), nbytes / 1e6, addr.get("host"), addr.get("agent_id"), took)
         journal.record(self.ckptdir, "partner", computation=job.computation, generation=job.generation,
                        host=self.host, partner=addr.get("host"), ok=True, bytes=nbytes)
+        self.report(job.generation, "partner", True, bytes=nbytes, seconds=round(took, 3),
+                    partner=str(addr.get("host")))
         return str(addr.get("host"))
 
     def _connect(self, addr: dict) -> socket.socket:
-        errors = []
-        for a in addr.get("addresses", []):
-            try:
-                return socket.create_connection((a, int(addr["port"])), timeout=CONNECT_S)
-            except OSError as e:
-                errors.append(f"{a}: {e.strerror or e}")
-        raise PartnerError(f"partner {addr.get('host')} port {addr.get('port')} unreachable ({'; '.join(errors)})")
+        return connect(addr)
 
     def _send_file(self, sock: socket.socket, session: bytes, job: PartnerJob, path: str) -> int:
-        size = os.path.getsize(path)
-        head = json.dumps({"computation": job.computation, "generation": job.generation,
-                           "name": os.path.basename(path), "size": size, "host": self.host}).encode()
-        _send(sock, head)
-        _send(sock, _mac(session, head))
-        with open(path, "rb", buffering=0) as f:
-            sent = 0
-            while sent < size:
-                t0 = time.monotonic()
-                buf = f.read(min(1 << 20, size - sent))
-                if not buf:
-                    raise PartnerError(f"{path} shrank while being sent")
-                sock.sendall(buf)
-                sent += len(buf)
-                self.pacer.pace(len(buf), time.monotonic() - t0)
+        size = send_image(sock, session, path, {"computation": job.computation, "generation": job.generation,
+                                                "host": self.host}, self.pacer)
         reply = _recv(sock)
         if reply != b"ok":
             raise PartnerError(f"partner refused {os.path.basename(path)}: {reply.decode(errors='replace')}")

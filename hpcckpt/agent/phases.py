@@ -114,6 +114,7 @@ class Phases(AgentBase):
 
     def _phase_kill(self, msg: PhaseMsg) -> None:
         self._ack(msg, True)
+        self._storage_kill(msg.generation)       # (the drain, finished before the agent exits: storage.py)
         self._kill_job("checkpointed and killed (kcheckpoint)")
 
     def _phase_abort(self, msg: PhaseMsg) -> None:

@@ -1,14 +1,21 @@
 """The agent's hooks into the multi-level storage (docs/storage.md): where it writes its images, the drain to
-the shared level (drain.py) and the partner copies (partner.py). A line each in agent.py calls them."""
+the shared level (drain.py) and the partner copies (partner.py). A line each in agent.py calls them.
+
+The drain and the partner sender are threads; what they report (`stored` messages: a copy made, or why not)
+goes to the coordinator from the main loop, which alone uses the coordinator's socket: the threads queue it
+and wake the loop through the agent's wake-up pipe."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 
+from ..coordinator import protocol
 from ..image import levels
 from .base import AgentBase
 from .drain import Drain, DrainJob, Pacer
-from .partner import PartnerJob, PartnerSender, PartnerServer, publish
+from .partner import PartnerJob, PartnerSender, PartnerServer, local_addresses
 
 log = logging.getLogger("hpcckpt.agent")
 
@@ -18,14 +25,19 @@ class StorageLevels(AgentBase):
     drain: Drain | None
     partner_server: PartnerServer | None
     partner_sender: PartnerSender | None
-    storage_agents: dict[int, dict]
+    storage_reports: list[dict]
+    storage_started: list[int]
+    storage_finish: bool
 
     def _storage_setup(self) -> None:
         self.imgdir = levels.image_root(self.s)         # where this node writes its images
-        self.drain = Drain(self.s, self.ckptdir, self.host) if levels.local_root(self.s) else None
+        self.drain = Drain(self.s, self.ckptdir, self.host, self._storage_report) \
+            if levels.local_root(self.s) else None
         self.partner_server = self.partner_sender = None
-        self.storage_agents = {}
         self.storage_lock = threading.Lock()
+        self.storage_reports = []
+        self.storage_started: list[int] = []       # generations whose copies started (a kcheckpoint's: twice)
+        self.storage_finish = False
 
     def _storage_retarget(self) -> None:
         """The coordinator's welcome named another checkpoint directory (base.adopt_ckptdir)."""
@@ -33,42 +45,69 @@ class StorageLevels(AgentBase):
         if self.drain is not None:
             self.drain.ckptdir = self.ckptdir
 
-    def _agents_of(self, gen: int) -> dict[str, str]:
-        """Every agent of a generation and its host, from the coordinator's local manifest (the checkpoint
-        phase no longer sends every agent the map of all agents: O(N^2) bytes a round)."""
-        try:
-            m = levels.read_local_manifest(self.ckptdir, self.comp, gen)
-        except Exception as e:        # (no partner this round; the drain still runs)
-            log.debug("generation %d: no local manifest to find a partner in: %s", gen, e)
-            return {}
-        return {e.agent_id: e.host for e in m.images if e.agent_id}
-
     def _storage_written(self, c, path: str) -> None:
         """(writer thread) An image is durable on the local level: drain: sync copies it now; the first image
-        starts our partner server (every agent writes before any generation commits)."""
+        starts our partner server, whose addresses go to the coordinator in the checkpoint's stats (it pairs the
+        agents and tells each where to send: the committed message)."""
         with self.storage_lock:
-            self.storage_agents[c.generation] = dict(c.agents or {})
             c.stats["drain"] = self.s.drain if self.drain is not None else None
             if self.s.partner and self.drain is not None and self.partner_server is None and self.computation:
                 self.partner_server = PartnerServer(self.imgdir, self.computation)
-                publish(self.ckptdir, self.computation, self.agent_id, self.host, self.partner_server.port)
+            if self.partner_server is not None:
+                c.stats["partner_addr"] = {"addresses": local_addresses(), "port": self.partner_server.port}
         if self.drain is not None and self.s.drain == "sync":
             self.drain.copy_now(self.computation or "", c.generation, path)
             c.stats["drained"] = True
 
-    def _storage_committed(self, gen: int) -> None:
-        """The generation is complete on the local level everywhere: the partner copy, the drain (async),
-        keep_local."""
-        if self.drain is None or not self.computation:
+    def _storage_committed(self, gen: int, partner: dict | None = None, partner_copy: bool = True) -> None:
+        """The generation is complete on the local level everywhere: the partner copy (to the agent the
+        coordinator named), the drain (async), keep_local. Once per generation."""
+        if self.drain is None or not self.computation or gen in self.storage_started:
             return
+        self.storage_started = self.storage_started[-15:] + [gen]
         written = list(self.pending_prev.get(gen, {}).values())          # [(path, needs)]
         mine = [p for p, _ in written]
-        agents = self.storage_agents.pop(gen, {})
-        if self.s.partner and len(agents) < 2:
-            agents = self._agents_of(gen) or agents
-        if self.s.partner and mine:
+        if self.s.partner and mine and partner_copy:
             if self.partner_sender is None:
                 # (not paced by drain_rate: that protects the shared filesystem; this goes over the network)
-                self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host, Pacer())
-            self.partner_sender.submit(PartnerJob(self.computation, gen, mine, agents))
+                self.partner_sender = PartnerSender(self.ckptdir, self.agent_id, self.host, Pacer(),
+                                                    self._storage_report)
+            self.partner_sender.submit(PartnerJob(self.computation, gen, mine, partner))
         self.drain.submit(DrainJob(self.computation, gen, mine, {n for _, needs in written for n in needs}))
+
+    def _storage_kill(self, gen: int) -> None:
+        """(kcheckpoint) The generation is committed and the job is about to be killed: its drain starts now, and
+        the agent finishes it before it exits (_storage_finish), because the node-local level alone does not
+        outlive a batch job ($TMPDIR goes with it). No partner copy: every agent is being killed."""
+        self._storage_committed(gen, partner_copy=False)
+        self.storage_finish = self.drain is not None and self.s.drain == "async"
+
+    def _storage_finish(self) -> None:
+        """(the agent exits) After a kcheckpoint, wait (up to the phase timeout) for the drain to finish."""
+        if not self.storage_finish or self.drain is None:
+            return
+        t0 = time.monotonic()
+        log.info("the job was killed after its checkpoint: finishing the drain to %s first (up to %.0f s)",
+                 self.ckptdir, self.s.phase_timeout)
+        if self.drain.wait_idle(self.s.phase_timeout):
+            log.info("drain finished in %.1f s", time.monotonic() - t0)
+        else:
+            log.error("the drain to %s did not finish within %.0f s; the shared level keeps the previous generation",
+                      self.ckptdir, self.s.phase_timeout)
+
+    def _storage_report(self, generation: int, level: str, ok: bool, **extra) -> None:
+        """(drain and partner threads) Queue a `stored` report and wake the main loop (_storage_flush)."""
+        msg = protocol.Stored(generation, level, ok, **extra).to_dict()
+        with self.storage_lock:
+            self.storage_reports.append(msg)
+        try:
+            os.write(self.wake_w, b"s")
+        except BlockingIOError:          # (the pipe is full: the loop is awake anyway)
+            pass
+
+    def _storage_flush(self) -> None:
+        """(main loop) Send the reports the threads queued."""
+        with self.storage_lock:
+            reports, self.storage_reports = self.storage_reports, []
+        for msg in reports:
+            self.send(msg)

@@ -129,7 +129,8 @@ def print_text(cmd: str, r: dict) -> None:
                   f"{last.get('duration_s', 0):.2f} s, processes frozen {last.get('frozen_s', 0):.3f} s{ratio}, "
                   f"{last.get('pages_skipped', 0)} untouched and {last.get('zero_pages', 0)} zero pages left out")
         if any(g.get("local") for g in r.get("levels") or []):     # multi-level storage (docs/storage.md)
-            print("LEVELS=" + ", ".join(f"{g['generation']}:" + "+".join(k for k in ("local", "shared") if g.get(k))
+            print("LEVELS=" + ", ".join(f"{g['generation']}:" + "+".join(k for k in ("local", "partner", "shared")
+                                                                         if g.get(k) in (True, "done"))
                                         for g in r["levels"]))
         if cmd == "list":
             for row in r.get("peers", []):

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         # images and restores (cli/restartcoord.py)
         early = EarlyCoordinator(find, s.coord_host, s.coord_port, s.port_file)
         early.begin()
+        from ..agent import fetch
         from ..engine import identity, pathvirt
-        from ..image import auth, levels
+        from ..image import auth
         from . import applevel_restart, strictcheck
         from . import restartwork as work
         from .jobrun import run_job
@@ -126,7 +127,13 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         if applevel_restart.is_archives(paths):      # application-level mode: the program's own files
             return applevel_restart.run(s, prog, args, paths, remote, (manifest.computation, manifest.generation)
                                         if args.from_dir else None, early.ask)
-        paths = [c.path for c in levels.choose(paths, s)]    # the fastest valid copy of each (image/levels.py)
+        # the fastest valid copy of each (image/levels.py), or one fetched from a surviving partner (agent/fetch.py)
+        # (fetch may ask for the coordinator first: its answer is the one the next ask() gets, as early.ask's first)
+        asked: list[tuple[str, int]] = []
+        paths = fetch.choose(paths, s, lambda: asked.append(early.ask()) or asked[-1], first=args.policy != JOIN)
+
+        def ask() -> tuple[str, int]:
+            return asked.pop() if asked else early.ask()
         readers = work.open_images(paths) if paths else []
         strictcheck.check_images(readers, s.no_strict_checking)
         try:                # DMTCP's pathvirt (--path-prefix, DMTCP_PATH_PREFIX): files found where they moved
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         if owner:       # the coordinator the starter found or started as root is not theirs: again, as them
             early.abandon()
             early.begin()
+            asked.clear()
         if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
             if owner:
                 raise Fail(f"checkpoint directory {s.ckptdir} is not a directory uid {owner.uid} can write (the "
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         others: list = []
         try:
             if remote:        # the coordinator first: every host joins it
-                host_port = early.ask()
+                host_port = ask()
                 secret = protocol.read_secret(host_port[1])
                 for host, imgs in remote:
                     others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
             watcher = multihost.Watcher(others, host_port) if others else None
             try:
                 # (the agent's first request gets what the starter found; with other hosts it is known already)
-                coordinator = early.ask if not others else lambda: host_port
+                coordinator = ask if not others else lambda: host_port
                 code = run_job(s, prog, coordinator, lambda in_ns, get, not_job: work.agent(
                     s, get, readers, in_ns, not args.no_verify, not_job))
             finally:

@@ -81,7 +81,7 @@ def generations(ckptdir: str, comp: str, events: list[dict]) -> list[dict]:
             if isinstance(egen, int) and (egen not in rows or rows[egen]["state"] == "unfinished"):
                 rows[egen] = {"generation": egen, "state": "failed", "time": ev.get("time"),
                               "phase": ev.get("phase"), "error": ev.get("error")}
-    levels.annotate(ckptdir, comp, rows)      # multi-level storage: on which levels each generation is
+    levels.annotate(ckptdir, comp, rows, events)   # multi-level storage: on which levels each generation is
     usable = [g for g, r in rows.items() if r["state"] == "complete" and not r.get("images_missing_here")]
     if usable:
         rows[max(usable)]["restart_uses"] = True

@@ -72,6 +72,7 @@ class CoordinatorBase:
     next_interval_ckpt: float | None
     last_checkpoint: dict | None
     last_failure: dict | None
+    storage: dict[int, Any]              # generation -> its copies beyond the local level (storagestate.py)
     ever_had_peers: bool
     idle_since: float
     started: float
@@ -150,4 +151,13 @@ class CoordinatorBase:
         raise NotImplementedError
 
     def _prune_list(self) -> list[int]:
+        raise NotImplementedError
+
+    def _partner_for(self, generation: int, agent_id: str) -> dict | None:
+        raise NotImplementedError
+
+    def _wait_complete(self, generation: int, waiters: list[Waiter]) -> bool:
+        raise NotImplementedError
+
+    def storage_levels(self) -> list[dict]:
         raise NotImplementedError

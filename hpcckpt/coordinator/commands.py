@@ -7,7 +7,7 @@ import logging
 import time
 
 from .. import __version__
-from ..image import levels, store
+from ..image import store
 from . import binding, protocol
 from .barrier import State
 from .base import CoordinatorBase, Waiter
@@ -30,7 +30,7 @@ class Commands(CoordinatorBase):
             "phase": r.phase.value if r and r.phase else None,
             "checkpoint_interval": self.interval, "ckptdir": self.ckptdir,
             "generation": self.generation, "last_checkpoint": self.last_checkpoint,
-            "levels": levels.levels_of(self.ckptdir, self.computation),     # per generation (docs/storage.md)
+            "levels": self.storage_levels(),         # per generation (storagestate.py, docs/storage.md)
             "last_failure": self.last_failure,
             "waiting_for_ranks": self.ranks.missing() if self.waiting is not None else [],
             "checkpoint_progress": None if r is None else {

@@ -9,13 +9,13 @@ from typing import Any
 from ..faults import fault
 from ..image import levels, store
 from .barrier import Round
-from .base import CoordinatorBase
 from .script import install_restart_script
+from .storagestate import StorageState
 
 log = logging.getLogger("hpcckpt.coordinator")
 
 
-class Commits(CoordinatorBase):
+class Commits(StorageState):
     """Mixed into Coordinator (server.py)."""
 
     def _commit(self, r: Round) -> None:
@@ -40,24 +40,38 @@ class Commits(CoordinatorBase):
         stats["ratio"] = round(stats["bytes_out"] / stats["bytes_in"], 4) if stats["bytes_in"] else None
         stats["phase_s"] = dict(r.phase_times)
         manifest = store.Manifest(self.computation or "", r.generation, time.time(), images, stats)
+        # with partner copies the generation is complete (restart script, last_checkpoint) only once they are
+        # made: until then a node lost would lose it (storagestate.py)
+        plan = self._plan_levels(r.generation, r.durable, r.kill_after)
         # complete or absent: the script first (put back as it was if the manifest fails), the manifest last
-        installed = install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
+        installed = None if not plan.complete else \
+            install_restart_script(self.ckptdir, manifest, self.s.coord_host, self.port, self.interval)
         try:
             fault("coordinator.before_commit")
             # (multi-level: the local manifest, and the shared one only if every agent drained: image/levels.py)
             lv = levels.commit(self.ckptdir, manifest, [res.get("stats") or {} for res in r.durable.values()],
                                self.s.keep_generations)
         except BaseException:
-            installed.undo()
+            if installed is not None:
+                installed.undo()
+            self.storage.pop(r.generation, None)
             raise
-        installed.done()
-        script = installed.path
+        script = None
+        if installed is not None:
+            installed.done()
+            script = installed.path
         r.committed = True
-        self.last_checkpoint = {"generation": r.generation, "time": manifest.created, "images": len(images),
-                                "restart_script": script, **stats, "levels": lv}
-        log.info("checkpoint generation %d complete: %d image(s), %.1f MB in %.2f s (processes stopped %.3f s); "
-                 "restart script %s", r.generation, len(images), stats["bytes_out"] / 1e6, stats["duration_s"],
-                 stats["frozen_s"], script)
+        record = {"generation": r.generation, "time": manifest.created, "images": len(images),
+                  "restart_script": script, **stats, "levels": lv}
+        if plan.complete:
+            self.last_checkpoint = record
+        else:
+            plan.manifest, plan.record = manifest, record
+        where = "" if lv == "shared" else f" on levels {lv}"
+        log.info("checkpoint generation %d complete%s: %d image(s), %.1f MB in %.2f s (processes stopped %.3f s); "
+                 "%s", r.generation, where, len(images), stats["bytes_out"] / 1e6, stats["duration_s"],
+                 stats["frozen_s"], f"restart script {script}" if script else
+                 "the restart script follows once the partner copies are made")
 
     def _prune_images(self) -> list[dict]:
         """Images of generations beyond the retention limit: [{"generation", "host", "path"}]."""

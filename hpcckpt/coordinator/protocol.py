@@ -163,6 +163,20 @@ class Bye(Message):
 
 
 @dataclass
+class Stored(Message):
+    """A copy of the agent's images of a committed generation made on another level (docs/storage.md): its
+    partner's (level "partner") or the shared directory (level "shared"), or why not."""
+    TYPE = "stored"
+    generation: int = 0
+    level: str = ""
+    ok: bool = False
+    error: str | None = _opt()
+    bytes: int | None = _opt()
+    seconds: float | None = _opt()
+    partner: str | None = _opt()              # partner: the host that keeps the copy
+
+
+@dataclass
 class Restored(Message):
     TYPE = "restored"
     error: str | None = None
@@ -242,6 +256,7 @@ class Committed(Message):
     TYPE = "committed"
     generation: int = 0
     prune: list[dict] = _list()                # images of retired generations [{generation, host, path}]
+    partner: dict | None = _opt()              # where to send the partner copy {agent_id, host, addresses, port}
 
 
 @dataclass
@@ -260,6 +275,6 @@ class Kv(Message):
 
 
 TO_COORDINATOR: dict[str, type[Message]] = {c.TYPE: c for c in (
-    Hello, AgentHeartbeat, Ack, Written, Abandon, Request, Bye, Restored, KvPut, KvGet, Command)}
+    Hello, AgentHeartbeat, Ack, Written, Abandon, Request, Bye, Stored, Restored, KvPut, KvGet, Command)}
 TO_AGENT: dict[str, type[Message]] = {c.TYPE: c for c in (
     Welcome, Reject, CoordHeartbeat, PhaseMsg, Kill, Committed, Restart, Kv)}

@@ -81,8 +81,10 @@ class Rounds(CoordinatorBase):
             r.endpoints.extend(list(e) if peer.members else [peer.agent_id] + list(e) for e in msg["tcp_ends"])
         if r.phase == Phase.RESUME:
             r.frozen_s = max(r.frozen_s, (msg.get("stats") or {}).get("frozen_s", 0.0))
-            if self.last_checkpoint and self.last_checkpoint.get("generation") == r.generation:
-                self.last_checkpoint["frozen_s"] = r.frozen_s
+            pending = self.storage.get(r.generation)         # (complete later: its partner copies)
+            for rec in (self.last_checkpoint, pending.record if pending else None):
+                if rec and rec.get("generation") == r.generation:
+                    rec["frozen_s"] = r.frozen_s
         reached = REACHED.get(r.phase) if r.phase is not None else None
         if reached is not None:
             peer.state = reached.value
@@ -198,7 +200,8 @@ class Rounds(CoordinatorBase):
             self._send_committed(r.generation, self._prune_images())
             for gen in self._prune_list():
                 store.remove_manifest(self.ckptdir, self.computation or "", gen)
-        for w in r.waiters:
+        waiters = [] if ok and self._wait_complete(r.generation, r.waiters) else r.waiters  # (partner copies)
+        for w in waiters:
             reply = {"type": "reply", "command": "checkpoint", "ok": ok, "generation": r.generation}
             if ok:
                 reply["checkpoint"] = self.last_checkpoint
@@ -230,9 +233,11 @@ class Rounds(CoordinatorBase):
             writer = by_agent.get((e["host"], e.get("agent_id") or ""))
             for ident in [writer] if writer is not None else on_host.get(e["host"], []):
                 mine.setdefault(ident, []).append(e)
-        for ident, entries in mine.items():
-            self.send(ident, protocol.Committed(generation, entries).to_dict())
-        self.broadcast(protocol.Committed(generation, []).to_dict(), [i for i in self.peers if i not in mine])
+        partners = {i: p for i, peer in self.peers.items() if (p := self._partner_for(generation, peer.agent_id))}
+        for ident in set(mine) | set(partners):        # (each its own partner: O(1) bytes an agent)
+            self.send(ident, protocol.Committed(generation, mine.get(ident, []), partners.get(ident)).to_dict())
+        self.broadcast(protocol.Committed(generation, []).to_dict(),
+                       [i for i in self.peers if i not in mine and i not in partners])
 
     def _reset_interval(self) -> None:
         self.next_interval_ckpt = time.monotonic() + self.interval if self.interval > 0 else None

@@ -72,6 +72,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits, Relayed):
         self.next_interval_ckpt: float | None = None
         self.last_checkpoint: dict | None = None
         self.last_failure: dict | None = None
+        self.storage = {}                                     # generation -> its copies (storagestate.py)
         self.ever_had_peers = False
         self.idle_since = time.monotonic()
         self.started = time.monotonic()
@@ -96,6 +97,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits, Relayed):
             "request": self._on_request,
             "written": self._on_written,
             "abandon": self._on_abandon,        # liveness.py
+            "stored": self._on_stored,          # storagestate.py: partner copies, the drain
             "restored": self._on_restored,      # gather.py: restarts
             "kv_put": self._on_kv_put,
             "kv_get": self._on_kv_get,
@@ -393,6 +395,7 @@ class Coordinator(Restarts, Commands, Liveness, Rounds, Commits, Relayed):
         now = time.monotonic()
         self.rejects.flush(now)
         self._liveness_tick(now)
+        self._storage_tick(now)
         self._check_gate()
         if self.waiting is not None:
             self._check_waiting(now)

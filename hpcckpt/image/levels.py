@@ -161,14 +161,46 @@ def _has_size(path: str, size: int) -> bool:
 
 
 def levels_of(ckptdir: str, computation: str | None, limit: int = 8) -> list[dict]:
-    """Per recent generation, on which levels it is complete: [{"generation", "local", "shared"}] (the status of
-    `dmtcp_command -s --json`, `hpcckpt status`)."""
+    """Per recent generation, on which levels it is complete, from the manifests: [{"generation", "local",
+    "shared"}] (the coordinator adds what its agents reported: coordinator/storagestate.py)."""
     if not computation:
         return []
     local = set(local_generations(ckptdir, computation))
     shared = set(store.complete_generations(ckptdir, computation))
     return [{"generation": g, "local": g in local, "shared": g in shared}
             for g in sorted(local | shared)[-limit:]]
+
+
+def describe(row: dict) -> str:
+    """One generation's levels in words, for the job log and `dmtcp_command -s`: "local+partner+shared", with the
+    copies still running or failed in brackets ("local [partner running, drain failed: ...]")."""
+    have = [k for k in ("local", "partner", "shared") if row.get(k) is True or row.get(k) == "done"]
+    busy = [f"{k} {v}" for k in ("partner", "drain") if (v := row.get(k)) and v not in ("done", "none", "off")]
+    return "+".join(have) + (f" [{', '.join(busy)}]" if busy else "")
+
+
+def log_changes(rows: list[dict], seen: dict[int, str]) -> None:
+    """(the batch driver's job log) A line for each generation whose levels changed since the last call."""
+    for row in rows:
+        text = describe(row)
+        if seen.get(row["generation"]) != text:
+            seen[row["generation"]] = text
+            log.info("checkpoint generation %d: levels %s%s", row["generation"], text,
+                     f" (never complete: {row['error']})" if row.get("error") else
+                     "" if row.get("complete", True) else " (not yet complete: its partner copies are running)")
+
+
+def partner_of(agent_id: str, agents: dict[str, str]) -> str | None:
+    """The next agent (by id, a ring) on another host than ours; None if every agent is on our host. The
+    coordinator pairs the agents of a generation with this (coordinator/storagestate.py)."""
+    ids = sorted(agents)
+    if agent_id not in ids:
+        return None
+    i = ids.index(agent_id)
+    for other in ids[i + 1:] + ids[:i]:
+        if agents[other] != agents[agent_id]:
+            return other
+    return None
 
 
 def wait_drained(ckptdir: str, timeout: float, computation: str | None = None) -> bool:
@@ -270,15 +302,23 @@ def choose(paths: list[str], s) -> list[Choice]:
                 why.append(f"the {level} copy {cand} is not usable ({bad})")
         else:
             out.append(Choice(p, p, "given"))
+    first = parse(paths[0]) if paths else None
+    if first is not None and local_root(s) is not None:
+        note_newer_local(os.path.abspath(s.ckptdir), first.computation, first.generation, script=True)
     return out
 
 
-def annotate(ckptdir: str, computation: str, rows: dict[int, dict]) -> None:
+def annotate(ckptdir: str, computation: str, rows: dict[int, dict], events: list[dict] | None = None) -> None:
     """(hpcckpt status) Add each generation's levels to its row; a generation complete on the local level only
-    gets a row of its own (state "local": `restart --from` does not use it, the restart script does)."""
+    gets a row of its own (state "local": `restart --from` does not use it, the restart script may); the
+    coordinator's `level` events say whether its partner copies made it complete, or why not."""
     local = local_generations(ckptdir, computation)
     if not local:
         return
+    said: dict[int, dict] = {}
+    for e in events or []:
+        if e.get("event") == "level" and e.get("computation") == computation and isinstance(e.get("generation"), int):
+            said[e["generation"]] = e
     for g in local:
         row = rows.get(g)
         if row is not None and row.get("state") == "complete":
@@ -293,10 +333,18 @@ def annotate(ckptdir: str, computation: str, rows: dict[int, dict]) -> None:
                    "stored_bytes": sum(i.size for i in m.images), "memory_bytes": m.stats.get("bytes_in"),
                    "duration_s": m.stats.get("duration_s"), "frozen_s": m.stats.get("frozen_s"),
                    "hosts": sorted({i.host for i in m.images}), "processes": len(m.images),
-                   "levels": "local only: drain running, failed or off"}
+                   "levels": _local_levels(said.get(g))}
     for row in rows.values():
         if row.get("state") == "complete" and "levels" not in row:
             row["levels"] = "shared"
+
+
+def _local_levels(event: dict | None) -> str:
+    if event and event.get("error"):
+        return f"local only, never complete: {event['error']}"
+    if event and event.get("level") == "local+partner":
+        return "local+partner: complete; drain running, failed or off"
+    return "local only: drain running, failed or off"
 
 
 def with_drain(ckptdir: str, generation: int, duration_s: float | None) -> float | None:
@@ -309,10 +357,23 @@ def with_drain(ckptdir: str, generation: int, duration_s: float | None) -> float
     return duration_s + max(drains)
 
 
-def note_newer_local(ckptdir: str, computation: str, generation: int) -> None:
-    """(restart --from) Say so when a newer generation is complete on the nodes' local level only."""
+_noted: set[tuple[str, int]] = set()       # (said once per restart: --from says it first, in its own words)
+
+
+def note_newer_local(ckptdir: str, computation: str, generation: int, script: bool = False) -> None:
+    """(restart --from, and a restart script's restart: choose) Say so when a newer generation is on the nodes'
+    local level only, and why it is not the one restarted."""
+    if (computation, generation) in _noted:
+        return
+    _noted.add((computation, generation))
     newer = [g for g in local_generations(ckptdir, computation) if g > generation]
-    if newer:
+    if newer and script:          # (the restart script names the newest generation that was complete)
+        why = [e.get("error") for e in journal.read(ckptdir) if e.get("event") == "level" and
+               e.get("generation") == newer[-1] and e.get("error")]
+        log.warning("generation %d of %s is newer but was never complete (%s); restarting generation %d, the newest "
+                    "complete one", newer[-1], computation, why[-1] if why else "its partner copies were not made",
+                    generation)
+    elif newer:
         log.warning("generation %d of %s is newer but complete only on the nodes' local level (its drain did not "
                     "finish); restarting generation %d from %s. On the same nodes, the restart script restarts "
                     "generation %d from their local copies", newer[-1], computation, generation, ckptdir, newer[-1])

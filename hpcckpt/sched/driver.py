@@ -79,6 +79,7 @@ class JobDriver:
         self.comp = computation(self.ckptdir, cfg, self._warnings())
         self.is_local = is_local or (lambda host: False)
         self.last_logged_gen = 0
+        self.levels_logged: dict[int, str] = {}
         self.last_ckpt_s: float | None = None
         self.end: float | None = None
         self.end_checked = 0.0
@@ -402,6 +403,7 @@ class JobDriver:
                 log.warning("status request: %s", e)
                 self.status_warned = time.monotonic()
             return
+        levels.log_changes(st.get("levels") or [], self.levels_logged)    # local / partner / shared per generation
         last = st.get("last_checkpoint")
         if not last or last["generation"] <= self.last_logged_gen and not final:
             return

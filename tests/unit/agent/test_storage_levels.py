@@ -145,42 +145,70 @@ def test_restart_chooses_local_then_partner_then_shared_and_skips_bad_copies(tmp
 
 @pytest.fixture
 def partner_pair(tmp_path):
-    shared, node_b = tmp_path / "shared", tmp_path / "local-b"
+    node_b = tmp_path / "local-b"
     server = partner.PartnerServer(str(node_b), COMP)
-    partner.publish(str(shared), COMP, "agent-b", "host-b", server.port)
-    yield shared, node_b, server
+    # (the coordinator passes this in the committed message: nothing goes through a shared directory)
+    addr = {"agent_id": "agent-b", "host": "host-b", "addresses": ["127.0.0.1"], "port": server.port}
+    (tmp_path / "shared").mkdir()
+    yield tmp_path / "shared", node_b, server, addr
     server.close()
 
 
 def test_partner_copy_goes_to_the_other_host_over_an_authenticated_connection(tmp_path, partner_pair):
-    shared, node_b, _ = partner_pair
-    assert partner.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a", "agent-b": "host-b"}) == \
+    shared, node_b, _, addr = partner_pair
+    assert levels.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a", "agent-b": "host-b"}) == \
         "agent-b"
-    assert partner.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a"}) is None
+    assert levels.partner_of("agent-a", {"agent-a": "host-a", "agent-a2": "host-a"}) is None
     img = image(tmp_path / "local-a", 4, "ua")
-    sender = partner.PartnerSender(str(shared), "agent-a", "host-a", drain.Pacer())
-    assert sender.send(partner.PartnerJob(COMP, 4, [str(img)], {"agent-a": "host-a", "agent-b": "host-b"})) == \
-        "host-b"
+    reports: list = []
+    sender = partner.PartnerSender(str(shared), "agent-a", "host-a", drain.Pacer(),
+                                   lambda *a, **k: reports.append((a, k)))
+    assert sender.send(partner.PartnerJob(COMP, 4, [str(img)], addr)) == "host-b"
     copy = Path(levels.copy_path(str(node_b), levels.ImageName(COMP, 4, img.name), "partner"))
     assert copy.read_bytes() == img.read_bytes()
     assert [e.get("partner") for e in journal.read(str(shared)) if e["event"] == "partner"] == ["host-b"]
+    assert reports[0][0] == (4, "partner", True) and reports[0][1]["partner"] == "host-b"
+    assert not (shared / f"ckpt_{COMP}" / "partners").exists()
 
 
-def test_partner_refuses_a_sender_without_the_key_and_a_forged_address(tmp_path, partner_pair, monkeypatch):
-    shared, node_b, server = partner_pair
+def test_partner_refuses_a_sender_without_the_key_and_a_listener_without_it(tmp_path, partner_pair, monkeypatch):
+    shared, node_b, server, addr = partner_pair
     img = image(tmp_path / "local-a", 5, "ua")
     real = partner._key
-    job = partner.PartnerJob(COMP, 5, [str(img)], {"agent-a": "host-a", "agent-b": "host-b"})
+    job = partner.PartnerJob(COMP, 5, [str(img)], addr)
     sender = partner.PartnerSender(str(shared), "agent-a", "host-a", drain.Pacer())
-    monkeypatch.setattr(partner, "_key", lambda purpose: real(purpose) if "address" in purpose else b"x" * 32)
+    monkeypatch.setattr(partner, "_key", lambda purpose: b"x" * 32)
     with pytest.raises(partner.PartnerError, match="closed by the other side"):   # refused by the server
         sender.send(job)
     assert not Path(levels.copy_path(str(node_b), levels.ImageName(COMP, 5, img.name), "partner")).exists()
+    # a listener at the address that does not hold the user's key (a forged or stale address) but plays along:
+    # it cannot prove the key, so no byte of the image goes to it
     monkeypatch.setattr(partner, "_key", real)
-    f = shared / f"ckpt_{COMP}" / "partners" / "agent-b.json"
-    f.write_text(f.read_text().replace(f'"port": {server.port}', '"port": 1'))
-    with pytest.raises(partner.PartnerError, match="not authentic"):
-        sender.send(job)
+    rogue = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def play_along():
+        conn, _ = rogue.accept()
+        with conn:
+            partner._send(conn, os.urandom(16))
+            got.append(partner._recv(conn) + partner._recv(conn))
+            partner._send(conn, os.urandom(32))         # a proof it cannot make
+            conn.settimeout(2)
+            try:
+                while chunk := conn.recv(1 << 16):
+                    got.append(chunk)
+            except OSError:
+                pass
+    t = threading.Thread(target=play_along, daemon=True)
+    t.start()
+    with pytest.raises(partner.PartnerError, match="did not prove the user's key"):
+        sender.send(partner.PartnerJob(COMP, 5, [str(img)], {**addr, "port": rogue.getsockname()[1]}))
+    t.join(5)
+    rogue.close()
+    assert len(got) == 1 and len(got[0]) == 16 + 32          # its nonce and our proof: nothing of the image
+    # no partner named (every agent on one host): said once, nothing sent
+    with pytest.raises(partner.NoPartner):
+        sender.send(partner.PartnerJob(COMP, 5, [str(img)], None))
 
 
 def test_a_failing_drain_is_journaled_leaves_nothing_and_the_next_generation_drains(tmp_path, monkeypatch):
@@ -221,3 +249,87 @@ def test_a_drain_behind_skips_superseded_generations_unless_a_newer_one_needs_th
     assert d.state[1].startswith("skipped") and d.state[2].startswith("skipped")
     assert d.state[3] == d.state[4] == "drained"                 # 4 is incremental on 3: 3 is drained too
     assert store.complete_generations(str(shared), COMP) == [3, 4]
+
+
+def test_partner_server_bounds_the_connections_a_stranger_can_hold_open(tmp_path, monkeypatch):
+    monkeypatch.setattr(partner, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(partner, "HANDSHAKE_S", 0.5)
+    server = partner.PartnerServer(str(tmp_path / "local-b"), COMP)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", server.port))
+        extra.settimeout(5)
+        assert extra.recv(64) == b""                       # closed at once: no thread, no buffer for it
+        for s in idle:                                     # the silent ones are dropped after the handshake time
+            s.settimeout(5)
+            assert len(s.recv(64)) <= 4 + 16 and s.recv(64) == b""
+        # and the slots are free again: a real partner gets through
+        img = image(tmp_path / "local-a", 6, "ua")
+        addr = {"agent_id": "b", "host": "host-b", "addresses": ["127.0.0.1"], "port": server.port}
+        (tmp_path / "shared").mkdir()
+        sender = partner.PartnerSender(str(tmp_path / "shared"), "a", "host-a", drain.Pacer())
+        assert sender.send(partner.PartnerJob(COMP, 6, [str(img)], addr)) == "host-b"
+    finally:
+        server.close()
+
+
+def test_levels_in_words_for_the_job_log_and_dmtcp_command_s(caplog):
+    rows = [{"generation": 1, "local": True, "partner": "done", "shared": True, "drain": "done", "complete": True},
+            {"generation": 2, "local": True, "partner": "running", "shared": False, "drain": "running",
+             "complete": False},
+            {"generation": 3, "local": True, "partner": "failed: n2: unreachable", "shared": False,
+             "drain": "off", "complete": False, "error": "the partner copy of n2 failed"}]
+    assert [levels.describe(r) for r in rows] == [
+        "local+partner+shared", "local [partner running, drain running]", "local [partner failed: n2: unreachable]"]
+    seen: dict[int, str] = {}
+    caplog.set_level("INFO")
+    levels.log_changes(rows, seen)
+    levels.log_changes(rows, seen)                      # once per change, not per poll
+    lines = [r.getMessage() for r in caplog.records if "levels" in r.getMessage()]
+    assert lines == ["checkpoint generation 1: levels local+partner+shared",
+                     "checkpoint generation 2: levels local [partner running, drain running] (not yet complete: "
+                     "its partner copies are running)",
+                     "checkpoint generation 3: levels local [partner failed: n2: unreachable] (never complete: "
+                     "the partner copy of n2 failed)"]
+
+
+@pytest.fixture
+def coordinator(tmp_path, monkeypatch):
+    """A real coordinator process, and this process set to find its secret (the restart's kv rendezvous)."""
+    import subprocess
+    import sys
+    run = tmp_path / "run"
+    monkeypatch.setenv("HPCCKPT_RUNDIR", str(run))
+    env = dict(os.environ, HPCCKPT_RUNDIR=str(run))
+    pf = tmp_path / "coord.port"
+    p = subprocess.Popen([str(Path(sys.executable).parent / "dmtcp_coordinator"), "-p", "0", "--port-file", str(pf),
+                          "--ckptdir", str(tmp_path / "shared")], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not (pf.exists() and pf.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield "127.0.0.1", int(pf.read_text())
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+def test_a_restart_part_without_a_copy_says_why_when_no_host_keeps_one(tmp_path, coordinator, caplog):
+    """(agent/fetch.py) The image is on no level of this host: a part started by the restart waits (here 1 s) for
+    a host that keeps a partner copy, then names the image and what to do; the restart command itself (which
+    starts the other parts only after choosing its own copies) says so at once."""
+    from hpcckpt.agent import fetch
+    local, shared = tmp_path / "local", tmp_path / "shared"
+    s = S.load({"local_dir": str(local), "ckptdir": str(shared), "partner": True, "restart_timeout": 1},
+               environ={})
+    given = f"/elsewhere/ckpt_{COMP}/gen000003/ckpt_prog_u9.dmtcp"
+    caplog.set_level("INFO")
+    t0 = time.monotonic()
+    assert fetch.choose([given], s, lambda: coordinator, first=True) == [given]
+    assert time.monotonic() - t0 < 1.0 and "run the restart from another host" in caplog.text
+    caplog.clear()
+    t0 = time.monotonic()
+    assert fetch.choose([given], s, lambda: coordinator) == [given]
+    assert 1.0 <= time.monotonic() - t0 < 5 and "no host of the restart keeps a partner copy" in caplog.text
