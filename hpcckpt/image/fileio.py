@@ -6,7 +6,9 @@ import ctypes
 import os
 
 DIRECT_ENV = "HPCCKPT_DIRECT_IO"       # "0": image data through the page cache like everything else
-DIRECT_MIN = 1 << 20                   # raw data written by one call at least this long goes around the page cache
+DIRECT_MIN = 4 << 20                   # raw data written by one call (a full chunk) goes around the page cache;
+#                                        smaller writes (small images) are left to the page cache, whose
+#                                        writeback batches them (commit_images)
 
 ZEROS = memoryview(bytes(4096))     # padding after a compressed chunk
 _IOV_MAX = 1024
