@@ -85,7 +85,7 @@ class ImageWriter:
     finished; the metadata says where each is. Writeback to disk starts as chunks are written (write_behind)."""
 
     def __init__(self, final_path: str, compress: bool = False, level: int = 1, threads: int = 0,
-                 shuffle: bool = True, pool: ThreadPoolExecutor | None = None):
+                 shuffle: bool = True, pool: ThreadPoolExecutor | None = None, direct: bool = True):
         self.final_path = final_path
         self.tmp_path = final_path + ".tmp"
         self.signer, self._key, self._tagger = _signing_key(final_path)
@@ -98,7 +98,8 @@ class ImageWriter:
             pass
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)
-        self.dfd = self._dfd_open = open_direct(self.fd) if not compress else -1
+        # direct: large raw data around the page cache (_write_direct); off: everything through the page cache
+        self.dfd = self._dfd_open = open_direct(self.fd) if direct and not compress else -1
         self.pos = HEADER_SIZE
         os.pwrite(self.fd, b"\0" * HEADER_SIZE, 0)
         self.bytes_in = 0
