@@ -96,7 +96,7 @@ def test_one_chunk_pool_serves_every_image_of_an_agent(launch, build_dir, tmp_pa
     job = _start(launch, build_dir, tmp_path, env, "dump.after_chunk:sleep=0.02")
     agent = agent_of(job.proc.pid)
     cores = os.cpu_count() or 1
-    image_threads = 1 + min(N, cores, 4)          # the background writer and its image writers
+    image_threads = 1 + min(N, 4)                 # the background writer and its image writers
     chunk_threads = min(4, cores + 1)
 
     def new_threads_during_checkpoint() -> int:

@@ -42,8 +42,9 @@ class BackgroundWrites(AgentBase):
             return
         if self._chunks is None:
             self._chunks = chunk_pool(bool(self.s.compress))
-        # one image per core at a time: an MPI node's ranks are written side by side
-        workers = max(1, min(len(todo), os.cpu_count() or 1, self.s.writers))
+        # up to `writers` images at once (not one a core: the chunk pool bounds the CPU they use, and a small
+        # image is mostly waits - opening, its chunks, its metadata - that other images fill)
+        workers = max(1, min(len(todo), self.s.writers))
         metas: dict[str, ImageMeta] = {}
         with ThreadPoolExecutor(workers, thread_name_prefix="image-writer") as pool:
             futures = {pool.submit(self._write, c, p): p for p in todo}

@@ -47,6 +47,8 @@ HEADER_SIZE = 4096
 ALIGN = 4096
 PAGE_SIZE = 4096
 CHUNK_PAGES = 1024            # 4 MiB of pages per chunk: large writes, fine-grained parallel (de)compression
+INLINE_MAX = 256 << 10        # runs up to this long are written by the image's own thread, not the chunk pool
+WRITE_BEHIND_MIN = 2 << 20    # writeback of a smaller write starts with the others at commit (one call a file)
 _HEADER = struct.Struct("<8sIIQQIQ")  # magic, version, flags, meta_off, meta_len, meta_crc, data_end
 _AUTH = struct.Struct("<I32s")         # (format 2, right after _HEADER) signer uid, HMAC-SHA256
 
@@ -99,7 +101,8 @@ class ImageWriter:
         self.fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         os.fchmod(self.fd, 0o600)
         # direct: large raw data around the page cache (_write_direct); off: everything through the page cache
-        self.dfd = self._dfd_open = open_direct(self.fd) if direct and not compress else -1
+        self._direct = direct and not compress
+        self.dfd = self._dfd_open = -1        # opened at the first large write (small images never need it)
         self.pos = HEADER_SIZE
         os.pwrite(self.fd, b"\0" * HEADER_SIZE, 0)
         self.bytes_in = 0
@@ -127,6 +130,11 @@ class ImageWriter:
         length = npages * PAGE_SIZE
         self.bytes_in += length
         group = ChunkGroup()
+        if length <= INLINE_MAX:
+            # a small run is written by the calling thread: handing it to the pool and back cost more than the
+            # work (a process has ~20 small regions; 256 small images spent most of their time in the hand-offs)
+            self._collect(group, *self._work(group, page, npages, produce, zero_skip, hashing, scattered))
+            return group
         fut = self._pool.submit(self._work, group, page, npages, produce, zero_skip, hashing, scattered)
         self._pending.append((group, fut))
         if len(self._pending) >= self._max_pending:
@@ -191,7 +199,8 @@ class ImageWriter:
                 off += len(piece) + pad
             if not self._write_direct(iov, base, total):
                 pwritev_all(self.fd, iov, base)
-                write_behind(self.fd, base, total)
+                if total >= WRITE_BEHIND_MIN:         # (smaller: all at once in commit_images)
+                    write_behind(self.fd, base, total)
         return npages - sum(n for _, n, _ in runs), stored   # pages left out (all zero, or unchanged)
 
     def _write_direct(self, iov: list, off: int, total: int) -> bool:
@@ -202,15 +211,22 @@ class ImageWriter:
         buffer (_buffer), so the alignment O_DIRECT wants holds by construction. False: write it buffered (small
         or compressed, no direct I/O on this file system, or it refused this write). Durability is unchanged:
         the image is fsync'ed (allocation, the device's cache) before it is given its final name."""
-        if self.dfd < 0 or total < DIRECT_MIN:
+        if not self._direct or total < DIRECT_MIN:
             return False
+        if self.dfd < 0:
+            with self._lock:
+                if self.dfd < 0 and self._direct:
+                    self.dfd = self._dfd_open = open_direct(self.fd)
+                    self._direct = self.dfd >= 0
+            if self.dfd < 0:
+                return False
         try:
             pwritev_all(self.dfd, iov, off, rest_fd=self.fd)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             log.info("%s: direct I/O refused (%s); writing through the page cache", self.final_path, e)
-            self.dfd = -1          # (closed with the writer; the buffered write below redoes the whole range)
+            self.dfd, self._direct = -1, False      # (closed with the writer; the range is redone buffered)
             return False
         return True
 
@@ -224,11 +240,13 @@ class ImageWriter:
         """Wait for queued chunks (all but `keep` of them) to be written; fills in their ChunkGroups."""
         while len(self._pending) > keep:
             group, fut = self._pending.pop(0)
-            left_out, stored = fut.result()
-            self.zero_pages += left_out
-            for chunk in stored:
-                self.bytes_out += chunk.length
-                group.append(chunk)
+            self._collect(group, *fut.result())
+
+    def _collect(self, group: ChunkGroup, left_out: int, stored: list[Chunk]) -> None:
+        self.zero_pages += left_out
+        for chunk in stored:
+            self.bytes_out += chunk.length
+            group.append(chunk)
 
     # -- commit ----------------------------------------------------------------------------------------------
     def finish(self, meta: dict, durable: bool = True) -> str:
@@ -301,6 +319,9 @@ def chunk_pool(compress: bool = False, threads: int = 0) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="imgw")
 
 
+_SYNC_BATCH = 256             # files open at once while committing (within a default limit of 1024 descriptors)
+
+
 def commit_images(final_paths: list[str]) -> None:
     """Make images written with finish(durable=False) durable, then give each its final name: every image is
     fsync'ed before any is renamed, so a crash or an error anywhere here leaves no image of the batch with a
@@ -308,12 +329,17 @@ def commit_images(final_paths: list[str]) -> None:
     and only then reports). Writeback of every image was started while it was written (write_behind): the
     fsyncs mostly wait, and the first one's journal commit covers the other files' metadata."""
     fault("dump.before_fsync")
-    for path in final_paths:
-        fd = os.open(path + ".tmp", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    for i in range(0, len(final_paths), _SYNC_BATCH):
+        fds: list[int] = []
         try:
-            os.fsync(fd)
+            for path in final_paths[i:i + _SYNC_BATCH]:     # writeback of every file started, then waited for
+                fds.append(os.open(path + ".tmp", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+                write_behind(fds[-1], 0, 0)
+            for fd in fds:
+                os.fsync(fd)
         finally:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
     for path in final_paths:
         fault("dump.before_commit")
         os.rename(path + ".tmp", path)
