@@ -119,3 +119,42 @@ def test_one_chunk_pool_serves_every_image_of_an_agent(launch, build_dir, tmp_pa
     assert first <= image_threads + chunk_threads, f"{first} threads started to write {N} images"
     second = new_threads_during_checkpoint()
     assert second <= image_threads, f"{second} threads started at the second checkpoint"
+
+
+@pytest.mark.slow
+def test_agent_killed_between_the_writes_and_the_fsyncs_keeps_the_last_good_generation(launch, counter, tmp_path,
+                                                                                         env):
+    """The agent dies after writing every image of generation 2 and before making any durable (a crash at
+    the worst moment of the batched commit): no image of generation 2 has a final name, the coordinator fails
+    the round and keeps generation 1 (byte for byte), and the program itself runs on (without a PID namespace
+    it outlives its agent)."""
+    import hashlib
+    import signal
+    env["HPCCKPT_FAULT"] = "dump.before_fsync:exit@2"
+    env["HPCCKPT_PEER_TIMEOUT"] = "3"
+    out = tmp_path / "out.txt"
+    job = launch(counter, out, 16, 100000, 10000, extra=("--no-gzip", "--no-pid-namespace"))
+    wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 5, 30, "progress")
+    prog_pid = json.loads(job.command("-l", "--json").stdout)["peers"][0]["pid"]
+    try:
+        assert job.command("-bc").returncode == 0
+        gen1 = _gen_dir(tmp_path, 1)
+        assert gen1 is not None
+        img = _files(gen1, ".dmtcp")[0]
+        digest = hashlib.sha256(img.read_bytes()).hexdigest()
+        job.command("-c")
+        log = tmp_path / "run" / f"coord-{job.port}.log"
+        wait_for(lambda: "generation 2 failed" in log.read_text(), 60, "the coordinator to give up on the agent")
+        assert "the previous checkpoint is kept" in log.read_text()
+        assert job.proc.wait(10) is not None                    # the agent (the launch process) is gone
+        assert not _files(_gen_dir(tmp_path, 2), ".dmtcp"), "an image that was never fsync'ed got a final name"
+        assert not list(tmp_path.glob("ckpt_*/gen000002.json"))
+        assert "gen000001" in (tmp_path / "dmtcp_restart_script.sh").read_text()
+        assert hashlib.sha256(img.read_bytes()).hexdigest() == digest
+        n = len(out.read_text().splitlines())
+        wait_for(lambda: len(out.read_text().splitlines()) > n + 3, 30, "the program to go on after its agent died")
+    finally:
+        try:
+            os.kill(prog_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
