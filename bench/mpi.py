@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -32,6 +33,7 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 MiB = 1 << 20
+GiB = 1 << 30
 MODES = {"forked": (), "frozen": ("--no-forked-checkpoint",)}
 
 
@@ -52,6 +54,27 @@ def wait(cond, timeout: float, what: str, interval: float = 0.02) -> float:
     return time.monotonic() - t0
 
 
+def agents_cpu() -> float:
+    """CPU seconds (user + system, threads that ended included) of every hpcckpt agent of this venv now running
+    (launch and join agents; not the coordinator): sampled around the checkpoint, it is what writing cost."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
+            line = b" ".join(argv)
+            if str(BIN).encode() not in line or not (b"dmtcp_launch" in line or b"hpcckpt.cli" in line) or \
+                    b"coordinator" in line or b"dmtcp_command" in line:
+                continue
+            fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])        # utime, stime
+    return total / tick
+
+
 def command(env: dict, port_file: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "dmtcp_command"), "--port-file", str(port_file), *args], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -68,9 +91,11 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
     try:
         wait(lambda: lines(out) >= 20, 300, "the job's first steps")
         warm(work, ranks * mb * MiB)
+        cpu0 = agents_cpu()
         t = time.perf_counter()
         r = command(env, port, "-bc", "--json")
         ckpt_wall = time.perf_counter() - t
+        agent_cpu = agents_cpu() - cpu0
         reply = json.loads(r.stdout)
         if reply.get("command_status") != "DMT_COORD_SUCCESS":
             raise SystemExit(f"bench: checkpoint failed: {reply.get('error')}")
@@ -98,7 +123,8 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
             rjob.kill()
     return {"ckpt": ckpt_wall, "frozen": c.get("frozen_s", 0.0), "bytes": c.get("bytes_out", 0),
             "images": c.get("images", 0), "restart": restart, "phases": c.get("phase_s", {}),
-            "capture": c.get("capture_s", 0.0), "image_s": c.get("write_s", 0.0), "duration": c.get("duration_s", 0.0)}
+            "capture": c.get("capture_s", 0.0), "image_s": c.get("write_s", 0.0), "duration": c.get("duration_s", 0.0),
+            "agent_cpu": agent_cpu}
 
 
 def warm(directory: Path, nbytes: int) -> None:
@@ -122,9 +148,10 @@ def floor(directory: Path, nbytes: int) -> dict:
     from hpcckpt.image.format import write_behind
     path = directory / "floor.bin"
     block = os.urandom(16 * MiB)
-    best: tuple[float, float] | None = None
+    best: tuple[float, float, float] | None = None
     for behind in (False, True):
         warm(directory, nbytes)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         off = 0
@@ -137,8 +164,10 @@ def floor(directory: Path, nbytes: int) -> dict:
         os.fsync(fd)
         fs = time.perf_counter() - t - w
         os.close(fd)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        used = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
         if best is None or w + fs < best[0] + best[1]:
-            best = (w, fs)
+            best = (w, fs, used)
     t = time.perf_counter()
     with open(path, "rb", buffering=0) as f:
         while f.read(16 * MiB):
@@ -146,7 +175,7 @@ def floor(directory: Path, nbytes: int) -> dict:
     rd = time.perf_counter() - t
     path.unlink()
     assert best is not None
-    return {"write": best[0], "fsync": best[1], "read": rd}
+    return {"write": best[0], "fsync": best[1], "read": rd, "floor_cpu": best[2]}
 
 
 def main() -> int:
@@ -195,7 +224,10 @@ def main() -> int:
                               f"{r['frozen']:.3f} s), restart {r['restart']:.2f} s, {r['bytes'] / MiB:.0f} MiB in "
                               f"{r['images']} images; floor write {r['write']:.2f} + fsync {r['fsync']:.2f}, read "
                               f"{r['read']:.2f}; coordinator: {r['duration']:.2f} s, phases {r['phases']}, capture "
-                              f"{r['capture']:.2f} s, longest image {r['image_s']:.2f} s", flush=True)
+                              f"{r['capture']:.2f} s, longest image {r['image_s']:.2f} s; CPU s/GiB agents "
+                              f"{r['agent_cpu'] / (r['bytes'] / GiB):.2f}, "
+                              f"floor {r['floor_cpu'] / (r['bytes'] / GiB):.2f}",
+                              flush=True)
                         runs.append(r)
                         shutil.rmtree(work, ignore_errors=True)
                     rows.append((nhosts, mode, runs))
@@ -224,14 +256,19 @@ def main() -> int:
             "again; *floor*: writing the same bytes + fsync (the better of plain and written-behind) in the same "
             "run, right after the checkpoint, and reading them back from the page cache. *vs floor*: median over "
             "the runs of each run's checkpoint over its own floor. Page-cache memory is warmed (a file as large "
-            "written and deleted) right before the checkpoint and each floor.\n",
+            "written and deleted) right before the checkpoint and each floor. *CPU s/GiB*: CPU seconds (user + system) "
+            "per GiB of images, of every agent during `-bc` (one host: all of the checkpoint's work; two hosts: both "
+            "agents) / of the floor's writer (median over the runs).\n",
             "| hosts | mode | checkpoint | in the coordinator | phases | stopped | restart | images | floor "
-            "write+fsync | floor read | checkpoint vs floor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "write+fsync | floor read | checkpoint vs floor | CPU s/GiB agents / floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for nhosts, mode, runs in rows:
         ratio = statistics.median(r["ckpt"] / r["floor"] for r in runs)
         text.append(f"| {nhosts} | {mode} | {mm(runs, 'ckpt')} | {mm(runs, 'duration')} | {mm(runs, 'before')} | "
                     f"{mm(runs, 'frozen')} | {mm(runs, 'restart')} | {runs[0]['images']}, "
-                    f"{runs[0]['bytes'] / MiB:.0f} MiB | {mm(runs, 'floor')} | {mm(runs, 'read')} | {ratio:.2f}× |")
+                    f"{runs[0]['bytes'] / MiB:.0f} MiB | {mm(runs, 'floor')} | {mm(runs, 'read')} | {ratio:.2f}× | "
+                    f"{statistics.median(r['agent_cpu'] / (r['bytes'] / GiB) for r in runs):.2f} / "
+                    f"{statistics.median(r['floor_cpu'] / (r['bytes'] / GiB) for r in runs):.2f} |")
     Path(a.out).write_text("\n".join(text) + "\n")
     print("\n".join(text))
     return 0

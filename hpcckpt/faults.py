@@ -8,7 +8,8 @@ step ("killed mid-write" and "disk full" are tests, not hopes).
     an action ending in @N fires only the Nth time the point is reached (e.g. error=ENOSPC@2: the second
     checkpoint fails, the first one completes)
 
-Points: dump.after_chunk (agent, after each chunk of page data), dump.before_commit (agent, image written
+Points: dump.after_chunk (agent, after each chunk of page data), dump.before_fsync (agent, every image of the
+generation written, none fsync'ed yet), dump.before_commit (agent, image written
 but not yet renamed), coordinator.script (restart script in place, its link not yet), coordinator.before_commit
 (restart script in place, before the manifest is written), batch.after_requeue (batch driver, right after the
 requeue / continuation was submitted), agent.after_suspend (agent, the job's processes just frozen and the

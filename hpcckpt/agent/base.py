@@ -93,7 +93,7 @@ class AgentBase:
     def _abandon(self, why: str) -> None:
         raise NotImplementedError
 
-    def _write(self, c: CheckpointState, p: PendingImage) -> None:
+    def _write_images(self, c: CheckpointState, todo: list[PendingImage], report: bool = False) -> None:
         raise NotImplementedError
 
     def _progress(self, path: str, done: int) -> None:

@@ -11,13 +11,12 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 from ..applevel import phases as applevel
 from ..coordinator import protocol
 from ..coordinator.protocol import Phase, PhaseMsg
 from ..engine import dump as engine_dump
-from ..engine import pathvirt, tree, wptrack
+from ..engine import tree, wptrack
 from ..engine.fds.fdtable import FdTable
 from ..engine.fds.tcp import drain as tcpdrain
 from ..engine.maps import vmflags_hint
@@ -201,40 +200,11 @@ class Phases(AgentBase):
             for p in todo:
                 info = c.procs.get(p.cap.fp.pid)
                 engine_dump.snapshot(p.cap, parent_is_agent=bool(info and info.ppid == os.getpid()))
-        for p in todo:
-            if p.cap.snapshot_pid:
-                c.pending.append(p)        # written from its snapshot once the job runs again
-            else:
-                self._write(c, p)          # written now, while frozen
-        if not c.pending:
-            store.fsync_dir(gdir)
+        c.pending = [p for p in todo if p.cap.snapshot_pid]     # written from their snapshots once the job runs
+        # the others now, while frozen; the directory is fsync'ed with them (background.py)
+        self._write_images(c, [p for p in todo if not p.cap.snapshot_pid], report=True)
         c.stats.update(dump_s=round(time.monotonic() - t0, 6))
         return list(c.entries), c.stats, bool(c.pending)
-
-    def _write(self, c: CheckpointState, p: PendingImage) -> None:
-        base = None
-        if self.s.incremental and p.unique_id in self.prev_images:
-            path, needs = self.prev_images[p.unique_id]
-            if len(needs) < self.s.full_every and os.path.exists(path):
-                base = path
-        meta = engine_dump.write_image(p.cap, p.path, computation=self.comp, generation=c.generation,
-                                       unique_id=p.unique_id, compress=self.s.compress,
-                                       level=self.s.compress_level,
-                                       progress=lambda done: self._progress(p.path, done),
-                                       incremental=bool(self.s.incremental), base=base,
-                                       agent={"agent_id": self.agent_id, "agents": c.agents,
-                                              **pathvirt.record()})     # (DMTCP_PATH_PREFIX)
-        size = os.path.getsize(p.path)
-        self._storage_written(c, p.path)         # drain: sync copies it to the shared level now
-        with self.write_lock:           # (writer threads write several images at once)
-            self.pending_prev.setdefault(c.generation, {})[p.unique_id] = (p.path, list(meta.needs))
-            c.stats["bytes_in"] = c.stats.get("bytes_in", 0) + meta.stats["bytes_in"]
-            c.stats["bytes_out"] = c.stats.get("bytes_out", 0) + size
-            for key in ("pages_dumped", "pages_skipped", "zero_pages"):
-                c.stats[key] = c.stats.get(key, 0) + meta.stats.get(key, 0)
-            c.stats["write_s"] = max(c.stats.get("write_s", 0.0), meta.stats.get("total_s", 0.0))
-            c.entries.append(asdict(store.ImageEntry(self.host, p.path, p.program, p.unique_id, p.cap.fp.pid,
-                                                     size, list(meta.needs), p.rank)))
 
     def _resume_frozen(self) -> float:
         """Let the frozen processes run again; returns how long they were stopped."""

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .. import __version__
@@ -172,10 +173,12 @@ def _undefer(cap: Capture) -> None:
 
 def write_image(cap: Capture, path: str, *, computation: str, generation: int, unique_id: str,
                 compress: bool = False, level: int = 1, progress=None, incremental: bool = False,
-                base: str | None = None, agent: dict | None = None) -> ImageMeta:
+                base: str | None = None, agent: dict | None = None, pool: ThreadPoolExecutor | None = None,
+                durable: bool = True) -> ImageMeta:
     """Write the image of a captured process (atomically), its memory read from the snapshot fork if one was
     made, else from the (still frozen) process. incremental: keep page hashes; with base (the previous
-    generation's image of this process), store only the pages that changed since."""
+    generation's image of this process), store only the pages that changed since. pool: the agent's chunk
+    writers (format.chunk_pool); durable=False: left as PATH.tmp for format.commit_images()."""
     proc = cap.proc
     previous, base_meta = {}, None
     if incremental and base:
@@ -191,7 +194,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         base_meta.get("generation") == cap.tracked_since
     source = cap.snapshot_pid or cap.fp.pid
     t_mem0 = time.monotonic()
-    writer = ImageWriter(path, compress=compress, level=level)
+    writer = ImageWriter(path, compress=compress, level=level, pool=pool)
     dumper = memory.MemoryDumper(source, writer, progress, snapshot=bool(cap.snapshot_pid))
     try:
         proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous, tracked=tracked)
@@ -219,7 +222,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
                       "bytes_in": writer.bytes_in, "bytes_out": writer.bytes_out, "forked": bool(cap.snapshot_pid),
                       "incremental": incremental, "base": bool(meta.base), "write_tracked": tracked,
                       "inject_s": cap.inject_s, "memory_s": round(t_mem - t_mem0, 6)}
-        writer.finish(meta.to_dict())
+        writer.finish(meta.to_dict(), durable=durable)
     except BaseException:
         writer.abort()
         raise
