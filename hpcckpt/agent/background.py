@@ -79,7 +79,7 @@ class BackgroundWrites(AgentBase):
                                        incremental=bool(self.s.incremental), base=base,
                                        agent={"agent_id": self.agent_id, "agents": c.agents,
                                               **pathvirt.record()},     # (DMTCP_PATH_PREFIX)
-                                       pool=self._chunks, durable=False)
+                                       pool=self._chunks, durable=False, direct=self.s.direct_io)
 
     def _record(self, c: CheckpointState, p: PendingImage, meta: ImageMeta) -> None:
         """An image is durable under its final name: what the coordinator, the storage levels and the next

@@ -174,11 +174,12 @@ def _undefer(cap: Capture) -> None:
 def write_image(cap: Capture, path: str, *, computation: str, generation: int, unique_id: str,
                 compress: bool = False, level: int = 1, progress=None, incremental: bool = False,
                 base: str | None = None, agent: dict | None = None, pool: ThreadPoolExecutor | None = None,
-                durable: bool = True) -> ImageMeta:
+                durable: bool = True, direct: bool = True) -> ImageMeta:
     """Write the image of a captured process (atomically), its memory read from the snapshot fork if one was
     made, else from the (still frozen) process. incremental: keep page hashes; with base (the previous
     generation's image of this process), store only the pages that changed since. pool: the agent's chunk
-    writers (format.chunk_pool); durable=False: left as PATH.tmp for format.commit_images()."""
+    writers (format.chunk_pool); durable=False: left as PATH.tmp for format.commit_images(); direct: full chunks
+    with O_DIRECT (Settings.direct_io)."""
     proc = cap.proc
     previous, base_meta = {}, None
     if incremental and base:
@@ -194,7 +195,7 @@ def write_image(cap: Capture, path: str, *, computation: str, generation: int, u
         base_meta.get("generation") == cap.tracked_since
     source = cap.snapshot_pid or cap.fp.pid
     t_mem0 = time.monotonic()
-    writer = ImageWriter(path, compress=compress, level=level, pool=pool)
+    writer = ImageWriter(path, compress=compress, level=level, pool=pool, direct=direct)
     dumper = memory.MemoryDumper(source, writer, progress, snapshot=bool(cap.snapshot_pid))
     try:
         proc.regions = dumper.write(cap.plans, hashes=incremental, previous=previous, tracked=tracked)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import os
 
-DIRECT_ENV = "HPCCKPT_DIRECT_IO"       # "0": image data through the page cache like everything else
 DIRECT_MIN = 4 << 20                   # raw data written by one call (a full chunk) goes around the page cache;
 #                                        smaller writes (small images) are left to the page cache, whose
 #                                        writeback batches them (commit_images)
@@ -16,8 +15,9 @@ _IOV_MAX = 1024
 
 def open_direct(fd: int) -> int:
     """A second descriptor of the file open at fd (the same inode, reopened through /proc, never by its name),
-    with O_DIRECT; -1 where direct I/O is off or the file system has none (tmpfs: EINVAL)."""
-    if os.environ.get(DIRECT_ENV, "1") == "0" or not hasattr(os, "O_DIRECT"):
+    with O_DIRECT; -1 where the file system has none (tmpfs: EINVAL). (Off by Settings.direct_io: the writer's
+    direct=False never calls this.)"""
+    if not hasattr(os, "O_DIRECT"):
         return -1
     try:
         return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)

@@ -316,7 +316,13 @@ def chunk_pool(compress: bool = False, threads: int = 0) -> ThreadPoolExecutor:
     4 (reading another process's memory and pwrite release the GIL and overlap)."""
     ncpu = max(1, os.cpu_count() or 1)
     n = threads or (ncpu if compress else min(4, ncpu + 1))
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="imgw")
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="imgw")
+    # start all n threads now: an executor adds threads only when none is idle, so a pool made lazily would
+    # still be growing at a later checkpoint (a thread started mid-write, in the program's time)
+    gate = threading.Barrier(n)
+    for f in [pool.submit(gate.wait) for _ in range(n)]:
+        f.result()
+    return pool
 
 
 _SYNC_BATCH = 256             # files open at once while committing (within a default limit of 1024 descriptors)

@@ -8,7 +8,6 @@ import os
 
 import pytest
 
-from hpcckpt.image.fileio import DIRECT_ENV
 from hpcckpt.image.format import ImageReader, ImageWriter, chunk_pool, commit_images
 
 MiB = 1 << 20
@@ -36,8 +35,8 @@ def cached_pages(path: str) -> int:
         os.close(fd)
 
 
-def _write(path: str, chunks: list[bytes], pool=None, durable: bool = True):
-    w = ImageWriter(path, pool=pool)
+def _write(path: str, chunks: list[bytes], pool=None, durable: bool = True, direct: bool = True):
+    w = ImageWriter(path, pool=pool, direct=direct)
     groups = [w.add_chunk(i * 1024, len(d) // 4096, d) for i, d in enumerate(chunks)]
     w.drain()
     w.finish({"process": {"regions": [{"chunks": [g[0].to_json() for g in groups]}]}}, durable=durable)
@@ -63,11 +62,11 @@ def disk_dir():
 
 
 @pytest.mark.parametrize("direct", ["1", "0"])
-def test_large_raw_data_bypasses_the_page_cache(direct, disk_dir, monkeypatch):
-    monkeypatch.setenv(DIRECT_ENV, direct)
+def test_large_raw_data_bypasses_the_page_cache(direct, disk_dir):
+    """Settings.direct_io (HPCCKPT_DIRECT_IO) reaches the writer as direct=."""
     data = [os.urandom(4 * MiB) for _ in range(8)]
     path = os.path.join(disk_dir, "img.dmtcp")
-    chunks = _write(path, data)
+    chunks = _write(path, data, direct=(direct == "1"))
     pages = cached_pages(path)
     if direct == "1":
         assert pages < 1024, f"{pages} pages of a 32 MiB image written with direct I/O are in the page cache"
@@ -76,9 +75,8 @@ def test_large_raw_data_bypasses_the_page_cache(direct, disk_dir, monkeypatch):
     _same(path, chunks, data)
 
 
-def test_no_direct_io_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+def test_no_direct_io_falls_back_to_the_page_cache(tmp_path):
     """/dev/shm (tmpfs, a local level) has no O_DIRECT: the same image, written through the page cache."""
-    monkeypatch.setenv(DIRECT_ENV, "1")
     d = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
     path = os.path.join(d, f"hpcckpt-wp-{os.getpid()}.dmtcp")
     data = [os.urandom(4 * MiB), os.urandom(2 * MiB)]
