@@ -15,7 +15,9 @@ but not yet renamed), coordinator.script (restart script in place, its link not 
 requeue / continuation was submitted), agent.after_suspend (agent, the job's processes just frozen and the
 suspend acknowledged), freeze.after_claim (agent, a process
 just frozen, before anything is injected), restart.before_restore (restarting agent, before its first process is
-restored).
+restored), restore.before_release (restarting agent, every process restored, none released yet), drain.start
+(agent, a generation's drain to the shared level starting), drain.before_manifest (agent, the shared copies in
+place, the shared manifest not yet written), partner.before_send (agent, before an image goes to its partner).
 """
 from __future__ import annotations
 
