@@ -155,7 +155,7 @@ def test_a_relay_without_the_secret_is_refused(launch, counter, tmp_path, env):
     env["HPCCKPT_RELAY"] = "on"
     job = launch(counter, tmp_path / "out.txt", 4, 100000, 10000)
     wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
-    relay_port = int(next((tmp_path / "run").glob("relay-*.port")).read_text())
+    relay_port = int(next((tmp_path / "run").glob("relay-*.port")).read_text().split()[0])
     ctx = zmq.Context()
     try:
         for port, hello in ((job.port, protocol.Hello("evil", 1, [{"pid": 1, "program": "x"}], role="relay", members=[

@@ -44,6 +44,7 @@ class CoordinatorLink:
         self.hello_every = self.heartbeat_s       # grows while nobody answers (a stopped coordinator reads them all)
         self.closed_since: float | None = None    # nothing listens on the coordinator's port since
         self.next_fallback = 0.0
+        self.secret_port: int | None = None       # whose secret we sign with, if not conn's port's (a relay's)
 
     @property
     def where(self) -> str:
@@ -111,7 +112,7 @@ class CoordinatorLink:
         if self.down_since is not None:
             return False              # nothing to talk to (the hello would wait in a queue, with a stale secret)
         try:
-            self.conn.key = protocol.read_secret(self.conn.port)
+            self.conn.key = protocol.read_secret(self.secret_port or self.conn.port)
         except protocol.SecretError as e:
             log.debug("no secret for %s yet: %s", self.where, e)
             return False
@@ -134,6 +135,7 @@ class CoordinatorLink:
             log.warning("no coordinator to fall back on: %s", e)
             return
         self.conn.retarget(host, port)
+        self.secret_port = None        # (the coordinator's own now)
         self.closed_since = None
         self.down_since = now          # until the new connection's handshake
 
