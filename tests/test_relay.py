@@ -362,3 +362,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A stranger takes a port: accepts connections and says nothing, until its input closes.
+SQUATTER = r'''
+import select, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+print("listening", flush=True)
+held = []
+while True:
+    ready = select.select([s, sys.stdin], [], [])[0]
+    if sys.stdin in ready:
+        break
+    held.append(s.accept()[0])
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"), reason="needs root and setpriv")
+def test_an_agent_falls_back_when_a_stranger_takes_its_dead_relays_port(launch, counter, tmp_path, env):
+    """The relay killed, uid 65534 binds its port at once and accepts every connection without a word: the agent
+    does not wait on it forever - a relay port that never completes a handshake counts as closed, and after
+    coord_fallback the agent is back at the coordinator directly, and checkpoints."""
+    env.update(HPCCKPT_RELAY="on", HPCCKPT_COORD_FALLBACK="1", HPCCKPT_HEARTBEAT="0.5")
+    job = launch(counter, tmp_path / "out0.txt", 1, 100000, 10000)
+    wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
+    (relay,) = relay_processes(job.port)
+    port = int(next((tmp_path / "run").glob("relay-*.port")).read_text().split()[0])
+    relay.send_signal(signal.SIGKILL)
+    relay.wait(10)
+    squatter = as_nobody(SQUATTER, str(port))
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
+        wait_for(lambda: "connects directly (its relay gone?)" in coordinator_log(job), 30, "the agent back directly")
+        r = job.command("-bc", "--json")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+    finally:
+        assert squatter.stdin is not None
+        squatter.stdin.close()
+        squatter.wait(10)

@@ -121,7 +121,9 @@ class CoordinatorLink:
     def _fallback(self, now: float) -> None:
         if self.find is None or not self.s.coord_fallback:
             return
-        if port_is_open(self.conn.host, self.conn.port, timeout=0.2):
+        # (our relay's port taken by another program - it never completes a handshake - is as good as closed)
+        stranger = self.secret_port is not None and self.down_since is not None
+        if not stranger and port_is_open(self.conn.host, self.conn.port, timeout=0.2):
             self.closed_since = None
             return
         self.closed_since = self.closed_since or now
