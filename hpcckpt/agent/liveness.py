@@ -44,7 +44,7 @@ class CoordinatorLink:
         self.hello_every = self.heartbeat_s       # grows while nobody answers (a stopped coordinator reads them all)
         self.closed_since: float | None = None    # nothing listens on the coordinator's port since
         self.next_fallback = 0.0
-        self.secret_port: int | None = None       # whose secret we sign with, if not conn's port's (a relay's)
+        self.secret_port: int | None = None       # behind a relay: the coordinator's port, whose secret we sign with
 
     @property
     def where(self) -> str:

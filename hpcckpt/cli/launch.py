@@ -244,7 +244,8 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
     agent.job_file = job_file
     agent.coord_address = coordinator         # (the job file names the coordinator, not our relay)
     agent.link.find = get_coordinator          # a fallback when the coordinator is gone for good
-    agent.link.secret_port = coordinator[1]
+    if relay is not None:
+        agent.link.secret_port = coordinator[1]   # (the relay's port has no secret of its own)
     agent.serve_api(api)
     agent.on_root_exit = jobrun.root_exited   # children that outlive it go on
     try:
