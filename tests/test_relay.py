@@ -226,6 +226,7 @@ def test_a_slow_agent_is_named_by_its_relay_before_the_coordinators_timeout(laun
         stop(others)
 
 
+@pytest.mark.slow
 def test_checkpoint_progress_counts_agents_not_relays(launch, counter, tmp_path, env):
     """During a round `-s --json`'s checkpoint_progress counts 3 agents, not the one relay that stands for them
     (the progress line `dmtcp_command -bc` shows on a terminal reads the same fields)."""
