@@ -241,6 +241,7 @@ def test_checkpoint_progress_counts_agents_not_relays(launch, counter, tmp_path,
         stop(others)
 
 
+@pytest.mark.slow
 def test_a_killed_relay_leaves_nothing_and_the_next_launch_starts_a_new_one(launch, counter, tmp_path, env):
     """SIGKILL the relay: no lock file, no copy of the secret in the run directory (the only secret there is the
     coordinator's); its port file is stale and the next launch on the node removes it and starts a new relay,
@@ -273,6 +274,9 @@ def test_a_killed_relay_leaves_nothing_and_the_next_launch_starts_a_new_one(laun
         assert job.command("-bc").returncode == 0
         names = sorted(p.name for p in rundir.iterdir())
         assert [n for n in names if n.endswith(".secret")] == [f"coord-{job.port}.secret"], names
+        # the coordinator gone, the new relay exits and removes its port file
+        job.command("-k", check=True)
+        wait_for(lambda: not pf.exists(), 20, "the relay to remove its port file")
     finally:
         stop([second])
 

@@ -35,14 +35,22 @@ def status(job) -> dict:
     return json.loads(job.command("-s", "--json").stdout or "{}")
 
 
-def relay_logs(rundir: Path) -> dict[str, str]:
-    return {p.name: p.read_text() for p in rundir.glob("relay-*.log")}
+def remote_port_files(host: str) -> list[Path]:
+    return list(Path(f"/tmp/hpcckpt-{os.getuid()}").glob(f"relay-{host}-*.port"))
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(hosts1):
+    """(a failed test's remote relay is killed with the hosts: its port file goes with this test)"""
+    yield
+    for p in remote_port_files(hosts1[0].name):
+        p.unlink(missing_ok=True)
 
 
 def test_a_relayed_computation_across_hosts_checkpoints_lists_every_agent_and_restarts(
         hosts1, env, tmp_path, launch, counter):
     (b,) = hosts1
-    env["HPCCKPT_RELAY"] = "on"
+    env.update(HPCCKPT_RELAY="on", HPCCKPT_HEARTBEAT="0.5")      # (the relays go soon after their coordinator)
     outs = [tmp_path / "local.txt"] + [tmp_path / f"remote{k}.txt" for k in range(REMOTE)]
     prog = f"{counter} {{}} 1 100000 10000"
     script = " & ".join([prog.format(outs[0])] + [f"ssh {b.name} '{prog.format(o)}'" for o in outs[1:]])
@@ -77,6 +85,12 @@ def test_a_relayed_computation_across_hosts_checkpoints_lists_every_agent_and_re
     script_path = next(tmp_path.glob("dmtcp_restart_script_*.sh"))
     job.command("-k", check=True)
     job.wait(30)
+    # the coordinator gone, the other host's relay exits and removes its port file (in that host's run
+    # directory: ssh does not pass ours)
+    wait_for(lambda: not remote_port_files(b.name), 20, "the other host's relay to remove its port file")
+    for p in Path(f"/tmp/hpcckpt-{os.getuid()}").glob("relay-*.log"):      # (its log: a test leaves none)
+        if f"for the coordinator {hosts1.root_ip}:{job.port}" in p.read_text():
+            p.unlink()
     cut = [line_count(o) for o in outs]
     restarted = restart_in_background(script_path, env, tmp_path)
     try:

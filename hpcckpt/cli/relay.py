@@ -68,8 +68,8 @@ def _serve(s, args, ready_fd: int) -> int:
 def _remove_port_file(path: str, port: int) -> None:
     try:
         with open(path) as f:
-            if f.read().strip() != str(port):
-                return                      # (a newer relay's)
+            if f.read().split()[:1] != [str(port)]:
+                return                      # (a newer relay's: "PORT PID")
         os.unlink(path)
     except (OSError, ValueError):
         pass
