@@ -84,6 +84,7 @@ def test_agents_behind_a_relay_checkpoint_restart_and_continue(launch, counter, 
             r = job.command("-bc", "--json")
             assert r.returncode == 0, (r.stdout, r.stderr)
             assert json.loads(r.stdout)["checkpoint"]["images"] == AGENTS
+        assert f": {AGENTS} agent(s)" in coordinator_log(job), "the round's log line counts agents"
         m = json.loads(next(tmp_path.glob("ckpt_*/gen000002.json")).read_text())
         assert len({i["agent_id"] for i in m["images"]}) == AGENTS, "each image names its agent"
         grows(outs)
