@@ -3,10 +3,11 @@
 node starts it (`hpcckpt relay --daemon`), the others find it there.
 
 What lies in the run directory is trusted only if it is ours: the port file must be a regular file (no symlink
-followed) of our uid that nobody else can write; starts are serialized by a lock on the run directory itself, so
-no lock file is left behind. A relay killed (SIGKILL) leaves its port file; the next start, under the lock, finds
-its port silent and removes it first. The relay needs no copy of the secret: agents sign for it with the
-computation's secret (read by the coordinator's port, as direct agents do)."""
+followed) of our uid that nobody else can write. Starts are serialized by a lock on the run directory itself, so
+no lock file is left behind (a lock file only where a directory cannot be locked: NFS). A relay killed (SIGKILL)
+leaves its port file; the next start, under the lock, finds its port silent and removes it first. The relay needs
+no copy of the secret: agents sign for it with the computation's secret (read by the coordinator's port, as
+direct agents do)."""
 from __future__ import annotations
 
 import fcntl
@@ -79,13 +80,26 @@ def _remove_stale(path: str) -> None:
             log.warning("cannot remove the stale relay port file %s: %s", path, e.strerror)
 
 
+def _lock(path: str) -> int:
+    """An exclusive flock on the run directory (no file left behind); where a directory cannot be flocked (NFS
+    emulates flock with write locks), on a lock file beside the port file instead (ours, 0600, no symlink)."""
+    fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+    except OSError:
+        os.close(fd)
+    fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def ensure_relay(s: Settings, coord_host: str, coord_port: int) -> tuple[str, int] | None:
     """This node's relay (started if there is none yet); None if it cannot be had (said why: agents then join
     the coordinator directly)."""
     path = port_file(coord_host, coord_port)
-    lock = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lock = _lock(path)                          # two launches on one node at once start one relay
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)        # two launches on one node at once start one relay
         found = running_relay(coord_host, coord_port)
         if found is not None:
             return found

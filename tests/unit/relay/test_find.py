@@ -62,3 +62,24 @@ def test_a_port_file_with_no_valid_port_is_ignored(listening, text):
         f.write(text)
     os.chmod(pf, 0o600)
     assert find.running_relay("10.0.0.1", 7000) is None
+
+
+def test_starts_lock_the_run_directory_or_else_a_lock_file_of_ours(tmp_path, monkeypatch):
+    """The lock leaves no file where the run directory can be flocked; where it cannot (NFS), a 0600 lock file."""
+    import fcntl
+    monkeypatch.setenv("HPCCKPT_RUNDIR", str(tmp_path / "run"))
+    pf = find.port_file("10.0.0.1", 7000)
+    fd = find._lock(pf)
+    os.close(fd)
+    assert os.listdir(tmp_path / "run") == []
+    real = fcntl.flock
+
+    def no_dir_locks(fd, op):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(9, "Bad file descriptor")
+        return real(fd, op)
+    monkeypatch.setattr(fcntl, "flock", no_dir_locks)
+    fd = find._lock(pf)
+    os.close(fd)
+    assert os.listdir(tmp_path / "run") == [os.path.basename(pf) + ".lock"]
+    assert os.stat(pf + ".lock").st_mode & 0o777 == 0o600
