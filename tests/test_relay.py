@@ -84,6 +84,7 @@ def test_agents_behind_a_relay_checkpoint_restart_and_continue(launch, counter, 
             r = job.command("-bc", "--json")
             assert r.returncode == 0, (r.stdout, r.stderr)
             assert json.loads(r.stdout)["checkpoint"]["images"] == AGENTS
+        assert f": {AGENTS} agent(s)" in coordinator_log(job), "the round's log line counts agents"
         m = json.loads(next(tmp_path.glob("ckpt_*/gen000002.json")).read_text())
         assert len({i["agent_id"] for i in m["images"]}) == AGENTS, "each image names its agent"
         grows(outs)
@@ -155,7 +156,7 @@ def test_a_relay_without_the_secret_is_refused(launch, counter, tmp_path, env):
     env["HPCCKPT_RELAY"] = "on"
     job = launch(counter, tmp_path / "out.txt", 4, 100000, 10000)
     wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
-    relay_port = int(next((tmp_path / "run").glob("relay-*.port")).read_text())
+    relay_port = int(next((tmp_path / "run").glob("relay-*.port")).read_text().split()[0])
     ctx = zmq.Context()
     try:
         for port, hello in ((job.port, protocol.Hello("evil", 1, [{"pid": 1, "program": "x"}], role="relay", members=[
@@ -224,3 +225,186 @@ def test_a_slow_agent_is_named_by_its_relay_before_the_coordinators_timeout(laun
         grows([outs[0], outs[1]])
     finally:
         stop(others)
+
+
+@pytest.mark.slow
+def test_checkpoint_progress_counts_agents_not_relays(launch, counter, tmp_path, env):
+    """During a round `-s --json`'s checkpoint_progress counts 3 agents, not the one relay that stands for them
+    (the progress line `dmtcp_command -bc` shows on a terminal reads the same fields)."""
+    job, others, outs = start(launch, counter, tmp_path, env, faults={1: "agent.after_suspend:sleep=2"})
+    try:
+        bc = subprocess.Popen(["dmtcp_command", "--port-file", str(job.port_file), "-bc"], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cp = wait_for(lambda: status(job).get("checkpoint_progress"), 10, "the round to show")
+        assert cp["agents"] == AGENTS and cp["agents_durable"] <= AGENTS, cp
+        assert bc.wait(30) == 0
+    finally:
+        stop(others)
+
+
+@pytest.mark.slow
+def test_a_killed_relay_leaves_nothing_and_the_next_launch_starts_a_new_one(launch, counter, tmp_path, env):
+    """SIGKILL the relay: no lock file, no copy of the secret in the run directory (the only secret there is the
+    coordinator's); its port file is stale and the next launch on the node removes it and starts a new relay,
+    whose log has its first line."""
+    env.update(HPCCKPT_RELAY="on", HPCCKPT_COORD_FALLBACK="1", HPCCKPT_HEARTBEAT="0.5")
+    rundir = tmp_path / "run"
+    job = launch(counter, tmp_path / "out0.txt", 1, 100000, 10000)
+    wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
+    (relay,) = relay_processes(job.port)
+    (pf,) = rundir.glob("relay-*.port")
+    old_port = int(pf.read_text().split()[0])
+    assert (pf.stat().st_mode & 0o077) == 0
+    relay.send_signal(signal.SIGKILL)
+    relay.wait(10)
+    names = sorted(p.name for p in rundir.iterdir())
+    assert not [n for n in names if n.endswith(".lock")], names
+    assert [n for n in names if n.endswith(".secret")] == [f"coord-{job.port}.secret"], names
+    second = subprocess.Popen(
+        ["dmtcp_launch", "-j", "-p", str(job.port), "--ckptdir", str(tmp_path), str(counter),
+         str(tmp_path / "out1.txt"), "1", "100000", "10000"], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "join1.err", "w"))
+    try:
+        wait_for(lambda: "connects directly (its relay gone?)" in coordinator_log(job), 30, "the first agent back")
+        wait_for(lambda: status(job).get("num_agents") == 2, 30, "both agents")
+        (new,) = relay_processes(job.port)
+        new_port = int(pf.read_text().split()[0])
+        assert new.pid != relay.pid and new_port != old_port
+        first = (rundir / f"relay-{new_port}.log").read_text().splitlines()[0]
+        assert f"on 127.0.0.1:{new_port} for the coordinator" in first, first
+        assert job.command("-bc").returncode == 0
+        names = sorted(p.name for p in rundir.iterdir())
+        assert [n for n in names if n.endswith(".secret")] == [f"coord-{job.port}.secret"], names
+        # the coordinator gone, the new relay exits and removes its port file
+        job.command("-k", check=True)
+        wait_for(lambda: not pf.exists(), 20, "the relay to remove its port file")
+    finally:
+        stop([second])
+
+
+NOBODY = 65534
+
+
+def as_nobody(script: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups", "--",
+                             "/usr/bin/python3", "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, **kw)
+
+
+# A stranger's listener: says where it listens, then whether anyone connected before the test closed its input.
+FAKE_RELAY = r'''
+import select, socket, sys
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+print(s.getsockname()[1], flush=True)
+ready = select.select([s, sys.stdin], [], [], 60)[0]
+print("connected" if s in ready else "nobody", flush=True)
+'''
+
+# A stranger sends junk to the relay's port: a bad greeting, then random bytes after a valid one.
+JUNK = r'''
+import os, socket, sys, time
+port = int(sys.argv[1])
+for greeting in (os.urandom(64), b"\xff" + b"\0" * 8 + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32):
+    s = socket.socket(); s.connect(("127.0.0.1", port))
+    s.sendall(greeting + os.urandom(4096)); time.sleep(0.3); s.close()
+print("done", flush=True)
+'''
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"), reason="needs root and setpriv")
+def test_a_strangers_port_file_is_not_used_and_junk_at_the_relay_is_refused(launch, counter, tmp_path, env):
+    """uid 65534 listens on a port and a port file of its own names it where the node's relay's goes: the agent
+    ignores it (not ours), starts a real relay, and nobody connects to the stranger. Then junk from the stranger
+    at the relay's port, and an authentic message replayed, are refused; the relay serves on."""
+    from hpcckpt.relay import find
+    fake = as_nobody(FAKE_RELAY)
+    assert fake.stdout is not None and fake.stdin is not None
+    fake_port = int(fake.stdout.readline())
+    coord_port = _free_port()
+    rundir = tmp_path / "run"
+    rundir.mkdir(mode=0o700)
+    env.update(HPCCKPT_RELAY="on")
+    os.environ["HPCCKPT_RUNDIR"] = str(rundir)          # (find.port_file: this test's run directory)
+    try:
+        pf = Path(find.port_file("127.0.0.1", coord_port))
+    finally:
+        del os.environ["HPCCKPT_RUNDIR"]
+    pf.write_text(f"{fake_port}\n")
+    os.chown(pf, NOBODY, NOBODY)
+    job = launch(counter, tmp_path / "out.txt", 1, 100000, 10000, extra=("-p", str(coord_port)))
+    wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
+    fake.stdin.close()
+    assert fake.stdout.readline().strip() == "nobody", "the agent connected to the stranger's port"
+    fake.wait(10)
+    assert pf.stat().st_uid == os.getuid(), "the real relay's port file replaces the stranger's"
+    relay_port = int(pf.read_text().split()[0])
+    assert relay_port != fake_port and len(relay_processes(job.port)) == 1
+    junk = as_nobody(JUNK, str(relay_port))
+    assert junk.communicate(timeout=20)[0].strip() == "done"
+    # an authentic message (signed with the secret) sent twice: the second is a replay
+    key = bytes.fromhex((rundir / f"coord-{job.port}.secret").read_text())
+    frames = protocol.encode(key, {"type": "heartbeat"})
+    ctx = zmq.Context()
+    try:
+        answers = []
+        for _ in range(2):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{relay_port}")
+            sock.send_multipart(frames)
+            assert sock.poll(5000), "no answer from the relay"
+            answers.append(json.loads(sock.recv_multipart()[2])["reason"])
+            sock.close()
+    finally:
+        ctx.term()
+    assert "unknown agent" in answers[0] and "replayed" in answers[1], answers
+    assert len(relay_processes(job.port)) == 1 and status(job)["num_agents"] == 1
+    r = job.command("-bc", "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A stranger takes a port: accepts connections and says nothing, until its input closes.
+SQUATTER = r'''
+import select, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64)
+print("listening", flush=True)
+held = []
+while True:
+    ready = select.select([s, sys.stdin], [], [])[0]
+    if sys.stdin in ready:
+        break
+    held.append(s.accept()[0])
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/setpriv"), reason="needs root and setpriv")
+def test_an_agent_falls_back_when_a_stranger_takes_its_dead_relays_port(launch, counter, tmp_path, env):
+    """The relay killed, uid 65534 binds its port at once and accepts every connection without a word: the agent
+    does not wait on it forever - a relay port that never completes a handshake counts as closed, and after
+    coord_fallback the agent is back at the coordinator directly, and checkpoints."""
+    env.update(HPCCKPT_RELAY="on", HPCCKPT_COORD_FALLBACK="1", HPCCKPT_HEARTBEAT="0.5")
+    job = launch(counter, tmp_path / "out0.txt", 1, 100000, 10000)
+    wait_for(lambda: status(job).get("num_agents") == 1, 20, "the agent")
+    (relay,) = relay_processes(job.port)
+    port = int(next((tmp_path / "run").glob("relay-*.port")).read_text().split()[0])
+    relay.send_signal(signal.SIGKILL)
+    relay.wait(10)
+    squatter = as_nobody(SQUATTER, str(port))
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
+        wait_for(lambda: "connects directly (its relay gone?)" in coordinator_log(job), 30, "the agent back directly")
+        r = job.command("-bc", "--json")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+    finally:
+        assert squatter.stdin is not None
+        squatter.stdin.close()
+        squatter.wait(10)

@@ -44,6 +44,7 @@ class CoordinatorLink:
         self.hello_every = self.heartbeat_s       # grows while nobody answers (a stopped coordinator reads them all)
         self.closed_since: float | None = None    # nothing listens on the coordinator's port since
         self.next_fallback = 0.0
+        self.secret_port: int | None = None       # behind a relay: the coordinator's port, whose secret we sign with
 
     @property
     def where(self) -> str:
@@ -111,7 +112,7 @@ class CoordinatorLink:
         if self.down_since is not None:
             return False              # nothing to talk to (the hello would wait in a queue, with a stale secret)
         try:
-            self.conn.key = protocol.read_secret(self.conn.port)
+            self.conn.key = protocol.read_secret(self.secret_port or self.conn.port)
         except protocol.SecretError as e:
             log.debug("no secret for %s yet: %s", self.where, e)
             return False
@@ -120,7 +121,9 @@ class CoordinatorLink:
     def _fallback(self, now: float) -> None:
         if self.find is None or not self.s.coord_fallback:
             return
-        if port_is_open(self.conn.host, self.conn.port, timeout=0.2):
+        # (our relay's port taken by another program - it never completes a handshake - is as good as closed)
+        stranger = self.secret_port is not None and self.down_since is not None
+        if not stranger and port_is_open(self.conn.host, self.conn.port, timeout=0.2):
             self.closed_since = None
             return
         self.closed_since = self.closed_since or now
@@ -134,6 +137,7 @@ class CoordinatorLink:
             log.warning("no coordinator to fall back on: %s", e)
             return
         self.conn.retarget(host, port)
+        self.secret_port = None        # (the coordinator's own now)
         self.closed_since = None
         self.down_since = now          # until the new connection's handshake
 

@@ -203,7 +203,9 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
         host, port = relay              # this node's relay stands for us at the coordinator (hpcckpt/relay/)
     agent_id = new_agent_id()
     try:
-        conn = Connection(host, port, routing_id=f"agent-{agent_id}".encode(), peer_timeout=s.peer_timeout)
+        # (through a relay too, we sign with the computation's secret, found by the coordinator's port)
+        conn = Connection(host, port, key=protocol.read_secret(coordinator[1]), routing_id=f"agent-{agent_id}".encode(),
+                          peer_timeout=s.peer_timeout)
     except SecretError as e:
         raise Fail(str(e)) from None
     stdio = None
@@ -242,6 +244,8 @@ def _agent(s, get_coordinator, command: list[str], in_namespace: bool, not_job: 
     agent.job_file = job_file
     agent.coord_address = coordinator         # (the job file names the coordinator, not our relay)
     agent.link.find = get_coordinator          # a fallback when the coordinator is gone for good
+    if relay is not None:
+        agent.link.secret_port = coordinator[1]   # (the relay's port has no secret of its own)
     agent.serve_api(api)
     agent.on_root_exit = jobrun.root_exited   # children that outlive it go on
     try:

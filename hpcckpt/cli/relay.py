@@ -42,16 +42,18 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt relay") -> int:
 def _serve(s, args, ready_fd: int) -> int:
     try:
         relay = Relay(s, args.coord_host, args.coord_port)
+        if ready_fd >= 0:
+            # the log before the first line of it (publish logs where we listen)
+            fd = safefs.open_append(os.path.join(protocol.rundir(), f"relay-{relay.port}.log"))
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.close(fd)
         relay.publish(args.port_file)
     except (OSError, protocol.SecretError) as e:
         if ready_fd >= 0:
             os.write(ready_fd, f"error {e}\n".encode())
         raise Fail(f"relay for the coordinator {args.coord_host}:{args.coord_port}: {e}") from None
     if ready_fd >= 0:
-        fd = safefs.open_append(os.path.join(protocol.rundir(), f"relay-{relay.port}.log"))
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
         os.write(ready_fd, f"ok {relay.port}\n".encode())
         os.close(ready_fd)
     try:
@@ -66,8 +68,8 @@ def _serve(s, args, ready_fd: int) -> int:
 def _remove_port_file(path: str, port: int) -> None:
     try:
         with open(path) as f:
-            if f.read().strip() != str(port):
-                return                      # (a newer relay's)
+            if f.read().split()[:1] != [str(port)]:
+                return                      # (a newer relay's: "PORT PID")
         os.unlink(path)
     except (OSError, ValueError):
         pass

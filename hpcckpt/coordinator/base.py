@@ -6,6 +6,7 @@ they share and the methods they call on each other, so that each file can be rea
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -141,7 +142,7 @@ class CoordinatorBase:
     def _listed_peers(self) -> Any:
         raise NotImplementedError
 
-    def _agent_count(self) -> int:
+    def _agent_count(self, idents: Iterable[bytes] | None = None) -> int:
         raise NotImplementedError
 
     def _commit(self, r: Round) -> None:

@@ -38,7 +38,7 @@ class Commands(CoordinatorBase):
                 "elapsed_s": round(time.time() - r.started, 3),
                 "frozen": not r.resumed, "bytes_written": sum(p.progress.get("bytes", 0) for p in self.peers.values()
                                                               if p.ident in r.peers),
-                "agents": len(r.peers), "agents_durable": len(r.durable)},
+                "agents": self._agent_count(r.peers), "agents_durable": self._agent_count(r.durable)},
             "restart": None if self.gate is None else {
                 "generation": self.gate.generation, "hosts": sorted(set(self.gate.expected.values())),
                 "missing": sorted(self.gate.missing().values()), "restored": len(self.gate.restored)},

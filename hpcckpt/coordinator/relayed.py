@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from . import protocol
 from .base import CoordinatorBase, Member, Peer
@@ -163,5 +163,7 @@ class Relayed(CoordinatorBase):
                 yield Peer(p.ident, m.peer_id, p.host, m.agent_pid, m.processes, p.restarted, state=p.state,
                            progress=p.progress, agent_id=aid)
 
-    def _agent_count(self) -> int:
-        return sum(len(p.members) or 1 for p in self.peers.values())
+    def _agent_count(self, idents: Iterable[bytes] | None = None) -> int:
+        """Agents, not peers: a relay counts for each of its agents (of those peers only, if given)."""
+        peers = self.peers.values() if idents is None else (self.peers[i] for i in idents if i in self.peers)
+        return sum(len(p.members) or 1 for p in peers)

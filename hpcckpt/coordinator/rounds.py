@@ -46,8 +46,8 @@ class Rounds(CoordinatorBase):
         self.generation += 1
         self.round = Round(self.generation, kill_after, set(self.peers))
         self.round.waiters.extend(waiters)
-        log.info("checkpoint generation %d of computation %s: %d peer(s)", self.generation, self.computation,
-                 len(self.peers))
+        log.info("checkpoint generation %d of computation %s: %d agent(s)", self.generation, self.computation,
+                 self._agent_count())
         self._broadcast_phase()
         return None
 
@@ -116,8 +116,8 @@ class Rounds(CoordinatorBase):
             if r.committed:
                 self._finish_round(ok=True)
             else:
-                log.info("processes run again; waiting for %d peer(s) to finish writing", len(r.peers) -
-                         len(r.durable))
+                log.info("processes run again; waiting for %d agent(s) to finish writing",
+                         self._agent_count(r.peers - set(r.durable)))
             return
         self._broadcast_phase()
         if not r.peers and self.round is r:

@@ -71,28 +71,20 @@ class Relay:
         self.idle_exit_s = IDLE_EXIT_S
         self.next_scan = 0.0
         self.quit = False
-        self.secret_file: str | None = None
         self.handlers = {"hello": self._on_hello, "heartbeat": self._on_heartbeat, "ack": self._on_ack,
                          "written": self._on_written, "bye": self._on_bye,
                          **{k: self._pass_up for k in PASSED_UP}}
 
     # ---------------------------------------------------------------------------------------- lifecycle --
     def publish(self, port_file: str | None) -> None:
-        """Our agents find us by port: the secret (the computation's) under our port, then the port file."""
-        if not (os.environ.get("HPCCKPT_SECRET") or os.environ.get("HPCCKPT_SECRET_FILE")):
-            self.secret_file = protocol.secret_path(self.port)
-            safefs.atomic_write(self.secret_file, self.key.hex().encode() + b"\n", 0o600)
-        if port_file:
-            safefs.atomic_write(port_file, f"{self.port}\n".encode(), 0o644)
+        """Our agents find us by the port file (find.py); they need no copy of the secret: they sign with the
+        computation's, read by the coordinator's port as direct agents do."""
         log.info("relay %s on %s:%d for the coordinator %s:%d", self.relay_id, self.bind_host, self.port,
                  self.up.host, self.up.port)
+        if port_file:
+            safefs.atomic_write(port_file, f"{self.port} {os.getpid()}\n".encode(), 0o600)
 
     def close(self) -> None:
-        if self.secret_file:
-            try:
-                os.unlink(self.secret_file)
-            except FileNotFoundError:
-                pass
         self.down.close(0)
         self.up.close()
 
