@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """MPI checkpoint/restart benchmark: a 4-rank job on one host and on two hosts, against its ranks' memory.
 
-    .venv/bin/python bench/mpi.py [--ranks 4] [--mb 256] [--runs 3] [--layouts 1,2] [--modes forked,frozen]
+    .venv/bin/python bench/mpi.py [--ranks 4] [--mb 256] [--runs 3] [--layouts 1,2] [--modes forked,frozen,kc]
                                   [--out bench/RESULTS-mpi.md]
 
 The job is tests/programs/mpiring.c (built with the mpich wheel's mpicc) under `dmtcp_launch mpiexec`, each rank
 filling --mb MiB with data that does not compress. Two hosts are simulated hosts of tests/hosts.py (network,
 UTS and IPC namespaces with sshd; needs root): mpiexec runs on this machine, half of the ranks on each host,
-the ranks talking UCX over TCP between hosts. Per layout and run: `dmtcp_command -bc` (wall time, the time the
-ranks were stopped, bytes written), kill, then the restart script until the job writes again. Floor, same run:
+the ranks talking UCX over TCP between hosts. Per layout, mode and run: `dmtcp_command -bc` (wall time, the time
+the ranks were stopped, bytes written), kill, then the restart script until the job writes again; mode kc:
+`dmtcp_command -kc` (the checkpoint a job stops after: written frozen), then the restart. Floor, same run:
 writing and fsync'ing the images' bytes, and reading them back from the page cache.
 """
 from __future__ import annotations
@@ -34,7 +35,9 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 MiB = 1 << 20
 GiB = 1 << 30
-MODES = {"forked": (), "frozen": ("--no-forked-checkpoint",)}
+# mode -> (dmtcp_launch options, the checkpoint command): kc is the checkpoint a job stops after (-kc, and the batch
+# driver's before a requeue): written frozen although forked is the job's setting
+MODES = {"forked": ((), "-bc"), "frozen": (("--no-forked-checkpoint",), "-bc"), "kc": ((), "-kc")}
 
 
 def lines(path: Path) -> int:
@@ -81,7 +84,7 @@ def command(env: dict, port_file: Path, *args: str) -> subprocess.CompletedProce
 
 
 def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: int, mb: int,
-            launch_args: tuple[str, ...] = ()) -> dict:
+            launch_args: tuple[str, ...] = (), how: str = "-bc") -> dict:
     out = work / "out.txt"
     port = work / "port.launch"
     log = open(work / "launch.err", "w")
@@ -93,14 +96,15 @@ def one_run(env: dict, work: Path, mpiexec_args: list[str], prog: Path, ranks: i
         warm(work, ranks * mb * MiB)
         cpu0 = agents_cpu()
         t = time.perf_counter()
-        r = command(env, port, "-bc", "--json")
+        r = command(env, port, how, "--json")
         ckpt_wall = time.perf_counter() - t
         agent_cpu = agents_cpu() - cpu0
         reply = json.loads(r.stdout)
         if reply.get("command_status") != "DMT_COORD_SUCCESS":
             raise SystemExit(f"bench: checkpoint failed: {reply.get('error')}")
         c = reply["checkpoint"]
-        command(env, port, "-k")
+        if how != "-kc":                   # (-kc: killed by the coordinator once the images are durable)
+            command(env, port, "-k")
         job.wait(60)
     finally:
         if job.poll() is None:
@@ -185,7 +189,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--layouts", default="1,2", help="host counts to run on (default 1,2)")
     ap.add_argument("--dir", default="/var/tmp", help="where images go (default /var/tmp: a disk)")
-    ap.add_argument("--modes", default="forked,frozen", help="forked and/or frozen checkpoints (default both)")
+    ap.add_argument("--modes", default="forked,frozen,kc",
+                    help="forked (-bc), frozen (--no-forked-checkpoint, -bc), kc (-kc) (default all three)")
     ap.add_argument("--out", default=str(HERE / "RESULTS-mpi.md"))
     a = ap.parse_args()
     if not (BIN / "mpicc").exists():
@@ -216,7 +221,7 @@ def main() -> int:
                     for i in range(a.runs):
                         work = tmp / f"h{nhosts}-{mode}-{i}"
                         work.mkdir()
-                        r = one_run(e, work, args, prog, a.ranks, a.mb, MODES[mode])
+                        r = one_run(e, work, args, prog, a.ranks, a.mb, *MODES[mode])
                         r.update(floor(work, r["bytes"]))
                         r["floor"] = r["write"] + r["fsync"]
                         r["before"] = sum(r["phases"].values())
@@ -249,26 +254,32 @@ def main() -> int:
             f"incompressible data each ({a.ranks * a.mb} MiB in all); two hosts = simulated hosts (tests/hosts.py) "
             f"on this one machine, so both share its 2 cores and its disk. Seconds, min / median of {a.runs} runs. "
             "*forked*: the default (images written from copy-on-write snapshots while the ranks run on); *frozen*: "
-            "`--no-forked-checkpoint` (images written while the ranks are stopped). *checkpoint*: `dmtcp_command "
-            "-bc` until every image is durable; *in the coordinator*: the same round as the coordinator timed it "
-            "(without the command's own start); *phases*: suspend, drain, checkpoint (capture, snapshots), refill, "
+            "`--no-forked-checkpoint` (images written while the ranks are stopped); *kc*: the checkpoint a job stops "
+            "after, `dmtcp_command -kc` with the default setting (forked): written frozen, then the ranks are killed "
+            "(the batch driver's checkpoint before a requeue is written the same way). *checkpoint*: `dmtcp_command "
+            "-bc` until every image is durable (kc: `-kc`, until the kill); *in the coordinator*: the same round as "
+            "the coordinator timed it (without the command's own start); *phases*: suspend, drain, checkpoint "
+            "(capture, snapshots), refill, "
             "resume; *stopped*: how long the ranks did not run; *restart*: restart script until the job writes "
             "again; *floor*: writing the same bytes + fsync (the better of plain and written-behind) in the same "
             "run, right after the checkpoint, and reading them back from the page cache. *vs floor*: median over "
             "the runs of each run's checkpoint over its own floor. Page-cache memory is warmed (a file as large "
             "written and deleted) right before the checkpoint and each floor. *CPU s/GiB*: CPU seconds (user + system) "
             "per GiB of images, of every agent during `-bc` (one host: all of the checkpoint's work; two hosts: both "
-            "agents) / of the floor's writer (median over the runs).\n",
+            "agents; not for kc: they exit with the job) / of the floor's writer (median over the runs).\n",
             "| hosts | mode | checkpoint | in the coordinator | phases | stopped | restart | images | floor "
             "write+fsync | floor read | checkpoint vs floor | CPU s/GiB agents / floor |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for nhosts, mode, runs in rows:
         ratio = statistics.median(r["ckpt"] / r["floor"] for r in runs)
+        # kc: the ranks are never resumed (no stopped time is reported), and the agents have exited (or are
+        # exiting) when -kc returns: their CPU cannot be sampled around it
+        kc = mode == "kc"
+        agents = "n/a" if kc else f"{statistics.median(r['agent_cpu'] / (r['bytes'] / GiB) for r in runs):.2f}"
         text.append(f"| {nhosts} | {mode} | {mm(runs, 'ckpt')} | {mm(runs, 'duration')} | {mm(runs, 'before')} | "
-                    f"{mm(runs, 'frozen')} | {mm(runs, 'restart')} | {runs[0]['images']}, "
+                    f"{'until killed' if kc else mm(runs, 'frozen')} | {mm(runs, 'restart')} | {runs[0]['images']}, "
                     f"{runs[0]['bytes'] / MiB:.0f} MiB | {mm(runs, 'floor')} | {mm(runs, 'read')} | {ratio:.2f}× | "
-                    f"{statistics.median(r['agent_cpu'] / (r['bytes'] / GiB) for r in runs):.2f} / "
-                    f"{statistics.median(r['floor_cpu'] / (r['bytes'] / GiB) for r in runs):.2f} |")
+                    f"{agents} / {statistics.median(r['floor_cpu'] / (r['bytes'] / GiB) for r in runs):.2f} |")
     Path(a.out).write_text("\n".join(text) + "\n")
     print("\n".join(text))
     return 0

@@ -56,6 +56,12 @@ class LocalJob:
                  f"local job {self.id} to end", interval=0.2)
         return self.state(), (self.d / "job.log").read_text()
 
+    def written(self) -> list[tuple[str, int]]:
+        """How each checkpoint's images were written (journal: frozen/forked, snapshot forks made)."""
+        [path] = self.d.rglob("hpcckpt-events.jsonl")
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(e.get("written"), e.get("snapshots")) for e in events if e["event"] == "checkpoint"]
+
     def output_is_a_plain_run_s(self) -> bool:
         subprocess.run([str(self.counter), str(self.d / "plain.txt"), "8", str(self.steps), "0"], check=True,
                        stdout=subprocess.DEVNULL)
@@ -85,14 +91,20 @@ def test_a_failed_checkpoint_keeps_the_program_running_without_requeue(jobs):
     assert st["state"] == "COMPLETED" and st["runs"] == 0, log
     assert "got SIGUSR1 from the scheduler" in log, log
     assert "checkpoint failed" in log and "No space left on device" in log and "not requeueing" in log, log
+    # it would have requeued: written frozen (stopped while writing, not killed), and it ran on all the same
+    assert "writing frozen: the job stops after this checkpoint" in log, log
     assert jobs["enospc"].output_is_a_plain_run_s()
 
 
 def test_max_restarts(jobs):
     """max_restarts: 1 and a warning in every run: the first run checkpoints and requeues, the second
-    checkpoints and runs on to the end."""
+    checkpoints and runs on to the end. The first checkpoint, the job stopping after it, is written frozen (no
+    snapshot fork); the second, after which the program goes on, forked."""
     st, log = jobs["max_restarts"].wait()
     assert st["state"] == "COMPLETED" and st["runs"] == 1, log
     assert log.count("got SIGUSR1 from the scheduler") == 2 and "restored" in log, log
     assert "max_restarts (1) reached" in log, log
+    assert log.count("writing frozen: the job stops after this checkpoint") == 1, log
+    (first, n0), (last, n1) = jobs["max_restarts"].written()
+    assert (first, n0) == ("frozen", 0) and last == "forked" and n1 >= 1, jobs["max_restarts"].written()
     assert jobs["max_restarts"].output_is_a_plain_run_s()

@@ -196,11 +196,14 @@ class Phases(AgentBase):
                                       generation=gen)
             todo.append(PendingImage(cap, path, program, uid, (mpi_identity(fp.pid) or {}).get("rank")))
         c.stats["capture_s"] = round(time.monotonic() - t0, 6)
+        if not forked_ok and self.s.forked:
+            log.info("checkpoint generation %d: writing frozen: the computation stops after this checkpoint", gen)
         if forked_ok and self.s.forked and fork_fits_in_memory([p.cap.fp.pid for p in todo]):
             for p in todo:
                 info = c.procs.get(p.cap.fp.pid)
                 engine_dump.snapshot(p.cap, parent_is_agent=bool(info and info.ppid == os.getpid()))
         c.pending = [p for p in todo if p.cap.snapshot_pid]     # written from their snapshots once the job runs
+        c.stats["snapshots"] = len(c.pending)                   # 0: written frozen (the coordinator's record)
         # the others now, while frozen; the directory is fsync'ed with them (background.py)
         self._write_images(c, [p for p in todo if not p.cap.snapshot_pid], report=True)
         c.stats.update(dump_s=round(time.monotonic() - t0, 6))

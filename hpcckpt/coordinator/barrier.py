@@ -53,6 +53,7 @@ class Round:
     generation: int
     kill_after: bool
     peers: set[bytes]                        # identities taking part
+    frozen: bool = False                      # images written while stopped, not from snapshots (job stops)
     state: State = State.RUNNING              # the last state every peer reached
     phase: Phase | None = None                # the phase broadcast and awaited now
     acks: dict[bytes, dict] = field(default_factory=dict)

@@ -53,6 +53,7 @@ class Waiting:
     since: float
     kill_after: bool
     waiters: list[Waiter] = field(default_factory=list)
+    frozen: bool = False
 
 
 class CoordinatorBase:
@@ -100,7 +101,8 @@ class CoordinatorBase:
     def listen_on(self, addr: str, why: str) -> str | None:
         raise NotImplementedError
 
-    def start_checkpoint(self, kill_after: bool = False, waiter: Waiter | None = None) -> str | None:
+    def start_checkpoint(self, kill_after: bool = False, waiter: Waiter | None = None,
+                         frozen: bool = False) -> str | None:
         raise NotImplementedError
 
     def _on_hello(self, ident: bytes, msg: dict) -> None:

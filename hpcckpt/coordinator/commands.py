@@ -71,7 +71,12 @@ class Commands(CoordinatorBase):
             reply["peers"] = self.listing()
         elif cmd in ("checkpoint", "bcheckpoint", "kcheckpoint"):
             blocking = cmd != "checkpoint"
-            err = self.start_checkpoint(kill_after=(cmd == "kcheckpoint"), waiter=waiter if blocking else None)
+            frozen = msg.get("frozen", False)      # the computation stops after it (the batch driver's requeue)
+            if not isinstance(frozen, bool):
+                err: str | None = f"bad frozen {frozen!r}: true or false"
+            else:
+                err = self.start_checkpoint(kill_after=(cmd == "kcheckpoint"), waiter=waiter if blocking else None,
+                                            frozen=frozen)
             if err:
                 reply.update(ok=False, error=err)
             elif blocking:

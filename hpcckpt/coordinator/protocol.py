@@ -198,7 +198,7 @@ class KvGet(Message):
 
 @dataclass
 class Command(Message):
-    """From a client (dmtcp_command); extra arguments ride beside cmd (value, reason, address, why)."""
+    """From a client (dmtcp_command); extra arguments ride beside cmd (value, reason, address, why, frozen)."""
     TYPE = "command"
     cmd: str = ""
 
@@ -241,7 +241,7 @@ class PhaseMsg(Message):
     phase: str = ""
     generation: int = 0
     computation: str | None = None
-    forked_ok: bool = True                     # images may be written after resume (not for kcheckpoint)
+    forked_ok: bool = True                     # images may be written after resume (not when the job stops)
     tcp_ends: list | None = _opt()             # drain: every agent's TCP ends [agent id, end...]
     reason: str | None = _opt()                # abort: why
 

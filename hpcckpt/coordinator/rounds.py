@@ -18,8 +18,11 @@ log = logging.getLogger("hpcckpt.coordinator")
 class Rounds(CoordinatorBase):
     complete_cache: tuple[str, list[int]] | None = None     # liveness.py's: forgotten once a round ends
 
-    def start_checkpoint(self, kill_after: bool = False, waiter: Waiter | None = None) -> str | None:
-        """Begin a checkpoint round; returns an error text if one cannot start now."""
+    def start_checkpoint(self, kill_after: bool = False, waiter: Waiter | None = None,
+                         frozen: bool = False) -> str | None:
+        """Begin a checkpoint round; returns an error text if one cannot start now. frozen (and kill_after): the
+        computation stops right after this checkpoint, so its images are written while it is stopped rather than
+        from snapshots while it runs on - progress that would be thrown away, on cores the writers need."""
         if self.round is not None:
             return f"a checkpoint (generation {self.round.generation}) is already in progress"
         if self.gate is not None:
@@ -37,17 +40,19 @@ class Rounds(CoordinatorBase):
                     log.info("checkpoint waits for the agents of the computation to connect (coordinator just "
                              "started)")
             self.waiting.kill_after |= kill_after
+            self.waiting.frozen |= frozen
             if waiter is not None:
                 self.waiting.waiters.append(waiter)
             return None
         waiters = ([] if self.waiting is None else self.waiting.waiters) + ([waiter] if waiter else [])
         kill_after |= bool(self.waiting and self.waiting.kill_after) or self.s.exit_after_ckpt   # DMTCP's option
+        frozen = frozen or kill_after or bool(self.waiting and self.waiting.frozen)
         self.waiting = None
         self.generation += 1
-        self.round = Round(self.generation, kill_after, set(self.peers))
+        self.round = Round(self.generation, kill_after, set(self.peers), frozen=frozen)
         self.round.waiters.extend(waiters)
-        log.info("checkpoint generation %d of computation %s: %d agent(s)", self.generation, self.computation,
-                 self._agent_count())
+        log.info("checkpoint generation %d of computation %s: %d agent(s)%s", self.generation, self.computation,
+                 self._agent_count(), "; writing frozen: the computation stops after this checkpoint" if frozen else "")
         self._broadcast_phase()
         return None
 
@@ -58,7 +63,7 @@ class Rounds(CoordinatorBase):
         log.info("%s", r.acks_text())
         # every agent's TCP ends go with the drain: which connections stay inside the computation. Nothing else
         # of the other agents does: a message that grew with N, sent to N agents, made a round O(N^2) in bytes
-        msg = protocol.PhaseMsg(phase, r.generation, self.computation, forked_ok=not r.kill_after,
+        msg = protocol.PhaseMsg(phase, r.generation, self.computation, forked_ok=not r.frozen,
                                 tcp_ends=r.endpoints if phase == Phase.DRAIN else None)
         self.broadcast(msg.to_dict(), r.peers)
         self._write_status()
@@ -192,9 +197,10 @@ class Rounds(CoordinatorBase):
         assert r is not None
         self.round = None
         self.complete_cache = None                # a generation committed or pruned
+        written = self._written(r)
         journal.record(self.ckptdir, "checkpoint", computation=self.computation, generation=r.generation, ok=ok,
                        phase=None if ok else r.phase, error=None if ok else r.error,
-                       duration_s=round(time.time() - r.started, 3))
+                       duration_s=round(time.time() - r.started, 3), **written)
         if ok:
             # retention, once the new generation is complete: each agent deletes its own images, we the manifests
             self._send_committed(r.generation, self._prune_images())
@@ -202,7 +208,7 @@ class Rounds(CoordinatorBase):
                 store.remove_manifest(self.ckptdir, self.computation or "", gen)
         waiters = [] if ok and self._wait_complete(r.generation, r.waiters) else r.waiters  # (partner copies)
         for w in waiters:
-            reply = {"type": "reply", "command": "checkpoint", "ok": ok, "generation": r.generation}
+            reply = {"type": "reply", "command": "checkpoint", "ok": ok, "generation": r.generation, **written}
             if ok:
                 reply["checkpoint"] = self.last_checkpoint
             else:
@@ -216,6 +222,13 @@ class Rounds(CoordinatorBase):
         for ident, msg in hellos:
             self._on_hello(ident, msg)
         self._write_status()
+
+    @staticmethod
+    def _written(r: Round) -> dict:
+        """How the round's images were written: "frozen" (asked for) or "forked", and the snapshot forks the
+        agents made (their checkpoint stats): 0 when frozen, also when a forked round fell back (no memory)."""
+        return {"written": "frozen" if r.frozen else "forked",
+                "snapshots": sum(int((m.get("stats") or {}).get("snapshots", 0)) for m in r.results.values())}
 
     def _send_committed(self, generation: int, prune: list[dict]) -> None:
         """Tell every agent the generation is complete, each with the retired images that are its own to delete:

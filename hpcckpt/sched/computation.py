@@ -66,9 +66,9 @@ class Computation:
         env.update(applevel_config.job_environment(self.cfg.engine, self.cfg.application))   # engine: signal
         return env
 
-    def _cmd(self, cmd: str, timeout: float = 30) -> dict:
+    def _cmd(self, cmd: str, timeout: float = 30, **args) -> dict:
         """Every request has a timeout: the driver must never hang on a coordinator that died or stalled."""
-        return command("127.0.0.1", self.port, cmd, timeout=timeout)
+        return command("127.0.0.1", self.port, cmd, timeout=timeout, **args)
 
     def latest(self) -> store.Manifest | None:
         """The newest complete checkpoint in the checkpoint directory (store.ManifestError: a damaged one)."""
@@ -156,16 +156,18 @@ class Computation:
         """The coordinator's status (CoordinatorUnreachable when it does not answer within 5 s)."""
         return self._cmd("status", timeout=5)
 
-    def checkpoint(self, limit: float) -> dict:
+    def checkpoint(self, limit: float, frozen: bool = False) -> dict:
         """Take one blocking checkpoint within limit seconds: {"ok": True, "generation": N, ...} or {"ok": False,
-        "error": why}. An interval checkpoint in progress is waited for, then ours is taken."""
+        "error": why}. An interval checkpoint in progress is waited for, then ours is taken. frozen: the images are
+        written while the computation is stopped (it stops after this checkpoint: running on would be wasted and
+        would slow the write); it runs on afterwards all the same."""
         give_up = time.monotonic() + limit
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
                 break
             try:
-                reply = self._cmd("bcheckpoint", timeout=left)
+                reply = self._cmd("bcheckpoint", timeout=left, **({"frozen": True} if frozen else {}))
             except CoordinatorUnreachable as e:
                 if "no answer" in str(e):
                     log.error("checkpoint request timed out: the coordinator (pid %s) gave no answer within "

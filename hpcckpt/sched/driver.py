@@ -331,7 +331,9 @@ class JobDriver:
         if self.cfg.pre_checkpoint:
             self._hook("pre_checkpoint", self.cfg.pre_checkpoint)
         log.info("%s: checkpointing the computation", why)
-        reply = self._checkpoint()
+        if requeue:      # its progress after the snapshot would be thrown away, and the writers need the cores
+            log.info("writing frozen: the job stops after this checkpoint")
+        reply = self._checkpoint(frozen=requeue)
         if not reply.get("ok"):
             try:
                 last = self._latest()
@@ -368,10 +370,10 @@ class JobDriver:
             return max(30.0, self.end - time.time() - 5)
         return 900.0
 
-    def _checkpoint(self) -> dict:
+    def _checkpoint(self, frozen: bool = False) -> dict:
         """Take the deadline checkpoint (the one place: the computation says how), and remember that one
-        completed."""
-        reply = self.comp.checkpoint(self._checkpoint_timeout())
+        completed. frozen: the job stops after it (a requeue follows)."""
+        reply = self.comp.checkpoint(self._checkpoint_timeout(), frozen=frozen)
         if reply.get("ok"):
             store.atomic_write(os.path.join(self.ckptdir, EVER_COMPLETED), b"")
         return reply

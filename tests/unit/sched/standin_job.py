@@ -89,7 +89,7 @@ class StandIn(Computation):
         return {"last_checkpoint": {"generation": s["generation"], "duration_s": 0.01, "bytes_out": 0,
                                     "frozen_s": 0.0}}
 
-    def checkpoint(self, limit: float) -> dict:
+    def checkpoint(self, limit: float, frozen: bool = False) -> dict:
         if os.environ.get("STANDIN_FAIL"):
             self._note("checkpoint failed")
             return {"ok": False, "error": "[Errno 28] No space left on device"}
@@ -99,7 +99,7 @@ class StandIn(Computation):
         with open(self.state_file + ".tmp", "w") as f:
             json.dump(state, f)
         os.replace(self.state_file + ".tmp", self.state_file)
-        self._note(f"checkpoint {state['generation']} done={done:.2f}")
+        self._note(f"checkpoint {state['generation']} done={done:.2f} {'frozen' if frozen else 'forked'}")
         return {"ok": True, "generation": state["generation"]}
 
     def kill(self) -> None:

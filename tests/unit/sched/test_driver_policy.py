@@ -147,6 +147,11 @@ def test_max_restarts_makes_the_last_run_checkpoint_without_requeue(local, tmp_p
     assert "max_restarts (1) reached; this run is the last, not requeueing" in log, log
     assert job.calls().count("checkpoint") == 2 and job.calls().count("start") == 2, job.calls()
     assert job.progress() > 0.0
+    # the first run's checkpoint precedes a requeue: written frozen; the last run's does not (the program goes on)
+    ckpts = [line.split()[-1] for line in (job.ckptdir() / "standin.log").read_text().splitlines()
+             if line.startswith("checkpoint ")]
+    assert ckpts == ["frozen", "forked"], ckpts
+    assert log.count("writing frozen: the job stops after this checkpoint") == 1, log
 
 
 def test_past_its_limit_a_job_is_stopped_by_the_scheduler(local, tmp_path):
