@@ -10,6 +10,7 @@ from ..coordinator.server import Coordinator
 from ..image import safefs
 from . import dmtcpopts
 from .common import Fail, Parser, run_main, settings_from, setup_logging
+from .daemon import start_daemon
 
 log = logging.getLogger("hpcckpt")
 
@@ -116,39 +117,12 @@ def _daemonize(s, bind: list[str] | None = None) -> int:
         protocol.rundir()
     except protocol.SecretError as e:
         raise Fail(str(e)) from None
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        try:
-            rc = _serve(s, console=False, ready_fd=w, bind=bind)
-        except Fail:
-            rc = 1
-        except (OSError, protocol.SecretError) as e:       # (before it is ready: the parent prints the line)
-            try:
-                os.write(w, f"error {e}\n".encode())
-            except OSError:
-                pass
-            rc = 1
-        except BaseException:
-            logging.getLogger("hpcckpt").exception("coordinator crashed")
-            rc = 1
-        os._exit(rc)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as f:
-        line = f.readline().strip()
-    if line.startswith("ok "):
-        if not s.quiet:
-            print(f"hpcckpt coordinator listening on port {line[3:]} (daemon)", file=sys.stderr)
-        # gone at once: whoever started us (a restart's starter, dmtcp_launch) waits for this exit, and the
-        # interpreter's teardown (modules, libzmq) cost ~20 ms on that path (issue 20: restart-to-running)
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(0)
-    raise Fail(line[6:] if line.startswith("error ") else "coordinator failed to start")
+    port = start_daemon(lambda ready: _serve(s, console=False, ready_fd=ready, bind=bind), "coordinator",
+                        reported=(OSError, protocol.SecretError))
+    if not s.quiet:
+        print(f"hpcckpt coordinator listening on port {port} (daemon)", file=sys.stderr)
+    # gone at once: whoever started us (a restart's starter, dmtcp_launch) waits for this exit, and the
+    # interpreter's teardown (modules, libzmq) cost ~20 ms on that path (issue 20: restart-to-running)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(0)

@@ -10,6 +10,7 @@ from ..coordinator import protocol
 from ..image import safefs
 from ..relay.relay import Relay
 from .common import Fail, Parser, run_main, settings_from, setup_logging
+from .daemon import start_daemon
 
 log = logging.getLogger("hpcckpt")
 
@@ -76,30 +77,8 @@ def _remove_port_file(path: str, port: int) -> None:
 
 
 def _daemonize(s, args) -> int:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        rc = 1
-        try:
-            rc = _serve(s, args, w)
-        except Fail:
-            rc = 1
-        except BaseException:
-            logging.getLogger("hpcckpt").exception("relay crashed")
-        os._exit(rc)
-    os.close(w)
-    os.waitpid(pid, 0)
-    with os.fdopen(r) as f:
-        line = f.readline().strip()
-    if not line.startswith("ok "):
-        raise Fail(line[len("error "):] if line.startswith("error ") else "the relay failed to start")
-    print(line.split()[1], flush=True)
+    port = start_daemon(lambda ready: _serve(s, args, ready), "the relay")
+    print(port.split()[0], flush=True)
     return 0
 
 
