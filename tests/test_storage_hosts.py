@@ -181,3 +181,25 @@ def test_partner_copies_work_when_the_checkpoint_directory_is_not_shared(hosts2,
         assert "using the partner copy" not in r.stderr and "fetched" not in r.stderr, r.stderr[-2000:]
     finally:
         shutil.rmtree(ckptdir, ignore_errors=True)
+
+
+def test_the_host_running_the_restart_command_fetches_its_lost_images_from_a_surviving_partner(hosts2, env, tmp_path,
+                                                                                                launch):
+    """A batch rerun: the restart command runs on the first node, which takes the part of a node lost with its
+    disk (here: this host, its local level gone) while the drain had not reached the shared level. Its images
+    are kept as partner copies on h1. Before, the restart command chose its copies before starting the other
+    hosts' parts, so it could not fetch (an error, then a restart that fails); now it starts them first when it
+    needs a fetch, and fetches from h1."""
+    h1, here = hosts2[0], socket.gethostname()
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    assert json.loads(job.command("-bc", "--json").stdout)["last_checkpoint"]["levels"] == "local+partner"
+    (comp,) = store.computations_in(str(tmp_path))
+    job.command("-k")
+    job.wait(30)
+    shutil.rmtree(tmp_path / f"local-{here}")             # this node's disk is lost; its part reruns here
+    assert store.complete_generations(str(tmp_path), comp) == []
+    r = restart_script(tmp_path, env)
+    assert "starting the other hosts' parts first" in r.stderr, r.stderr[-3000:]
+    assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
+    assert partner_copies(tmp_path / f"local-{here}", comp, 1)
+    assert_finished_on(r, h1.name)

@@ -28,6 +28,8 @@ from .rendezvous import Rendezvous
 
 log = logging.getLogger("hpcckpt.fetch")
 
+_chosen: dict[tuple[str, ...], list[levels.Choice]] = {}     # needs_fetch's choices, for choose
+
 WAIT_S = 60.0          # at most this long for another host's word (the restart gate's own timeout is longer)
 
 
@@ -38,16 +40,17 @@ class FetchError(Exception):
 def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], first: bool = False) -> list[str]:
     """The restart's choice of copies (levels.choose); with partner copies on, images with no valid copy on this
     host are fetched from the host that keeps their partner copy, and this host's partner copies are served.
-    first: this is the restart command (not a part it started with --join), which starts the other hosts' parts
-    only after it chose its own copies: it cannot fetch from them (it says so at once instead of waiting)."""
-    choices = levels.choose(paths, s)
+    first: this is the restart command (not a part it started with --join) and it started no other host's part
+    (none is in this restart, or it needs nothing from them: needs_fetch): nobody to fetch from, said at once
+    instead of waiting."""
+    choices = _chosen.pop(tuple(paths), None) or levels.choose(paths, s)
     root = levels.local_root(s)
     one = levels.parse(paths[0]) if paths else None
     if not s.partner or root is None or one is None:
         return [c.path for c in choices]
     comp, gen = one.computation, one.generation
     held = _held(root, comp, gen)
-    need = [c for c in choices if c.level == "given" and levels.valid_copy(c.path, levels.parse(c.given)) is not None]
+    need = _missing(choices)
     if not held and not need:
         return [c.path for c in choices]
     host, port = coordinator()
@@ -57,9 +60,8 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], firs
     if not choices:
         return []
     if need and first:
-        log.error("image %s: no valid copy on this host; a partner copy kept on another host of this restart cannot be "
-                  "fetched by the host that runs the restart command (it starts the others after choosing its own "
-                  "copies): run the restart from another host, or move this part elsewhere with --hostfile",
+        log.error("image %s: no valid copy on this host, and no other host of this restart to fetch a partner copy "
+                  "from: restart from the shared level (--from CKPTDIR), or on the host that keeps its partner copy",
                   os.path.basename(need[0].given))
         need = []
     conn = Connection(host, port)
@@ -85,6 +87,21 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], firs
     finally:
         conn.close()
     return [got.get(c.given, c.path) for c in choices]
+
+
+def _missing(choices: list[levels.Choice]) -> list[levels.Choice]:
+    """The images with no valid copy on this host (levels.choose fell back to the path as given, which does not
+    verify here)."""
+    return [c for c in choices if c.level == "given" and levels.valid_copy(c.path, levels.parse(c.given)) is not None]
+
+
+def needs_fetch(paths: list[str], s) -> bool:
+    """(the restart command, before it starts the other hosts' parts) Would this host fetch an image from a
+    partner copy kept on another host? Then those parts start first: they serve the copies they keep."""
+    if not s.partner or levels.local_root(s) is None or not paths or levels.parse(paths[0]) is None:
+        return False
+    choices = _chosen[tuple(paths)] = levels.choose(paths, s)      # (choose uses it: each choice logged once)
+    return bool(_missing(choices))
 
 
 def _serve_detached(root: str, comp: str, gen: int, held: list[str], coordinator: tuple[str, int],
