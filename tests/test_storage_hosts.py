@@ -231,3 +231,22 @@ def test_a_fetched_incremental_image_brings_the_base_generations_it_builds_on(ho
     assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
     assert partner_copies(tmp_path / f"local-{here}", comp, 2) and partner_copies(tmp_path / f"local-{here}", comp, 1)
     assert_finished_on(r, h1.name)
+
+
+def test_a_kcheckpoint_s_partner_copies_let_a_rerun_survive_the_loss_of_the_first_node(hosts2, env, tmp_path,
+                                                                                       launch):
+    """dmtcp_command -kc (a batch job's last act) with partner copies and no drain: the agents make their partner
+    copies before they exit, so the generation is complete on local+partner; the first node is then lost with
+    its disk, and the rerun (the restart script, run there on an empty disk) fetches its images from h1."""
+    env["HPCCKPT_DRAIN"] = "off"
+    h1, here = hosts2[0], socket.gethostname()
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    assert job.command("-kc").returncode == 0
+    job.wait(60)
+    (comp,) = store.computations_in(str(tmp_path))
+    assert partner_copies(tmp_path / f"local-{h1.name}", comp, 1)
+    assert "checkpoint generation 1" in (tmp_path / "dmtcp_restart_script.sh").read_text()
+    shutil.rmtree(tmp_path / f"local-{here}")
+    r = restart_script(tmp_path, env)
+    assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
+    assert_finished_on(r, h1.name)
