@@ -185,3 +185,24 @@ def test_a_kcheckpoint_names_the_partners_before_the_kill_and_completes_as_the_a
     (reply,) = replies(sim.take())
     assert reply["ok"] and reply["checkpoint"]["levels"] == "local+partner", reply
     assert "checkpoint generation 1" in (tmp_path / "shared" / "dmtcp_restart_script.sh").read_text()
+
+
+def test_a_kcheckpoint_agent_that_leaves_without_its_partner_copy_leaves_the_generation_incomplete(tmp_path):
+    sim = LocalSim(tmp_path)
+    sim.join2()
+    assert sim.c.start_checkpoint(kill_after=True, waiter=(b"client", "n1")) is None
+    while True:
+        phases = [(to, m) for to, m, _ in sim.take() if m["type"] == "phase"]
+        if not phases:
+            break
+        for to, m in phases:
+            sim.ack(to, m)
+    sim.stored(0, 1)
+    sim.deliver(sim.agents[0], {"type": "bye", "reason": "checkpointed and killed"})
+    sim.c._storage_tick(0.0)
+    assert replies(sim.take()) == []                  # (its partner left after the copy arrived: nothing lost)
+    sim.deliver(sim.agents[1], {"type": "bye", "reason": "checkpointed and killed"})     # no report: copy not made
+    sim.c._storage_tick(0.0)
+    (reply,) = replies(sim.take())
+    assert not reply["ok"] and "node1" in reply["error"] and "left before" in reply["error"], reply
+    assert not (tmp_path / "shared" / "dmtcp_restart_script.sh").exists()
