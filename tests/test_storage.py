@@ -14,7 +14,7 @@ import psutil
 import pytest
 from conftest import line_count, run, wait_for
 
-from hpcckpt.image import levels, store
+from hpcckpt.image import journal, levels, store
 
 MB, DELAY = 8, 10000
 
@@ -213,3 +213,44 @@ def test_a_kcheckpoint_finishes_its_drain_before_the_agent_exits(launch, counter
     assert levels.wait_drained(str(shared), 0.1, comp)
     err = (tmp_path / "launch.0.err").read_text()
     assert "finishing the drain" in err and "drain finished" in err, err[-2000:]
+
+
+@pytest.mark.slow
+def test_a_kcheckpoint_makes_its_partner_copies_before_the_agents_exit(launch, counter, tmp_path, env):
+    """dmtcp_command -kc with --partner: two agents on two "hosts" (the second in its own UTS namespace, under
+    another host name, so each has its own local level and the other is its partner). Before, a kcheckpoint made
+    no partner copies: until the drain, each node's disk was the only copy. Now each agent sends its images to
+    its partner and keeps the other's before it exits, the coordinator hears it, and the generation is complete
+    on local+partner (restart script, last_checkpoint) without any drain."""
+    other = "hpcckpt-kc-b"
+    extra = ["--partner", "--drain", "off"]          # (no shared copy: the partner's is the only other one)
+    job, out = start(launch, counter, tmp_path, steps=100000, extra=extra)
+    shared, out2 = tmp_path / "shared", tmp_path / "out2.txt"
+    port = job.port_file.read_text().strip()
+    err2 = open(tmp_path / "launch.b.err", "w")
+    second = subprocess.Popen(
+        ["unshare", "--uts", "sh", "-c", f'hostname {other} && exec "$@"', "sh", "dmtcp_launch", "--join",
+         "-h", "127.0.0.1", "-p", port, "--ckptdir", str(shared), "--local-dir", str(tmp_path / "local-{host}"),
+         *extra, str(counter), str(out2), str(MB), "100000", str(DELAY)],
+        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err2, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: line_count(out2) >= 10, 30, "the second program to make progress")
+        r = job.command("-kc")
+        assert r.returncode == 0, r.stderr
+        job.wait(60)
+        assert second.wait(60) is not None
+    finally:
+        if second.poll() is None:
+            second.kill()
+    comp = computation_of(shared)
+    here = socket.gethostname()
+    for mine, theirs in ((here, other), (other, here)):
+        kept = list(Path(store.generation_dir(levels.partner_root(str(tmp_path / f"local-{mine}")), comp, 1))
+                    .glob("*.dmtcp"))
+        assert len(kept) == 1, f"{mine} keeps no partner copy of {theirs}'s image"
+    assert store.complete_generations(str(shared), comp) == []
+    events = [e for e in journal.read(str(shared)) if e.get("event") == "level" and e.get("generation") == 1]
+    assert events and events[-1].get("level") == "local+partner", events
+    assert (shared / "dmtcp_restart_script.sh").exists()
+    err = (tmp_path / "launch.0.err").read_text() + (tmp_path / "launch.b.err").read_text()
+    assert "partner copies of generation 1 kept here" in err, err[-3000:]

@@ -181,3 +181,72 @@ def test_partner_copies_work_when_the_checkpoint_directory_is_not_shared(hosts2,
         assert "using the partner copy" not in r.stderr and "fetched" not in r.stderr, r.stderr[-2000:]
     finally:
         shutil.rmtree(ckptdir, ignore_errors=True)
+
+
+def test_the_host_running_the_restart_command_fetches_its_lost_images_from_a_surviving_partner(hosts2, env, tmp_path,
+                                                                                                launch):
+    """A batch rerun: the restart command runs on the first node, which takes the part of a node lost with its
+    disk (here: this host, its local level gone) while the drain had not reached the shared level. Its images
+    are kept as partner copies on h1. Before, the restart command chose its copies before starting the other
+    hosts' parts, so it could not fetch (an error, then a restart that fails); now it starts them first when it
+    needs a fetch, and fetches from h1."""
+    h1, here = hosts2[0], socket.gethostname()
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    assert json.loads(job.command("-bc", "--json").stdout)["last_checkpoint"]["levels"] == "local+partner"
+    (comp,) = store.computations_in(str(tmp_path))
+    job.command("-k")
+    job.wait(30)
+    shutil.rmtree(tmp_path / f"local-{here}")             # this node's disk is lost; its part reruns here
+    assert store.complete_generations(str(tmp_path), comp) == []
+    r = restart_script(tmp_path, env)
+    assert "starting the other hosts' parts first" in r.stderr, r.stderr[-3000:]
+    assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
+    assert partner_copies(tmp_path / f"local-{here}", comp, 1)
+    assert_finished_on(r, h1.name)
+
+
+def test_a_fetched_incremental_image_brings_the_base_generations_it_builds_on(hosts2, env, tmp_path, launch):
+    """--incremental with partner copies: generation 2's images store only what changed since generation 1. This
+    host is lost with its disk before the drain; its part reruns here on an empty disk. The restart fetches
+    generation 2's image from h1 (its partner) and also the generation-1 image it builds on, which h1 keeps too
+    (before, only generation 2's: the restore then failed, the base missing)."""
+    # (LC_ALL=C: python then maps no gconv-modules.cache, a read-only MAP_SHARED file mapping that an incremental
+    # restore cannot recreate today - the engine maps it writable to fill it: a separate bug)
+    env.update(HPCCKPT_INCREMENTAL="1", LC_ALL="C")
+    h1, here = hosts2[0], socket.gethostname()
+    cmd = job_cmd(hosts2, h1.name, tmp_path)
+    cmd[-1] = cmd[-1].replace(f"ssh {h1.name} '", f"ssh {h1.name} 'LC_ALL=C ")       # (the other host's client too)
+    job = launch(*cmd)
+    wait_for(lambda: len(ok_lines((tmp_path / "launch.0.out").read_text())) >= 20, 30, "the client's answers")
+    for _ in range(2):
+        assert json.loads(job.command("-bc", "--json").stdout)["last_checkpoint"]["levels"] == "local+partner"
+    (comp,) = store.computations_in(str(tmp_path))
+    m2 = levels.read_local_manifest(str(tmp_path), comp, 2)
+    assert any(1 in i.needs for i in m2.images if i.host == here), m2.images
+    job.command("-k")
+    job.wait(30)
+    shutil.rmtree(tmp_path / f"local-{here}")
+    assert store.complete_generations(str(tmp_path), comp) == []
+    r = restart_script(tmp_path, env)
+    assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
+    assert partner_copies(tmp_path / f"local-{here}", comp, 2) and partner_copies(tmp_path / f"local-{here}", comp, 1)
+    assert_finished_on(r, h1.name)
+
+
+def test_a_kcheckpoint_s_partner_copies_let_a_rerun_survive_the_loss_of_the_first_node(hosts2, env, tmp_path,
+                                                                                       launch):
+    """dmtcp_command -kc (a batch job's last act) with partner copies and no drain: the agents make their partner
+    copies before they exit, so the generation is complete on local+partner; the first node is then lost with
+    its disk, and the rerun (the restart script, run there on an empty disk) fetches its images from h1."""
+    env["HPCCKPT_DRAIN"] = "off"
+    h1, here = hosts2[0], socket.gethostname()
+    job, out = start(launch, hosts2, env, tmp_path, h1.name)
+    assert job.command("-kc").returncode == 0
+    job.wait(60)
+    (comp,) = store.computations_in(str(tmp_path))
+    assert partner_copies(tmp_path / f"local-{h1.name}", comp, 1)
+    assert "checkpoint generation 1" in (tmp_path / "dmtcp_restart_script.sh").read_text()
+    shutil.rmtree(tmp_path / f"local-{here}")
+    r = restart_script(tmp_path, env)
+    assert f"fetched the partner copy kept on {h1.name}" in r.stderr, r.stderr[-3000:]
+    assert_finished_on(r, h1.name)

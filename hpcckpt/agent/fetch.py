@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -23,10 +24,14 @@ from collections.abc import Callable
 
 from ..coordinator.client import Connection
 from ..image import levels, store
+from ..image.format import ImageReader
 from . import partner
 from .rendezvous import Rendezvous
 
 log = logging.getLogger("hpcckpt.fetch")
+
+_REQUEST = re.compile(r"^gen(\d{6,})/([^/]+)$")
+_chosen: dict[tuple[str, ...], list[levels.Choice]] = {}     # needs_fetch's choices, for choose
 
 WAIT_S = 60.0          # at most this long for another host's word (the restart gate's own timeout is longer)
 
@@ -38,16 +43,17 @@ class FetchError(Exception):
 def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], first: bool = False) -> list[str]:
     """The restart's choice of copies (levels.choose); with partner copies on, images with no valid copy on this
     host are fetched from the host that keeps their partner copy, and this host's partner copies are served.
-    first: this is the restart command (not a part it started with --join), which starts the other hosts' parts
-    only after it chose its own copies: it cannot fetch from them (it says so at once instead of waiting)."""
-    choices = levels.choose(paths, s)
+    first: this is the restart command (not a part it started with --join) and it started no other host's part
+    (none is in this restart, or it needs nothing from them: needs_fetch): nobody to fetch from, said at once
+    instead of waiting."""
+    choices = _chosen.pop(tuple(paths), None) or levels.choose(paths, s)
     root = levels.local_root(s)
     one = levels.parse(paths[0]) if paths else None
     if not s.partner or root is None or one is None:
         return [c.path for c in choices]
     comp, gen = one.computation, one.generation
     held = _held(root, comp, gen)
-    need = [c for c in choices if c.level == "given" and levels.valid_copy(c.path, levels.parse(c.given)) is not None]
+    need = _missing(choices)
     if not held and not need:
         return [c.path for c in choices]
     host, port = coordinator()
@@ -57,9 +63,8 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], firs
     if not choices:
         return []
     if need and first:
-        log.error("image %s: no valid copy on this host; a partner copy kept on another host of this restart cannot be "
-                  "fetched by the host that runs the restart command (it starts the others after choosing its own "
-                  "copies): run the restart from another host, or move this part elsewhere with --hostfile",
+        log.error("image %s: no valid copy on this host, and no other host of this restart to fetch a partner copy "
+                  "from: restart from the shared level (--from CKPTDIR), or on the host that keeps its partner copy",
                   os.path.basename(need[0].given))
         need = []
     conn = Connection(host, port)
@@ -85,6 +90,21 @@ def choose(paths: list[str], s, coordinator: Callable[[], tuple[str, int]], firs
     finally:
         conn.close()
     return [got.get(c.given, c.path) for c in choices]
+
+
+def _missing(choices: list[levels.Choice]) -> list[levels.Choice]:
+    """The images with no valid copy on this host (levels.choose fell back to the path as given, which does not
+    verify here)."""
+    return [c for c in choices if c.level == "given" and levels.valid_copy(c.path, levels.parse(c.given)) is not None]
+
+
+def needs_fetch(paths: list[str], s) -> bool:
+    """(the restart command, before it starts the other hosts' parts) Would this host fetch an image from a
+    partner copy kept on another host? Then those parts start first: they serve the copies they keep."""
+    if not s.partner or levels.local_root(s) is None or not paths or levels.parse(paths[0]) is None:
+        return False
+    choices = _chosen[tuple(paths)] = levels.choose(paths, s)      # (choose uses it: each choice logged once)
+    return bool(_missing(choices))
 
 
 def _serve_detached(root: str, comp: str, gen: int, held: list[str], coordinator: tuple[str, int],
@@ -158,13 +178,47 @@ def _serve_until_fetched(rv: Rendezvous, server: CopyServer, held: list[str], wa
 
 
 def fetch(addr: dict, root: str, comp: str, gen: int, name: str) -> str:
-    """Receive one image from the host at addr into this host's partner tree (verified); returns its path."""
+    """Receive one image from the host at addr into this host's partner tree (verified), and the images of older
+    generations it builds on (incremental: its `base`, and theirs) that are not there already; returns its path.
+    They come from the same host: the agents are paired the same way every generation."""
+    path = _fetch_one(addr, root, comp, gen, name)
+    p = path
+    for _ in range(64):        # (the restore's own limit on a chain: image/incremental.py)
+        base = _base_of(p)
+        if base is None:
+            break
+        bpath = os.path.normpath(os.path.join(os.path.dirname(p), base))
+        b = levels.parse(bpath)
+        if b is None or b.computation != comp or b.generation >= gen:
+            raise FetchError(f"image {name}: names a base {base!r} that is not an older image of {comp}")
+        if levels.valid_copy(bpath, b) is not None:
+            try:
+                _fetch_one(addr, root, comp, b.generation, b.name)
+            except (partner.PartnerError, FetchError, OSError, ValueError) as e:
+                raise FetchError(f"image {name} of generation {gen} is incremental and builds on {b.name} of "
+                                 f"generation {b.generation}, which could not be fetched from {addr.get('host')} "
+                                 f"either ({e}): restart an older generation whole on the shared level "
+                                 f"(--from CKPTDIR)") from None
+        p = bpath
+    return path
+
+
+def _base_of(path: str) -> str | None:
+    with ImageReader(path) as r:
+        base = r.meta.get("base")
+    return str(base) if base else None
+
+
+def _fetch_one(addr: dict, root: str, comp: str, gen: int, name: str) -> str:
+    """One image of generation gen from the host at addr (the restarted generation's, or a base of an older one:
+    asked for as gen<G>/<name>)."""
     t0 = time.monotonic()
     with partner.connect(addr) as sock:
         sock.settimeout(60)
         session = partner.handshake(sock, comp, server=False)
-        partner._send(sock, name.encode())
-        partner._send(sock, partner._mac(session, b"fetch", name.encode()))
+        req = f"gen{gen:06d}/{name}".encode()
+        partner._send(sock, req)
+        partner._send(sock, partner._mac(session, b"fetch", req))
         h = partner.recv_header(sock, session)
         if (h.get("name"), h.get("generation")) != (name, gen):
             raise FetchError(f"image {name}: host {addr.get('host')} sent {h.get('name')} of generation "
@@ -215,15 +269,26 @@ class CopyServer:
                 conn.settimeout(partner.HANDSHAKE_S)
                 session = partner.handshake(conn, self.comp, server=True)
                 conn.settimeout(60)
-                name = partner._recv(conn)
-                if not hmac.compare_digest(partner._recv(conn), partner._mac(session, b"fetch", name)):
+                req = partner._recv(conn)
+                if not hmac.compare_digest(partner._recv(conn), partner._mac(session, b"fetch", req)):
                     raise partner.PartnerError("a request that does not verify")
-                n = name.decode(errors="replace")
-                if n not in self.names:
-                    raise partner.PartnerError(f"asked for {n!r}, which this host does not keep")
-                path = os.path.join(store.generation_dir(levels.partner_root(self.root), self.comp, self.gen), n)
-                size = partner.send_image(conn, session, path, {"computation": self.comp, "generation": self.gen,
+                gen, n = self._asked(req.decode(errors="replace"))
+                path = os.path.join(store.generation_dir(levels.partner_root(self.root), self.comp, gen), n)
+                size = partner.send_image(conn, session, path, {"computation": self.comp, "generation": gen,
                                                                 "host": socket.gethostname()})
                 log.info("partner copy %s (%.1f MB) sent to %s for its restart", n, size / 1e6, peer[0])
             except (partner.PartnerError, OSError, ValueError) as e:
                 log.warning("copy request from %s: %s", peer[0], e)
+
+    def _asked(self, req: str) -> tuple[int, str]:
+        """gen<G>/<name>: an image of the restarted generation this host keeps, or of an older one kept here
+        that an incremental image builds on."""
+        m = _REQUEST.match(req)
+        if not m:
+            raise partner.PartnerError(f"a request {req[:80]!r} refused")
+        gen, n = int(m[1]), m[2]
+        if (gen == self.gen and n not in self.names) or gen > self.gen or not partner._NAME.match(n) or \
+                not os.path.isfile(os.path.join(store.generation_dir(levels.partner_root(self.root), self.comp, gen),
+                                                n)):
+            raise partner.PartnerError(f"asked for {n!r} of generation {gen}, which this host does not keep")
+        return gen, n

@@ -131,6 +131,8 @@ class PartnerServer:
         self.computation = computation
         self.key = _key("partner connection")
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.received: dict[int, list[str]] = {}     # generation -> hosts whose copies all arrived (their bye)
+        self.cond = threading.Condition()
         self.sock = socket.create_server(("0.0.0.0", 0), backlog=16)
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._accept, name="partner-server", daemon=True)
@@ -167,15 +169,19 @@ class PartnerServer:
                 conn.settimeout(HANDSHAKE_S)        # (a stranger holding a slot without a word: not for long)
                 session = handshake(conn, self.computation, server=True, key=self.key)
                 conn.settimeout(60)
+                got: dict | None = None
                 while True:
                     head = _recv(conn)
                     if head == b"bye":
+                        if got is not None:
+                            self._finished(int(got["generation"]), str(got.get("host")))
                         return
                     if not hmac.compare_digest(_recv(conn), _mac(session, head)):
                         raise PartnerError("a file header that does not verify")
                     h = json.loads(head)
                     try:
                         path = self._receive(conn, h)
+                        got = h
                         _send(conn, b"ok")
                         log.info("partner copy of %s (generation %d) from %s kept at %s", h["name"],
                                  h["generation"], h.get("host"), path)
@@ -187,6 +193,20 @@ class PartnerServer:
 
     def _receive(self, conn: socket.socket, h: dict) -> str:
         return receive_image(conn, self.root, self.computation, h)
+
+    def _finished(self, generation: int, host: str) -> None:
+        with self.cond:
+            self.received.setdefault(generation, []).append(host)
+            self.cond.notify_all()
+
+    def wait_received(self, generation: int, senders: int, timeout: float) -> list[str]:
+        """(a kcheckpoint's agent before it exits) Until `senders` agents sent all their images of the generation
+        here, at most timeout seconds; returns the hosts whose copies arrived."""
+        give_up = time.monotonic() + timeout
+        with self.cond:
+            while len(self.received.get(generation, [])) < senders and time.monotonic() < give_up:
+                self.cond.wait(max(0.01, give_up - time.monotonic()))
+            return list(self.received.get(generation, []))
 
 
 def receive_image(conn: socket.socket, root: str, computation: str, h: dict) -> str:

@@ -130,50 +130,66 @@ def main(argv: list[str] | None = None, prog: str = "hpcckpt restart") -> int:
         # the fastest valid copy of each (image/levels.py), or one fetched from a surviving partner (agent/fetch.py)
         # (fetch may ask for the coordinator first: its answer is the one the next ask() gets, as early.ask's first)
         asked: list[tuple[str, int]] = []
-        paths = fetch.choose(paths, s, lambda: asked.append(early.ask()) or asked[-1], first=args.policy != JOIN)
+        others: list = []
 
         def ask() -> tuple[str, int]:
             return asked.pop() if asked else early.ask()
-        readers = work.open_images(paths) if paths else []
-        strictcheck.check_images(readers, s.no_strict_checking)
-        try:                # DMTCP's pathvirt (--path-prefix, DMTCP_PATH_PREFIX): files found where they moved
-            for r in readers:
-                pathvirt.remap_meta(r.meta, pathvirt.prefixes_for(r.meta, s.path_prefixes if s.pathvirt else []))
-        except pathvirt.PrefixError as e:
-            raise Fail(str(e)) from None
-        try:
-            if args.from_dir:
-                work.check_from(args.from_dir, manifest, readers)
-            owner = identity.become_owner(readers)     # root: the processes' user from here on (engine/identity.py)
-        except identity.IdentityError as e:
-            raise Fail(str(e)) from None
-        if owner:       # the coordinator the starter found or started as root is not theirs: again, as them
-            early.abandon()
-            early.begin()
-            asked.clear()
-        if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
-            if owner:
-                raise Fail(f"checkpoint directory {s.ckptdir} is not a directory uid {owner.uid} can write (the "
-                           f"images' owner, whom this restart runs as); give --ckptdir")
-            raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
-        if owner:
-            log.info("restarting as uid %d gid %d groups %s: the checkpointed processes' credentials", owner.uid,
-                     owner.gid, owner.groups)
-        if s.incremental is None and any(r.meta.get("stats", {}).get("incremental") for r in readers):
-            s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
-        if args.policy != JOIN:      # (the parts a restart starts on other hosts join it: it claimed for them)
-            work.claim_computation(s, paths + [i for _, imgs in remote for i in imgs], readers, args.force)
 
-        others: list = []
+        def start_others() -> tuple[str, int]:
+            host_port = ask()
+            secret = protocol.read_secret(host_port[1])
+            for host, imgs in remote:
+                others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
+                                                             args.launcher, (["-q"] if s.quiet else []) +
+                                                             (["--trust-unsigned"] if args.trust_unsigned
+                                                              else []), s)))
+            return host_port
+        early_port = None
+        if args.policy != JOIN and remote and fetch.needs_fetch(paths, s):
+            # (an image with no copy here: the other hosts' parts first, which serve the partner copies they keep)
+            log.info("an image of this host must be fetched from another host's partner copy: starting the other "
+                     "hosts' parts first")
+            early_port = start_others()
+        try:
+            paths = fetch.choose(paths, s, lambda: early_port or asked.append(early.ask()) or asked[-1],
+                                 first=args.policy != JOIN and not others)
+            readers = work.open_images(paths) if paths else []
+            strictcheck.check_images(readers, s.no_strict_checking)
+            try:                # DMTCP's pathvirt (--path-prefix, DMTCP_PATH_PREFIX): files found where they moved
+                for r in readers:
+                    pathvirt.remap_meta(r.meta, pathvirt.prefixes_for(r.meta, s.path_prefixes if s.pathvirt else []))
+            except pathvirt.PrefixError as e:
+                raise Fail(str(e)) from None
+            try:
+                if args.from_dir:
+                    work.check_from(args.from_dir, manifest, readers)
+                owner = identity.become_owner(readers)     # root: the processes' user from here on (engine/identity.py)
+            except identity.IdentityError as e:
+                raise Fail(str(e)) from None
+            if owner:       # the coordinator the starter found or started as root is not theirs: again, as them
+                multihost.stop_remote(others)      # (started early for a fetch: they join the new one below)
+                others.clear()
+                early.abandon()
+                early.begin()
+                asked.clear()
+            if not os.path.isdir(s.ckptdir) or not os.access(s.ckptdir, os.W_OK | os.X_OK):
+                if owner:
+                    raise Fail(f"checkpoint directory {s.ckptdir} is not a directory uid {owner.uid} can write (the "
+                               f"images' owner, whom this restart runs as); give --ckptdir")
+                raise Fail(f"checkpoint directory {s.ckptdir} is not a writable directory")
+            if owner:
+                log.info("restarting as uid %d gid %d groups %s: the checkpointed processes' credentials", owner.uid,
+                         owner.gid, owner.groups)
+            if s.incremental is None and any(r.meta.get("stats", {}).get("incremental") for r in readers):
+                s = s.replace(incremental=True)      # a computation checkpointed incrementally goes on that way
+            if args.policy != JOIN:      # (the parts a restart starts on other hosts join it: it claimed for them)
+                work.claim_computation(s, paths + [i for _, imgs in remote for i in imgs], readers, args.force)
+        except BaseException:
+            multihost.stop_remote(others)
+            raise
         try:
             if remote:        # the coordinator first: every host joins it
-                host_port = ask()
-                secret = protocol.read_secret(host_port[1])
-                for host, imgs in remote:
-                    others.append((host, multihost.start_remote(host, imgs, host_port[1], secret, s.ckptdir,
-                                                                 args.launcher, (["-q"] if s.quiet else []) +
-                                                                 (["--trust-unsigned"] if args.trust_unsigned
-                                                                  else []), s)))
+                host_port = early_port if others and early_port else start_others()
             if not readers:
                 return multihost.wait_remote(others)
             watcher = multihost.Watcher(others, host_port) if others else None

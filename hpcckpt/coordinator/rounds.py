@@ -151,6 +151,9 @@ class Rounds(CoordinatorBase):
             self._fail_round(f"could not write the checkpoint manifest/restart script in {self.ckptdir}: {e}")
             return
         if r.kill_after and r.state == State.CHECKPOINTED:
+            for ident, peer in self.peers.items():   # a kcheckpoint's partners, before the kill: the agents make
+                if (addr := self._partner_for(r.generation, peer.agent_id)) is not None:    # the copies, then exit
+                    self.send(ident, protocol.Committed(r.generation, [], addr).to_dict())
             self._broadcast_phase()      # now the kill
         elif r.resumed:
             self._finish_round(ok=True)

@@ -34,6 +34,7 @@ class GenLevels:
     partner: dict[str, str] = field(default_factory=dict)        # agent id -> "done" or why not
     shared: dict[str, str] = field(default_factory=dict)         # agent id -> "done", "skipped: ..." or why not
     agents: int = 0
+    kill: bool = False                                        # a kcheckpoint's: copies made as the agents exit
     offered: bool = False                                     # some agent has a partner listener (partner: true)
     since: float = field(default_factory=time.monotonic)      # last report (the timeout counts from it)
     complete: bool = True                                     # survives the loss of one node (see module doc)
@@ -68,8 +69,9 @@ class StorageState(CoordinatorBase):
 
     def _plan_levels(self, generation: int, durable: dict[bytes, dict], kill_after: bool) -> GenLevels:
         """At the commit (local level): the partner of each agent that announced a partner listener, a ring over
-        the agents on other hosts (levels.partner_of). A kcheckpoint's agents are killed at once: no partner."""
-        gl = GenLevels(generation, agents=len(durable))
+        the agents on other hosts (levels.partner_of). A kcheckpoint's too: its agents make them before they exit
+        (their committed message, sent before the kill: rounds.py)."""
+        gl = GenLevels(generation, agents=len(durable), kill=kill_after)
         offered: dict[str, dict] = {}
         for ident, res in durable.items():
             st = res.get("stats") or {}
@@ -79,7 +81,7 @@ class StorageState(CoordinatorBase):
             if st.get("drain") is not None:
                 gl.drain = str(st["drain"])
             addr = st.get("partner_addr")
-            if isinstance(addr, dict) and not kill_after:
+            if isinstance(addr, dict):
                 offered[peer.agent_id] = {"agent_id": peer.agent_id, "host": peer.host,
                                           "addresses": list(addr.get("addresses") or []), "port": addr.get("port")}
         gl.offered = bool(offered)
@@ -99,7 +101,12 @@ class StorageState(CoordinatorBase):
 
     def _partner_for(self, generation: int, agent_id: str) -> dict | None:
         gl = self.storage.get(generation)
-        return gl.partner_of.get(agent_id) if gl else None
+        addr = gl.partner_of.get(agent_id) if gl else None
+        if gl is None or addr is None or not gl.kill:
+            return addr
+        # (a kcheckpoint's agent keeps its partner listener up until the copies it keeps arrived: it must know
+        # how many to wait for; the hosts, for its log)
+        return {**addr, "expect": [gl.hosts.get(a, a) for a, p in gl.partner_of.items() if p["agent_id"] == agent_id]}
 
     def _wait_complete(self, generation: int, waiters: list[Waiter]) -> bool:
         """(the round ended well) Blocking checkpoints wait until the generation is complete; True if they do."""
@@ -183,8 +190,10 @@ class StorageState(CoordinatorBase):
             if gl.complete or gl.error:
                 continue        # (one that failed may still complete on the shared level: a drain's report)
             here = {p.agent_id for p in self.peers.values()}
+            # (a kcheckpoint's agents leave once their copies are made: a partner gone is no sign of a lost one)
             gone = [gl.hosts.get(a, a) for a in gl.partner_of
-                    if gl.partner.get(a) is None and (a not in here or gl.partner_of[a]["agent_id"] not in here)]
+                    if gl.partner.get(a) is None and
+                    (a not in here or (gl.partner_of[a]["agent_id"] not in here and not gl.kill))]
             self._check_complete(gl)
             if gl.complete:
                 continue

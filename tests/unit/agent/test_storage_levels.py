@@ -318,8 +318,9 @@ def coordinator(tmp_path, monkeypatch):
 
 def test_a_restart_part_without_a_copy_says_why_when_no_host_keeps_one(tmp_path, coordinator, caplog):
     """(agent/fetch.py) The image is on no level of this host: a part started by the restart waits (here 1 s) for
-    a host that keeps a partner copy, then names the image and what to do; the restart command itself (which
-    starts the other parts only after choosing its own copies) says so at once."""
+    a host that keeps a partner copy, then names the image and what to do; the restart command itself with no other
+    host's part started (none in this restart: cli/restart.py starts them first when it needs a fetch) says so
+    at once."""
     from hpcckpt.agent import fetch
     local, shared = tmp_path / "local", tmp_path / "shared"
     s = S.load({"local_dir": str(local), "ckptdir": str(shared), "partner": True, "restart_timeout": 1},
@@ -328,8 +329,31 @@ def test_a_restart_part_without_a_copy_says_why_when_no_host_keeps_one(tmp_path,
     caplog.set_level("INFO")
     t0 = time.monotonic()
     assert fetch.choose([given], s, lambda: coordinator, first=True) == [given]
-    assert time.monotonic() - t0 < 1.0 and "run the restart from another host" in caplog.text
+    assert time.monotonic() - t0 < 1.0 and "no other host of this restart to fetch" in caplog.text
     caplog.clear()
     t0 = time.monotonic()
     assert fetch.choose([given], s, lambda: coordinator) == [given]
     assert 1.0 <= time.monotonic() - t0 < 5 and "no host of the restart keeps a partner copy" in caplog.text
+
+
+def test_a_keeper_serves_the_restarted_generation_and_older_bases_only(tmp_path):
+    """(agent/fetch.py) The copy server of a restart serves the images it keeps of the restarted generation and,
+    for an incremental chain, those of older generations it keeps (asked for as gen<G>/<name>); nothing newer,
+    nothing it does not keep, no other path."""
+    from hpcckpt.agent import fetch
+    keeper, fetcher = tmp_path / "keeper", tmp_path / "fetcher"
+    g3 = image(keeper, 3, "u1", partner_tree=True)
+    g2 = image(keeper, 2, "u1", partner_tree=True)
+    image(keeper, 4, "u1", partner_tree=True)
+    server = fetch.CopyServer(str(keeper), COMP, 3, [g3.name])
+    addr = {"host": "keeper", "addresses": ["127.0.0.1"], "port": server.port}
+    try:
+        got = fetch._fetch_one(addr, str(fetcher), COMP, 3, g3.name)
+        assert Path(got).read_bytes() == g3.read_bytes()
+        got = fetch._fetch_one(addr, str(fetcher), COMP, 2, g2.name)
+        assert Path(got).read_bytes() == g2.read_bytes() and "/gen000002/" in got
+        for gen, name in ((4, g3.name), (2, "ckpt_prog_nothere.dmtcp"), (3, "ckpt_other.dmtcp")):
+            with pytest.raises((partner.PartnerError, OSError)):
+                fetch._fetch_one(addr, str(fetcher), COMP, gen, name)
+    finally:
+        server.close()

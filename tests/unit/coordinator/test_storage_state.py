@@ -153,3 +153,56 @@ def test_with_a_sync_drain_the_generation_is_complete_at_the_commit(tmp_path):
     (reply,) = replies(sim.blocking_round())
     assert reply["ok"] and reply["checkpoint"]["levels"] == "local+shared", reply
     assert (tmp_path / "shared" / "dmtcp_restart_script.sh").exists()
+
+
+def test_a_kcheckpoint_names_the_partners_before_the_kill_and_completes_as_the_agents_leave(tmp_path):
+    """dmtcp_command -kc with partner copies: each agent is told its partner (and how many copies it keeps for
+    others) before the kill, so it makes them before it exits; the generation is complete once they are reported,
+    even though the agents leave one by one (a partner gone after its copy arrived is no lost node)."""
+    sim = LocalSim(tmp_path)
+    sim.join2()
+    assert sim.c.start_checkpoint(kill_after=True, waiter=(b"client", "n1")) is None
+    order: list[str] = []
+    sent: list[tuple[bytes, dict, int]] = []
+    while True:
+        got = sim.take()
+        sent += got
+        order += [m["type"] if m["type"] != "phase" else m["phase"] for _, m, _ in got]
+        phases = [(to, m) for to, m, _ in got if m["type"] == "phase"]
+        if not phases:
+            break
+        for to, m in phases:
+            sim.ack(to, m)
+    assert order.index("committed") < order.index("kill"), order
+    partner = {to: m["partner"] for to, m, _ in sent if m["type"] == "committed" and m.get("partner")}
+    # (a ring on two hosts: the one that sends to me is on my partner's host)
+    assert len(partner) == N and all(p["expect"] == [p["host"]] for p in partner.values()), partner
+    assert replies(sent) == [] and not (tmp_path / "shared" / "dmtcp_restart_script.sh").exists()
+    for k in range(N):             # each reports its copy made, then leaves; the tick in between gives nothing up
+        sim.stored(k, 1)
+        sim.deliver(sim.agents[k], {"type": "bye", "reason": "checkpointed and killed"})
+        sim.c._storage_tick(0.0)
+    (reply,) = replies(sim.take())
+    assert reply["ok"] and reply["checkpoint"]["levels"] == "local+partner", reply
+    assert "checkpoint generation 1" in (tmp_path / "shared" / "dmtcp_restart_script.sh").read_text()
+
+
+def test_a_kcheckpoint_agent_that_leaves_without_its_partner_copy_leaves_the_generation_incomplete(tmp_path):
+    sim = LocalSim(tmp_path)
+    sim.join2()
+    assert sim.c.start_checkpoint(kill_after=True, waiter=(b"client", "n1")) is None
+    while True:
+        phases = [(to, m) for to, m, _ in sim.take() if m["type"] == "phase"]
+        if not phases:
+            break
+        for to, m in phases:
+            sim.ack(to, m)
+    sim.stored(0, 1)
+    sim.deliver(sim.agents[0], {"type": "bye", "reason": "checkpointed and killed"})
+    sim.c._storage_tick(0.0)
+    assert replies(sim.take()) == []                  # (its partner left after the copy arrived: nothing lost)
+    sim.deliver(sim.agents[1], {"type": "bye", "reason": "checkpointed and killed"})     # no report: copy not made
+    sim.c._storage_tick(0.0)
+    (reply,) = replies(sim.take())
+    assert not reply["ok"] and "node1" in reply["error"] and "left before" in reply["error"], reply
+    assert not (tmp_path / "shared" / "dmtcp_restart_script.sh").exists()
