@@ -227,7 +227,9 @@ class MemoryDumper:
             finally:
                 os.close(pagemap)
         for p in plans:
-            if hashes and not sparse_reservation(p.m, p.runs):   # a reservation's few pages: stored as they are
+            # (a reservation's few pages: stored as they are; a region of mode none - a shared file mapping - has no
+            # pages here to hash)
+            if hashes and p.mode != "none" and not sparse_reservation(p.m, p.runs):
                 from ..image.incremental import region_key
                 from ..image.pagehash import HASH_SIZE
                 p.hashes = bytearray(HASH_SIZE * p.m.npages)
@@ -424,7 +426,11 @@ def prot_of(perms: str) -> int:
 
 
 def filled(r: RegionRecord) -> bool:
-    """Will pages be written into this mapping at restore (its own chunks, or an incremental chain's)?"""
+    """Will pages be written into this mapping at restore (its own chunks, or an incremental chain's)? Never into
+    a shared file mapping: the file holds its data (images of older versions kept page hashes for it, which made
+    a read-only one writable: EACCES on a file opened read-only, e.g. Python's gconv-modules.cache)."""
+    if r.backing == "file" and r.perms[3] == "s":
+        return False
     return bool(r.chunks or r.hashes)
 
 
@@ -481,7 +487,7 @@ class MemoryFiller:
         from ..image.incremental import open_chain, region_key, resolve
         chain = open_chain(self.reader)
         try:
-            self._run([(reader, c, runs, r.start) for r in regions if r.hashes
+            self._run([(reader, c, runs, r.start) for r in regions if r.hashes and filled(r)
                        for reader, c, runs in resolve(chain, region_key(r), (r.end - r.start) // PAGE)] +
                       [(self.reader, c, [(c.page, c.npages)], r.start)        # sparse reservations: stored whole
                        for r in regions if not r.hashes for c in map(Chunk.from_json, r.chunks)])
