@@ -129,30 +129,34 @@ def blocked_on(pids: list[int]) -> dict[str, set[int]]:
     return out
 
 
-def _job_started(pids: list[int]) -> float:
-    """When the oldest process of the job started (epoch seconds)."""
+def _start_times(pids) -> dict[int, float]:
+    """When each process started (epoch seconds); processes gone are left out."""
     hz = os.sysconf("SC_CLK_TCK")
     with open("/proc/stat") as f:
         btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-    oldest = None
+    out = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
-                start = int(f.read().rsplit(")", 1)[1].split()[19])
+                out[pid] = btime + int(f.read().rsplit(")", 1)[1].split()[19]) / hz
         except (OSError, IndexError, ValueError):
             continue
-        oldest = start if oldest is None else min(oldest, start)
-    return btime + (oldest or 0) / hz if oldest is not None else time.time()
+    return out
 
 
 def _sem_pids(semid: int, nsems: int) -> list[int]:
     return [libc.semctl(semid, i, GETPID, None) for i in range(nsems)]
 
 
-def _member(users: list[int], ours: set[int], uid: int, ctime: int, since: float, blocked: bool) -> bool:
-    if blocked or any(p in ours for p in users):
+def _member(users: list[tuple[int, int]], starts: dict[int, float], uid: int, ctime: int, since: float,
+            blocked: bool) -> bool:
+    """Is this set/queue the job's? users: (pid of the last operation, its time in epoch seconds) pairs. A pid of
+    ours counts only if that process already ran at the time of the operation: the pid of another user's process
+    that has since exited may have been reused by one of the job's (which then made a checkpoint of a foreign,
+    unreadable set fail: "Permission denied")."""
+    if blocked or any(p in starts and starts[p] <= when + 1 for p, when in users):
         return True
-    if any(p > 0 for p in users):
+    if any(p > 0 for p, _ in users):
         return False                  # last used by someone else
     return uid == os.geteuid() and ctime >= int(since) - 1
 
@@ -162,13 +166,15 @@ def scan(ctx, pids: list[int]) -> None:
     sems, msgs = _table("sem"), _table("msg")
     if not sems and not msgs:
         return
-    ours = set(pids) | {os.getpid()}
+    starts = _start_times(set(pids) | {os.getpid()})
     blocked = blocked_on(pids)
-    since = _job_started(pids)
+    since = min((starts[p] for p in pids if p in starts), default=time.time())   # the job's oldest process
     owner = min(pids)
     for semid, row in sorted(sems.items()):
-        users = _sem_pids(semid, row["nsems"])
-        if not _member(users, ours, row["cuid"], row["ctime"], since, semid in blocked["sem"]):
+        # (a semaphore's pid is set by semop - otime - and by SETVAL/SETALL - ctime -, as a restore does)
+        last = max(row["otime"], row["ctime"])
+        users = [(p, last) for p in _sem_pids(semid, row["nsems"])]
+        if not _member(users, starts, row["cuid"], row["ctime"], since, semid in blocked["sem"]):
             continue
         values = (ctypes.c_ushort * max(1, row["nsems"]))()
         if libc.semctl(semid, 0, GETALL, ctypes.cast(values, ctypes.c_void_p)) != 0:
@@ -179,8 +185,8 @@ def scan(ctx, pids: list[int]) -> None:
                                   mode=row["perms"] & 0o777, uid=row["uid"], gid=row["gid"],
                                   values=list(values)[:row["nsems"]]), owner)
     for msqid, row in sorted(msgs.items()):
-        if not _member([row["lspid"], row["lrpid"]], ours, row["cuid"], row["ctime"], since,
-                       msqid in blocked["msg"]):
+        users = [(row["lspid"], row["stime"]), (row["lrpid"], row["rtime"])]
+        if not _member(users, starts, row["cuid"], row["ctime"], since, msqid in blocked["msg"]):
             continue
         ds = msqid_ds()
         if libc.msgctl(msqid, IPC_STAT, ctypes.byref(ds)) != 0:
