@@ -45,10 +45,10 @@ def _two_rounds(launch, env, tmp_path, out: Path, cmd: list, min_lines: int = 10
     return r
 
 
-def test_pthreads_avx_two_rounds(launch, env, tmp_path, threads_prog):
+def test_pthreads_avx_two_rounds(launch, env, tmp_path, threads_prog, plain_output):
     """4 pthreads, mutex + condition variables, AVX/FMA state held in ymm registers across the checkpoint,
     TLS counters (fs_base): two checkpoint/restart rounds give the plain run's output bit for bit."""
-    expected = _plain(threads_prog, tmp_path, 300)
+    expected = plain_output(threads_prog, 300)
     out = tmp_path / "out.txt"
     _two_rounds(launch, env, tmp_path, out, [threads_prog, out, 300])
     assert out.read_text() == expected

@@ -151,7 +151,9 @@ def test_tcp_loopback_server_and_clients(launch, env, tmp_path):
     and a second restart - no byte lost, duplicated or reordered, and the listener still accepts."""
     prog = Path(__file__).parent / "programs" / "tcpjob.py"
     out = tmp_path / "out.txt"
-    total = 120_000_000
+    # the server reads at most 16 KiB a round, ~8 MB/s: the checks below need ~140 progress lines (2240 rounds,
+    # < 37 MB), so 64 MB keeps data in flight at every checkpoint without a long run to the end afterwards
+    total = 64_000_000
     job = launch(sys.executable, prog, out, total)
     wait_for(lambda: line_count(out) >= 50, 30, "progress")
     for _ in range(2):                          # the job goes on after each: drained bytes were put back
