@@ -154,6 +154,25 @@ def plain_run(counter, tmp_path):
     return _plain
 
 
+@pytest.fixture(scope="session")
+def plain_output(tmp_path_factory):
+    """plain_output(prog, *args): the output file a deterministic program writes (its first argument) when it
+    runs without us, run once per session for each (program, arguments): CPU-bound references (threads) cost
+    seconds each time."""
+    cache: dict[tuple, str] = {}
+    d = tmp_path_factory.mktemp("plain-outputs")
+
+    def _plain(prog: Path, *args) -> str:
+        key = (str(prog), *map(str, args))
+        if key not in cache:
+            out = d / f"plain-{len(cache)}.txt"
+            subprocess.run([str(prog), str(out), *map(str, args)], check=True, stdout=subprocess.DEVNULL,
+                           timeout=120)
+            cache[key] = out.read_text()
+        return cache[key]
+    return _plain
+
+
 @pytest.fixture
 def immutable_dir(tmp_path):
     """Make a directory unwritable even for root (chattr +i); undone after the test."""

@@ -8,7 +8,6 @@ import json
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -22,16 +21,10 @@ def threads_prog(build_dir):
     return compile_c(build_dir, "threads", "-pthread", "-mavx2", "-mfma")
 
 
-def _plain(prog: Path, tmp_path: Path, rounds: int) -> str:
-    out = tmp_path / "plain.txt"
-    subprocess.run([str(prog), str(out), str(rounds)], check=True, timeout=120)
-    return out.read_text()
-
-
 @pytest.mark.parametrize("mode", ["kill", "leave-running"])
-def test_dump_a_threaded_program_started_plainly_and_restart_it(env, tmp_path, threads_prog, mode):
+def test_dump_a_threaded_program_started_plainly_and_restart_it(env, tmp_path, threads_prog, plain_output, mode):
     rounds = 300
-    expected = _plain(threads_prog, tmp_path, rounds)
+    expected = plain_output(threads_prog, rounds)
     out = tmp_path / "out.txt"
     ckdir = tmp_path / "ck"                       # does not exist yet: created
     p = subprocess.Popen([str(threads_prog), str(out), str(rounds)], stdin=subprocess.DEVNULL,

@@ -150,12 +150,18 @@ def test_snapshots_leave_no_zombies_under_deeper_processes(launch, counter, plai
 
 
 # ------------------------------------------------------------------------------------------- 5: vfork() --
-def _plain_vforker(prog, tmp_path, steps, every) -> str:
-    """The output of a plain run (it does not depend on how long the vfork children sleep)."""
-    out = tmp_path / "plain.txt"
-    subprocess.run([str(prog), str(out), str(steps), str(every), "0"], check=True, stdout=subprocess.DEVNULL,
-                   timeout=120)
-    return out.read_text()
+class _PlainVforker:
+    """The output of a plain run (it does not depend on how long the vfork children sleep), started in the
+    background: its steps are 20 ms apart, so it runs alongside the test's job instead of before it."""
+
+    def __init__(self, prog, tmp_path, steps, every):
+        self.out = tmp_path / "plain.txt"
+        self.proc = subprocess.Popen([str(prog), str(self.out), str(steps), str(every), "0"],
+                                     stdout=subprocess.DEVNULL)
+
+    def text(self) -> str:
+        assert self.proc.wait(120) == 0
+        return self.out.read_text()
 
 
 def _in_vfork(out: Path) -> bool:
@@ -173,7 +179,7 @@ def test_checkpoint_during_vfork_waits_for_it(launch, env, tmp_path, vforker):
     exits) waits for the vfork to end instead of timing out, and the image restarts exactly; the job is never
     torn down by the parent's late stop (once reported as 'killed by signal 32773')."""
     args = (170, 60, 1500)
-    expected = _plain_vforker(vforker, tmp_path, *args[:2])
+    plain = _PlainVforker(vforker, tmp_path, *args[:2])
     out = tmp_path / "out.txt"
     job = launch(vforker, out, *args)
     wait_for(lambda: _in_vfork(out), 30, "the first vfork")
@@ -183,7 +189,7 @@ def test_checkpoint_during_vfork_waits_for_it(launch, env, tmp_path, vforker):
     assert time.monotonic() - t0 < 8
     r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert out.read_text() == expected
+    assert out.read_text() == plain.text()
 
 
 @pytest.mark.slow
@@ -193,8 +199,10 @@ def test_vfork_outlasting_the_wait_fails_cleanly_and_the_job_runs_on(launch, env
     process, the job runs on untraced when the child execs (the parent's late ptrace stop was once taken for its
     death: 'killed by signal 32773', and the job was torn down), completes with its normal output, and a later
     checkpoint restarts exactly."""
-    args = (250, 100, 11500)
-    expected = _plain_vforker(vforker, tmp_path, *args[:2])
+    # one vfork only (at step 150 of 299, 3 s of steps after it for the later checkpoint): a second 11.5 s
+    # vfork 2 s after the first added 11.5 s to the restarted run and could collide with the later checkpoint
+    args = (299, 150, 11500)
+    plain = _PlainVforker(vforker, tmp_path, *args[:2])
     env["HPCCKPT_VFORK_WAIT"] = "1"
     out = tmp_path / "out.txt"
     job = launch(vforker, out, *args)
@@ -204,7 +212,7 @@ def test_vfork_outlasting_the_wait_fails_cleanly_and_the_job_runs_on(launch, env
     assert r.returncode != 0, err
     assert "vforker" in err and "in vfork()" in err and "try again" in err, err
     assert len(err.splitlines()) == 1, err
-    wait_for(lambda: "child 100 status 0" in out.read_text(), 30, "the vfork child to exec")
+    wait_for(lambda: "child 150 status 0" in out.read_text(), 30, "the vfork child to exec")
     assert job.proc.poll() is None, (tmp_path / "launch.0.err").read_text()
     # the program runs on, untraced (the parent's late stop was let go, not taken for its death)
     program = _children(agent_of(job.proc.pid))
@@ -214,7 +222,7 @@ def test_vfork_outlasting_the_wait_fails_cleanly_and_the_job_runs_on(launch, env
     assert reply["generation"] == 2
     r = run(["bash", str(tmp_path / "dmtcp_restart_script.sh"), "--coord-port", "0"], env, tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert out.read_text() == expected
+    assert out.read_text() == plain.text()
 
 
 @pytest.mark.slow
@@ -223,7 +231,7 @@ def test_checkpoints_amid_constant_vforks(launch, env, tmp_path, vforker):
     during or just as a vfork begins (a thread seized at that instant cannot stop until the vfork ends and is
     let go when it does), all succeed, and the job ends with its plain output."""
     args = (250, 1, 30)
-    expected = _plain_vforker(vforker, tmp_path, *args[:2])
+    plain = _PlainVforker(vforker, tmp_path, *args[:2])
     out = tmp_path / "out.txt"
     job = launch(vforker, out, *args)
     wait_for(lambda: line_count(out) >= 10, 30, "progress")
@@ -231,7 +239,7 @@ def test_checkpoints_amid_constant_vforks(launch, env, tmp_path, vforker):
         r = job.command("-bc", timeout=60)
         assert r.returncode == 0, (i, r.stdout, r.stderr)
     assert job.wait(120) == 0
-    assert out.read_text() == expected
+    assert out.read_text() == plain.text()
 
 
 # ------------------------------------------------------------------------------ 6: restarts under load --

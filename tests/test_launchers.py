@@ -45,12 +45,7 @@ def _ckpt_kill(env, tmp_path, port: str) -> None:
 
 
 def test_separately_launched_processes_keep_stdin_and_tcp_across_restarts(env, tmp_path):
-    plain = _start_trio(tmp_path, "plain", [], env)
-    for p in plain:
-        p.wait(60)
-    expected = _outputs(tmp_path, "plain")
-    assert expected[0][-1] == "done" and not any("BAD" in ln for ln in expected[0])
-
+    plain = _start_trio(tmp_path, "plain", [], env)     # alongside the job (all of them mostly sleep)
     coord = subprocess.Popen(["dmtcp_coordinator", "-p", "0", "--port-file", str(tmp_path / "cport"), "--ckptdir",
                               str(tmp_path)], env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "coord.err", "w"))
@@ -84,9 +79,13 @@ def test_separately_launched_processes_keep_stdin_and_tcp_across_restarts(env, t
         got = [ln for i in range(3) for ln in (tmp_path / f"job.{i}.out").read_text().splitlines()
                if ln.startswith("stdin")]
         assert got == ["stdin: hello"]
+        for p in plain:
+            assert p.wait(60) == 0
+        expected = _outputs(tmp_path, "plain")
+        assert expected[0][-1] == "done" and not any("BAD" in ln for ln in expected[0])
         assert _outputs(tmp_path, "job") == expected
     finally:
-        for p in held:
+        for p in [*plain, *held]:
             if p.poll() is None:
                 p.kill()
         subprocess.run(["dmtcp_command", "-p", (tmp_path / "cport").read_text().strip(), "-q"], env=env,
@@ -101,9 +100,8 @@ def test_children_that_outlive_the_launched_process_go_on(launch, env, tmp_path,
     from conftest import compile_c
     prog = compile_c(build_dir, "outlive")
     steps = 300
+    # the plain run goes on alongside the job (both mostly sleep); its child is waited for at the end
     assert subprocess.run([str(prog), str(tmp_path / "plain.txt"), str(steps)], timeout=30).returncode == 7
-    wait_for(lambda: (tmp_path / "plain.txt").exists() and "child done" in (tmp_path / "plain.txt").read_text(),
-             30, "the plain run's child")
     out = tmp_path / "out.txt"
     job = launch(prog, out, steps)
     assert job.wait(30) == 7                          # the root's status, while its child runs on
@@ -118,4 +116,5 @@ def test_children_that_outlive_the_launched_process_go_on(launch, env, tmp_path,
     r = run(["dmtcp_restart", "-p", "0", "--ckptdir", str(tmp_path), "--from", str(tmp_path)], env, tmp_path,
             timeout=120)
     assert r.returncode == 0, r.stderr
+    wait_for(lambda: "child done" in (tmp_path / "plain.txt").read_text(), 30, "the plain run's child")
     assert out.read_text() == (tmp_path / "plain.txt").read_text()

@@ -57,7 +57,8 @@ def test_shell_pipeline_with_data_in_the_pipe(launch, env, tmp_path):
     """`producer | consumer` under bash: the producer is far ahead, so the pipe is full at the checkpoint;
     no byte is lost or duplicated across the restart."""
     out = tmp_path / "out.txt"
-    script = (f"seq 1 60000 | while read x; do echo $((x * 3)); if ((x % 100 == 0)); then sleep 0.01; fi; done "
+    # 30000 lines: ~170 KB from seq, so at line 2000 well over a 64 KiB pipe's worth is still to come
+    script = (f"seq 1 30000 | while read x; do echo $((x * 3)); if ((x % 100 == 0)); then sleep 0.01; fi; done "
               f"> {out}; echo finished >> {out}")
     job = launch("bash", "-c", script)
     wait_for(lambda: line_count(out) >= 2000, 30, "progress")
@@ -65,7 +66,7 @@ def test_shell_pipeline_with_data_in_the_pipe(launch, env, tmp_path):
     _restart_to_end(env, tmp_path)
     lines = out.read_text().split()
     assert lines[-1] == "finished"
-    assert [int(x) for x in lines[:-1]] == [3 * i for i in range(1, 60001)]
+    assert [int(x) for x in lines[:-1]] == [3 * i for i in range(1, 30001)]
 
 
 def test_daemon_reparented_to_the_agent(launch, env, tmp_path):
@@ -151,7 +152,9 @@ def test_tcp_loopback_server_and_clients(launch, env, tmp_path):
     and a second restart - no byte lost, duplicated or reordered, and the listener still accepts."""
     prog = Path(__file__).parent / "programs" / "tcpjob.py"
     out = tmp_path / "out.txt"
-    total = 120_000_000
+    # the server reads at most 16 KiB a round, ~8 MB/s: the checks below need ~140 progress lines (2240 rounds,
+    # < 37 MB), so 64 MB keeps data in flight at every checkpoint without a long run to the end afterwards
+    total = 64_000_000
     job = launch(sys.executable, prog, out, total)
     wait_for(lambda: line_count(out) >= 50, 30, "progress")
     for _ in range(2):                          # the job goes on after each: drained bytes were put back
