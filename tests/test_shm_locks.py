@@ -39,11 +39,15 @@ def _host_segments(keys) -> list[str]:
 
 @pytest.fixture
 def sysv_key():
-    """A key no other test uses; segments with it (and key+1) are removed afterwards (a killed job leaves them)."""
+    """A key no other test uses; segments, semaphore sets and queues with it (and key+1) are removed afterwards
+    (a killed job leaves them; a leftover set once looked like a later unprivileged job's, its pid reused)."""
     key = random.randrange(0x10000000, 0x7FFFFF00) & ~1
     yield key
     for row in _host_segments({key, key + 1}):
         subprocess.run(["ipcrm", "-m", row.split()[1]], capture_output=True)
+    for k in (key, key + 1):
+        subprocess.run(["ipcrm", "-S", hex(k)], capture_output=True)
+        subprocess.run(["ipcrm", "-Q", hex(k)], capture_output=True)
 
 
 def _sysv_ok(out: Path, rounds: int) -> None:
